@@ -1,0 +1,53 @@
+"""The inner step shared by the paged attention kernels: one tile of context through the block table.
+
+A tile is TILE_N consecutive context positions of one request and one KV head. Positions map to
+cache rows through the request's block table, so a tile may span several cache blocks and the
+tile size does not depend on the block size. Scores are kept in the log2 domain (the softmax
+scale is pre-multiplied by log2(e)) so the online softmax uses exp2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 inputs: exact fp32 products (Triton would default to tf32 on tensor cores).
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def attend_tile(
+    acc, m_i, l_i, q,
+    cache_ptr, table_ptr, tile_start, kv_end, last_pos, kv_head_off,
+    stride_ckv, stride_cblk, stride_coff, block_size, qk_scale,
+    dims, dmask,
+    TILE_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One online-softmax step.
+
+    q: [M, D_PAD] query rows; acc [M, D_PAD], m_i [M], l_i [M] the running output, max and sum.
+    Row r may see context positions <= last_pos[r] and < kv_end. table_ptr points at this
+    request's block-table row; kv_head_off = kv_head * stride of the head dim in the cache.
+    """
+    pos = tile_start + tl.arange(0, TILE_N)
+    pmask = pos < kv_end
+    blk = tl.load(table_ptr + pos // block_size, mask=pmask, other=0).to(tl.int64)
+    off = blk * stride_cblk + (pos % block_size) * stride_coff + kv_head_off
+    kv_mask = pmask[:, None] & dmask[None, :]
+    k = tl.load(cache_ptr + off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    visible = (pos[None, :] <= last_pos[:, None]) & pmask[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(cache_ptr + stride_ckv + off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i

@@ -1,0 +1,8 @@
+"""pagedserve: a PagedAttention LLM inference and serving engine."""
+
+from pagedserve.llm import LLM
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from shared.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""The offline API, compatible with vLLM's: LLM(model).generate(prompts, SamplingParams(...)).
+
+It runs the same Scheduler and ModelRunner as the service stack, in one process and with no
+sockets.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shared.sampling_params import SamplingParams
+from services.engine.core import EngineCore
+from services.frontend.sequence import Sequence
+from services.frontend.tokenizer import apply_chat_template, load_tokenizer
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        block_size: int = 16,
+        kv_cache_memory: int = 2 << 30,
+        gpu_memory_utilization: float = 0.9,
+        num_gpu_blocks_override: int | None = None,
+        tensor_parallel_size: int = 1,
+        device: str | None = None,
+        revision: str | None = None,
+    ):
+        if tensor_parallel_size != 1:
+            raise ValueError("the offline LLM runs tensor_parallel_size=1; use `pagedserve serve` for more ranks")
+        import torch
+
+        from services.worker.model_runner import ModelRunner
+
+        model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len, revision=revision)
+        self.config = EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=enable_prefix_caching,
+                num_gpu_blocks_override=num_gpu_blocks_override,
+            ),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            parallel=ParallelConfig(),
+            seed=seed,
+        )
+        self.tokenizer = load_tokenizer(model_config.path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.runner = ModelRunner(self.config, device)
+        self.engine = EngineCore(self.config, self.runner, self.runner.num_blocks)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams.from_defaults(self.config.model.generation_defaults)
+
+    # ----- public API ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        token_lists = [self._tokenize(p) for p in prompts]
+        texts = [p if isinstance(p, str) else p.get("prompt") for p in prompts]
+        return self._run(texts, token_lists, sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        token_lists = [
+            apply_chat_template(
+                self.tokenizer, conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+            )
+            for conv in conversations
+        ]
+        texts = [self.tokenizer.decode(ids) for ids in token_lists]
+        return self._run(texts, token_lists, sampling_params, use_tqdm)
+
+    # ----- internals ----------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: PromptType) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self.tokenizer.encode(prompt["prompt"])
+        raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")
+
+    def _run(self, texts, token_lists, sampling_params, use_tqdm) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params_list = (
+            [sampling_params] * len(token_lists) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        )
+        if len(params_list) != len(token_lists):
+            raise ValueError(f"got {len(params_list)} sampling_params for {len(token_lists)} prompts")
+        # Validate every request before admitting any, so a bad prompt leaves the engine untouched.
+        outputs, sequences, requests = [], {}, []
+        for text, ids, params in zip(texts, token_lists, params_list):
+            rid = str(next(self._ids))
+            outputs.append(RequestOutput(rid, text, ids))
+            for i in range(params.n):
+                child_id = rid if params.n == 1 else f"{rid}-{i}"
+                child = params if params.n == 1 else params.for_child(i)
+                requests.append(self.engine.make_request(child_id, ids, child))
+                sequences[child_id] = (len(outputs) - 1, Sequence(child_id, i, self.tokenizer, ids, child))
+        for request in requests:
+            self.engine.add_request(request)
+        self._drive(sequences, len(outputs), use_tqdm)
+        for index, seq in sequences.values():
+            outputs[index].outputs.append(self._completion(seq))
+            outputs[index].num_cached_tokens = max(outputs[index].num_cached_tokens, seq.num_cached_tokens)
+        for out in outputs:
+            out.outputs.sort(key=lambda c: c.index)
+            out.finished = True
+        return outputs
+
+    def _drive(self, sequences: dict[str, tuple[int, Sequence]], num_prompts: int, use_tqdm: bool) -> None:
+        bar = tqdm(total=num_prompts, desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        remaining = {}
+        for index, _ in sequences.values():
+            remaining[index] = remaining.get(index, 0) + 1
+        generated = 0
+        try:
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    index, seq = sequences[delta.req_id]
+                    was_finished = seq.finished
+                    generated += len(delta.new_token_ids)
+                    if seq.add(delta):
+                        self.engine.abort([delta.req_id])
+                    if seq.finished and not was_finished:
+                        remaining[index] -= 1
+                        if remaining[index] == 0:
+                            bar.update(1)
+                rate = generated / bar.format_dict["elapsed"] if bar.format_dict["elapsed"] else 0.0
+                bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+        except BaseException:
+            self.engine.abort([rid for rid, (_, s) in sequences.items() if not s.finished])
+            raise
+        finally:
+            bar.close()
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = []
+            for lp in seq.logprobs:
+                entry = {lp.token_ids[0]: Logprob(lp.logprobs[0], lp.rank, seq.decode_token(lp.token_ids[0]))}
+                for rank, (tok, val) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), start=1):
+                    entry.setdefault(tok, Logprob(val, rank, seq.decode_token(tok)))
+                logprobs.append(entry)
+        return CompletionOutput(
+            index=seq.index,
+            text=seq.text,
+            token_ids=list(seq.token_ids),
+            cumulative_logprob=seq.cumulative_logprob(),
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )

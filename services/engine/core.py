@@ -1,0 +1,57 @@
+"""The engine core: the scheduler driving an executor one step at a time.
+
+The executor is anything with execute(StepPlan) -> StepResult: the model runner itself in the
+offline engine, or the client of the worker processes in the service stack.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from shared.config import EngineConfig
+from shared.protocol import RequestDelta, StepPlan, StepResult
+from shared.sampling_params import SamplingParams
+from services.engine.request import Request
+from services.engine.scheduler import Scheduler
+
+
+class Executor(Protocol):
+    def execute(self, plan: StepPlan) -> StepResult: ...
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor, num_blocks: int):
+        capacity = num_blocks * config.cache.block_size
+        if capacity < config.model.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks), fewer than max_model_len="
+                f"{config.model.max_model_len}; lower max_model_len or give the cache more memory"
+            )
+        self.config = config
+        self.executor = executor
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+
+    def make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validate a request without admitting it (raises ValueError)."""
+        vocab = self.config.model.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is out of range for a vocabulary of {vocab}")
+        m = self.config.model
+        return Request(req_id, prompt_token_ids, params, m.eos_token_ids, m.max_model_len)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort(self, req_ids: list[str]) -> list[RequestDelta]:
+        return self.scheduler.abort(req_ids)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestDelta]:
+        plan = self.scheduler.schedule()
+        if not plan.num_scheduled_tokens and not plan.finished_req_ids:
+            return []
+        result = self.executor.execute(plan)
+        return self.scheduler.update(plan, result)

@@ -1,0 +1,86 @@
+"""Engine-side request state."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from shared.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self.value in ("stop", "length", "abort")
+
+
+class Request:
+    """One sequence: its tokens (prompt then outputs), progress through the KV cache, and status."""
+
+    def __init__(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        arrival_time: float | None = None,
+    ):
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if len(prompt_token_ids) >= max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_token_ids)} tokens long; this model's max_model_len is {max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        self.req_id = req_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt followed by outputs
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        room = max_model_len - self.num_prompt_tokens
+        limit = sampling_params.max_tokens
+        self.max_tokens = room if limit is None else min(limit, room)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
+        self.num_preemptions = 0
+        self.stop_reason: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_stop(self) -> RequestStatus | None:
+        """The finish status after the last appended token, or None to keep going."""
+        params, n_out = self.sampling_params, self.num_output_tokens
+        last = self.token_ids[-1]
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop_token_ids and last in params.stop_token_ids:
+                self.stop_reason = last
+                return RequestStatus.FINISHED_STOPPED
+        if n_out >= self.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None

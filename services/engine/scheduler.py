@@ -1,0 +1,176 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every step hands out a token budget: running decodes first (one token each, so a long prompt
+never starves them), then running prefill chunks, then new requests in arrival order. When the
+pool runs out of blocks the newest running request is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from shared.config import CacheConfig, SchedulerConfig
+from shared.protocol import CachedRequestData, NewRequestData, RequestDelta, StepPlan, StepResult
+from services.engine.kv_cache_manager import KVCacheManager
+from services.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+        self.config = config
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._known_to_worker: set[str] = set()
+        self._finished_ids: list[str] = []
+        self._step_id = 0
+        self.num_preemptions = 0
+
+    # ----- requests in and out ---------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def abort(self, req_ids: list[str]) -> list[RequestDelta]:
+        out = []
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, RequestStatus.FINISHED_ABORTED)
+            out.append(RequestDelta(req_id, [], finish_reason="abort"))
+        return out
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request)
+        del self.requests[request.req_id]
+        if request.req_id in self._known_to_worker:
+            self._known_to_worker.discard(request.req_id)
+            self._finished_ids.append(request.req_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ----- scheduling --------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        preempted = False
+
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while (blocks := self.kv.allocate_slots(request, num_new)) is None:
+                victim = self.running[-1]
+                budget += scheduled.pop(victim.req_id, 0)
+                new_blocks.pop(victim.req_id, None)
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            if blocks is None:
+                continue
+            scheduled[request.req_id] = num_new
+            new_blocks[request.req_id] = blocks
+            budget -= num_new
+
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.kv.get_computed_blocks(request)
+            num_computed = len(computed) * self.kv.block_size
+            num_new = min(request.num_tokens - num_computed, budget)
+            blocks = self.kv.allocate_slots(request, num_new, computed)
+            if blocks is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_computed
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._known_to_worker.discard(request.req_id)  # resent in full
+            scheduled[request.req_id] = num_new
+            new_blocks[request.req_id] = blocks
+            budget -= num_new
+
+        return self._make_plan(scheduled, new_blocks)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
+        new_reqs, cached = [], []
+        for req_id in scheduled:
+            request = self.requests[req_id]
+            if req_id in self._known_to_worker:
+                cached.append(CachedRequestData(req_id, new_blocks[req_id], request.num_computed_tokens))
+            else:
+                new_reqs.append(
+                    NewRequestData(
+                        req_id,
+                        request.prompt_token_ids,
+                        request.output_token_ids,
+                        request.sampling_params,
+                        list(request.eos_token_ids),
+                        self.kv.block_ids(req_id),
+                        request.num_computed_tokens,
+                    )
+                )
+                self._known_to_worker.add(req_id)
+            request.num_computed_tokens += scheduled[req_id]
+        self._step_id += 1
+        plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids)
+        self._finished_ids = []
+        return plan
+
+    # ----- results ------------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:
+        """Append the sampled tokens and finish requests that hit a stop condition."""
+        deltas = []
+        logprobs = result.logprobs or [None] * len(result.req_ids)
+        for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.append_token(token)
+            status = request.check_stop()
+            delta = RequestDelta(req_id, [token], [lp] if lp is not None else [], num_cached_tokens=request.num_cached_tokens)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+                delta.finish_reason = status.value
+                delta.stop_reason = request.stop_reason
+            deltas.append(delta)
+        return deltas

@@ -1,0 +1,57 @@
+"""One generated sequence as the client sees it: tokens, text, logprobs and how it finished.
+
+Shared by the offline LLM and the HTTP frontend, so both apply stop strings and build logprobs
+the same way.
+"""
+
+from __future__ import annotations
+
+from shared.protocol import RequestDelta, TokenLogprobs
+from shared.sampling_params import SamplingParams
+from services.frontend.detokenizer import IncrementalDetokenizer
+
+
+class Sequence:
+    def __init__(self, req_id: str, index: int, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.req_id = req_id
+        self.index = index
+        self.params = params
+        self.tokenizer = tokenizer
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
+        self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_cached_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, delta: RequestDelta) -> bool:
+        """Apply an engine delta. Returns True when a stop string finished the sequence here,
+        in which case the caller must abort the request in the engine."""
+        if self.finished:
+            return False
+        self.num_cached_tokens = delta.num_cached_tokens
+        self.token_ids.extend(delta.new_token_ids)
+        self.logprobs.extend(delta.new_logprobs)
+        stop = self.detok.add(delta.new_token_ids)
+        if stop is not None:
+            self.finish_reason, self.stop_reason = "stop", stop
+            return True
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        return False
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+    def cumulative_logprob(self) -> float | None:
+        if self.params.logprobs is None:
+            return None
+        return sum(lp.logprobs[0] for lp in self.logprobs)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)

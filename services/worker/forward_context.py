@@ -1,0 +1,42 @@
+"""Per-step forward metadata, set once around a model forward through one context manager.
+
+Attention layers read the step's metadata and their layer's KV cache from here instead of having
+them threaded through every module; nothing is left behind between steps.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+    from services.worker.layers.attention import AttentionBackend
+
+
+@dataclass
+class ForwardContext:
+    backend: AttentionBackend
+    attn_metadata: Any  # what backend.build() returned for this step
+    kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+
+
+_current: ForwardContext | None = None
+
+
+@contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    global _current
+    previous, _current = _current, ctx
+    try:
+        yield ctx
+    finally:
+        _current = previous
+
+
+def get_forward_context() -> ForwardContext:
+    if _current is None:
+        raise RuntimeError("attention ran outside set_forward_context()")
+    return _current

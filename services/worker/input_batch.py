@@ -1,0 +1,115 @@
+"""Per-request worker state kept between steps, and the flattened inputs of one step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shared.protocol import NewRequestData, StepPlan
+from services.worker.layers.attention import CommonAttentionMetadata
+from services.worker.layers.sampler import SamplingState
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    token_ids: list[int]  # prompt then outputs
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingState
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: CommonAttentionMetadata
+    logits_indices: torch.Tensor  # [S] last token of each request that samples this step
+    sampling_states: list[RequestState]  # the S requests that sample, in row order
+
+
+class RequestTable:
+    """The worker's view of every request in flight, updated from step-plan deltas."""
+
+    def __init__(self, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.device = device
+        self.states: dict[str, RequestState] = {}
+
+    def apply(self, plan: StepPlan) -> None:
+        for req_id in plan.finished_req_ids:
+            self.states.pop(req_id, None)
+        for new in plan.new_requests:
+            self._add(new)
+        for cached in plan.cached_requests:
+            state = self.states[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _add(self, new: NewRequestData) -> None:
+        old = self.states.get(new.req_id)  # resumed after preemption: keep its sampling RNG
+        generator = old.sampling.generator if old is not None else None
+        sampling = SamplingState.create(
+            new.sampling_params,
+            list(new.prompt_token_ids),
+            tuple(new.eos_token_ids),
+            self.device,
+            output_token_ids=list(new.output_token_ids),
+        )
+        if generator is not None:
+            sampling.generator = generator
+        self.states[new.req_id] = RequestState(
+            new.req_id,
+            list(new.prompt_token_ids) + list(new.output_token_ids),
+            list(new.block_ids),
+            new.num_computed_tokens,
+            sampling,
+        )
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        """Flatten the scheduled tokens, decodes first, and compute slots and sampling rows."""
+        order = sorted(plan.num_scheduled_tokens.items(), key=lambda kv: kv[1] != 1)
+        bs = self.block_size
+        ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
+        num_decodes = sum(1 for _, n in order if n == 1)
+        for req_id, n in order:
+            state = self.states[req_id]
+            start = state.num_computed_tokens
+            p = np.arange(start, start + n)
+            table = np.asarray(state.block_ids, dtype=np.int64)
+            ids.append(state.token_ids[start : start + n])
+            pos.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
+            tables.append(state.block_ids)
+            if start + n >= len(state.token_ids):
+                logits_idx.append(qsl[-1] - 1)
+                samplers.append(state)
+        dev = self.device
+        flat_ids = [t for chunk in ids for t in chunk]
+        attn = CommonAttentionMetadata(
+            query_start_loc=qsl,
+            seq_lens=seq_lens,
+            block_tables=tables,
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            num_decodes=num_decodes,
+            block_size=bs,
+            device=dev,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(flat_ids, dtype=torch.long, device=dev),
+            positions=torch.from_numpy(np.concatenate(pos)).to(dev),
+            attn=attn,
+            logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+            sampling_states=samplers,
+        )
+
+    def advance(self, plan: StepPlan, sampled: list[RequestState], tokens: list[int]) -> None:
+        for req_id, n in plan.num_scheduled_tokens.items():
+            self.states[req_id].num_computed_tokens += n
+        for state, token in zip(sampled, tokens):
+            state.token_ids.append(token)
+            state.sampling.output_token_ids.append(token)

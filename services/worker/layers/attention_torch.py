@@ -1,0 +1,118 @@
+"""Vectorized torch attention over the paged KV cache (the CPU backend).
+
+All index tensors are built once per step in build(); a layer's forward is a cache write, one
+gather and one scaled_dot_product_attention call per group (decodes, prefill chunks): no Python
+loop over requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.layers.attention import CommonAttentionMetadata
+
+
+@dataclass
+class _Group:
+    token_slice: slice  # this group's tokens in the flattened batch
+    key_slots: torch.Tensor  # [B, S] cache slot of each context position (padded)
+    mask: torch.Tensor | None  # [B, 1, Q, S] bool, True = attend; None = plain causal, no context
+    query_index: torch.Tensor | None  # [T_group] row in the padded [B * Q] query layout
+    max_q: int
+
+
+@dataclass
+class TorchAttentionMetadata:
+    slot_mapping: torch.Tensor
+    groups: list[_Group]
+
+
+def _key_slots(block_tables: list[list[int]], seq_lens: list[int], block_size: int, device) -> torch.Tensor:
+    max_len = max(seq_lens)
+    width = -(-max_len // block_size)
+    table = torch.zeros(len(seq_lens), width, dtype=torch.long)
+    for i, blocks in enumerate(block_tables):
+        n = min(len(blocks), width)
+        table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
+    pos = torch.arange(max_len)
+    slots = table[:, pos // block_size] * block_size + pos % block_size
+    return slots.to(device)
+
+
+def _build_group(common: CommonAttentionMetadata, lo: int, hi: int) -> _Group:
+    qsl = common.query_start_loc
+    seq_lens = common.seq_lens[lo:hi]
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(lo, hi)]
+    device = common.device
+    slots = _key_slots(common.block_tables[lo:hi], seq_lens, common.block_size, device)
+    token_slice = slice(qsl[lo], qsl[hi])
+    max_q, max_s = max(q_lens), slots.shape[1]
+    seq = torch.tensor(seq_lens)
+    q_len = torch.tensor(q_lens)
+    key_pos = torch.arange(max_s)
+    if max_q == 1:  # decodes: each query sees its whole context
+        mask = (key_pos[None, :] < seq[:, None])[:, None, None, :]
+        return _Group(token_slice, slots, mask.to(device), None, 1)
+    if hi - lo == 1 and seq_lens[0] == q_lens[0]:  # one fresh prompt: plain causal attention
+        return _Group(token_slice, slots, None, None, max_q)
+    # Query i of request b sits at position ctx_b + i and sees keys at positions <= ctx_b + i.
+    ctx = seq - q_len
+    q_pos = ctx[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
+    valid_q = torch.arange(max_q)[None, :] < q_len[:, None]
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]
+    mask &= valid_q[:, :, None]
+    mask[:, :, 0] |= ~valid_q  # padded query rows attend one key so softmax stays finite
+    rows = torch.arange(hi - lo)[:, None] * max_q + torch.arange(max_q)[None, :]
+    query_index = rows[valid_q]
+    return _Group(token_slice, slots, mask[:, None].to(device), query_index.to(device), max_q)
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
+        groups = []
+        if common.num_decodes:
+            groups.append(_build_group(common, 0, common.num_decodes))
+        if common.num_decodes < common.num_reqs:
+            groups.append(_build_group(common, common.num_decodes, common.num_reqs))
+        return TorchAttentionMetadata(common.slot_mapping, groups)
+
+    def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
+        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        for g in meta.groups:
+            out[g.token_slice] = _attend(q[g.token_slice], k, v, k_flat, v_flat, g, scale)
+        return out
+
+
+def _attend(q, k_new, v_new, k_flat, v_flat, g: _Group, scale: float) -> torch.Tensor:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k_new[g.token_slice].transpose(0, 1), v_new[g.token_slice].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=True,
+        )
+        return out.transpose(0, 1)
+    batch = g.key_slots.shape[0]
+    keys = k_flat[g.key_slots].transpose(1, 2)  # [B, Hkv, S, D]
+    values = v_flat[g.key_slots].transpose(1, 2)
+    if g.query_index is None:
+        queries = q.view(batch, 1, num_heads, head_dim)
+    else:
+        queries = q.new_zeros(batch * g.max_q, num_heads, head_dim)
+        queries[g.query_index] = q
+        queries = queries.view(batch, g.max_q, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True
+    ).transpose(1, 2)  # [B, Q, H, D]
+    if g.query_index is None:
+        return out.reshape(batch, num_heads, head_dim)
+    return out.reshape(batch * g.max_q, num_heads, head_dim)[g.query_index]

@@ -1,0 +1,196 @@
+"""Per-request sampling state kept between steps, and the per-step tensors built from it.
+
+``SamplingMetadata.build`` runs every step, so it only materializes the tensors the batch
+actually needs: no penalty tensors unless some row uses penalties, no temperature / top-k /
+top-p / min-p tensors when every row leaves them at their neutral value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingState:
+    """One request's sampling inputs; the model runner appends each sampled token to
+    ``output_token_ids``."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None  # set iff params.seed is not None
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def create(
+        cls,
+        params: SamplingParams,
+        prompt_token_ids: list[int],
+        eos_token_ids: tuple[int, ...] | list[int],
+        device: torch.device | str,
+        output_token_ids: list[int] | None = None,
+    ) -> SamplingState:
+        """``output_token_ids`` restores tokens generated before a preemption."""
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(params.seed)
+        return cls(
+            params, list(prompt_token_ids), list(output_token_ids or []), generator, tuple(eos_token_ids)
+        )
+
+
+@dataclass
+class PenaltyTensors:
+    """Inputs of ``apply_penalties``; built only when some row in the batch uses a penalty."""
+
+    repetition: torch.Tensor  # [B] float, 1.0 = off
+    presence: torch.Tensor  # [B] float, 0.0 = off
+    frequency: torch.Tensor  # [B] float, 0.0 = off
+    output_counts: torch.Tensor  # [B, V] float, occurrences of each token in the output
+    prompt_mask: torch.Tensor | None  # [B, V] bool, None when no row uses repetition_penalty
+
+
+@dataclass
+class SamplingMetadata:
+    """Everything the sampler needs for one step, rows in the order of the states given."""
+
+    num_rows: int
+    all_greedy: bool
+    all_random: bool
+    greedy_mask: torch.Tensor | None  # [B] bool, only for mixed batches
+    temperature: torch.Tensor | None  # [B] float (1.0 on greedy rows); None when all are 1.0
+    top_k: torch.Tensor | None  # [B] long, vocab_size = off; None when no row uses it
+    top_p: torch.Tensor | None  # [B] float; None when all are 1.0
+    min_p: torch.Tensor | None  # [B] float; None when all are 0.0
+    generators: dict[int, torch.Generator]  # row -> generator, random rows only
+    max_num_logprobs: int | None  # None when no row asked for logprobs
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, values
+    min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid
+    penalties: PenaltyTensors | None
+
+    @classmethod
+    def build(
+        cls, states: list[SamplingState], vocab_size: int, device: torch.device | str
+    ) -> SamplingMetadata:
+        params = [s.params for s in states]
+        greedy = [p.greedy for p in params]
+        random_rows = [i for i, g in enumerate(greedy) if not g]
+        all_greedy, all_random = not random_rows, len(random_rows) == len(params)
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            num_rows=len(states),
+            all_greedy=all_greedy,
+            all_random=all_random,
+            greedy_mask=None if all_greedy or all_random else _tensor(greedy, torch.bool, device),
+            temperature=_random_rows_tensor(params, greedy, "temperature", 1.0, device),
+            top_k=_top_k_tensor(params, greedy, vocab_size, device),
+            top_p=_random_rows_tensor(params, greedy, "top_p", 1.0, device),
+            min_p=_random_rows_tensor(params, greedy, "min_p", 0.0, device),
+            generators={i: states[i].generator for i in random_rows if states[i].generator is not None},
+            max_num_logprobs=max(asked) if asked else None,
+            logit_bias=_logit_bias(params, vocab_size, device),
+            min_tokens_mask=_min_tokens_mask(states, vocab_size, device),
+            penalties=_penalties(states, vocab_size, device),
+        )
+
+
+def _tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    # Built on the host then copied once; non_blocking only matters (and is only safe) from pinned memory.
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _random_rows_tensor(
+    params: list[SamplingParams], greedy: list[bool], name: str, neutral: float, device: torch.device | str
+) -> torch.Tensor | None:
+    """Per-row values of ``name``, neutral on greedy rows; None when every row is neutral."""
+    values = [neutral if g else float(getattr(p, name)) for p, g in zip(params, greedy)]
+    if all(v == neutral for v in values):
+        return None
+    return _tensor(values, torch.float32, device)
+
+
+def _top_k_tensor(
+    params: list[SamplingParams], greedy: list[bool], vocab_size: int, device: torch.device | str
+) -> torch.Tensor | None:
+    ks = [vocab_size if g or p.top_k == 0 else min(p.top_k, vocab_size) for p, g in zip(params, greedy)]
+    if all(k == vocab_size for k in ks):
+        return None
+    return _tensor(ks, torch.long, device)
+
+
+def _logit_bias(
+    params: list[SamplingParams], vocab_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    rows, cols, vals = [], [], []
+    for i, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            if token < vocab_size:  # the frontend validates against the tokenizer; never index out of range
+                rows.append(i)
+                cols.append(token)
+                vals.append(bias)
+    if not rows:
+        return None
+    return (
+        _tensor(rows, torch.long, device),
+        _tensor(cols, torch.long, device),
+        _tensor(vals, torch.float32, device),
+    )
+
+
+def _min_tokens_mask(
+    states: list[SamplingState], vocab_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    rows, cols = [], []
+    for i, s in enumerate(states):
+        p = s.params
+        if len(s.output_token_ids) >= p.min_tokens:
+            continue
+        stops = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            stops.update(s.eos_token_ids)
+        for token in sorted(t for t in stops if t < vocab_size):
+            rows.append(i)
+            cols.append(token)
+    if not rows:
+        return None
+    return _tensor(rows, torch.long, device), _tensor(cols, torch.long, device)
+
+
+def _penalties(
+    states: list[SamplingState], vocab_size: int, device: torch.device | str
+) -> PenaltyTensors | None:
+    params = [s.params for s in states]
+    use_rep = any(p.repetition_penalty != 1.0 for p in params)
+    use_other = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+    if not (use_rep or use_other):
+        return None
+    counts = _token_counts([s.output_token_ids for s in states], vocab_size, device)
+    prompt_mask = None
+    if use_rep:
+        prompt_mask = _token_counts([s.prompt_token_ids for s in states], vocab_size, device) > 0
+    return PenaltyTensors(
+        repetition=_tensor([float(p.repetition_penalty) for p in params], torch.float32, device),
+        presence=_tensor([float(p.presence_penalty) for p in params], torch.float32, device),
+        frequency=_tensor([float(p.frequency_penalty) for p in params], torch.float32, device),
+        output_counts=counts,
+        prompt_mask=prompt_mask,
+    )
+
+
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """[B, V] float counts of each token per row, by one scatter over a padded id matrix."""
+    width = max((len(t) for t in token_lists), default=0)
+    # Pad with an extra column id (vocab_size) that is sliced away after the scatter.
+    padded = [t + [vocab_size] * (width - len(t)) for t in token_lists]
+    ids = _tensor(padded, torch.long, device).view(len(token_lists), width)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float32))
+    return counts[:, :vocab_size]

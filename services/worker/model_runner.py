@@ -1,0 +1,89 @@
+"""The model runner: weights, paged KV cache tensors, one batched forward and sampling per step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from shared.config import EngineConfig
+from shared.protocol import StepPlan, StepResult, TokenLogprobs
+from services.worker.forward_context import ForwardContext, set_forward_context
+from services.worker.input_batch import RequestTable
+from services.worker.layers.attention import select_backend
+from services.worker.layers.sampler import Sampler, SamplingMetadata
+from services.worker.loader import build_model, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def kv_block_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
+    m, tp = config.model, config.parallel.tensor_parallel_size
+    kv_heads = max(1, m.num_kv_heads // tp)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * m.num_layers * config.cache.block_size * kv_heads * m.head_dim * itemsize
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(config.model, self.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.model, self.dtype, self.device)
+        self.backend = select_backend(self.device)
+        self.sampler = Sampler()
+        self.num_blocks = self._measure_num_blocks()
+        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.table = RequestTable(config.cache.block_size, self.device)
+        log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
+
+    def _measure_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        per_block = kv_block_bytes(self.config, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - total * (1.0 - cache.gpu_memory_utilization)
+        else:
+            budget = cache.kv_cache_memory
+        return max(0, int(budget // per_block))
+
+    def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
+        m, tp = self.config.model, self.config.parallel.tensor_parallel_size
+        shape = (2, num_blocks, self.config.cache.block_size, max(1, m.num_kv_heads // tp), m.head_dim)
+        # zeros, not empty: padded key positions are masked, but 0 * NaN garbage would still leak
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.table.apply(plan)
+        if not plan.num_scheduled_tokens:
+            return StepResult(plan.step_id, [], [])
+        inputs = self.table.prepare(plan)
+        ctx = ForwardContext(self.backend, self.backend.build(inputs.attn), self.kv_caches)
+        with set_forward_context(ctx):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        states = inputs.sampling_states
+        tokens: list[int] = []
+        logprobs: list[TokenLogprobs | None] = []
+        if states:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
+            out = self.sampler(logits, meta)
+            tokens = out.sampled_token_ids.tolist()
+            logprobs = _logprob_lists(out, states)
+        self.table.advance(plan, states, tokens)
+        return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs)
+
+
+def _logprob_lists(out, states) -> list[TokenLogprobs | None]:
+    if out.logprobs is None:
+        return [None] * len(states)
+    ids, vals, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist()
+    result: list[TokenLogprobs | None] = []
+    for i, state in enumerate(states):
+        k = state.sampling.params.logprobs
+        result.append(None if k is None else TokenLogprobs(ids[i][: k + 1], vals[i][: k + 1], ranks[i]))
+    return result

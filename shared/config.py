@@ -1,0 +1,175 @@
+"""One frozen configuration tree, built once at the entry point and passed down.
+
+Values learned at run time (the number of KV blocks the workers measured) travel in messages
+and constructor arguments, never by mutating these objects. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id fetched through huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or model.startswith((".", "/")):
+        raise ValueError(f"model path {model!r} is not a directory")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # network down, unknown repo, gated model
+        raise ValueError(f"could not load model {model!r}: not a local directory and the hub said: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# generation_config.json keys that become request defaults, mapped to SamplingParams names.
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Hugging Face config normalized once into the fields the engine and worker use."""
+
+    path: str
+    name: str
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_model_len: int
+    dtype: str | None  # None: float32 on CPU, the checkpoint's dtype on GPU
+    checkpoint_dtype: str
+    eos_token_ids: tuple[int, ...]
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        served_name: str | None = None,
+        revision: str | None = None,
+    ) -> ModelConfig:
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        path = resolve_model_path(model, revision)
+        hf = _read_json(path / "config.json")
+        if not hf:
+            raise ValueError(f"{path} has no config.json")
+        gen = _read_json(path / "generation_config.json")
+        archs = hf.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{path}/config.json names no architecture")
+        if hf.get("model_type") == "opt":
+            hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+            kv_heads, layers = heads, hf["num_hidden_layers"]
+        else:
+            hidden, heads, layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+            kv_heads = hf.get("num_key_value_heads") or heads
+        head_dim = hf.get("head_dim") or hidden // heads
+        limit = hf.get("max_position_embeddings", 2048)
+        if max_model_len is None:
+            max_model_len = limit
+        elif max_model_len <= 0 or max_model_len > limit:
+            raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got {max_model_len}")
+        eos = gen.get("eos_token_id", hf.get("eos_token_id"))
+        eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        defaults = {ours: gen[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if gen.get(theirs) is not None}
+        return cls(
+            path=str(path),
+            name=served_name or model,
+            architecture=archs[0],
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=hf["vocab_size"],
+            max_model_len=max_model_len,
+            dtype=None if dtype is None else dtype,
+            checkpoint_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            eos_token_ids=eos_ids,
+            generation_defaults=defaults,
+            hf_config=hf,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int = 2 << 30  # bytes of KV cache on CPU
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None  # tests: force a tiny pool
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise ValueError(f"block_size must be a power of two up to 256, got {self.block_size}")
+        if self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError("num_gpu_blocks_override must be at least 1")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or not 0 <= self.rank < self.tensor_parallel_size:
+            raise ValueError("tensor_parallel_size must be >= 1 and rank within it")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    seed: int = 0
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """PAGEDSERVE_* settings, read at the entry points only."""
+    return os.environ.get(f"PAGEDSERVE_{name}", default)

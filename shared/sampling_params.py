@@ -1,0 +1,136 @@
+"""Per-request sampling parameters, with vLLM's field names and defaults.
+
+A msgspec Struct so it travels inside protocol messages between processes; nothing here
+imports torch. Validation runs in ``__post_init__``, which msgspec also calls when decoding,
+so a malformed message fails as loudly as a malformed constructor call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec.structs import force_setattr, replace
+
+MAX_LOGPROBS = 20
+_PENALTY_RANGE = (-2.0, 2.0)
+_GREEDY_EPS = 1e-5
+
+
+def _require(ok: bool, field: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{field} {rule}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
+    """How to pick each next token of one request, and what to report about it.
+
+    Frozen: derive variants with ``msgspec.structs.replace`` (or ``for_child``). After
+    construction ``stop`` and ``stop_token_ids`` are always lists and ``top_k`` is 0 when
+    disabled (-1 is accepted as vLLM's spelling of "disabled").
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) = all tokens
+    min_p: float = 0.0
+    seed: int | None = None
+    # default_factory=list (rather than None) so an empty list is omitted on the wire.
+    stop: str | list[str] | None = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] | None = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    logprobs: int | None = None  # top logprobs to return besides the sampled token's
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        self._normalize()
+        self._validate_sampling()
+        self._validate_lengths()
+        self._validate_stops()
+
+    def _normalize(self) -> None:
+        if self.stop is None or isinstance(self.stop, str):
+            force_setattr(self, "stop", [] if self.stop is None else [self.stop])
+        if self.stop_token_ids is None:
+            force_setattr(self, "stop_token_ids", [])
+        if self.top_k == -1:
+            force_setattr(self, "top_k", 0)
+        if self.logit_bias is not None:
+            try:  # JSON clients send token ids as string keys
+                bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                msg = f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
+                raise ValueError(msg) from None
+            force_setattr(self, "logit_bias", bias)
+
+    def _validate_sampling(self) -> None:
+        lo, hi = _PENALTY_RANGE
+        checks = [
+            ("n", _is_int(self.n) and self.n >= 1, "must be at least 1"),
+            ("temperature", self.temperature >= 0, "must be non-negative"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "must be -1, 0 (disabled) or positive"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be positive"),
+            ("presence_penalty", lo <= self.presence_penalty <= hi, "must be in [-2, 2]"),
+            ("frequency_penalty", lo <= self.frequency_penalty <= hi, "must be in [-2, 2]"),
+            ("seed", self.seed is None or _is_int(self.seed), "must be an integer or None"),
+        ]
+        if self.logprobs is not None:
+            ok = _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
+            checks.append(("logprobs", ok, f"must be in [0, {MAX_LOGPROBS}]"))
+        for field, ok, rule in checks:
+            _require(ok, field, rule, getattr(self, field))
+
+    def _validate_lengths(self) -> None:
+        if self.max_tokens is not None:
+            ok = _is_int(self.max_tokens) and self.max_tokens >= 1
+            _require(ok, "max_tokens", "must be at least 1 (or None)", self.max_tokens)
+        ok = _is_int(self.min_tokens) and self.min_tokens >= 0
+        _require(ok, "min_tokens", "must be non-negative", self.min_tokens)
+        if self.max_tokens is not None:
+            _require(
+                self.min_tokens <= self.max_tokens,
+                "min_tokens",
+                f"must not exceed max_tokens ({self.max_tokens})",
+                self.min_tokens,
+            )
+
+    def _validate_stops(self) -> None:
+        ok = all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
+        _require(ok, "stop_token_ids", "must be non-negative token ids", self.stop_token_ids)
+        ok = all(isinstance(s, str) and s for s in self.stop)
+        _require(ok, "stop", "must be non-empty strings", self.stop)
+        if self.logit_bias is not None:
+            ok = all(k >= 0 for k in self.logit_bias)
+            _require(ok, "logit_bias", "keys must be non-negative token ids", self.logit_bias)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request takes the most likely token (temperature ~ 0)."""
+        return self.temperature < _GREEDY_EPS
+
+    @classmethod
+    def from_defaults(cls, defaults: dict[str, Any], **overrides: Any) -> SamplingParams:
+        """Params from model defaults (generation_config, keys already field names) with
+        ``overrides`` winning. Every override is taken as given, None included: callers pass
+        only the fields the user actually set."""
+        return cls(**{**defaults, **overrides})
+
+    def for_child(self, index: int) -> SamplingParams:
+        """Params of the ``index``-th of ``n`` parallel samples: one sequence each, and a distinct
+        but reproducible seed when the parent is seeded."""
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)

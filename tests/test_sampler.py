@@ -1,0 +1,244 @@
+"""The batched sampler: what a user of the API would notice about the tokens it picks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.worker.layers.sampler import (
+    Sampler,
+    SamplingMetadata,
+    SamplingState,
+    apply_penalties,
+    process_logits,
+)
+from shared.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
+EOS = 1
+
+
+def state(
+    params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None
+) -> SamplingState:
+    return SamplingState.create(params, prompt or [5, 6], (EOS,), CPU, output_token_ids=output)
+
+
+def sample(logits: torch.Tensor, states: list[SamplingState]):
+    meta = SamplingMetadata.build(states, logits.shape[-1], CPU)
+    return Sampler()(logits, meta)
+
+
+def probs_logits(probs: list[float]) -> torch.Tensor:
+    return torch.tensor(probs).log()
+
+
+# ----- greedy ---------------------------------------------------------------------------------
+
+
+def test_greedy_takes_argmax_and_builds_no_random_tensors() -> None:
+    logits = torch.randn(6, 50)
+    states = [state(SamplingParams(temperature=0.0, top_k=5, top_p=0.5)) for _ in range(6)]
+    meta = SamplingMetadata.build(states, 50, CPU)
+    assert meta.all_greedy and meta.temperature is None and meta.top_k is None and meta.top_p is None
+    assert meta.penalties is None and meta.logit_bias is None and meta.max_num_logprobs is None
+    out = Sampler()(logits, meta)
+    assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
+    assert out.logprobs is None and out.logprob_token_ids is None and out.sampled_ranks is None
+
+
+def test_greedy_rows_in_a_mixed_batch_take_argmax() -> None:
+    logits = torch.randn(8, 40)
+    states = [state(SamplingParams(temperature=0.0 if i % 2 else 1.5)) for i in range(8)]
+    out = sample(logits, states)
+    assert torch.equal(out.sampled_token_ids[1::2], logits[1::2].argmax(-1))
+
+
+def test_callers_logits_are_not_modified() -> None:
+    logits = torch.randn(2, 30)
+    before = logits.clone()
+    params = SamplingParams(temperature=0.8, top_k=3, repetition_penalty=1.3, logit_bias={2: 4.0}, logprobs=2)
+    sample(logits, [state(params, output=[4]), state(SamplingParams(min_tokens=3, top_p=0.5))])
+    assert torch.equal(logits, before)
+
+
+# ----- seeded requests ------------------------------------------------------------------------
+
+
+def _run_steps(seed: int, logits_per_step: list[torch.Tensor], companions: int, position: int) -> list[int]:
+    """Sample a seeded request for several steps inside batches of ``companions`` other rows."""
+    target = state(SamplingParams(seed=seed, temperature=0.9, top_k=30, top_p=0.95))
+    others = [
+        state(SamplingParams(seed=1000 + i if i % 2 else None, temperature=1.2)) for i in range(companions)
+    ]
+    tokens = []
+    for step, row in enumerate(logits_per_step):
+        batch = others[:]
+        pos = (position + step) % (len(batch) + 1)  # a different position every step
+        batch.insert(pos, target)
+        logits = torch.randn(len(batch), row.shape[0])
+        logits[pos] = row
+        token = int(sample(logits, batch).sampled_token_ids[pos])
+        target.output_token_ids.append(token)
+        tokens.append(token)
+        for other in others:
+            other.output_token_ids.append(0)
+    return tokens
+
+
+def test_seeded_request_is_reproducible_whatever_the_batch() -> None:
+    steps = [torch.randn(64) for _ in range(6)]
+    alone = _run_steps(42, steps, companions=0, position=0)
+    torch.manual_seed(123)  # unseeded companions must not matter either
+    crowded = _run_steps(42, steps, companions=5, position=3)
+    other_crowd = _run_steps(42, steps, companions=2, position=1)
+    assert alone == crowded == other_crowd
+    # Different seeds give different streams (64 tokens over 6 steps: equal by chance is negligible).
+    assert any(_run_steps(s, steps, 0, 0) != alone for s in (1, 2, 3))
+
+
+def test_generator_is_only_created_for_seeded_requests() -> None:
+    assert state(SamplingParams()).generator is None
+    assert state(SamplingParams(seed=3)).generator is not None
+
+
+# ----- truncation never leaks disallowed tokens -----------------------------------------------
+
+
+def _draw(logits_row: torch.Tensor, params: SamplingParams, draws: int = 3000) -> set[int]:
+    logits = logits_row.expand(draws, -1).contiguous()
+    return set(sample(logits, [state(params) for _ in range(draws)]).sampled_token_ids.tolist())
+
+
+def test_top_k_stays_in_the_top_k() -> None:
+    row = torch.randn(100)
+    allowed = set(row.topk(5).indices.tolist())
+    seen = _draw(row, SamplingParams(top_k=5, temperature=3.0))
+    assert seen == allowed  # never outside, and with a hot temperature all of them show up
+
+
+@pytest.mark.parametrize("top_p, allowed", [(0.75, {0, 1}), (0.85, {0, 1, 2}), (0.01, {0})])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p: float, allowed: set[int]) -> None:
+    row = probs_logits([0.5, 0.3, 0.15, 0.05])
+    assert _draw(row, SamplingParams(top_p=top_p)) == allowed
+
+
+@pytest.mark.parametrize("min_p, allowed", [(0.2, {0, 1, 2}), (0.7, {0}), (0.0, {0, 1, 2, 3})])
+def test_min_p_drops_tokens_below_a_fraction_of_the_top(min_p: float, allowed: set[int]) -> None:
+    row = probs_logits([0.5, 0.3, 0.15, 0.05])
+    assert _draw(row, SamplingParams(min_p=min_p)) == allowed
+
+
+def test_top_k_and_top_p_combine_per_row() -> None:
+    row = probs_logits([0.4, 0.3, 0.2, 0.1])
+    logits = row.expand(3000, -1).contiguous()
+    # top_k=3 renormalizes to (4/9, 3/9, 2/9): top_p=0.7 then needs tokens {0, 1}.
+    specs = [SamplingParams(top_k=3, top_p=0.7), SamplingParams(top_k=2), SamplingParams(top_p=0.5)]
+    states = [state(specs[i % 3]) for i in range(3000)]
+    out = sample(logits, states).sampled_token_ids
+    assert set(out[0::3].tolist()) == {0, 1}
+    assert set(out[1::3].tolist()) == {0, 1}
+    assert set(out[2::3].tolist()) == {0, 1}
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution() -> None:
+    row = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draws = 40000
+    out = sample(row.expand(draws, -1).contiguous(), [state(SamplingParams(temperature=0.5))] * draws)
+    freq = torch.bincount(out.sampled_token_ids, minlength=4).float() / draws
+    assert torch.allclose(freq, (row / 0.5).softmax(-1), atol=0.01)
+
+
+# ----- penalties, min_tokens, logit_bias ------------------------------------------------------
+
+
+def test_penalties_change_logits_exactly_as_specified() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0, 1.0, 4.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    states = [state(params, prompt=[0, 1], output=[2, 2, 3]), state(SamplingParams(), prompt=[0], output=[1])]
+    meta = SamplingMetadata.build(states, 6, CPU)
+    got = apply_penalties(logits, meta.penalties)
+    expected = torch.tensor(
+        [
+            # prompt tokens 0, 1: repetition only; output token 2 (twice), 3 (once): all three.
+            [2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.5 - 0.25 * 2, -3.0 * 2 - 0.5 - 0.25, 1.0, 4.0],
+            [1.0] * 6,  # a row without penalties is untouched
+        ]
+    )
+    assert torch.allclose(got, expected)
+
+
+def test_presence_and_frequency_ignore_the_prompt() -> None:
+    logits = torch.zeros(1, 5)
+    meta = SamplingMetadata.build(
+        [state(SamplingParams(presence_penalty=1.0), prompt=[0, 1], output=[3])], 5, CPU
+    )
+    assert meta.penalties.prompt_mask is None  # no repetition penalty: no prompt mask built
+    assert torch.equal(process_logits(logits, meta), torch.tensor([[0.0, 0.0, 0.0, -1.0, 0.0]]))
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_until_reached() -> None:
+    logits = torch.zeros(3, 8)
+    logits[:, EOS] = 10.0
+    logits[:, 4] = 9.0
+    logits[:, 6] = 8.0
+    params = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[4])
+    ignore = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[4], ignore_eos=True)
+    states = [state(params, output=[7]), state(params, output=[7, 7]), state(ignore, output=[])]
+    meta = SamplingMetadata.build(states, 8, CPU)
+    processed = process_logits(logits, meta)
+    assert math.isinf(processed[0, EOS]) and math.isinf(processed[0, 4])
+    assert processed[2, EOS] == 10.0 and math.isinf(processed[2, 4])  # ignore_eos: EOS not masked
+    assert Sampler()(logits, meta).sampled_token_ids.tolist() == [6, EOS, EOS]
+
+
+def test_logit_bias_is_added_before_sampling() -> None:
+    logits = torch.zeros(2, 10)
+    logits[:, 0] = 5.0
+    states = [
+        state(SamplingParams(temperature=0.0, logit_bias={7: 6.0, 0: -1.0})),
+        state(SamplingParams(temperature=0.0)),
+    ]
+    meta = SamplingMetadata.build(states, 10, CPU)
+    processed = process_logits(logits, meta)
+    assert processed[0, 7] == 6.0 and processed[0, 0] == 4.0 and torch.equal(processed[1], logits[1])
+    assert Sampler()(logits, meta).sampled_token_ids.tolist() == [7, 0]
+    # Bias on an unsampled row can force a token even with sampling.
+    forced = state(SamplingParams(logit_bias={3: 100.0}))
+    assert sample(torch.randn(1, 10), [forced]).sampled_token_ids.tolist() == [3]
+
+
+# ----- logprobs -------------------------------------------------------------------------------
+
+
+def test_logprobs_come_from_the_raw_logits_with_ranks() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 30)
+    states = [
+        state(SamplingParams(logprobs=3, temperature=0.7, repetition_penalty=1.5), output=[2, 9]),
+        state(SamplingParams(logprobs=0, temperature=0.0, logit_bias={5: 50.0})),
+        state(SamplingParams(temperature=2.0, top_k=10)),
+        state(SamplingParams(logprobs=1, seed=5)),
+    ]
+    out = sample(logits, states)
+    raw = logits.log_softmax(-1)
+    sampled = out.sampled_token_ids
+    assert out.logprob_token_ids.shape == (4, 4) and out.logprobs.shape == (4, 4)
+    assert torch.equal(out.logprob_token_ids[:, 0], sampled)
+    assert torch.allclose(out.logprobs[:, 0], raw.gather(1, sampled[:, None]).squeeze(1))
+    top = raw.topk(3, dim=-1)
+    assert torch.equal(out.logprob_token_ids[:, 1:], top.indices)
+    assert torch.allclose(out.logprobs[:, 1:], top.values)
+    order = raw.argsort(dim=-1, descending=True)
+    expected_ranks = (order == sampled[:, None]).int().argmax(-1) + 1
+    assert torch.equal(out.sampled_ranks, expected_ranks)
+    assert sampled[1] == 5 and out.sampled_ranks[1] == expected_ranks[1]  # biased pick, raw rank
+
+
+def test_logprobs_zero_returns_only_the_sampled_token() -> None:
+    logits = torch.randn(2, 12)
+    out = sample(logits, [state(SamplingParams(logprobs=0, temperature=0.0))] * 2)
+    assert out.logprobs.shape == (2, 1)
+    assert torch.equal(out.sampled_ranks, torch.ones(2, dtype=torch.long))
