@@ -26,7 +26,8 @@ def _kv_cache_write_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     heads = tl.arange(0, HKV_PAD)
     dims = tl.arange(0, D_PAD)
-    mask = (heads[:, None] < num_kv_heads) & (dims[None, :] < head_dim) & (slot >= 0)
+    live_heads = tl.where(slot >= 0, num_kv_heads, 0)  # a padding token writes nothing
+    mask = (heads[:, None] < live_heads) & (dims[None, :] < head_dim)
     t64 = t.to(tl.int64)
     key = tl.load(k_ptr + t64 * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
     val = tl.load(v_ptr + t64 * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)

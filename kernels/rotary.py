@@ -63,6 +63,20 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Te
     return inv_freq / factor * (1 - blend) + inv_freq * blend
 
 
+def rope_inv_freq(head_dim: int, base: float = 10000.0, scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """The float64 [head_dim / 2] rotation frequencies for default rope or, with
+    scaling={"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"} (HF rope_scaling), Llama 3 scaled rope."""
+    check(head_dim % 2 == 0, f"head_dim must be even, got {head_dim}")
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    if rope_type != "default":
+        raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, llama3)")
+    return inv_freq
+
+
 def rope_cos_sin_cache(
     head_dim: int,
     max_position: int,
@@ -70,16 +84,8 @@ def rope_cos_sin_cache(
     scaling: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Build the float32 [max_position, head_dim] cos/sin cache for default rope or, with
-    scaling={"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    "original_max_position_embeddings"} (HF rope_scaling), Llama 3 scaled rope."""
-    check(head_dim % 2 == 0, f"head_dim must be even, got {head_dim}")
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
-    elif rope_type != "default":
-        raise ValueError(f"unsupported rope_type {rope_type!r} (supported: default, llama3)")
+    """The float32 [max_position, head_dim] cos/sin cache (angles in float64) for rope_inv_freq."""
+    inv_freq = rope_inv_freq(head_dim, base, scaling)
     freqs = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device=device, dtype=torch.float32)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 
@@ -24,9 +26,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _service(module: str):
+    """A subcommand backed by a module with add_arguments(parser) and run(args); imported lazily so
+    the frontend never imports torch and the engine never imports the worker."""
+
+    def add(sub, name: str, help: str) -> None:
+        import importlib
+
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
+
+    return add
+
+
+_SERVICES = {
+    "serve": ("pagedserve.serve", "run the whole stack: engine, workers and frontends"),
+    "engine": ("services.engine.service", "run the engine (scheduler and KV cache manager)"),
+    "worker": ("services.worker.service", "run one worker rank (model runner)"),
+    "frontend": ("services.frontend.server", "run one OpenAI-compatible HTTP frontend"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help) in _SERVICES.items():
+        if name == command:
+            _service(module)(sub, name, help)
+        else:
+            sub.add_parser(name, help=help, add_help=False)
 
     p = sub.add_parser("make-test-model", help="write a seeded random-weight checkpoint of a real architecture")
     p.add_argument("out")
@@ -48,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:

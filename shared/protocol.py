@@ -7,8 +7,12 @@ encoded onto ZeroMQ frames by the service stack.
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 
 from shared.sampling_params import SamplingParams
+
+# Token id arrays (int32) travel in their own zero-copy frames, not inside the msgpack body.
+TokenIds = np.ndarray
 
 _STRUCT = dict(array_like=True, omit_defaults=True, gc=False)
 
@@ -20,8 +24,8 @@ class NewRequestData(msgspec.Struct, **_STRUCT):
     """A request the worker has not seen (or sees again after preemption): everything it needs."""
 
     req_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # tokens generated before a preemption; recomputed with the prompt
+    prompt_token_ids: TokenIds
+    output_token_ids: TokenIds  # tokens generated before a preemption; recomputed with the prompt
     sampling_params: SamplingParams
     eos_token_ids: list[int]
     block_ids: list[int]
@@ -36,7 +40,7 @@ class CachedRequestData(msgspec.Struct, **_STRUCT):
     num_computed_tokens: int
 
 
-class StepPlan(msgspec.Struct, **_STRUCT):
+class StepPlan(msgspec.Struct, tag=True, **_STRUCT):
     step_id: int
     new_requests: list[NewRequestData]
     cached_requests: list[CachedRequestData]
@@ -59,7 +63,7 @@ class TokenLogprobs(msgspec.Struct, **_STRUCT):
     rank: int  # 1-based rank of the sampled token
 
 
-class StepResult(msgspec.Struct, **_STRUCT):
+class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     step_id: int
     req_ids: list[str]  # requests that sampled a token this step (finished their prompt)
     sampled_token_ids: list[int]
@@ -78,3 +82,92 @@ class RequestDelta(msgspec.Struct, **_STRUCT):
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: int | None = None  # the stop token id that finished it
     num_cached_tokens: int = 0
+
+
+# ----- frontend <-> engine ------------------------------------------------------------------
+# Frontends connect two DEALER sockets (same identity) to the engine's input and output ROUTERs.
+
+
+class AddRequest(msgspec.Struct, tag=True, **_STRUCT):
+    req_id: str
+    prompt_token_ids: TokenIds
+    sampling_params: SamplingParams
+
+
+class AbortRequests(msgspec.Struct, tag=True, **_STRUCT):
+    req_ids: list[str]
+
+
+class Ping(msgspec.Struct, tag=True, **_STRUCT):
+    """Answered by a Pong once it has passed through the engine's step loop."""
+
+    ping_id: int
+
+
+class Hello(msgspec.Struct, tag=True, **_STRUCT):
+    """A frontend joining; answered with ModelInfo."""
+
+    frontend_id: str
+
+
+class Goodbye(msgspec.Struct, tag=True, **_STRUCT):
+    frontend_id: str
+
+
+FrontendMessage = AddRequest | AbortRequests | Ping | Hello | Goodbye
+
+
+class Outputs(msgspec.Struct, tag=True, **_STRUCT):
+    deltas: list[RequestDelta]
+
+
+class RequestFailed(msgspec.Struct, tag=True, **_STRUCT):
+    req_id: str
+    message: str
+    status: int = 400  # HTTP status the frontend should answer with
+
+
+class Pong(msgspec.Struct, tag=True, **_STRUCT):
+    ping_id: int
+    num_running: int = 0
+    num_waiting: int = 0
+
+
+class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
+    model_name: str
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    generation_defaults: dict[str, float | int] = {}
+    num_blocks: int = 0
+    block_size: int = 16
+
+
+EngineMessage = Outputs | RequestFailed | Pong | ModelInfo
+
+
+# ----- engine <-> worker --------------------------------------------------------------------
+# Workers connect a DEALER to the engine's worker ROUTER: a handshake, then plans and results.
+
+
+class WorkerReady(msgspec.Struct, tag=True, **_STRUCT):
+    rank: int
+    world_size: int
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+
+
+class WorkerFailed(msgspec.Struct, tag=True, **_STRUCT):
+    rank: int
+    step_id: int
+    message: str
+
+
+class Shutdown(msgspec.Struct, tag=True, **_STRUCT):
+    reason: str = ""
+
+
+WorkerToEngine = WorkerReady | StepResult | WorkerFailed
+EngineToWorker = StepPlan | Shutdown

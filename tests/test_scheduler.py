@@ -30,7 +30,7 @@ class TokenCounter:
             self.tokens.pop(rid)
             self.computed.pop(rid)
         for new in plan.new_requests:
-            self.tokens[new.req_id] = new.prompt_token_ids + new.output_token_ids
+            self.tokens[new.req_id] = new.prompt_token_ids.tolist() + new.output_token_ids.tolist()
             self.computed[new.req_id] = new.num_computed_tokens
             self.blocks[new.req_id] = list(new.block_ids)
         for c in plan.cached_requests:

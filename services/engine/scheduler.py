@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
+
 from shared.config import CacheConfig, SchedulerConfig
 from shared.protocol import CachedRequestData, NewRequestData, RequestDelta, StepPlan, StepResult
 from services.engine.kv_cache_manager import KVCacheManager
@@ -139,8 +141,8 @@ class Scheduler:
                 new_reqs.append(
                     NewRequestData(
                         req_id,
-                        request.prompt_token_ids,
-                        request.output_token_ids,
+                        np.asarray(request.prompt_token_ids, dtype=np.int32),
+                        np.asarray(request.output_token_ids, dtype=np.int32),
                         request.sampling_params,
                         list(request.eos_token_ids),
                         self.kv.block_ids(req_id),

@@ -51,18 +51,15 @@ class RequestTable:
     def _add(self, new: NewRequestData) -> None:
         old = self.states.get(new.req_id)  # resumed after preemption: keep its sampling RNG
         generator = old.sampling.generator if old is not None else None
+        prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
         sampling = SamplingState.create(
-            new.sampling_params,
-            list(new.prompt_token_ids),
-            tuple(new.eos_token_ids),
-            self.device,
-            output_token_ids=list(new.output_token_ids),
+            new.sampling_params, prompt, tuple(new.eos_token_ids), self.device, output_token_ids=outputs
         )
         if generator is not None:
             sampling.generator = generator
         self.states[new.req_id] = RequestState(
             new.req_id,
-            list(new.prompt_token_ids) + list(new.output_token_ids),
+            prompt + outputs,
             list(new.block_ids),
             new.num_computed_tokens,
             sampling,

@@ -1,0 +1,364 @@
+"""Offline throughput: pagedserve's LLM.generate against transformers' generate, in one invocation.
+
+    python benchmarks/throughput.py --model DIR
+    python benchmarks/throughput.py --demo-size smol135 --arch llama   # builds a random-weight checkpoint
+
+The workload is N prompts of random token ids with random input and output lengths, decoded greedily
+with EOS ignored, so every request produces exactly its requested number of tokens. The baseline is
+`AutoModelForCausalLM.generate` on the first K prompts in static, length-sorted, left-padded batches.
+Both runs report generated and total tokens/s and model FLOPs utilization (MFU) against this
+machine's measured float32 GEMM peak. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path.home() / ".cache" / "pagedserve" / "models"
+
+
+@dataclass(frozen=True)
+class Req:
+    """One benchmark request: prompt token ids and the exact number of tokens to generate."""
+
+    prompt: list[int]
+    output_len: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    prompts: int
+    prompt_tokens: int
+    requested_tokens: int
+    generated_tokens: int
+    elapsed_s: float
+    outputs: list[list[int]]
+
+    @classmethod
+    def of(cls, reqs: list[Req], outputs: list[list[int]], elapsed_s: float) -> RunResult:
+        prompt_tokens = sum(len(r.prompt) for r in reqs)
+        requested = sum(r.output_len for r in reqs)
+        return cls(len(reqs), prompt_tokens, requested, sum(map(len, outputs)), elapsed_s, outputs)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
+
+    def summary(self, params: int, peak_gflops: float) -> dict[str, Any]:
+        elapsed = max(self.elapsed_s, 1e-9)
+        return {
+            "prompts": self.prompts,
+            "prompt_tokens": self.prompt_tokens,
+            "requested_output_tokens": self.requested_tokens,
+            "generated_tokens": self.generated_tokens,
+            "total_tokens": self.total_tokens,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "generated_tok_s": round(self.generated_tokens / elapsed, 3),
+            "total_tok_s": round(self.total_tokens / elapsed, 3),
+            "mfu": round(mfu(params, self.total_tokens, elapsed, peak_gflops), 6),
+        }
+
+
+# ----- arguments --------------------------------------------------------------------------------
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint directory (or hub id); default: build --demo-size")
+    p.add_argument("--demo-size", default="smol135", help="make_test_model size when --model is not given")
+    p.add_argument("--arch", default="llama", help="make_test_model architecture when --model is not given")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where demo checkpoints are kept")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-len", type=int, nargs=2, default=(32, 512), metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--hf-prompts", type=int, default=8, help="baseline runs on the first K prompts only")
+    p.add_argument("--hf-batch-size", type=int, default=8)
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--threads", type=int, default=_cpu_count(), help="torch.set_num_threads")
+    p.add_argument("--gemm-size", type=int, default=2048, help="square GEMM size for the peak measurement")
+    p.add_argument("--gemm-reps", type=int, default=5)
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("input_len", "output_len"):
+        lo, hi = getattr(args, name)
+        if not 1 <= lo <= hi:
+            p.error(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {lo} {hi}")
+    for name in ("num_prompts", "threads", "gemm_size", "gemm_reps", "hf_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.hf_prompts < 0:
+        p.error("--hf-prompts must be non-negative")
+
+
+# ----- model and workload -----------------------------------------------------------------------
+
+
+def resolve_model(args: argparse.Namespace) -> Path:
+    """The --model directory, or a cached random-weight demo checkpoint built on first use."""
+    if args.model:
+        from shared.config import resolve_model_path
+
+        return resolve_model_path(args.model)
+    target = args.cache_dir / f"{args.arch}-{args.demo_size}"
+    if (target / "config.json").is_file():
+        return target
+    from pagedserve.test_model import make_test_model
+
+    print(f"building {args.arch}-{args.demo_size} checkpoint in {target} ...", file=sys.stderr)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so an interrupted build never looks like a cached one.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        built = Path(make_test_model(staging / "model", args.arch, args.demo_size, seed=0))
+        built.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, without reading the tensors."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {name: meta["shape"] for name, meta in header.items() if name != "__metadata__"}
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters stored in the checkpoint, a tied output embedding counted once."""
+    shapes: dict[str, list[int]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        shapes.update(_safetensors_shapes(file))
+    if not shapes:
+        raise ValueError(f"{model_dir} has no safetensors weights to count")
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("tie_word_embeddings", False):
+        # Some checkpoints store the tied copy too; it is one parameter.
+        shapes.pop("lm_head.weight", None)
+    total = 0
+    for shape in shapes.values():
+        n = 1
+        for dim in shape:
+            n *= dim
+        total += n
+    return total
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int, num: int, seed: int) -> list[Req]:
+    """`num` requests with random ids from [10, vocab_size - 10) and uniformly drawn lengths."""
+    rng = random.Random(seed)
+    lo_id, hi_id = 10, max(11, vocab_size - 10)
+    reqs = []
+    for _ in range(num):
+        n_in = rng.randint(*args.input_len)
+        n_out = rng.randint(*args.output_len)
+        reqs.append(Req([rng.randrange(lo_id, hi_id) for _ in range(n_in)], n_out))
+    return reqs
+
+
+# ----- measurements -----------------------------------------------------------------------------
+
+
+def mfu(params: int, tokens: int, elapsed_s: float, peak_gflops: float) -> float:
+    """Model FLOPs utilization: 2 FLOPs per parameter per token processed, over the GEMM peak."""
+    if elapsed_s <= 0 or peak_gflops <= 0:
+        return 0.0
+    return 2.0 * params * tokens / elapsed_s / (peak_gflops * 1e9)
+
+
+def measure_gemm_peak(size: int, reps: int, warmup: int = 2) -> float:
+    """Best float32 GFLOP/s of a square matmul on this machine."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
+    out = torch.empty(size, size)
+    for _ in range(warmup):
+        torch.mm(a, b, out=out)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best / 1e9
+
+
+def run_pagedserve(args: argparse.Namespace, model_dir: Path, reqs: list[Req], warm: list[Req]) -> RunResult:
+    """Time LLM.generate on every request, after construction and a short warm-up."""
+    from pagedserve.llm import LLM
+    from shared.sampling_params import SamplingParams
+
+    llm = LLM(
+        str(model_dir),
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+    )
+
+    def params(r: Req) -> SamplingParams:
+        return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r.output_len)
+
+    llm.generate([{"prompt_token_ids": r.prompt} for r in warm], [params(r) for r in warm], use_tqdm=False)
+    prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
+    sampling = [params(r) for r in reqs]
+    start = time.perf_counter()
+    results = llm.generate(prompts, sampling, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    outputs = [list(res.outputs[0].token_ids) for res in results]
+    return RunResult.of(reqs, outputs, elapsed)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _hf_batch(model, batch: list[Req], pad_id: int) -> list[list[int]]:
+    """Greedy generate for one left-padded batch; each row trimmed to its requested length."""
+    import torch
+
+    width = max(len(r.prompt) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):
+        ids[row, width - len(r.prompt) :] = torch.tensor(r.prompt)
+        mask[row, width - len(r.prompt) :] = 1
+    new = max(r.output_len for r in batch)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        eos_token_id=None,
+        pad_token_id=pad_id,
+    )
+    return [out[row, width : width + r.output_len].tolist() for row, r in enumerate(batch)]
+
+
+def run_hf(args: argparse.Namespace, model_dir: Path, reqs: list[Req], warm: list[Req]) -> RunResult:
+    """Time transformers' generate on static batches of length-sorted requests."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(args.dtype)).eval()
+    model.generation_config.eos_token_id = None  # ignore EOS, like ignore_eos=True
+    order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].prompt))
+    bs = args.hf_batch_size
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    outputs: list[list[int]] = [[] for _ in reqs]
+    with torch.inference_mode():
+        _hf_batch(model, warm, pad_id=0)
+        start = time.perf_counter()
+        for idx in batches:
+            for i, toks in zip(idx, _hf_batch(model, [reqs[i] for i in idx], pad_id=0)):
+                outputs[i] = toks
+        elapsed = time.perf_counter() - start
+    return RunResult.of(reqs, outputs, elapsed)
+
+
+# ----- report -----------------------------------------------------------------------------------
+
+
+def _row(name: str, s: dict[str, Any]) -> str:
+    return (
+        f"{name:<13}{s['prompts']:>8}{s['prompt_tokens']:>10}{s['generated_tokens']:>10}"
+        f"{s['elapsed_s']:>10.2f}{s['generated_tok_s']:>12.1f}{s['total_tok_s']:>12.1f}{100 * s['mfu']:>8.2f}%"
+    )
+
+
+def print_table(info: dict[str, Any]) -> None:
+    print(
+        f"model {info['model']}  ({info['params'] / 1e6:.1f}M params, {info['settings']['dtype']}, "
+        f"{info['settings']['threads']} threads)"
+    )
+    print(f"float32 GEMM peak ({info['settings']['gemm_size']}^3): {info['gemm_peak_gflops']:.1f} GFLOP/s")
+    header = f"{'engine':<13}{'prompts':>8}{'prompt':>10}{'gen':>10}{'secs':>10}{'gen tok/s':>12}"
+    print(header + f"{'total tok/s':>12}{'MFU':>9}")
+    print("-" * (len(header) + 21))
+    print(_row("pagedserve", info["pagedserve"]))
+    if info["hf"] is not None:
+        print(_row("transformers", info["hf"]))
+        print(
+            f"pagedserve / transformers generated tok/s: {info['ratio']:.2f}x  "
+            f"(greedy outputs identical on {info['hf_matching_outputs']}/{info['hf']['prompts']} prompts)"
+        )
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model(args)
+    config = json.loads((model_dir / "config.json").read_text())
+    params = count_parameters(model_dir)
+    peak = measure_gemm_peak(args.gemm_size, args.gemm_reps)
+    reqs = make_workload(args, config["vocab_size"], args.num_prompts, args.seed)
+    warm = make_workload(args, config["vocab_size"], 2, args.seed + 1)  # distinct ids: no prefix-cache hits
+    warm = [Req(r.prompt[: args.input_len[0]], min(4, r.output_len)) for r in warm]
+    ours = run_pagedserve(args, model_dir, reqs, warm)
+    if ours.generated_tokens != ours.requested_tokens:
+        msg = f"warning: pagedserve generated {ours.generated_tokens} tokens of {ours.requested_tokens} requested"
+        print(msg, file=sys.stderr)
+    hf_reqs = reqs[: args.hf_prompts]
+    theirs = None if args.skip_hf or not hf_reqs else run_hf(args, model_dir, hf_reqs, warm)
+    info: dict[str, Any] = {
+        "benchmark": "throughput",
+        "model": str(model_dir),
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "params": params,
+        "gemm_peak_gflops": round(peak, 2),
+        "pagedserve": ours.summary(params, peak),
+        "hf": None if theirs is None else theirs.summary(params, peak),
+        "ratio": None,
+        "hf_matching_outputs": None,
+        "settings": {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in vars(args).items()
+            if k not in ("cache_dir",)
+        },
+    }
+    if theirs is not None:
+        info["ratio"] = round(info["pagedserve"]["generated_tok_s"] / info["hf"]["generated_tok_s"], 4)
+        info["hf_matching_outputs"] = sum(a == b for a, b in zip(ours.outputs, theirs.outputs))
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
+        sys.path.insert(0, str(REPO_ROOT))
+    args = parse_args(argv)
+    info = benchmark(args)
+    print_table(info)
+    print(json.dumps(info, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""`pagedserve serve`: the whole stack on one machine — engine, workers and N frontends sharing
+one port — as child processes. Waits until it answers, prints where it listens, and stops every
+child on Ctrl-C or SIGTERM; if a child dies, names it and exits non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from shared.engine_args import add_flag, add_model_args
+
+# Flags forwarded to the engine and the workers as given (see shared/engine_args.py).
+_MODEL_FLAGS = (
+    "model", "served_model_name", "dtype", "max_model_len", "block_size", "kv_cache_memory",
+    "gpu_memory_utilization", "num_gpu_blocks_override", "enable_prefix_caching", "max_num_seqs",
+    "max_num_batched_tokens", "tensor_parallel_size", "seed",
+)
+
+
+def demo_model() -> str:
+    """A small random-weight checkpoint built once, so `make serve` works offline."""
+    from pagedserve.test_model import make_test_model
+
+    out = Path(os.environ.get("PAGEDSERVE_CACHE", Path.home() / ".cache" / "pagedserve")) / "demo-llama-small"
+    if not (out / "config.json").is_file():
+        print(f"pagedserve: building the demo checkpoint in {out}", flush=True)
+        make_test_model(out, arch="llama", size="small")
+    return str(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _forward(args: argparse.Namespace) -> list[str]:
+    out = []
+    for name in _MODEL_FLAGS:
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    base = [sys.executable, "-m", "pagedserve.cli"]
+    inp, outp, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    model = _forward(args)
+    kids = [("engine", base + ["engine", *model, "--frontend-input", inp, "--frontend-output", outp, "--worker-addr", wrk])]
+    dist = f"tcp://127.0.0.1:{free_port()}"
+    for rank in range(args.tensor_parallel_size):
+        kids.append((f"worker-{rank}", base + ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]))
+    front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port)]
+    if args.api_key:
+        front += ["--api-key", args.api_key]
+    for i in range(args.frontends):
+        kids.append((f"frontend-{i}", base + ["frontend", *front]))
+    return kids
+
+
+def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float) -> str | None:
+    """None once /health answers 200; else the name of a child that died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                return name
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return None
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the stack did not become healthy within {timeout_s:.0f}s")
+
+
+def _stop(procs: dict[str, subprocess.Popen]) -> None:
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + 10
+    for proc in procs.values():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser, model_positional=True)
+    parser.add_argument("--demo", action="store_true", help="serve a small built-in random-weight checkpoint")
+    add_flag(parser, "--host", "127.0.0.1", "address the frontends listen on")
+    add_flag(parser, "--port", 8000, "port the frontends share (SO_REUSEPORT)")
+    add_flag(parser, "--frontends", 1, "frontend processes")
+    add_flag(parser, "--api-key", None, "require this Bearer token on /v1/*", kind=str)
+    add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.demo or not args.model:
+        args.model = demo_model()
+    stopping = False
+
+    def on_signal(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    procs = {name: subprocess.Popen(cmd) for name, cmd in _children(args)}
+    try:
+        dead = _wait_ready(f"http://{args.host}:{args.port}/health", procs, args.ready_timeout)
+        if dead is None:
+            print(f"pagedserve: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1 "
+                  f"({args.frontends} frontend(s))", flush=True)
+        while dead is None and not stopping:
+            time.sleep(0.5)
+            dead = next((n for n, p in procs.items() if p.poll() is not None), None)
+        if dead is not None and not stopping:
+            print(f"pagedserve: {dead} exited with code {procs[dead].returncode}; stopping the stack", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        _stop(procs)

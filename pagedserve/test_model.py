@@ -1,0 +1,205 @@
+"""Seeded random-weight checkpoints of real architectures, for tests and demos without downloads.
+
+make_test_model() writes a Hugging Face model directory: config.json and safetensors weights
+(saved by transformers itself), generation_config.json, and a byte-level BPE tokenizer trained
+on local text (the Python standard library's source) with a ChatML chat template. The tokenizer
+covers exactly the model's vocabulary, so every id a random model emits decodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sysconfig
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt")
+SIZES = ("tiny", "small", "smol135", "qwen2.5-1.5b")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_CORPUS_CHARS = 2_000_000  # enough text for ~25k merges; more vocabulary is filler
+
+
+@dataclass(frozen=True)
+class _Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_position: int
+    rope_theta: float
+    init_range: float  # large for tiny/small so greedy outputs vary instead of repeating one token
+    dtype: str
+    tied: bool | None = None  # None: the architecture's tiny default (_TIED)
+
+
+_SHAPES = {
+    "tiny": _Shape(64, 2, 4, 2, 16, 128, 1024, 1024, 10000.0, 0.2, "float32"),
+    "small": _Shape(256, 4, 8, 2, 32, 768, 4096, 2048, 10000.0, 0.2, "float32"),
+    "smol135": _Shape(576, 30, 9, 3, 64, 1536, 49152, 8192, 100000.0, 0.02, "bfloat16", tied=True),
+    "qwen2.5-1.5b": _Shape(1536, 28, 12, 2, 128, 8960, 151936, 32768, 1000000.0, 0.02, "bfloat16", tied=True),
+}
+# Tied and untied embeddings both get exercised by the tiny models.
+_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "opt": True}
+
+
+def make_test_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    size: str = "tiny",
+    seed: int = 0,
+    *,
+    config_overrides: dict[str, Any] | None = None,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Write a random-weight checkpoint of `arch` with `size`'s shapes into out_dir (created).
+
+    arch: llama | mistral | qwen2 | qwen3 | opt. size: tiny (unit tests), small, smol135
+    (SmolLM2-135M's shapes) or qwen2.5-1.5b (Qwen2.5-1.5B's shapes, applied to the given arch).
+    config_overrides: extra HF config fields (e.g. OPT's do_layer_norm_before); max_shard_size:
+    save sharded safetensors with an index. The same arguments always give the same files.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if arch not in ARCHS or size not in SIZES:
+        raise ValueError(f"arch must be one of {ARCHS} and size one of {SIZES}, got {arch!r}, {size!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = _SHAPES[size]
+    tokenizer = _save_tokenizer(out, shape.vocab, shape.max_position)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    config = _hf_config(arch, size, shape, ids["<|endoftext|>"])
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, shape.dtype))
+        _perturb_norms_and_biases(model)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    eos = [ids["<|endoftext|>"], ids["<|im_end|>"]]
+    generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": eos}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return out
+
+
+def _hf_config(arch: str, size: str, shape: _Shape, eot: int):
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+
+    tied = _TIED[arch] if shape.tied is None else shape.tied
+    common = dict(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        max_position_embeddings=shape.max_position,
+        tie_word_embeddings=tied,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
+    if arch == "opt":  # no GQA; OPT names its init scale init_std
+        return OPTConfig(ffn_dim=shape.intermediate, init_std=shape.init_range, word_embed_proj_dim=shape.hidden,
+                         dropout=0.0, **common)
+    if arch == "qwen3" and size == "tiny":
+        shape = replace(shape, head_dim=32)  # explicit head_dim != hidden / heads
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": shape.rope_theta}
+    if arch == "llama" and size in ("tiny", "small"):
+        rope = {"rope_type": "llama3", "rope_theta": shape.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    extra = {"sliding_window": None} if arch == "mistral" else {}
+    if arch != "qwen2":  # Qwen2 derives head_dim from hidden / heads
+        extra["head_dim"] = shape.head_dim
+    return cls(
+        intermediate_size=shape.intermediate,
+        num_key_value_heads=shape.kv_heads,
+        initializer_range=shape.init_range,
+        rms_norm_eps=1e-5,
+        rope_parameters=rope,
+        **extra,
+        **common,
+    )
+
+
+def _perturb_norms_and_biases(model) -> None:
+    """HF initializes norm weights to one and biases to zero; make them random so loading them
+    wrongly (or not at all) shows in the outputs."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+
+
+def _save_tokenizer(out: Path, vocab_size: int, max_length: int):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=max_length,
+    )
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"tokenizer has {len(tokenizer)} tokens, the model {vocab_size}")
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE trained on local text, padded to exactly vocab_size ids (cached)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    data = json.loads(tokenizer.to_str())
+    # The text may support fewer merges than the vocabulary has ids. The rest become plain
+    # vocabulary entries no merge produces (cheaper to load than ~100k added tokens); their
+    # printable names decode as themselves.
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<|extra_{i}|>"] = i
+    return json.dumps(data)
+
+
+@functools.lru_cache(maxsize=1)
+def _corpus() -> tuple[str, ...]:
+    """Deterministic training text: the standard library's top-level modules, in name order."""
+    texts, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        total += len(text)
+        if total >= _CORPUS_CHARS:
+            break
+    if not texts:
+        raise RuntimeError("no Python standard-library source found to train the test tokenizer on")
+    return tuple(texts)

@@ -1,0 +1,226 @@
+"""The engine process: scheduler + KV block manager, frontends on ROUTER sockets, workers behind.
+
+Threads: one receives and decodes frontend messages, one encodes and sends outputs, and the core
+loop schedules steps and exchanges plans and results with the workers. While the workers compute
+a step the input thread keeps taking requests and aborts, which the next loop turn applies.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import threading
+import time
+
+import zmq
+
+from shared.config import EngineConfig
+from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, DEFAULT_WORKER_ADDR, add_flag
+from shared.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineMessage,
+    EngineToWorker,
+    FrontendMessage,
+    Goodbye,
+    Hello,
+    ModelInfo,
+    Outputs,
+    Ping,
+    Pong,
+    RequestDelta,
+    RequestFailed,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    WorkerFailed,
+    WorkerReady,
+    WorkerToEngine,
+)
+from shared.transport import RouterQueue
+from services.engine.core import EngineCore
+
+log = logging.getLogger("pagedserve.engine")
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class WorkerGroup:
+    """The executor for the engine core: sends each plan to every rank, returns rank 0's result."""
+
+    def __init__(self, ctx: zmq.Context, addr: str, world_size: int):
+        self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker)
+        self.world_size = world_size
+        self.ranks: dict[int, bytes] = {}
+        self.wait_time = 0.0  # seconds the engine spent idle, waiting for results
+
+    def handshake(self, timeout_s: float) -> WorkerReady:
+        """Wait until every rank has reported its KV capacity; the smallest pool wins."""
+        deadline, reports = time.monotonic() + timeout_s, {}
+        while len(reports) < self.world_size:
+            left = deadline - time.monotonic()
+            got = self.queue.recv(timeout_ms=max(1, int(left * 1000))) if left > 0 else None
+            if got is None:
+                raise WorkerError(f"only {len(reports)} of {self.world_size} workers reported in {timeout_s:.0f}s")
+            identity, msg = got
+            if isinstance(msg, WorkerReady):
+                self.ranks[msg.rank], reports[msg.rank] = identity, msg
+                log.info("worker rank %d ready: %d KV blocks", msg.rank, msg.num_blocks)
+        smallest = min(reports.values(), key=lambda r: r.num_blocks)
+        return smallest
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        for identity in self.ranks.values():
+            self.queue.send(identity, plan)
+        start = time.monotonic()
+        while True:
+            got = self.queue.recv(timeout_ms=1000)
+            if got is None:
+                continue
+            _, msg = got
+            if isinstance(msg, WorkerFailed):
+                raise WorkerError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.message}")
+            if isinstance(msg, StepResult) and msg.step_id == plan.step_id:
+                self.wait_time += time.monotonic() - start
+                return msg
+
+    def shutdown(self) -> None:
+        for identity in self.ranks.values():
+            self.queue.send(identity, Shutdown("engine stopping"))
+
+
+class EngineService:
+    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, worker_addr: str):
+        self.config = config
+        self.ctx = zmq.Context()
+        self.input_addr, self.output_addr = input_addr, output_addr
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        self.workers = WorkerGroup(self.ctx, worker_addr, config.parallel.tensor_parallel_size)
+        self.stopping = threading.Event()
+        self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
+        self.frontends: set[bytes] = set()
+        self.core: EngineCore | None = None
+        self.model_info: ModelInfo | None = None
+
+    # ----- I/O threads ------------------------------------------------------------------------
+
+    def _input_loop(self) -> None:
+        q = RouterQueue(self.ctx, self.input_addr, FrontendMessage, EngineMessage)
+        while not self.stopping.is_set():
+            got = q.recv(timeout_ms=200)
+            if got is not None:
+                self.inbox.put(got)
+        q.close()
+
+    def _output_loop(self) -> None:
+        q = RouterQueue(self.ctx, self.output_addr, FrontendMessage, EngineMessage)
+        while not self.stopping.is_set():
+            try:
+                identity, msg = self.outbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            q.send(identity, msg)
+        q.close()
+
+    # ----- core loop --------------------------------------------------------------------------
+
+    def start(self, handshake_timeout_s: float = 600.0) -> None:
+        for target in (self._input_loop, self._output_loop):
+            threading.Thread(target=target, daemon=True, name=target.__name__).start()
+        ready = self.workers.handshake(handshake_timeout_s)
+        self.core = EngineCore(self.config, self.workers, ready.num_blocks)
+        m = self.config.model
+        self.model_info = ModelInfo(
+            m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),
+            dict(m.generation_defaults), ready.num_blocks, self.config.cache.block_size,
+        )
+        log.info("engine ready: %d KV blocks of %d tokens", ready.num_blocks, self.config.cache.block_size)
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                busy = self.core.has_unfinished()
+                pongs = self._take_inputs(block=not busy)
+                if busy:
+                    self._route(self.core.step())
+                for identity, ping in pongs:
+                    s = self.core.scheduler
+                    self.outbox.put((identity, Pong(ping.ping_id, s.num_running, s.num_waiting)))
+        finally:
+            self.workers.shutdown()
+            self.stopping.set()
+
+    def _take_inputs(self, block: bool) -> list[tuple[bytes, Ping]]:
+        pongs = []
+        try:
+            item = self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return pongs
+        while item is not None:
+            identity, msg = item
+            if isinstance(msg, Ping):
+                pongs.append((identity, msg))
+            else:
+                self._handle(identity, msg)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+        return pongs
+
+    def _handle(self, identity: bytes, msg) -> None:
+        if isinstance(msg, AddRequest):
+            try:
+                request = self.core.make_request(msg.req_id, msg.prompt_token_ids.tolist(), msg.sampling_params)
+                self.core.add_request(request)
+            except ValueError as exc:
+                self.outbox.put((identity, RequestFailed(msg.req_id, str(exc), 400)))
+                return
+            self.owners[msg.req_id] = identity
+        elif isinstance(msg, AbortRequests):
+            self._route(self.core.abort(msg.req_ids))
+        elif isinstance(msg, Hello):
+            self.frontends.add(identity)
+            self.outbox.put((identity, self.model_info))
+        elif isinstance(msg, Goodbye):
+            self.frontends.discard(identity)
+            self._route(self.core.abort([r for r, o in self.owners.items() if o == identity]))
+
+    def _route(self, deltas: list[RequestDelta]) -> None:
+        by_owner: dict[bytes, list[RequestDelta]] = {}
+        for delta in deltas:
+            owner = self.owners.get(delta.req_id)
+            if owner is None:
+                continue
+            by_owner.setdefault(owner, []).append(delta)
+            if delta.finish_reason is not None:
+                del self.owners[delta.req_id]
+        for owner, batch in by_owner.items():
+            self.outbox.put((owner, Outputs(batch)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from shared.engine_args import add_model_args
+
+    add_model_args(parser)
+    add_flag(parser, "--frontend-input", DEFAULT_ENGINE_INPUT, "ROUTER address frontends send requests to")
+    add_flag(parser, "--frontend-output", DEFAULT_ENGINE_OUTPUT, "ROUTER address frontends receive outputs from")
+    add_flag(parser, "--worker-addr", DEFAULT_WORKER_ADDR, "ROUTER address workers connect to")
+
+
+def run(args: argparse.Namespace) -> int:
+    from shared.engine_args import engine_config_from_args
+
+    config = engine_config_from_args(args)
+    service = EngineService(config, args.frontend_input, args.frontend_output, args.worker_addr)
+    signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
+    service.start()
+    service.run()
+    return 0

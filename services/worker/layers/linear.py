@@ -1,0 +1,156 @@
+"""Tensor-parallel linear layers.
+
+Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)` that takes the full
+checkpoint tensor and copies this rank's slice into the parameter, so the loader never needs to
+know how a layer is sharded. Column-parallel layers split the output features across ranks,
+row-parallel layers split the input features and sum the partial outputs with an all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.worker.distributed import tp_all_gather, tp_all_reduce, tp_rank, tp_size
+
+WeightLoader = Callable[..., None]
+
+
+def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a checkpoint slice into a parameter (slice), checking the shape first."""
+    if dst.shape != src.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(dst.shape)}, checkpoint {tuple(src.shape)}")
+    dst.copy_(src)
+
+
+def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+    """A replicated parameter: the checkpoint tensor as is."""
+    if shard_id is not None:
+        raise ValueError(f"a replicated parameter takes no shard id, got {shard_id!r}")
+    copy_weight(param.data, loaded_weight)
+
+
+def make_param(*shape: int, weight_loader: WeightLoader) -> nn.Parameter:
+    """An uninitialized inference parameter (default dtype and device) with its weight_loader."""
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = weight_loader
+    return param
+
+
+def _divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size ({parts})")
+    return total // parts
+
+
+class _Linear(nn.Module):
+    """y = x W^T + b over this rank's (local) weight [out_local, in_local]."""
+
+    def __init__(self, in_local: int, out_local: int, bias: bool):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.weight = make_param(out_local, in_local, weight_loader=self.weight_loader)
+        bias_param = make_param(out_local, weight_loader=self.weight_loader) if bias else None
+        self.register_parameter("bias", bias_param)
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        default_weight_loader(param, loaded_weight, shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(_Linear):
+    """The full weight on every rank (small projections)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True):
+        super().__init__(input_size, output_size, bias)
+
+
+class ColumnParallelLinear(_Linear):
+    """Output features split across ranks; gather_output=True returns the full output on every rank."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = False):
+        super().__init__(input_size, _divide(output_size, tp_size(), "output size"), bias)
+        self.gather_output = gather_output
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        size = param.shape[0]
+        default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * size, size), shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return tp_all_gather(y, dim=-1) if self.gather_output else y
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs stored as one weight (gate_up_proj: shard ids 0 and 1)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = True):
+        super().__init__(input_size, sum(output_sizes), bias)
+        self.output_sizes = [_divide(size, self.tp_size, "output size") for size in output_sizes]
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(f"shard id must be an index below {len(self.output_sizes)}, got {shard_id!r}")
+        size, offset = self.output_sizes[shard_id], sum(self.output_sizes[:shard_id])
+        copy_weight(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection (shard ids "q", "k", "v"), split by attention heads.
+
+    With fewer KV heads than ranks each rank keeps one KV head, replicated over
+    tp_size // total_num_kv_heads consecutive ranks.
+    """
+
+    def __init__(
+        self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int, bias: bool = False
+    ):
+        size, rank = tp_size(), tp_rank()
+        self.num_heads = _divide(total_num_heads, size, "number of attention heads")
+        if total_num_kv_heads >= size:
+            self.num_kv_heads = _divide(total_num_kv_heads, size, "number of KV heads")
+        else:
+            _divide(size, total_num_kv_heads, "tensor-parallel size vs KV heads")
+            self.num_kv_heads = 1
+        self.kv_head_start = rank * total_num_kv_heads // size
+        q_size, kv_size = self.num_heads * head_size, self.num_kv_heads * head_size
+        out_total = (q_size + 2 * kv_size) * size
+        super().__init__(hidden_size, out_total, bias)
+        self.head_size = head_size
+        self.output_sizes = [q_size, kv_size, kv_size]
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        q_size, kv_size, _ = self.output_sizes
+        if shard_id == "q":
+            offset, size, start = 0, q_size, self.tp_rank * q_size
+        elif shard_id in ("k", "v"):
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, start = kv_size, self.kv_head_start * self.head_size
+        else:
+            raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+        copy_weight(param.data.narrow(0, offset, size), loaded_weight.narrow(0, start, size))
+
+
+class RowParallelLinear(_Linear):
+    """Input features split across ranks (the input is already this rank's share); the partial
+    outputs are summed with an all-reduce and the bias is added once, after it."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True):
+        super().__init__(_divide(input_size, tp_size(), "input size"), output_size, bias)
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        if param.dim() == 2:
+            size = param.shape[1]
+            loaded_weight = loaded_weight.narrow(1, self.tp_rank * size, size)
+        default_weight_loader(param, loaded_weight, shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = tp_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias

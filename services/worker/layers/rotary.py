@@ -1,0 +1,72 @@
+"""Rotary position embedding (neox style: the two halves of each head rotate together, as in
+HF Llama/Qwen), applied to flattened q/k [T, H*D] at positions [T].
+
+Supports the default rope and Llama 3 frequency scaling ("llama3"). The cos/sin tables are
+computed once, in float32, for every position up to the model's maximum length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+ROPE_TYPES = ("default", "llama3")
+
+
+def rope_parameters(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Rope settings from a raw config.json: transformers-5 `rope_parameters`, or the older
+    top-level `rope_theta` plus `rope_scaling` (whose type key was once `type`)."""
+    params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def inverse_frequencies(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
+    """The head_dim / 2 rotation frequencies (float32)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (float(params["rope_theta"]) ** exponents)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "llama3":
+        return _llama3_scaling(inv_freq, params)
+    raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    # Wavelengths longer than the original context / low_freq_factor are stretched by `factor`,
+    # those shorter than original / high_freq_factor are kept, and the band between blends the
+    # two linearly in (original context / wavelength).
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    original = params["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q and k by their positions; one instance can be shared by every layer."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]):
+        super().__init__()
+        self.head_dim = head_dim
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, inverse_frequencies(head_dim, params))
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)  # [max_position, D/2]
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x.unflatten(-1, (-1, self.head_dim))
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)

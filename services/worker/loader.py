@@ -1,0 +1,140 @@
+"""Build a model and stream its safetensors weights into it.
+
+Checkpoint names map to parameters by name, through the model's packed_modules_mapping for fused
+projections (q_proj -> qkv_proj shard "q"); each parameter's weight_loader slices the full tensor
+for this tensor-parallel rank. A missing or unexpected weight is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from services.worker.layers.linear import default_weight_loader
+from services.worker.models import get_model_class
+from shared.config import ModelConfig
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(model_config: ModelConfig, device: torch.device | str) -> torch.dtype:
+    """The compute dtype: ModelConfig.dtype None means float32 on CPU and the checkpoint's dtype
+    elsewhere; "auto" means the checkpoint's; any other value names the dtype."""
+    name = model_config.dtype
+    if name is None:
+        name = "float32" if torch.device(device).type == "cpu" else model_config.checkpoint_dtype
+    elif name == "auto":
+        name = model_config.checkpoint_dtype
+    name = name.removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; supported: {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Construct the model for model_config.architecture directly in dtype on device, load its
+    weights from model_config.path and return it in eval mode."""
+    cls = get_model_class(model_config.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created empty, in place, with no cast afterwards
+    try:
+        with torch.device(device):
+            model = cls(model_config)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights(model, model_config.path)
+    return model.requires_grad_(False).eval()
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: the index's shards, or the single file."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {path}")
+    return files
+
+
+def _iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names = f.keys()
+            for name in names:
+                yield name, f.get_tensor(name)
+
+
+def _target(name: str, mapping: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    """A checkpoint name -> (parameter name, shard id): q_proj -> (qkv_proj, "q")."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in mapping:
+            parts[i], shard_id = mapping[part]
+            return ".".join(parts), shard_id
+    return name, None
+
+
+def _required_shards(params: dict[str, nn.Parameter], mapping: dict[str, tuple[str, object]]) -> dict:
+    packed: dict[str, set] = {}
+    for fused, shard_id in mapping.values():
+        packed.setdefault(fused, set()).add(shard_id)
+    required = {}
+    for name in params:
+        fused = next((part for part in name.split(".") if part in packed), None)
+        required[name] = packed[fused] if fused else {None}
+    return required
+
+
+def _skipped(name: str, model: nn.Module) -> bool:
+    if "rotary_emb." in name:  # inv_freq / cos / sin buffers some checkpoints carry
+        return True
+    return name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Stream every tensor of the checkpoint at path into model's parameters."""
+    mapping = getattr(model, "packed_modules_mapping", {})
+    params = dict(model.named_parameters())
+    loaded: dict[str, set] = {}
+    unexpected = []
+    for name, tensor in _iter_weights(path):
+        if _skipped(name, model):
+            continue
+        target, shard_id = _target(name, mapping)
+        if target not in params and f"model.{target}" in params:  # e.g. OPT's "decoder.*" names
+            target = f"model.{target}"
+        if target not in params:
+            unexpected.append(name)
+            continue
+        param = params[target]
+        weight_loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            weight_loader(param, tensor, shard_id)
+        except ValueError as exc:
+            raise ValueError(f"cannot load checkpoint weight {name!r} into {target!r}: {exc}") from exc
+        loaded.setdefault(target, set()).add(shard_id)
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has weights the model does not: {', '.join(unexpected[:10])}")
+    missing = [
+        name if shards == {None} else f"{name} (shards {sorted(map(str, shards - loaded.get(name, set())))})"
+        for name, shards in _required_shards(params, mapping).items()
+        if not shards <= loaded.get(name, set())
+    ]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights the model needs: {', '.join(missing[:10])}")

@@ -1,0 +1,27 @@
+"""Model registry: the `architectures` name in config.json -> the class that implements it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from services.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
+from services.worker.models.opt import OPTForCausalLM
+from services.worker.models.qwen2 import Qwen2ForCausalLM
+from services.worker.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
+}
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    """The class for an HF architecture name; ValueError naming the supported ones otherwise."""
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_REGISTRY))
+        raise ValueError(f"unsupported architecture {architecture!r}; supported: {supported}") from None

@@ -1,0 +1,163 @@
+"""Llama-family decoder: Llama 2/3 and Mistral. Qwen2 and Qwen3 reuse every piece here and only
+swap the attention class (qkv bias, per-head q/k norms).
+
+Module names mirror Hugging Face (model.layers.N.self_attn.qkv_proj, ...) so checkpoint names map
+directly, through packed_modules_mapping for the fused q/k/v and gate/up projections.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from services.worker.layers.activation import SiluAndMul
+from services.worker.layers.attention import Attention
+from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from services.worker.layers.layernorm import RMSNorm
+from services.worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from services.worker.layers.rotary import RotaryEmbedding, rope_parameters
+from shared.config import ModelConfig
+
+
+def _rms_eps(config: ModelConfig) -> float:
+    return float(config.hf_config.get("rms_norm_eps", 1e-6))
+
+
+class LlamaAttention(nn.Module):
+    """Fused QKV projection, rotary embedding, paged attention, output projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding):
+        super().__init__()
+        qkv_bias, o_bias = self.biases(config.hf_config)
+        head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, config.num_heads, config.num_kv_heads, bias=qkv_bias
+        )
+        self.o_proj = RowParallelLinear(config.num_heads * head_dim, config.hidden_size, bias=o_bias)
+        self.rotary_emb = rotary_emb
+        heads, kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.attn = Attention(heads, head_dim, head_dim**-0.5, kv_heads, layer_idx)
+
+    @staticmethod
+    def biases(hf_config: dict[str, Any]) -> tuple[bool, bool]:
+        """Whether the qkv and output projections have a bias."""
+        bias = bool(hf_config.get("attention_bias", False))
+        return bias, bias
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook applied to q/k before rotary (Qwen3 normalizes each head); identity here."""
+        return q, k
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.output_sizes, dim=-1)
+        q, k = self.rotary_emb(positions, *self.norm_qk(q, k))
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    """down_proj(silu(gate_proj(x)) * up_proj(x)) with gate and up fused."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hf = config.hf_config
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; supported: silu")
+        inter, bias = hf["intermediate_size"], bool(hf.get("mlp_bias", False))
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, attention_cls: type[LlamaAttention]
+    ):
+        super().__init__()
+        self.self_attn = attention_cls(config, layer_idx, rotary_emb)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, _rms_eps(config))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, _rms_eps(config))
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # first layer: the embedding is the residual
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, attention_cls: type[LlamaAttention]):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # One cos/sin table shared by every layer.
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, rope_parameters(config.hf_config))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, self.rotary_emb, attention_cls) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, _rms_eps(config))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM over flattened tokens of many requests (no batch dimension, no padding)."""
+
+    packed_modules_mapping: ClassVar[dict[str, tuple[str, object]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        window = self.sliding_window(config.hf_config)
+        if window is not None and window < config.max_model_len:
+            raise ValueError(
+                f"sliding-window attention (window {window}) is not supported; "
+                f"use max_model_len <= {window}"
+            )
+        self.tie_word_embeddings = bool(config.hf_config.get("tie_word_embeddings", False))
+        self.model = LlamaModel(config, self.attention_cls)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if self.tie_word_embeddings:
+            self.lm_head.tie(self.model.embed_tokens)
+
+    @staticmethod
+    def sliding_window(hf_config: dict[str, Any]) -> int | None:
+        """The attention window the checkpoint was trained with, if any."""
+        return None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions [T] -> hidden states [T, hidden_size]."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
+        return self.lm_head(hidden)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama's architecture; older Mistral checkpoints add a sliding attention window."""
+
+    @staticmethod
+    def sliding_window(hf_config: dict[str, Any]) -> int | None:
+        return hf_config.get("sliding_window")

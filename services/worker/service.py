@@ -1,0 +1,74 @@
+"""The worker process: one tensor-parallel rank. Reports its KV capacity to the engine, then
+executes step plans; rank 0 returns the sampled tokens."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+import torch
+import zmq
+
+from shared.engine_args import DEFAULT_WORKER_ADDR, add_flag, add_model_args, engine_config_from_args
+from shared.protocol import EngineToWorker, Shutdown, StepPlan, WorkerFailed, WorkerReady, WorkerToEngine
+from shared.transport import DealerQueue
+from services.worker.model_runner import ModelRunner
+
+log = logging.getLogger("pagedserve.worker")
+
+
+def _init_distributed(args: argparse.Namespace, device: torch.device) -> None:
+    if args.tensor_parallel_size == 1:
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(
+        backend, init_method=args.dist_init_addr, rank=args.rank, world_size=args.tensor_parallel_size
+    )
+
+
+def serve(runner: ModelRunner, queue: DealerQueue, rank: int) -> None:
+    while True:
+        msg = queue.recv(timeout_ms=1000)
+        if msg is None:
+            continue
+        if isinstance(msg, Shutdown):
+            log.info("shutdown: %s", msg.reason)
+            return
+        if not isinstance(msg, StepPlan):
+            continue
+        try:
+            result = runner.execute(msg)
+        except Exception as exc:  # report, keep the process alive for the engine to decide
+            log.exception("step %d failed", msg.step_id)
+            queue.send(WorkerFailed(rank, msg.step_id, f"{type(exc).__name__}: {exc}"))
+            continue
+        if rank == 0:
+            queue.send(result)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_args(parser)
+    add_flag(parser, "--worker-addr", DEFAULT_WORKER_ADDR, "the engine's worker ROUTER address")
+    add_flag(parser, "--rank", 0, "tensor-parallel rank of this worker")
+    add_flag(parser, "--device", None, "cuda, cuda:N or cpu (default: cuda:RANK when available)", kind=str)
+    add_flag(parser, "--dist-init-addr", "tcp://127.0.0.1:29500", "torch.distributed rendezvous for TP > 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = engine_config_from_args(args, rank=args.rank)
+    device = torch.device(args.device or (f"cuda:{args.rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size))
+    _init_distributed(args, device)
+    runner = ModelRunner(config, device)
+    ctx = zmq.Context()
+    queue = DealerQueue(ctx, args.worker_addr, EngineToWorker, WorkerToEngine, identity=f"worker-{args.rank}".encode())
+    queue.send(
+        WorkerReady(args.rank, config.parallel.tensor_parallel_size, runner.num_blocks, config.cache.block_size,
+                    config.model.max_model_len)
+    )
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    serve(runner, queue, args.rank)
+    return 0

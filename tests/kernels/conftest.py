@@ -1,0 +1,27 @@
+"""Kernel tests run natively on CUDA when present, otherwise in Triton's CPU interpreter.
+
+TRITON_INTERPRET must be set before triton (and any kernel module) is imported, so it is set
+here at conftest import time, before the test modules are collected.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kernel_helpers import DEVICE  # noqa: E402  (after TRITON_INTERPRET is set)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

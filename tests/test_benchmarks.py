@@ -1,0 +1,62 @@
+"""Smoke test: benchmarks/throughput.py runs end to end on a tiny checkpoint and reports sane counts.
+
+Speed itself is never asserted here (see benchmarks/); only that the script works and counts right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pagedserve.test_model import make_test_model
+
+    return Path(make_test_model(tmp_path_factory.mktemp("bench"), "llama", "tiny"))
+
+
+def _run_benchmark(model: Path, *extra: str) -> tuple[dict, str]:
+    cmd = [sys.executable, str(SCRIPT), "--model", str(model), "--num-prompts", "4"]
+    cmd += ["--input-len", "8", "16", "--output-len", "4", "8", "--hf-prompts", "2", "--hf-batch-size", "2"]
+    cmd += ["--gemm-size", "128", "--gemm-reps", "2", "--threads", "1", *extra]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith('{"benchmark": "throughput"'), proc.stdout
+    return json.loads(last), proc.stdout
+
+
+def test_throughput_script_reports_consistent_counts(tiny_llama: Path) -> None:
+    info, stdout = _run_benchmark(tiny_llama)
+    ours, hf = info["pagedserve"], info["hf"]
+    assert "pagedserve / transformers" in stdout  # the readable table came first
+    assert info["params"] > 0 and info["gemm_peak_gflops"] > 0
+    assert ours["prompts"] == 4 and hf["prompts"] == 2
+    # ignore_eos and max_tokens = requested length: every request yields exactly what it asked for
+    assert ours["generated_tokens"] == info["pagedserve"]["requested_output_tokens"]
+    assert 4 * 4 <= ours["generated_tokens"] <= 4 * 8
+    assert 4 * 8 <= ours["prompt_tokens"] <= 4 * 16
+    assert ours["total_tokens"] == ours["prompt_tokens"] + ours["generated_tokens"]
+    assert hf["generated_tokens"] == hf["requested_output_tokens"] and 2 * 8 <= hf["prompt_tokens"] <= 2 * 16
+    for run in (ours, hf):
+        assert run["elapsed_s"] > 0 and run["generated_tok_s"] > 0 and run["mfu"] > 0
+    assert info["ratio"] == pytest.approx(ours["generated_tok_s"] / hf["generated_tok_s"], rel=1e-3)
+    assert 0 <= info["hf_matching_outputs"] <= 2
+    assert info["settings"]["num_prompts"] == 4 and info["settings"]["dtype"] == "float32"
+
+
+def test_throughput_script_skip_hf(tiny_llama: Path) -> None:
+    info, _ = _run_benchmark(tiny_llama, "--skip-hf", "--num-prompts", "3")
+    assert info["hf"] is None and info["ratio"] is None
+    assert info["pagedserve"]["prompts"] == 3
+    assert info["pagedserve"]["generated_tokens"] == info["pagedserve"]["requested_output_tokens"]

@@ -1,0 +1,163 @@
+"""Offline LLM against transformers: greedy parity for every architecture under prefix caching,
+chunked prefill and preemption; logprobs; seeds; n > 1; stop strings; chat."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pagedserve import LLM, SamplingParams
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
+MAX_NEW = 10
+
+
+def prompts_for(vocab: int, lengths=(5, 23, 41), seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab - 10) for _ in range(n)] for n in lengths]
+
+
+_HF_CACHE: dict = {}
+
+
+def hf_greedy(path, prompt: list[int], max_new: int = MAX_NEW) -> list[int]:
+    key = (str(path), tuple(prompt), max_new)
+    if key not in _HF_CACHE:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False
+        )
+        _HF_CACHE[key] = out[0, len(prompt) :].tolist()
+    return _HF_CACHE[key]
+
+
+CONFIGS = {
+    "default": {},
+    "no_prefix_cache": {"enable_prefix_caching": False},
+    "chunked_prefill": {"max_num_batched_tokens": 8},
+    "preemption": {"num_gpu_blocks_override": 8, "max_model_len": 64, "block_size": 8},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_transformers(model_dirs, arch):
+    path = model_dirs(arch)
+    llm = None
+    for name, kwargs in CONFIGS.items():
+        llm = LLM(str(path), seed=0, **kwargs)
+        prompts = prompts_for(llm.config.model.vocab_size)
+        expected = [hf_greedy(path, p) for p in prompts]
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+        # one prompt alone, then the batch of different lengths (twice: the second run hits the prefix cache)
+        single = llm.generate({"prompt_token_ids": prompts[1]}, params, use_tqdm=False)
+        assert single[0].outputs[0].token_ids == expected[1], name
+        for _ in range(2):
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == expected, name
+        sched = llm.engine.scheduler
+        if name == "preemption":
+            assert sched.num_preemptions > 0
+        if name == "default":
+            assert sched.kv.prefix_hit_tokens > 0
+        if name == "no_prefix_cache":
+            assert sched.kv.prefix_hit_tokens == 0
+        assert sched.kv.pool.num_free_blocks == llm.runner.num_blocks  # every block back
+
+
+def test_logprobs_match_transformers(model_dirs):
+    path = model_dirs("qwen2")
+    llm = LLM(str(path))
+    prompt = prompts_for(llm.config.model.vocab_size, lengths=(17,))[0]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, logprobs=5), use_tqdm=False)
+    comp = out[0].outputs[0]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + comp.token_ids])).logits[0]
+    ref = torch.log_softmax(logits.float(), dim=-1)
+    for i, (token, entry) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert entry[token].rank == 1
+        assert entry[token].logprob == pytest.approx(row[token].item(), abs=1e-4)
+        top = torch.topk(row, 5)
+        for tok, val in zip(top.indices.tolist(), top.values.tolist()):
+            assert entry[tok].logprob == pytest.approx(val, abs=1e-4)
+    assert comp.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs)))
+
+
+def test_seeded_sampling_ignores_batch_composition(model_dirs):
+    llm = LLM(str(model_dirs("llama")))
+    prompts = prompts_for(llm.config.model.vocab_size, lengths=(9, 30, 14, 3), seed=3)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=7, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": prompts[0]}, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    batch = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts[1:]] + [{"prompt_token_ids": prompts[0]}],
+        [other, other, other, seeded],
+        use_tqdm=False,
+    )
+    assert batch[-1].outputs[0].token_ids == alone
+    unseeded = llm.generate({"prompt_token_ids": prompts[0]}, other, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(unseeded) == 7
+
+
+def test_parallel_samples_share_prompt_blocks(model_dirs):
+    llm = LLM(str(model_dirs("llama")), block_size=16)
+    prompt = prompts_for(llm.config.model.vocab_size, lengths=(40,))[0]
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 5 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # different seeds per sample
+    kv = llm.engine.scheduler.kv
+    assert kv.prefix_hit_tokens == 3 * 32  # samples 2..4 reuse the 2 full prompt blocks of sample 1
+    assert kv.pool.num_free_blocks == llm.runner.num_blocks
+
+
+def test_stop_strings_and_text(model_dirs):
+    llm = LLM(str(model_dirs("llama")))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate("The quick brown fox", params, use_tqdm=False)[0].outputs[0]
+    assert full.text == llm.tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    assert full.finish_reason == "length"
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert stop.strip(), full.text
+    cut = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=24, stop=[stop]), use_tqdm=False)
+    comp = cut[0].outputs[0]
+    assert comp.finish_reason == "stop" and comp.stop_reason == stop
+    assert comp.text == full.text[: full.text.find(stop)]
+    kept = llm.generate(
+        "The quick brown fox",
+        SamplingParams(temperature=0, max_tokens=24, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert kept.text == full.text[: full.text.find(stop) + len(stop)]
+
+
+def test_chat_applies_template(model_dirs):
+    llm = LLM(str(model_dirs("qwen2")))
+    messages = [{"role": "user", "content": "Hello there"}]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    chat = llm.chat(messages, params, use_tqdm=False)[0]
+    ids = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    direct = llm.generate({"prompt_token_ids": llm.tokenizer.encode(ids, add_special_tokens=False)}, params, use_tqdm=False)
+    assert chat.outputs[0].token_ids == direct[0].outputs[0].token_ids
+    assert "<|im_start|>assistant" in chat.prompt
+    two = llm.chat([messages, messages + [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Again"}]], params, use_tqdm=False)
+    assert len(two) == 2
+
+
+def test_bad_input_raises_clear_errors(model_dirs):
+    llm = LLM(str(model_dirs("llama")), max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [11] * 64}, use_tqdm=False)
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    # the engine is untouched and keeps serving
+    assert not llm.engine.has_unfinished()
+    assert len(llm.generate("ok", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids) == 3
