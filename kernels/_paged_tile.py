@@ -25,20 +25,21 @@ def _dot(a, b, IEEE: tl.constexpr):
 def attend_tile(
     acc, m_i, l_i, q,
     cache_ptr, table_ptr, tile_start, kv_end, last_pos, kv_head_off,
-    stride_ckv, stride_cblk, stride_coff, block_size, qk_scale,
+    stride_ckv, stride_cblk, stride_coff, qk_scale,
     dims, dmask,
-    TILE_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, IEEE: tl.constexpr,
 ):
     """One online-softmax step.
 
     q: [M, D_PAD] query rows; acc [M, D_PAD], m_i [M], l_i [M] the running output, max and sum.
     Row r may see context positions <= last_pos[r] and < kv_end. table_ptr points at this
     request's block-table row; kv_head_off = kv_head * stride of the head dim in the cache.
+    BLOCK_SIZE is a compile-time constant so the position -> (block, offset) split is shifts.
     """
     pos = tile_start + tl.arange(0, TILE_N)
     pmask = pos < kv_end
-    blk = tl.load(table_ptr + pos // block_size, mask=pmask, other=0).to(tl.int64)
-    off = blk * stride_cblk + (pos % block_size) * stride_coff + kv_head_off
+    blk = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
+    off = blk * stride_cblk + (pos % BLOCK_SIZE) * stride_coff + kv_head_off
     kv_mask = pmask[:, None] & dmask[None, :]
     k = tl.load(cache_ptr + off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale

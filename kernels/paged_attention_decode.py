@@ -30,8 +30,8 @@ def _decode_kernel(
     qk_scale, tokens_per_split, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_ckv, stride_cblk, stride_coff, stride_ch, stride_bt,
-    head_dim, group_size, block_size,
-    G_PAD: tl.constexpr, D_PAD: tl.constexpr, TILE_N: tl.constexpr,
+    head_dim, group_size,
+    BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -56,7 +56,7 @@ def _decode_kernel(
     for tile_start in range(start, end, TILE_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, cache_ptr, table, tile_start, end, last_pos, kvh * stride_ch,
-            stride_ckv, stride_cblk, stride_coff, block_size, qk_scale, dims, dmask, TILE_N, IEEE,
+            stride_ckv, stride_cblk, stride_coff, qk_scale, dims, dmask, BLOCK_SIZE, TILE_N, IEEE,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if not SPLIT:
@@ -115,7 +115,7 @@ def paged_attention_decode_ref(
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -194,8 +194,8 @@ def paged_attention_decode(
         scale * LOG2E, per_split, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        head_dim, group, block_size,
-        G_PAD=max(16, next_pow2(group)), D_PAD=d_pad, TILE_N=tile_n,
+        head_dim, group,
+        BLOCK_SIZE=block_size, G_PAD=max(16, next_pow2(group)), D_PAD=d_pad, TILE_N=tile_n,
         SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
     )
     if splits > 1:

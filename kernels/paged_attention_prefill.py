@@ -27,11 +27,10 @@ def _prefill_kernel(
     q_ptr, cache_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ckv, stride_cblk, stride_coff, stride_ch, stride_bt,
-    head_dim, group_size, block_size,
-    G_PAD: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, TILE_N: tl.constexpr,
+    head_dim, group_size,
+    BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, TILE_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    BLOCK_Q: tl.constexpr = BLOCK_M // G_PAD
     b = tl.program_id(0)
     q_tile = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -61,7 +60,7 @@ def _prefill_kernel(
     for tile_start in range(0, kv_end, TILE_N):
         acc, m_i, l_i = attend_tile(
             acc, m_i, l_i, q, cache_ptr, table, tile_start, kv_end, last_pos, kvh * stride_ch,
-            stride_ckv, stride_cblk, stride_coff, block_size, qk_scale, dims, dmask, TILE_N, IEEE,
+            stride_ckv, stride_cblk, stride_coff, qk_scale, dims, dmask, BLOCK_SIZE, TILE_N, IEEE,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     dst = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
@@ -157,8 +156,8 @@ def paged_attention_prefill(
         q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        head_dim, group, block_size,
-        G_PAD=g_pad, BLOCK_M=block_m, D_PAD=d_pad, TILE_N=64 if d_pad <= 128 else 32,
+        head_dim, group,
+        BLOCK_SIZE=block_size, G_PAD=g_pad, BLOCK_Q=block_m // g_pad, BLOCK_M=block_m, D_PAD=d_pad, TILE_N=64 if d_pad <= 128 else 32,
         IEEE=q.dtype == torch.float32,
     )
     return out

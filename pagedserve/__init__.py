@@ -4,5 +4,5 @@ from pagedserve.llm import LLM
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from shared.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"

@@ -7,16 +7,17 @@ sockets.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
-from shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from shared.sampling_params import SamplingParams
 from services.engine.core import EngineCore
 from services.frontend.sequence import Sequence
 from services.frontend.tokenizer import apply_chat_template, load_tokenizer
+from shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shared.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
 

@@ -91,28 +91,40 @@ def make_test_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, shape.dtype))
         _perturb_norms_and_biases(model)
-    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    _save_quietly(model, out, max_shard_size)
     eos = [ids["<|endoftext|>"], ids["<|im_end|>"]]
     generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": eos}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
 
 
+def _save_quietly(model, out: Path, max_shard_size: str | None) -> None:
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _hf_config(arch: str, size: str, shape: _Shape, eot: int):
     from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     tied = _TIED[arch] if shape.tied is None else shape.tied
-    common = dict(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        max_position_embeddings=shape.max_position,
-        tie_word_embeddings=tied,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-    )
+    common = {
+        "vocab_size": shape.vocab,
+        "hidden_size": shape.hidden,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "max_position_embeddings": shape.max_position,
+        "tie_word_embeddings": tied,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "pad_token_id": eot,
+    }
     if arch == "opt":  # no GQA; OPT names its init scale init_std
         return OPTConfig(ffn_dim=shape.intermediate, init_std=shape.init_range, word_embed_proj_dim=shape.hidden,
                          dropout=0.0, **common)
@@ -165,7 +177,7 @@ def _save_tokenizer(out: Path, vocab_size: int, max_length: int):
     return tokenizer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json(vocab_size: int) -> str:
     """A byte-level BPE trained on local text, padded to exactly vocab_size ids (cached)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -14,7 +14,7 @@ from shared.sampling_params import SamplingParams
 # Token id arrays (int32) travel in their own zero-copy frames, not inside the msgpack body.
 TokenIds = np.ndarray
 
-_STRUCT = dict(array_like=True, omit_defaults=True, gc=False)
+_STRUCT = {"array_like": True, "omit_defaults": True, "gc": False}
 
 
 # ----- engine -> worker: step plans carry deltas -------------------------------------------

@@ -15,7 +15,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
 MAX_NEW = 10
 
 
-def prompts_for(vocab: int, lengths=(5, 23, 41), seed=0) -> list[list[int]]:
+def prompts_for(vocab: int, lengths=(5, 23, 29), seed=0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, vocab - 10) for _ in range(n)] for n in lengths]
 
@@ -39,7 +39,7 @@ CONFIGS = {
     "default": {},
     "no_prefix_cache": {"enable_prefix_caching": False},
     "chunked_prefill": {"max_num_batched_tokens": 8},
-    "preemption": {"num_gpu_blocks_override": 8, "max_model_len": 64, "block_size": 8},
+    "preemption": {"num_gpu_blocks_override": 5, "max_model_len": 40, "block_size": 8},
 }
 
 

@@ -20,7 +20,7 @@ def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "block_hash")
+    __slots__ = ("block_hash", "block_id", "ref_cnt")
 
     def __init__(self, block_id: int):
         self.block_id = block_id

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from services.engine.request import Request
+from services.engine.scheduler import Scheduler
 from shared.config import EngineConfig
 from shared.protocol import RequestDelta, StepPlan, StepResult
 from shared.sampling_params import SamplingParams
-from services.engine.request import Request
-from services.engine.scheduler import Scheduler
 
 
 class Executor(Protocol):

@@ -12,10 +12,10 @@ from collections import deque
 
 import numpy as np
 
-from shared.config import CacheConfig, SchedulerConfig
-from shared.protocol import CachedRequestData, NewRequestData, RequestDelta, StepPlan, StepResult
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
+from shared.config import CacheConfig, SchedulerConfig
+from shared.protocol import CachedRequestData, NewRequestData, RequestDelta, StepPlan, StepResult
 
 
 class Scheduler:

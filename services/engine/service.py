@@ -17,6 +17,7 @@ import time
 
 import zmq
 
+from services.engine.core import EngineCore
 from shared.config import EngineConfig
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, DEFAULT_WORKER_ADDR, add_flag
 from shared.protocol import (
@@ -41,7 +42,6 @@ from shared.protocol import (
     WorkerToEngine,
 )
 from shared.transport import RouterQueue
-from services.engine.core import EngineCore
 
 log = logging.getLogger("pagedserve.engine")
 

@@ -6,9 +6,9 @@ the same way.
 
 from __future__ import annotations
 
+from services.frontend.detokenizer import IncrementalDetokenizer
 from shared.protocol import RequestDelta, TokenLogprobs
 from shared.sampling_params import SamplingParams
-from services.frontend.detokenizer import IncrementalDetokenizer
 
 
 class Sequence:
@@ -23,6 +23,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
+        self._logprobs_sent = 0
 
     @property
     def finished(self) -> bool:
@@ -43,6 +44,14 @@ class Sequence:
         if delta.finish_reason is not None:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
         return False
+
+    def take_stream_delta(self) -> tuple[str, list[TokenLogprobs]]:
+        """For streaming: the text that is safe to send now (never part of a possible stop
+        string) and the logprobs of the tokens that arrived since the last call."""
+        text = self.detok.take_stream_delta(self.finished)
+        logprobs = self.logprobs[self._logprobs_sent :]
+        self._logprobs_sent = len(self.logprobs)
+        return text, logprobs
 
     @property
     def text(self) -> str:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.protocol import NewRequestData, StepPlan
 from services.worker.layers.attention import CommonAttentionMetadata
 from services.worker.layers.sampler import SamplingState
+from shared.protocol import NewRequestData, StepPlan
 
 
 @dataclass

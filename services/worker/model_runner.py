@@ -6,13 +6,13 @@ import logging
 
 import torch
 
-from shared.config import EngineConfig
-from shared.protocol import StepPlan, StepResult, TokenLogprobs
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.input_batch import RequestTable
 from services.worker.layers.attention import select_backend
 from services.worker.layers.sampler import Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
+from shared.config import EngineConfig
+from shared.protocol import StepPlan, StepResult, TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - total * (1.0 - cache.gpu_memory_utilization)
-        else:
-            budget = cache.kv_cache_memory
-        return max(0, int(budget // per_block))
+            return max(0, int(budget // per_block))
+        # On CPU the budget is a ceiling: no more than every running sequence at full length needs.
+        bs, m = cache.block_size, self.config.model
+        most = self.config.scheduler.max_num_seqs * -(-m.max_model_len // bs)
+        return min(most, int(cache.kv_cache_memory // per_block))
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         m, tp = self.config.model, self.config.parallel.tensor_parallel_size

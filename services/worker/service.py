@@ -11,10 +11,10 @@ import signal
 import torch
 import zmq
 
+from services.worker.model_runner import ModelRunner
 from shared.engine_args import DEFAULT_WORKER_ADDR, add_flag, add_model_args, engine_config_from_args
 from shared.protocol import EngineToWorker, Shutdown, StepPlan, WorkerFailed, WorkerReady, WorkerToEngine
 from shared.transport import DealerQueue
-from services.worker.model_runner import ModelRunner
 
 log = logging.getLogger("pagedserve.worker")
 

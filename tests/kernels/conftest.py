@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kernel_helpers import DEVICE  # noqa: E402  (after TRITON_INTERPRET is set)
+from kernel_helpers import DEVICE
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from kernel_helpers import DEVICE, TOLERANCES
 
 pytest.importorskip("triton")
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
+from kernels.activation import silu_and_mul, silu_and_mul_ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -8,9 +8,9 @@ from kernel_helpers import DEVICE, TOLERANCES
 
 pytest.importorskip("triton")
 
-from services.worker.layers.attention import CommonAttentionMetadata  # noqa: E402
-from services.worker.layers.attention_torch import TorchAttentionBackend  # noqa: E402
-from services.worker.layers.attention_triton import TritonAttentionBackend  # noqa: E402
+from services.worker.layers.attention import CommonAttentionMetadata
+from services.worker.layers.attention_torch import TorchAttentionBackend
+from services.worker.layers.attention_triton import TritonAttentionBackend
 
 BLOCK_SIZE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 4, 2, 32
 # (new tokens, context after the step): two decodes, then a chunk after a cached prefix,

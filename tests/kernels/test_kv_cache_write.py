@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref  # noqa: E402
+from kernels.kv_cache_write import kv_cache_write, kv_cache_write_ref
 
 
 def _slots(num_tokens: int, num_blocks: int, block_size: int, device) -> torch.Tensor:

@@ -8,8 +8,8 @@ from kernel_helpers import DEVICE, TOLERANCES, random_paged_cache, skip_unsuppor
 
 pytest.importorskip("triton")
 
-from kernels.paged_attention_decode import paged_attention_decode, paged_attention_decode_ref  # noqa: E402
-from kernels.paged_attention_prefill import paged_attention_prefill  # noqa: E402
+from kernels.paged_attention_decode import paged_attention_decode, paged_attention_decode_ref
+from kernels.paged_attention_prefill import paged_attention_prefill
 
 SEQ_LENS = [1, 37, 96, 130]  # a lone token, ragged, a whole number of blocks, several tiles
 
@@ -72,3 +72,14 @@ def test_rejects_bad_arguments():
         paged_attention_decode(q, cache, table, lens, 1.0, max_seq_len=100)
     with pytest.raises(ValueError, match="seq_lens must have shape"):
         paged_attention_decode(q, cache, table, lens[:1], 1.0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_empty_request_gives_zeros(num_splits):
+    """A padded batch row (seq_len 0) reads nothing and writes zeros, never NaN."""
+    cache, table = random_paged_cache([80, 1], 16, 2, 16, torch.float32)
+    q = torch.randn(2, 4, 16, device=DEVICE)
+    lens = torch.tensor([80, 0], dtype=torch.int32, device=DEVICE)
+    out = paged_attention_decode(q, cache, table, lens, 0.25, num_splits=num_splits)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out, paged_attention_decode_ref(q, cache, table, lens, 0.25), **TOLERANCES[torch.float32])

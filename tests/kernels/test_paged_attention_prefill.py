@@ -9,7 +9,7 @@ from kernel_helpers import DEVICE, TOLERANCES, random_paged_cache, skip_unsuppor
 
 pytest.importorskip("triton")
 
-from kernels.paged_attention_prefill import paged_attention_prefill, paged_attention_prefill_ref  # noqa: E402
+from kernels.paged_attention_prefill import paged_attention_prefill, paged_attention_prefill_ref
 
 # (query tokens this step, context length after it): a fresh prompt, a chunk after a cached
 # prefix that ends mid-block, a one-token chunk, and a prompt longer than one query tile.
@@ -37,11 +37,13 @@ def test_chunked_prefill_equals_whole_prompt():
     length, split, num_heads, num_kv_heads, head_dim = 40, 23, 4, 2, 16
     cache, table = random_paged_cache([length], 16, num_kv_heads, head_dim, torch.float32)
     q = torch.randn(length, num_heads, head_dim, device=DEVICE)
-    lens = lambda n: torch.tensor([n], dtype=torch.int32, device=DEVICE)  # noqa: E731
-    qsl = lambda n: torch.tensor([0, n], dtype=torch.int32, device=DEVICE)  # noqa: E731
-    whole = paged_attention_prefill(q, cache, table, lens(length), qsl(length), 0.3)
-    first = paged_attention_prefill(q[:split], cache, table, lens(split), qsl(split), 0.3)
-    second = paged_attention_prefill(q[split:], cache, table, lens(length), qsl(length - split), 0.3)
+
+    def run(queries: torch.Tensor, seq_len: int) -> torch.Tensor:
+        lens = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
+        qsl = torch.tensor([0, queries.shape[0]], dtype=torch.int32, device=DEVICE)
+        return paged_attention_prefill(queries, cache, table, lens, qsl, 0.3)
+
+    whole, first, second = run(q, length), run(q[:split], split), run(q[split:], length)
     torch.testing.assert_close(torch.cat([first, second]), whole, **TOLERANCES[torch.float32])
 
 

@@ -8,7 +8,7 @@ from kernel_helpers import DEVICE, INTERPRETED, TOLERANCES
 
 pytest.importorskip("triton")
 
-from kernels.rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from kernels.rms_norm import rms_norm, rms_norm_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

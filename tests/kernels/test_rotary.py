@@ -8,7 +8,7 @@ from kernel_helpers import DEVICE, TOLERANCES
 
 pytest.importorskip("triton")
 
-from kernels.rotary import rope_cos_sin_cache, rope_inv_freq, rotary_embedding, rotary_embedding_ref  # noqa: E402
+from kernels.rotary import rope_cos_sin_cache, rope_inv_freq, rotary_embedding, rotary_embedding_ref
 
 LLAMA3 = {
     "rope_type": "llama3",

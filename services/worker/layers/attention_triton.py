@@ -9,6 +9,7 @@ kernel over the rest.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,7 @@ class TritonAttentionBackend:
         prefill_qsl, max_q = None, 0
         if nd < common.num_reqs:
             offsets = [x - qsl[nd] for x in qsl[nd:]]
-            max_q = max(b - a for a, b in zip(offsets, offsets[1:]))
+            max_q = max(b - a for a, b in itertools.pairwise(offsets))
             prefill_qsl = torch.tensor(offsets, dtype=torch.int32).to(device)
         return TritonAttentionMetadata(
             slot_mapping=common.slot_mapping.to(device=device, dtype=torch.int64),

@@ -26,6 +26,12 @@ def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def check_shape(loaded_weight: torch.Tensor, *expected: int) -> None:
+    """The full (unsharded) checkpoint tensor must have the shape the layer was built for."""
+    if tuple(loaded_weight.shape) != expected:
+        raise ValueError(f"shape mismatch: checkpoint {tuple(loaded_weight.shape)}, model expects {expected}")
+
+
 def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
     """A replicated parameter: the checkpoint tensor as is."""
     if shard_id is not None:
@@ -79,6 +85,7 @@ class ColumnParallelLinear(_Linear):
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         size = param.shape[0]
+        check_shape(loaded_weight, size * self.tp_size, *param.shape[1:])
         default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * size, size), shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +104,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"shard id must be an index below {len(self.output_sizes)}, got {shard_id!r}")
         size, offset = self.output_sizes[shard_id], sum(self.output_sizes[:shard_id])
+        check_shape(loaded_weight, size * self.tp_size, *param.shape[1:])
         copy_weight(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
 
 
@@ -122,17 +130,19 @@ class QKVParallelLinear(ColumnParallelLinear):
         out_total = (q_size + 2 * kv_size) * size
         super().__init__(hidden_size, out_total, bias)
         self.head_size = head_size
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
         self.output_sizes = [q_size, kv_size, kv_size]
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         q_size, kv_size, _ = self.output_sizes
         if shard_id == "q":
-            offset, size, start = 0, q_size, self.tp_rank * q_size
+            offset, size, start, total = 0, q_size, self.tp_rank * q_size, self.total_num_heads
         elif shard_id in ("k", "v"):
             offset = q_size if shard_id == "k" else q_size + kv_size
-            size, start = kv_size, self.kv_head_start * self.head_size
+            size, start, total = kv_size, self.kv_head_start * self.head_size, self.total_num_kv_heads
         else:
             raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+        check_shape(loaded_weight, total * self.head_size, *param.shape[1:])
         copy_weight(param.data.narrow(0, offset, size), loaded_weight.narrow(0, start, size))
 
 
@@ -146,6 +156,7 @@ class RowParallelLinear(_Linear):
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 2:
             size = param.shape[1]
+            check_shape(loaded_weight, param.shape[0], size * self.tp_size)
             loaded_weight = loaded_weight.narrow(1, self.tp_rank * size, size)
         default_weight_loader(param, loaded_weight, shard_id)
 

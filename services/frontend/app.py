@@ -1,0 +1,109 @@
+"""The FastAPI app of one frontend process: OpenAI endpoints, tokenizer endpoints, health,
+version and metrics. ``build_app(config)`` is the whole interface."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import pagedserve
+from services.frontend.chat import create_chat_completion
+from services.frontend.completions import create_completion
+from services.frontend.errors import bad_request, engine_unavailable, install_error_handlers
+from services.frontend.metrics import CONTENT_TYPE
+from services.frontend.middleware import FrontendMiddleware
+from services.frontend.openai_requests import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
+from services.frontend.state import FrontendConfig, FrontendState
+
+
+def build_app(config: FrontendConfig) -> FastAPI:
+    """The app; its lifespan connects to the engine (startup) and says Goodbye (shutdown)."""
+    state = FrontendState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await state.startup()
+        try:
+            yield
+        finally:
+            await state.shutdown()
+
+    app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
+    app.state.frontend = state
+    install_error_handlers(app)
+    app.add_middleware(FrontendMiddleware, frontend_id=state.frontend_id, metrics=state.metrics, api_key=config.api_key)
+    _add_openai_routes(app, state)
+    _add_tokenizer_routes(app, state)
+    _add_ops_routes(app, state)
+    return app
+
+
+def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(state, body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(state, body, request)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        info = state.require_ready()
+        cards = [
+            ModelCard(id=name, created=now(), root=info.model_path, max_model_len=info.max_model_len)
+            for name in state.served_names()
+        ]
+        return ModelList(data=cards)
+
+
+def _add_tokenizer_routes(app: FastAPI, state: FrontendState) -> None:
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        state.check_model(body.model)
+        info = state.require_ready()
+        if isinstance(body, TokenizeChatRequest):
+            messages = [m.to_template() for m in body.messages]
+            ids = await state.encode_chat(messages, body.add_generation_prompt)
+        else:
+            ids = await state.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=info.max_model_len)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        state.check_model(body.model)
+        info = state.require_ready()
+        bad = next((t for t in body.tokens if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"Token id {bad} is out of range for a vocabulary of {info.vocab_size}.", "tokens")
+        return DetokenizeResponse(prompt=await state.decode(body.tokens))
+
+
+def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        """200 only when the engine's step loop answers a ping in time."""
+        if not state.ready:
+            return engine_unavailable("The engine has not connected yet.").response()
+        pong = await state.client.ping(state.config.health_timeout)
+        if pong is None:
+            return engine_unavailable("The engine did not answer a health ping in time.").response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": pagedserve.__version__})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)

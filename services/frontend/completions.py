@@ -1,0 +1,123 @@
+"""POST /v1/completions: prompts (text or token ids, one or many) to text, whole or streamed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from services.frontend.generation import Generation
+from services.frontend.logprobs import completion_logprobs
+from services.frontend.openai_requests import CompletionRequest
+from services.frontend.openai_responses import (
+    SSE_DONE,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionResponse,
+    Usage,
+    now,
+    random_id,
+    sse,
+)
+from services.frontend.sequence import Sequence
+from services.frontend.state import FrontendState
+from services.frontend.streaming import CLIENT_CLOSED, run_to_completion, stream
+
+ENDPOINT = "/v1/completions"
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+async def _prompt_ids(state: FrontendState, prompt: str | list) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [await state.encode(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [await state.encode(p) for p in prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [list(p) for p in prompt]
+
+
+async def _prompt_texts(state: FrontendState, prompt: str | list, ids: list[list[int]]) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [await state.decode(p) for p in ids]
+
+
+async def create_completion(state: FrontendState, body: CompletionRequest, request: Request) -> Response:
+    arrival = time.monotonic()
+    model = state.check_model(body.model)
+    state.require_ready()
+    prompts = await _prompt_ids(state, body.prompt)
+    for ids in prompts:
+        state.check_prompt(ids, "prompt")
+    params = state.sampling_params(body, DEFAULT_MAX_TOKENS)
+    echo = await _prompt_texts(state, body.prompt, prompts) if body.echo else None
+    gen = state.generation(prompts, params, ENDPOINT, arrival)
+    if body.stream:
+        return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, echo, updates))
+    seqs = await run_to_completion(gen, request)
+    if seqs is None:
+        return Response(status_code=CLIENT_CLOSED)
+    choices = [_choice(state, body, gen, seq, echo) for seq in seqs]
+    usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
+    resp = CompletionResponse(id=random_id("cmpl"), created=now(), model=model, choices=choices, usage=usage)
+    return JSONResponse(resp.model_dump(mode="json"))
+
+
+def _choice(
+    state: FrontendState, body: CompletionRequest, gen: Generation, seq: Sequence, echo: list[str] | None
+) -> CompletionChoice:
+    prefix = echo[gen.prompt_of[seq.index]] if echo is not None else ""
+    logprobs = None
+    if body.logprobs is not None:
+        assert state.token_text is not None
+        logprobs, _ = completion_logprobs(seq.logprobs, state.token_text, body.logprobs, 0)
+    return CompletionChoice(
+        index=seq.index,
+        text=prefix + seq.text,
+        logprobs=logprobs,
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+    )
+
+
+async def _chunks(
+    state: FrontendState,
+    body: CompletionRequest,
+    gen: Generation,
+    model: str,
+    echo: list[str] | None,
+    updates: AsyncIterator[Sequence],
+) -> AsyncIterator[str]:
+    cid, created = random_id("cmpl"), now()
+    extra = {"usage": None} if body.include_usage else {}
+
+    def chunk(choice: CompletionChoice) -> str:
+        return sse(CompletionChunk(id=cid, created=created, model=model, choices=[choice], **extra))
+
+    if echo is not None:
+        for seq in gen.ordered():
+            text = echo[gen.prompt_of[seq.index]]
+            yield chunk(CompletionChoice(index=seq.index, text=text, logprobs=None, finish_reason=None))
+    offsets: dict[int, int] = {}
+    async for seq in updates:
+        text, new_logprobs = seq.take_stream_delta()
+        if not text and not new_logprobs and not seq.finished:
+            continue
+        logprobs = None
+        if body.logprobs is not None:
+            assert state.token_text is not None
+            offset = offsets.get(seq.index, 0)
+            logprobs, offsets[seq.index] = completion_logprobs(new_logprobs, state.token_text, body.logprobs, offset)
+        choice = CompletionChoice(index=seq.index, text=text, logprobs=logprobs, finish_reason=seq.finish_reason)
+        if seq.finished:
+            choice.stop_reason = seq.stop_reason
+        yield chunk(choice)
+    if body.include_usage:
+        usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
+        yield sse(CompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage))
+    yield SSE_DONE

@@ -1,0 +1,132 @@
+"""Errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+
+Handlers here turn every failure the app can meet (our own APIError, FastAPI's request
+validation errors, malformed JSON, unknown routes, unexpected exceptions) into that shape, so a
+bad request gets a clear answer and never takes the process down.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client with ``status`` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        error_type = _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> APIError:
+    msg = f"The model `{name}` does not exist or you do not have access to it."
+    return APIError(404, msg, param="model", code="model_not_found")
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+
+def engine_unavailable(message: str = "The engine is not available; try again shortly.") -> APIError:
+    return APIError(503, message, code="engine_unavailable")
+
+
+def from_value_error(exc: ValueError, known_params: set[str]) -> APIError:
+    """A 400 for a ValueError raised while building a request (e.g. by SamplingParams), naming
+    the parameter when the message starts with one ("temperature must be ...")."""
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    return bad_request(message, param=first if first in known_params else None)
+
+
+def _format_loc(loc: tuple[Any, ...]) -> tuple[str | None, str]:
+    """(top-level parameter, readable path) from a pydantic error location."""
+    parts = [p for p in loc if p != "body"]
+    if not parts:
+        return None, ""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return (str(parts[0]) if isinstance(parts[0], str) else None), path
+
+
+def _union_tag(loc: tuple[Any, ...]) -> str | None:
+    """The alternative a union error is about ('str', 'list[int]'), if loc names one."""
+    return loc[2] if len(loc) > 2 and isinstance(loc[2], str) else None
+
+
+def validation_error(errors: list[dict[str, Any]]) -> APIError:
+    """One 400 for FastAPI's request validation errors: the first problem, named."""
+    if not errors:
+        return bad_request("invalid request")
+    err = errors[0]
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
+        return bad_request(f"Invalid JSON in the request body: {detail}", code="invalid_json")
+    param, path = _format_loc(tuple(err.get("loc", ())))
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if param is None and err.get("type") == "value_error":  # a check across fields names its field first
+        first = msg.split(" ", 1)[0]
+        return bad_request(msg, param=first if first.isidentifier() else None)
+    if param is None:
+        if err.get("type") == "missing":
+            return bad_request("A JSON request body is required.", code="invalid_json")
+        return bad_request(f"The request body is not a valid request: {err.get('msg', '')}", code="invalid_json")
+    if err.get("type") == "missing":
+        return bad_request(f"Missing required parameter: '{path}'.", param=param, code="missing_required_parameter")
+    same = [e for e in errors if _format_loc(tuple(e.get("loc", ())))[0] == param]
+    tags = [_union_tag(tuple(e.get("loc", ()))) for e in same]
+    if len(same) > 1 and all(tags) and len(set(tags)) > 1:  # a union: no alternative matched
+        kinds = ", ".join(dict.fromkeys(str(t) for t in tags))
+        return bad_request(f"Invalid type for '{param}': expected one of {kinds}.", param=param, code="invalid_type")
+    code = "invalid_type" if str(err.get("type", "")).endswith("_type") else "invalid_value"
+    return bad_request(f"Invalid value for '{path}': {msg}", param=param, code=code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s", request.url.path, exc_info=exc)
+        return APIError(500, f"Internal server error: {type(exc).__name__}", code="internal_error").response()

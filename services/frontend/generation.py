@@ -1,0 +1,163 @@
+"""One HTTP request's generation: its prompts fanned out into engine requests (n per prompt),
+driven by the engine's deltas through the shared Sequence class.
+
+Everything that must stop an engine request is handled here: a stop string (Sequence.add says
+so), the client going away (a watcher on the ASGI receive channel), an error, or the handler
+simply returning early. The engine is never left generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from services.frontend.engine_client import EngineClient
+from services.frontend.errors import APIError, engine_unavailable
+from services.frontend.sequence import Sequence
+from shared.protocol import RequestDelta, RequestFailed
+from shared.sampling_params import SamplingParams
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+_CANCELLED = object()
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away; the engine requests have been aborted."""
+
+
+class Generation:
+    """Sequences of one request, in choice order (prompt i, sample j -> index i * n + j).
+
+    ``start`` sends the AddRequests; ``close`` (always call it) aborts whatever has not finished
+    and stops routing its outputs.
+    """
+
+    _counter = itertools.count()
+
+    def __init__(
+        self,
+        client: EngineClient,
+        tokenizer,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        *,
+        stall_timeout: float = 10.0,
+        ping_timeout: float = 5.0,
+        on_first_token: Callable[[float], None] | None = None,
+        arrival: float | None = None,
+    ):
+        self.client = client
+        self.prompts = prompts
+        self.params = params
+        self.stall_timeout, self.ping_timeout = stall_timeout, ping_timeout
+        self._on_first_token = on_first_token
+        self.arrival = time.monotonic() if arrival is None else arrival
+        base = f"{client.frontend_id}-{next(self._counter)}"  # unique across frontends
+        self.sequences: dict[str, Sequence] = {}
+        self.prompt_of: dict[int, int] = {}  # choice index -> prompt index
+        for p, ids in enumerate(prompts):
+            for j in range(params.n):
+                index = p * params.n + j
+                req_id = f"{base}-{index}"
+                self.sequences[req_id] = Sequence(req_id, index, tokenizer, ids, params.for_child(j))
+                self.prompt_of[index] = p
+        self._queue: asyncio.Queue | None = None
+        self._watcher: asyncio.Task | None = None
+        self._first_token_seen = False
+        self.cancelled = False
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, receive: Receive | None = None) -> None:
+        """Send the requests; with ``receive`` (the ASGI channel), abort them if the client leaves."""
+        self._queue = self.client.register(list(self.sequences))
+        for req_id, seq in self.sequences.items():
+            self.client.add_request(req_id, self.prompts[self.prompt_of[seq.index]], seq.params)
+        if receive is not None:
+            self._watcher = asyncio.create_task(self._watch_disconnect(receive))
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self.client.abort(self.unfinished())
+        self.client.release(list(self.sequences))
+
+    def cancel(self) -> None:
+        """Abort every unfinished sequence and wake the consumer with ClientDisconnected."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.client.abort(self.unfinished())
+            if self._queue is not None:
+                self._queue.put_nowait(_CANCELLED)
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                message = await receive()
+                if message.get("type") == "http.disconnect":
+                    self.cancel()
+                    return
+
+    # ----- consuming ----------------------------------------------------------------------------
+
+    def unfinished(self) -> list[str]:
+        return [rid for rid, seq in self.sequences.items() if not seq.finished]
+
+    def ordered(self) -> list[Sequence]:
+        return sorted(self.sequences.values(), key=lambda s: s.index)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences.values())
+
+    async def updates(self) -> AsyncIterator[Sequence]:
+        """Each sequence as an engine delta changes it, until all have finished. Raises APIError
+        (the engine refused the request, failed, or stopped answering) or ClientDisconnected."""
+        while self.unfinished():
+            item = await self._next()
+            if item is _CANCELLED:
+                raise ClientDisconnected()
+            if isinstance(item, RequestFailed):
+                raise APIError(item.status, item.message, code="engine_rejected" if item.status < 500 else None)
+            seq = self.sequences[item.req_id]
+            if seq.finished:
+                continue  # e.g. the engine's abort notice after a stop string
+            self._note_first_token(item)
+            if seq.add(item):
+                self.client.abort([item.req_id])
+            if seq.finish_reason == "error":
+                raise APIError(500, "the engine failed while generating this request", code="engine_error")
+            yield seq
+
+    async def collect(self) -> list[Sequence]:
+        """Run to completion; the sequences in choice order."""
+        async for _ in self.updates():
+            pass
+        return self.ordered()
+
+    async def _next(self) -> RequestDelta | RequestFailed | object:
+        """The next engine item. A long silence is fine while the engine answers pings (it may
+        be busy with other requests); an engine that does not answer fails the request with 503."""
+        assert self._queue is not None, "start() first"
+        while True:
+            try:
+                return await asyncio.wait_for(self._queue.get(), self.stall_timeout)
+            except asyncio.TimeoutError:
+                if self.cancelled:
+                    return _CANCELLED
+                if await self.client.ping(self.ping_timeout) is None:
+                    raise engine_unavailable("The engine stopped responding while serving this request.") from None
+
+    def _note_first_token(self, delta: RequestDelta) -> None:
+        if not self._first_token_seen and delta.new_token_ids:
+            self._first_token_seen = True
+            if self._on_first_token is not None:
+                self._on_first_token(time.monotonic() - self.arrival)

@@ -1,0 +1,145 @@
+"""`pagedserve frontend`: one HTTP frontend process.
+
+The process binds its listening socket itself with SO_REUSEPORT, so several frontends started
+with the same --port share it (the kernel spreads connections across them), then hands the
+socket to uvicorn. SIGTERM/SIGINT stop accepting, let open requests finish (up to
+--shutdown-timeout), then say Goodbye to the engine.
+
+Entry points: ``main(argv)``, or ``add_arguments(parser)`` + ``run(args)`` for a subcommand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+
+from services.frontend.engine_client import DEFAULT_INPUT, DEFAULT_OUTPUT
+from services.frontend.state import FrontendConfig
+
+log = logging.getLogger("pagedserve.frontend")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"PAGEDSERVE_{name}", default)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The frontend's flags; each defaults to its PAGEDSERVE_* environment variable."""
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (PAGEDSERVE_HOST)")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="HTTP port, shareable (PAGEDSERVE_PORT)")
+    p.add_argument("--engine-input", default=_env("ENGINE_INPUT", DEFAULT_INPUT), help="engine input ROUTER address")
+    p.add_argument("--engine-output", default=_env("ENGINE_OUTPUT", DEFAULT_OUTPUT), help="engine output ROUTER address")
+    p.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/*")
+    names = _env("SERVED_MODEL_NAME")
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=names.split(",") if names else None,
+        help="model name(s) clients use (default: the engine's); env PAGEDSERVE_SERVED_MODEL_NAME, comma-separated",
+    )
+    p.add_argument(
+        "--tokenizer",
+        "--model",
+        dest="tokenizer",
+        default=_env("TOKENIZER"),
+        help="tokenizer directory or hub id (default: the model path the engine reports)",
+    )
+    p.add_argument("--frontend-id", default=_env("FRONTEND_ID"), help="this frontend's engine identity (default: random)")
+    metrics_port = _env("METRICS_PORT")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(metrics_port) if metrics_port else None,
+        help="also serve this process's /metrics on its own port (to scrape each of several frontends)",
+    )
+    p.add_argument("--health-timeout", type=float, default=float(_env("HEALTH_TIMEOUT", "5")))
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=float(_env("STALL_TIMEOUT", "10")),
+        help="seconds a request waits for output before pinging the engine (503 if it does not answer)",
+    )
+    p.add_argument("--shutdown-timeout", type=float, default=float(_env("SHUTDOWN_TIMEOUT", "10")))
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT (and SO_REUSEADDR), shareable between processes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError("this platform has no SO_REUSEPORT; run one frontend per port")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising the caught signal after a graceful shutdown, so the
+    process exits 0 once it has said Goodbye."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.frontend.app import build_app
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    config = FrontendConfig(
+        engine_input=args.engine_input,
+        engine_output=args.engine_output,
+        api_key=args.api_key or None,
+        served_model_names=tuple(args.served_model_name or ()),
+        tokenizer=args.tokenizer,
+        frontend_id=args.frontend_id,
+        health_timeout=args.health_timeout,
+        stall_timeout=args.stall_timeout,
+    )
+    app = build_app(config)
+    state = app.state.frontend
+    if args.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.host, registry=state.metrics.registry)
+    sock = bind_socket(args.host, args.port)
+    log.info("frontend %s listening on %s:%d, engine %s / %s", state.frontend_id, args.host,
+             sock.getsockname()[1], args.engine_input, args.engine_output)
+    uv_config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        access_log=args.log_level == "debug",
+        lifespan="on",
+    )
+    _Server(uv_config).run(sockets=[sock])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="pagedserve frontend", description=__doc__))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

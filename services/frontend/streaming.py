@@ -1,0 +1,76 @@
+"""Running a Generation to an HTTP response: whole (JSON) or streamed (SSE).
+
+Both wait for the engine's first output before answering, so a request the engine refuses, or
+an engine that is gone, still gets a proper HTTP status; after the headers are out, an error
+travels as an SSE event with OpenAI's error body, followed by [DONE].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from services.frontend.errors import APIError
+from services.frontend.generation import ClientDisconnected, Generation
+from services.frontend.openai_responses import SSE_DONE
+from services.frontend.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+# nginx's code for "client closed the request": logged and counted, never seen by the client.
+CLIENT_CLOSED = 499
+
+ChunkWriter = Callable[[AsyncIterator[Sequence]], AsyncIterator[str]]
+
+
+async def run_to_completion(gen: Generation, request: Request) -> list[Sequence] | None:
+    """The finished sequences, or None if the client went away (everything was aborted)."""
+    gen.start(request.receive)
+    try:
+        return await gen.collect()
+    except ClientDisconnected:
+        return None
+    finally:
+        gen.close()
+
+
+async def _chain(first: Sequence, rest: AsyncIterator[Sequence]) -> AsyncIterator[Sequence]:
+    yield first
+    async for seq in rest:
+        yield seq
+
+
+async def stream(gen: Generation, request: Request, write_chunks: ChunkWriter) -> Response:
+    """An SSE response whose events ``write_chunks`` makes from the sequence updates."""
+    gen.start(request.receive)
+    updates = gen.updates()
+    try:
+        first = await updates.__anext__()
+    except ClientDisconnected:
+        gen.close()
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        gen.close()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in write_chunks(_chain(first, updates)):
+                yield event
+        except ClientDisconnected:
+            return
+        except APIError as exc:
+            yield f"data: {json.dumps(exc.body())}\n\n"
+            yield SSE_DONE
+        except Exception as exc:  # the headers are out: report in-band, keep the process alive
+            log.exception("stream failed")
+            yield f"data: {json.dumps(APIError(500, f'Internal server error: {type(exc).__name__}').body())}\n\n"
+            yield SSE_DONE
+        finally:
+            gen.close()  # synchronous: runs even when the response task is being cancelled
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})

@@ -1,0 +1,128 @@
+"""Request models, error shapes and logprob shapes, in process (no engine, no sockets)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from services.frontend.errors import validation_error
+from services.frontend.logprobs import TokenText, chat_logprobs, completion_logprobs
+from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
+from shared.protocol import TokenLogprobs
+
+
+def _err(model, **body) -> dict:
+    with pytest.raises(ValidationError) as info:
+        model(**body)
+    # FastAPI reports body errors with a leading "body" location; mirror that.
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
+    return validation_error(errors).body()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "n": 1.5}, "n"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({}, "prompt"),
+    ],
+)
+def test_completion_request_errors_name_the_parameter(body, param):
+    err = _err(CompletionRequest, **body)
+    assert err["param"] == param, err
+    assert err["type"] == "invalid_request_error"
+    assert param in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, "max_completion_tokens"),
+    ],
+)
+def test_chat_request_errors_name_the_parameter(body, param):
+    assert _err(ChatCompletionRequest, **body)["param"] == param
+
+
+def test_prompt_forms_are_accepted():
+    for prompt in ["hi", ["a", "b"], [1, 2, 3], [[1, 2], [3]]]:
+        assert CompletionRequest(prompt=prompt).prompt == prompt
+
+
+def test_sampling_params_take_defaults_only_where_unset():
+    defaults = {"temperature": 0.7, "top_k": 20, "max_tokens": 50}
+    req = CompletionRequest(prompt="x", temperature=0.0, stop="END", logprobs=2, n=3, seed=7)
+    params = req.to_sampling_params(defaults, 16)
+    assert (params.temperature, params.top_k, params.max_tokens) == (0.0, 20, 50)
+    assert params.stop == ["END"] and params.logprobs == 2 and params.n == 3 and params.seed == 7
+    assert CompletionRequest(prompt="x").to_sampling_params({}, 16).max_tokens == 16
+    assert CompletionRequest(prompt="x", max_tokens=5).to_sampling_params(defaults, 16).max_tokens == 5
+
+
+def test_chat_params_prefer_max_completion_tokens_and_map_logprobs():
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    req = ChatCompletionRequest(messages=msgs, max_tokens=9, max_completion_tokens=4, logprobs=True, top_logprobs=3)
+    params = req.to_sampling_params({}, None)
+    assert params.max_tokens == 4 and params.logprobs == 3
+    assert ChatCompletionRequest(messages=msgs).to_sampling_params({}, None).max_tokens is None
+    assert ChatCompletionRequest(messages=msgs, logprobs=True).to_sampling_params({}, None).logprobs == 0
+    assert req.template_messages() == [{"role": "user", "content": "a\nb"}]
+
+
+def test_malformed_json_and_missing_body_errors():
+    err = validation_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error",
+                             "ctx": {"error": "Expecting value"}}]).body()["error"]
+    assert err["code"] == "invalid_json" and "Expecting value" in err["message"]
+    err = validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required"}]).body()["error"]
+    assert err["code"] == "invalid_json"
+
+
+def test_logprob_shapes(tokenizer):
+    texts = TokenText(tokenizer)
+    ids = tokenizer.encode("Hello world")
+    entries = [TokenLogprobs([t, 5, 6], [-0.5, -1.0, -2.0], 1) for t in ids]
+    comp, end = completion_logprobs(entries, texts, 2, 0)
+    assert "".join(comp.tokens) == "Hello world" and end == len("Hello world")
+    assert comp.token_logprobs == [-0.5] * len(ids) and comp.text_offset[0] == 0
+    assert all(len(top) >= 2 for top in comp.top_logprobs)
+    chat = chat_logprobs(entries, texts, 1)
+    assert [c.token for c in chat.content] == comp.tokens
+    assert all(len(c.top_logprobs) == 1 for c in chat.content)
+    assert bytes(b for c in chat.content for b in c.bytes).decode() == "Hello world"
+
+
+def test_token_bytes_rebuild_split_characters(tokenizer):
+    texts = TokenText(tokenizer)
+    ids = tokenizer.encode("日本語 🙂")
+    raw = bytes(b for t in ids for b in texts.get(t)[1])
+    assert raw.decode("utf-8") == "日本語 🙂"
+
+
+def test_frontend_modules_do_not_import_torch():
+    import subprocess
+
+    code = "import sys, services.frontend.server, services.frontend.app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,136 @@
+"""The engine and a worker as real processes over real sockets, driven by a raw DEALER client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import zmq
+
+from shared.protocol import (
+    AbortRequests,
+    AddRequest,
+    EngineMessage,
+    FrontendMessage,
+    Goodbye,
+    Hello,
+    ModelInfo,
+    Outputs,
+    Ping,
+    Pong,
+    RequestFailed,
+)
+from shared.sampling_params import SamplingParams
+from shared.transport import DealerQueue
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(model_dirs):
+    model = str(model_dirs("llama"))
+    inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    common = ["--model", model, "--max-model-len", "128", "--kv-cache-memory", str(8 << 20)]
+    cli = [sys.executable, "-m", "pagedserve.cli"]
+    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
+    procs = [
+        subprocess.Popen(cli + ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk], env=env),
+        subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk], env=env),
+    ]
+    yield model, inp, out, procs
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+class Client:
+    def __init__(self, inp: str, out: str):
+        self.ctx = zmq.Context()
+        self.id = uuid.uuid4().hex
+        self.tx = DealerQueue(self.ctx, inp, EngineMessage, FrontendMessage, identity=self.id.encode())
+        self.rx = DealerQueue(self.ctx, out, EngineMessage, FrontendMessage, identity=self.id.encode())
+
+    def hello(self, timeout_s: float = 120) -> ModelInfo:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.tx.send(Hello(self.id))
+            msg = self.rx.recv(timeout_ms=1000)
+            if isinstance(msg, ModelInfo):
+                return msg
+        raise TimeoutError("engine never answered Hello")
+
+    def collect(self, req_ids: set[str], timeout_s: float = 60) -> dict[str, list]:
+        tokens: dict[str, list] = {r: [] for r in req_ids}
+        done: dict[str, str] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(req_ids) and time.monotonic() < deadline:
+            msg = self.rx.recv(timeout_ms=1000)
+            if isinstance(msg, Outputs):
+                for d in msg.deltas:
+                    tokens[d.req_id] += d.new_token_ids
+                    if d.finish_reason:
+                        done[d.req_id] = d.finish_reason
+            elif isinstance(msg, RequestFailed):
+                done[msg.req_id] = "error: " + msg.message
+        return {r: (done.get(r), tokens[r]) for r in req_ids}
+
+    def close(self) -> None:
+        self.tx.send(Goodbye(self.id))
+        self.tx.close()
+        self.rx.close()
+        self.ctx.term()
+
+
+def test_engine_serves_requests_like_offline(stack):
+    from pagedserve import LLM
+
+    model, inp, out, _procs = stack
+    client = Client(inp, out)
+    info = client.hello()
+    assert info.max_model_len == 128 and info.num_blocks > 0
+    prompts = [[11, 12, 13], list(range(20, 60)), [99] * 17]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        client.tx.send(AddRequest(f"{client.id}-{i}", np.array(p, dtype=np.int32), params))
+    got = client.collect({f"{client.id}-{i}" for i in range(3)})
+    llm = LLM(model, max_model_len=128, kv_cache_memory=8 << 20)
+    expected = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for i, exp in enumerate(expected):
+        assert got[f"{client.id}-{i}"] == ("length", exp.outputs[0].token_ids)
+    client.tx.send(Ping(1))
+    assert client.rx.recv(timeout_ms=10_000) == Pong(1, 0, 0)
+    client.close()
+
+
+def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
+    _, inp, out, procs = stack
+    client = Client(inp, out)
+    client.hello()
+    long = np.arange(200, dtype=np.int32) % 50 + 10
+    client.tx.send(AddRequest("bad-long", long, SamplingParams()))
+    client.tx.send(AddRequest("bad-vocab", np.array([10**8], dtype=np.int32), SamplingParams()))
+    client.tx.send(AddRequest("slow", np.array([5, 6, 7], dtype=np.int32), SamplingParams(max_tokens=100, ignore_eos=True)))
+    client.tx.send(AbortRequests(["slow"]))
+    got = client.collect({"bad-long", "bad-vocab", "slow"})
+    assert got["bad-long"][0].startswith("error") and "max_model_len" in got["bad-long"][0]
+    assert got["bad-vocab"][0].startswith("error") and "out of range" in got["bad-vocab"][0]
+    assert got["slow"][0] == "abort" and len(got["slow"][1]) < 100
+    client.tx.send(Ping(2))
+    pong = client.rx.recv(timeout_ms=10_000)
+    assert pong == Pong(2, 0, 0)  # nothing left running or waiting
+    assert all(p.poll() is None for p in procs)
+    client.close()

@@ -1,0 +1,246 @@
+"""Model parity with transformers for every architecture (float32, CPU): one prompt, prompts of
+different lengths flattened into one forward, and chunked prefill mixed with decodes over the
+paged KV cache. Also the weight loader (sharded checkpoints, clear errors), the rope, dtypes, the
+test checkpoint's tokenizer, and tensor parallelism over gloo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pagedserve.test_model import ARCHS
+from services.worker.forward_context import ForwardContext, set_forward_context
+from services.worker.layers.attention import Attention, CommonAttentionMetadata
+from services.worker.layers.attention_torch import TorchAttentionBackend
+from services.worker.layers.rotary import inverse_frequencies, rope_parameters
+from services.worker.loader import build_model, resolve_dtype
+from services.worker.models import get_model_class
+from shared.config import ModelConfig
+
+BLOCK = 8
+NUM_BLOCKS = 12
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+@dataclass
+class Chunk:
+    tokens: list[int]  # this step's new tokens of one request
+    start: int  # tokens of the request already in the cache
+    blocks: list[int]
+
+
+_MODELS: dict[Path, tuple] = {}
+
+
+def load(path: Path):
+    """(our model, its ModelConfig, the transformers model), cached per checkpoint."""
+    if path not in _MODELS:
+        config = ModelConfig.from_pretrained(str(path))
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        _MODELS[path] = (build_model(config, torch.float32, "cpu"), config, hf)
+    return _MODELS[path]
+
+
+def kv_caches(model, config: ModelConfig) -> list[torch.Tensor]:
+    attn = next(m for m in model.modules() if isinstance(m, Attention))  # this rank's KV heads
+    shape = (2, NUM_BLOCKS, BLOCK, attn.num_kv_heads, attn.head_dim)
+    return [torch.zeros(shape) for _ in range(config.num_layers)]
+
+
+def run_step(model, caches: list[torch.Tensor], chunks: list[Chunk], num_decodes: int = 0) -> list[torch.Tensor]:
+    """One forward over the flattened chunks (decodes first); the logits of each chunk's tokens."""
+    ids, positions, slots, starts = [], [], [], [0]
+    for c in chunks:
+        pos = range(c.start, c.start + len(c.tokens))
+        ids += c.tokens
+        positions += pos
+        slots += [c.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in pos]
+        starts.append(len(ids))
+    common = CommonAttentionMetadata(
+        query_start_loc=starts,
+        seq_lens=[c.start + len(c.tokens) for c in chunks],
+        block_tables=[c.blocks for c in chunks],
+        slot_mapping=torch.tensor(slots),
+        num_decodes=num_decodes,
+        block_size=BLOCK,
+        device=torch.device("cpu"),
+    )
+    backend = TorchAttentionBackend()
+    with torch.inference_mode(), set_forward_context(ForwardContext(backend, backend.build(common), caches)):
+        logits = model.compute_logits(model(torch.tensor(ids), torch.tensor(positions)))
+    assert logits.dtype == torch.float32
+    return list(logits.split([len(c.tokens) for c in chunks]))
+
+
+def hf_logits(hf, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf(torch.tensor([tokens])).logits[0]
+
+
+def prompt(config: ModelConfig, n: int, seed: int) -> list[int]:
+    return torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_matches_transformers(model_dirs, arch):
+    model, config, hf = load(model_dirs(arch))
+    tokens = prompt(config, 13, seed=1)
+    (logits,) = run_step(model, kv_caches(model, config), [Chunk(tokens, 0, [3, 1])])
+    torch.testing.assert_close(logits, hf_logits(hf, tokens), **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_prefill_matches_transformers(model_dirs, arch):
+    model, config, hf = load(model_dirs(arch))
+    a, b = prompt(config, 11, seed=2), prompt(config, 6, seed=3)
+    out = run_step(model, kv_caches(model, config), [Chunk(a, 0, [4, 0]), Chunk(b, 0, [7])])
+    torch.testing.assert_close(out[0], hf_logits(hf, a), **TOL)
+    torch.testing.assert_close(out[1], hf_logits(hf, b), **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_and_decode_match_transformers(model_dirs, arch):
+    """A prefills, then decodes while B prefills in two chunks beside it, then both decode."""
+    model, config, hf = load(model_dirs(arch))
+    caches = kv_caches(model, config)
+    seqs = {"a": prompt(config, 10, seed=4), "b": prompt(config, 12, seed=5)}
+    blocks = {"a": [5, 2], "b": [9, 1]}
+    logits: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+
+    def step(plan: list[tuple[str, int, int]], num_decodes: int) -> None:
+        chunks = [Chunk(seqs[r][lo:hi], lo, blocks[r]) for r, lo, hi in plan]
+        for (r, _, hi), out in zip(plan, run_step(model, caches, chunks, num_decodes)):
+            logits[r].append(out)
+            if hi == len(seqs[r]):  # the request's last known token: sample greedily
+                seqs[r].append(int(out[-1].argmax()))
+
+    step([("a", 0, 10)], 0)
+    step([("a", 10, 11), ("b", 0, 7)], 1)
+    step([("a", 11, 12), ("b", 7, 12)], 1)
+    for n in range(2):
+        step([("a", 12 + n, 13 + n), ("b", 12 + n, 13 + n)], 2)
+    for r in ("a", "b"):
+        ours = torch.cat(logits[r])
+        torch.testing.assert_close(ours, hf_logits(hf, seqs[r][: len(ours)]), **TOL)
+
+
+def test_opt_post_norm_with_projections_matches_transformers(model_dirs):
+    """opt-350m's layout: LayerNorm after each block, embeddings narrower than hidden_size."""
+    path = model_dirs("opt", config_overrides={"do_layer_norm_before": False, "word_embed_proj_dim": 32})
+    model, config, hf = load(path)
+    tokens = prompt(config, 9, seed=6)
+    (logits,) = run_step(model, kv_caches(model, config), [Chunk(tokens, 0, [2, 6])])
+    torch.testing.assert_close(logits, hf_logits(hf, tokens), **TOL)
+
+
+def test_llama3_rope_matches_transformers(model_dirs):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    path = model_dirs("llama")
+    config = ModelConfig.from_pretrained(str(path))
+    params = rope_parameters(config.hf_config)
+    assert params["rope_type"] == "llama3"
+    expected, scaling = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(path), torch.device("cpu"))
+    assert scaling == 1.0
+    torch.testing.assert_close(inverse_frequencies(config.head_dim, params), expected)
+    legacy = {"rope_theta": params["rope_theta"], "rope_scaling": {**params, "type": "llama3"}}
+    del legacy["rope_scaling"]["rope_type"], legacy["rope_scaling"]["rope_theta"]
+    assert rope_parameters(legacy) == {**params, "type": "llama3"}
+
+
+def test_sharded_checkpoint_loads_the_same_weights(model_dirs):
+    sharded = model_dirs("qwen2", max_shard_size="100KB")
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 1
+    ours = build_model(ModelConfig.from_pretrained(str(sharded)), torch.float32, "cpu")
+    reference, _, _ = load(model_dirs("qwen2"))
+    expected = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        assert torch.equal(param, expected[name]), name
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "wrong_shape"])
+def test_bad_checkpoint_raises_a_clear_error(model_dirs, tmp_path, change):
+    shutil.copytree(model_dirs("llama"), tmp_path, dirs_exist_ok=True)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj.weight"
+    if change == "missing":
+        del weights[name]
+    elif change == "unexpected":
+        weights["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+    else:
+        weights[name] = weights[name][:-1].clone()
+    save_file(weights, tmp_path / "model.safetensors")
+    message = {"missing": r"lacks .*qkv_proj\.weight \(shards \['k'\]\)", "unexpected": "mlp.extra.weight",
+               "wrong_shape": "k_proj.weight.*shape mismatch"}[change]
+    with pytest.raises(ValueError, match=message):
+        build_model(ModelConfig.from_pretrained(str(tmp_path)), torch.float32, "cpu")
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*Qwen3ForCausalLM"):
+        get_model_class("GPT2LMHeadModel")
+
+
+def test_resolve_dtype(model_dirs):
+    base = ModelConfig.from_pretrained(str(model_dirs("llama")))
+
+    def config(dtype, checkpoint):
+        return ModelConfig(**{**base.__dict__, "dtype": dtype, "checkpoint_dtype": checkpoint})
+
+    assert resolve_dtype(config(None, "bfloat16"), "cpu") == torch.float32
+    assert resolve_dtype(config(None, "bfloat16"), "cuda") == torch.bfloat16
+    assert resolve_dtype(config("auto", "float16"), "cpu") == torch.float16
+    assert resolve_dtype(config("bfloat16", "float32"), "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        resolve_dtype(config("auto", "int8"), "cpu")
+
+
+def test_test_model_tokenizer_covers_the_vocabulary(model_dirs):
+    path = model_dirs("qwen3")
+    config = ModelConfig.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    assert len(tok) == config.vocab_size
+    assert config.eos_token_ids == (tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"))
+    assert all(isinstance(tok.decode([i]), str) for i in range(config.vocab_size))
+    text = "def f(x):\n    return x + 1\n"
+    assert tok.decode(tok.encode(text)) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _tp_worker(rank: int, world: int, init_file: str, path: str, tokens: list[int], out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        config = ModelConfig.from_pretrained(path)
+        model = build_model(config, torch.float32, "cpu")
+        (logits,) = run_step(model, kv_caches(model, config), [Chunk(tokens, 0, [3, 1])])
+        if rank == 0:
+            torch.save(logits, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("arch", "world"), [("qwen2", 2), ("llama", 4)])  # 4 ranks > 2 KV heads: replicated
+def test_tensor_parallel_matches_one_rank(model_dirs, tmp_path, arch, world):
+    path = model_dirs(arch)
+    model, config, _ = load(path)
+    tokens = prompt(config, 13, seed=7)
+    (expected,) = run_step(model, kv_caches(model, config), [Chunk(tokens, 0, [3, 1])])
+    out = tmp_path / "logits.pt"
+    # fork: the children inherit the imported modules (spawn re-imports torch and transformers
+    # per rank, ~10x slower); they run single-threaded, so no OpenMP pool crosses the fork.
+    mp.start_processes(
+        _tp_worker, args=(world, str(tmp_path / "init"), str(path), tokens, str(out)), nprocs=world, start_method="fork"
+    )
+    torch.testing.assert_close(torch.load(out), expected, **TOL)
