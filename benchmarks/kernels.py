@@ -109,12 +109,13 @@ def bench_decode(torch, args, peak: float | None) -> dict[str, Any]:
         print(f"{r['batch']:6d} {r['context']:8d} {r['kv_mb']:9.1f} {r['triton_us']:10.1f} "
               f"{r['triton_gbps']:8.0f} {pct} {ref}")
     shape = {k: getattr(args, k) for k in ("dtype", "heads", "kv_heads", "head_dim", "block_size")}
-    return {"bench": "decode_attention", "shape": shape, "rows": rows}
+    return {"benchmark": "decode_attention", "shape": shape, "rows": rows}
 
 
 def weight_bytes(model_dir: Path, dtype_bytes: int = 2) -> int:
     """Bytes of the checkpoint's floating-point tensors once cast to the serving dtype (bf16),
-    read from the safetensors headers without loading any tensor."""
+    read from the safetensors headers without loading any tensor. An untied input embedding is
+    counted too although a step reads one row of it, so the roofline is slightly conservative."""
     total = 0
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -146,9 +147,13 @@ def bench_e2e(torch, args, peak: float | None) -> dict[str, Any]:
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        llm.generate(prompt, params)
+        outputs = llm.generate(prompt, params, use_tqdm=False)
         torch.cuda.synchronize()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        generated = len(outputs[0].outputs[0].token_ids)
+        if generated != max_tokens:
+            sys.exit(f"asked for {max_tokens} tokens with ignore_eos=True, got {generated}")
+        return elapsed
 
     run(8)  # warmup: compilation, autotuning, allocator
     first = statistics.median(run(1) for _ in range(3))  # prefill + one token
@@ -156,7 +161,7 @@ def bench_e2e(torch, args, peak: float | None) -> dict[str, Any]:
     tok_s = (args.max_tokens - 1) / max(total - first, 1e-9)
     wbytes = weight_bytes(model_dir)
     roofline = peak * 1e9 / wbytes if peak else None
-    result = {"bench": "e2e_decode_batch1", "model": str(model_dir), "max_tokens": args.max_tokens,
+    result = {"benchmark": "e2e_decode_batch1", "model": str(model_dir), "max_tokens": args.max_tokens,
               "weight_gb": wbytes / 1e9, "decode_tok_s": tok_s, "roofline_tok_s": roofline,
               "pct_roofline": 100 * tok_s / roofline if roofline else None, "prefill_plus_1_s": first}
     print(f"{'model':>30} {'weights GB':>10} {'tok/s':>8} {'roofline':>9} {'% roof':>7}")

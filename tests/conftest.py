@@ -14,6 +14,15 @@ by every test in the session.
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated: set it before any test module can
+# import a kernel, so kernels run in the CPU interpreter when there is no GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from collections.abc import Callable
 from pathlib import Path

@@ -21,6 +21,7 @@ from pagedserve.test_model import ARCHS
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.layers.attention import Attention, CommonAttentionMetadata
 from services.worker.layers.attention_torch import TorchAttentionBackend
+from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from services.worker.layers.rotary import inverse_frequencies, rope_parameters
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.models import get_model_class
@@ -218,17 +219,39 @@ def test_test_model_tokenizer_covers_the_vocabulary(model_dirs):
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _tp_worker(rank: int, world: int, init_file: str, path: str, tokens: list[int], out: str) -> None:
+def _tp_model_worker(rank: int, world: int, tmp: str, path: str, tokens: list[int]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
     try:
         config = ModelConfig.from_pretrained(path)
         model = build_model(config, torch.float32, "cpu")
         (logits,) = run_step(model, kv_caches(model, config), [Chunk(tokens, 0, [3, 1])])
         if rank == 0:
-            torch.save(logits, out)
+            torch.save(logits, f"{tmp}/logits.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _tp_vocab_worker(rank: int, world: int, tmp: str, weight: torch.Tensor, ids: torch.Tensor) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
+    try:
+        embed = VocabParallelEmbedding(*weight.shape)
+        embed.weight.weight_loader(embed.weight, weight)
+        head = ParallelLMHead(*weight.shape)
+        head.tie(embed)
+        hidden = embed(ids)
+        logits = head(hidden)  # a collective: every rank computes it
+        if rank == 0:
+            torch.save((hidden, logits), f"{tmp}/out.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(worker, world: int, *args) -> None:
+    # fork: the children inherit the imported modules (spawn re-imports torch and transformers
+    # per rank, ~10x slower); they run single-threaded, so no OpenMP pool crosses the fork.
+    mp.start_processes(worker, args=(world, *args), nprocs=world, start_method="fork")
 
 
 @pytest.mark.parametrize(("arch", "world"), [("qwen2", 2), ("llama", 4)])  # 4 ranks > 2 KV heads: replicated
@@ -237,10 +260,14 @@ def test_tensor_parallel_matches_one_rank(model_dirs, tmp_path, arch, world):
     model, config, _ = load(path)
     tokens = prompt(config, 13, seed=7)
     (expected,) = run_step(model, kv_caches(model, config), [Chunk(tokens, 0, [3, 1])])
-    out = tmp_path / "logits.pt"
-    # fork: the children inherit the imported modules (spawn re-imports torch and transformers
-    # per rank, ~10x slower); they run single-threaded, so no OpenMP pool crosses the fork.
-    mp.start_processes(
-        _tp_worker, args=(world, str(tmp_path / "init"), str(path), tokens, str(out)), nprocs=world, start_method="fork"
-    )
-    torch.testing.assert_close(torch.load(out), expected, **TOL)
+    run_ranks(_tp_model_worker, world, str(tmp_path), str(path), tokens)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, **TOL)
+
+
+def test_vocab_parallel_pads_an_uneven_vocabulary(tmp_path):
+    weight = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))  # 3 ranks of 4 rows, 2 padding
+    ids = torch.tensor([9, 0, 4, 3, 8, 7])
+    run_ranks(_tp_vocab_worker, 3, str(tmp_path), weight, ids)
+    hidden, logits = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(hidden, weight[ids])
+    torch.testing.assert_close(logits, hidden @ weight.T)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 import pagedserve
 from services.frontend.chat import create_chat_completion
 from services.frontend.completions import create_completion
-from services.frontend.errors import bad_request, engine_unavailable, install_error_handlers
+from services.frontend.errors import APIError, bad_request, engine_unavailable, install_error_handlers
 from services.frontend.metrics import CONTENT_TYPE
 from services.frontend.middleware import FrontendMiddleware
 from services.frontend.openai_requests import (
@@ -93,11 +93,14 @@ def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
     @app.get("/health")
     async def health() -> Response:
         """200 only when the engine's step loop answers a ping in time."""
-        if not state.ready:
-            return engine_unavailable("The engine has not connected yet.").response()
+        try:
+            state.require_ready()
+        except APIError as exc:
+            return exc.response()
         pong = await state.client.ping(state.config.health_timeout)
         if pong is None:
             return engine_unavailable("The engine did not answer a health ping in time.").response()
+        state.metrics.observe_engine(pong.num_running, pong.num_waiting)
         return Response(status_code=200)
 
     @app.get("/version")

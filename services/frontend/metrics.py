@@ -61,6 +61,17 @@ class FrontendMetrics:
             "pagedserve_frontend_engine_ready", "1 once the engine has sent its model info", registry=self.registry
         )
 
+        self.engine_requests = Gauge(
+            "pagedserve_frontend_engine_requests",
+            "Requests in the engine (all frontends'), as of the last health ping this frontend sent",
+            ["state"],
+            registry=self.registry,
+        )
+
+    def observe_engine(self, num_running: int, num_waiting: int) -> None:
+        self.engine_requests.labels("running").set(num_running)
+        self.engine_requests.labels("waiting").set(num_waiting)
+
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
 

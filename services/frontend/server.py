@@ -103,9 +103,8 @@ class _Server(uvicorn.Server):
 def run(args: argparse.Namespace) -> int:
     from services.frontend.app import build_app
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(args.log_level.upper())  # also when `pagedserve` configured logging first
     config = FrontendConfig(
         engine_input=args.engine_input,
         engine_output=args.engine_output,

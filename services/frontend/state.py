@@ -25,7 +25,8 @@ from shared.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_PARAM_NAMES = set(SamplingParams.__struct_fields__) | {"max_completion_tokens", "top_logprobs", "prompt"}
+_SAMPLING_FIELDS = frozenset(SamplingParams.__struct_fields__)
+_PARAM_NAMES = set(_SAMPLING_FIELDS) | {"max_completion_tokens", "top_logprobs", "prompt"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ class FrontendState:
     def sampling_params(self, request: Any, default_max_tokens: int | None) -> SamplingParams:
         info = self.require_ready()
         try:
-            params = request.to_sampling_params(dict(info.generation_defaults), default_max_tokens)
+            defaults = {k: v for k, v in info.generation_defaults.items() if k in _SAMPLING_FIELDS}
+            params = request.to_sampling_params(defaults, default_max_tokens)
         except ValueError as exc:
             raise from_value_error(exc, _PARAM_NAMES) from None
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):

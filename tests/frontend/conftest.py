@@ -7,9 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from frontend_helpers import Proc, frontend_args, free_port, make_tokenizer_dir, wait_until
-
 from fake_engine import FakeEngine
+from frontend_helpers import Proc, free_port, frontend_args, make_tokenizer_dir, wait_until
 
 SCRIPT_TEXT = " one two three four five six seven eight nine ten. Hello world!"
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
+from typing_extensions import Self
 
 from shared.protocol import (
     AbortRequests,
@@ -66,7 +67,7 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="fake-engine", daemon=True)
 
-    def __enter__(self) -> FakeEngine:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

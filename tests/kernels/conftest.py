@@ -1,7 +1,8 @@
 """Kernel tests run natively on CUDA when present, otherwise in Triton's CPU interpreter.
 
-TRITON_INTERPRET must be set before triton (and any kernel module) is imported, so it is set
-here at conftest import time, before the test modules are collected.
+TRITON_INTERPRET must be set before any kernel module is imported (@triton.jit reads it when it
+decorates a kernel), so it is set here at conftest import time, before the test modules are
+collected.
 """
 
 from __future__ import annotations

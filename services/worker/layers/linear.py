@@ -118,20 +118,19 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(
         self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int, bias: bool = False
     ):
-        size, rank = tp_size(), tp_rank()
-        self.num_heads = _divide(total_num_heads, size, "number of attention heads")
+        size = tp_size()
+        num_heads = _divide(total_num_heads, size, "number of attention heads")
         if total_num_kv_heads >= size:
-            self.num_kv_heads = _divide(total_num_kv_heads, size, "number of KV heads")
+            num_kv_heads = _divide(total_num_kv_heads, size, "number of KV heads")
+        elif size % total_num_kv_heads:
+            raise ValueError(f"{total_num_kv_heads} KV heads cannot be replicated evenly over {size} ranks")
         else:
-            _divide(size, total_num_kv_heads, "tensor-parallel size vs KV heads")
-            self.num_kv_heads = 1
-        self.kv_head_start = rank * total_num_kv_heads // size
-        q_size, kv_size = self.num_heads * head_size, self.num_kv_heads * head_size
-        out_total = (q_size + 2 * kv_size) * size
-        super().__init__(hidden_size, out_total, bias)
-        self.head_size = head_size
+            num_kv_heads = 1
+        super().__init__(hidden_size, (num_heads + 2 * num_kv_heads) * head_size * size, bias)
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
         self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
-        self.output_sizes = [q_size, kv_size, kv_size]
+        self.kv_head_start = self.tp_rank * total_num_kv_heads // size  # first KV head of this rank
+        self.output_sizes = [num_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size]
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         q_size, kv_size, _ = self.output_sizes

@@ -74,6 +74,8 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; the residual stream rides along through the norms."""
+
     def __init__(
         self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, attention_cls: type[LlamaAttention]
     ):
@@ -96,6 +98,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm: input ids [T] -> hidden states [T, hidden_size]."""
+
     def __init__(self, config: ModelConfig, attention_cls: type[LlamaAttention]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)

@@ -51,6 +51,8 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
+    """Attention and ReLU feed-forward blocks, each with LayerNorm before it or after the residual add."""
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         hf, hidden = config.hf_config, config.hidden_size
@@ -75,6 +77,8 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
+    """Token and position embeddings, decoder layers: input ids [T] -> hidden states [T, embed dim]."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         hf, hidden = config.hf_config, config.hidden_size
