@@ -254,7 +254,8 @@ def run_ranks(worker, world: int, *args) -> None:
     mp.start_processes(worker, args=(world, *args), nprocs=world, start_method="fork")
 
 
-@pytest.mark.parametrize(("arch", "world"), [("qwen2", 2), ("llama", 4)])  # 4 ranks > 2 KV heads: replicated
+# llama at 4 ranks has 2 KV heads for 4 ranks: each KV head is replicated on two ranks
+@pytest.mark.parametrize(("arch", "world"), [("qwen2", 2), ("llama", 4), ("qwen3", 2), ("opt", 4)])
 def test_tensor_parallel_matches_one_rank(model_dirs, tmp_path, arch, world):
     path = model_dirs(arch)
     model, config, _ = load(path)

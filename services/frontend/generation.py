@@ -153,8 +153,13 @@ class Generation:
             except asyncio.TimeoutError:
                 if self.cancelled:
                     return _CANCELLED
-                if await self.client.ping(self.ping_timeout) is None:
+                pong = await self.client.ping(self.ping_timeout)
+                if pong is None:
                     raise engine_unavailable("The engine stopped responding while serving this request.") from None
+                # The Ping left after our AddRequests and its Pong after any output they produced:
+                # an engine holding no request at all has lost ours (it restarted).
+                if pong.num_running + pong.num_waiting == 0 and self._queue.empty():
+                    raise engine_unavailable("The engine lost this request (it may have restarted).") from None
 
     def _note_first_token(self, delta: RequestDelta) -> None:
         if not self._first_token_seen and delta.new_token_ids:

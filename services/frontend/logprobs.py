@@ -91,16 +91,6 @@ def completion_logprobs(
     return out, text_offset
 
 
-def merge_completion_logprobs(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
-    out = CompletionLogprobs()
-    for part in parts:
-        out.tokens += part.tokens
-        out.token_logprobs += part.token_logprobs
-        out.top_logprobs += part.top_logprobs
-        out.text_offset += part.text_offset
-    return out
-
-
 def chat_logprobs(entries: list[TokenLogprobs], texts: TokenText, num_top: int) -> ChatLogprobs:
     content = []
     for lp in entries:

@@ -211,7 +211,6 @@ class TokenizeChatRequest(BaseModel):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
-    add_special_tokens: bool = False
 
 
 class DetokenizeRequest(BaseModel):

@@ -52,7 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=_env("TOKENIZER"),
         help="tokenizer directory or hub id (default: the model path the engine reports)",
     )
-    p.add_argument("--frontend-id", default=_env("FRONTEND_ID"), help="this frontend's engine identity (default: random)")
+    p.add_argument(
+        "--frontend-id",
+        default=None,
+        help="this frontend's engine identity, unique per process (default: a random uuid4; no env variable, "
+        "since replicas share their environment)",
+    )
     metrics_port = _env("METRICS_PORT")
     p.add_argument(
         "--metrics-port",
@@ -60,14 +65,24 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=int(metrics_port) if metrics_port else None,
         help="also serve this process's /metrics on its own port (to scrape each of several frontends)",
     )
-    p.add_argument("--health-timeout", type=float, default=float(_env("HEALTH_TIMEOUT", "5")))
+    p.add_argument(
+        "--health-timeout",
+        type=float,
+        default=float(_env("HEALTH_TIMEOUT", "5")),
+        help="seconds /health waits for the engine's Pong before answering 503",
+    )
     p.add_argument(
         "--stall-timeout",
         type=float,
         default=float(_env("STALL_TIMEOUT", "10")),
         help="seconds a request waits for output before pinging the engine (503 if it does not answer)",
     )
-    p.add_argument("--shutdown-timeout", type=float, default=float(_env("SHUTDOWN_TIMEOUT", "10")))
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=float(_env("SHUTDOWN_TIMEOUT", "10")),
+        help="seconds open requests may take to finish after SIGTERM",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     return p
 

@@ -47,9 +47,18 @@ def test_engine_late_hung_and_restarted(tokenizer_dir, tokenizer, start_frontend
         engine.paused.clear()
         wait_until(f"{base}/health", proc, timeout=10)
         assert httpx.post(f"{base}/v1/completions", json=BODY).status_code == 200
+        engine.step_s = 0.05  # a long request is running when the engine goes away
+        result: dict = {}
+        inflight = threading.Thread(target=lambda: result.update(
+            resp=httpx.post(f"{base}/v1/completions", json={**BODY, "max_tokens": 100}, timeout=30)))
+        inflight.start()
+        n_added = len(engine.added)
+        assert engine.wait_for(lambda: len(engine.added) > n_added)
 
     with _engine(tokenizer_dir, tokenizer, addrs):  # a restarted engine on the same addresses
         wait_until(f"{base}/health", proc, timeout=20)
+        inflight.join(30)
+        assert result["resp"].status_code == 503 and "lost" in result["resp"].json()["error"]["message"]
         assert httpx.post(f"{base}/v1/completions", json=BODY).json()["choices"][0]["text"]
 
 

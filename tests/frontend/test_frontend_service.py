@@ -165,6 +165,10 @@ def test_bad_chat_requests_and_engine_refusal(frontend, client, fake_engine):
     fake_engine.refuse_next = "the engine says no"
     with pytest.raises(openai.BadRequestError, match="the engine says no"):
         client.completions.create(model="fake-model", prompt="Hello", max_tokens=2)
+    fake_engine.refuse_next = "no stream either"
+    with pytest.raises(openai.BadRequestError, match="no stream either"):
+        list(client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
+                                            stream=True))
     assert httpx.get(f"{frontend}/nowhere").json()["error"]["code"] == "not_found"
     # still serving
     assert client.completions.create(model="fake-model", prompt="Hello", max_tokens=2).choices[0].text
