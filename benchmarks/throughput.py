@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -21,6 +22,8 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,20 @@ class Req:
     output_len: int
 
 
+@dataclass
+class Timing:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # this process, all threads: well below wall_s x threads means a busy machine
+
+
+@contextmanager
+def timed() -> Iterator[Timing]:
+    t = Timing()
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield t
+    t.wall_s, t.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+
+
 @dataclass(frozen=True)
 class RunResult:
     prompts: int
@@ -44,13 +61,14 @@ class RunResult:
     requested_tokens: int
     generated_tokens: int
     elapsed_s: float
+    cpu_s: float
     outputs: list[list[int]]
 
     @classmethod
-    def of(cls, reqs: list[Req], outputs: list[list[int]], elapsed_s: float) -> RunResult:
+    def of(cls, reqs: list[Req], outputs: list[list[int]], t: Timing) -> RunResult:
         prompt_tokens = sum(len(r.prompt) for r in reqs)
         requested = sum(r.output_len for r in reqs)
-        return cls(len(reqs), prompt_tokens, requested, sum(map(len, outputs)), elapsed_s, outputs)
+        return cls(len(reqs), prompt_tokens, requested, sum(map(len, outputs)), t.wall_s, t.cpu_s, outputs)
 
     @property
     def total_tokens(self) -> int:
@@ -65,6 +83,7 @@ class RunResult:
             "generated_tokens": self.generated_tokens,
             "total_tokens": self.total_tokens,
             "elapsed_s": round(self.elapsed_s, 4),
+            "cpu_s": round(self.cpu_s, 3),
             "generated_tok_s": round(self.generated_tokens / elapsed, 3),
             "total_tok_s": round(self.total_tokens / elapsed, 3),
             "mfu": round(mfu(params, self.total_tokens, elapsed, peak_gflops), 6),
@@ -159,25 +178,15 @@ def count_parameters(model_dir: Path) -> int:
     if config.get("tie_word_embeddings", False):
         # Some checkpoints store the tied copy too; it is one parameter.
         shapes.pop("lm_head.weight", None)
-    total = 0
-    for shape in shapes.values():
-        n = 1
-        for dim in shape:
-            n *= dim
-        total += n
-    return total
+    return sum(math.prod(shape) for shape in shapes.values())
 
 
 def make_workload(args: argparse.Namespace, vocab_size: int, num: int, seed: int) -> list[Req]:
     """`num` requests with random ids from [10, vocab_size - 10) and uniformly drawn lengths."""
     rng = random.Random(seed)
     lo_id, hi_id = 10, max(11, vocab_size - 10)
-    reqs = []
-    for _ in range(num):
-        n_in = rng.randint(*args.input_len)
-        n_out = rng.randint(*args.output_len)
-        reqs.append(Req([rng.randrange(lo_id, hi_id) for _ in range(n_in)], n_out))
-    return reqs
+    lengths = [(rng.randint(*args.input_len), rng.randint(*args.output_len)) for _ in range(num)]
+    return [Req([rng.randrange(lo_id, hi_id) for _ in range(n_in)], n_out) for n_in, n_out in lengths]
 
 
 # ----- measurements -----------------------------------------------------------------------------
@@ -227,17 +236,10 @@ def run_pagedserve(args: argparse.Namespace, model_dir: Path, reqs: list[Req], w
     llm.generate([{"prompt_token_ids": r.prompt} for r in warm], [params(r) for r in warm], use_tqdm=False)
     prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
     sampling = [params(r) for r in reqs]
-    start = time.perf_counter()
-    results = llm.generate(prompts, sampling, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    with timed() as t:
+        results = llm.generate(prompts, sampling, use_tqdm=False)
     outputs = [list(res.outputs[0].token_ids) for res in results]
-    return RunResult.of(reqs, outputs, elapsed)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    return RunResult.of(reqs, outputs, t)
 
 
 def _hf_batch(model, batch: list[Req], pad_id: int) -> list[list[int]]:
@@ -268,7 +270,7 @@ def run_hf(args: argparse.Namespace, model_dir: Path, reqs: list[Req], warm: lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(args.dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, args.dtype)).eval()
     model.generation_config.eos_token_id = None  # ignore EOS, like ignore_eos=True
     order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].prompt))
     bs = args.hf_batch_size
@@ -276,36 +278,44 @@ def run_hf(args: argparse.Namespace, model_dir: Path, reqs: list[Req], warm: lis
     outputs: list[list[int]] = [[] for _ in reqs]
     with torch.inference_mode():
         _hf_batch(model, warm, pad_id=0)
-        start = time.perf_counter()
-        for idx in batches:
-            for i, toks in zip(idx, _hf_batch(model, [reqs[i] for i in idx], pad_id=0)):
-                outputs[i] = toks
-        elapsed = time.perf_counter() - start
-    return RunResult.of(reqs, outputs, elapsed)
+        with timed() as t:
+            for idx in batches:
+                for i, toks in zip(idx, _hf_batch(model, [reqs[i] for i in idx], pad_id=0)):
+                    outputs[i] = toks
+    return RunResult.of(reqs, outputs, t)
 
 
 # ----- report -----------------------------------------------------------------------------------
 
 
-def _row(name: str, s: dict[str, Any]) -> str:
-    return (
-        f"{name:<13}{s['prompts']:>8}{s['prompt_tokens']:>10}{s['generated_tokens']:>10}"
-        f"{s['elapsed_s']:>10.2f}{s['generated_tok_s']:>12.1f}{s['total_tok_s']:>12.1f}{100 * s['mfu']:>8.2f}%"
-    )
+_COLUMNS = (  # header, width, cell
+    ("prompts", 8, lambda s: f"{s['prompts']}"),
+    ("prompt", 9, lambda s: f"{s['prompt_tokens']}"),
+    ("gen", 8, lambda s: f"{s['generated_tokens']}"),
+    ("secs", 9, lambda s: f"{s['elapsed_s']:.2f}"),
+    ("gen tok/s", 11, lambda s: f"{s['generated_tok_s']:.1f}"),
+    ("total tok/s", 12, lambda s: f"{s['total_tok_s']:.1f}"),
+    ("MFU", 8, lambda s: f"{100 * s['mfu']:.2f}%"),
+    ("cpu/wall", 9, lambda s: f"{s['cpu_s'] / max(s['elapsed_s'], 1e-9):.2f}"),
+)
+
+
+def _line(name: str, cells: list[str]) -> str:
+    return f"{name:<13}" + "".join(f"{c:>{w}}" for c, (_, w, _) in zip(cells, _COLUMNS))
 
 
 def print_table(info: dict[str, Any]) -> None:
+    settings = info["settings"]
     print(
-        f"model {info['model']}  ({info['params'] / 1e6:.1f}M params, {info['settings']['dtype']}, "
-        f"{info['settings']['threads']} threads)"
+        f"model {info['model']}  ({info['params'] / 1e6:.1f}M params, {settings['dtype']}, {settings['threads']} threads)"
     )
-    print(f"float32 GEMM peak ({info['settings']['gemm_size']}^3): {info['gemm_peak_gflops']:.1f} GFLOP/s")
-    header = f"{'engine':<13}{'prompts':>8}{'prompt':>10}{'gen':>10}{'secs':>10}{'gen tok/s':>12}"
-    print(header + f"{'total tok/s':>12}{'MFU':>9}")
-    print("-" * (len(header) + 21))
-    print(_row("pagedserve", info["pagedserve"]))
+    print(f"float32 GEMM peak ({settings['gemm_size']}^3): {info['gemm_peak_gflops']:.1f} GFLOP/s")
+    header = _line("engine", [h for h, _, _ in _COLUMNS])
+    print(header + "\n" + "-" * len(header))
+    for name, key in (("pagedserve", "pagedserve"), ("transformers", "hf")):
+        if info[key] is not None:
+            print(_line(name, [cell(info[key]) for _, _, cell in _COLUMNS]))
     if info["hf"] is not None:
-        print(_row("transformers", info["hf"]))
         print(
             f"pagedserve / transformers generated tok/s: {info['ratio']:.2f}x  "
             f"(greedy outputs identical on {info['hf_matching_outputs']}/{info['hf']['prompts']} prompts)"

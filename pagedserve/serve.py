@@ -57,10 +57,13 @@ def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     base = [sys.executable, "-m", "pagedserve.cli"]
     inp, outp, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     model = _forward(args)
-    kids = [("engine", base + ["engine", *model, "--frontend-input", inp, "--frontend-output", outp, "--worker-addr", wrk])]
+    engine = ["engine", *model, "--frontend-input", inp, "--frontend-output", outp, "--worker-addr", wrk]
+    kids = [("engine", base + engine + ["--metrics-port", str(args.engine_metrics_port)])]
     dist = f"tcp://127.0.0.1:{free_port()}"
     for rank in range(args.tensor_parallel_size):
-        kids.append((f"worker-{rank}", base + ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]))
+        worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]
+        # --metrics-port is the base; each rank serves on base + rank
+        kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(args.worker_metrics_port)]))
     front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port)]
     if args.api_key:
         front += ["--api-key", args.api_key]
@@ -106,6 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--frontends", 1, "frontend processes")
     add_flag(parser, "--api-key", None, "require this Bearer token on /v1/*", kind=str)
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
+    add_flag(parser, "--engine-metrics-port", 8001, "the engine's /metrics port")
+    add_flag(parser, "--worker-metrics-port", 8002, "rank 0's /metrics port (rank r: + r)")
 
 
 def run(args: argparse.Namespace) -> int:

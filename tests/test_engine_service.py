@@ -40,14 +40,16 @@ def free_port() -> int:
 def stack(model_dirs):
     model = str(model_dirs("llama"))
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    engine_metrics, worker_metrics = free_port(), free_port()
     common = ["--model", model, "--max-model-len", "128", "--kv-cache-memory", str(8 << 20)]
     cli = [sys.executable, "-m", "pagedserve.cli"]
     env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
+    engine = ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk]
     procs = [
-        subprocess.Popen(cli + ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk], env=env),
-        subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk], env=env),
+        subprocess.Popen(cli + engine + ["--metrics-port", str(engine_metrics)], env=env),
+        subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env),
     ]
-    yield model, inp, out, procs
+    yield model, inp, out, procs, (engine_metrics, worker_metrics)
     for p in procs:
         p.terminate()
     for p in procs:
@@ -55,6 +57,16 @@ def stack(model_dirs):
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Metric name -> value (labels dropped; one series per name here)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 class Client:
@@ -98,7 +110,7 @@ class Client:
 def test_engine_serves_requests_like_offline(stack):
     from pagedserve import LLM
 
-    model, inp, out, _procs = stack
+    model, inp, out, _procs, ports = stack
     client = Client(inp, out)
     info = client.hello()
     assert info.max_model_len == 128 and info.num_blocks > 0
@@ -113,11 +125,18 @@ def test_engine_serves_requests_like_offline(stack):
         assert got[f"{client.id}-{i}"] == ("length", exp.outputs[0].token_ids)
     client.tx.send(Ping(1))
     assert client.rx.recv(timeout_ms=10_000) == Pong(1, 0, 0)
+    engine = scrape(ports[0])
+    assert engine["pagedserve_engine_connected_workers"] == 1
+    assert engine["pagedserve_engine_connected_frontends"] >= 1
+    assert engine["pagedserve_engine_prefix_cache_queried_tokens_total"] >= sum(map(len, prompts))
+    worker = scrape(ports[1])
+    assert worker["pagedserve_worker_kv_blocks"] == info.num_blocks
+    assert worker["pagedserve_worker_tokens_per_step_count"] >= 8
     client.close()
 
 
 def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
-    _, inp, out, procs = stack
+    _, inp, out, procs, ports = stack
     client = Client(inp, out)
     client.hello()
     long = np.arange(200, dtype=np.int32) % 50 + 10
@@ -132,5 +151,6 @@ def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
     client.tx.send(Ping(2))
     pong = client.rx.recv(timeout_ms=10_000)
     assert pong == Pong(2, 0, 0)  # nothing left running or waiting
+    assert scrape(ports[0])["pagedserve_engine_kv_cache_usage_ratio"] == 0.0  # every block back in the pool
     assert all(p.poll() is None for p in procs)
     client.close()

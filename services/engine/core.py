@@ -30,6 +30,7 @@ class EngineCore:
         self.config = config
         self.executor = executor
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.last_num_tokens = 0  # tokens scheduled by the latest step
 
     def make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Validate a request without admitting it (raises ValueError)."""
@@ -51,6 +52,7 @@ class EngineCore:
 
     def step(self) -> list[RequestDelta]:
         plan = self.scheduler.schedule()
+        self.last_num_tokens = plan.total_num_scheduled_tokens
         if not plan.num_scheduled_tokens and not plan.finished_req_ids:
             return []
         result = self.executor.execute(plan)

@@ -18,8 +18,10 @@ import time
 import zmq
 
 from services.engine.core import EngineCore
+from services.engine.metrics import EngineMetrics
 from shared.config import EngineConfig
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, DEFAULT_WORKER_ADDR, add_flag
+from shared.metrics import serve_metrics
 from shared.protocol import (
     AbortRequests,
     AddRequest,
@@ -107,6 +109,7 @@ class EngineService:
         self.frontends: set[bytes] = set()
         self.core: EngineCore | None = None
         self.model_info: ModelInfo | None = None
+        self.metrics = EngineMetrics(config.model.name)
 
     # ----- I/O threads ------------------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class EngineService:
         for target in (self._input_loop, self._output_loop):
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
         ready = self.workers.handshake(handshake_timeout_s)
+        self.metrics.workers.set(len(self.workers.ranks))
         self.core = EngineCore(self.config, self.workers, ready.num_blocks)
         m = self.config.model
         self.model_info = ModelInfo(
@@ -148,13 +152,23 @@ class EngineService:
                 busy = self.core.has_unfinished()
                 pongs = self._take_inputs(block=not busy)
                 if busy:
-                    self._route(self.core.step())
+                    self._step()
+                else:
+                    self.metrics.update(self.core.scheduler)
                 for identity, ping in pongs:
                     s = self.core.scheduler
                     self.outbox.put((identity, Pong(ping.ping_id, s.num_running, s.num_waiting)))
         finally:
             self.workers.shutdown()
             self.stopping.set()
+
+    def _step(self) -> None:
+        start, waited = time.monotonic(), self.workers.wait_time
+        deltas = self.core.step()
+        duration = time.monotonic() - start
+        self.metrics.worker_wait.set_total(self.workers.wait_time)
+        self.metrics.observe_step(self.core.scheduler, self.core.last_num_tokens, duration, self.workers.wait_time - waited)
+        self._route(deltas)
 
     def _take_inputs(self, block: bool) -> list[tuple[bytes, Ping]]:
         pongs = []
@@ -187,9 +201,11 @@ class EngineService:
             self._route(self.core.abort(msg.req_ids))
         elif isinstance(msg, Hello):
             self.frontends.add(identity)
+            self.metrics.frontends.set(len(self.frontends))
             self.outbox.put((identity, self.model_info))
         elif isinstance(msg, Goodbye):
             self.frontends.discard(identity)
+            self.metrics.frontends.set(len(self.frontends))
             self._route(self.core.abort([r for r, o in self.owners.items() if o == identity]))
 
     def _route(self, deltas: list[RequestDelta]) -> None:
@@ -212,6 +228,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--frontend-input", DEFAULT_ENGINE_INPUT, "ROUTER address frontends send requests to")
     add_flag(parser, "--frontend-output", DEFAULT_ENGINE_OUTPUT, "ROUTER address frontends receive outputs from")
     add_flag(parser, "--worker-addr", DEFAULT_WORKER_ADDR, "ROUTER address workers connect to")
+    add_flag(parser, "--metrics-port", 8001, "port serving /metrics (0: off)")
+    add_flag(parser, "--metrics-host", "0.0.0.0", "address serving /metrics")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     service = EngineService(config, args.frontend_input, args.frontend_output, args.worker_addr)
+    serve_metrics(args.metrics_port, args.metrics_host)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
     service.start()

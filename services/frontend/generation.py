@@ -9,8 +9,8 @@ simply returning early. The engine is never left generating for nobody.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,6 +21,7 @@ from services.frontend.sequence import Sequence
 from shared.protocol import RequestDelta, RequestFailed
 from shared.sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 _CANCELLED = object()
 
@@ -95,12 +96,16 @@ class Generation:
                 self._queue.put_nowait(_CANCELLED)
 
     async def _watch_disconnect(self, receive: Receive) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             while True:
                 message = await receive()
                 if message.get("type") == "http.disconnect":
                     self.cancel()
                     return
+        except asyncio.CancelledError:
+            pass  # the response is done
+        except Exception:  # the server's channel failed: nothing to watch, the request goes on
+            log.debug("disconnect watcher stopped", exc_info=True)
 
     # ----- consuming ----------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +26,15 @@ def kv_block_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
     return 2 * m.num_layers * config.cache.block_size * kv_heads * m.head_dim * itemsize
 
 
+@dataclass
+class StepStats:
+    phase: str  # "prefill", "decode" or "mixed"
+    num_reqs: int
+    num_tokens: int
+    forward_s: float
+    sampling_s: float
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device | str = "cpu"):
         self.config = config
@@ -36,6 +47,7 @@ class ModelRunner:
         self.num_blocks = self._measure_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.table = RequestTable(config.cache.block_size, self.device)
+        self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
 
     def _measure_num_blocks(self) -> int:
@@ -63,21 +75,39 @@ class ModelRunner:
         self.table.apply(plan)
         if not plan.num_scheduled_tokens:
             return StepResult(plan.step_id, [], [])
+        start = time.perf_counter()
         inputs = self.table.prepare(plan)
         ctx = ForwardContext(self.backend, self.backend.build(inputs.attn), self.kv_caches)
         with set_forward_context(ctx):
             hidden = self.model(inputs.input_ids, inputs.positions)
-        states = inputs.sampling_states
+            states = inputs.sampling_states
+            logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
+        self._sync()
+        forward_done = time.perf_counter()
         tokens: list[int] = []
         logprobs: list[TokenLogprobs | None] = []
         if states:
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
             meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
             out = self.sampler(logits, meta)
             tokens = out.sampled_token_ids.tolist()
             logprobs = _logprob_lists(out, states)
         self.table.advance(plan, states, tokens)
+        self.last_stats = StepStats(
+            _phase(inputs.attn.num_decodes, inputs.attn.num_reqs),
+            inputs.attn.num_reqs,
+            len(inputs.input_ids),
+            forward_done - start,
+            time.perf_counter() - forward_done,
+        )
         return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _phase(num_decodes: int, num_reqs: int) -> str:
+    return "decode" if num_decodes == num_reqs else "prefill" if num_decodes == 0 else "mixed"
 
 
 def _logprob_lists(out, states) -> list[TokenLogprobs | None]:

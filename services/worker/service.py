@@ -11,8 +11,10 @@ import signal
 import torch
 import zmq
 
+from services.worker.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
 from shared.engine_args import DEFAULT_WORKER_ADDR, add_flag, add_model_args, engine_config_from_args
+from shared.metrics import serve_metrics
 from shared.protocol import EngineToWorker, Shutdown, StepPlan, WorkerFailed, WorkerReady, WorkerToEngine
 from shared.transport import DealerQueue
 
@@ -28,7 +30,7 @@ def _init_distributed(args: argparse.Namespace, device: torch.device) -> None:
     )
 
 
-def serve(runner: ModelRunner, queue: DealerQueue, rank: int) -> None:
+def serve(runner: ModelRunner, queue: DealerQueue, rank: int, metrics: WorkerMetrics) -> None:
     while True:
         msg = queue.recv(timeout_ms=1000)
         if msg is None:
@@ -46,6 +48,7 @@ def serve(runner: ModelRunner, queue: DealerQueue, rank: int) -> None:
             continue
         if rank == 0:
             queue.send(result)
+        metrics.observe(runner.last_stats)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--rank", 0, "tensor-parallel rank of this worker")
     add_flag(parser, "--device", None, "cuda, cuda:N or cpu (default: cuda:RANK when available)", kind=str)
     add_flag(parser, "--dist-init-addr", "tcp://127.0.0.1:29500", "torch.distributed rendezvous for TP > 1")
+    add_flag(parser, "--metrics-port", 8002, "port serving /metrics, plus the rank (0: off)")
+    add_flag(parser, "--metrics-host", "0.0.0.0", "address serving /metrics")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size))
     _init_distributed(args, device)
     runner = ModelRunner(config, device)
+    metrics = WorkerMetrics(config.model.name, args.rank, runner)
+    serve_metrics(args.metrics_port and args.metrics_port + args.rank, args.metrics_host)
     ctx = zmq.Context()
     queue = DealerQueue(ctx, args.worker_addr, EngineToWorker, WorkerToEngine, identity=f"worker-{args.rank}".encode())
     queue.send(
@@ -70,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
                     config.model.max_model_len)
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    serve(runner, queue, args.rank)
+    serve(runner, queue, args.rank, metrics)
     return 0

@@ -218,9 +218,10 @@ def test_client_disconnect_aborts_in_engine(stack, client):
         assert stack.engine_load().num_running == 1
     _wait_engine_idle(stack, 2.0)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{stack.base}/v1/chat/completions", headers=headers, timeout=1.0,
-                   json={"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": 480,
-                         "ignore_eos": True})
+        resp = httpx.post(f"{stack.base}/v1/chat/completions", headers=headers, timeout=1.0,
+                          json={"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": 480,
+                                "ignore_eos": True})
+        pytest.fail(f"answered before the timeout: {resp.status_code} {resp.text[:300]}")
     _wait_engine_idle(stack, 2.0)
     assert httpx.get(f"{stack.base}/health").status_code == 200
     assert client.completions.create(model=model, prompt="after", max_tokens=3).usage.completion_tokens == 3

@@ -1,0 +1,61 @@
+"""Engine metrics: queue depths, KV usage, prefix cache, preemptions, step timings."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, CounterSync
+from services.engine.scheduler import Scheduler
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str):
+        labels = {"model_name": model_name}
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, list(labels)).labels(**labels)
+
+        def counter(name: str, doc: str) -> CounterSync:
+            return CounterSync(Counter(name, doc, list(labels)).labels(**labels))
+
+        def histogram(name: str, doc: str, buckets) -> Histogram:
+            return Histogram(name, doc, list(labels), buckets=buckets).labels(**labels)
+
+        self.running = gauge("pagedserve_engine_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("pagedserve_engine_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("pagedserve_engine_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
+        self.frontends = gauge("pagedserve_engine_connected_frontends", "Frontends that said hello.")
+        self.workers = gauge("pagedserve_engine_connected_workers", "Worker ranks that reported ready.")
+        self.prefix_queried = counter(
+            "pagedserve_engine_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
+        )
+        self.prefix_hits = counter("pagedserve_engine_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("pagedserve_engine_preemptions", "Requests preempted for lack of KV blocks.")
+        self.worker_wait = counter(
+            "pagedserve_engine_worker_wait_seconds", "Time the engine spent idle, waiting for worker results."
+        )
+        self.tokens_per_step = histogram(
+            "pagedserve_engine_scheduled_tokens_per_step", "Tokens scheduled in one step.", TOKEN_BUCKETS
+        )
+        self.step_duration = histogram(
+            "pagedserve_engine_step_duration_seconds", "Wall time of one engine step.", LATENCY_BUCKETS
+        )
+        self.overhead = histogram(
+            "pagedserve_engine_scheduling_overhead_seconds",
+            "Engine time per step outside the workers (scheduling and output processing).",
+            LATENCY_BUCKETS,
+        )
+
+    def observe_step(self, scheduler: Scheduler, tokens: int, duration: float, waited: float) -> None:
+        self.tokens_per_step.observe(tokens)
+        self.step_duration.observe(duration)
+        self.overhead.observe(max(0.0, duration - waited))
+        self.update(scheduler)
+
+    def update(self, scheduler: Scheduler) -> None:
+        self.running.set(scheduler.num_running)
+        self.waiting.set(scheduler.num_waiting)
+        self.kv_usage.set(scheduler.kv.usage)
+        self.prefix_queried.set_total(scheduler.kv.prefix_queried_tokens)
+        self.prefix_hits.set_total(scheduler.kv.prefix_hit_tokens)
+        self.preemptions.set_total(scheduler.num_preemptions)

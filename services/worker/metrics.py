@@ -1,0 +1,50 @@
+"""Worker metrics: forward and sampling time per step, batch shape, KV blocks, memory."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+from prometheus_client import Gauge, Histogram
+
+from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS
+from services.worker.model_runner import ModelRunner, StepStats
+
+
+class WorkerMetrics:
+    def __init__(self, model_name: str, rank: int, runner: ModelRunner):
+        labels = {"model_name": model_name, "rank": str(rank)}
+        names = list(labels)
+        self.runner = runner
+        self.forward = Histogram(
+            "pagedserve_worker_forward_seconds", "Model forward time per step.", names + ["phase"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.labels = labels
+        self.batch = Histogram(
+            "pagedserve_worker_batch_size", "Requests per step.", names, buckets=TOKEN_BUCKETS
+        ).labels(**labels)
+        self.tokens = Histogram(
+            "pagedserve_worker_tokens_per_step", "Tokens computed per step.", names, buckets=TOKEN_BUCKETS
+        ).labels(**labels)
+        self.sampling = Histogram(
+            "pagedserve_worker_sampling_seconds", "Sampling time per step.", names, buckets=LATENCY_BUCKETS
+        ).labels(**labels)
+        Gauge("pagedserve_worker_kv_blocks", "KV cache blocks allocated on this rank.", names).labels(
+            **labels
+        ).set(runner.num_blocks)
+        memory = Gauge("pagedserve_worker_memory_used_bytes", "Device memory in use (CPU: peak RSS).", names)
+        memory.labels(**labels).set_function(self._memory_used)
+
+    def _memory_used(self) -> float:
+        if self.runner.device.type == "cuda":
+            return float(torch.cuda.memory_allocated(self.runner.device))
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    def observe(self, stats: StepStats | None) -> None:
+        if stats is None:
+            return
+        self.forward.labels(**self.labels, phase=stats.phase).observe(stats.forward_s)
+        self.batch.observe(stats.num_reqs)
+        self.tokens.observe(stats.num_tokens)
+        self.sampling.observe(stats.sampling_s)
