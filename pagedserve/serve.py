@@ -68,7 +68,9 @@ def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     if args.api_key:
         front += ["--api-key", args.api_key]
     for i in range(args.frontends):
-        kids.append((f"frontend-{i}", base + ["frontend", *front]))
+        # frontends share the HTTP port; each also serves its own /metrics so every one is scraped
+        metrics = ["--metrics-port", str(args.frontend_metrics_port + i)] if args.frontend_metrics_port else []
+        kids.append((f"frontend-{i}", base + ["frontend", *front, *metrics]))
     return kids
 
 
@@ -111,6 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
     add_flag(parser, "--engine-metrics-port", 8001, "the engine's /metrics port")
     add_flag(parser, "--worker-metrics-port", 8002, "rank 0's /metrics port (rank r: + r)")
+    add_flag(parser, "--frontend-metrics-port", 8100, "frontend 0's own /metrics port (frontend i: + i; 0: none)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,90 @@
+"""`pagedserve serve`: starts the stack, reports readiness, stops every child on SIGTERM, and exits
+non-zero naming a child that died."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(model: str, port: int) -> subprocess.Popen:
+    cmd = [
+        sys.executable, "-m", "pagedserve.cli", "serve", model, "--port", str(port), "--frontends", "2",
+        "--max-model-len", "256", "--engine-metrics-port", str(free_port()), "--worker-metrics-port", str(free_port()),
+        "--frontend-metrics-port", "0", "--ready-timeout", "120",
+    ]
+    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_line(proc: subprocess.Popen, needle: str, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if needle in line:
+            return line
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"serve never printed {needle!r} (exit {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def children(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def test_serve_starts_answers_and_stops_cleanly(model_dirs):
+    port = free_port()
+    proc = start_serve(str(model_dirs("llama")), port)
+    try:
+        line = wait_line(proc, "serving")
+        assert f"http://127.0.0.1:{port}/v1" in line
+        kids = children(proc)
+        assert len(kids) >= 4  # engine, worker, two frontends
+        body = json.dumps({"model": json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"],
+                           "prompt": "hello", "max_tokens": 4, "ignore_eos": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+        out = json.load(urllib.request.urlopen(req, timeout=60))
+        assert out["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        gone, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_names_a_dead_child_and_exits_nonzero(model_dirs):
+    port = free_port()
+    proc = start_serve(str(model_dirs("llama")), port)
+    try:
+        wait_line(proc, "serving")
+        kids = children(proc)
+        engine = next(k for k in kids if " engine " in " ".join(k.cmdline()) + " ")
+        engine.kill()
+        assert proc.wait(30) == 1
+        assert "engine exited" in proc.stderr.read()
+        _, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
