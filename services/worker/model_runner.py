@@ -42,7 +42,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, self.dtype, self.device)
-        self.backend = select_backend(self.device)
+        self.backend = select_backend(self.device, self.dtype)
         self.sampler = Sampler()
         self.num_blocks = self._measure_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)

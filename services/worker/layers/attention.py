@@ -51,7 +51,7 @@ class AttentionBackend(Protocol):
 BACKENDS = ("torch", "triton")
 
 
-def select_backend(device: torch.device) -> AttentionBackend:
+def select_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> AttentionBackend:
     """PAGEDSERVE_ATTENTION_BACKEND=torch|triton overrides the default (triton on CUDA, torch on CPU)."""
     name = os.environ.get("PAGEDSERVE_ATTENTION_BACKEND") or ("triton" if device.type == "cuda" else "torch")
     if name not in BACKENDS:
@@ -59,7 +59,7 @@ def select_backend(device: torch.device) -> AttentionBackend:
     if name == "torch":
         from services.worker.layers.attention_torch import TorchAttentionBackend
 
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(dtype)
     from services.worker.layers.attention_triton import TritonAttentionBackend
 
     return TritonAttentionBackend(device)

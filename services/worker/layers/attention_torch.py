@@ -1,8 +1,8 @@
 """Vectorized torch attention over the paged KV cache (the CPU backend).
 
-All index tensors are built once per step in build(); a layer's forward is a cache write, one
-gather and one scaled_dot_product_attention call per group (decodes, prefill chunks): no Python
-loop over requests.
+All index tensors and masks are built once per step in build(); a layer's forward is a cache
+write, one block-granular gather and one scaled_dot_product_attention call per group (decodes,
+prefill chunks): no Python loop over requests.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from services.worker.layers.attention import CommonAttentionMetadata
 @dataclass
 class _Group:
     token_slice: slice  # this group's tokens in the flattened batch
-    key_slots: torch.Tensor  # [B, S] cache slot of each context position (padded)
-    mask: torch.Tensor | None  # [B, 1, Q, S] bool, True = attend; None = plain causal, no context
+    block_table: torch.Tensor  # [B, W] block ids (padded with block 0, masked out)
+    mask: torch.Tensor | None  # [B, 1, Q, W * block_size] additive; None = plain causal, no context
     query_index: torch.Tensor | None  # [T_group] row in the padded [B * Q] query layout
     max_q: int
 
@@ -30,70 +30,81 @@ class TorchAttentionMetadata:
     groups: list[_Group]
 
 
-def _key_slots(block_tables: list[list[int]], seq_lens: list[int], block_size: int, device) -> torch.Tensor:
-    max_len = max(seq_lens)
-    width = -(-max_len // block_size)
+def _block_table(block_tables: list[list[int]], seq_lens: list[int], block_size: int) -> torch.Tensor:
+    width = -(-max(seq_lens) // block_size)
     table = torch.zeros(len(seq_lens), width, dtype=torch.long)
     for i, blocks in enumerate(block_tables):
         n = min(len(blocks), width)
         table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
-    pos = torch.arange(max_len)
-    slots = table[:, pos // block_size] * block_size + pos % block_size
-    return slots.to(device)
+    return table
 
 
-def _build_group(common: CommonAttentionMetadata, lo: int, hi: int) -> _Group:
-    qsl = common.query_start_loc
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
+def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch.dtype) -> _Group:
+    qsl, device = common.query_start_loc, common.device
     seq_lens = common.seq_lens[lo:hi]
     q_lens = [qsl[i + 1] - qsl[i] for i in range(lo, hi)]
-    device = common.device
-    slots = _key_slots(common.block_tables[lo:hi], seq_lens, common.block_size, device)
+    table = _block_table(common.block_tables[lo:hi], seq_lens, common.block_size)
     token_slice = slice(qsl[lo], qsl[hi])
-    max_q, max_s = max(q_lens), slots.shape[1]
+    max_q, max_s = max(q_lens), table.shape[1] * common.block_size
     seq = torch.tensor(seq_lens)
     q_len = torch.tensor(q_lens)
     key_pos = torch.arange(max_s)
     if max_q == 1:  # decodes: each query sees its whole context
-        mask = (key_pos[None, :] < seq[:, None])[:, None, None, :]
-        return _Group(token_slice, slots, mask.to(device), None, 1)
+        allowed = (key_pos[None, :] < seq[:, None])[:, None, None, :]
+        return _Group(token_slice, table.to(device), _additive(allowed, dtype).to(device), None, 1)
     if hi - lo == 1 and seq_lens[0] == q_lens[0]:  # one fresh prompt: plain causal attention
-        return _Group(token_slice, slots, None, None, max_q)
+        return _Group(token_slice, table.to(device), None, None, max_q)
     # Query i of request b sits at position ctx_b + i and sees keys at positions <= ctx_b + i.
     ctx = seq - q_len
     q_pos = ctx[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
     valid_q = torch.arange(max_q)[None, :] < q_len[:, None]
-    mask = key_pos[None, None, :] <= q_pos[:, :, None]
-    mask &= valid_q[:, :, None]
-    mask[:, :, 0] |= ~valid_q  # padded query rows attend one key so softmax stays finite
+    allowed = key_pos[None, None, :] <= q_pos[:, :, None]
+    allowed &= valid_q[:, :, None]
+    allowed[:, :, 0] |= ~valid_q  # padded query rows attend one key so softmax stays finite
     rows = torch.arange(hi - lo)[:, None] * max_q + torch.arange(max_q)[None, :]
     query_index = rows[valid_q]
-    return _Group(token_slice, slots, mask[:, None].to(device), query_index.to(device), max_q)
+    mask = _additive(allowed[:, None], dtype)
+    return _Group(token_slice, table.to(device), mask.to(device), query_index.to(device), max_q)
 
 
 class TorchAttentionBackend:
     name = "torch"
 
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+
     def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         groups = []
         if common.num_decodes:
-            groups.append(_build_group(common, 0, common.num_decodes))
+            groups.append(_build_group(common, 0, common.num_decodes, self.dtype))
         if common.num_decodes < common.num_reqs:
-            groups.append(_build_group(common, common.num_decodes, common.num_reqs))
+            groups.append(_build_group(common, common.num_decodes, common.num_reqs, self.dtype))
         return TorchAttentionMetadata(common.slot_mapping, groups)
 
     def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
-        v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
+        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        if len(meta.groups) == 1:
+            return _attend(q, k, v, kv_cache, meta.groups[0], scale)
         out = torch.empty_like(q)
         for g in meta.groups:
-            out[g.token_slice] = _attend(q[g.token_slice], k, v, k_flat, v_flat, g, scale)
+            out[g.token_slice] = _attend(q[g.token_slice], k, v, kv_cache, g, scale)
         return out
 
 
-def _attend(q, k_new, v_new, k_flat, v_flat, g: _Group, scale: float) -> torch.Tensor:
+def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, W * block_size, D] from whole blocks: contiguous block copies, not per-token indexing."""
+    batch, width = table.shape
+    blocks = cache.index_select(0, table.flatten())  # [B * W, bs, Hkv, D]
+    return blocks.view(batch, width * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
+
+
+def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
         out = F.scaled_dot_product_attention(
@@ -101,9 +112,8 @@ def _attend(q, k_new, v_new, k_flat, v_flat, g: _Group, scale: float) -> torch.T
             is_causal=True, scale=scale, enable_gqa=True,
         )
         return out.transpose(0, 1)
-    batch = g.key_slots.shape[0]
-    keys = k_flat[g.key_slots].transpose(1, 2)  # [B, Hkv, S, D]
-    values = v_flat[g.key_slots].transpose(1, 2)
+    batch = g.block_table.shape[0]
+    keys, values = _gather(kv_cache[0], g.block_table), _gather(kv_cache[1], g.block_table)
     if g.query_index is None:
         queries = q.view(batch, 1, num_heads, head_dim)
     else:
