@@ -23,7 +23,7 @@ serve: install
 	$(VENV)/bin/pagedserve serve $(if $(MODEL),$(MODEL),--demo) $(SERVE_ARGS)
 
 bench: install
-	$(PY) benchmarks/throughput.py --model $(if $(MODEL),$(MODEL),--demo)
+	$(PY) benchmarks/throughput.py $(if $(MODEL),--model $(MODEL),--demo-size smol135 --arch llama)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -28,7 +28,7 @@ from services.frontend.openai_responses import (
 )
 from services.frontend.sequence import Sequence
 from services.frontend.state import FrontendState
-from services.frontend.streaming import CLIENT_CLOSED, run_to_completion, stream
+from services.frontend.streaming import respond_whole, stream
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -43,9 +43,12 @@ async def create_chat_completion(state: FrontendState, body: ChatCompletionReque
     gen = state.generation([ids], params, ENDPOINT, arrival)
     if body.stream:
         return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, updates))
-    seqs = await run_to_completion(gen, request)
-    if seqs is None:
-        return Response(status_code=CLIENT_CLOSED)
+    return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, seqs))
+
+
+def _response(
+    state: FrontendState, body: ChatCompletionRequest, gen: Generation, model: str, seqs: list[Sequence]
+) -> JSONResponse:
     choices = [
         ChatChoice(
             index=seq.index,

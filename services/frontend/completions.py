@@ -23,7 +23,7 @@ from services.frontend.openai_responses import (
 )
 from services.frontend.sequence import Sequence
 from services.frontend.state import FrontendState
-from services.frontend.streaming import CLIENT_CLOSED, run_to_completion, stream
+from services.frontend.streaming import respond_whole, stream
 
 ENDPOINT = "/v1/completions"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -59,9 +59,13 @@ async def create_completion(state: FrontendState, body: CompletionRequest, reque
     gen = state.generation(prompts, params, ENDPOINT, arrival)
     if body.stream:
         return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, echo, updates))
-    seqs = await run_to_completion(gen, request)
-    if seqs is None:
-        return Response(status_code=CLIENT_CLOSED)
+    return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, echo, seqs))
+
+
+def _response(
+    state: FrontendState, body: CompletionRequest, gen: Generation, model: str, echo: list[str] | None,
+    seqs: list[Sequence],
+) -> JSONResponse:
     choices = [_choice(state, body, gen, seq, echo) for seq in seqs]
     usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
     resp = CompletionResponse(id=random_id("cmpl"), created=now(), model=model, choices=choices, usage=usage)

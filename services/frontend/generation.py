@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from services.frontend.engine_client import EngineClient
 from services.frontend.errors import APIError, engine_unavailable
+from services.frontend.request_metrics import RequestMetrics, request_finish_reason
 from services.frontend.sequence import Sequence
 from shared.protocol import RequestDelta, RequestFailed
 from shared.sampling_params import SamplingParams
@@ -33,8 +33,9 @@ class ClientDisconnected(Exception):
 class Generation:
     """Sequences of one request, in choice order (prompt i, sample j -> index i * n + j).
 
-    ``start`` sends the AddRequests; ``close`` (always call it) aborts whatever has not finished
-    and stops routing its outputs.
+    ``start`` sends the AddRequests; ``close`` (always call it; once counts) aborts whatever has
+    not finished, stops routing its outputs and records the request in its metrics. Call ``fail``
+    first when the request failed after ``start`` (its finish reason is then "error").
     """
 
     _counter = itertools.count()
@@ -48,15 +49,13 @@ class Generation:
         *,
         stall_timeout: float = 10.0,
         ping_timeout: float = 5.0,
-        on_first_token: Callable[[float], None] | None = None,
-        arrival: float | None = None,
+        metrics: RequestMetrics | None = None,
     ):
         self.client = client
         self.prompts = prompts
         self.params = params
         self.stall_timeout, self.ping_timeout = stall_timeout, ping_timeout
-        self._on_first_token = on_first_token
-        self.arrival = time.monotonic() if arrival is None else arrival
+        self.metrics = metrics
         base = f"{client.frontend_id}-{next(self._counter)}"  # unique across frontends
         self.sequences: dict[str, Sequence] = {}
         self.prompt_of: dict[int, int] = {}  # choice index -> prompt index
@@ -68,24 +67,37 @@ class Generation:
                 self.prompt_of[index] = p
         self._queue: asyncio.Queue | None = None
         self._watcher: asyncio.Task | None = None
-        self._first_token_seen = False
         self.cancelled = False
+        self.failed = False
+        self._closed = False
 
     # ----- lifecycle ----------------------------------------------------------------------------
 
     def start(self, receive: Receive | None = None) -> None:
         """Send the requests; with ``receive`` (the ASGI channel), abort them if the client leaves."""
+        if self.metrics is not None:
+            self.metrics.start()
         self._queue = self.client.register(list(self.sequences))
         for req_id, seq in self.sequences.items():
             self.client.add_request(req_id, self.prompts[self.prompt_of[seq.index]], seq.params)
         if receive is not None:
             self._watcher = asyncio.create_task(self._watch_disconnect(receive))
 
+    def fail(self) -> None:
+        self.failed = True
+
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._watcher is not None:
             self._watcher.cancel()
         self.client.abort(self.unfinished())
         self.client.release(list(self.sequences))
+        if self.metrics is not None:
+            seqs = self.ordered()
+            reason = request_finish_reason([s.finish_reason for s in seqs], self.failed)
+            self.metrics.finish(reason, self.num_prompt_tokens, [len(s.token_ids) for s in seqs])
 
     def cancel(self) -> None:
         """Abort every unfinished sequence and wake the consumer with ClientDisconnected."""
@@ -135,9 +147,11 @@ class Generation:
             seq = self.sequences[item.req_id]
             if seq.finished:
                 continue  # e.g. the engine's abort notice after a stop string
-            self._note_first_token(item)
+            before = len(seq.token_ids)
             if seq.add(item):
                 self.client.abort([item.req_id])
+            if self.metrics is not None:
+                self.metrics.on_tokens(seq.index, len(seq.token_ids) - before)
             if seq.finish_reason == "error":
                 raise APIError(500, "the engine failed while generating this request", code="engine_error")
             yield seq
@@ -165,9 +179,3 @@ class Generation:
                 # an engine holding no request at all has lost ours (it restarted).
                 if pong.num_running + pong.num_waiting == 0 and self._queue.empty():
                     raise engine_unavailable("The engine lost this request (it may have restarted).") from None
-
-    def _note_first_token(self, delta: RequestDelta) -> None:
-        if not self._first_token_seen and delta.new_token_ids:
-            self._first_token_seen = True
-            if self._on_first_token is not None:
-                self._on_first_token(time.monotonic() - self.arrival)

@@ -1,6 +1,6 @@
 """A plain ASGI middleware (not BaseHTTPMiddleware, which would get between a streaming response
 and the client's disconnect): API-key check on /v1/*, the answering frontend's id as a
-response header, and the request counter by endpoint and status."""
+response header, and the HTTP responses counter by endpoint and status."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class FrontendMiddleware:
             else:
                 await self._reject(send_with_header)
         finally:
-            self.metrics.count_request(scope["path"], status)
+            self.metrics.count_response(scope["path"], status)
 
     @staticmethod
     async def _reject(send: Callable[[Message], Awaitable[None]]) -> None:

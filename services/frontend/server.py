@@ -133,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(config)
     state = app.state.frontend
     if args.metrics_port is not None:
-        from prometheus_client import start_http_server
+        from services.frontend.metrics import serve_metrics
 
-        start_http_server(args.metrics_port, addr=args.host, registry=state.metrics.registry)
+        serve_metrics(state.metrics, args.host, args.metrics_port)
     sock = bind_socket(args.host, args.port)
     log.info("frontend %s listening on %s:%d, engine %s / %s", state.frontend_id, args.host,
              sock.getsockname()[1], args.engine_input, args.engine_output)

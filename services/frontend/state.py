@@ -19,6 +19,7 @@ from services.frontend.errors import bad_request, engine_unavailable, from_value
 from services.frontend.generation import Generation
 from services.frontend.logprobs import TokenText
 from services.frontend.metrics import FrontendMetrics
+from services.frontend.request_metrics import RequestMetrics
 from services.frontend.tokenizer import apply_chat_template, load_tokenizer
 from shared.protocol import ModelInfo
 from shared.sampling_params import SamplingParams
@@ -47,7 +48,8 @@ class FrontendState:
     def __init__(self, config: FrontendConfig):
         self.config = config
         self.frontend_id = config.frontend_id or uuid.uuid4().hex
-        self.metrics = FrontendMetrics(self.frontend_id)
+        names = config.served_model_names
+        self.metrics = FrontendMetrics(self.frontend_id, names[0] if names else None)
         self.client = EngineClient(config.engine_input, config.engine_output, self.frontend_id)
         self.tokenizer: Any = None
         self.token_text: TokenText | None = None
@@ -66,6 +68,7 @@ class FrontendState:
     async def _prepare(self) -> None:
         """Wait for the engine's ModelInfo, then load the tokenizer it names (or ours)."""
         info = await self.client.wait_ready()
+        self.metrics.set_model(self.served_names()[0])
         path = self.config.tokenizer or info.model_path
         try:
             tokenizer = await self.run(load_tokenizer, path)
@@ -75,7 +78,7 @@ class FrontendState:
             return
         self.token_text = TokenText(tokenizer)
         self.tokenizer = tokenizer
-        self.metrics.engine_ready.set(1)
+        self.metrics.set_ready()
         log.info("frontend %s ready: serving %s", self.frontend_id, ", ".join(self.served_names()))
 
     async def shutdown(self) -> None:
@@ -175,6 +178,5 @@ class FrontendState:
             params,
             stall_timeout=self.config.stall_timeout,
             ping_timeout=self.config.health_timeout,
-            on_first_token=partial(self.metrics.observe_ttft, endpoint),
-            arrival=arrival,
+            metrics=RequestMetrics(self.metrics, endpoint, arrival),
         )

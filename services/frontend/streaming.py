@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from services.frontend.errors import APIError
 from services.frontend.generation import ClientDisconnected, Generation
@@ -27,13 +28,17 @@ CLIENT_CLOSED = 499
 ChunkWriter = Callable[[AsyncIterator[Sequence]], AsyncIterator[str]]
 
 
-async def run_to_completion(gen: Generation, request: Request) -> list[Sequence] | None:
-    """The finished sequences, or None if the client went away (everything was aborted)."""
-    gen.start(request.receive)
+async def respond_whole(gen: Generation, request: Request, build: Callable[[list[Sequence]], Response]) -> Response:
+    """Run to completion and ``build`` the response from the sequences (in choice order); 499 if
+    the client went away (everything was aborted)."""
     try:
-        return await gen.collect()
+        gen.start(request.receive)
+        return build(await gen.collect())
     except ClientDisconnected:
-        return None
+        return Response(status_code=CLIENT_CLOSED)
+    except Exception:
+        gen.fail()
+        raise
     finally:
         gen.close()
 
@@ -44,16 +49,35 @@ async def _chain(first: Sequence, rest: AsyncIterator[Sequence]) -> AsyncIterato
         yield seq
 
 
+class _GenerationStream(StreamingResponse):
+    """An SSE response that closes its Generation when it ends, however it ends: a client that
+    leaves between chunks can leave the body iterator suspended, its ``finally`` not yet run."""
+
+    def __init__(self, gen: Generation, body: AsyncIterator[str]):
+        super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self.gen = gen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.close()
+
+
 async def stream(gen: Generation, request: Request, write_chunks: ChunkWriter) -> Response:
     """An SSE response whose events ``write_chunks`` makes from the sequence updates."""
-    gen.start(request.receive)
     updates = gen.updates()
     try:
+        gen.start(request.receive)
         first = await updates.__anext__()
     except ClientDisconnected:
         gen.close()
         return Response(status_code=CLIENT_CLOSED)
-    except BaseException:
+    except Exception:
+        gen.fail()
+        gen.close()
+        raise
+    except BaseException:  # cancelled: the client or the server is going away
         gen.close()
         raise
 
@@ -64,13 +88,15 @@ async def stream(gen: Generation, request: Request, write_chunks: ChunkWriter) -
         except ClientDisconnected:
             return
         except APIError as exc:
+            gen.fail()
             yield f"data: {json.dumps(exc.body())}\n\n"
             yield SSE_DONE
         except Exception as exc:  # the headers are out: report in-band, keep the process alive
             log.exception("stream failed")
+            gen.fail()
             yield f"data: {json.dumps(APIError(500, f'Internal server error: {type(exc).__name__}').body())}\n\n"
             yield SSE_DONE
         finally:
             gen.close()  # synchronous: runs even when the response task is being cancelled
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    return _GenerationStream(gen, body())

@@ -67,7 +67,8 @@ class RequestTable:
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         """Flatten the scheduled tokens, decodes first, and compute slots and sampling rows."""
-        order = sorted(plan.num_scheduled_tokens.items(), key=lambda kv: kv[1] != 1)
+        # decodes first, then prefill chunks longest first (attention groups chunks of similar length)
+        order = sorted(plan.num_scheduled_tokens.items(), key=lambda kv: (kv[1] != 1, -kv[1]))
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
         num_decodes = sum(1 for _, n in order if n == 1)

@@ -197,7 +197,7 @@ def test_both_frontends_serve(stack, client):
     assert seen == {"fe-a", "fe-b"}
     for fid in ("fe-a", "fe-b"):
         page = stack.metrics(fid)
-        assert metric_value(page, "pagedserve_frontend_requests_total", endpoint="/v1/completions", status="200") > 0
+        assert metric_value(page, "pagedserve_frontend_http_responses_total", endpoint="/v1/completions", status="200") > 0
 
 
 def _wait_engine_idle(stack: Stack, timeout: float) -> float:
@@ -290,7 +290,7 @@ def test_frontend_joins_under_load(stack, client):
         else:
             raise AssertionError("the late frontend never served a request")
         page = stack.metrics("fe-late")
-        assert metric_value(page, "pagedserve_frontend_requests_total", endpoint="/v1/completions", status="200") > 0
+        assert metric_value(page, "pagedserve_frontend_http_responses_total", endpoint="/v1/completions", status="200") > 0
     finally:
         stop.set()
         for t in loaders:

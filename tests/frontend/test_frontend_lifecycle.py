@@ -102,7 +102,7 @@ def test_two_frontends_share_a_port_one_joining_under_load(fake_engine, start_fr
     for mport, fid in ((m1, "fe-one"), (m2, "fe-two")):
         page = httpx.get(f"http://127.0.0.1:{mport}/metrics").text
         assert metric_value(page, "pagedserve_frontend_info", frontend_id=fid) == 1
-        assert metric_value(page, "pagedserve_frontend_requests_total", endpoint="/v1/completions", status="200") > 0
+        assert metric_value(page, "pagedserve_frontend_http_responses_total", endpoint="/v1/completions", status="200") > 0
 
 
 def test_sigterm_finishes_open_requests_and_says_goodbye(fake_engine, start_frontend):

@@ -211,12 +211,79 @@ def test_streamed_sse_ends_with_done(frontend):
     assert all("usage" not in json.loads(e[6:]) for e in events[:-1])
 
 
-def test_metrics_count_requests_and_ttft(frontend):
-    text = httpx.get(f"{frontend}/metrics").text
-    assert metric_value(text, "pagedserve_frontend_requests_total", endpoint="/v1/completions", status="200") > 0
-    assert metric_value(text, "pagedserve_frontend_requests_total", endpoint="/v1/completions", status="400") > 0
-    assert metric_value(text, "pagedserve_time_to_first_token_seconds_count", endpoint="/v1/chat/completions") > 0
-    assert metric_value(text, "pagedserve_frontend_engine_ready") == 1
+def _request_reason(reasons: list[str]) -> str:
+    """The request-level finish reason the metrics document for several choices."""
+    return next((r for r in ("error", "abort", "length") if r in reasons), "stop")
+
+
+def test_metrics_match_what_clients_saw(frontend, client, fake_engine):
+    before = httpx.get(f"{frontend}/metrics").text
+    outs = [
+        ("/v1/completions", client.completions.create(model="fake-model", prompt="Hello", max_tokens=4, n=2,
+                                                      seed=3, temperature=1.0)),
+        ("/v1/completions", client.completions.create(model="fake-model", prompt="Hello", max_tokens=40,
+                                                      stop=[" five"])),
+        ("/v1/chat/completions", client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5)),
+    ]
+    chunks = list(client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    reasons = [_request_reason([c.finish_reason for c in out.choices]) for _, out in outs]
+    reasons.append(_request_reason([c.choices[0].finish_reason for c in chunks if c.choices and
+                                    c.choices[0].finish_reason]))
+    usages = [out.usage for _, out in outs] + [chunks[-1].usage]
+    endpoints = [e for e, _ in outs] + ["/v1/chat/completions"]
+    num_choices = [len(out.choices) for _, out in outs] + [1]
+    assert reasons == ["length", "stop", "length", "length"]
+    after = httpx.get(f"{frontend}/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        labels = {"model_name": "fake-model", **labels}
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        for reason in ("stop", "length", "abort", "error"):
+            want = sum(e == endpoint and r == reason for e, r in zip(endpoints, reasons))
+            assert delta("pagedserve_frontend_requests_total", endpoint=endpoint, finish_reason=reason) == want
+        want = endpoints.count(endpoint)
+        assert delta("pagedserve_frontend_http_responses_total", endpoint=endpoint, status="200") == want
+    generated = sum(u.completion_tokens for u in usages)
+    prompted = sum(u.prompt_tokens for u in usages)
+    assert delta("pagedserve_frontend_generation_tokens_total") == generated
+    assert delta("pagedserve_frontend_generation_tokens_sum") == generated
+    assert delta("pagedserve_frontend_prompt_tokens_total") == prompted
+    assert delta("pagedserve_frontend_prompt_tokens_sum") == prompted
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "prompt_tokens", "generation_tokens"):
+        assert delta(f"pagedserve_frontend_{name}_count") == 4, name
+    paced = sum(u.completion_tokens > n for u, n in zip(usages, num_choices))  # over one token per choice
+    assert delta("pagedserve_frontend_time_per_output_token_seconds_count") == paced
+    # One gap per token after each choice's first.
+    assert delta("pagedserve_frontend_inter_token_latency_seconds_count") == generated - sum(num_choices)
+    assert metric_value(after, "pagedserve_frontend_requests_in_flight") == 0
+    assert metric_value(after, "pagedserve_frontend_engine_ready", model_name="fake-model") == 1
+    samples = [line for line in after.splitlines() if line and not line.startswith("#")]
+    assert all('model_name="' in line for line in samples), [s for s in samples if "model_name" not in s]
+
+
+def test_metrics_count_aborts_and_errors(frontend, client, fake_engine):
+    def value(name: str, **labels: str) -> float:
+        return metric_value(httpx.get(f"{frontend}/metrics").text, name, model_name="fake-model", **labels)
+
+    def reasons() -> dict[str, float]:
+        return {r: value("pagedserve_frontend_requests_total", finish_reason=r) for r in ("abort", "error")}
+
+    start, e2e = reasons(), value("pagedserve_frontend_e2e_request_latency_seconds_count")
+    fake_engine.refuse_next = "no"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="fake-model", prompt="Hello", max_tokens=2)
+    with _slow(fake_engine):
+        body = {"model": "fake-model", "prompt": "Hello", "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", f"{frontend}/v1/completions", json=body, timeout=10) as resp:
+            assert next(resp.iter_lines()).startswith("data: ")
+        assert fake_engine.wait_for(lambda: value("pagedserve_frontend_requests_in_flight") == 0, 5)
+    end = reasons()
+    assert (end["abort"] - start["abort"], end["error"] - start["error"]) == (1, 1)
+    assert value("pagedserve_frontend_e2e_request_latency_seconds_count") - e2e == 2
 
 
 def test_api_key(fake_engine, start_frontend):

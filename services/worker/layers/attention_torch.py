@@ -71,6 +71,26 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     return _Group(token_slice, table.to(device), mask.to(device), query_index.to(device), max_q)
 
 
+_MAX_PADDING = 0.25  # share of padded query rows a prefill group may carry
+
+
+def _prefill_ranges(common: CommonAttentionMetadata) -> list[tuple[int, int]]:
+    """Split the prefill requests (longest first, as the runner orders them) into runs of similar
+    length, so padding each run to its longest chunk wastes little attention work."""
+    qsl = common.query_start_loc
+    ranges, lo = [], common.num_decodes
+    while lo < common.num_reqs:
+        longest, total, hi = qsl[lo + 1] - qsl[lo], 0, lo
+        while hi < common.num_reqs:
+            n = qsl[hi + 1] - qsl[hi]
+            if longest * (hi - lo + 1) > (total + n) * (1 + _MAX_PADDING):
+                break
+            total, hi = total + n, hi + 1
+        ranges.append((lo, hi))
+        lo = hi
+    return ranges
+
+
 class TorchAttentionBackend:
     name = "torch"
 
@@ -81,8 +101,8 @@ class TorchAttentionBackend:
         groups = []
         if common.num_decodes:
             groups.append(_build_group(common, 0, common.num_decodes, self.dtype))
-        if common.num_decodes < common.num_reqs:
-            groups.append(_build_group(common, common.num_decodes, common.num_reqs, self.dtype))
+        for lo, hi in _prefill_ranges(common):
+            groups.append(_build_group(common, lo, hi, self.dtype))
         return TorchAttentionMetadata(common.slot_mapping, groups)
 
     def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:
