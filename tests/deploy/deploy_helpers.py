@@ -117,7 +117,7 @@ ComposeLoader.add_constructor("!override", lambda loader, node: Override(_constr
 
 
 def load_compose_yaml(path: Path) -> dict[str, Any]:
-    return yaml.load(path.read_text(), Loader=ComposeLoader)  # noqa: S506 (a SafeLoader subclass)
+    return yaml.load(path.read_text(), Loader=ComposeLoader)
 
 
 # $$ | ${NAME} | ${NAME:-default} / -default / :?err / ?err / :+alt / +alt | $NAME

@@ -70,7 +70,7 @@ def test_the_schema_check_is_not_vacuous(validator, compose):
 def test_every_variable_has_a_default_and_is_documented_in_env_example():
     """Compose must work without a .env: every ${VAR} carries a default; .env.example lists them."""
     example = (REPO / ".env.example").read_text()
-    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", example, flags=re.M))
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", example, flags=re.MULTILINE))
     for path in (COMPOSE_FILE, COMPOSE_CPU_FILE):
         for name, op in variable_references(path.read_text()):
             assert op in (":-", "-"), f"{path.name}: ${{{name}}} has no default"

@@ -10,17 +10,13 @@ import json
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from frontend_helpers import Proc, free_port, metric_value, wait_until
-
-from shared.protocol import EngineMessage, FrontendMessage, Ping, Pong
-from shared.transport import DealerQueue
+from e2e_stack import Stack
+from frontend_helpers import metric_value, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,67 +26,9 @@ ENGINE_FLAGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 
-class Stack:
-    def __init__(self, model: Path, logs: Path):
-        self.model, self.logs = model, logs
-        self.inp, self.out, self.wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.procs: list[Proc] = []
-        self.metrics_ports: dict[str, int] = {}
-
-    def start(self, name: str, *args: str) -> Proc:
-        proc = Proc(["-m", "pagedserve.cli", *args], self.logs / f"{name}.log", env={"PAGEDSERVE_LOG_LEVEL": "WARNING"})
-        self.procs.append(proc)
-        return proc
-
-    def start_frontend(self, frontend_id: str) -> Proc:
-        self.metrics_ports[frontend_id] = port = free_port()
-        return self.start(frontend_id, "frontend", "--engine-input", self.inp, "--engine-output", self.out,
-                          "--port", str(self.port), "--api-key", API_KEY, "--frontend-id", frontend_id,
-                          "--metrics-port", str(port), "--log-level", "warning")
-
-    def metrics(self, frontend_id: str) -> str:
-        return httpx.get(f"http://127.0.0.1:{self.metrics_ports[frontend_id]}/metrics", timeout=5).text
-
-    def wait_frontend_ready(self, frontend_id: str, proc: Proc, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.popen.poll() is None, proc.log()
-            try:
-                if metric_value(self.metrics(frontend_id), "pagedserve_frontend_engine_ready") == 1:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{frontend_id} never became ready:\n{proc.log()[-3000:]}")
-
-    def engine_load(self) -> Pong:
-        """Ask the engine directly how many requests it holds."""
-        import zmq
-
-        ctx, ident = zmq.Context(), uuid.uuid4().hex.encode()
-        tx = DealerQueue(ctx, self.inp, EngineMessage, FrontendMessage, identity=ident)
-        rx = DealerQueue(ctx, self.out, EngineMessage, FrontendMessage, identity=ident)
-        try:
-            time.sleep(0.05)  # let the output connection register before the answer is routed
-            tx.send(Ping(1))
-            pong = rx.recv(timeout_ms=10_000)
-            assert isinstance(pong, Pong), pong
-            return pong
-        finally:
-            tx.close()
-            rx.close()
-            ctx.term()
-
-    def close(self) -> None:
-        for proc in reversed(self.procs):  # frontends first (Goodbye), then engine, then worker
-            proc.close()
-
-
 @pytest.fixture(scope="module")
 def stack(model_dirs, tmp_path_factory) -> Iterator[Stack]:
-    st = Stack(model_dirs("llama"), tmp_path_factory.mktemp("e2e-logs"))
+    st = Stack(model_dirs("llama"), tmp_path_factory.mktemp("e2e-logs"), API_KEY)
     try:
         st.start("worker", "worker", "--model", str(st.model), *ENGINE_FLAGS, "--worker-addr", st.wrk)
         engine = st.start("engine", "engine", "--model", str(st.model), *ENGINE_FLAGS, "--frontend-input", st.inp,
@@ -241,6 +179,7 @@ def test_client_disconnect_aborts_in_engine(stack, client):
 def test_bad_input_matrix(stack, client):
     model = _model(client)
     url, auth = f"{stack.base}/v1/completions", {"authorization": f"Bearer {API_KEY}"}
+    before = stack.idle_metrics()
     cases = [
         ({"content": b"{oops", "headers": {**auth, "content-type": "application/json"}}, 400, "invalid_json"),
         ({"json": {"model": model, "prompt": "x", "max_tokens": "many"}, "headers": auth}, 400, "invalid_type"),
@@ -261,6 +200,74 @@ def test_bad_input_matrix(stack, client):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x " * (2 * MAX_MODEL_LEN)}])
     assert httpx.get(f"{stack.base}/health").status_code == 200
     assert client.completions.create(model=model, prompt="still", max_tokens=2).choices[0].text is not None
+    after, labels = stack.idle_metrics(), {"model_name": model}
+    for status in ("200", "400", "401", "404"):
+        want = sum(str(s) == status for _, s, _ in cases) + (status == "200")  # + "still"
+        got = _delta(before, after, "pagedserve_frontend_http_responses_total", endpoint="/v1/completions",
+                     status=status, **labels)
+        assert got == want, status
+    assert _delta(before, after, "pagedserve_frontend_http_responses_total", endpoint="/v1/chat/completions",
+                  status="400", **labels) == 1
+    # Refused before admission: only "still" is a generation request.
+    assert _delta(before, after, "pagedserve_frontend_requests_total", **labels) == 1
+
+
+def _delta(old: list[str], new: list[str], name: str, **labels: str) -> float:
+    """How much ``name`` grew between two scrapes of the same frontends, summed over them."""
+    return sum(metric_value(b, name, **labels) - metric_value(a, name, **labels) for a, b in zip(old, new))
+
+
+def _request_reason(reasons: list[str]) -> str:
+    """One HTTP request's finish reason from its choices', as the metrics document it."""
+    return next((r for r in ("error", "abort", "length") if r in reasons), "stop")
+
+
+def _known_requests(client: openai.OpenAI, model: str) -> list[tuple[str, str, openai.types.CompletionUsage]]:
+    """Whole and streamed, n > 1, stop and length: (endpoint, request's finish reason, usage) each."""
+    full = client.completions.create(model=model, prompt="def main(args):", max_tokens=8, **GREEDY)
+    cut = client.completions.create(model=model, prompt="def main(args):", max_tokens=8,
+                                    stop=[full.choices[0].text[3:6]], **GREEDY)
+    two = client.completions.create(model=model, prompt="Hi", max_tokens=4, n=2, seed=1)
+    out = [("/v1/completions", _request_reason([c.finish_reason for c in o.choices]), o.usage) for o in (full, cut, two)]
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    return [*out, ("/v1/chat/completions", _request_reason(reasons), chunks[-1].usage)]
+
+
+def test_metrics_match_responses(stack, client):
+    model = _model(client)
+    labels = {"model_name": model}
+    before = stack.idle_metrics()
+    finished = _known_requests(client, model)
+    assert {r for _, r, _ in finished} == {"stop", "length"}
+    mid = stack.idle_metrics()
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        for reason in ("stop", "length", "abort", "error"):
+            want = sum(e == endpoint and r == reason for e, r, _ in finished)
+            got = _delta(before, mid, "pagedserve_frontend_requests_total", endpoint=endpoint, finish_reason=reason,
+                         **labels)
+            assert got == want, (endpoint, reason)
+        want = sum(e == endpoint for e, _, _ in finished)
+        assert _delta(before, mid, "pagedserve_frontend_http_responses_total", endpoint=endpoint, status="200",
+                      **labels) == want
+    for name, field in (("generation_tokens", "completion_tokens"), ("prompt_tokens", "prompt_tokens")):
+        want = sum(getattr(u, field) for _, _, u in finished)
+        assert _delta(before, mid, f"pagedserve_frontend_{name}_total", **labels) == want, name
+        assert _delta(before, mid, f"pagedserve_frontend_{name}_sum", **labels) == want, name
+    # A streaming client that leaves after the first chunk.
+    body = {"model": model, "prompt": "def f():", "max_tokens": MAX_MODEL_LEN - 24, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{stack.base}/v1/completions", json=body,
+                      headers={"authorization": f"Bearer {API_KEY}"}) as resp:
+        assert next(resp.iter_lines()).startswith("data: ")
+    after = stack.idle_metrics()  # in flight back to 0 on both frontends
+    _wait_engine_idle(stack, 2.0)
+    assert _delta(mid, after, "pagedserve_frontend_requests_total", finish_reason="abort", **labels) == 1
+    assert _delta(mid, after, "pagedserve_frontend_requests_total", **labels) == 1
+    assert _delta(mid, after, "pagedserve_frontend_generation_tokens_total", **labels) >= 1
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert _delta(before, after, f"pagedserve_frontend_{name}_count", **labels) == len(finished) + 1, name
+    assert sum(metric_value(p, "pagedserve_frontend_requests_in_flight", **labels) for p in after) == 0
 
 
 def _load(stack: Stack, model: str, stop: threading.Event, errors: list[str]) -> None:

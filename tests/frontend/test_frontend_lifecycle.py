@@ -60,6 +60,15 @@ def test_engine_late_hung_and_restarted(tokenizer_dir, tokenizer, start_frontend
         inflight.join(30)
         assert result["resp"].status_code == 503 and "lost" in result["resp"].json()["error"]["message"]
         assert httpx.post(f"{base}/v1/completions", json=BODY).json()["choices"][0]["text"]
+    page = httpx.get(f"{base}/metrics").text
+    # Refused before the engine was known (so before the model name was): not a generation request.
+    assert metric_value(page, "pagedserve_frontend_http_responses_total", model_name="unknown",
+                        endpoint="/v1/completions", status="503") == 1
+    # The hung engine's and the lost request's 503s came after admission: errors.
+    requests = {r: metric_value(page, "pagedserve_frontend_requests_total", model_name="fake-model", finish_reason=r)
+                for r in ("stop", "length", "abort", "error")}
+    assert requests == {"stop": 0, "length": 3, "abort": 0, "error": 2}
+    assert metric_value(page, "pagedserve_frontend_requests_in_flight", model_name="fake-model") == 0
 
 
 def _load(base: str, stop: threading.Event, errors: list[str], served: list[str]) -> None:

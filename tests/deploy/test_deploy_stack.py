@@ -11,6 +11,7 @@ random-weight model as MODEL."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -88,15 +89,13 @@ def _localize(env: dict[str, str], ports: dict[int, int], hf_home: Path) -> dict
 
 
 def _process_env(compose_env: dict[str, str], **extra: str) -> dict[str, str]:
-    import os
-
     base = {k: v for k, v in os.environ.items() if not k.startswith("PAGEDSERVE_")}
     return {**base, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **compose_env, **extra}
 
 
 def _start_service(stack: LocalStack, name: str, service: dict, env: dict[str, str]) -> Proc:
     command = service["command"]
-    script = re.search(r'^pagedserve = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)
+    script = re.search(r'^pagedserve = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.MULTILINE)
     assert command[0] == "pagedserve" and script and script.group(1) == "pagedserve.cli:main", command
     proc = Proc.python_module(name, "pagedserve.cli", command[1:], stack.logs, env)
     stack.procs[name] = proc
@@ -104,9 +103,16 @@ def _start_service(stack: LocalStack, name: str, service: dict, env: dict[str, s
 
 
 def render_nginx_conf(env: dict[str, str]) -> str:
-    """deploy/nginx/nginx.conf as the nginx image renders it: envsubst of the variables that are set."""
+    """deploy/nginx/nginx.conf as the nginx image renders it: envsubst of the variables that are set
+    and match NGINX_ENVSUBST_FILTER."""
     text = (REPO / "deploy/nginx/nginx.conf").read_text()
-    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", lambda m: env.get(m.group(1), m.group(0)), text)
+    wanted = re.compile(env.get("NGINX_ENVSUBST_FILTER", ""))
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        return env[name] if name in env and wanted.search(name) else m.group(0)
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, text)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +145,7 @@ def stack(model_dirs, tmp_path_factory) -> Iterator[LocalStack]:
         nginx_env["NGINX_UPSTREAM_SERVERS"] = " ".join(f"server 127.0.0.1:{p};" for p in st.frontend_ports)
         conf = logs / "nginx.conf"
         conf.write_text(render_nginx_conf(nginx_env))
-        assert not re.search(r"^[^#]*\$\{", conf.read_text(), re.M), "a template variable was left unset"
+        assert not re.search(r"^[^#]*\$\{", conf.read_text(), re.MULTILINE), "a template variable was left unset"
         st.procs["nginx"] = Proc("nginx", [NGINX, "-e", "stderr", "-p", str(logs), "-c", str(conf),
                                            "-g", f"daemon off; pid {logs}/nginx.pid;"], logs)
         wait_http(f"{st.base}/nginx-health", [st.procs["nginx"]], timeout=20)
@@ -210,7 +216,7 @@ def test_compose_healthchecks_pass(stack):
         test = stack.compose["services"][name]["healthcheck"]["test"]
         assert test[:3] == ["CMD", "python", "-c"], test
         code = re.sub(r"127\.0\.0\.1:(800[012])\b", lambda m: f"127.0.0.1:{local[int(m.group(1))]}", test[3])
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=30)
         if proc.returncode != 0:
             failures.append(f"{name}: {proc.stderr.strip().splitlines()[-1:]}")
     assert not failures, failures
@@ -363,6 +369,8 @@ def test_every_dashboard_panel_returns_data(prometheus, dashboard):
             failures.append(f"{where}: {error}\n    {promql}")
         elif not result:
             failures.append(f"{where}: empty ({_diagnose(prometheus, promql)})\n    {promql}")
+        elif all(r["value"][1] == "NaN" for r in result):
+            failures.append(f"{where}: only NaN (a rate of a series that did not move?)\n    {promql}")
     assert not failures, f"{len(failures)} empty or failing panel queries:\n" + "\n".join(failures)
 
 

@@ -14,10 +14,9 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from deploy_helpers import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-from deploy_helpers import REPO
 
 DOCKER = REPO / "deploy" / "docker"
 TORCH_LIKE = re.compile(r"^(torch|triton|nvidia-.*|pytorch-.*)$")
@@ -64,7 +63,7 @@ def _sandbox(dists: dict[str, metadata.Distribution], root: Path) -> Path:
 def _run_isolated(site: Path, code: str) -> subprocess.CompletedProcess:
     # -S: no site-packages; -s: no user site. Only the stdlib, the sandbox and the repository.
     env = {"PYTHONPATH": f"{site}:{REPO}", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-S", "-s", "-c", textwrap.dedent(code)], capture_output=True,
+    return subprocess.run([sys.executable, "-S", "-s", "-c", textwrap.dedent(code)], check=False, capture_output=True,
                           text=True, env=env, cwd=site, timeout=120)
 
 
@@ -79,7 +78,7 @@ def test_torch_free_images_install_the_package_without_dependencies(role):
     assert f"deploy/docker/requirements-{role}.txt" in text
     names = {canonicalize_name(r.name) for r in _requirements(DOCKER / f"requirements-{role}.txt")}
     assert not {n for n in names if TORCH_LIKE.match(n)}, names
-    assert re.search(r"^CMD \[\"pagedserve\", \"" + role + r"\"\]", text, re.M)
+    assert re.search(r"^CMD \[\"pagedserve\", \"" + role + r"\"\]", text, re.MULTILINE)
 
 
 @pytest.mark.parametrize("role", ["frontend", "engine"])
@@ -137,19 +136,19 @@ def test_frontend_runs_on_its_requirements_alone(model_dirs, tmp_path):
 
 def test_worker_image_is_on_a_cuda_pytorch_base():
     text = _dockerfile("worker")
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.MULTILINE).group(1)
     assert base.startswith("pytorch/pytorch:") and "cuda" in base
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.MULTILINE)
     # The pinned torch the tests run against, kept in step with the base image's tag.
     makefile_torch = re.search(r"torch==([\d.]+)", (REPO / "Makefile").read_text()).group(1)
     assert base.split(":")[1].startswith(makefile_torch + "-")
-    assert re.search(r'^CMD \["pagedserve", "worker"\]', text, re.M)
+    assert re.search(r'^CMD \["pagedserve", "worker"\]', text, re.MULTILINE)
 
 
 def test_build_context_leaves_out_local_state():
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".git", "tests"} <= ignored
     for name in ("frontend", "engine", "worker"):
-        for src in re.findall(r"^COPY (\S+)", _dockerfile(name), re.M):
+        for src in re.findall(r"^COPY (\S+)", _dockerfile(name), re.MULTILINE):
             assert (REPO / src).exists(), (name, src)
             assert src.split("/")[0] not in ignored, (name, src)

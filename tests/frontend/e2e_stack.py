@@ -1,0 +1,84 @@
+"""The real stack as processes for end-to-end tests: engine, worker and frontends, each with its
+own log, plus a raw engine probe (a Ping whose Pong counts the requests the engine holds)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from frontend_helpers import Proc, free_port, metric_value
+
+from shared.protocol import EngineMessage, FrontendMessage, Ping, Pong
+from shared.transport import DealerQueue
+
+
+class Stack:
+    """Addresses and processes of one stack; its frontends require ``api_key`` on /v1/*."""
+
+    def __init__(self, model: Path, logs: Path, api_key: str):
+        self.model, self.logs, self.api_key = model, logs, api_key
+        self.inp, self.out, self.wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.procs: list[Proc] = []
+        self.metrics_ports: dict[str, int] = {}
+
+    def start(self, name: str, *args: str) -> Proc:
+        proc = Proc(["-m", "pagedserve.cli", *args], self.logs / f"{name}.log", env={"PAGEDSERVE_LOG_LEVEL": "WARNING"})
+        self.procs.append(proc)
+        return proc
+
+    def start_frontend(self, frontend_id: str) -> Proc:
+        self.metrics_ports[frontend_id] = port = free_port()
+        return self.start(frontend_id, "frontend", "--engine-input", self.inp, "--engine-output", self.out,
+                          "--port", str(self.port), "--api-key", self.api_key, "--frontend-id", frontend_id,
+                          "--metrics-port", str(port), "--log-level", "warning")
+
+    def metrics(self, frontend_id: str) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_ports[frontend_id]}/metrics", timeout=5).text
+
+    def idle_metrics(self, frontend_ids: tuple[str, ...] = ("fe-a", "fe-b"), timeout: float = 10.0) -> list[str]:
+        """The frontends' metrics pages, once none of them has a request in flight."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pages = [self.metrics(fid) for fid in frontend_ids]
+            if sum(metric_value(p, "pagedserve_frontend_requests_in_flight") for p in pages) == 0:
+                return pages
+            assert time.monotonic() < deadline, "requests still in flight"
+            time.sleep(0.05)
+
+    def wait_frontend_ready(self, frontend_id: str, proc: Proc, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.popen.poll() is None, proc.log()
+            try:
+                if metric_value(self.metrics(frontend_id), "pagedserve_frontend_engine_ready") == 1:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{frontend_id} never became ready:\n{proc.log()[-3000:]}")
+
+    def engine_load(self) -> Pong:
+        """Ask the engine directly how many requests it holds."""
+        import zmq
+
+        ctx, ident = zmq.Context(), uuid.uuid4().hex.encode()
+        tx = DealerQueue(ctx, self.inp, EngineMessage, FrontendMessage, identity=ident)
+        rx = DealerQueue(ctx, self.out, EngineMessage, FrontendMessage, identity=ident)
+        try:
+            time.sleep(0.05)  # let the output connection register before the answer is routed
+            tx.send(Ping(1))
+            pong = rx.recv(timeout_ms=10_000)
+            assert isinstance(pong, Pong), pong
+            return pong
+        finally:
+            tx.close()
+            rx.close()
+            ctx.term()
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):  # frontends first (Goodbye), then engine, then worker
+            proc.close()
