@@ -62,8 +62,8 @@ def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     dist = f"tcp://127.0.0.1:{free_port()}"
     for rank in range(args.tensor_parallel_size):
         worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]
-        # --metrics-port is the base; each rank serves on base + rank
-        kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(args.worker_metrics_port)]))
+        port = args.worker_metrics_port + rank if args.worker_metrics_port else 0
+        kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(port)]))
     front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port)]
     if args.api_key:
         front += ["--api-key", args.api_key]

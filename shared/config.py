@@ -15,8 +15,12 @@ from typing import Any
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
-def resolve_model_path(model: str, revision: str | None = None) -> Path:
-    """A local directory as is; otherwise a Hugging Face hub id fetched through huggingface_hub."""
+_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def resolve_model_path(model: str, revision: str | None = None, weights: bool = True) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id fetched through huggingface_hub
+    (with weights=False, only the config, generation config and tokenizer files)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -24,7 +28,7 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
         raise ValueError(f"model path {model!r} is not a directory")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    patterns = _CONFIG_FILES + (["*.safetensors"] if weights else [])
     try:
         return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # network down, unknown repo, gated model
@@ -75,10 +79,12 @@ class ModelConfig:
         max_model_len: int | None = None,
         served_name: str | None = None,
         revision: str | None = None,
+        weights: bool = True,
     ) -> ModelConfig:
+        """weights=False fetches no weight files for a hub id (the engine needs only the config)."""
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        path = resolve_model_path(model, revision)
+        path = resolve_model_path(model, revision, weights)
         hf = _read_json(path / "config.json")
         if not hf:
             raise ValueError(f"{path} has no config.json")

@@ -52,11 +52,12 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--seed", 0, "random seed")
 
 
-def engine_config_from_args(args: argparse.Namespace, rank: int = 0) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bool = True) -> EngineConfig:
     if not args.model:
         raise ValueError("a model is required (--model, or PAGEDSERVE_MODEL)")
     model = ModelConfig.from_pretrained(
-        args.model, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_model_name
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_model_name,
+        weights=weights,
     )
     return EngineConfig(
         model=model,

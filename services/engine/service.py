@@ -235,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from shared.engine_args import engine_config_from_args
 
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, weights=False)  # the engine reads no weights
     service = EngineService(config, args.frontend_input, args.frontend_output, args.worker_addr)
     serve_metrics(args.metrics_port, args.metrics_host)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())

@@ -6,9 +6,13 @@ from pathlib import Path
 from typing import Any
 
 
-def load_tokenizer(path: str):
-    """The checkpoint's tokenizer. tokenizer.json loads through PreTrainedTokenizerFast directly,
-    since transformers' Auto classes import torch, which the frontend image does not carry."""
+def load_tokenizer(model: str):
+    """The checkpoint's tokenizer, from a local directory or a hub id (tokenizer files only).
+    tokenizer.json loads through PreTrainedTokenizerFast directly, since transformers' Auto
+    classes import torch, which the frontend image does not carry."""
+    from shared.config import resolve_model_path
+
+    path = str(resolve_model_path(model, weights=False))
     if (Path(path) / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--rank", 0, "tensor-parallel rank of this worker")
     add_flag(parser, "--device", None, "cuda, cuda:N or cpu (default: cuda:RANK when available)", kind=str)
     add_flag(parser, "--dist-init-addr", "tcp://127.0.0.1:29500", "torch.distributed rendezvous for TP > 1")
-    add_flag(parser, "--metrics-port", 8002, "port serving /metrics, plus the rank (0: off)")
+    add_flag(parser, "--metrics-port", None, "port serving /metrics (default 8002 + rank; 0: off)", kind=int)
     add_flag(parser, "--metrics-host", "0.0.0.0", "address serving /metrics")
 
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     _init_distributed(args, device)
     runner = ModelRunner(config, device)
     metrics = WorkerMetrics(config.model.name, args.rank, runner)
-    serve_metrics(args.metrics_port and args.metrics_port + args.rank, args.metrics_host)
+    serve_metrics(8002 + args.rank if args.metrics_port is None else args.metrics_port, args.metrics_host)
     ctx = zmq.Context()
     queue = DealerQueue(ctx, args.worker_addr, EngineToWorker, WorkerToEngine, identity=f"worker-{args.rank}".encode())
     queue.send(
