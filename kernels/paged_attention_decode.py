@@ -120,8 +120,9 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU about twice, never splits shorter than MIN_TOKENS_PER_SPLIT."""
+def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU about twice, never splits shorter than MIN_TOKENS_PER_SPLIT.
+    (A CUDA graph fixes it once per batch size, from max_model_len.)"""
     if device.type != "cuda":
         return 1
     sms = _sm_count(device)
@@ -182,7 +183,7 @@ def paged_attention_decode(
     )
     d_pad, group = next_pow2(head_dim), num_heads // num_kv_heads
     tile_n = 64 if d_pad <= 128 else 32
-    splits = num_splits or _num_splits(batch, num_kv_heads, max_seq_len, q.device)
+    splits = num_splits or default_num_splits(batch, num_kv_heads, max_seq_len, q.device)
     per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), tile_n) * tile_n
     splits = max(1, triton.cdiv(max_seq_len, per_split))
     part_out = part_lse = out  # placeholders, unused without a split

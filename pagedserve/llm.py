@@ -16,7 +16,14 @@ from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from services.engine.core import EngineCore
 from services.frontend.sequence import Sequence
 from services.frontend.tokenizer import apply_chat_template, load_tokenizer
-from shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shared.config import (
+    CacheConfig,
+    CompilationConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 from shared.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -38,6 +45,7 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         num_gpu_blocks_override: int | None = None,
         tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
         device: str | None = None,
         revision: str | None = None,
     ):
@@ -59,6 +67,7 @@ class LLM:
             ),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             parallel=ParallelConfig(),
+            compilation=CompilationConfig(enforce_eager=enforce_eager),
             seed=seed,
         )
         self.tokenizer = load_tokenizer(model_config.path)

@@ -20,7 +20,7 @@ from shared.engine_args import add_flag, add_model_args
 _MODEL_FLAGS = (
     "model", "served_model_name", "dtype", "max_model_len", "block_size", "kv_cache_memory",
     "gpu_memory_utilization", "num_gpu_blocks_override", "enable_prefix_caching", "max_num_seqs",
-    "max_num_batched_tokens", "tensor_parallel_size", "seed",
+    "max_num_batched_tokens", "tensor_parallel_size", "enforce_eager", "seed",
 )
 
 

@@ -168,11 +168,26 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class CompilationConfig:
+    """How the worker executes steps on a GPU. By default decode-only steps of up to
+    max_capture_size requests replay CUDA graphs captured at startup; enforce_eager runs every
+    step eagerly (no capture). Ignored on CPU."""
+
+    enforce_eager: bool = False
+    max_capture_size: int = 256  # largest decode batch captured; bigger ones run eagerly
+
+    def __post_init__(self) -> None:
+        if self.max_capture_size < 1:
+            raise ValueError("max_capture_size must be at least 1")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
 
 

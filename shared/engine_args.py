@@ -9,7 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from shared.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shared.config import (
+    CacheConfig,
+    CompilationConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
 
 DEFAULT_ENGINE_INPUT = "tcp://127.0.0.1:5570"
 DEFAULT_ENGINE_OUTPUT = "tcp://127.0.0.1:5571"
@@ -49,6 +56,7 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--max-num-seqs", 128, "most requests running at once")
     add_flag(parser, "--max-num-batched-tokens", 2048, "token budget per step")
     add_flag(parser, "--tensor-parallel-size", 1, "worker ranks")
+    add_flag(parser, "--enforce-eager", False, "run every step eagerly on GPU (no CUDA graphs for decode)")
     add_flag(parser, "--seed", 0, "random seed")
 
 
@@ -70,5 +78,6 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, rank=rank),
+        compilation=CompilationConfig(enforce_eager=args.enforce_eager),
         seed=args.seed,
     )

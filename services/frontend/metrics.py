@@ -77,8 +77,14 @@ GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 UNKNOWN_MODEL = "unknown"
 
-_TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
-_TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0)
+_TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25,
+    0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+)
+_TOKEN_GAP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0, 600.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -100,10 +106,14 @@ class _TokenTotals:
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         prompt = CounterMetricFamily(
-            "pagedserve_frontend_prompt_tokens_total", "Prompt tokens of finished requests", labels=["model_name"]
+            "pagedserve_frontend_prompt_tokens_total",
+            "Prompt tokens of generation requests (once per request)",
+            labels=["model_name"],
         )
         generation = CounterMetricFamily(
-            "pagedserve_frontend_generation_tokens_total", "Tokens generated for requests", labels=["model_name"]
+            "pagedserve_frontend_generation_tokens_total",
+            "Tokens generated for generation requests (all choices)",
+            labels=["model_name"],
         )
         with self._lock:
             for model, (p, g) in self._totals.items():
@@ -121,30 +131,38 @@ class FrontendMetrics:
         self.frontend_id = frontend_id
         self.model = UNKNOWN_MODEL
         self._ready = False
-        reg = self.registry
-        m = ["model_name"]
+        self._add_process_series()
+        self._add_request_series()
+        self._publish_process_series()
+        if model_name is not None:
+            self.set_model(model_name)
+
+    def _add_process_series(self) -> None:
+        reg, m = self.registry, ["model_name"]
         self.info = Gauge("pagedserve_frontend_info", "This frontend process (value 1)", ["frontend_id", *m], registry=reg)
         self.engine_ready = Gauge(
-            "pagedserve_frontend_engine_ready", "1 once the engine has sent its model info and the tokenizer is loaded", m, registry=reg
+            "pagedserve_frontend_engine_ready", "1 once the engine sent its model info and the tokenizer loaded", m,
+            registry=reg,
         )
         self.engine_requests = Gauge(
             "pagedserve_frontend_engine_requests",
             "Requests in the engine (all frontends'), as of the last health ping this frontend sent",
-            [*m, "state"],
-            registry=reg,
+            [*m, "state"], registry=reg,
         )
         self.responses = Counter(
             "pagedserve_frontend_http_responses", "HTTP responses, by endpoint and status code",
             [*m, "endpoint", "status"], registry=reg,
         )
+
+    def _add_request_series(self) -> None:
+        reg, m = self.registry, ["model_name"]
         self.requests = Counter(
             "pagedserve_frontend_requests", "Generation requests finished, by endpoint and finish reason",
             [*m, "endpoint", "finish_reason"], registry=reg,
         )
-        self.in_flight = Gauge(
-            "pagedserve_frontend_requests_in_flight", "Generation requests being served", m, registry=reg
-        )
-        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to the first generated token", _TTFT_BUCKETS)
+        self.in_flight = Gauge("pagedserve_frontend_requests_in_flight", "Generation requests being served", m,
+                               registry=reg)
+        self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to the first token", _TTFT_BUCKETS)
         self.itl = self._histogram(
             "inter_token_latency_seconds", "Gap between successive tokens of one choice", _TOKEN_GAP_BUCKETS
         )
@@ -156,12 +174,11 @@ class FrontendMetrics:
         self.generation_tokens = self._histogram("generation_tokens", "Generated tokens per request", TOKEN_BUCKETS)
         self.token_totals = _TokenTotals()
         reg.register(self.token_totals)
-        self._publish_process_series()
-        if model_name is not None:
-            self.set_model(model_name)
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-        return Histogram(f"pagedserve_frontend_{name}", doc, ["model_name"], buckets=buckets, registry=self.registry)
+        return Histogram(
+            f"pagedserve_frontend_{name}", doc, ["model_name"], buckets=buckets, registry=self.registry
+        )
 
     def _publish_process_series(self) -> None:
         self.info.labels(self.frontend_id, self.model).set(1)

@@ -57,7 +57,9 @@ class RequestMetrics:
             itl.observe(0.0)
         self._last_token_at[index] = now
 
-    def finish(self, reason: str, prompt_tokens: int, choice_tokens: list[int], now: float | None = None) -> None:
+    def finish(
+        self, reason: str, prompt_tokens: int, choice_tokens: list[int], now: float | None = None
+    ) -> None:
         """The response has ended. Counted once, and only for a started request."""
         if not self._started or self._finished:
             return

@@ -28,7 +28,9 @@ CLIENT_CLOSED = 499
 ChunkWriter = Callable[[AsyncIterator[Sequence]], AsyncIterator[str]]
 
 
-async def respond_whole(gen: Generation, request: Request, build: Callable[[list[Sequence]], Response]) -> Response:
+async def respond_whole(
+    gen: Generation, request: Request, build: Callable[[list[Sequence]], Response]
+) -> Response:
     """Run to completion and ``build`` the response from the sequences (in choice order); 499 if
     the client went away (everything was aborted)."""
     try:

@@ -9,6 +9,7 @@ import torch
 
 from services.worker.layers.attention import CommonAttentionMetadata
 from services.worker.layers.sampler import SamplingState
+from services.worker.transfer import tensor_to_device, to_device
 from shared.protocol import NewRequestData, StepPlan
 
 
@@ -88,20 +89,21 @@ class RequestTable:
                 samplers.append(state)
         dev = self.device
         flat_ids = [t for chunk in ids for t in chunk]
+        # built on the host; on CUDA copied from pinned memory without blocking (see transfer.py)
         attn = CommonAttentionMetadata(
             query_start_loc=qsl,
             seq_lens=seq_lens,
             block_tables=tables,
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            slot_mapping=to_device(torch.from_numpy(np.concatenate(slots)), dev),
             num_decodes=num_decodes,
             block_size=bs,
             device=dev,
         )
         return StepInputs(
-            input_ids=torch.tensor(flat_ids, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(np.concatenate(pos)).to(dev),
+            input_ids=tensor_to_device(flat_ids, torch.long, dev),
+            positions=to_device(torch.from_numpy(np.concatenate(pos)), dev),
             attn=attn,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+            logits_indices=tensor_to_device(logits_idx, torch.long, dev),
             sampling_states=samplers,
         )
 

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from e2e_stack import Stack
-from frontend_helpers import metric_value, wait_until
+from frontend_helpers import free_port, metric_value, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,9 +30,10 @@ GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 def stack(model_dirs, tmp_path_factory) -> Iterator[Stack]:
     st = Stack(model_dirs("llama"), tmp_path_factory.mktemp("e2e-logs"), API_KEY)
     try:
-        st.start("worker", "worker", "--model", str(st.model), *ENGINE_FLAGS, "--worker-addr", st.wrk)
+        st.start("worker", "worker", "--model", str(st.model), *ENGINE_FLAGS, "--worker-addr", st.wrk,
+                 "--metrics-port", str(free_port()))
         engine = st.start("engine", "engine", "--model", str(st.model), *ENGINE_FLAGS, "--frontend-input", st.inp,
-                          "--frontend-output", st.out, "--worker-addr", st.wrk)
+                          "--frontend-output", st.out, "--worker-addr", st.wrk, "--metrics-port", str(free_port()))
         fronts = {fid: st.start_frontend(fid) for fid in ("fe-a", "fe-b")}
         for fid, proc in fronts.items():
             st.wait_frontend_ready(fid, proc)

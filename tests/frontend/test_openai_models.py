@@ -1,4 +1,5 @@
-"""Request models, error shapes and logprob shapes, in process (no engine, no sockets)."""
+"""Request models, error shapes, logprob shapes and per-request metrics, in process (no engine, no
+sockets)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pydantic import ValidationError
 
 from services.frontend.errors import validation_error
 from services.frontend.logprobs import TokenText, chat_logprobs, completion_logprobs
+from services.frontend.metrics import FrontendMetrics
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
+from services.frontend.request_metrics import RequestMetrics, request_finish_reason
 from shared.protocol import TokenLogprobs
 
 
@@ -126,3 +129,43 @@ def test_frontend_modules_do_not_import_torch():
     code = "import sys, services.frontend.server, services.frontend.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("reasons", "failed", "want"),
+    [
+        (["stop", "stop"], False, "stop"),
+        (["stop", "length"], False, "length"),
+        (["length", "abort"], False, "abort"),
+        (["stop", None], False, "abort"),  # a choice left unfinished: the request was abandoned
+        (["abort", "error"], False, "error"),
+        (["stop"], True, "error"),
+    ],
+)
+def test_request_finish_reason(reasons, failed, want):
+    assert request_finish_reason(reasons, failed) == want
+
+
+def test_request_metrics_of_two_choices():
+    metrics = FrontendMetrics("fe", "m")
+    req = RequestMetrics(metrics, "/v1/completions", arrival=10.0)
+    req.start()
+    assert metrics.registry.get_sample_value("pagedserve_frontend_requests_in_flight", {"model_name": "m"}) == 1
+    for index, at, count in ((0, 10.5, 1), (1, 10.6, 1), (0, 10.7, 2), (1, 11.0, 1), (0, 11.5, 1)):
+        req.on_tokens(index, count, at)
+    req.finish("length", 7, [4, 2], now=12.0)
+    req.finish("length", 7, [4, 2], now=13.0)  # counted once
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(f"pagedserve_frontend_{name}", {"model_name": "m", **labels})
+
+    assert value("requests_total", endpoint="/v1/completions", finish_reason="length") == 1
+    assert value("requests_in_flight") == 0
+    assert value("time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    # Gaps per choice: 0.2 and 0 (a two-token delta), then 0.8; choice 1: 0.4.
+    assert value("inter_token_latency_seconds_count") == 4
+    assert value("inter_token_latency_seconds_sum") == pytest.approx(1.4)
+    assert value("time_per_output_token_seconds_sum") == pytest.approx(1.5 / 3)  # the longest choice's pace
+    assert value("e2e_request_latency_seconds_sum") == pytest.approx(2.0)
+    assert (value("prompt_tokens_total"), value("generation_tokens_total")) == (7, 6)
+    assert (value("prompt_tokens_sum"), value("generation_tokens_sum")) == (7, 6)

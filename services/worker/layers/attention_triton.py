@@ -1,10 +1,14 @@
 """Triton attention over the paged KV cache (the GPU backend).
 
 build() turns the step's CommonAttentionMetadata into device tensors once (the padded int32
-block table, seq_lens, the prefill query offsets) together with the host-side maxima the kernels
-need for their grids, so no layer forces a device sync. forward() writes this step's K/V into
-the cache, then runs the decode kernel over the first num_decodes requests and the prefill
-kernel over the rest.
+block table, seq_lens, the prefill query offsets; on CUDA copied from pinned memory without
+blocking) together with the host-side maxima the kernels need for their grids, so no layer
+forces a device sync. forward() writes this step's K/V into the cache, then runs the decode
+kernel over the first num_decodes requests and the prefill kernel over the rest.
+
+graph_decode_metadata() is the CUDA-graph variant for decode-only batches: it wraps static
+tensors the caller refills before each replay, with a grid fixed by the padded batch size,
+max_model_len and a fixed split count, so nothing in it depends on the step.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.layers.attention import CommonAttentionMetadata
+from services.worker.transfer import tensor_to_device
 
 
 @dataclass
@@ -27,6 +32,7 @@ class TritonAttentionMetadata:
     prefill_query_start_loc: torch.Tensor | None  # [B_prefill + 1] int32, from 0
     prefill_token_start: int  # first prefill token in the flattened batch (= num_decodes)
     prefill_max_query_len: int
+    decode_num_splits: int | None = None  # None: the decode kernel's heuristic for this step
 
 
 def _interpreting() -> bool:
@@ -69,16 +75,47 @@ class TritonAttentionBackend:
         if nd < common.num_reqs:
             offsets = [x - qsl[nd] for x in qsl[nd:]]
             max_q = max(b - a for a, b in itertools.pairwise(offsets))
-            prefill_qsl = torch.tensor(offsets, dtype=torch.int32).to(device)
+            prefill_qsl = tensor_to_device(offsets, torch.int32, device)
         return TritonAttentionMetadata(
             slot_mapping=common.slot_mapping.to(device=device, dtype=torch.int64),
-            block_tables=torch.tensor(table, dtype=torch.int32).reshape(len(table), width).to(device),
-            seq_lens=torch.tensor(common.seq_lens, dtype=torch.int32).to(device),
+            block_tables=tensor_to_device(table, torch.int32, device).reshape(len(table), width),
+            seq_lens=tensor_to_device(common.seq_lens, torch.int32, device),
             num_decodes=nd,
             decode_max_seq_len=max(common.seq_lens[:nd], default=0),
             prefill_query_start_loc=prefill_qsl,
             prefill_token_start=qsl[nd],
             prefill_max_query_len=max_q,
+        )
+
+    def graph_decode_metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        max_seq_len: int,
+        num_splits: int,
+    ) -> TritonAttentionMetadata:
+        """Metadata of a decode-only batch over caller-owned static tensors (a CUDA graph's inputs):
+        slot_mapping [B] int64 (-1: padding row, not written), block_tables [B, W] int32 with
+        W * block_size >= max_seq_len, seq_lens [B] int32 (0: padding row, attends to nothing and
+        outputs zeros). max_seq_len bounds every request (max_model_len) and num_splits is fixed,
+        so the kernels' grids and arguments stay the same from step to step."""
+        batch = slot_mapping.shape[0]
+        if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
+            raise ValueError(
+                f"graph decode metadata needs {batch} rows everywhere, got block_tables "
+                f"{tuple(block_tables.shape)} and seq_lens {tuple(seq_lens.shape)}"
+            )
+        return TritonAttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            num_decodes=batch,
+            decode_max_seq_len=max_seq_len,
+            prefill_query_start_loc=None,
+            prefill_token_start=batch,
+            prefill_max_query_len=0,
+            decode_num_splits=num_splits,
         )
 
     def forward(
@@ -97,7 +134,7 @@ class TritonAttentionBackend:
         if nd:
             self._decode(
                 q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                max_seq_len=meta.decode_max_seq_len, out=out[:nd],
+                max_seq_len=meta.decode_max_seq_len, num_splits=meta.decode_num_splits, out=out[:nd],
             )
         if meta.prefill_query_start_loc is not None:
             start = meta.prefill_token_start
