@@ -68,8 +68,13 @@ class RequestTable:
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         """Flatten the scheduled tokens, decodes first, and compute slots and sampling rows."""
-        # decodes first, then prefill chunks longest first (attention groups chunks of similar length)
-        order = sorted(plan.num_scheduled_tokens.items(), key=lambda kv: (kv[1] != 1, -kv[1]))
+        # decodes first, longest context first; then prefill chunks, longest first (the torch
+        # attention backend groups requests of similar length to limit padding)
+        states = self.states
+        order = sorted(
+            plan.num_scheduled_tokens.items(),
+            key=lambda kv: (kv[1] != 1, -kv[1], -states[kv[0]].num_computed_tokens),
+        )
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
         num_decodes = sum(1 for _, n in order if n == 1)

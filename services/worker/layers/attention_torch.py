@@ -71,23 +71,19 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     return _Group(token_slice, table.to(device), mask.to(device), query_index.to(device), max_q)
 
 
-_MAX_PADDING = 0.25  # share of padded query rows a prefill group may carry
+_MAX_PADDING = 0.25  # share of padding a group may carry
 
 
-def _prefill_ranges(common: CommonAttentionMetadata) -> list[tuple[int, int]]:
-    """Split the prefill requests (longest first, as the runner orders them) into runs of similar
-    length, so padding each run to its longest chunk wastes little attention work."""
-    qsl = common.query_start_loc
-    ranges, lo = [], common.num_decodes
-    while lo < common.num_reqs:
-        longest, total, hi = qsl[lo + 1] - qsl[lo], 0, lo
-        while hi < common.num_reqs:
-            n = qsl[hi + 1] - qsl[hi]
-            if longest * (hi - lo + 1) > (total + n) * (1 + _MAX_PADDING):
-                break
-            total, hi = total + n, hi + 1
-        ranges.append((lo, hi))
-        lo = hi
+def _similar_runs(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Split requests lo..hi (sorted longest first, as the runner orders them) into runs of
+    similar size, so padding each run to its longest member wastes little attention work."""
+    ranges = []
+    while lo < hi:
+        end, total = lo, 0
+        while end < hi and sizes[lo] * (end - lo + 1) <= (total + sizes[end]) * (1 + _MAX_PADDING):
+            total, end = total + sizes[end], end + 1
+        ranges.append((lo, end))
+        lo = end
     return ranges
 
 
@@ -98,11 +94,11 @@ class TorchAttentionBackend:
         self.dtype = dtype
 
     def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
-        groups = []
-        if common.num_decodes:
-            groups.append(_build_group(common, 0, common.num_decodes, self.dtype))
-        for lo, hi in _prefill_ranges(common):
-            groups.append(_build_group(common, lo, hi, self.dtype))
+        qsl, nd, n = common.query_start_loc, common.num_decodes, common.num_reqs
+        q_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
+        # decodes grouped by context length (what they read), prefill chunks by query length
+        ranges = _similar_runs(common.seq_lens, 0, nd) + _similar_runs(q_lens, nd, n)
+        groups = [_build_group(common, lo, hi, self.dtype) for lo, hi in ranges]
         return TorchAttentionMetadata(common.slot_mapping, groups)
 
     def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:
