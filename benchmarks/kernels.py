@@ -5,11 +5,12 @@ q read / kernel time) over a grid of batch sizes and context lengths, next to th
 torch reference timed the same way (CUDA events, warmup, L2 flushed before every timed call).
 
     python benchmarks/kernels.py [--batch-sizes 1,8,32,128] [--context-lens 512,2048,8192]
-    python benchmarks/kernels.py --e2e MODEL_DIR [--max-tokens 256]
+    python benchmarks/kernels.py --e2e MODEL_DIR [--max-tokens 256] [--enforce-eager]
 
 --e2e measures batch-1 decode tokens/s through the offline API (`pagedserve.LLM`) and compares it
-with the memory-bandwidth roofline (every weight byte read once per token). Both modes print a
-table and then one JSON line.
+with the memory-bandwidth roofline (every weight byte read once per token). Decode steps replay
+the worker's CUDA graphs as in serving; --enforce-eager runs them eagerly instead, so two runs
+show what the graphs are worth. Both modes print a table and then one JSON line.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def bench_e2e(torch, args, peak: float | None) -> dict[str, Any]:
     except ImportError as exc:
         sys.exit(f"--e2e needs the offline API (from pagedserve import LLM, SamplingParams): {exc}")
     model_dir = Path(args.e2e)
-    llm = LLM(model=str(model_dir), dtype="bfloat16")
+    llm = LLM(model=str(model_dir), dtype="bfloat16", enforce_eager=args.enforce_eager)
+    graphs = llm.runner.decode_graphs
     prompt = ["The quick brown fox jumps over the lazy dog. " * 4]
 
     def run(max_tokens: int) -> float:
@@ -161,12 +163,15 @@ def bench_e2e(torch, args, peak: float | None) -> dict[str, Any]:
     tok_s = (args.max_tokens - 1) / max(total - first, 1e-9)
     wbytes = weight_bytes(model_dir)
     roofline = peak * 1e9 / wbytes if peak else None
+    mode = "eager" if graphs is None else "cuda_graphs"
+    if graphs is not None and graphs.replays == 0:
+        sys.exit("CUDA graphs were captured but no decode step replayed one")
     result = {"benchmark": "e2e_decode_batch1", "model": str(model_dir), "max_tokens": args.max_tokens,
-              "weight_gb": wbytes / 1e9, "decode_tok_s": tok_s, "roofline_tok_s": roofline,
+              "mode": mode, "weight_gb": wbytes / 1e9, "decode_tok_s": tok_s, "roofline_tok_s": roofline,
               "pct_roofline": 100 * tok_s / roofline if roofline else None, "prefill_plus_1_s": first}
-    print(f"{'model':>30} {'weights GB':>10} {'tok/s':>8} {'roofline':>9} {'% roof':>7}")
+    print(f"{'model':>30} {'mode':>11} {'weights GB':>10} {'tok/s':>8} {'roofline':>9} {'% roof':>7}")
     roof = f"{roofline:9.0f} {result['pct_roofline']:7.1f}" if roofline else f"{'-':>9} {'-':>7}"
-    print(f"{model_dir.name[-30:]:>30} {wbytes / 1e9:10.2f} {tok_s:8.1f} {roof}")
+    print(f"{model_dir.name[-30:]:>30} {mode:>11} {wbytes / 1e9:10.2f} {tok_s:8.1f} {roof}")
     return result
 
 
@@ -178,6 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--e2e", metavar="MODEL_DIR", help="batch-1 decode tokens/s through pagedserve.LLM")
     p.add_argument("--max-tokens", type=int, default=256, help="--e2e: tokens generated per timed request")
+    p.add_argument("--enforce-eager", action="store_true", help="--e2e: run decode eagerly (no CUDA graphs)")
     p.add_argument("--peak-gbps", type=float, help="peak HBM bandwidth (default by device: H100 3350, H200 4800)")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32, 128])
     p.add_argument("--context-lens", type=_ints, default=[512, 2048, 8192, 32768])

@@ -4,7 +4,9 @@ Decode is memory-bound: every K/V byte of every request is read once per step. O
 handles one (request, KV head, context split) and all query heads of that KV head's group, so
 each K/V tile is read from HBM once and used by the whole group (GQA). Long contexts with few
 requests are split over several programs (split-K) so the GPU stays full; a small reduce kernel
-merges the partial results by their log-sum-exp.
+merges the partial results by their log-sum-exp. With balance_splits each request spreads its
+own context over all the splits (a CUDA graph sizes the grid for max_model_len, so fixed
+max_model_len-long splits would leave one program doing a short request's whole context).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ def _decode_kernel(
     stride_ckv, stride_cblk, stride_coff, stride_ch, stride_bt,
     head_dim, group_size,
     BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, TILE_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, BALANCE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
+    if BALANCE:  # this request's context in num_splits tile-aligned parts
+        tokens_per_split = tl.cdiv(tl.cdiv(tl.maximum(seq_len, 1), num_splits), TILE_N) * TILE_N
     start = split * tokens_per_split
     end = tl.minimum(seq_len, start + tokens_per_split)
     g = tl.arange(0, G_PAD)
@@ -160,6 +164,7 @@ def paged_attention_decode(
     *,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    balance_splits: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend q [B, H, D] (one token per request) over its cached context; returns [B, H, D].
@@ -167,7 +172,8 @@ def paged_attention_decode(
     kv_cache [2, num_blocks, block_size, Hkv, D] (same dtype as q), block_tables [B, max_blocks]
     int32, seq_lens [B] int32 (context length including this token, whose K/V is already
     cached). max_seq_len avoids a device sync when the caller knows it; num_splits overrides the
-    split-K heuristic (1 = no split).
+    split-K heuristic (1 = no split). balance_splits (with num_splits) keeps exactly num_splits
+    programs per request and KV head and spreads each request's own context over them.
     """
     _check_args(q, kv_cache, block_tables, seq_lens, out)
     batch, num_heads, head_dim = q.shape
@@ -185,7 +191,8 @@ def paged_attention_decode(
     tile_n = 64 if d_pad <= 128 else 32
     splits = num_splits or default_num_splits(batch, num_kv_heads, max_seq_len, q.device)
     per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), tile_n) * tile_n
-    splits = max(1, triton.cdiv(max_seq_len, per_split))
+    if not balance_splits:  # else the grid keeps every split: per_split is set per request
+        splits = max(1, triton.cdiv(max_seq_len, per_split))
     part_out = part_lse = out  # placeholders, unused without a split
     if splits > 1:
         part_out = torch.empty(batch, num_heads, splits, d_pad, dtype=torch.float32, device=q.device)
@@ -197,7 +204,7 @@ def paged_attention_decode(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         head_dim, group,
         BLOCK_SIZE=block_size, G_PAD=max(16, next_pow2(group)), D_PAD=d_pad, TILE_N=tile_n,
-        SPLIT=splits > 1, IEEE=q.dtype == torch.float32,
+        SPLIT=splits > 1, IEEE=q.dtype == torch.float32, BALANCE=balance_splits and splits > 1,
     )
     if splits > 1:
         _reduce_kernel[(batch, num_heads)](

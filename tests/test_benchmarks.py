@@ -60,3 +60,15 @@ def test_throughput_script_skip_hf(tiny_llama: Path) -> None:
     assert info["hf"] is None and info["ratio"] is None
     assert info["pagedserve"]["prompts"] == 3
     assert info["pagedserve"]["generated_tokens"] == info["pagedserve"]["requested_output_tokens"]
+
+
+def test_kernel_benchmark_e2e_takes_enforce_eager() -> None:
+    """benchmarks/kernels.py --e2e replays CUDA graphs by default; --enforce-eager compares eager decode."""
+    import importlib.util
+
+    # loaded under its own name: importing it as `kernels` would shadow the kernels package
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    kernel_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_bench)
+    assert not kernel_bench.parse_args(["--e2e", "model"]).enforce_eager
+    assert kernel_bench.parse_args(["--e2e", "model", "--enforce-eager"]).enforce_eager

@@ -8,7 +8,10 @@ is subtracted) is what every later step needs besides the KV cache, so
 
     KV budget = total memory x gpu_memory_utilization - peak
 
-and the pool gets budget // bytes per block blocks. CPU sizing (kv_cache_memory) does not run this.
+and the pool gets budget // bytes per block blocks. On a device other processes already crowd,
+the budget is also capped by what is actually free (less the activations still to come and a
+small reserve for CUDA graphs), so the allocation cannot fail. CPU sizing (kv_cache_memory) does
+not run this.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from shared.config import EngineConfig
 from shared.sampling_params import MAX_LOGPROBS, SamplingParams
 
 log = logging.getLogger(__name__)
+
+FREE_MEMORY_RESERVE = 1 << 30  # left free when free memory caps the budget: CUDA graphs, fragmentation
 
 # Every per-row sampler tensor and the full-vocabulary sort: the sampler's worst case.
 PROFILE_SAMPLING = SamplingParams(
@@ -52,13 +57,15 @@ class MemoryProfile:
         return max(0, self.peak - self.weights)
 
 
-def kv_cache_budget(total: int, utilization: float, peak: int, free: int | None = None, activations: int = 0) -> int:
+def kv_cache_budget(
+    total: int, utilization: float, peak: int, free: int | None = None, activations: int = 0, reserve: int = 0
+) -> int:
     """total x utilization - peak, never negative. With free given (the device's free memory after
-    profiling), also at most free - activations, so the cache and later steps fit in what is
-    actually left when other processes or the CUDA context hold part of the device."""
+    profiling), also at most free - activations - reserve, so the cache and later steps fit in
+    what is actually left when other processes hold part of the device."""
     budget = int(total * utilization) - peak
     if free is not None:
-        budget = min(budget, free - activations)
+        budget = min(budget, free - activations - reserve)
     return max(0, budget)
 
 
@@ -132,7 +139,7 @@ def profile_cuda_memory(
     torch.cuda.empty_cache()  # hand the step's cached blocks back so the KV cache can take them
     free, total = torch.cuda.mem_get_info(device)
     utilization = config.cache.gpu_memory_utilization
-    budget = kv_cache_budget(total, utilization, peak, free, max(0, peak - weights))
+    budget = kv_cache_budget(total, utilization, peak, free, max(0, peak - weights), FREE_MEMORY_RESERVE)
     profile = MemoryProfile(total, utilization, weights, peak, free, budget)
     if budget < kv_cache_budget(total, utilization, peak):
         log.warning("only %.2f GiB free on %s: the KV cache gets less than gpu_memory_utilization allows",

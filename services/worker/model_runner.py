@@ -1,4 +1,9 @@
-"""The model runner: weights, paged KV cache tensors, one batched forward and sampling per step."""
+"""The model runner: weights, paged KV cache tensors, one batched forward and sampling per step.
+
+On CUDA the KV cache is sized by a profiling step (memory_profiler.py) and decode-only steps
+replay CUDA graphs (cuda_graphs.py) unless enforce_eager is set; every other step, and every
+step on CPU, runs the model eagerly.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from services.worker.forward_context import ForwardContext, set_forward_context
-from services.worker.input_batch import RequestTable
+from services.worker.input_batch import RequestTable, StepInputs
+from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
 from services.worker.layers.attention import select_backend
 from services.worker.layers.sampler import Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
+from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
 from shared.config import EngineConfig
 from shared.protocol import StepPlan, StepResult, TokenLogprobs
 
 log = logging.getLogger(__name__)
-
-
-def kv_block_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
-    m, tp = config.model, config.parallel.tensor_parallel_size
-    kv_heads = max(1, m.num_kv_heads // tp)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * m.num_layers * config.cache.block_size * kv_heads * m.head_dim * itemsize
 
 
 @dataclass
@@ -39,13 +40,19 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, device: torch.device | str = "cpu"):
         self.config = config
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
         self.dtype = resolve_dtype(config.model, self.device)
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, self.dtype, self.device)
         self.backend = select_backend(self.device, self.dtype)
         self.sampler = Sampler()
+        self.memory_profile: MemoryProfile | None = None  # set on CUDA by the profiling step
         self.num_blocks = self._measure_num_blocks()
-        self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.kv_caches = allocate_kv_cache(config, self.num_blocks, self.dtype, self.device)
+        self.decode_graphs: DecodeGraphs | None = capture_decode_graphs(
+            config, self.device, self.backend, self.model, self.kv_caches
+        )
         self.table = RequestTable(config.cache.block_size, self.device)
         self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
@@ -56,19 +63,12 @@ class ModelRunner:
             return cache.num_gpu_blocks_override
         per_block = kv_block_bytes(self.config, self.dtype)
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - total * (1.0 - cache.gpu_memory_utilization)
-            return max(0, int(budget // per_block))
+            self.memory_profile = profile_cuda_memory(self.model, self.backend, self.config, self.dtype, self.device)
+            return self.memory_profile.kv_budget // per_block
         # On CPU the budget is a ceiling: no more than every running sequence at full length needs.
         bs, m = cache.block_size, self.config.model
         most = self.config.scheduler.max_num_seqs * -(-m.max_model_len // bs)
         return min(most, int(cache.kv_cache_memory // per_block))
-
-    def _allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
-        m, tp = self.config.model, self.config.parallel.tensor_parallel_size
-        shape = (2, num_blocks, self.config.cache.block_size, max(1, m.num_kv_heads // tp), m.head_dim)
-        # zeros, not empty: padded key positions are masked, but 0 * NaN garbage would still leak
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)]
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -77,11 +77,9 @@ class ModelRunner:
             return StepResult(plan.step_id, [], [])
         start = time.perf_counter()
         inputs = self.table.prepare(plan)
-        ctx = ForwardContext(self.backend, self.backend.build(inputs.attn), self.kv_caches)
-        with set_forward_context(ctx):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-            states = inputs.sampling_states
-            logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
+        hidden = self._forward(inputs)
+        states = inputs.sampling_states
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
         self._sync()
         forward_done = time.perf_counter()
         tokens: list[int] = []
@@ -100,6 +98,16 @@ class ModelRunner:
             time.perf_counter() - forward_done,
         )
         return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Hidden states of the step's tokens: a decode graph's replay when one covers the step."""
+        if self.decode_graphs is not None:
+            hidden = self.decode_graphs.run(inputs)
+            if hidden is not None:
+                return hidden
+        ctx = ForwardContext(self.backend, self.backend.build(inputs.attn), self.kv_caches)
+        with set_forward_context(ctx):
+            return self.model(inputs.input_ids, inputs.positions)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

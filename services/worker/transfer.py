@@ -14,9 +14,13 @@ from collections.abc import Sequence
 import torch
 
 
+def _is_cuda(device: torch.device | str) -> bool:
+    return (device if isinstance(device, str) else device.type).startswith("cuda")
+
+
 def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """host (a CPU tensor) on device: pinned + non_blocking on CUDA, host.to(device) elsewhere."""
-    if torch.device(device).type != "cuda":
+    if not _is_cuda(device):
         return host.to(device)
     if not host.is_pinned():
         host = host.pin_memory()
@@ -25,5 +29,16 @@ def to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 def tensor_to_device(values: Sequence, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """torch.tensor(values, dtype) on device, built directly in pinned memory when it goes to CUDA."""
-    pinned = torch.device(device).type == "cuda"
-    return to_device(torch.tensor(values, dtype=dtype, pin_memory=pinned), device)
+    if not _is_cuda(device):
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def copy_from_host(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """dst.copy_(host) for a CPU host tensor; from pinned memory without blocking when dst is on CUDA."""
+    if dst.device.type != "cuda":
+        dst.copy_(host)
+        return
+    if not host.is_pinned():
+        host = host.pin_memory()
+    dst.copy_(host, non_blocking=True)

@@ -81,3 +81,39 @@ def test_constructor_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="runs on CUDA devices"):
         TritonAttentionBackend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_graph_decode_metadata_with_padding_rows(num_splits):
+    """The CUDA-graph form of a decode batch: static buffers padded past the real rows with slot -1
+    and seq_len 0, a table as wide as max_model_len and max_seq_len = max_model_len. Real rows
+    match the eager build, padding rows write no cache and attend to nothing (zeros, no NaN)."""
+    requests, padded, max_model_len = [(1, 17), (1, 40), (1, 33)], 5, 80
+    width = -(-max_model_len // BLOCK_SIZE)
+    perm = torch.randperm(20).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // BLOCK_SIZE))] for _, n in requests]
+    seq_lens = [n for _, n in requests]
+    slots = [t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE for t, n in zip(tables, seq_lens)]
+    common = CommonAttentionMetadata(
+        [0, 1, 2, 3], seq_lens, tables, torch.tensor(slots, device=DEVICE), 3, BLOCK_SIZE, DEVICE
+    )
+    static_slots = torch.full((padded,), -1, dtype=torch.int64, device=DEVICE)
+    static_slots[:3] = torch.tensor(slots)
+    static_lens = torch.zeros(padded, dtype=torch.int32, device=DEVICE)
+    static_lens[:3] = torch.tensor(seq_lens, dtype=torch.int32)
+    static_tables = torch.full((padded, width), 7, dtype=torch.int32, device=DEVICE)  # stale entries
+    for i, t in enumerate(tables):
+        static_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    cache = torch.randn(2, 20, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)
+    q = torch.randn(padded, NUM_HEADS, HEAD_DIM, device=DEVICE)
+    k = torch.randn(padded, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)
+    backend = TritonAttentionBackend(DEVICE)
+    eager_cache, graph_cache = cache.clone(), cache.clone()
+    eager = backend.forward(q[:3], k[:3], k[:3], eager_cache, backend.build(common), 0.2)
+    meta = backend.graph_decode_metadata(static_slots, static_tables, static_lens, max_model_len, num_splits)
+    out = backend.forward(q, k, k, graph_cache, meta, 0.2)
+    assert torch.equal(graph_cache, eager_cache)
+    torch.testing.assert_close(out[:3], eager, **TOLERANCES[torch.float32])
+    assert torch.equal(out[3:], torch.zeros_like(out[3:]))
+    with pytest.raises(ValueError, match="rows everywhere"):
+        backend.graph_decode_metadata(static_slots, static_tables[:3], static_lens, max_model_len, num_splits)

@@ -83,3 +83,20 @@ def test_empty_request_gives_zeros(num_splits):
     out = paged_attention_decode(q, cache, table, lens, 0.25, num_splits=num_splits)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     torch.testing.assert_close(out, paged_attention_decode_ref(q, cache, table, lens, 0.25), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_balanced_splits_over_a_graph_sized_grid(num_splits):
+    """CUDA-graph mode: max_seq_len is max_model_len (far above every request), the split count is
+    fixed and each request spreads its own context over the splits; padding rows have seq_len 0."""
+    seq_lens, max_model_len = [1, 37, 300, 0, 64, 0], 512
+    cache, table = random_paged_cache([max(n, 1) for n in seq_lens], 16, 2, 16, torch.float32)
+    wide = torch.zeros(len(seq_lens), max_model_len // 16, dtype=torch.int32, device=DEVICE)
+    wide[:, : table.shape[1]] = table.clamp(min=0)
+    q = torch.randn(len(seq_lens), 4, 16, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = paged_attention_decode(
+        q, cache, wide, lens, 0.25, max_seq_len=max_model_len, num_splits=num_splits, balance_splits=True
+    )
+    torch.testing.assert_close(out, paged_attention_decode_ref(q, cache, wide, lens, 0.25), **TOLERANCES[torch.float32])
+    assert torch.equal(out[3], torch.zeros_like(out[3])) and torch.equal(out[5], torch.zeros_like(out[5]))

@@ -1,8 +1,9 @@
 """Vectorized torch attention over the paged KV cache (the CPU backend).
 
-All index tensors and masks are built once per step in build(); a layer's forward is a cache
-write, one block-granular gather and one scaled_dot_product_attention call per group (decodes,
-prefill chunks): no Python loop over requests.
+All index tensors and masks are built once per step in build() (on the host, then copied to the
+device, from pinned memory on CUDA); a layer's forward is a cache write, one block-granular
+gather and one scaled_dot_product_attention call per group (decodes, prefill chunks): no Python
+loop over requests.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.layers.attention import CommonAttentionMetadata
+from services.worker.transfer import to_device
 
 
 @dataclass
@@ -55,9 +57,9 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     key_pos = torch.arange(max_s)
     if max_q == 1:  # decodes: each query sees its whole context
         allowed = (key_pos[None, :] < seq[:, None])[:, None, None, :]
-        return _Group(token_slice, table.to(device), _additive(allowed, dtype).to(device), None, 1)
+        return _Group(token_slice, to_device(table, device), to_device(_additive(allowed, dtype), device), None, 1)
     if hi - lo == 1 and seq_lens[0] == q_lens[0]:  # one fresh prompt: plain causal attention
-        return _Group(token_slice, table.to(device), None, None, max_q)
+        return _Group(token_slice, to_device(table, device), None, None, max_q)
     # Query i of request b sits at position ctx_b + i and sees keys at positions <= ctx_b + i.
     ctx = seq - q_len
     q_pos = ctx[:, None] + torch.arange(max_q)[None, :]  # [B, Q]
@@ -68,7 +70,7 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     rows = torch.arange(hi - lo)[:, None] * max_q + torch.arange(max_q)[None, :]
     query_index = rows[valid_q]
     mask = _additive(allowed[:, None], dtype)
-    return _Group(token_slice, table.to(device), mask.to(device), query_index.to(device), max_q)
+    return _Group(token_slice, to_device(table, device), to_device(mask, device), to_device(query_index, device), max_q)
 
 
 _MAX_PADDING = 0.25  # share of padding a group may carry

@@ -32,7 +32,9 @@ class TritonAttentionMetadata:
     prefill_query_start_loc: torch.Tensor | None  # [B_prefill + 1] int32, from 0
     prefill_token_start: int  # first prefill token in the flattened batch (= num_decodes)
     prefill_max_query_len: int
-    decode_num_splits: int | None = None  # None: the decode kernel's heuristic for this step
+    # None: the decode kernel's heuristic for this step. Set (CUDA graphs): that many splits per
+    # request, each request's context spread evenly over them.
+    decode_num_splits: int | None = None
 
 
 def _interpreting() -> bool:
@@ -134,7 +136,8 @@ class TritonAttentionBackend:
         if nd:
             self._decode(
                 q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                max_seq_len=meta.decode_max_seq_len, num_splits=meta.decode_num_splits, out=out[:nd],
+                max_seq_len=meta.decode_max_seq_len, num_splits=meta.decode_num_splits,
+                balance_splits=meta.decode_num_splits is not None, out=out[:nd],
             )
         if meta.prefill_query_start_loc is not None:
             start = meta.prefill_token_start
