@@ -62,7 +62,7 @@ def test_serve_starts_answers_and_stops_cleanly(model_dirs):
         assert out["usage"]["completion_tokens"] == 4
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        gone, alive = psutil.wait_procs(kids, timeout=15)
+        _, alive = psutil.wait_procs(kids, timeout=15)
         assert not alive
     finally:
         if proc.poll() is None:

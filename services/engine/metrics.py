@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, CounterSync
 from services.engine.scheduler import Scheduler
+from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, CounterSync
 
 
 class EngineMetrics:

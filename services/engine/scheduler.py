@@ -133,7 +133,7 @@ class Scheduler:
 
     def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
         new_reqs, cached = [], []
-        for req_id in scheduled:
+        for req_id, num_new in scheduled.items():
             request = self.requests[req_id]
             if req_id in self._known_to_worker:
                 cached.append(CachedRequestData(req_id, new_blocks[req_id], request.num_computed_tokens))
@@ -150,7 +150,7 @@ class Scheduler:
                     )
                 )
                 self._known_to_worker.add(req_id)
-            request.num_computed_tokens += scheduled[req_id]
+            request.num_computed_tokens += num_new
         self._step_id += 1
         plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids)
         self._finished_ids = []

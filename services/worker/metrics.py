@@ -7,8 +7,8 @@ import resource
 import torch
 from prometheus_client import Gauge, Histogram
 
-from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS
 from services.worker.model_runner import ModelRunner, StepStats
+from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS
 
 
 class WorkerMetrics:
