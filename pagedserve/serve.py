@@ -119,6 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.demo or not args.model:
         args.model = demo_model()
+        args.served_model_name = args.served_model_name or "pagedserve-demo"
     stopping = False
 
     def on_signal(*_):
