@@ -161,3 +161,21 @@ def test_bad_input_raises_clear_errors(model_dirs):
     # the engine is untouched and keeps serving
     assert not llm.engine.has_unfinished()
     assert len(llm.generate("ok", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
+def test_generation_config_supplies_defaults(model_dirs, tmp_path):
+    import json
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(model_dirs("llama"), path)
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(temperature=0.0, max_new_tokens=5)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(path))
+    defaults = llm.get_default_sampling_params()
+    assert defaults.temperature == 0.0 and defaults.max_tokens == 5
+    prompt = {"prompt_token_ids": [11, 12, 13, 14]}
+    out = llm.generate(prompt, use_tqdm=False)[0].outputs[0]  # no SamplingParams: the checkpoint's
+    greedy = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == greedy.token_ids and len(out.token_ids) <= 5
