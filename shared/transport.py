@@ -67,15 +67,20 @@ class Codec(Generic[T]):
             self._frames = []
 
 
-def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, identity: bytes | None) -> zmq.Socket:
+def _socket(
+    ctx: zmq.Context, kind: int, addr: str, bind: bool, identity: bytes | None, monitor: int = 0
+) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A configured socket, bound or connected, and a monitor socket for `monitor` events
+    (attached before connecting, so the first connection's events are never missed)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer with the same identity takes over
+    watcher = sock.get_monitor_socket(monitor) if monitor else None
     (sock.bind if bind else sock.connect)(addr)
-    return sock
+    return sock, watcher
 
 
 class RouterQueue(Generic[T]):
@@ -83,7 +88,7 @@ class RouterQueue(Generic[T]):
     A malformed message is logged and dropped."""
 
     def __init__(self, ctx: zmq.Context, addr: str, recv_type: Any, send_type: Any, bind: bool = True):
-        self.sock = _socket(ctx, zmq.ROUTER, addr, bind, None)
+        self.sock, _ = _socket(ctx, zmq.ROUTER, addr, bind, None)
         self._in: Codec = Codec(recv_type)
         self._out: Codec = Codec(send_type)
 
@@ -105,10 +110,19 @@ class RouterQueue(Generic[T]):
 
 
 class DealerQueue(Generic[T]):
-    """The connecting side (blocking): sends messages, receives typed replies."""
+    """The connecting side (blocking): sends messages, receives typed replies. With `monitor`
+    (zmq.EVENT_* flags), `self.monitor` delivers those connection events."""
 
-    def __init__(self, ctx: zmq.Context, addr: str, recv_type: Any, send_type: Any, identity: bytes | None = None):
-        self.sock = _socket(ctx, zmq.DEALER, addr, False, identity)
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        addr: str,
+        recv_type: Any,
+        send_type: Any,
+        identity: bytes | None = None,
+        monitor: int = 0,
+    ):
+        self.sock, self.monitor = _socket(ctx, zmq.DEALER, addr, False, identity, monitor)
         self._in: Codec = Codec(recv_type)
         self._out: Codec = Codec(send_type)
 
@@ -133,7 +147,7 @@ class AsyncDealerQueue(Generic[T]):
     """The connecting side for asyncio code (the frontend)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, addr: str, recv_type: Any, send_type: Any, identity: bytes):
-        self.sock = _socket(ctx, zmq.DEALER, addr, False, identity)
+        self.sock, _ = _socket(ctx, zmq.DEALER, addr, False, identity)
         self._in: Codec = Codec(recv_type)
         self._out: Codec = Codec(send_type)
 

@@ -20,7 +20,7 @@ class Executor(Protocol):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor, num_blocks: int):
+    def __init__(self, config: EngineConfig, executor: Executor, num_blocks: int, first_step_id: int = 0):
         capacity = num_blocks * config.cache.block_size
         if capacity < config.model.max_model_len:
             raise ValueError(
@@ -29,7 +29,7 @@ class EngineCore:
             )
         self.config = config
         self.executor = executor
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id)
         self.last_num_tokens = 0  # tokens scheduled by the latest step
 
     def make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:

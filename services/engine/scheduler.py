@@ -19,7 +19,7 @@ from shared.protocol import CachedRequestData, NewRequestData, RequestDelta, Ste
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int):
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, first_step_id: int = 0):
         self.config = config
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
@@ -27,7 +27,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._known_to_worker: set[str] = set()
         self._finished_ids: list[str] = []
-        self._step_id = 0
+        self._step_id = first_step_id  # the service starts it at random: a stale result never matches
         self.num_preemptions = 0
 
     # ----- requests in and out ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
+import random
 import signal
 import threading
 import time
@@ -138,7 +139,9 @@ class EngineService:
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
         ready = self.workers.handshake(handshake_timeout_s)
         self.metrics.workers.set(len(self.workers.ranks))
-        self.core = EngineCore(self.config, self.workers, ready.num_blocks)
+        # Step ids start at random, so a result a worker computed for a previous engine instance
+        # (still queued on its socket when this one started) can never pass for one of ours.
+        self.core = EngineCore(self.config, self.workers, ready.num_blocks, random.getrandbits(48))
         m = self.config.model
         self.model_info = ModelInfo(
             m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),

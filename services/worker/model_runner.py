@@ -70,6 +70,10 @@ class ModelRunner:
         most = self.config.scheduler.max_num_seqs * -(-m.max_model_len // bs)
         return min(most, int(cache.kv_cache_memory // per_block))
 
+    def reset(self) -> None:
+        """Forget every request (a new engine starts from scratch; the KV tensors stay)."""
+        self.table.states.clear()
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         self.table.apply(plan)

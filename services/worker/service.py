@@ -10,6 +10,7 @@ import signal
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from services.worker.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
@@ -30,7 +31,36 @@ def _init_distributed(args: argparse.Namespace, device: torch.device) -> None:
     )
 
 
-def serve(runner: ModelRunner, queue: DealerQueue, rank: int, metrics: WorkerMetrics) -> None:
+class EngineLink:
+    """The worker's connection to the engine. Each time the connection is (re)established — the
+    engine started, or came back after a restart — the worker introduces itself again with
+    WorkerReady and drops the request state it held for the previous engine."""
+
+    def __init__(self, queue: DealerQueue, ready: WorkerReady, runner: ModelRunner):
+        if queue.monitor is None:
+            raise ValueError("EngineLink needs a DealerQueue created with monitor=zmq.EVENT_HANDSHAKE_SUCCEEDED")
+        self.queue, self.ready, self.runner = queue, ready, runner
+        self.monitor = queue.monitor
+        self.poller = zmq.Poller()
+        self.poller.register(queue.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+
+    def recv(self, timeout_ms: int):
+        events = dict(self.poller.poll(timeout_ms))
+        if self.monitor in events:
+            recv_monitor_message(self.monitor)
+            self.runner.reset()
+            self.queue.send(self.ready)
+            log.info("connected to the engine; sent WorkerReady")
+        if self.queue.sock in events:
+            return self.queue.recv(timeout_ms=0)
+        return None
+
+    def send(self, msg) -> None:
+        self.queue.send(msg)
+
+
+def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetrics) -> None:
     while True:
         msg = queue.recv(timeout_ms=1000)
         if msg is None:
@@ -71,11 +101,14 @@ def run(args: argparse.Namespace) -> int:
     metrics = WorkerMetrics(config.model.name, args.rank, runner)
     serve_metrics(8002 + args.rank if args.metrics_port is None else args.metrics_port, args.metrics_host)
     ctx = zmq.Context()
-    queue = DealerQueue(ctx, args.worker_addr, EngineToWorker, WorkerToEngine, identity=f"worker-{args.rank}".encode())
-    queue.send(
-        WorkerReady(args.rank, config.parallel.tensor_parallel_size, runner.num_blocks, config.cache.block_size,
-                    config.model.max_model_len)
+    queue = DealerQueue(
+        ctx, args.worker_addr, EngineToWorker, WorkerToEngine, identity=f"worker-{args.rank}".encode(),
+        monitor=zmq.EVENT_HANDSHAKE_SUCCEEDED,
+    )
+    ready = WorkerReady(
+        args.rank, config.parallel.tensor_parallel_size, runner.num_blocks, config.cache.block_size,
+        config.model.max_model_len,
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    serve(runner, queue, args.rank, metrics)
+    serve(runner, EngineLink(queue, ready, runner), args.rank, metrics)
     return 0
