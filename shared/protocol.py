@@ -131,6 +131,7 @@ class Pong(msgspec.Struct, tag=True, **_STRUCT):
     ping_id: int
     num_running: int = 0
     num_waiting: int = 0
+    engine_id: str = ""  # changes when the engine restarts
 
 
 class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
@@ -142,6 +143,7 @@ class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
     generation_defaults: dict[str, float | int] = {}
     num_blocks: int = 0
     block_size: int = 16
+    engine_id: str = ""  # a fresh id per engine process: frontends tell a restarted engine apart
 
 
 EngineMessage = Outputs | RequestFailed | Pong | ModelInfo

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -38,8 +39,10 @@ def wait_healthy(base: str, timeout_s: float = 90) -> None:
     raise AssertionError("the stack never became healthy")
 
 
-def complete(base: str, model: str) -> dict:
-    body = json.dumps({"model": model, "prompt": [11, 12, 13], "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+def complete(base: str, model: str, max_tokens: int = 5) -> dict:
+    body = json.dumps(
+        {"model": model, "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    )
     req = urllib.request.Request(base + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(req, timeout=60))
 
@@ -59,18 +62,26 @@ def test_worker_and_frontend_rejoin_a_restarted_engine(model_dirs, processes):
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    common = ["--model", model, "--max-model-len", "128", "--served-model-name", "tiny"]
+    common = ["--model", model, "--max-model-len", "1024", "--served-model-name", "tiny"]
     engine_args = ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk,
                    "--metrics-port", "0"]
     processes.append(spawn("worker", *common, "--worker-addr", wrk, "--metrics-port", "0"))
     engine = spawn(*engine_args)
     processes.append(engine)
-    processes.append(spawn("frontend", "--engine-input", inp, "--engine-output", out, "--port", str(port)))
+    frontend = ["frontend", "--engine-input", inp, "--engine-output", out, "--port", str(port), "--stall-timeout", "2"]
+    processes.append(spawn(*frontend))
     wait_healthy(base)
     before = complete(base, "tiny")["choices"][0]["text"]
 
-    engine.kill()
-    engine.wait(10)
+    # a long request in flight when the engine dies is answered 503, not left hanging
+    with ThreadPoolExecutor(1) as pool:
+        lost = pool.submit(complete, base, "tiny", 1000)
+        time.sleep(0.3)
+        engine.kill()
+        engine.wait(10)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            lost.result(timeout=60)
+        assert err.value.code == 503
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(base + "/health", timeout=15)
     assert err.value.code == 503

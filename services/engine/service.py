@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+import uuid
 
 import zmq
 
@@ -111,6 +112,7 @@ class EngineService:
         self.core: EngineCore | None = None
         self.model_info: ModelInfo | None = None
         self.metrics = EngineMetrics(config.model.name)
+        self.engine_id = uuid.uuid4().hex
 
     # ----- I/O threads ------------------------------------------------------------------------
 
@@ -145,7 +147,7 @@ class EngineService:
         m = self.config.model
         self.model_info = ModelInfo(
             m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),
-            dict(m.generation_defaults), ready.num_blocks, self.config.cache.block_size,
+            dict(m.generation_defaults), ready.num_blocks, self.config.cache.block_size, self.engine_id,
         )
         log.info("engine ready: %d KV blocks of %d tokens", ready.num_blocks, self.config.cache.block_size)
 
@@ -160,7 +162,7 @@ class EngineService:
                     self.metrics.update(self.core.scheduler)
                 for identity, ping in pongs:
                     s = self.core.scheduler
-                    self.outbox.put((identity, Pong(ping.ping_id, s.num_running, s.num_waiting)))
+                    self.outbox.put((identity, Pong(ping.ping_id, s.num_running, s.num_waiting, self.engine_id)))
         finally:
             self.workers.shutdown()
             self.stopping.set()

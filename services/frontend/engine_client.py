@@ -207,11 +207,13 @@ class EngineClient:
             if queue is not None:
                 queue.put_nowait(msg)
         elif isinstance(msg, Pong):
+            if self.model_info is not None and msg.engine_id != self.model_info.engine_id:
+                self._outbox.put_nowait(Hello(self.frontend_id))  # a restarted engine: learn it anew
             future = self._pings.get(msg.ping_id)
             if future is not None and not future.done():
                 future.set_result(msg)
         elif isinstance(msg, ModelInfo):
-            if self.model_info is None:
-                log.info("engine ready: model %s, max_model_len %d", msg.model_name, msg.max_model_len)
+            if self.model_info is None or msg.engine_id != self.model_info.engine_id:
+                log.info("engine %s ready: model %s, max_model_len %d", msg.engine_id, msg.model_name, msg.max_model_len)
             self.model_info = msg
             self._ready.set()

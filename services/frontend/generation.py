@@ -66,6 +66,7 @@ class Generation:
                 self.sequences[req_id] = Sequence(req_id, index, tokenizer, ids, params.for_child(j))
                 self.prompt_of[index] = p
         self._queue: asyncio.Queue | None = None
+        self.engine_id: str | None = None  # the engine instance the requests went to
         self._watcher: asyncio.Task | None = None
         self.cancelled = False
         self.failed = False
@@ -78,6 +79,8 @@ class Generation:
         if self.metrics is not None:
             self.metrics.start()
         self._queue = self.client.register(list(self.sequences))
+        info = self.client.model_info
+        self.engine_id = info.engine_id if info is not None else None  # the engine we sent them to
         for req_id, seq in self.sequences.items():
             self.client.add_request(req_id, self.prompts[self.prompt_of[seq.index]], seq.params)
         if receive is not None:
@@ -175,7 +178,9 @@ class Generation:
                 pong = await self.client.ping(self.ping_timeout)
                 if pong is None:
                     raise engine_unavailable("The engine stopped responding while serving this request.") from None
-                # The Ping left after our AddRequests and its Pong after any output they produced:
-                # an engine holding no request at all has lost ours (it restarted).
-                if pong.num_running + pong.num_waiting == 0 and self._queue.empty():
+                # Another engine instance answered: ours restarted and lost the requests. Or: the
+                # Ping left after our AddRequests and its Pong after any output they produced, so
+                # an engine holding no request at all has lost ours.
+                restarted = self.engine_id is not None and pong.engine_id != self.engine_id
+                if restarted or (pong.num_running + pong.num_waiting == 0 and self._queue.empty()):
                     raise engine_unavailable("The engine lost this request (it may have restarted).") from None
