@@ -163,8 +163,8 @@ def test_client_disconnect_aborts_in_engine(stack, client):
     with httpx.stream("POST", f"{stack.base}/v1/completions", json={**long, "stream": True}, headers=headers) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-        assert stack.engine_load().num_running == 1
-    _wait_engine_idle(stack, 2.0)
+        assert stack.engine_load().num_running >= 1
+    _wait_engine_idle(stack, 10.0)
     # A non-streaming client that hangs up while waiting for its answer.
     body = json.dumps({**long, "messages": [{"role": "user", "content": "go"}]}).encode()
     with socket.create_connection(("127.0.0.1", stack.port)) as conn:
@@ -172,7 +172,7 @@ def test_client_disconnect_aborts_in_engine(stack, client):
                      b"authorization: Bearer " + API_KEY.encode() + b"\r\n"
                      b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         _wait_engine_busy(stack)
-    _wait_engine_idle(stack, 2.0)
+    _wait_engine_idle(stack, 10.0)
     assert httpx.get(f"{stack.base}/health").status_code == 200
     assert client.completions.create(model=model, prompt="after", max_tokens=3).usage.completion_tokens == 3
 
@@ -262,7 +262,7 @@ def test_metrics_match_responses(stack, client):
                       headers={"authorization": f"Bearer {API_KEY}"}) as resp:
         assert next(resp.iter_lines()).startswith("data: ")
     after = stack.idle_metrics()  # in flight back to 0 on both frontends
-    _wait_engine_idle(stack, 2.0)
+    _wait_engine_idle(stack, 10.0)
     assert _delta(mid, after, "pagedserve_frontend_requests_total", finish_reason="abort", **labels) == 1
     assert _delta(mid, after, "pagedserve_frontend_requests_total", **labels) == 1
     assert _delta(mid, after, "pagedserve_frontend_generation_tokens_total", **labels) >= 1
