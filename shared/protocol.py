@@ -167,9 +167,16 @@ class WorkerFailed(msgspec.Struct, tag=True, **_STRUCT):
     message: str
 
 
+class WorkerAccepted(msgspec.Struct, tag=True, **_STRUCT):
+    """The engine's answer to WorkerReady. A worker that sees a new engine_id drops the request
+    state it held for the previous engine; the same id (a reconnect) keeps it."""
+
+    engine_id: str
+
+
 class Shutdown(msgspec.Struct, tag=True, **_STRUCT):
     reason: str = ""
 
 
 WorkerToEngine = WorkerReady | StepResult | WorkerFailed
-EngineToWorker = StepPlan | Shutdown
+EngineToWorker = StepPlan | WorkerAccepted | Shutdown

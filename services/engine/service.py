@@ -41,6 +41,7 @@ from shared.protocol import (
     Shutdown,
     StepPlan,
     StepResult,
+    WorkerAccepted,
     WorkerFailed,
     WorkerReady,
     WorkerToEngine,
@@ -57,9 +58,10 @@ class WorkerError(RuntimeError):
 class WorkerGroup:
     """The executor for the engine core: sends each plan to every rank, returns rank 0's result."""
 
-    def __init__(self, ctx: zmq.Context, addr: str, world_size: int):
+    def __init__(self, ctx: zmq.Context, addr: str, world_size: int, engine_id: str):
         self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker)
         self.world_size = world_size
+        self.engine_id = engine_id
         self.ranks: dict[int, bytes] = {}
         self.wait_time = 0.0  # seconds the engine spent idle, waiting for results
 
@@ -73,7 +75,8 @@ class WorkerGroup:
                 raise WorkerError(f"only {len(reports)} of {self.world_size} workers reported in {timeout_s:.0f}s")
             identity, msg = got
             if isinstance(msg, WorkerReady):
-                self.ranks[msg.rank], reports[msg.rank] = identity, msg
+                self._accept(identity, msg)
+                reports[msg.rank] = msg
                 log.info("worker rank %d ready: %d KV blocks", msg.rank, msg.num_blocks)
         smallest = min(reports.values(), key=lambda r: r.num_blocks)
         return smallest
@@ -86,12 +89,18 @@ class WorkerGroup:
             got = self.queue.recv(timeout_ms=1000)
             if got is None:
                 continue
-            _, msg = got
-            if isinstance(msg, WorkerFailed):
+            identity, msg = got
+            if isinstance(msg, WorkerReady):  # a worker that reconnected: it keeps its state
+                self._accept(identity, msg)
+            elif isinstance(msg, WorkerFailed):
                 raise WorkerError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.message}")
             if isinstance(msg, StepResult) and msg.step_id == plan.step_id:
                 self.wait_time += time.monotonic() - start
                 return msg
+
+    def _accept(self, identity: bytes, msg: WorkerReady) -> None:
+        self.ranks[msg.rank] = identity
+        self.queue.send(identity, WorkerAccepted(self.engine_id))
 
     def shutdown(self) -> None:
         for identity in self.ranks.values():
@@ -105,14 +114,14 @@ class EngineService:
         self.input_addr, self.output_addr = input_addr, output_addr
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
-        self.workers = WorkerGroup(self.ctx, worker_addr, config.parallel.tensor_parallel_size)
+        self.engine_id = uuid.uuid4().hex
+        self.workers = WorkerGroup(self.ctx, worker_addr, config.parallel.tensor_parallel_size, self.engine_id)
         self.stopping = threading.Event()
         self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
         self.frontends: set[bytes] = set()
         self.core: EngineCore | None = None
         self.model_info: ModelInfo | None = None
         self.metrics = EngineMetrics(config.model.name)
-        self.engine_id = uuid.uuid4().hex
 
     # ----- I/O threads ------------------------------------------------------------------------
 

@@ -16,7 +16,15 @@ from services.worker.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
 from shared.engine_args import DEFAULT_WORKER_ADDR, add_flag, add_model_args, engine_config_from_args
 from shared.metrics import serve_metrics
-from shared.protocol import EngineToWorker, Shutdown, StepPlan, WorkerFailed, WorkerReady, WorkerToEngine
+from shared.protocol import (
+    EngineToWorker,
+    Shutdown,
+    StepPlan,
+    WorkerAccepted,
+    WorkerFailed,
+    WorkerReady,
+    WorkerToEngine,
+)
 from shared.transport import DealerQueue
 
 log = logging.getLogger("pagedserve.worker")
@@ -33,28 +41,36 @@ def _init_distributed(args: argparse.Namespace, device: torch.device) -> None:
 
 class EngineLink:
     """The worker's connection to the engine. Each time the connection is (re)established — the
-    engine started, or came back after a restart — the worker introduces itself again with
-    WorkerReady and drops the request state it held for the previous engine."""
+    engine started, or came back after a restart — the worker introduces itself with WorkerReady.
+    The engine answers WorkerAccepted with its instance id: a new id means a new engine, so the
+    request state held for the previous one is dropped; the same id (a reconnect) keeps it."""
 
     def __init__(self, queue: DealerQueue, ready: WorkerReady, runner: ModelRunner):
         if queue.monitor is None:
             raise ValueError("EngineLink needs a DealerQueue created with monitor=zmq.EVENT_HANDSHAKE_SUCCEEDED")
         self.queue, self.ready, self.runner = queue, ready, runner
-        self.monitor = queue.monitor
+        self.engine_id: str | None = None
         self.poller = zmq.Poller()
         self.poller.register(queue.sock, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        self.poller.register(queue.monitor, zmq.POLLIN)
 
     def recv(self, timeout_ms: int):
         events = dict(self.poller.poll(timeout_ms))
-        if self.monitor in events:
-            recv_monitor_message(self.monitor)
-            self.runner.reset()
+        if self.queue.monitor in events:
+            recv_monitor_message(self.queue.monitor)
             self.queue.send(self.ready)
             log.info("connected to the engine; sent WorkerReady")
-        if self.queue.sock in events:
-            return self.queue.recv(timeout_ms=0)
-        return None
+        if self.queue.sock not in events:
+            return None
+        msg = self.queue.recv(timeout_ms=0)
+        if isinstance(msg, WorkerAccepted):
+            if msg.engine_id != self.engine_id:
+                if self.engine_id is not None:
+                    log.info("a new engine (%s): dropping the previous engine's requests", msg.engine_id)
+                self.runner.reset()
+                self.engine_id = msg.engine_id
+            return None
+        return msg
 
     def send(self, msg) -> None:
         self.queue.send(msg)
