@@ -179,3 +179,32 @@ def test_generation_config_supplies_defaults(model_dirs, tmp_path):
     out = llm.generate(prompt, use_tqdm=False)[0].outputs[0]  # no SamplingParams: the checkpoint's
     greedy = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == greedy.token_ids and len(out.token_ids) <= 5
+
+
+def test_a_failed_step_fails_only_its_requests(model_dirs):
+    """The engine core's recovery when the executor raises (the service turns this into HTTP 500
+    for those requests): their blocks return to the pool and later requests are served."""
+    llm = LLM(str(model_dirs("llama")))
+    core, runner = llm.engine, llm.runner
+
+    class FailOnce:
+        def __init__(self):
+            self.failed = False
+
+        def execute(self, plan):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("injected fault")
+            return runner.execute(plan)
+
+    core.executor = FailOnce()
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    core.add_request(core.make_request("a", [11, 12, 13], params))
+    with pytest.raises(RuntimeError):
+        core.step()
+    assert core.fail_last_step() == ["a"]
+    assert not core.has_unfinished()
+    assert core.scheduler.kv.pool.num_free_blocks == runner.num_blocks
+    core.executor = runner
+    out = llm.generate({"prompt_token_ids": [11, 12, 13]}, params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 4

@@ -31,6 +31,7 @@ class EngineCore:
         self.executor = executor
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id)
         self.last_num_tokens = 0  # tokens scheduled by the latest step
+        self._last_plan: StepPlan | None = None
 
     def make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         """Validate a request without admitting it (raises ValueError)."""
@@ -55,5 +56,16 @@ class EngineCore:
         self.last_num_tokens = plan.total_num_scheduled_tokens
         if not plan.num_scheduled_tokens and not plan.finished_req_ids:
             return []
+        self._last_plan = plan
         result = self.executor.execute(plan)
         return self.scheduler.update(plan, result)
+
+    def fail_last_step(self) -> list[str]:
+        """After the executor raised: abort the requests of that step (their blocks return to the
+        pool, the worker drops them with the next plan) so every other request carries on.
+        Returns the ids of the requests that failed."""
+        if self._last_plan is None:
+            return []
+        failed = [d.req_id for d in self.scheduler.abort(list(self._last_plan.num_scheduled_tokens))]
+        self._last_plan = None
+        return failed

@@ -178,7 +178,15 @@ class EngineService:
 
     def _step(self) -> None:
         start, waited = time.monotonic(), self.workers.wait_time
-        deltas = self.core.step()
+        try:
+            deltas = self.core.step()
+        except WorkerError as exc:  # a step failed in the worker: fail its requests, keep serving
+            log.error("%s", exc)
+            for req_id in self.core.fail_last_step():
+                owner = self.owners.pop(req_id, None)
+                if owner is not None:
+                    self.outbox.put((owner, RequestFailed(req_id, f"the model step failed: {exc}", 500)))
+            return
         duration = time.monotonic() - start
         self.metrics.worker_wait.set_total(self.workers.wait_time)
         self.metrics.observe_step(self.core.scheduler, self.core.last_num_tokens, duration, self.workers.wait_time - waited)
