@@ -1,5 +1,6 @@
-"""Fixtures for the frontend tests: a tokenizer directory, a scripted engine, and frontend
-processes pointed at it."""
+"""Fixtures for the frontend tests: a tokenizer directory (for the in-process tests), and real
+stacks (`pagedserve engine` + `pagedserve worker` on the tiny llama checkpoint) with frontend
+processes pointed at them."""
 
 from __future__ import annotations
 
@@ -7,10 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fake_engine import FakeEngine
-from frontend_helpers import Proc, free_port, frontend_args, make_tokenizer_dir, wait_until
-
-SCRIPT_TEXT = " one two three four five six seven eight nine ten. Hello world!"
+from e2e_stack import Stack
+from frontend_helpers import make_tokenizer_dir, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -25,38 +24,48 @@ def tokenizer(tokenizer_dir: Path):
     return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
 
 
-@pytest.fixture(scope="module")
-def fake_engine(tokenizer_dir: Path, tokenizer) -> Iterator[FakeEngine]:
-    script = tokenizer.encode(SCRIPT_TEXT)
-    with FakeEngine(str(tokenizer_dir), script, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id) as eng:
-        yield eng
+@pytest.fixture(scope="session")
+def model_path(model_dirs) -> Path:
+    return model_dirs("llama")
 
 
-ProcFactory = Callable[..., Proc]
+@pytest.fixture(scope="session")
+def model_tokenizer(model_path: Path):
+    """The checkpoint's own tokenizer: the one the frontends load from the path the engine reports."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
 
 
-@pytest.fixture(scope="module")
-def start_frontend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProcFactory]:
-    """start_frontend(port, engine, *flags) -> Proc; every process is stopped at module end."""
-    procs: list[Proc] = []
-    logs = tmp_path_factory.mktemp("frontend-logs")
-
-    def start(port: int, engine: FakeEngine, *extra: str, env: dict[str, str] | None = None) -> Proc:
-        log = logs / f"frontend-{len(procs)}.log"
-        proc = Proc(frontend_args(port, engine.input_addr, engine.output_addr, *extra), log, env=env)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.close()
+StackFactory = Callable[[], Stack]
 
 
 @pytest.fixture(scope="module")
-def frontend(fake_engine: FakeEngine, start_frontend: ProcFactory) -> str:
-    """Base URL of one frontend serving the scripted engine."""
-    port = free_port()
-    proc = start_frontend(port, fake_engine)
-    base = f"http://127.0.0.1:{port}"
-    wait_until(f"{base}/health", proc)
-    return base
+def make_stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackFactory]:
+    """make_stack() -> a Stack with nothing started (no API key); every process is stopped at module end."""
+    stacks: list[Stack] = []
+
+    def make() -> Stack:
+        stacks.append(Stack(model_path, tmp_path_factory.mktemp(f"stack-{len(stacks)}-logs")))
+        return stacks[-1]
+
+    yield make
+    for st in stacks:
+        st.close()
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack: StackFactory) -> Stack:
+    """One real engine + worker for the module's tests that leave it running."""
+    st = make_stack()
+    st.start_worker()
+    st.start_engine()
+    return st
+
+
+@pytest.fixture(scope="module")
+def frontend(stack: Stack) -> str:
+    """Base URL of one frontend serving the module's real engine."""
+    proc = stack.start_frontend("fe-main")
+    wait_until(f"{stack.base}/health", proc, timeout=120)
+    return stack.base

@@ -13,28 +13,49 @@ from frontend_helpers import Proc, free_port, metric_value
 from shared.protocol import EngineMessage, FrontendMessage, Ping, Pong
 from shared.transport import DealerQueue
 
+ENGINE_FLAGS = ("--max-model-len", "1024", "--kv-cache-memory", str(16 << 20))
+
 
 class Stack:
-    """Addresses and processes of one stack; its frontends require ``api_key`` on /v1/*."""
+    """Addresses and processes of one stack; its frontends require ``api_key`` on /v1/* (when
+    given). Nothing runs until the start_* methods are called, in any order."""
 
-    def __init__(self, model: Path, logs: Path, api_key: str):
-        self.model, self.logs, self.api_key = model, logs, api_key
+    def __init__(self, model: Path, logs: Path, api_key: str | None = None,
+                 engine_flags: tuple[str, ...] = ENGINE_FLAGS):
+        self.model, self.logs, self.api_key, self.engine_flags = model, logs, api_key, engine_flags
         self.inp, self.out, self.wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.procs: list[Proc] = []
         self.metrics_ports: dict[str, int] = {}
+        self.engine: Proc | None = None
+        self.engine_name = "engine"
 
     def start(self, name: str, *args: str) -> Proc:
         proc = Proc(["-m", "pagedserve.cli", *args], self.logs / f"{name}.log", env={"PAGEDSERVE_LOG_LEVEL": "WARNING"})
         self.procs.append(proc)
         return proc
 
-    def start_frontend(self, frontend_id: str) -> Proc:
-        self.metrics_ports[frontend_id] = port = free_port()
+    def start_worker(self) -> Proc:
+        return self.start("worker", "worker", "--model", str(self.model), *self.engine_flags, "--worker-addr",
+                          self.wrk, "--metrics-port", str(free_port()))
+
+    def start_engine(self, name: str = "engine") -> Proc:
+        """An engine on this stack's addresses (a restarted one too: the worker rejoins it)."""
+        self.metrics_ports[name] = port = free_port()
+        self.engine_name = name
+        self.engine = self.start(name, "engine", "--model", str(self.model), *self.engine_flags, "--frontend-input",
+                                 self.inp, "--frontend-output", self.out, "--worker-addr", self.wrk,
+                                 "--metrics-port", str(port))
+        return self.engine
+
+    def start_frontend(self, frontend_id: str, *extra: str, port: int | None = None) -> Proc:
+        """A frontend on ``port`` (default: the stack's shared port), its metrics on a port of its own."""
+        self.metrics_ports[frontend_id] = mport = free_port()
+        key = ("--api-key", self.api_key) if self.api_key else ()
         return self.start(frontend_id, "frontend", "--engine-input", self.inp, "--engine-output", self.out,
-                          "--port", str(self.port), "--api-key", self.api_key, "--frontend-id", frontend_id,
-                          "--metrics-port", str(port), "--log-level", "warning")
+                          "--port", str(self.port if port is None else port), *key, "--frontend-id", frontend_id,
+                          "--metrics-port", str(mport), "--log-level", "warning", *extra)
 
     def metrics(self, frontend_id: str) -> str:
         return httpx.get(f"http://127.0.0.1:{self.metrics_ports[frontend_id]}/metrics", timeout=5).text
@@ -78,6 +99,26 @@ class Stack:
             tx.close()
             rx.close()
             ctx.term()
+
+    def engine_metric(self, name: str) -> float:
+        """One metric of the (latest) engine, from its own /metrics page."""
+        return metric_value(self.metrics(self.engine_name), name)
+
+    def wait_engine_idle(self, timeout: float) -> float:
+        """Seconds until the engine holds no request (fails after ``timeout``)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            pong = self.engine_load()
+            if pong.num_running == 0 and pong.num_waiting == 0:
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise AssertionError(f"the engine still holds requests after {timeout}s")
+
+    def wait_engine_busy(self, timeout: float = 10.0) -> None:
+        """Until the engine runs at least one request."""
+        deadline = time.monotonic() + timeout
+        while self.engine_load().num_running == 0:
+            assert time.monotonic() < deadline, "the request never started running"
 
     def close(self) -> None:
         for proc in reversed(self.procs):  # frontends first (Goodbye), then engine, then worker

@@ -9,14 +9,13 @@ import asyncio
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 from e2e_stack import Stack
-from frontend_helpers import free_port, metric_value, wait_until
+from frontend_helpers import metric_value, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,12 +27,10 @@ GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 @pytest.fixture(scope="module")
 def stack(model_dirs, tmp_path_factory) -> Iterator[Stack]:
-    st = Stack(model_dirs("llama"), tmp_path_factory.mktemp("e2e-logs"), API_KEY)
+    st = Stack(model_dirs("llama"), tmp_path_factory.mktemp("e2e-logs"), API_KEY, tuple(ENGINE_FLAGS))
     try:
-        st.start("worker", "worker", "--model", str(st.model), *ENGINE_FLAGS, "--worker-addr", st.wrk,
-                 "--metrics-port", str(free_port()))
-        engine = st.start("engine", "engine", "--model", str(st.model), *ENGINE_FLAGS, "--frontend-input", st.inp,
-                          "--frontend-output", st.out, "--worker-addr", st.wrk, "--metrics-port", str(free_port()))
+        st.start_worker()
+        engine = st.start_engine()
         fronts = {fid: st.start_frontend(fid) for fid in ("fe-a", "fe-b")}
         for fid, proc in fronts.items():
             st.wait_frontend_ready(fid, proc)
@@ -139,22 +136,6 @@ def test_both_frontends_serve(stack, client):
         assert metric_value(page, "pagedserve_frontend_http_responses_total", endpoint="/v1/completions", status="200") > 0
 
 
-def _wait_engine_idle(stack: Stack, timeout: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        pong = stack.engine_load()
-        if pong.num_running == 0 and pong.num_waiting == 0:
-            return time.monotonic() - start
-        time.sleep(0.05)
-    raise AssertionError(f"the engine still holds requests after {timeout}s")
-
-
-def _wait_engine_busy(stack: Stack, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while stack.engine_load().num_running == 0:
-        assert time.monotonic() < deadline, "the request never started running"
-
-
 def test_client_disconnect_aborts_in_engine(stack, client):
     model = _model(client)
     # ~1000 tokens: seconds of work, so the request is still running when its client leaves.
@@ -164,15 +145,15 @@ def test_client_disconnect_aborts_in_engine(stack, client):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         assert stack.engine_load().num_running >= 1
-    _wait_engine_idle(stack, 10.0)
+    stack.wait_engine_idle(10.0)
     # A non-streaming client that hangs up while waiting for its answer.
     body = json.dumps({**long, "messages": [{"role": "user", "content": "go"}]}).encode()
     with socket.create_connection(("127.0.0.1", stack.port)) as conn:
         conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"authorization: Bearer " + API_KEY.encode() + b"\r\n"
                      b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        _wait_engine_busy(stack)
-    _wait_engine_idle(stack, 10.0)
+        stack.wait_engine_busy()
+    stack.wait_engine_idle(10.0)
     assert httpx.get(f"{stack.base}/health").status_code == 200
     assert client.completions.create(model=model, prompt="after", max_tokens=3).usage.completion_tokens == 3
 
@@ -262,7 +243,7 @@ def test_metrics_match_responses(stack, client):
                       headers={"authorization": f"Bearer {API_KEY}"}) as resp:
         assert next(resp.iter_lines()).startswith("data: ")
     after = stack.idle_metrics()  # in flight back to 0 on both frontends
-    _wait_engine_idle(stack, 10.0)
+    stack.wait_engine_idle(10.0)
     assert _delta(mid, after, "pagedserve_frontend_requests_total", finish_reason="abort", **labels) == 1
     assert _delta(mid, after, "pagedserve_frontend_requests_total", **labels) == 1
     assert _delta(mid, after, "pagedserve_frontend_generation_tokens_total", **labels) >= 1

@@ -1,5 +1,7 @@
-"""One frontend process against the scripted engine: OpenAI SDK and raw HTTP, every endpoint,
-stop strings, n > 1, logprobs, usage, the bad-input matrix, and aborts on client disconnect."""
+"""One frontend process against the real engine and worker (the tiny llama checkpoint): OpenAI SDK
+and raw HTTP, every endpoint, stop strings, n > 1, logprobs, usage, the bad-input matrix, and
+aborts on client disconnect (checked through the engine itself). Expected outputs come from the
+model's own greedy answers, which are deterministic."""
 
 from __future__ import annotations
 
@@ -12,117 +14,164 @@ from frontend_helpers import free_port, metric_value, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
+MAX_MODEL_LEN = 1024  # e2e_stack.ENGINE_FLAGS
+VOCAB_SIZE = 1024  # the tiny llama checkpoint's
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+MODEL = "<model>"  # stands for the served model's name in parametrized bodies
+
 
 @pytest.fixture(scope="module")
 def client(frontend: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{frontend}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{frontend}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def expected_text(fake_engine, tokenizer, prompt: str, n_tokens: int, seed: int | None = None) -> str:
-    ids = fake_engine.next_tokens(tokenizer.encode(prompt), seed, n_tokens)
-    return tokenizer.decode(ids, skip_special_tokens=True)
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
 
 
-def test_models_version_tokenize(frontend, client, tokenizer):
+@pytest.fixture(scope="module")
+def greedy(client, model):
+    """greedy(prompt, n_tokens) -> the model's greedy completion text (ignoring EOS), asked once."""
+    cache: dict[tuple, str] = {}
+
+    def get(prompt: str, n_tokens: int) -> str:
+        if (prompt, n_tokens) not in cache:
+            out = client.completions.create(model=model, prompt=prompt, max_tokens=n_tokens, **GREEDY)
+            assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == n_tokens
+            cache[prompt, n_tokens] = out.choices[0].text
+        return cache[prompt, n_tokens]
+
+    return get
+
+
+def chat_prompt_ids(model_tokenizer, messages: list[dict]) -> list[int]:
+    text = model_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return model_tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_models_version_tokenize(frontend, client, model, model_tokenizer, model_path):
     models = client.models.list().data
-    assert [m.id for m in models] == ["fake-model"]
-    assert models[0].model_extra["max_model_len"] == 128
+    assert [m.id for m in models] == [model]
+    assert models[0].model_extra["max_model_len"] == MAX_MODEL_LEN
     assert httpx.get(f"{frontend}/version").json()["version"]
-    out = httpx.post(f"{frontend}/tokenize", json={"model": "fake-model", "prompt": "Hello world"}).json()
-    assert out == {"tokens": tokenizer.encode("Hello world"), "count": len(out["tokens"]), "max_model_len": 128}
-    chat = httpx.post(f"{frontend}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
-    assert tokenizer.decode(chat["tokens"]) == "<|user|>hi\n<|assistant|>"
-    back = httpx.post(f"{frontend}/detokenize", json={"tokens": out["tokens"]}).json()
-    assert back == {"prompt": "Hello world"}
+    out = httpx.post(f"{frontend}/tokenize", json={"model": model, "prompt": "Hello world"}).json()
+    assert out == {"tokens": model_tokenizer.encode("Hello world"), "count": len(out["tokens"]),
+                   "max_model_len": MAX_MODEL_LEN}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(f"{frontend}/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == chat_prompt_ids(model_tokenizer, messages)
+    back = httpx.post(f"{frontend}/detokenize", json={"tokens": model_tokenizer.encode("Hello world",
+                                                                                       add_special_tokens=False)})
+    assert back.json() == {"prompt": "Hello world"}
 
 
-def test_completion_whole_and_streamed(client, fake_engine, tokenizer):
-    want = expected_text(fake_engine, tokenizer, "Hello", 6)
-    out = client.completions.create(model="fake-model", prompt="Hello", max_tokens=6, temperature=0)
-    assert out.object == "text_completion" and out.choices[0].text == want
+def test_completion_whole_and_streamed(client, model, model_tokenizer, greedy):
+    out = client.completions.create(model=model, prompt="Hello", max_tokens=6, **GREEDY)
+    assert out.object == "text_completion" and out.choices[0].text == greedy("Hello", 6)
+    assert out.choices[0].text  # the tiny model says something
     assert out.choices[0].finish_reason == "length"
-    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(tokenizer.encode("Hello")), 6)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(model_tokenizer.encode("Hello")), 6)
     chunks = list(client.completions.create(
-        model="fake-model", prompt="Hello", max_tokens=6, stream=True, stream_options={"include_usage": True}
+        model=model, prompt="Hello", max_tokens=6, stream=True, stream_options={"include_usage": True}, **GREEDY
     ))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy("Hello", 6)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
-def test_completion_prompt_forms_and_echo(client, fake_engine, tokenizer):
-    ids = tokenizer.encode("Hello")
-    out = client.completions.create(model="fake-model", prompt=[ids, tokenizer.encode("two")], max_tokens=3, echo=True)
+def test_completion_prompt_forms_and_echo(client, model, model_tokenizer, greedy):
+    ids = model_tokenizer.encode("Hello")
+    two = model_tokenizer.encode("two")
+    out = client.completions.create(model=model, prompt=[ids, two], max_tokens=3, echo=True, **GREEDY)
     assert [c.index for c in out.choices] == [0, 1]
-    assert out.choices[0].text == "Hello" + expected_text(fake_engine, tokenizer, "Hello", 3)
-    assert out.choices[1].text.startswith("two")
-    assert out.usage.prompt_tokens == len(ids) + len(tokenizer.encode("two"))
-    out = client.completions.create(model="fake-model", prompt=["Hello", "two"], max_tokens=3, n=2)
+    assert out.choices[0].text == "Hello" + greedy("Hello", 3)
+    assert out.choices[1].text == "two" + greedy("two", 3)
+    assert out.usage.prompt_tokens == len(ids) + len(two)
+    out = client.completions.create(model=model, prompt=["Hello", "two"], max_tokens=3, n=2, **GREEDY)
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
-    assert out.choices[1].text == expected_text(fake_engine, tokenizer, "Hello", 3)
-    out = client.completions.create(model="fake-model", prompt=ids, max_tokens=3)
-    assert out.choices[0].text == expected_text(fake_engine, tokenizer, "Hello", 3)
-    chunks = list(client.completions.create(model="fake-model", prompt="Hello", max_tokens=3, echo=True, stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == "Hello" + expected_text(fake_engine, tokenizer, "Hello", 3)
+    assert [c.text for c in out.choices] == [greedy("Hello", 3)] * 2 + [greedy("two", 3)] * 2  # greedy twins
+    out = client.completions.create(model=model, prompt=ids, max_tokens=3, **GREEDY)
+    assert out.choices[0].text == greedy("Hello", 3)
+    chunks = list(client.completions.create(model=model, prompt="Hello", max_tokens=3, echo=True, stream=True,
+                                            **GREEDY))
+    assert "".join(c.choices[0].text for c in chunks) == "Hello" + greedy("Hello", 3)
 
 
-def test_chat_whole_and_streamed(client, fake_engine, tokenizer):
+def test_chat_whole_and_streamed(client, model, model_tokenizer):
     messages = [{"role": "user", "content": "hi"}]
-    prompt = "<|user|>hi\n<|assistant|>"
-    want = expected_text(fake_engine, tokenizer, prompt, 5)
-    out = client.chat.completions.create(model="fake-model", messages=messages, max_tokens=5)
-    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == want
-    assert out.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    out = client.chat.completions.create(model=model, messages=messages, max_tokens=5, **GREEDY)
+    want = out.choices[0].message.content
+    assert out.choices[0].message.role == "assistant" and want
+    assert out.usage.prompt_tokens == len(chat_prompt_ids(model_tokenizer, messages))
+    assert out.usage.completion_tokens == 5
     stream = client.chat.completions.create(
-        model="fake-model", messages=messages, max_completion_tokens=5, stream=True,
-        stream_options={"include_usage": True},
+        model=model, messages=messages, max_completion_tokens=5, stream=True,
+        stream_options={"include_usage": True}, **GREEDY,
     )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].usage.total_tokens == len(tokenizer.encode(prompt)) + 5
+    assert chunks[-1].usage.total_tokens == len(chat_prompt_ids(model_tokenizer, messages)) + 5
 
 
-def test_n_fans_out_with_child_seeds(client, fake_engine, tokenizer):
-    out = client.completions.create(model="fake-model", prompt="Hello", max_tokens=4, n=2, seed=3, temperature=1.0)
+def test_n_fans_out_with_child_seeds(client, model):
+    sampled = {"temperature": 1.0, "extra_body": {"ignore_eos": True}}
+    out = client.completions.create(model=model, prompt="Hello", max_tokens=4, n=2, seed=3, **sampled)
     assert [c.index for c in out.choices] == [0, 1]
-    assert [c.text for c in out.choices] == [expected_text(fake_engine, tokenizer, "Hello", 4, s) for s in (3, 4)]
     assert out.usage.completion_tokens == 8
-    seeds = sorted(a.sampling_params.seed for a in fake_engine.added[-2:])
-    assert seeds == [3, 4] and all(a.sampling_params.n == 1 for a in fake_engine.added[-2:])
+    # Choice i is sampled with seed + i: the same texts as single requests with those seeds.
+    singles = [client.completions.create(model=model, prompt="Hello", max_tokens=4, seed=s, **sampled).choices[0].text
+               for s in (3, 4)]
+    assert [c.text for c in out.choices] == singles
 
 
-def test_stop_string_cuts_text_and_aborts(client, fake_engine, tokenizer):
-    full = expected_text(fake_engine, tokenizer, "Hello", 40)
-    stop = " five"
-    assert stop in full
-    out = client.completions.create(model="fake-model", prompt="Hello", max_tokens=40, stop=[stop])
+def _stop_for(text: str) -> str:
+    """A stop string cut from a known output: a few characters from its middle, first seen there."""
+    for start in range(4, len(text) - 3):
+        stop = text[start:start + 3]
+        if stop.strip() and text.index(stop) == start:
+            return stop
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_stop_string_cuts_text_and_aborts(stack, client, model, greedy):
+    full = greedy("Hello", 40)
+    stop = _stop_for(full)
+    out = client.completions.create(model=model, prompt="Hello", max_tokens=40, stop=[stop], **GREEDY)
     assert out.choices[0].text == full[: full.index(stop)]
     assert out.choices[0].finish_reason == "stop" and out.choices[0].model_extra["stop_reason"] == stop
-    req_id = fake_engine.added[-1].req_id
-    assert fake_engine.wait_for(lambda: req_id in fake_engine.aborted or req_id in fake_engine.finished)
-    streamed = client.chat.completions.create(
-        model="fake-model", messages=[{"role": "user", "content": "hi"}], stop=stop, max_tokens=40, stream=True
-    )
+    stack.wait_engine_idle(10.0)  # the engine does not go on generating the rest
+    messages = [{"role": "user", "content": "hi"}]
+    chat_full = client.chat.completions.create(model=model, messages=messages, max_tokens=40,
+                                               **GREEDY).choices[0].message.content
+    chat_stop = _stop_for(chat_full)
+    streamed = client.chat.completions.create(model=model, messages=messages, stop=chat_stop, max_tokens=40,
+                                              stream=True, **GREEDY)
     text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-    assert stop not in text
+    assert chat_stop not in text and text == chat_full[: chat_full.index(chat_stop)]
 
 
-def test_logprobs_shapes(client):
-    out = client.completions.create(model="fake-model", prompt="Hello", max_tokens=4, logprobs=2)
+def test_logprobs_shapes(client, model):
+    out = client.completions.create(model=model, prompt="Hello", max_tokens=4, logprobs=2, **GREEDY)
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 4
-    assert "".join(lp.tokens) == out.choices[0].text and lp.token_logprobs[0] == -0.25
+    assert "".join(lp.tokens) == out.choices[0].text
     assert all(len(top) >= 2 for top in lp.top_logprobs)
+    # Greedy: each chosen token is the most likely one.
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and chosen == pytest.approx(max(top.values()), abs=1e-5)
     chat = client.chat.completions.create(
-        model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, top_logprobs=2
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, top_logprobs=2,
+        **GREEDY,
     )
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
-    assert bytes(b for c in content for b in c.bytes).decode() == chat.choices[0].message.content
+    assert bytes(b for c in content for b in c.bytes).decode(errors="replace") == chat.choices[0].message.content
     stream = client.chat.completions.create(
-        model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, stream=True
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True, stream=True,
+        **GREEDY,
     )
     entries = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert len(entries) == 3
@@ -132,24 +181,27 @@ BAD_BODIES = [
     (b"{not json", 400, "invalid_json", None),
     (b"", 400, "invalid_json", None),
     (b"[1, 2]", 400, "invalid_json", None),
-    ({"model": "fake-model"}, 400, "missing_required_parameter", "prompt"),
-    ({"model": "fake-model", "prompt": "x", "max_tokens": "ten"}, 400, "invalid_type", "max_tokens"),
-    ({"model": "fake-model", "prompt": "x", "temperature": -1}, 400, "invalid_value", "temperature"),
-    ({"model": "fake-model", "prompt": "x", "n": 1000}, 400, "invalid_value", "n"),
-    ({"model": "fake-model", "prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "invalid_value", "min_tokens"),
-    ({"model": "fake-model", "prompt": "x", "stop": ""}, 400, "invalid_value", "stop"),
-    ({"model": "fake-model", "prompt": [1, 99999]}, 400, "invalid_value", "prompt"),
-    ({"model": "fake-model", "prompt": "x", "stop_token_ids": [99999]}, 400, "invalid_value", "stop_token_ids"),
-    ({"model": "fake-model", "prompt": [[]]}, 400, "invalid_value", "prompt"),
-    ({"model": "fake-model", "prompt": [5] * 128}, 400, "context_length_exceeded", "prompt"),
+    ({"model": MODEL}, 400, "missing_required_parameter", "prompt"),
+    ({"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "invalid_type", "max_tokens"),
+    ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "invalid_value", "temperature"),
+    ({"model": MODEL, "prompt": "x", "n": 1000}, 400, "invalid_value", "n"),
+    ({"model": MODEL, "prompt": "x", "min_tokens": 9, "max_tokens": 2}, 400, "invalid_value", "min_tokens"),
+    ({"model": MODEL, "prompt": "x", "stop": ""}, 400, "invalid_value", "stop"),
+    ({"model": MODEL, "prompt": [1, 99999]}, 400, "invalid_value", "prompt"),
+    ({"model": MODEL, "prompt": [1, VOCAB_SIZE]}, 400, "invalid_value", "prompt"),
+    ({"model": MODEL, "prompt": "x", "stop_token_ids": [99999]}, 400, "invalid_value", "stop_token_ids"),
+    ({"model": MODEL, "prompt": [[]]}, 400, "invalid_value", "prompt"),
+    ({"model": MODEL, "prompt": [5] * MAX_MODEL_LEN}, 400, "context_length_exceeded", "prompt"),
     ({"model": "nope", "prompt": "x"}, 404, "model_not_found", "model"),
 ]
 
 
 @pytest.mark.parametrize(("body", "status", "code", "param"), BAD_BODIES)
-def test_bad_completion_requests(frontend, body, status, code, param):
-    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {
-        "json": body}
+def test_bad_completion_requests(frontend, model, body, status, code, param):
+    if isinstance(body, bytes):
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}}
+    else:
+        kwargs = {"json": {k: model if v == MODEL else v for k, v in body.items()}}
     resp = httpx.post(f"{frontend}/v1/completions", timeout=10, **kwargs)
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]
@@ -157,53 +209,58 @@ def test_bad_completion_requests(frontend, body, status, code, param):
     assert (err["code"], err["param"]) == (code, param), err
 
 
-def test_bad_chat_requests_and_engine_refusal(frontend, client, fake_engine):
-    resp = httpx.post(f"{frontend}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 2000}]})
+def test_bad_chat_requests_and_out_of_vocabulary_prompts(frontend, client, model):
+    resp = httpx.post(f"{frontend}/v1/chat/completions",
+                      json={"messages": [{"role": "user", "content": "x " * (2 * MAX_MODEL_LEN)}]})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
     resp = httpx.post(f"{frontend}/v1/chat/completions", json={"messages": [{"role": "bot", "content": "x"}]})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
-    fake_engine.refuse_next = "the engine says no"
-    with pytest.raises(openai.BadRequestError, match="the engine says no"):
-        client.completions.create(model="fake-model", prompt="Hello", max_tokens=2)
-    fake_engine.refuse_next = "no stream either"
-    with pytest.raises(openai.BadRequestError, match="no stream either"):
-        list(client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
-                                            stream=True))
+    # The engine refuses token ids outside its vocabulary; the frontend, which knows the engine's
+    # vocabulary size, refuses them first, whole or streamed.
+    with pytest.raises(openai.BadRequestError, match="out of range"):
+        client.completions.create(model=model, prompt=[1, VOCAB_SIZE], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="out of range"):
+        list(client.completions.create(model=model, prompt=[VOCAB_SIZE + 7], max_tokens=2, stream=True))
     assert httpx.get(f"{frontend}/nowhere").json()["error"]["code"] == "not_found"
     # still serving
-    assert client.completions.create(model="fake-model", prompt="Hello", max_tokens=2).choices[0].text
+    assert client.completions.create(model=model, prompt="Hello", max_tokens=2, **GREEDY).choices[0].text
 
 
-def _slow(fake_engine):
-    class Slow:
-        def __enter__(self):
-            self.old, fake_engine.step_s = fake_engine.step_s, 0.05
-
-        def __exit__(self, *exc):
-            fake_engine.step_s = self.old
-
-    return Slow()
+# ~1000 tokens: seconds of work, so such a request is still running when its client leaves.
+LONG = {"prompt": "Hello", "max_tokens": MAX_MODEL_LEN - 24, "ignore_eos": True}
 
 
-def test_client_disconnect_aborts_streaming_and_whole(frontend, fake_engine):
-    with _slow(fake_engine):
-        body = {"model": "fake-model", "prompt": "Hello", "max_tokens": 100, "stream": True}
-        with httpx.stream("POST", f"{frontend}/v1/completions", json=body, timeout=10) as resp:
-            lines = resp.iter_lines()
-            assert next(lines).startswith("data: ")
-            req_id = fake_engine.added[-1].req_id
-        assert fake_engine.wait_for(lambda: req_id in fake_engine.aborted, 5), "streaming request not aborted"
-        body["stream"] = False
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{frontend}/v1/chat/completions", timeout=0.5,
-                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100})
-        req_id = fake_engine.added[-1].req_id
-        assert fake_engine.wait_for(lambda: req_id in fake_engine.aborted, 5), "whole request not aborted"
+def _scheduled_tokens(stack) -> float:
+    """Tokens the engine has scheduled so far (prompt and generated, all requests)."""
+    return stack.engine_metric("pagedserve_engine_scheduled_tokens_per_step_sum")
+
+
+def test_client_disconnect_aborts_streaming_and_whole(frontend, stack, model):
+    body = {"model": model, **LONG, "stream": True}
+    scheduled = _scheduled_tokens(stack)
+    with httpx.stream("POST", f"{frontend}/v1/completions", json=body, timeout=10) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert stack.engine_load().num_running == 1
+    stack.wait_engine_idle(10.0)
+    # The engine stopped generating when the client left: far fewer tokens than asked for.
+    assert _scheduled_tokens(stack) - scheduled < LONG["max_tokens"], "streaming request not aborted"
+    before, scheduled = httpx.get(f"{frontend}/metrics").text, _scheduled_tokens(stack)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{frontend}/v1/chat/completions", timeout=0.2,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": LONG["max_tokens"],
+                         "ignore_eos": True})
+    stack.wait_engine_idle(10.0)
+    assert _scheduled_tokens(stack) - scheduled < LONG["max_tokens"], "whole request not aborted"
+    after = httpx.get(f"{frontend}/metrics").text
+    labels = {"endpoint": "/v1/chat/completions", "finish_reason": "abort"}
+    assert (metric_value(after, "pagedserve_frontend_requests_total", **labels)
+            - metric_value(before, "pagedserve_frontend_requests_total", **labels)) == 1
     assert httpx.get(f"{frontend}/health").status_code == 200
 
 
-def test_streamed_sse_ends_with_done(frontend):
-    body = {"model": "fake-model", "prompt": "Hello", "max_tokens": 3, "stream": True}
+def test_streamed_sse_ends_with_done(frontend, model):
+    body = {"model": model, "prompt": "Hello", "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{frontend}/v1/completions", json=body) as resp:
         assert resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
@@ -216,18 +273,20 @@ def _request_reason(reasons: list[str]) -> str:
     return next((r for r in ("error", "abort", "length") if r in reasons), "stop")
 
 
-def test_metrics_match_what_clients_saw(frontend, client, fake_engine):
+def test_metrics_match_what_clients_saw(frontend, client, model, greedy):
+    stop = _stop_for(greedy("Hello", 40))
     before = httpx.get(f"{frontend}/metrics").text
     outs = [
-        ("/v1/completions", client.completions.create(model="fake-model", prompt="Hello", max_tokens=4, n=2,
-                                                      seed=3, temperature=1.0)),
-        ("/v1/completions", client.completions.create(model="fake-model", prompt="Hello", max_tokens=40,
-                                                      stop=[" five"])),
+        ("/v1/completions", client.completions.create(model=model, prompt="Hello", max_tokens=4, n=2, seed=3,
+                                                      temperature=1.0, extra_body={"ignore_eos": True})),
+        ("/v1/completions", client.completions.create(model=model, prompt="Hello", max_tokens=40, stop=[stop],
+                                                      **GREEDY)),
         ("/v1/chat/completions", client.chat.completions.create(
-            model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=5)),
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5, **GREEDY)),
     ]
-    chunks = list(client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, stream=True, stream_options={"include_usage": True},
+                                                 **GREEDY))
     reasons = [_request_reason([c.finish_reason for c in out.choices]) for _, out in outs]
     reasons.append(_request_reason([c.choices[0].finish_reason for c in chunks if c.choices and
                                     c.choices[0].finish_reason]))
@@ -238,7 +297,7 @@ def test_metrics_match_what_clients_saw(frontend, client, fake_engine):
     after = httpx.get(f"{frontend}/metrics").text
 
     def delta(name: str, **labels: str) -> float:
-        labels = {"model_name": "fake-model", **labels}
+        labels = {"model_name": model, **labels}
         return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     for endpoint in ("/v1/completions", "/v1/chat/completions"):
@@ -260,35 +319,36 @@ def test_metrics_match_what_clients_saw(frontend, client, fake_engine):
     # One gap per token after each choice's first.
     assert delta("pagedserve_frontend_inter_token_latency_seconds_count") == generated - sum(num_choices)
     assert metric_value(after, "pagedserve_frontend_requests_in_flight") == 0
-    assert metric_value(after, "pagedserve_frontend_engine_ready", model_name="fake-model") == 1
+    assert metric_value(after, "pagedserve_frontend_engine_ready", model_name=model) == 1
     samples = [line for line in after.splitlines() if line and not line.startswith("#")]
     assert all('model_name="' in line for line in samples), [s for s in samples if "model_name" not in s]
 
 
-def test_metrics_count_aborts_and_errors(frontend, client, fake_engine):
+def test_metrics_count_aborts_and_errors(frontend, client, model, stack):
     def value(name: str, **labels: str) -> float:
-        return metric_value(httpx.get(f"{frontend}/metrics").text, name, model_name="fake-model", **labels)
+        return metric_value(httpx.get(f"{frontend}/metrics").text, name, model_name=model, **labels)
 
     def reasons() -> dict[str, float]:
         return {r: value("pagedserve_frontend_requests_total", finish_reason=r) for r in ("abort", "error")}
 
     start, e2e = reasons(), value("pagedserve_frontend_e2e_request_latency_seconds_count")
-    fake_engine.refuse_next = "no"
+    # Refused before admission (out of vocabulary): neither an error nor a request at all.
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="fake-model", prompt="Hello", max_tokens=2)
-    with _slow(fake_engine):
-        body = {"model": "fake-model", "prompt": "Hello", "max_tokens": 100, "stream": True}
-        with httpx.stream("POST", f"{frontend}/v1/completions", json=body, timeout=10) as resp:
-            assert next(resp.iter_lines()).startswith("data: ")
-        assert fake_engine.wait_for(lambda: value("pagedserve_frontend_requests_in_flight") == 0, 5)
+        client.completions.create(model=model, prompt=[VOCAB_SIZE], max_tokens=2)
+    body, scheduled = {"model": model, **LONG, "stream": True}, _scheduled_tokens(stack)
+    with httpx.stream("POST", f"{frontend}/v1/completions", json=body, timeout=10) as resp:
+        assert next(resp.iter_lines()).startswith("data: ")
+    stack.wait_engine_idle(10.0)
+    assert _scheduled_tokens(stack) - scheduled < LONG["max_tokens"], "request not aborted"
+    stack.idle_metrics(("fe-main",))  # in flight back to 0
     end = reasons()
-    assert (end["abort"] - start["abort"], end["error"] - start["error"]) == (1, 1)
-    assert value("pagedserve_frontend_e2e_request_latency_seconds_count") - e2e == 2
+    assert (end["abort"] - start["abort"], end["error"] - start["error"]) == (1, 0)
+    assert value("pagedserve_frontend_e2e_request_latency_seconds_count") - e2e == 1
 
 
-def test_api_key(fake_engine, start_frontend):
-    port = free_port()
-    proc = start_frontend(port, fake_engine, "--api-key", "sekrit", "--served-model-name", "alias")
+def test_api_key(stack, model):
+    proc = stack.start_frontend("fe-keyed", "--api-key", "sekrit", "--served-model-name", "alias",
+                                port=(port := free_port()))
     base = f"http://127.0.0.1:{port}"
     wait_until(f"{base}/health", proc)  # /health is not behind the key
     body = {"model": "alias", "prompt": "Hello", "max_tokens": 2}
@@ -298,4 +358,4 @@ def test_api_key(fake_engine, start_frontend):
     ok = openai.OpenAI(base_url=f"{base}/v1", api_key="sekrit", max_retries=0)
     assert ok.completions.create(**body).model == "alias"
     with pytest.raises(openai.NotFoundError):
-        ok.completions.create(model="fake-model", prompt="x", max_tokens=2)
+        ok.completions.create(model=model, prompt="x", max_tokens=2)
