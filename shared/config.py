@@ -7,7 +7,6 @@ and constructor arguments, never by mutating these objects. Nothing here imports
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,8 +188,3 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
-
-
-def env(name: str, default: str | None = None) -> str | None:
-    """PAGEDSERVE_* settings, read at the entry points only."""
-    return os.environ.get(f"PAGEDSERVE_{name}", default)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pagedserve.serve import free_port
 
 
 def spawn(*args: str) -> subprocess.Popen:

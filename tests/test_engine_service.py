@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
+from pagedserve.serve import free_port
 from shared.protocol import (
     AbortRequests,
     AddRequest,
@@ -27,12 +27,6 @@ from shared.protocol import (
 )
 from shared.sampling_params import SamplingParams
 from shared.transport import DealerQueue
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.protocol import (
     AbortRequests,
     AddRequest,
@@ -40,8 +41,6 @@ from shared.transport import AsyncDealerQueue
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INPUT = "tcp://127.0.0.1:5570"
-DEFAULT_OUTPUT = "tcp://127.0.0.1:5571"
 
 # What a request's queue yields: the engine's deltas, or the engine's refusal.
 StreamItem = RequestDelta | RequestFailed
@@ -57,8 +56,8 @@ class EngineClient:
 
     def __init__(
         self,
-        input_addr: str = DEFAULT_INPUT,
-        output_addr: str = DEFAULT_OUTPUT,
+        input_addr: str = DEFAULT_ENGINE_INPUT,
+        output_addr: str = DEFAULT_ENGINE_OUTPUT,
         frontend_id: str | None = None,
         hello_interval: float = 1.0,
     ):

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from services.frontend.engine_client import DEFAULT_INPUT, DEFAULT_OUTPUT
 from services.frontend.state import FrontendConfig
+from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 
 log = logging.getLogger("pagedserve.frontend")
 
@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The frontend's flags; each defaults to its PAGEDSERVE_* environment variable."""
     p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (PAGEDSERVE_HOST)")
     p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="HTTP port, shareable (PAGEDSERVE_PORT)")
-    p.add_argument("--engine-input", default=_env("ENGINE_INPUT", DEFAULT_INPUT), help="engine input ROUTER address")
-    p.add_argument("--engine-output", default=_env("ENGINE_OUTPUT", DEFAULT_OUTPUT), help="engine output ROUTER address")
+    p.add_argument("--engine-input", default=_env("ENGINE_INPUT", DEFAULT_ENGINE_INPUT), help="engine input ROUTER address")
+    p.add_argument("--engine-output", default=_env("ENGINE_OUTPUT", DEFAULT_ENGINE_OUTPUT), help="engine output ROUTER address")
     p.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/*")
     names = _env("SERVED_MODEL_NAME")
     p.add_argument(

@@ -14,13 +14,14 @@ from typing import Any, TypeVar
 
 from jinja2 import TemplateError
 
-from services.frontend.engine_client import DEFAULT_INPUT, DEFAULT_OUTPUT, EngineClient
+from services.frontend.engine_client import EngineClient
 from services.frontend.errors import bad_request, engine_unavailable, from_value_error, model_not_found
 from services.frontend.generation import Generation
 from services.frontend.logprobs import TokenText
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.request_metrics import RequestMetrics
 from services.frontend.tokenizer import apply_chat_template, load_tokenizer
+from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.protocol import ModelInfo
 from shared.sampling_params import SamplingParams
 
@@ -32,8 +33,8 @@ _PARAM_NAMES = set(_SAMPLING_FIELDS) | {"max_completion_tokens", "top_logprobs",
 
 @dataclass(frozen=True)
 class FrontendConfig:
-    engine_input: str = DEFAULT_INPUT
-    engine_output: str = DEFAULT_OUTPUT
+    engine_input: str = DEFAULT_ENGINE_INPUT
+    engine_output: str = DEFAULT_ENGINE_OUTPUT
     api_key: str | None = None
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model name
     tokenizer: str | None = None  # None: the model path the engine reports

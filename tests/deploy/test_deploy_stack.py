@@ -36,13 +36,14 @@ from deploy_helpers import (
     Proc,
     dashboard_targets,
     find_binary,
-    free_port,
     grafana_to_promql,
     load_compose,
     metric_names,
     service_environment,
     wait_http,
 )
+
+from pagedserve.serve import free_port
 
 pytestmark = pytest.mark.timeout(300)
 

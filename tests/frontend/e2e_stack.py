@@ -8,8 +8,9 @@ import uuid
 from pathlib import Path
 
 import httpx
-from frontend_helpers import Proc, free_port, metric_value
+from frontend_helpers import Proc, metric_value
 
+from pagedserve.serve import free_port
 from shared.protocol import EngineMessage, FrontendMessage, Ping, Pong
 from shared.transport import DealerQueue
 

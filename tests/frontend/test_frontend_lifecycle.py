@@ -12,7 +12,9 @@ import time
 import httpx
 import pytest
 from e2e_stack import Stack
-from frontend_helpers import free_port, metric_value, wait_until
+from frontend_helpers import metric_value, wait_until
+
+from pagedserve.serve import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,9 @@ import json
 import httpx
 import openai
 import pytest
-from frontend_helpers import free_port, metric_value, wait_until
+from frontend_helpers import metric_value, wait_until
+
+from pagedserve.serve import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
