@@ -8,8 +8,28 @@ scale is pre-multiplied by log2(e)) so the online softmax uses exp2.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
+
+
+class Tiles(NamedTuple):
+    rows: int  # query rows per program (prefill; decode's rows are one token's query heads)
+    cols: int  # context positions per step (TILE_N)
+    num_warps: int
+
+
+def tile_sizes(dtype: torch.dtype, d_pad: int, *, decode: bool = False) -> Tiles:
+    """Tile shape for head size d_pad. 16-bit inputs run tl.dot on tensor cores; float32 runs it
+    as exact FMA products with both operands in registers, which needs smaller tiles. Chosen so
+    no variant spills to local memory on sm_80 or sm_90 (tests/kernels/native_compile.py checks)."""
+    if dtype == torch.float32:
+        return Tiles(32, 16, 4) if d_pad <= 128 else Tiles(16, 16, 4)
+    if decode or d_pad <= 64:
+        return Tiles(64, 64 if d_pad <= 128 else 32, 4)
+    return Tiles(64, 64 if d_pad <= 128 else 32, 8)
 
 
 @triton.jit

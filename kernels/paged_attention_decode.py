@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import FLOAT_DTYPES, check, check_same_device, check_shape, check_tensor, next_pow2
-from kernels._paged_tile import attend_tile
+from kernels._paged_tile import attend_tile, tile_sizes
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256
@@ -188,7 +188,8 @@ def paged_attention_decode(
         f"block_tables width {block_tables.shape[1]} cannot hold {max_seq_len} tokens of block size {block_size}",
     )
     d_pad, group = next_pow2(head_dim), num_heads // num_kv_heads
-    tile_n = 64 if d_pad <= 128 else 32
+    tiles = tile_sizes(q.dtype, d_pad, decode=True)
+    tile_n = tiles.cols
     splits = num_splits or default_num_splits(batch, num_kv_heads, max_seq_len, q.device)
     per_split = triton.cdiv(triton.cdiv(max(max_seq_len, 1), splits), tile_n) * tile_n
     if not balance_splits:  # else the grid keeps every split: per_split is set per request
@@ -205,6 +206,7 @@ def paged_attention_decode(
         head_dim, group,
         BLOCK_SIZE=block_size, G_PAD=max(16, next_pow2(group)), D_PAD=d_pad, TILE_N=tile_n,
         SPLIT=splits > 1, IEEE=q.dtype == torch.float32, BALANCE=balance_splits and splits > 1,
+        num_warps=tiles.num_warps,
     )
     if splits > 1:
         _reduce_kernel[(batch, num_heads)](

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import FLOAT_DTYPES, check, check_same_device, check_shape, check_tensor, next_pow2
-from kernels._paged_tile import attend_tile
+from kernels._paged_tile import attend_tile, tile_sizes
 
 LOG2E = 1.4426950408889634
 
@@ -150,14 +150,15 @@ def paged_attention_prefill(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     group = num_heads // num_kv_heads
     g_pad, d_pad = next_pow2(group), next_pow2(head_dim)
-    block_m = max(64, g_pad)  # rows: BLOCK_M // G_PAD queries x G_PAD heads
+    tiles = tile_sizes(q.dtype, d_pad)
+    block_m = max(tiles.rows, g_pad)  # rows: BLOCK_M // G_PAD queries x G_PAD heads
     grid = (batch, triton.cdiv(max_query_len, block_m // g_pad), num_kv_heads)
     _prefill_kernel[grid](
         q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         head_dim, group,
-        BLOCK_SIZE=block_size, G_PAD=g_pad, BLOCK_Q=block_m // g_pad, BLOCK_M=block_m, D_PAD=d_pad, TILE_N=64 if d_pad <= 128 else 32,
-        IEEE=q.dtype == torch.float32,
+        BLOCK_SIZE=block_size, G_PAD=g_pad, BLOCK_Q=block_m // g_pad, BLOCK_M=block_m, D_PAD=d_pad, TILE_N=tiles.cols,
+        IEEE=q.dtype == torch.float32, num_warps=tiles.num_warps,
     )
     return out
