@@ -132,6 +132,7 @@ class Pong(msgspec.Struct, tag=True, **_STRUCT):
     num_running: int = 0
     num_waiting: int = 0
     engine_id: str = ""  # changes when the engine restarts
+    workers_ready: bool = True  # every worker rank is connected and alive
 
 
 class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
@@ -150,7 +151,10 @@ EngineMessage = Outputs | RequestFailed | Pong | ModelInfo
 
 
 # ----- engine <-> worker --------------------------------------------------------------------
-# Workers connect a DEALER to the engine's worker ROUTER: a handshake, then plans and results.
+# Workers connect a DEALER to the engine's worker ROUTER: a handshake, then plans and results;
+# a second DEALER per worker carries its heartbeats.
+
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 class WorkerReady(msgspec.Struct, tag=True, **_STRUCT):
@@ -159,6 +163,7 @@ class WorkerReady(msgspec.Struct, tag=True, **_STRUCT):
     num_blocks: int
     block_size: int
     max_model_len: int
+    instance_id: str = ""  # fresh per worker process
 
 
 class WorkerFailed(msgspec.Struct, tag=True, **_STRUCT):
@@ -167,16 +172,26 @@ class WorkerFailed(msgspec.Struct, tag=True, **_STRUCT):
     message: str
 
 
+class WorkerHeartbeat(msgspec.Struct, tag=True, **_STRUCT):
+    """Sent every HEARTBEAT_INTERVAL_S by a thread of each worker, during steps too: an engine
+    that hears nothing from a rank for its worker timeout counts the rank as lost."""
+
+    rank: int
+    instance_id: str = ""
+
+
 class WorkerAccepted(msgspec.Struct, tag=True, **_STRUCT):
-    """The engine's answer to WorkerReady. A worker that sees a new engine_id drops the request
-    state it held for the previous engine; the same id (a reconnect) keeps it."""
+    """The engine's answer to WorkerReady, and its order to start afresh. The engine bumps epoch
+    whenever a rank is lost or re-joins (it then recomputes every request from its tokens); a
+    worker drops its request state whenever (engine_id, epoch) differs from what it last had."""
 
     engine_id: str
+    epoch: int = 0
 
 
 class Shutdown(msgspec.Struct, tag=True, **_STRUCT):
     reason: str = ""
 
 
-WorkerToEngine = WorkerReady | StepResult | WorkerFailed
+WorkerToEngine = WorkerReady | WorkerHeartbeat | StepResult | WorkerFailed
 EngineToWorker = StepPlan | WorkerAccepted | Shutdown

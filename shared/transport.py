@@ -68,12 +68,16 @@ class Codec(Generic[T]):
 
 
 def _socket(
-    ctx: zmq.Context, kind: int, addr: str, bind: bool, identity: bytes | None, monitor: int = 0
+    ctx: zmq.Context, kind: int, addr: str, bind: bool, identity: bytes | None, monitor: int = 0,
+    immediate: bool = False,
 ) -> tuple[zmq.Socket, zmq.Socket | None]:
     """A configured socket, bound or connected, and a monitor socket for `monitor` events
-    (attached before connecting, so the first connection's events are never missed)."""
+    (attached before connecting, so the first connection's events are never missed). With
+    `immediate`, messages are only queued for a live connection, never while it is down."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if kind == zmq.ROUTER:
@@ -111,7 +115,8 @@ class RouterQueue(Generic[T]):
 
 class DealerQueue(Generic[T]):
     """The connecting side (blocking): sends messages, receives typed replies. With `monitor`
-    (zmq.EVENT_* flags), `self.monitor` delivers those connection events."""
+    (zmq.EVENT_* flags), `self.monitor` delivers those connection events; `immediate` as in
+    _socket."""
 
     def __init__(
         self,
@@ -121,13 +126,19 @@ class DealerQueue(Generic[T]):
         send_type: Any,
         identity: bytes | None = None,
         monitor: int = 0,
+        immediate: bool = False,
     ):
-        self.sock, self.monitor = _socket(ctx, zmq.DEALER, addr, False, identity, monitor)
+        self.sock, self.monitor = _socket(ctx, zmq.DEALER, addr, False, identity, monitor, immediate)
         self._in: Codec = Codec(recv_type)
         self._out: Codec = Codec(send_type)
 
-    def send(self, msg: Any) -> None:
-        self.sock.send_multipart(self._out.encode(msg), copy=False)
+    def send(self, msg: Any, block: bool = True) -> bool:
+        """False when block=False and the message could not be queued (no live connection)."""
+        try:
+            self.sock.send_multipart(self._out.encode(msg), flags=0 if block else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
 
     def recv(self, timeout_ms: int | None = None) -> Any | None:
         while True:

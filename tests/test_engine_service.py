@@ -11,6 +11,7 @@ import uuid
 import numpy as np
 import pytest
 import zmq
+from service_helpers import scrape
 
 from pagedserve.serve import free_port
 from shared.protocol import (
@@ -50,16 +51,6 @@ def stack(model_dirs):
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Metric name -> value (labels dropped; one series per name here)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 class Client:

@@ -150,3 +150,31 @@ def test_stop_conditions():
 def test_prompt_longer_than_max_model_len_is_rejected():
     with pytest.raises(ValueError, match="max_model_len"):
         Request("x", list(range(300)), SamplingParams(), (EOS,), max_model_len=256)
+
+
+def test_restarted_workers_recompute_every_request_with_its_tokens():
+    """A step lost with its worker, then a fresh worker with a smaller pool: every request
+    finishes exactly as if nothing happened, and the new pool ends empty."""
+
+    def scenario(crash_at: int | None) -> dict[str, list[int]]:
+        s, w = make_scheduler(num_blocks=40, budget=16), TokenCounter()
+        reqs = [request(f"r{i}", 9 + i, max_tokens=10, ignore_eos=True) for i in range(4)]
+        for r in reqs:
+            s.add_request(r)
+        for step in range(6):
+            plan = s.schedule()
+            if step == crash_at:  # this plan's results never come back
+                running = [r.req_id for r in s.running]
+                s.restart_workers(30)
+                assert not s.running and [r.req_id for r in s.waiting][: len(running)] == running
+                assert s.kv.pool.num_free_blocks == len(s.kv.pool.blocks) == 30
+                w = TokenCounter()  # the new worker knows nothing
+                continue
+            s.update(plan, w.execute(plan))
+        finished = run_to_completion(s, w)
+        assert {rid: reason for rid, (reason, _) in finished.items()} == {r.req_id: "length" for r in reqs}
+        assert all(len(r.output_token_ids) == 10 for r in reqs)
+        assert s.kv.pool.num_free_blocks == len(s.kv.pool.blocks) == (40 if crash_at is None else 30)
+        return {r.req_id: r.output_token_ids for r in reqs}
+
+    assert scenario(crash_at=3) == scenario(crash_at=None)

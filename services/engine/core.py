@@ -19,14 +19,18 @@ class Executor(Protocol):
     def execute(self, plan: StepPlan) -> StepResult: ...
 
 
+def _check_capacity(config: EngineConfig, num_blocks: int) -> None:
+    capacity = num_blocks * config.cache.block_size
+    if capacity < config.model.max_model_len:
+        raise ValueError(
+            f"the KV cache holds {capacity} tokens ({num_blocks} blocks), fewer than max_model_len="
+            f"{config.model.max_model_len}; lower max_model_len or give the cache more memory"
+        )
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor, num_blocks: int, first_step_id: int = 0):
-        capacity = num_blocks * config.cache.block_size
-        if capacity < config.model.max_model_len:
-            raise ValueError(
-                f"the KV cache holds {capacity} tokens ({num_blocks} blocks), fewer than max_model_len="
-                f"{config.model.max_model_len}; lower max_model_len or give the cache more memory"
-            )
+        _check_capacity(config, num_blocks)
         self.config = config
         self.executor = executor
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id)
@@ -59,6 +63,14 @@ class EngineCore:
         self._last_plan = plan
         result = self.executor.execute(plan)
         return self.scheduler.update(plan, result)
+
+    def restart_workers(self, num_blocks: int) -> None:
+        """Carry on over workers that start afresh with num_blocks KV blocks: every unfinished
+        request is recomputed from its prompt and the tokens it has so far (ValueError, with
+        nothing changed, when num_blocks cannot hold max_model_len)."""
+        _check_capacity(self.config, num_blocks)
+        self.scheduler.restart_workers(num_blocks)
+        self._last_plan = None
 
     def fail_last_step(self) -> list[str]:
         """After the executor raised: abort the requests of that step (their blocks return to the

@@ -25,12 +25,19 @@ class EngineMetrics:
         self.waiting = gauge("pagedserve_engine_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = gauge("pagedserve_engine_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
         self.frontends = gauge("pagedserve_engine_connected_frontends", "Frontends that said hello.")
-        self.workers = gauge("pagedserve_engine_connected_workers", "Worker ranks that reported ready.")
+        self.workers = gauge("pagedserve_engine_connected_workers", "Worker ranks connected and alive.")
         self.prefix_queried = counter(
             "pagedserve_engine_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
         )
         self.prefix_hits = counter("pagedserve_engine_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.")
-        self.preemptions = counter("pagedserve_engine_preemptions", "Requests preempted for lack of KV blocks.")
+        self.preemptions = counter(
+            "pagedserve_engine_preemptions", "Requests preempted for recompute (KV blocks short, or the workers restarted)."
+        )
+        self.worker_restarts = Counter(
+            "pagedserve_engine_worker_restarts",
+            "Times the workers started afresh after a rank was lost or re-joined.",
+            list(labels),
+        ).labels(**labels)
         self.worker_wait = counter(
             "pagedserve_engine_worker_wait_seconds", "Time the engine spent idle, waiting for worker results."
         )

@@ -156,6 +156,19 @@ class Scheduler:
         self._finished_ids = []
         return plan
 
+    def restart_workers(self, num_blocks: int) -> None:
+        """The workers' KV cache and request state are gone (a worker was lost or re-joined):
+        preempt every running request for recompute, keeping arrival order and the tokens
+        generated so far, and start over with an empty pool of num_blocks (no prefix-cache
+        entry would point at valid KV any more)."""
+        for request in reversed(self.running):
+            self._preempt(request)
+        old = self.kv
+        self.kv = KVCacheManager(num_blocks, old.block_size, old.enable_caching)
+        self.kv.prefix_queried_tokens, self.kv.prefix_hit_tokens = old.prefix_queried_tokens, old.prefix_hit_tokens
+        self._known_to_worker.clear()
+        self._finished_ids = []
+
     # ----- results ------------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:

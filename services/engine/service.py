@@ -21,6 +21,7 @@ import zmq
 
 from services.engine.core import EngineCore
 from services.engine.metrics import EngineMetrics
+from services.engine.workers import WorkerError, WorkerGroup, WorkerLost
 from shared.config import EngineConfig
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, DEFAULT_WORKER_ADDR, add_flag
 from shared.metrics import serve_metrics
@@ -28,7 +29,6 @@ from shared.protocol import (
     AbortRequests,
     AddRequest,
     EngineMessage,
-    EngineToWorker,
     FrontendMessage,
     Goodbye,
     Hello,
@@ -38,84 +38,25 @@ from shared.protocol import (
     Pong,
     RequestDelta,
     RequestFailed,
-    Shutdown,
-    StepPlan,
-    StepResult,
-    WorkerAccepted,
-    WorkerFailed,
-    WorkerReady,
-    WorkerToEngine,
 )
 from shared.transport import RouterQueue
 
 log = logging.getLogger("pagedserve.engine")
 
 
-class WorkerError(RuntimeError):
-    pass
-
-
-class WorkerGroup:
-    """The executor for the engine core: sends each plan to every rank, returns rank 0's result."""
-
-    def __init__(self, ctx: zmq.Context, addr: str, world_size: int, engine_id: str):
-        self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker)
-        self.world_size = world_size
-        self.engine_id = engine_id
-        self.ranks: dict[int, bytes] = {}
-        self.wait_time = 0.0  # seconds the engine spent idle, waiting for results
-
-    def handshake(self, timeout_s: float) -> WorkerReady:
-        """Wait until every rank has reported its KV capacity; the smallest pool wins."""
-        deadline, reports = time.monotonic() + timeout_s, {}
-        while len(reports) < self.world_size:
-            left = deadline - time.monotonic()
-            got = self.queue.recv(timeout_ms=max(1, int(left * 1000))) if left > 0 else None
-            if got is None:
-                raise WorkerError(f"only {len(reports)} of {self.world_size} workers reported in {timeout_s:.0f}s")
-            identity, msg = got
-            if isinstance(msg, WorkerReady):
-                self._accept(identity, msg)
-                reports[msg.rank] = msg
-                log.info("worker rank %d ready: %d KV blocks", msg.rank, msg.num_blocks)
-        smallest = min(reports.values(), key=lambda r: r.num_blocks)
-        return smallest
-
-    def execute(self, plan: StepPlan) -> StepResult:
-        for identity in self.ranks.values():
-            self.queue.send(identity, plan)
-        start = time.monotonic()
-        while True:
-            got = self.queue.recv(timeout_ms=1000)
-            if got is None:
-                continue
-            identity, msg = got
-            if isinstance(msg, WorkerReady):  # a worker that reconnected: it keeps its state
-                self._accept(identity, msg)
-            elif isinstance(msg, WorkerFailed):
-                raise WorkerError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.message}")
-            if isinstance(msg, StepResult) and msg.step_id == plan.step_id:
-                self.wait_time += time.monotonic() - start
-                return msg
-
-    def _accept(self, identity: bytes, msg: WorkerReady) -> None:
-        self.ranks[msg.rank] = identity
-        self.queue.send(identity, WorkerAccepted(self.engine_id))
-
-    def shutdown(self) -> None:
-        for identity in self.ranks.values():
-            self.queue.send(identity, Shutdown("engine stopping"))
-
-
 class EngineService:
-    def __init__(self, config: EngineConfig, input_addr: str, output_addr: str, worker_addr: str):
+    def __init__(
+        self, config: EngineConfig, input_addr: str, output_addr: str, worker_addr: str, worker_timeout_s: float = 30.0
+    ):
         self.config = config
         self.ctx = zmq.Context()
         self.input_addr, self.output_addr = input_addr, output_addr
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         self.engine_id = uuid.uuid4().hex
-        self.workers = WorkerGroup(self.ctx, worker_addr, config.parallel.tensor_parallel_size, self.engine_id)
+        self.workers = WorkerGroup(
+            self.ctx, worker_addr, config.parallel.tensor_parallel_size, self.engine_id, worker_timeout_s
+        )
         self.stopping = threading.Event()
         self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
         self.frontends: set[bytes] = set()
@@ -148,22 +89,23 @@ class EngineService:
     def start(self, handshake_timeout_s: float = 600.0) -> None:
         for target in (self._input_loop, self._output_loop):
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
-        ready = self.workers.handshake(handshake_timeout_s)
+        num_blocks = self.workers.handshake(handshake_timeout_s)
         self.metrics.workers.set(len(self.workers.ranks))
         # Step ids start at random, so a result a worker computed for a previous engine instance
         # (still queued on its socket when this one started) can never pass for one of ours.
-        self.core = EngineCore(self.config, self.workers, ready.num_blocks, random.getrandbits(48))
+        self.core = EngineCore(self.config, self.workers, num_blocks, random.getrandbits(48))
         m = self.config.model
         self.model_info = ModelInfo(
             m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),
-            dict(m.generation_defaults), ready.num_blocks, self.config.cache.block_size, self.engine_id,
+            dict(m.generation_defaults), num_blocks, self.config.cache.block_size, self.engine_id,
         )
-        log.info("engine ready: %d KV blocks of %d tokens", ready.num_blocks, self.config.cache.block_size)
+        log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
 
     def run(self) -> None:
         try:
             while not self.stopping.is_set():
-                busy = self.core.has_unfinished()
+                ready = self._workers_ready()
+                busy = ready and self.core.has_unfinished()
                 pongs = self._take_inputs(block=not busy)
                 if busy:
                     self._step()
@@ -171,15 +113,42 @@ class EngineService:
                     self.metrics.update(self.core.scheduler)
                 for identity, ping in pongs:
                     s = self.core.scheduler
-                    self.outbox.put((identity, Pong(ping.ping_id, s.num_running, s.num_waiting, self.engine_id)))
+                    pong = Pong(ping.ping_id, s.num_running, s.num_waiting, self.engine_id, workers_ready=ready)
+                    self.outbox.put((identity, pong))
         finally:
             self.workers.shutdown()
             self.stopping.set()
+
+    def _workers_ready(self) -> bool:
+        """True when every rank is connected and in step with the scheduler. After a rank was
+        lost or re-joined, the first turn with every rank back restarts the workers' state: the
+        requests keep their tokens and carry on, recomputed."""
+        workers = self.workers
+        workers.poll()
+        self.metrics.workers.set(len(workers.ranks))
+        if not workers.complete:
+            return False
+        if workers.stale:
+            try:
+                self.core.restart_workers(workers.num_blocks())
+            except ValueError as exc:
+                log.error("cannot use the re-joined workers: %s", exc)
+                return False
+            workers.stale = False
+            self.metrics.worker_restarts.inc()
+            log.warning(
+                "workers back (epoch %d, %d KV blocks): %d request(s) resume by recompute",
+                workers.epoch, workers.num_blocks(), len(self.core.scheduler.requests),
+            )
+        return True
 
     def _step(self) -> None:
         start, waited = time.monotonic(), self.workers.wait_time
         try:
             deltas = self.core.step()
+        except WorkerLost as exc:  # nothing of the step is kept: its requests resume later
+            log.error("%s; requests resume once every worker rank is back", exc)
+            return
         except WorkerError as exc:  # a step failed in the worker: fail its requests, keep serving
             log.error("%s", exc)
             for req_id in self.core.fail_last_step():
@@ -250,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--frontend-input", DEFAULT_ENGINE_INPUT, "ROUTER address frontends send requests to")
     add_flag(parser, "--frontend-output", DEFAULT_ENGINE_OUTPUT, "ROUTER address frontends receive outputs from")
     add_flag(parser, "--worker-addr", DEFAULT_WORKER_ADDR, "ROUTER address workers connect to")
+    add_flag(parser, "--worker-timeout", 30.0, "seconds without a worker's heartbeat before it counts as lost")
     add_flag(parser, "--metrics-port", 8001, "port serving /metrics (0: off)")
     add_flag(parser, "--metrics-host", "0.0.0.0", "address serving /metrics")
 
@@ -258,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
     from shared.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args, weights=False)  # the engine reads no weights
-    service = EngineService(config, args.frontend_input, args.frontend_output, args.worker_addr)
+    service = EngineService(
+        config, args.frontend_input, args.frontend_output, args.worker_addr, args.worker_timeout
+    )
     serve_metrics(args.metrics_port, args.metrics_host)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: service.stopping.set())

@@ -92,7 +92,7 @@ def _add_tokenizer_routes(app: FastAPI, state: FrontendState) -> None:
 def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
     @app.get("/health")
     async def health() -> Response:
-        """200 only when the engine's step loop answers a ping in time."""
+        """200 only when the engine's step loop answers a ping in time and has all its workers."""
         try:
             state.require_ready()
         except APIError as exc:
@@ -101,6 +101,8 @@ def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
         if pong is None:
             return engine_unavailable("The engine did not answer a health ping in time.").response()
         state.metrics.observe_engine(pong.num_running, pong.num_waiting)
+        if not pong.workers_ready:
+            return engine_unavailable("The engine has lost a worker; requests wait until it is back.").response()
         return Response(status_code=200)
 
     @app.get("/version")

@@ -7,6 +7,9 @@ import argparse
 import logging
 import os
 import signal
+import threading
+import time
+import uuid
 
 import torch
 import zmq
@@ -17,11 +20,13 @@ from services.worker.model_runner import ModelRunner
 from shared.engine_args import DEFAULT_WORKER_ADDR, add_flag, add_model_args, engine_config_from_args
 from shared.metrics import serve_metrics
 from shared.protocol import (
+    HEARTBEAT_INTERVAL_S,
     EngineToWorker,
     Shutdown,
     StepPlan,
     WorkerAccepted,
     WorkerFailed,
+    WorkerHeartbeat,
     WorkerReady,
     WorkerToEngine,
 )
@@ -42,14 +47,15 @@ def _init_distributed(args: argparse.Namespace, device: torch.device) -> None:
 class EngineLink:
     """The worker's connection to the engine. Each time the connection is (re)established — the
     engine started, or came back after a restart — the worker introduces itself with WorkerReady.
-    The engine answers WorkerAccepted with its instance id: a new id means a new engine, so the
-    request state held for the previous one is dropped; the same id (a reconnect) keeps it."""
+    The engine answers WorkerAccepted(engine id, epoch), and sends a new epoch whenever it starts
+    the workers afresh; the worker drops its request state whenever the pair changes (a new
+    engine, or the same engine after it recomputed every request)."""
 
     def __init__(self, queue: DealerQueue, ready: WorkerReady, runner: ModelRunner):
         if queue.monitor is None:
             raise ValueError("EngineLink needs a DealerQueue created with monitor=zmq.EVENT_HANDSHAKE_SUCCEEDED")
         self.queue, self.ready, self.runner = queue, ready, runner
-        self.engine_id: str | None = None
+        self.accepted: tuple[str, int] | None = None
         self.poller = zmq.Poller()
         self.poller.register(queue.sock, zmq.POLLIN)
         self.poller.register(queue.monitor, zmq.POLLIN)
@@ -64,16 +70,32 @@ class EngineLink:
             return None
         msg = self.queue.recv(timeout_ms=0)
         if isinstance(msg, WorkerAccepted):
-            if msg.engine_id != self.engine_id:
-                if self.engine_id is not None:
-                    log.info("a new engine (%s): dropping the previous engine's requests", msg.engine_id)
+            accepted = (msg.engine_id, msg.epoch)
+            if accepted != self.accepted:
+                if self.accepted is not None:
+                    log.info("engine %s epoch %d: dropping the request state held so far", *accepted)
                 self.runner.reset()
-                self.engine_id = msg.engine_id
+                self.accepted = accepted
             return None
         return msg
 
     def send(self, msg) -> None:
         self.queue.send(msg)
+
+
+def start_heartbeat(ctx: zmq.Context, addr: str, rank: int, instance_id: str) -> threading.Thread:
+    """A daemon thread telling the engine every HEARTBEAT_INTERVAL_S that this rank is alive,
+    also while a step runs. Its own socket: ZeroMQ sockets are not shared between threads."""
+    queue = DealerQueue(ctx, addr, EngineToWorker, WorkerToEngine, immediate=True)
+
+    def beat() -> None:
+        while True:
+            queue.send(WorkerHeartbeat(rank, instance_id), block=False)  # dropped while the engine is away
+            time.sleep(HEARTBEAT_INTERVAL_S)
+
+    thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
+    thread.start()
+    return thread
 
 
 def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetrics) -> None:
@@ -123,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
     )
     ready = WorkerReady(
         args.rank, config.parallel.tensor_parallel_size, runner.num_blocks, config.cache.block_size,
-        config.model.max_model_len,
+        config.model.max_model_len, uuid.uuid4().hex,
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    start_heartbeat(ctx, args.worker_addr, args.rank, ready.instance_id)
     serve(runner, EngineLink(queue, ready, runner), args.rank, metrics)
     return 0

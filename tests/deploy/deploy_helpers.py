@@ -49,6 +49,7 @@ ENGINE_METRICS = {
     "pagedserve_engine_prefix_cache_queried_tokens_total": "counter",
     "pagedserve_engine_prefix_cache_hit_tokens_total": "counter",
     "pagedserve_engine_preemptions_total": "counter",
+    "pagedserve_engine_worker_restarts_total": "counter",
     "pagedserve_engine_worker_wait_seconds_total": "counter",
     "pagedserve_engine_scheduled_tokens_per_step": "histogram",
     "pagedserve_engine_step_duration_seconds": "histogram",

@@ -1,0 +1,155 @@
+"""The engine's side of the worker processes: handshake, step execution, liveness.
+
+Every rank connects a DEALER to the engine's worker ROUTER and introduces itself with WorkerReady
+(its KV capacity) whenever its connection is (re)established; a thread of each worker sends a
+WorkerHeartbeat every HEARTBEAT_INTERVAL_S, during steps too. A rank is lost when it stays
+silent for `timeout_s`; a WorkerReady after start-up (a new connection) or a heartbeat from a
+lost rank (it hung and came back) means a rank re-joined, whose KV cache and request state can
+no longer be trusted. Either way the group turns `stale`: the engine
+restarts the workers' state (every request recomputed from its tokens so far) once every rank
+is back, and the epoch in WorkerAccepted tells each worker to drop what it held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from shared.protocol import (
+    EngineToWorker,
+    Shutdown,
+    StepPlan,
+    StepResult,
+    WorkerAccepted,
+    WorkerFailed,
+    WorkerHeartbeat,
+    WorkerReady,
+    WorkerToEngine,
+)
+from shared.transport import RouterQueue
+
+log = logging.getLogger("pagedserve.engine")
+
+
+class WorkerError(RuntimeError):
+    """A worker reported that a step failed; the process is alive and keeps its state."""
+
+
+class WorkerLost(RuntimeError):
+    """A rank died, hung or re-joined while a step ran: the step's result will never come."""
+
+
+class WorkerGroup:
+    """The executor for the engine core: sends each plan to every rank, returns rank 0's result."""
+
+    def __init__(self, ctx: zmq.Context, addr: str, world_size: int, engine_id: str, timeout_s: float = 30.0):
+        self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker)
+        self.world_size = world_size
+        self.engine_id = engine_id
+        self.timeout_s = timeout_s
+        self.ranks: dict[int, bytes] = {}  # connected, live ranks -> their identity
+        self.identities: dict[int, bytes] = {}  # every rank that ever reported, lost ones too
+        self.reports: dict[int, WorkerReady] = {}
+        self.last_seen: dict[int, float] = {}
+        self.epoch = 0
+        self.started = False
+        self.stale = False  # the workers' state no longer matches the engine's
+        self.wait_time = 0.0  # seconds the engine spent idle, waiting for results
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ranks) == self.world_size
+
+    def num_blocks(self) -> int:
+        """The KV capacity every rank can hold: the smallest pool wins."""
+        return min(self.reports[rank].num_blocks for rank in self.ranks)
+
+    def handshake(self, timeout_s: float) -> int:
+        """Wait until every rank has reported; returns the group's KV capacity in blocks."""
+        deadline = time.monotonic() + timeout_s
+        while not self.complete:
+            left = deadline - time.monotonic()
+            got = self.queue.recv(timeout_ms=max(1, int(left * 1000))) if left > 0 else None
+            if got is None:
+                raise WorkerError(f"only {len(self.ranks)} of {self.world_size} workers reported in {timeout_s:.0f}s")
+            self._control(*got)
+        self.started = True
+        return self.num_blocks()
+
+    def poll(self) -> None:
+        """Between steps: take in re-joining ranks and heartbeats, and drop silent ranks."""
+        while (got := self.queue.recv(timeout_ms=0)) is not None:
+            self._control(*got)  # a late StepResult of a lost step is ignored here
+        self._drop_silent()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        if not self.complete:
+            raise WorkerLost(f"{self.world_size - len(self.ranks)} worker rank(s) missing")
+        for identity in self.ranks.values():
+            self.queue.send(identity, plan)
+        start = time.monotonic()
+        while True:
+            got = self.queue.recv(timeout_ms=200)
+            if got is not None:
+                identity, msg = got
+                epoch = self.epoch
+                self._control(identity, msg)
+                if self.epoch != epoch:
+                    raise WorkerLost("a worker rank re-joined during the step")
+                if isinstance(msg, WorkerFailed):
+                    raise WorkerError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.message}")
+                if isinstance(msg, StepResult) and msg.step_id == plan.step_id:
+                    self.wait_time += time.monotonic() - start
+                    return msg
+            if self._drop_silent():
+                raise WorkerLost("a worker rank went silent during the step")
+
+    def _control(self, identity: bytes, msg) -> None:
+        if isinstance(msg, WorkerHeartbeat):  # from the rank's heartbeat socket, not its identity
+            known = self.reports.get(msg.rank)
+            if msg.rank not in self.ranks and known is not None and known.instance_id == msg.instance_id:
+                # counted as lost while it hung, alive again on the same connection (a new
+                # process introduces itself with WorkerReady instead)
+                log.warning("worker rank %d is alive again: every rank starts afresh", msg.rank)
+                self.ranks[msg.rank] = self.identities[msg.rank]
+                self._new_epoch()
+            if msg.rank in self.ranks and known.instance_id == msg.instance_id:
+                self.last_seen[msg.rank] = time.monotonic()
+            return
+        if not isinstance(msg, WorkerReady):
+            return
+        if not 0 <= msg.rank < self.world_size:
+            log.error("ignoring worker rank %d: the engine runs %d rank(s)", msg.rank, self.world_size)
+            return
+        self.ranks[msg.rank] = self.identities[msg.rank] = identity
+        self.reports[msg.rank] = msg
+        self.last_seen[msg.rank] = time.monotonic()
+        if not self.started:
+            log.info("worker rank %d ready: %d KV blocks", msg.rank, msg.num_blocks)
+            self.queue.send(identity, WorkerAccepted(self.engine_id, self.epoch))
+            return
+        log.warning("worker rank %d (re)joined with %d KV blocks: every rank starts afresh", msg.rank, msg.num_blocks)
+        self._new_epoch()
+
+    def _drop_silent(self) -> bool:
+        now = time.monotonic()
+        silent = [r for r in self.ranks if now - self.last_seen.get(r, now) > self.timeout_s]
+        for rank in silent:
+            log.error("worker rank %d silent for %.0fs: counted as lost", rank, now - self.last_seen[rank])
+            del self.ranks[rank]
+        if silent:
+            self._new_epoch()
+        return bool(silent)
+
+    def _new_epoch(self) -> None:
+        """The workers must drop their request state: tell every connected rank."""
+        self.epoch += 1
+        self.stale = True
+        for identity in self.ranks.values():
+            self.queue.send(identity, WorkerAccepted(self.engine_id, self.epoch))
+
+    def shutdown(self) -> None:
+        for identity in self.ranks.values():
+            self.queue.send(identity, Shutdown("engine stopping"))

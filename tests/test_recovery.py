@@ -1,0 +1,180 @@
+"""Services that die or hang and come back, as real processes.
+
+An engine restart: the worker re-joins it (a new handshake, its old request state dropped) and
+the frontend serves again, with no process but the engine restarted. A worker that hangs or
+dies mid-request: the engine counts it as lost after its heartbeat timeout, /health says 503,
+and when the worker is back (the same process resumed, or a new one) every request in flight
+finishes with exactly the tokens it would have had."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+from service_helpers import scrape
+
+from pagedserve.serve import free_port
+
+
+def spawn(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
+    return subprocess.Popen([sys.executable, "-m", "pagedserve.cli", *args], env=env)
+
+
+def wait_healthy(base: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(base + "/health", timeout=10).status == 200:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the stack never became healthy")
+
+
+def wait_status(base: str, status: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            got = urllib.request.urlopen(base + "/health", timeout=10).status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        if got == status:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"/health never answered {status}")
+
+
+def complete(base: str, model: str, max_tokens: int = 5) -> dict:
+    body = json.dumps(
+        {"model": model, "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    )
+    req = urllib.request.Request(base + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=60))
+
+
+def stream(base: str, model: str, max_tokens: int, started: threading.Event) -> tuple[str, str]:
+    """A streamed greedy completion: (text, finish reason); `started` is set after a few chunks."""
+    body = {"model": model, "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    text, finish, chunks = [], None, 0
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            text.append(choice["text"])
+            finish = choice["finish_reason"] or finish
+            chunks += 1
+            if chunks == 3:
+                started.set()
+    return "".join(text), finish
+
+
+@dataclass
+class StackCommands:
+    base: str  # the frontend's URL
+    worker: list[str]
+    engine: list[str]
+    frontend: list[str]
+
+
+def stack_commands(model: str, *engine_flags: str) -> StackCommands:
+    inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    port = free_port()
+    common = ["--model", model, "--max-model-len", "1024", "--served-model-name", "tiny"]
+    return StackCommands(
+        f"http://127.0.0.1:{port}",
+        ["worker", *common, "--worker-addr", wrk, "--metrics-port", "0"],
+        ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk, *engine_flags],
+        ["frontend", "--engine-input", inp, "--engine-output", out, "--port", str(port)],
+    )
+
+
+@pytest.fixture
+def processes():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def test_worker_and_frontend_rejoin_a_restarted_engine(model_dirs, processes):
+    cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", "0")
+    base = cmd.base
+    processes.append(spawn(*cmd.worker))
+    engine = spawn(*cmd.engine)
+    processes.append(engine)
+    processes.append(spawn(*cmd.frontend, "--stall-timeout", "2"))
+    wait_healthy(base)
+    before = complete(base, "tiny")["choices"][0]["text"]
+
+    # a long request in flight when the engine dies is answered 503, not left hanging
+    with ThreadPoolExecutor(1) as pool:
+        lost = pool.submit(complete, base, "tiny", 1000)
+        time.sleep(0.3)
+        engine.kill()
+        engine.wait(10)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            lost.result(timeout=60)
+        assert err.value.code == 503
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(base + "/health", timeout=15)
+    assert err.value.code == 503
+
+    processes.append(spawn(*cmd.engine))
+    wait_healthy(base)
+    after = complete(base, "tiny")
+    assert after["choices"][0]["text"] == before  # the same greedy output from the rejoined worker
+    assert after["usage"]["completion_tokens"] == 5
+    assert all(p.poll() is None for p in processes[:1] + processes[2:])  # worker and frontend never restarted
+
+
+def test_requests_survive_a_hung_and_a_dead_worker(model_dirs, processes):
+    metrics_port = free_port()
+    cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", str(metrics_port), "--worker-timeout", "2")
+    base = cmd.base
+    worker = spawn(*cmd.worker)
+    processes.extend([worker, spawn(*cmd.engine), spawn(*cmd.frontend)])
+    wait_healthy(base)
+    expected = complete(base, "tiny", 1000)["choices"][0]
+    assert expected["finish_reason"] == "length"
+
+    def interrupted(stop_worker, start_worker) -> tuple[str, str]:
+        started = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stream, base, "tiny", 1000, started)
+            assert started.wait(60)  # tokens are flowing
+            stop_worker()
+            wait_status(base, 503)  # the engine counted the worker as lost
+            assert not pending.done()
+            start_worker()
+            wait_healthy(base)
+            return pending.result(timeout=120)
+
+    # hung (SIGSTOP) past the timeout, then resumed: the same process re-joins
+    got = interrupted(lambda: worker.send_signal(signal.SIGSTOP), lambda: worker.send_signal(signal.SIGCONT))
+    assert got == (expected["text"], "length")
+
+    # killed, and a new worker process takes its place
+    got = interrupted(worker.kill, lambda: processes.append(spawn(*cmd.worker)))
+    assert got == (expected["text"], "length")
+    assert all(p.poll() is None for p in processes[1:])  # the engine and frontend never restarted
+    engine = scrape(metrics_port)
+    assert engine["pagedserve_engine_worker_restarts_total"] == 2
+    assert engine["pagedserve_engine_connected_workers"] == 1
