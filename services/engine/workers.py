@@ -5,9 +5,9 @@ Every rank connects a DEALER to the engine's worker ROUTER and introduces itself
 WorkerHeartbeat every HEARTBEAT_INTERVAL_S, during steps too. A rank is lost when it stays
 silent for `timeout_s`; a WorkerReady after start-up (a new connection) or a heartbeat from a
 lost rank (it hung and came back) means a rank re-joined, whose KV cache and request state can
-no longer be trusted. Either way the group turns `stale`: the engine
-restarts the workers' state (every request recomputed from its tokens so far) once every rank
-is back, and the epoch in WorkerAccepted tells each worker to drop what it held.
+no longer be trusted. Either way the group turns `stale`: once every rank is back the engine
+restarts the workers' state (every request recomputed from its tokens so far), and the epoch in
+WorkerAccepted tells each worker to drop what it held.
 """
 
 from __future__ import annotations
