@@ -21,6 +21,7 @@ from pagedserve.test_model import ARCHS
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.layers.attention import Attention, CommonAttentionMetadata
 from services.worker.layers.attention_torch import TorchAttentionBackend
+from services.worker.layers.attention_triton import TritonAttentionBackend
 from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from services.worker.layers.rotary import inverse_frequencies, rope_parameters
 from services.worker.loader import build_model, resolve_dtype
@@ -57,8 +58,12 @@ def kv_caches(model, config: ModelConfig) -> list[torch.Tensor]:
     return [torch.zeros(shape) for _ in range(config.num_layers)]
 
 
-def run_step(model, caches: list[torch.Tensor], chunks: list[Chunk], num_decodes: int = 0) -> list[torch.Tensor]:
-    """One forward over the flattened chunks (decodes first); the logits of each chunk's tokens."""
+def run_step(
+    model, caches: list[torch.Tensor], chunks: list[Chunk], num_decodes: int = 0, backend_name: str = "torch"
+) -> list[torch.Tensor]:
+    """One forward over the flattened chunks (decodes first); the logits of each chunk's tokens.
+    backend_name "triton" runs every Triton kernel (attention, RMSNorm, rotary, SiLU-and-mul) in
+    the interpreter on CPU, natively on CUDA."""
     ids, positions, slots, starts = [], [], [], [0]
     for c in chunks:
         pos = range(c.start, c.start + len(c.tokens))
@@ -75,7 +80,7 @@ def run_step(model, caches: list[torch.Tensor], chunks: list[Chunk], num_decodes
         block_size=BLOCK,
         device=torch.device("cpu"),
     )
-    backend = TorchAttentionBackend()
+    backend = TorchAttentionBackend() if backend_name == "torch" else TritonAttentionBackend("cpu")
     with torch.inference_mode(), set_forward_context(ForwardContext(backend, backend.build(common), caches)):
         logits = model.compute_logits(model(torch.tensor(ids), torch.tensor(positions)))
     assert logits.dtype == torch.float32
@@ -108,8 +113,9 @@ def test_batched_prefill_matches_transformers(model_dirs, arch):
     torch.testing.assert_close(out[1], hf_logits(hf, b), **TOL)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_chunked_prefill_and_decode_match_transformers(model_dirs, arch):
+def test_chunked_prefill_and_decode_match_transformers(model_dirs, arch, backend):
     """A prefills, then decodes while B prefills in two chunks beside it, then both decode."""
     model, config, hf = load(model_dirs(arch))
     caches = kv_caches(model, config)
@@ -119,7 +125,7 @@ def test_chunked_prefill_and_decode_match_transformers(model_dirs, arch):
 
     def step(plan: list[tuple[str, int, int]], num_decodes: int) -> None:
         chunks = [Chunk(seqs[r][lo:hi], lo, blocks[r]) for r, lo, hi in plan]
-        for (r, _, hi), out in zip(plan, run_step(model, caches, chunks, num_decodes)):
+        for (r, _, hi), out in zip(plan, run_step(model, caches, chunks, num_decodes, backend)):
             logits[r].append(out)
             if hi == len(seqs[r]):  # the request's last known token: sample greedily
                 seqs[r].append(int(out[-1].argmax()))

@@ -1,7 +1,9 @@
 """Per-step forward metadata, set once around a model forward through one context manager.
 
 Attention layers read the step's metadata and their layer's KV cache from here instead of having
-them threaded through every module; nothing is left behind between steps.
+them threaded through every module; nothing is left behind between steps. The other fused layers
+(RMSNorm, rotary, SiLU-and-mul) ask use_triton_kernels() whether to run their Triton kernels:
+they do when the step's attention backend is Triton, so one choice picks the whole kernel set.
 """
 
 from __future__ import annotations
@@ -41,3 +43,8 @@ def get_forward_context() -> ForwardContext:
     if _current is None:
         raise RuntimeError("attention ran outside set_forward_context()")
     return _current
+
+
+def use_triton_kernels() -> bool:
+    """True inside a forward whose attention backend is Triton (CUDA, or the interpreter)."""
+    return _current is not None and _current.backend.name == "triton"

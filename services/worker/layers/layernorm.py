@@ -1,11 +1,13 @@
 """Normalization layers. RMSNorm fuses the residual add so a decoder layer reads as a chain:
-`x, residual = norm(x, residual)`."""
+`x, residual = norm(x, residual)`; with the Triton backend that is one kernel (kernels/rms_norm.py)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from services.worker.forward_context import use_triton_kernels
 
 
 class RMSNorm(nn.Module):
@@ -23,10 +25,23 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if use_triton_kernels():
+            return self._triton(x, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+    def _triton(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        from kernels.rms_norm import rms_norm
+
+        rows = x.reshape(-1, x.shape[-1])
+        if residual is None:
+            return rms_norm(rows, self.weight, self.eps).view(x.shape)
+        out, new_residual = rms_norm(rows, self.weight, self.eps, residual.reshape(rows.shape))
+        return out.view(x.shape), new_residual.view(x.shape)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # one fused op instead of pow / mean / rsqrt / mul; float32 accumulation either way

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.worker.forward_context import use_triton_kernels
+
 ROPE_TYPES = ("default", "llama3")
 
 
@@ -49,21 +51,25 @@ def _llama3_scaling(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Ten
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k by their positions; one instance can be shared by every layer."""
+    """Rotates q and k by their positions; one instance can be shared by every layer. With the
+    Triton backend the rotation is one in-place kernel for q and k (kernels/rotary.py)."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]):
         super().__init__()
         self.head_dim = head_dim
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inverse_frequencies(head_dim, params))
-        self.register_buffer("cos_cache", freqs.cos(), persistent=False)  # [max_position, D/2]
-        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        # [max_position, D]: cos in the first D/2 columns, sin in the rest (the kernel's layout)
+        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        if use_triton_kernels():
+            from kernels.rotary import rotary_embedding
+
+            return rotary_embedding(positions, q, k, self.cos_sin_cache)
+        cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
