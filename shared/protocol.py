@@ -190,7 +190,11 @@ class WorkerAccepted(msgspec.Struct, tag=True, **_STRUCT):
 
 
 class Shutdown(msgspec.Struct, tag=True, **_STRUCT):
+    """The engine is stopping, or (rejected=True) will not use this worker: its settings do not
+    match the engine's, so the worker exits with an error instead of serving wrong plans."""
+
     reason: str = ""
+    rejected: bool = False
 
 
 WorkerToEngine = WorkerReady | WorkerHeartbeat | StepResult | WorkerFailed

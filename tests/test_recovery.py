@@ -1,6 +1,7 @@
 """Services that die or hang and come back, as real processes.
 
-An engine restart: the worker re-joins it (a new handshake, its old request state dropped) and
+A worker started with settings other than the engine's is turned away with the reason. An
+engine restart: the worker re-joins it (a new handshake, its old request state dropped) and
 the frontend serves again, with no process but the engine restarted. A worker that hangs or
 dies mid-request: the engine counts it as lost after its heartbeat timeout, /health says 503,
 and when the worker is back (the same process resumed, or a new one) every request in flight
@@ -26,9 +27,9 @@ from service_helpers import scrape
 from pagedserve.serve import free_port
 
 
-def spawn(*args: str) -> subprocess.Popen:
+def spawn(*args: str, **popen_kwargs) -> subprocess.Popen:
     env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
-    return subprocess.Popen([sys.executable, "-m", "pagedserve.cli", *args], env=env)
+    return subprocess.Popen([sys.executable, "-m", "pagedserve.cli", *args], env=env, **popen_kwargs)
 
 
 def wait_healthy(base: str, timeout_s: float = 90) -> None:
@@ -178,3 +179,15 @@ def test_requests_survive_a_hung_and_a_dead_worker(model_dirs, processes):
     engine = scrape(metrics_port)
     assert engine["pagedserve_engine_worker_restarts_total"] == 2
     assert engine["pagedserve_engine_connected_workers"] == 1
+
+
+def test_a_worker_with_other_settings_is_rejected_with_the_reason(model_dirs, processes):
+    cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", "0")
+    processes.extend([spawn(*cmd.engine), spawn(*cmd.frontend)])
+    wrong = spawn(*cmd.worker, "--block-size", "32", stderr=subprocess.PIPE, text=True)
+    processes.append(wrong)
+    assert wrong.wait(120) == 1
+    assert "block_size 32 differs from the engine's 16" in wrong.stderr.read()
+    processes.append(spawn(*cmd.worker))  # the engine still takes a worker that matches
+    wait_healthy(cmd.base)
+    assert complete(cmd.base, "tiny")["usage"]["completion_tokens"] == 5

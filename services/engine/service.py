@@ -54,9 +54,7 @@ class EngineService:
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         self.engine_id = uuid.uuid4().hex
-        self.workers = WorkerGroup(
-            self.ctx, worker_addr, config.parallel.tensor_parallel_size, self.engine_id, worker_timeout_s
-        )
+        self.workers = WorkerGroup(self.ctx, worker_addr, config, self.engine_id, worker_timeout_s)
         self.stopping = threading.Event()
         self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
         self.frontends: set[bytes] = set()

@@ -17,6 +17,7 @@ import time
 
 import zmq
 
+from shared.config import EngineConfig
 from shared.protocol import (
     EngineToWorker,
     Shutdown,
@@ -44,9 +45,12 @@ class WorkerLost(RuntimeError):
 class WorkerGroup:
     """The executor for the engine core: sends each plan to every rank, returns rank 0's result."""
 
-    def __init__(self, ctx: zmq.Context, addr: str, world_size: int, engine_id: str, timeout_s: float = 30.0):
+    def __init__(
+        self, ctx: zmq.Context, addr: str, config: EngineConfig, engine_id: str, timeout_s: float = 30.0
+    ):
         self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker)
-        self.world_size = world_size
+        self.world_size = config.parallel.tensor_parallel_size
+        self.block_size, self.max_model_len = config.cache.block_size, config.model.max_model_len
         self.engine_id = engine_id
         self.timeout_s = timeout_s
         self.ranks: dict[int, bytes] = {}  # connected, live ranks -> their identity
@@ -120,8 +124,10 @@ class WorkerGroup:
             return
         if not isinstance(msg, WorkerReady):
             return
-        if not 0 <= msg.rank < self.world_size:
-            log.error("ignoring worker rank %d: the engine runs %d rank(s)", msg.rank, self.world_size)
+        mismatch = self._mismatch(msg)
+        if mismatch is not None:
+            log.error("rejected a worker (rank %d): %s", msg.rank, mismatch)
+            self.queue.send(identity, Shutdown(f"the engine rejected this worker: {mismatch}", rejected=True))
             return
         self.ranks[msg.rank] = self.identities[msg.rank] = identity
         self.reports[msg.rank] = msg
@@ -132,6 +138,15 @@ class WorkerGroup:
             return
         log.warning("worker rank %d (re)joined with %d KV blocks: every rank starts afresh", msg.rank, msg.num_blocks)
         self._new_epoch()
+
+    def _mismatch(self, msg: WorkerReady) -> str | None:
+        """Why a worker cannot serve this engine's plans; None when its settings match."""
+        if msg.world_size != self.world_size or not 0 <= msg.rank < self.world_size:
+            return f"rank {msg.rank} of {msg.world_size}, but the engine runs {self.world_size} rank(s)"
+        for name, ours in (("block_size", self.block_size), ("max_model_len", self.max_model_len)):
+            if getattr(msg, name) != ours:
+                return f"{name} {getattr(msg, name)} differs from the engine's {ours}"
+        return None
 
     def _drop_silent(self) -> bool:
         now = time.monotonic()

@@ -98,14 +98,15 @@ def start_heartbeat(ctx: zmq.Context, addr: str, rank: int, instance_id: str) ->
     return thread
 
 
-def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetrics) -> None:
+def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetrics) -> int:
+    """Execute plans until the engine says to stop; returns the process exit status."""
     while True:
         msg = queue.recv(timeout_ms=1000)
         if msg is None:
             continue
         if isinstance(msg, Shutdown):
-            log.info("shutdown: %s", msg.reason)
-            return
+            (log.error if msg.rejected else log.info)("shutdown: %s", msg.reason)
+            return 1 if msg.rejected else 0
         if not isinstance(msg, StepPlan):
             continue
         try:
@@ -149,5 +150,4 @@ def run(args: argparse.Namespace) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     start_heartbeat(ctx, args.worker_addr, args.rank, ready.instance_id)
-    serve(runner, EngineLink(queue, ready, runner), args.rank, metrics)
-    return 0
+    return serve(runner, EngineLink(queue, ready, runner), args.rank, metrics)
