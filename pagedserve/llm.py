@@ -24,6 +24,7 @@ from shared.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from shared.protocol import TokenLogprobs
 from shared.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -148,6 +149,8 @@ class LLM:
         self._drive(sequences, len(outputs), use_tqdm)
         for index, seq in sequences.values():
             outputs[index].outputs.append(self._completion(seq))
+            if seq.prompt_logprobs is not None and outputs[index].prompt_logprobs is None:
+                outputs[index].prompt_logprobs = [None] + [_logprob_dict(lp, seq) for lp in seq.prompt_logprobs]
             outputs[index].num_cached_tokens = max(outputs[index].num_cached_tokens, seq.num_cached_tokens)
         for out in outputs:
             out.outputs.sort(key=lambda c: c.index)
@@ -183,12 +186,7 @@ class LLM:
     def _completion(self, seq: Sequence) -> CompletionOutput:
         logprobs = None
         if seq.params.logprobs is not None:
-            logprobs = []
-            for lp in seq.logprobs:
-                entry = {lp.token_ids[0]: Logprob(lp.logprobs[0], lp.rank, seq.decode_token(lp.token_ids[0]))}
-                for rank, (tok, val) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), start=1):
-                    entry.setdefault(tok, Logprob(val, rank, seq.decode_token(tok)))
-                logprobs.append(entry)
+            logprobs = [_logprob_dict(lp, seq) for lp in seq.logprobs]
         return CompletionOutput(
             index=seq.index,
             text=seq.text,
@@ -198,3 +196,11 @@ class LLM:
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
         )
+
+
+def _logprob_dict(lp: TokenLogprobs, seq: Sequence) -> dict[int, Logprob]:
+    """vLLM's shape for one position: the chosen token with its rank, then the top tokens."""
+    entry = {lp.token_ids[0]: Logprob(lp.logprobs[0], lp.rank, seq.decode_token(lp.token_ids[0]))}
+    for rank, (tok, val) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), start=1):
+        entry.setdefault(tok, Logprob(val, rank, seq.decode_token(tok)))
+    return entry

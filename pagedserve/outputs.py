@@ -34,3 +34,5 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # with SamplingParams(prompt_logprobs=k): None for the first prompt token, then per token
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

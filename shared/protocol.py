@@ -68,6 +68,9 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     req_ids: list[str]  # requests that sampled a token this step (finished their prompt)
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprobs | None] = []
+    # requests with prompt_logprobs: one entry per prompt token this step scored (token i+1 of
+    # the prompt, predicted at position i of a prefill chunk)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
 
 
 # ----- engine -> frontend / offline driver --------------------------------------------------
@@ -82,6 +85,8 @@ class RequestDelta(msgspec.Struct, **_STRUCT):
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
     stop_reason: int | None = None  # the stop token id that finished it
     num_cached_tokens: int = 0
+    # with the request's first token, if it asked for prompt_logprobs: prompt tokens 1.. in order
+    prompt_logprobs: list[TokenLogprobs] = []
 
 
 # ----- frontend <-> engine ------------------------------------------------------------------

@@ -50,6 +50,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
     logprobs: int | None = None  # top logprobs to return besides the sampled token's
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
@@ -88,9 +89,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
             ("frequency_penalty", lo <= self.frequency_penalty <= hi, "must be in [-2, 2]"),
             ("seed", self.seed is None or _is_int(self.seed), "must be an integer or None"),
         ]
-        if self.logprobs is not None:
-            ok = _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS
-            checks.append(("logprobs", ok, f"must be in [0, {MAX_LOGPROBS}]"))
+        for field in ("logprobs", "prompt_logprobs"):
+            if getattr(self, field) is not None:
+                ok = _is_int(getattr(self, field)) and 0 <= getattr(self, field) <= MAX_LOGPROBS
+                checks.append((field, ok, f"must be in [0, {MAX_LOGPROBS}]"))
         for field, ok, rule in checks:
             _require(ok, field, rule, getattr(self, field))
 

@@ -88,6 +88,36 @@ def test_logprobs_match_transformers(model_dirs):
     assert comp.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs)))
 
 
+@pytest.mark.parametrize("config", ["default", "chunked_prefill", "preemption"])
+def test_prompt_logprobs_match_transformers(model_dirs, config):
+    path = model_dirs("qwen2")
+    llm = LLM(str(path), **CONFIGS[config])
+    prompts = prompts_for(llm.config.model.vocab_size, lengths=(17, 12, 15), seed=5)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        scored = out.prompt_logprobs
+        assert len(scored) == len(prompt) and scored[0] is None
+        for i in range(1, len(prompt)):
+            row, token = ref[i - 1], prompt[i]
+            assert scored[i][token].logprob == pytest.approx(row[token].item(), abs=1e-4)
+            assert scored[i][token].rank == int((row > row[token]).sum()) + 1
+            top = torch.topk(row, 3)
+            assert all(scored[i][t].logprob == pytest.approx(v, abs=1e-4)
+                       for t, v in zip(top.indices.tolist(), top.values.tolist()))
+        assert out.outputs[0].token_ids == hf_greedy(path, prompt, 8)
+    if config == "preemption":
+        assert llm.engine.scheduler.num_preemptions > 0
+    if config == "default":  # the same prompt again is scored in full, not served from the prefix cache
+        again = llm.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
+        assert again.num_cached_tokens == 0 and len(again.prompt_logprobs) == len(prompts[0])
+        plain = llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)[0]
+        assert plain.prompt_logprobs is None
+
+
 def test_seeded_sampling_ignores_batch_composition(model_dirs):
     llm = LLM(str(model_dirs("llama")))
     prompts = prompts_for(llm.config.model.vocab_size, lengths=(9, 30, 14, 3), seed=3)

@@ -30,8 +30,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> list[Block]:
         """Cached blocks holding a prefix of a request about to start. The last token is always
-        left to compute, since the step needs its logits."""
-        if not self.enable_caching:
+        left to compute, since the step needs its logits; a request that wants prompt logprobs
+        computes its whole prompt until they are delivered."""
+        if not self.enable_caching or request.prompt_logprobs is not None:
             return []
         hashes = self._block_hashes(request, request.num_tokens - 1)
         hits = []

@@ -55,6 +55,8 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         self.stop_reason: int | None = None
+        # prompt_logprobs: gathered chunk by chunk, delivered with the first token (then None)
+        self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
 
     @property
     def num_tokens(self) -> int:

@@ -127,6 +127,8 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        if request.prompt_logprobs:  # not delivered yet: the recompute scores the prompt again
+            request.prompt_logprobs = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -174,6 +176,10 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:
         """Append the sampled tokens and finish requests that hit a stop condition."""
         deltas = []
+        for req_id, scored in result.prompt_logprobs.items():
+            request = self.requests.get(req_id)
+            if request is not None and request.prompt_logprobs is not None:
+                request.prompt_logprobs.extend(scored)
         logprobs = result.logprobs or [None] * len(result.req_ids)
         for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
             request = self.requests.get(req_id)
@@ -182,6 +188,8 @@ class Scheduler:
             request.append_token(token)
             status = request.check_stop()
             delta = RequestDelta(req_id, [token], [lp] if lp is not None else [], num_cached_tokens=request.num_cached_tokens)
+            if request.prompt_logprobs is not None:
+                delta.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)

@@ -9,7 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from services.frontend.generation import Generation
-from services.frontend.logprobs import completion_logprobs
+from services.frontend.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
 from services.frontend.openai_requests import CompletionRequest
 from services.frontend.openai_responses import (
     SSE_DONE,
@@ -76,16 +76,28 @@ def _choice(
     state: FrontendState, body: CompletionRequest, gen: Generation, seq: Sequence, echo: list[str] | None
 ) -> CompletionChoice:
     prefix = echo[gen.prompt_of[seq.index]] if echo is not None else ""
+    texts = state.token_text
     logprobs = None
     if body.logprobs is not None:
-        assert state.token_text is not None
-        logprobs, _ = completion_logprobs(seq.logprobs, state.token_text, body.logprobs, 0)
+        assert texts is not None
+        logprobs, _ = completion_logprobs(seq.logprobs, texts, body.logprobs, len(prefix))
+        if echo is not None:  # the prompt's tokens come first
+            head, _ = echo_logprobs(gen.prompts[gen.prompt_of[seq.index]], seq.prompt_logprobs or [], texts,
+                                    body.logprobs)
+            for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(head, field).extend(getattr(logprobs, field))
+            logprobs = head
+    scored = None
+    if body.prompt_logprobs is not None:
+        assert texts is not None
+        scored = prompt_logprobs(seq.prompt_logprobs or [], texts, body.prompt_logprobs)
     return CompletionChoice(
         index=seq.index,
         text=prefix + seq.text,
         logprobs=logprobs,
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
+        prompt_logprobs=scored,
     )
 
 

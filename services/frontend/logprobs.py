@@ -12,6 +12,7 @@ from services.frontend.openai_responses import (
     ChatTokenLogprob,
     ChatTopLogprob,
     CompletionLogprobs,
+    PromptLogprob,
 )
 from shared.protocol import TokenLogprobs
 
@@ -89,6 +90,36 @@ def completion_logprobs(
         out.text_offset.append(text_offset)
         text_offset += len(token)
     return out, text_offset
+
+
+def echo_logprobs(
+    prompt_ids: list[int], entries: list[TokenLogprobs], texts: TokenText, num_top: int
+) -> tuple[CompletionLogprobs, int]:
+    """Completions logprobs of an echoed prompt: the first token has none (null, as OpenAI
+    reports it), the others come from the engine's prompt logprobs. Returns them with the text
+    offset after the prompt."""
+    first, _ = texts.get(prompt_ids[0])
+    rest, offset = completion_logprobs(entries, texts, num_top, len(first))
+    out = CompletionLogprobs(
+        tokens=[first, *rest.tokens],
+        token_logprobs=[None, *rest.token_logprobs],
+        top_logprobs=[None, *rest.top_logprobs],
+        text_offset=[0, *rest.text_offset],
+    )
+    return out, offset
+
+
+def prompt_logprobs(entries: list[TokenLogprobs], texts: TokenText, num_top: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: None for the first prompt token, then {token id: logprob, rank,
+    decoded token} with the prompt's token first and the top num_top after it."""
+    out: list[dict | None] = [None]
+    for lp in entries:
+        entry = {str(lp.token_ids[0]): PromptLogprob(logprob=_clean(lp.logprobs[0]), rank=lp.rank,
+                                                    decoded_token=texts.get(lp.token_ids[0])[0])}
+        for rank, (tid, value) in enumerate(zip(lp.token_ids[1 : 1 + num_top], lp.logprobs[1 : 1 + num_top]), 1):
+            entry.setdefault(str(tid), PromptLogprob(logprob=_clean(value), rank=rank, decoded_token=texts.get(tid)[0]))
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(entries: list[TokenLogprobs], texts: TokenText, num_top: int) -> ChatLogprobs:

@@ -105,6 +105,9 @@ class SamplingRequest(BaseModel):
     def _requested_logprobs(self) -> int | None:
         raise NotImplementedError
 
+    def _requested_prompt_logprobs(self) -> int | None:
+        return None
+
     def to_sampling_params(self, defaults: dict[str, Any], default_max_tokens: int | None) -> SamplingParams:
         """Engine parameters: model ``defaults`` (generation_config) where the request sets nothing,
         the request's values elsewhere. Raises ValueError for an invalid combination."""
@@ -124,6 +127,9 @@ class SamplingRequest(BaseModel):
         logprobs = self._requested_logprobs()
         if logprobs is not None:
             overrides["logprobs"] = logprobs
+        prompt_logprobs = self._requested_prompt_logprobs()
+        if prompt_logprobs is not None:
+            overrides["prompt_logprobs"] = prompt_logprobs
         return SamplingParams.from_defaults(defaults, **overrides)
 
 
@@ -133,6 +139,7 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's extra
 
     @model_validator(mode="after")
     def _check_supported(self) -> CompletionRequest:
@@ -142,12 +149,18 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (it must equal n when given)")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs needs prompt logprobs, which this server does not compute")
+        if self.stream and self._requested_prompt_logprobs() is not None:
+            raise ValueError("stream cannot carry prompt logprobs (prompt_logprobs, or echo with logprobs)")
         return self
 
     def _requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def _requested_prompt_logprobs(self) -> int | None:
+        """prompt_logprobs as given; echo with logprobs scores the echoed prompt the same way."""
+        if self.prompt_logprobs is not None:
+            return max(self.prompt_logprobs, self.logprobs or 0) if self.echo else self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
 
 class TextPart(BaseModel):

@@ -20,6 +20,7 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
+        self.prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., with the first token
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_cached_tokens = 0
@@ -35,6 +36,8 @@ class Sequence:
         if self.finished:
             return False
         self.num_cached_tokens = delta.num_cached_tokens
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.token_ids.extend(delta.new_token_ids)
         self.logprobs.extend(delta.new_logprobs)
         stop = self.detok.add(delta.new_token_ids)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    prompt_len: int
 
 
 @dataclass
@@ -29,6 +30,9 @@ class StepInputs:
     attn: CommonAttentionMetadata
     logits_indices: torch.Tensor  # [S] last token of each request that samples this step
     sampling_states: list[RequestState]  # the S requests that sample, in row order
+    # prompt_logprobs requests in a prefill chunk: (state, first row, its position, rows); row r
+    # scores prompt token position + (r - first row) + 1
+    prompt_rows: list[tuple[RequestState, int, int, int]] = field(default_factory=list)
 
 
 class RequestTable:
@@ -64,6 +68,7 @@ class RequestTable:
             list(new.block_ids),
             new.num_computed_tokens,
             sampling,
+            len(prompt),
         )
 
     def prepare(self, plan: StepPlan) -> StepInputs:
@@ -77,6 +82,7 @@ class RequestTable:
         )
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
+        prompt_rows = []
         num_decodes = sum(1 for _, n in order if n == 1)
         for req_id, n in order:
             state = self.states[req_id]
@@ -92,6 +98,9 @@ class RequestTable:
             if start + n >= len(state.token_ids):
                 logits_idx.append(qsl[-1] - 1)
                 samplers.append(state)
+            scored = min(start + n, state.prompt_len - 1) - start  # positions that predict a prompt token
+            if state.sampling.params.prompt_logprobs is not None and scored > 0:
+                prompt_rows.append((state, qsl[-2], start, scored))
         dev = self.device
         flat_ids = [t for chunk in ids for t in chunk]
         # built on the host; on CUDA copied from pinned memory without blocking (see transfer.py)
@@ -110,6 +119,7 @@ class RequestTable:
             attn=attn,
             logits_indices=tensor_to_device(logits_idx, torch.long, dev),
             sampling_states=samplers,
+            prompt_rows=prompt_rows,
         )
 
     def advance(self, plan: StepPlan, sampled: list[RequestState], tokens: list[int]) -> None:

@@ -93,6 +93,7 @@ class ModelRunner:
             out = self.sampler(logits, meta)
             tokens = out.sampled_token_ids.tolist()
             logprobs = _logprob_lists(out, states)
+        prompt_logprobs = self._prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
         self.table.advance(plan, states, tokens)
         self.last_stats = StepStats(
             _phase(inputs.attn.num_decodes, inputs.attn.num_reqs),
@@ -101,7 +102,22 @@ class ModelRunner:
             forward_done - start,
             time.perf_counter() - forward_done,
         )
-        return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs)
+        return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, list[TokenLogprobs]]:
+        """Log-softmax of the raw logits at each scored prompt position: the next prompt token's
+        logprob and rank, then the top prompt_logprobs tokens."""
+        result = {}
+        for state, row, pos, count in inputs.prompt_rows:
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[row : row + count]).float(), dim=-1)
+            targets = torch.tensor(state.token_ids[pos + 1 : pos + 1 + count], device=logprobs.device)
+            target_lp = logprobs.gather(1, targets[:, None])
+            ranks = (logprobs > target_lp).sum(dim=-1) + 1
+            top_lp, top_ids = logprobs.topk(state.sampling.params.prompt_logprobs, dim=-1)
+            ids = torch.cat([targets[:, None], top_ids], dim=1).tolist()
+            vals = torch.cat([target_lp, top_lp], dim=1).tolist()
+            result[state.req_id] = [TokenLogprobs(i, v, r) for i, v, r in zip(ids, vals, ranks.tolist())]
+        return result
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states of the step's tokens: a decode graph's replay when one covers the step."""

@@ -179,6 +179,27 @@ def test_logprobs_shapes(client, model):
     assert len(entries) == 3
 
 
+def test_echo_with_logprobs_and_prompt_logprobs(client, model, model_tokenizer, greedy):
+    ids = model_tokenizer.encode("Hello there, how are", add_special_tokens=False)
+    out = client.completions.create(model=model, prompt=ids, max_tokens=3, echo=True, logprobs=2,
+                                    extra_body={"prompt_logprobs": 1, "ignore_eos": True}, temperature=0.0)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert choice.text == model_tokenizer.decode(ids) + greedy(model_tokenizer.decode(ids), 3)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ids)] == len(model_tokenizer.decode(ids))
+    scored = choice.model_extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    for i in range(1, len(ids)):  # the echoed logprobs and vLLM's prompt_logprobs agree
+        entry = scored[i][str(ids[i])]
+        assert entry["logprob"] == pytest.approx(lp.token_logprobs[i], abs=1e-6) and entry["rank"] >= 1
+        assert entry["decoded_token"] == lp.tokens[i]
+        assert len(lp.top_logprobs[i]) >= 2 and all(v <= 0 for v in lp.top_logprobs[i].values())
+    # completion tokens after the prompt: greedy, so each is the most likely one
+    for chosen, top in zip(lp.token_logprobs[len(ids):], lp.top_logprobs[len(ids):]):
+        assert chosen == pytest.approx(max(top.values()), abs=1e-5)
+
+
 BAD_BODIES = [
     (b"{not json", 400, "invalid_json", None),
     (b"", 400, "invalid_json", None),
