@@ -75,30 +75,41 @@ def _response(
 def _choice(
     state: FrontendState, body: CompletionRequest, gen: Generation, seq: Sequence, echo: list[str] | None
 ) -> CompletionChoice:
-    prefix = echo[gen.prompt_of[seq.index]] if echo is not None else ""
-    texts = state.token_text
-    logprobs = None
+    head = _prompt_part(state, body, gen, seq, echo)
+    logprobs = head.logprobs
     if body.logprobs is not None:
-        assert texts is not None
-        logprobs, _ = completion_logprobs(seq.logprobs, texts, body.logprobs, len(prefix))
-        if echo is not None:  # the prompt's tokens come first
-            head, _ = echo_logprobs(gen.prompts[gen.prompt_of[seq.index]], seq.prompt_logprobs or [], texts,
-                                    body.logprobs)
+        assert state.token_text is not None
+        tail, _ = completion_logprobs(seq.logprobs, state.token_text, body.logprobs, len(head.text))
+        if logprobs is None:
+            logprobs = tail
+        else:
             for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                getattr(head, field).extend(getattr(logprobs, field))
-            logprobs = head
-    scored = None
-    if body.prompt_logprobs is not None:
-        assert texts is not None
-        scored = prompt_logprobs(seq.prompt_logprobs or [], texts, body.prompt_logprobs)
+                getattr(logprobs, field).extend(getattr(tail, field))
     return CompletionChoice(
         index=seq.index,
-        text=prefix + seq.text,
+        text=head.text + seq.text,
         logprobs=logprobs,
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
-        prompt_logprobs=scored,
+        prompt_logprobs=head.prompt_logprobs,
     )
+
+
+def _prompt_part(
+    state: FrontendState, body: CompletionRequest, gen: Generation, seq: Sequence, echo: list[str] | None
+) -> CompletionChoice:
+    """What a choice says about its prompt: the echoed text, its logprobs (echo with logprobs)
+    and vLLM's prompt_logprobs. Prompt logprobs arrive with the sequence's first token."""
+    texts, scored = state.token_text, seq.prompt_logprobs or []
+    text = echo[gen.prompt_of[seq.index]] if echo is not None else ""
+    part = CompletionChoice(index=seq.index, text=text, logprobs=None, finish_reason=None)
+    if echo is not None and body.logprobs is not None:
+        assert texts is not None
+        part.logprobs, _ = echo_logprobs(gen.prompts[gen.prompt_of[seq.index]], scored, texts, body.logprobs)
+    if body.prompt_logprobs is not None:
+        assert texts is not None
+        part.prompt_logprobs = prompt_logprobs(scored, texts, body.prompt_logprobs)
+    return part
 
 
 async def _chunks(
@@ -115,12 +126,18 @@ async def _chunks(
     def chunk(choice: CompletionChoice) -> str:
         return sse(CompletionChunk(id=cid, created=created, model=model, choices=[choice], **extra))
 
-    if echo is not None:
+    # The prompt's chunk: at once, or with the first token when it carries prompt logprobs.
+    scored_prompt = body.scores_prompt
+    offsets: dict[int, int] = {}
+    if echo is not None and not scored_prompt:
         for seq in gen.ordered():
             text = echo[gen.prompt_of[seq.index]]
             yield chunk(CompletionChoice(index=seq.index, text=text, logprobs=None, finish_reason=None))
-    offsets: dict[int, int] = {}
     async for seq in updates:
+        if scored_prompt and seq.index not in offsets and seq.prompt_logprobs is not None:
+            head = _prompt_part(state, body, gen, seq, echo)
+            offsets[seq.index] = len(head.text)
+            yield chunk(head)
         text, new_logprobs = seq.take_stream_delta()
         if not text and not new_logprobs and not seq.finished:
             continue

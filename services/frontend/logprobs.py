@@ -79,7 +79,8 @@ def completion_logprobs(
 ) -> tuple[CompletionLogprobs, int]:
     """Completions logprobs for these positions, text offsets counted from ``text_offset``;
     returns them with the offset after the last token."""
-    out = CompletionLogprobs()
+    # every field set explicitly: streamed chunks are dumped with exclude_unset
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for lp in entries:
         token, _ = texts.get(lp.token_ids[0])
         out.tokens.append(token)

@@ -149,12 +149,15 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (it must equal n when given)")
-        if self.stream and self._requested_prompt_logprobs() is not None:
-            raise ValueError("stream cannot carry prompt logprobs (prompt_logprobs, or echo with logprobs)")
         return self
 
     def _requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the engine scores the prompt: prompt_logprobs, or echo with logprobs."""
+        return self._requested_prompt_logprobs() is not None
 
     def _requested_prompt_logprobs(self) -> int | None:
         """prompt_logprobs as given; echo with logprobs scores the echoed prompt the same way."""

@@ -198,6 +198,18 @@ def test_echo_with_logprobs_and_prompt_logprobs(client, model, model_tokenizer, 
     # completion tokens after the prompt: greedy, so each is the most likely one
     for chosen, top in zip(lp.token_logprobs[len(ids):], lp.top_logprobs[len(ids):]):
         assert chosen == pytest.approx(max(top.values()), abs=1e-5)
+    # streamed: the prompt's chunk (with its logprobs) comes with the first token, then the rest
+    chunks = list(client.completions.create(model=model, prompt=ids, max_tokens=3, echo=True, logprobs=2, stream=True,
+                                            extra_body={"prompt_logprobs": 1, "ignore_eos": True}, temperature=0.0))
+    first = chunks[0].choices[0]
+    assert first.text == model_tokenizer.decode(ids)
+    for got, want in zip(first.model_extra["prompt_logprobs"][1:], scored[1:]):
+        assert got.keys() == want.keys()
+        assert all(got[t]["logprob"] == pytest.approx(want[t]["logprob"], abs=1e-5) for t in got)
+    streamed = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs]
+    assert "".join(ch.text for chunk in chunks for ch in chunk.choices) == choice.text
+    assert [t for c in streamed for t in c.logprobs.tokens] == lp.tokens
+    assert [o for c in streamed for o in c.logprobs.text_offset] == lp.text_offset
 
 
 BAD_BODIES = [

@@ -43,7 +43,6 @@ def _err(model, **body) -> dict:
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "stream"),
         ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
         ({}, "prompt"),
     ],
