@@ -58,10 +58,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=help, add_help=False)
 
+    from pagedserve.test_model import ARCHS, SIZES  # names only: torch loads when a model is made
+
     p = sub.add_parser("make-test-model", help="write a seeded random-weight checkpoint of a real architecture")
     p.add_argument("out")
-    p.add_argument("--arch", choices=["llama", "mistral", "qwen2", "qwen3", "opt"], default="llama")
-    p.add_argument("--size", choices=["tiny", "small", "smol135", "qwen2.5-1.5b"], default="tiny")
+    p.add_argument("--arch", choices=ARCHS, default="llama")
+    p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_test_model)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "opt")
 SIZES = ("tiny", "small", "smol135", "qwen2.5-1.5b")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -55,7 +55,7 @@ _SHAPES = {
     "qwen2.5-1.5b": _Shape(1536, 28, 12, 2, 128, 8960, 151936, 32768, 1000000.0, 0.02, "bfloat16", tied=True),
 }
 # Tied and untied embeddings both get exercised by the tiny models.
-_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "opt": True}
+_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma": True, "opt": True}
 
 
 def make_test_model(
@@ -69,7 +69,7 @@ def make_test_model(
 ) -> Path:
     """Write a random-weight checkpoint of `arch` with `size`'s shapes into out_dir (created).
 
-    arch: llama | mistral | qwen2 | qwen3 | opt. size: tiny (unit tests), small, smol135
+    arch: llama | mistral | qwen2 | qwen3 | gemma | opt. size: tiny (unit tests), small, smol135
     (SmolLM2-135M's shapes) or qwen2.5-1.5b (Qwen2.5-1.5B's shapes, applied to the given arch).
     config_overrides: extra HF config fields (e.g. OPT's do_layer_norm_before); max_shard_size:
     save sharded safetensors with an index. The same arguments always give the same files.
@@ -111,7 +111,7 @@ def _save_quietly(model, out: Path, max_shard_size: str | None) -> None:
 
 
 def _hf_config(arch: str, size: str, shape: _Shape, eot: int):
-    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     tied = _TIED[arch] if shape.tied is None else shape.tied
     common = {
@@ -134,8 +134,12 @@ def _hf_config(arch: str, size: str, shape: _Shape, eot: int):
     if arch == "llama" and size in ("tiny", "small"):
         rope = {"rope_type": "llama3", "rope_theta": shape.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    configs = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+               "gemma": GemmaConfig}
+    cls = configs[arch]
     extra = {"sliding_window": None} if arch == "mistral" else {}
+    if arch == "gemma":
+        extra["hidden_act"] = "gelu_pytorch_tanh"
     if arch != "qwen2":  # Qwen2 derives head_dim from hidden / heads
         extra["head_dim"] = shape.head_dim
     return cls(

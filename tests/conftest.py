@@ -4,7 +4,7 @@ model_dirs (session scope): a callable `model_dirs(arch, size="tiny", **kwargs) 
 builds a seeded random-weight checkpoint with pagedserve.test_model.make_test_model (config,
 safetensors weights, generation_config.json, byte-level BPE tokenizer with a ChatML template)
 in a session temporary directory, once per distinct set of arguments, and returns its directory.
-arch is one of pagedserve.test_model.ARCHS (llama, mistral, qwen2, qwen3, opt); kwargs are passed
+arch is one of pagedserve.test_model.ARCHS (llama, mistral, qwen2, qwen3, gemma, opt); kwargs are passed
 on (seed, config_overrides, max_shard_size). Treat the directories as read-only: they are shared
 by every test in the session.
 

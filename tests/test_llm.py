@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.test_model import ARCHS
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt"]
 MAX_NEW = 10
 
 

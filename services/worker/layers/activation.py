@@ -22,6 +22,32 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
+class GeluAndMul(nn.Module):
+    """Gated GELU (GeGLU) of a merged gate/up projection: [T, 2I] -> gelu(gate) * up, [T, I]."""
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up
+
+
+GATED_ACTIVATIONS = {
+    "silu": SiluAndMul,
+    "gelu_pytorch_tanh": lambda: GeluAndMul("tanh"),
+    "gelu": GeluAndMul,
+}
+
+
+def get_gated_act_fn(name: str) -> nn.Module:
+    """The gated activation for an HF config's hidden_act (Llama-style gate/up MLPs)."""
+    if name not in GATED_ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(GATED_ACTIVATIONS)}")
+    return GATED_ACTIVATIONS[name]()
+
+
 def get_act_fn(name: str) -> nn.Module:
     """The activation an HF config names (OPT's activation_function)."""
     if name != "relu":

@@ -17,6 +17,8 @@ class RMSNorm(nn.Module):
     (normed(x + residual), x + residual), the sum being the next residual.
     """
 
+    has_kernel = True  # the Triton kernel implements exactly this norm
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
@@ -25,7 +27,7 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if use_triton_kernels():
+        if self.has_kernel and use_triton_kernels():
             return self._triton(x, residual)
         if residual is None:
             return self._norm(x)
@@ -47,6 +49,16 @@ class RMSNorm(nn.Module):
         # one fused op instead of pow / mean / rsqrt / mul; float32 accumulation either way
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: scales by (1 + weight), in float32 before rounding to the input dtype."""
+
+    has_kernel = False
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):

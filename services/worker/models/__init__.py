@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from services.worker.models.llama import LlamaForCausalLM, MistralForCausalLM
+from services.worker.models.llama import GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM
 from services.worker.models.opt import OPTForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
 from services.worker.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "GemmaForCausalLM": GemmaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,

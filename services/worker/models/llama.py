@@ -1,5 +1,5 @@
-"""Llama-family decoder: Llama 2/3 and Mistral. Qwen2 and Qwen3 reuse every piece here and only
-swap the attention class (qkv bias, per-head q/k norms).
+"""Llama-family decoder: Llama 2/3, Mistral and Gemma. Qwen2 and Qwen3 reuse every piece here and
+only swap the attention class (qkv bias, per-head q/k norms).
 
 Module names mirror Hugging Face (model.layers.N.self_attn.qkv_proj, ...) so checkpoint names map
 directly, through packed_modules_mapping for the fused q/k/v and gate/up projections.
@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from services.worker.layers.activation import SiluAndMul
+from services.worker.layers.activation import get_gated_act_fn
 from services.worker.layers.attention import Attention
 from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from services.worker.layers.layernorm import RMSNorm
+from services.worker.layers.layernorm import GemmaRMSNorm, RMSNorm
 from services.worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from services.worker.layers.rotary import RotaryEmbedding, rope_parameters
 from shared.config import ModelConfig
@@ -57,17 +57,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    """down_proj(silu(gate_proj(x)) * up_proj(x)) with gate and up fused."""
+    """down_proj(act(gate_proj(x)) * up_proj(x)) with gate and up fused (SiLU for Llama, GELU
+    for Gemma)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         hf = config.hf_config
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; supported: silu")
         inter, bias = hf["intermediate_size"], bool(hf.get("mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
-        self.act_fn = SiluAndMul()
+        self.act_fn = get_gated_act_fn(hf.get("hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -77,13 +76,14 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream rides along through the norms."""
 
     def __init__(
-        self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, attention_cls: type[LlamaAttention]
+        self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, attention_cls: type[LlamaAttention],
+        norm_cls: type[RMSNorm],
     ):
         super().__init__()
         self.self_attn = attention_cls(config, layer_idx, rotary_emb)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, _rms_eps(config))
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, _rms_eps(config))
+        self.input_layernorm = norm_cls(config.hidden_size, _rms_eps(config))
+        self.post_attention_layernorm = norm_cls(config.hidden_size, _rms_eps(config))
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -100,18 +100,24 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm: input ids [T] -> hidden states [T, hidden_size]."""
 
-    def __init__(self, config: ModelConfig, attention_cls: type[LlamaAttention]):
+    def __init__(
+        self, config: ModelConfig, attention_cls: type[LlamaAttention], norm_cls: type[RMSNorm],
+        embed_scale: float | None,
+    ):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_scale = embed_scale  # Gemma scales the embeddings by sqrt(hidden_size)
         # One cos/sin table shared by every layer.
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, rope_parameters(config.hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, attention_cls) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, self.rotary_emb, attention_cls, norm_cls) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, _rms_eps(config))
+        self.norm = norm_cls(config.hidden_size, _rms_eps(config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
+        if self.embed_scale is not None:
+            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
@@ -129,6 +135,8 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+    norm_cls: ClassVar[type[RMSNorm]] = RMSNorm
+    tied_by_default: ClassVar[bool] = False  # when config.json does not say
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -139,8 +147,8 @@ class LlamaForCausalLM(nn.Module):
                 f"sliding-window attention (window {window}) is not supported; "
                 f"use max_model_len <= {window}"
             )
-        self.tie_word_embeddings = bool(config.hf_config.get("tie_word_embeddings", False))
-        self.model = LlamaModel(config, self.attention_cls)
+        self.tie_word_embeddings = bool(config.hf_config.get("tie_word_embeddings", self.tied_by_default))
+        self.model = LlamaModel(config, self.attention_cls, self.norm_cls, self.embed_scale(config))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
@@ -148,6 +156,11 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def sliding_window(hf_config: dict[str, Any]) -> int | None:
         """The attention window the checkpoint was trained with, if any."""
+        return None
+
+    @staticmethod
+    def embed_scale(config: ModelConfig) -> float | None:
+        """A factor on the input embeddings, if the architecture has one."""
         return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -165,3 +178,15 @@ class MistralForCausalLM(LlamaForCausalLM):
     @staticmethod
     def sliding_window(hf_config: dict[str, Any]) -> int | None:
         return hf_config.get("sliding_window")
+
+
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma: Llama's layout with (1 + weight) RMSNorms, a GELU-gated MLP, embeddings scaled by
+    sqrt(hidden_size) and the LM head tied to them."""
+
+    norm_cls = GemmaRMSNorm
+    tied_by_default = True
+
+    @staticmethod
+    def embed_scale(config: ModelConfig) -> float | None:
+        return config.hidden_size**0.5
