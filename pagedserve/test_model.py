@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "opt")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral", "qwen3_moe", "opt")
 SIZES = ("tiny", "small", "smol135", "qwen2.5-1.5b")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -55,7 +55,8 @@ _SHAPES = {
     "qwen2.5-1.5b": _Shape(1536, 28, 12, 2, 128, 8960, 151936, 32768, 1000000.0, 0.02, "bfloat16", tied=True),
 }
 # Tied and untied embeddings both get exercised by the tiny models.
-_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma": True, "opt": True}
+_TIED = {"llama": False, "mistral": False, "qwen2": True, "qwen3": False, "gemma": True, "mixtral": False,
+         "qwen3_moe": True, "opt": True}
 
 
 def make_test_model(
@@ -69,7 +70,8 @@ def make_test_model(
 ) -> Path:
     """Write a random-weight checkpoint of `arch` with `size`'s shapes into out_dir (created).
 
-    arch: llama | mistral | qwen2 | qwen3 | gemma | opt. size: tiny (unit tests), small, smol135
+    arch: llama | mistral | qwen2 | qwen3 | gemma | mixtral | qwen3_moe | opt (the MoE ones with 4
+    experts, top 2; qwen3_moe's last layer dense). size: tiny (unit tests), small, smol135
     (SmolLM2-135M's shapes) or qwen2.5-1.5b (Qwen2.5-1.5B's shapes, applied to the given arch).
     config_overrides: extra HF config fields (e.g. OPT's do_layer_norm_before); max_shard_size:
     save sharded safetensors with an index. The same arguments always give the same files.
@@ -111,7 +113,16 @@ def _save_quietly(model, out: Path, max_shard_size: str | None) -> None:
 
 
 def _hf_config(arch: str, size: str, shape: _Shape, eot: int):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        OPTConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     tied = _TIED[arch] if shape.tied is None else shape.tied
     common = {
@@ -135,11 +146,16 @@ def _hf_config(arch: str, size: str, shape: _Shape, eot: int):
         rope = {"rope_type": "llama3", "rope_theta": shape.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
     configs = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
-               "gemma": GemmaConfig}
+               "gemma": GemmaConfig, "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}
     cls = configs[arch]
-    extra = {"sliding_window": None} if arch == "mistral" else {}
+    extra: dict[str, Any] = {"sliding_window": None} if arch in ("mistral", "mixtral") else {}
     if arch == "gemma":
         extra["hidden_act"] = "gelu_pytorch_tanh"
+    if arch == "mixtral":
+        extra.update(num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen3_moe":  # unnormalized top-k weights (Mixtral covers renormalized ones)
+        extra.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=shape.intermediate // 2,
+                     decoder_sparse_step=1, mlp_only_layers=[shape.layers - 1], norm_topk_prob=False)
     if arch != "qwen2":  # Qwen2 derives head_dim from hidden / heads
         extra["head_dim"] = shape.head_dim
     return cls(

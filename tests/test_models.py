@@ -261,7 +261,9 @@ def run_ranks(worker, world: int, *args) -> None:
 
 
 # llama at 4 ranks has 2 KV heads for 4 ranks: each KV head is replicated on two ranks
-@pytest.mark.parametrize(("arch", "world"), [("qwen2", 2), ("llama", 4), ("qwen3", 2), ("opt", 4)])
+@pytest.mark.parametrize(
+    ("arch", "world"), [("qwen2", 2), ("llama", 4), ("qwen3", 2), ("opt", 4), ("mixtral", 2), ("qwen3_moe", 2)]
+)
 def test_tensor_parallel_matches_one_rank(model_dirs, tmp_path, arch, world):
     path = model_dirs(arch)
     model, config, _ = load(path)

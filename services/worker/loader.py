@@ -1,13 +1,16 @@
 """Build a model and stream its safetensors weights into it.
 
-Checkpoint names map to parameters by name, through the model's packed_modules_mapping for fused
-projections (q_proj -> qkv_proj shard "q"); each parameter's weight_loader slices the full tensor
-for this tensor-parallel rank. A missing or unexpected weight is an error, not a silent default.
+Checkpoint names map to parameters by name: through the model's renamed_modules (Mixtral's
+block_sparse_moe -> mlp), its packed_modules_mapping for fused projections (q_proj -> qkv_proj
+shard "q") and its expert_mapping for stacked MoE experts (experts.3.gate_proj ->
+experts.w13_weight shard (3, 0)); each parameter's weight_loader slices the full tensor for this
+tensor-parallel rank. A missing or unexpected weight is an error, not a silent default.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,14 +83,24 @@ def _iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _target(name: str, mapping: dict[str, tuple[str, object]]) -> tuple[str, object]:
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.weight$")
+
+
+def _target(name: str, model: nn.Module) -> tuple[str, object]:
     """A checkpoint name -> (parameter name, shard id): q_proj -> (qkv_proj, "q")."""
-    parts = name.split(".")
+    renames = getattr(model, "renamed_modules", {})
+    parts = [renames.get(part, part) for part in name.split(".")]
+    expert = _EXPERT.match(".".join(parts))
+    experts = getattr(model, "expert_mapping", {})
+    if expert is not None and expert.group(3) in experts:
+        param, part = experts[expert.group(3)]
+        return f"{expert.group(1)}.{param}", (int(expert.group(2)), part)
+    mapping = getattr(model, "packed_modules_mapping", {})
     for i, part in enumerate(parts):
         if part in mapping:
             parts[i], shard_id = mapping[part]
             return ".".join(parts), shard_id
-    return name, None
+    return ".".join(parts), None
 
 
 def _required_shards(params: dict[str, nn.Parameter], mapping: dict[str, tuple[str, object]]) -> dict:
@@ -95,9 +108,9 @@ def _required_shards(params: dict[str, nn.Parameter], mapping: dict[str, tuple[s
     for fused, shard_id in mapping.values():
         packed.setdefault(fused, set()).add(shard_id)
     required = {}
-    for name in params:
+    for name, param in params.items():
         fused = next((part for part in name.split(".") if part in packed), None)
-        required[name] = packed[fused] if fused else {None}
+        required[name] = getattr(param, "required_shards", None) or (packed[fused] if fused else {None})
     return required
 
 
@@ -116,7 +129,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     for name, tensor in _iter_weights(path):
         if _skipped(name, model):
             continue
-        target, shard_id = _target(name, mapping)
+        target, shard_id = _target(name, model)
         if target not in params and f"model.{target}" in params:  # e.g. OPT's "decoder.*" names
             target = f"model.{target}"
         if target not in params:

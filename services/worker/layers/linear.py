@@ -46,7 +46,7 @@ def make_param(*shape: int, weight_loader: WeightLoader) -> nn.Parameter:
     return param
 
 
-def _divide(total: int, parts: int, what: str) -> int:
+def divide(total: int, parts: int, what: str) -> int:
     if total % parts:
         raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size ({parts})")
     return total // parts
@@ -80,7 +80,7 @@ class ColumnParallelLinear(_Linear):
     """Output features split across ranks; gather_output=True returns the full output on every rank."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = False):
-        super().__init__(input_size, _divide(output_size, tp_size(), "output size"), bias)
+        super().__init__(input_size, divide(output_size, tp_size(), "output size"), bias)
         self.gather_output = gather_output
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
@@ -98,7 +98,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = True):
         super().__init__(input_size, sum(output_sizes), bias)
-        self.output_sizes = [_divide(size, self.tp_size, "output size") for size in output_sizes]
+        self.output_sizes = [divide(size, self.tp_size, "output size") for size in output_sizes]
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
@@ -119,9 +119,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int, bias: bool = False
     ):
         size = tp_size()
-        num_heads = _divide(total_num_heads, size, "number of attention heads")
+        num_heads = divide(total_num_heads, size, "number of attention heads")
         if total_num_kv_heads >= size:
-            num_kv_heads = _divide(total_num_kv_heads, size, "number of KV heads")
+            num_kv_heads = divide(total_num_kv_heads, size, "number of KV heads")
         elif size % total_num_kv_heads:
             raise ValueError(f"{total_num_kv_heads} KV heads cannot be replicated evenly over {size} ranks")
         else:
@@ -150,7 +150,7 @@ class RowParallelLinear(_Linear):
     outputs are summed with an all-reduce and the bias is added once, after it."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True):
-        super().__init__(_divide(input_size, tp_size(), "input size"), output_size, bias)
+        super().__init__(divide(input_size, tp_size(), "input size"), output_size, bias)
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 2:

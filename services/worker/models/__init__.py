@@ -5,16 +5,20 @@ from __future__ import annotations
 from torch import nn
 
 from services.worker.models.llama import GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM
+from services.worker.models.mixtral import MixtralForCausalLM
 from services.worker.models.opt import OPTForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
 from services.worker.models.qwen3 import Qwen3ForCausalLM
+from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "GemmaForCausalLM": GemmaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
 }
 

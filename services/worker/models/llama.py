@@ -76,14 +76,13 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual stream rides along through the norms."""
 
     def __init__(
-        self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, attention_cls: type[LlamaAttention],
-        norm_cls: type[RMSNorm],
+        self, config: ModelConfig, layer_idx: int, rotary_emb: RotaryEmbedding, arch: type[LlamaForCausalLM]
     ):
         super().__init__()
-        self.self_attn = attention_cls(config, layer_idx, rotary_emb)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = norm_cls(config.hidden_size, _rms_eps(config))
-        self.post_attention_layernorm = norm_cls(config.hidden_size, _rms_eps(config))
+        self.self_attn = arch.attention_cls(config, layer_idx, rotary_emb)
+        self.mlp = arch.make_mlp(config, layer_idx)
+        self.input_layernorm = arch.norm_cls(config.hidden_size, _rms_eps(config))
+        self.post_attention_layernorm = arch.norm_cls(config.hidden_size, _rms_eps(config))
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
@@ -100,19 +99,16 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm: input ids [T] -> hidden states [T, hidden_size]."""
 
-    def __init__(
-        self, config: ModelConfig, attention_cls: type[LlamaAttention], norm_cls: type[RMSNorm],
-        embed_scale: float | None,
-    ):
+    def __init__(self, config: ModelConfig, arch: type[LlamaForCausalLM]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.embed_scale = embed_scale  # Gemma scales the embeddings by sqrt(hidden_size)
+        self.embed_scale = arch.embed_scale(config)  # Gemma scales the embeddings by sqrt(hidden_size)
         # One cos/sin table shared by every layer.
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, rope_parameters(config.hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, attention_cls, norm_cls) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, self.rotary_emb, arch) for i in range(config.num_layers)
         )
-        self.norm = norm_cls(config.hidden_size, _rms_eps(config))
+        self.norm = arch.norm_cls(config.hidden_size, _rms_eps(config))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
@@ -137,6 +133,8 @@ class LlamaForCausalLM(nn.Module):
     attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
     norm_cls: ClassVar[type[RMSNorm]] = RMSNorm
     tied_by_default: ClassVar[bool] = False  # when config.json does not say
+    renamed_modules: ClassVar[dict[str, str]] = {}  # checkpoint module name -> ours
+    expert_mapping: ClassVar[dict[str, tuple[str, object]]] = {}  # MoE: expert projection -> stacked parameter
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -148,7 +146,7 @@ class LlamaForCausalLM(nn.Module):
                 f"use max_model_len <= {window}"
             )
         self.tie_word_embeddings = bool(config.hf_config.get("tie_word_embeddings", self.tied_by_default))
-        self.model = LlamaModel(config, self.attention_cls, self.norm_cls, self.embed_scale(config))
+        self.model = LlamaModel(config, type(self))
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if self.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)
@@ -162,6 +160,11 @@ class LlamaForCausalLM(nn.Module):
     def embed_scale(config: ModelConfig) -> float | None:
         """A factor on the input embeddings, if the architecture has one."""
         return None
+
+    @staticmethod
+    def make_mlp(config: ModelConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of one decoder layer (MoE models route some or all of them)."""
+        return LlamaMLP(config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions [T] -> hidden states [T, hidden_size]."""
