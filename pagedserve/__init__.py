@@ -2,7 +2,7 @@
 
 from pagedserve.llm import LLM
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
-from shared.sampling_params import SamplingParams
+from shared.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 __version__ = "0.1.0"

@@ -166,6 +166,8 @@ class LLM:
         try:
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
+                    if delta.error is not None:
+                        raise ValueError(delta.error)
                     index, seq = sequences[delta.req_id]
                     was_finished = seq.finished
                     generated += len(delta.new_token_ids)

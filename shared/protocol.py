@@ -71,6 +71,8 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     # requests with prompt_logprobs: one entry per prompt token this step scored (token i+1 of
     # the prompt, predicted at position i of a prefill chunk)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+    # requests the worker could not take (e.g. a structured-outputs grammar that does not compile)
+    failed: dict[str, str] = {}
 
 
 # ----- engine -> frontend / offline driver --------------------------------------------------
@@ -87,6 +89,7 @@ class RequestDelta(msgspec.Struct, **_STRUCT):
     num_cached_tokens: int = 0
     # with the request's first token, if it asked for prompt_logprobs: prompt tokens 1.. in order
     prompt_logprobs: list[TokenLogprobs] = []
+    error: str | None = None  # finish_reason "error": why the request failed (a client error)
 
 
 # ----- frontend <-> engine ------------------------------------------------------------------

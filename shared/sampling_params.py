@@ -7,6 +7,8 @@ so a malformed message fails as loudly as a malformed constructor call.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import msgspec
@@ -24,6 +26,47 @@ def _require(ok: bool, field: str, rule: str, value: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
+    """Constrain the output to a format (vLLM's names); exactly one field is set. json: a JSON
+    schema (dict or JSON text); regex: a regular expression; choice: one of these strings;
+    grammar: an EBNF (GBNF) grammar; json_object: any JSON object. The worker compiles it with
+    xgrammar and masks every token that cannot continue a valid output."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [f for f in ("json", "regex", "choice", "grammar") if getattr(self, f) is not None]
+        given += ["json_object"] if self.json_object else []
+        _require(len(given) == 1, "structured_outputs", "must set exactly one of json, regex, choice, grammar, "
+                 "json_object", given)
+        if isinstance(self.json, str):
+            try:
+                force_setattr(self, "json", json.loads(self.json))
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs json must be a JSON schema, got invalid JSON: {exc}") from None
+        if self.json is not None:
+            _require(isinstance(self.json, dict), "structured_outputs", "json must be a JSON object (a schema)",
+                     self.json)
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"structured_outputs regex is invalid: {exc}") from None
+        if self.choice is not None:
+            ok = bool(self.choice) and all(isinstance(c, str) and c for c in self.choice)
+            _require(ok, "structured_outputs", "choice must be a non-empty list of non-empty strings", self.choice)
+        if self.grammar is not None:
+            _require(bool(self.grammar.strip()), "structured_outputs", "grammar must not be empty", self.grammar)
+
+    def key(self) -> str:
+        """One string per distinct constraint (a cache key for its compiled grammar)."""
+        return json.dumps(msgspec.to_builtins(self), sort_keys=True)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
@@ -54,6 +97,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._normalize()

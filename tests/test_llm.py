@@ -4,12 +4,13 @@ chunked prefill and preemption; logprobs; seeds; n > 1; stop strings; chat."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM, SamplingParams, StructuredOutputsParams
 from pagedserve.test_model import ARCHS
 
 MAX_NEW = 10
@@ -116,6 +117,36 @@ def test_prompt_logprobs_match_transformers(model_dirs, config):
         assert again.num_cached_tokens == 0 and len(again.prompt_logprobs) == len(prompts[0])
         plain = llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=2), use_tqdm=False)[0]
         assert plain.prompt_logprobs is None
+
+
+@pytest.mark.parametrize("config", ["default", "preemption"])
+def test_structured_outputs(model_dirs, config):
+    import json
+
+    import jsonschema
+
+    llm = LLM(str(model_dirs("llama")), **CONFIGS[config])
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    prompts = prompts_for(llm.config.model.vocab_size, lengths=(5, 9, 7, 6), seed=2)
+    params = [
+        SamplingParams(max_tokens=30, temperature=1.0, seed=1, structured_outputs=StructuredOutputsParams(json=schema)),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=2,
+                       structured_outputs=StructuredOutputsParams(regex="[0-9a-f]{12}")),
+        SamplingParams(max_tokens=30, temperature=0.0, structured_outputs=StructuredOutputsParams(choice=["no", "maybe so"])),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=4, ignore_eos=True),  # unconstrained, beside them
+    ]
+    outs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    jsonschema.validate(json.loads(outs[0].text), schema)
+    assert re.fullmatch("[0-9a-f]{12}", outs[1].text) and outs[2].text in ("no", "maybe so")
+    assert [o.finish_reason for o in outs] == ["stop", "stop", "stop", "length"]
+    if config == "preemption":
+        assert llm.engine.scheduler.num_preemptions > 0  # a resumed matcher replays its tokens
+    with pytest.raises(ValueError, match='Unsupported type "bogus"'):
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "bogus"})))
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    assert llm.engine.scheduler.kv.pool.num_free_blocks == llm.runner.num_blocks  # nothing left behind
 
 
 def test_seeded_sampling_ignores_batch_composition(model_dirs):

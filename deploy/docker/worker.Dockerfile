@@ -32,8 +32,8 @@ COPY pagedserve ./pagedserve
 COPY services ./services
 COPY shared ./shared
 COPY kernels ./kernels
-# The package's dependencies do not name torch, so pip keeps the base image's build.
-RUN pip install . \
+# The worker extra adds xgrammar (structured outputs); the torch it names is the base image's build.
+RUN pip install '.[worker]' \
     && python -c "import torch, services.worker.service"
 
 USER 1000

@@ -176,6 +176,12 @@ class Scheduler:
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:
         """Append the sampled tokens and finish requests that hit a stop condition."""
         deltas = []
+        for req_id, message in result.failed.items():
+            request = self.requests.get(req_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+                self._finish(request, RequestStatus.FINISHED_ERROR)
+                deltas.append(RequestDelta(req_id, [], finish_reason="error", error=message))
         for req_id, scored in result.prompt_logprobs.items():
             request = self.requests.get(req_id)
             if request is not None and request.prompt_logprobs is not None:

@@ -203,6 +203,10 @@ class EngineService:
             owner = self.owners.get(delta.req_id)
             if owner is None:
                 continue
+            if delta.error is not None:  # the worker refused it: a client error, answered alone
+                del self.owners[delta.req_id]
+                self.outbox.put((owner, RequestFailed(delta.req_id, delta.error, 400)))
+                continue
             by_owner.setdefault(owner, []).append(delta)
             if delta.finish_reason is not None:
                 del self.owners[delta.req_id]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.sampling_params import MAX_LOGPROBS, SamplingParams
+from shared.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 MAX_N = 128  # parallel samples per prompt
 _STRICT = ConfigDict(strict=True, extra="ignore")
@@ -38,6 +38,25 @@ _DIRECT_FIELDS = (
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")  # `schema` would shadow a BaseModel method
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema must be given exactly when type is json_schema")
+        return self
 
 
 class SamplingRequest(BaseModel):
@@ -67,6 +86,13 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs / guided_* extras
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -130,7 +156,32 @@ class SamplingRequest(BaseModel):
         prompt_logprobs = self._requested_prompt_logprobs()
         if prompt_logprobs is not None:
             overrides["prompt_logprobs"] = prompt_logprobs
+        structured = self._structured_outputs()
+        if structured is not None:
+            overrides["structured_outputs"] = structured
         return SamplingParams.from_defaults(defaults, **overrides)
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one output constraint the request sets (ValueError when it sets several)."""
+        given = {}
+        if self.response_format is not None and self.response_format.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif self.response_format is not None and self.response_format.type == "json_schema":
+            given["response_format"] = {"json": self.response_format.json_schema.json_schema}
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs
+        for field, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, field) is not None:
+                given[field] = {key: getattr(self, field)}
+        if len(given) > 1:
+            raise ValueError(f"structured_outputs must be the only output constraint, got {', '.join(given)}")
+        if not given:
+            return None
+        try:
+            return StructuredOutputsParams(**next(iter(given.values())))
+        except TypeError as exc:  # an unknown key in structured_outputs
+            raise ValueError(f"structured_outputs has an unknown field: {exc}") from None
 
 
 class CompletionRequest(SamplingRequest):

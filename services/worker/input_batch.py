@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from services.worker.layers.attention import CommonAttentionMetadata
 from services.worker.layers.sampler import SamplingState
+from services.worker.structured_output import StructuredOutputs
 from services.worker.transfer import tensor_to_device, to_device
 from shared.protocol import NewRequestData, StepPlan
 
@@ -21,6 +23,7 @@ class RequestState:
     num_computed_tokens: int
     sampling: SamplingState
     prompt_len: int
+    grammar: Any = None  # the xgrammar matcher of a request with structured_outputs
 
 
 @dataclass
@@ -38,10 +41,12 @@ class StepInputs:
 class RequestTable:
     """The worker's view of every request in flight, updated from step-plan deltas."""
 
-    def __init__(self, block_size: int, device: torch.device):
+    def __init__(self, block_size: int, device: torch.device, structured: StructuredOutputs | None = None):
         self.block_size = block_size
         self.device = device
+        self.structured = structured
         self.states: dict[str, RequestState] = {}
+        self.failed: dict[str, str] = {}  # requests refused since the last take_failed()
 
     def apply(self, plan: StepPlan) -> None:
         for req_id in plan.finished_req_ids:
@@ -57,6 +62,16 @@ class RequestTable:
         old = self.states.get(new.req_id)  # resumed after preemption: keep its sampling RNG
         generator = old.sampling.generator if old is not None else None
         prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
+        grammar = None
+        if new.sampling_params.structured_outputs is not None:
+            try:
+                if self.structured is None:
+                    raise ValueError("this worker does not support structured outputs")
+                grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
+            except ValueError as exc:  # refuse this request alone; the engine fails it
+                self.states.pop(new.req_id, None)
+                self.failed[new.req_id] = str(exc)
+                return
         sampling = SamplingState.create(
             new.sampling_params, prompt, tuple(new.eos_token_ids), self.device, output_token_ids=outputs
         )
@@ -69,6 +84,7 @@ class RequestTable:
             new.num_computed_tokens,
             sampling,
             len(prompt),
+            grammar,
         )
 
     def prepare(self, plan: StepPlan) -> StepInputs:
@@ -77,7 +93,7 @@ class RequestTable:
         # attention backend groups requests of similar length to limit padding)
         states = self.states
         order = sorted(
-            plan.num_scheduled_tokens.items(),
+            ((r, n) for r, n in plan.num_scheduled_tokens.items() if r in states),  # not the refused
             key=lambda kv: (kv[1] != 1, -kv[1], -states[kv[0]].num_computed_tokens),
         )
         bs = self.block_size
@@ -122,9 +138,14 @@ class RequestTable:
             prompt_rows=prompt_rows,
         )
 
+    def take_failed(self) -> dict[str, str]:
+        failed, self.failed = self.failed, {}
+        return failed
+
     def advance(self, plan: StepPlan, sampled: list[RequestState], tokens: list[int]) -> None:
         for req_id, n in plan.num_scheduled_tokens.items():
-            self.states[req_id].num_computed_tokens += n
+            if req_id in self.states:
+                self.states[req_id].num_computed_tokens += n
         for state, token in zip(sampled, tokens):
             state.token_ids.append(token)
             state.sampling.output_token_ids.append(token)

@@ -21,6 +21,7 @@ from services.worker.layers.attention import select_backend
 from services.worker.layers.sampler import Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
+from services.worker.structured_output import StructuredOutputs
 from shared.config import EngineConfig
 from shared.protocol import StepPlan, StepResult, TokenLogprobs
 
@@ -53,7 +54,9 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = capture_decode_graphs(
             config, self.device, self.backend, self.model, self.kv_caches
         )
-        self.table = RequestTable(config.cache.block_size, self.device)
+        m = config.model
+        self.structured = StructuredOutputs(m.path, m.vocab_size, list(m.eos_token_ids))
+        self.table = RequestTable(config.cache.block_size, self.device, self.structured)
         self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
 
@@ -77,8 +80,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         self.table.apply(plan)
-        if not plan.num_scheduled_tokens:
-            return StepResult(plan.step_id, [], [])
+        failed = self.table.take_failed()
+        if not any(r in self.table.states for r in plan.num_scheduled_tokens):
+            return StepResult(plan.step_id, [], [], failed=failed)
         start = time.perf_counter()
         inputs = self.table.prepare(plan)
         hidden = self._forward(inputs)
@@ -89,10 +93,12 @@ class ModelRunner:
         tokens: list[int] = []
         logprobs: list[TokenLogprobs | None] = []
         if states:
+            self.structured.apply(logits, states)
             meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
             out = self.sampler(logits, meta)
             tokens = out.sampled_token_ids.tolist()
             logprobs = _logprob_lists(out, states)
+            self.structured.accept(states, tokens)
         prompt_logprobs = self._prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
         self.table.advance(plan, states, tokens)
         self.last_stats = StepStats(
@@ -102,7 +108,7 @@ class ModelRunner:
             forward_done - start,
             time.perf_counter() - forward_done,
         )
-        return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs, prompt_logprobs)
+        return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs, prompt_logprobs, failed)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, list[TokenLogprobs]]:
         """Log-softmax of the raw logits at each scored prompt position: the next prompt token's

@@ -6,6 +6,7 @@ model's own greedy answers, which are deterministic."""
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -210,6 +211,56 @@ def test_echo_with_logprobs_and_prompt_logprobs(client, model, model_tokenizer, 
     assert "".join(ch.text for chunk in chunks for ch in chunk.choices) == choice.text
     assert [t for c in streamed for t in c.logprobs.tokens] == lp.tokens
     assert [o for c in streamed for o in c.logprobs.text_offset] == lp.text_offset
+
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["answer", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs(frontend, client, model):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA}}
+    for temperature in (0.0, 1.0):
+        chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Answer"}],
+                                              max_tokens=40, temperature=temperature, seed=7, response_format=fmt)
+        jsonschema.validate(json.loads(chat.choices[0].message.content), ANSWER_SCHEMA)
+        assert chat.choices[0].finish_reason == "stop"
+    out = client.completions.create(model=model, prompt="Pick", max_tokens=10, temperature=1.0, seed=3,
+                                    extra_body={"guided_choice": ["red", "green", "blue sky"]})
+    assert out.choices[0].text in ("red", "green", "blue sky")
+    out = client.completions.create(model=model, prompt="Code", max_tokens=10, temperature=1.0, seed=3,
+                                    extra_body={"structured_outputs": {"regex": "[0-9]{3}-[a-z]{2}"}})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", out.choices[0].text)
+    obj = client.completions.create(model=model, prompt="{", max_tokens=8, temperature=0.0,
+                                    extra_body={"response_format": {"type": "json_object"}})
+    assert obj.choices[0].text.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"guided_json": {"type": "bogus"}}, None, 'Unsupported type "bogus"'),  # refused by the worker
+        ({"guided_regex": "(", "guided_choice": ["a"]}, "structured_outputs", "only output constraint"),
+        ({"guided_regex": "("}, "structured_outputs", "regex is invalid"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+        ({"structured_outputs": {"xml": "a"}}, "structured_outputs", "unknown field"),
+    ],
+)
+def test_bad_structured_outputs_are_400s(frontend, model, extra, param, words):
+    body = {"model": model, "prompt": "x", "max_tokens": 4, **extra}
+    resp = httpx.post(f"{frontend}/v1/completions", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert words in err["message"] and err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param
+    ok = httpx.post(f"{frontend}/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200  # the engine and worker carry on
 
 
 BAD_BODIES = [
