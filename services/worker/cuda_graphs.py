@@ -73,9 +73,7 @@ def _free_bytes(device: torch.device) -> int:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
 
 
-def graphs_unsupported(
-    config: EngineConfig, device: torch.device, backend: AttentionBackend, model: nn.Module | None = None
-) -> str | None:
+def graphs_unsupported(config: EngineConfig, device: torch.device, backend: AttentionBackend) -> str | None:
     """Why decode steps must run eagerly on this worker; None when graphs can be captured."""
     if config.compilation.enforce_eager:
         return "enforce_eager is set"
@@ -85,8 +83,6 @@ def graphs_unsupported(
         return f"the {backend.name} attention backend is not graph-safe (use triton)"
     if config.parallel.tensor_parallel_size > 1:
         return "tensor parallel collectives are not captured yet"
-    if model is not None and any(not getattr(m, "graph_safe", True) for m in model.modules()):
-        return "the model has layers that sync with the host (MoE routing)"
     return None
 
 
@@ -204,7 +200,7 @@ def capture_decode_graphs(
 ) -> DecodeGraphs | None:
     """Decode graphs captured over the allocated KV cache, or None (with the reason logged) when
     every step runs eagerly."""
-    reason = graphs_unsupported(config, device, backend, model)
+    reason = graphs_unsupported(config, device, backend)
     if reason is not None:
         (log.debug if device.type == "cpu" else log.info)("decode steps run eagerly: %s", reason)
         return None

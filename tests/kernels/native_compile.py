@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from kernels import (
     _checks,
     activation,
+    fused_moe,
     kv_cache_write,
     paged_attention_decode,
     paged_attention_prefill,
@@ -161,6 +162,18 @@ def _rms_norm(hidden, dtype, residual):
     rms_norm.rms_norm(x, torch.ones(hidden, dtype=dtype), 1e-6, torch.zeros_like(x) if residual else None)
 
 
+# MoE layer shapes: (hidden, expert intermediate, experts, top_k).
+MOE_SHAPES = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8)}
+
+
+def _moe(shape, dtype, num_tokens):
+    hidden, inter, experts, top_k = shape
+    x = torch.zeros(num_tokens, hidden, dtype=dtype)
+    w13, w2 = torch.zeros(experts, 2 * inter, hidden, dtype=dtype), torch.zeros(experts, hidden, inter, dtype=dtype)
+    ids = torch.arange(num_tokens * top_k).view(num_tokens, top_k) % experts
+    fused_moe.fused_moe(x, w13, w2, torch.full(ids.shape, 1.0 / top_k), ids)
+
+
 def cases():
     """(kernel family, case name, thunk running the wrapper once) over the variants we ship.
 
@@ -182,6 +195,9 @@ def cases():
         for hidden in (576, 1536, 4096, 8192):
             yield "rms_norm", f"hidden{hidden} {dname}", partial(_rms_norm, hidden, dtype, False)
             yield "rms_norm", f"hidden{hidden} {dname} residual", partial(_rms_norm, hidden, dtype, True)
+        for name, shape in MOE_SHAPES.items():
+            for num_tokens in (4, 512):  # decode-sized and prefill-sized: BLOCK_M 16 and 64
+                yield "fused_moe", f"{name} {dname} T{num_tokens}", partial(_moe, shape, dtype, num_tokens)
         for inter in (1536, 8960, 14336):
             x = torch.zeros(3, 2 * inter, dtype=dtype)
             yield "silu_and_mul", f"inter{inter} {dname}", partial(activation.silu_and_mul, x)
@@ -189,6 +205,7 @@ def cases():
 
 KERNEL_MODULES = (
     activation,
+    fused_moe,
     kv_cache_write,
     paged_attention_decode,
     paged_attention_prefill,

@@ -19,6 +19,7 @@ import pytest
 SCRIPT = Path(__file__).with_name("native_compile.py")
 KERNELS = {
     "_decode_kernel",
+    "_grouped_gemm_kernel",
     "_reduce_kernel",
     "_prefill_kernel",
     "_kv_cache_write_kernel",

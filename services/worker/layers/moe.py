@@ -6,8 +6,10 @@ column/row-parallel pair (this rank holds I_local = I / tp of its intermediate f
 partial outputs are summed with one all-reduce. The checkpoint's per-expert tensors arrive with
 shard id (expert, 0 | 1) for gate/up and (expert, None) for down.
 
-The forward is the torch reference: tokens are grouped by expert and each expert runs one GEMM
-pair over its tokens; the routing weights scale the results, which are summed per token.
+With the Triton backend the experts run as two grouped GEMMs over the pairs sorted by expert
+(kernels/fused_moe.py), on the device with no host sync, so MoE decode steps can replay CUDA
+graphs. Otherwise the torch path groups tokens by expert on the host and runs one GEMM pair per
+expert; the routing weights scale the results, which are summed per token.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.worker.distributed import tp_all_reduce, tp_rank, tp_size
+from services.worker.forward_context import use_triton_kernels
 from services.worker.layers.linear import ReplicatedLinear, check_shape, copy_weight, divide, make_param
 
 
 class FusedMoE(nn.Module):
-    graph_safe = False  # groups tokens by expert on the host: decode steps run eagerly
-
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool):
         super().__init__()
         if not 0 < top_k <= num_experts:
@@ -58,6 +59,11 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(router_logits)
+        if use_triton_kernels():
+            from kernels.fused_moe import fused_moe
+
+            out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids)
+            return out if self.tp_size == 1 else tp_all_reduce(out)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
         flat_ids = ids.flatten()
