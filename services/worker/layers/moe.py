@@ -63,24 +63,24 @@ class FusedMoE(nn.Module):
             from kernels.fused_moe import fused_moe
 
             out = fused_moe(x, self.w13_weight, self.w2_weight, weights, ids)
-            return out if self.tp_size == 1 else tp_all_reduce(out)
-        weights = weights.to(x.dtype)
+        else:
+            out = self._experts_torch(x, weights.to(x.dtype), ids)
+        return out if self.tp_size == 1 else tp_all_reduce(out)
+
+    def _experts_torch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort()  # (token, slot) pairs grouped by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        tokens = order // self.top_k
-        start = 0
+        order = ids.flatten().argsort()  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(ids.flatten(), minlength=self.num_experts).tolist()
+        tokens, start = order // self.top_k, 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            rows = tokens[start : start + count]
-            picked = order[start : start + count]
+            rows, picked = tokens[start : start + count], order[start : start + count]
             gate, up = F.linear(x[rows], self.w13_weight[expert]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2_weight[expert])
             out.index_add_(0, rows, y * weights.flatten()[picked, None])
             start += count
-        return out if self.tp_size == 1 else tp_all_reduce(out)
+        return out
 
 
 class SparseMoeBlock(nn.Module):
