@@ -7,9 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from e2e_stack import Stack
-from frontend_helpers import make_tokenizer_dir, wait_until
+from frontend_helpers import GREEDY, make_tokenizer_dir, wait_until
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +70,28 @@ def frontend(stack: Stack) -> str:
     proc = stack.start_frontend("fe-main")
     wait_until(f"{stack.base}/health", proc, timeout=120)
     return stack.base
+
+
+@pytest.fixture(scope="module")
+def client(frontend: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{frontend}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def greedy(client, model):
+    """greedy(prompt, n_tokens) -> the model's greedy completion text (ignoring EOS), asked once."""
+    cache: dict[tuple, str] = {}
+
+    def get(prompt: str, n_tokens: int) -> str:
+        if (prompt, n_tokens) not in cache:
+            out = client.completions.create(model=model, prompt=prompt, max_tokens=n_tokens, **GREEDY)
+            assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == n_tokens
+            cache[prompt, n_tokens] = out.choices[0].text
+        return cache[prompt, n_tokens]
+
+    return get

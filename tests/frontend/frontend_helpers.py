@@ -26,6 +26,9 @@ _CORPUS = [
     "def add(a, b):\n    return a + b\n",
 ]
 
+# greedy and length-bound: the model's deterministic answer, whatever EOS it would sample
+GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
+
 
 
 

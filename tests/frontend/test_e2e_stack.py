@@ -15,14 +15,13 @@ import httpx
 import openai
 import pytest
 from e2e_stack import Stack
-from frontend_helpers import metric_value, wait_until
+from frontend_helpers import GREEDY, metric_value, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 API_KEY = "e2e-key"
 MAX_MODEL_LEN = 1024
 ENGINE_FLAGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(16 << 20)]
-GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
