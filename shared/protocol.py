@@ -73,6 +73,9 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
     # requests the worker could not take (e.g. a structured-outputs grammar that does not compile)
     failed: dict[str, str] = {}
+    # requests whose structured-outputs grammar completed with this step's token: the engine
+    # finishes them with "stop" (nothing more can be generated that fits the grammar)
+    stopped: list[str] = []
 
 
 # ----- engine -> frontend / offline driver --------------------------------------------------
@@ -100,6 +103,10 @@ class AddRequest(msgspec.Struct, tag=True, **_STRUCT):
     req_id: str
     prompt_token_ids: TokenIds
     sampling_params: SamplingParams
+    priority: int = 0  # with --scheduling-policy priority: lower runs first, higher is preempted first
+    # a resumption (the frontend resubmits a request a restarted engine lost): the tokens it had
+    # generated already; the engine continues after them and counts them against max_tokens
+    output_token_ids: TokenIds | None = None
 
 
 class AbortRequests(msgspec.Struct, tag=True, **_STRUCT):
@@ -122,7 +129,14 @@ class Goodbye(msgspec.Struct, tag=True, **_STRUCT):
     frontend_id: str
 
 
-FrontendMessage = AddRequest | AbortRequests | Ping | Hello | Goodbye
+class FrontendHeartbeat(msgspec.Struct, tag=True, **_STRUCT):
+    """Sent every HEARTBEAT_INTERVAL_S by each frontend: an engine that hears nothing from a
+    frontend for its frontend timeout counts it as gone, aborts its requests and frees their blocks."""
+
+    frontend_id: str
+
+
+FrontendMessage = AddRequest | AbortRequests | Ping | Hello | Goodbye | FrontendHeartbeat
 
 
 class Outputs(msgspec.Struct, tag=True, **_STRUCT):
