@@ -139,3 +139,18 @@ def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
     assert scrape(ports[0])["pagedserve_engine_kv_cache_usage_ratio"] == 0.0  # every block back in the pool
     assert all(p.poll() is None for p in procs)
     client.close()
+
+
+def test_a_resumption_continues_an_undisturbed_greedy_run(stack):
+    _, inp, out, _procs, _ports = stack
+    client = Client(inp, out)
+    client.hello()
+    prompt = np.array([31, 32, 33, 34, 35], dtype=np.int32)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    client.tx.send(AddRequest("whole", prompt, params))
+    reason, tokens = client.collect({"whole"})["whole"]
+    assert reason == "length" and len(tokens) == 10
+    resumed = AddRequest("resumed", prompt, params, priority=3, output_token_ids=np.array(tokens[:4], np.int32))
+    client.tx.send(resumed)
+    assert client.collect({"resumed"})["resumed"] == ("length", tokens[4:])
+    client.close()

@@ -37,14 +37,25 @@ class EngineCore:
         self.last_num_tokens = 0  # tokens scheduled by the latest step
         self._last_plan: StepPlan | None = None
 
-    def make_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """Validate a request without admitting it (raises ValueError)."""
-        vocab = self.config.model.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is out of range for a vocabulary of {vocab}")
+    def make_request(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: list[int] | None = None,
+        priority: int = 0,
+    ) -> Request:
+        """Validate a request without admitting it (raises ValueError). output_token_ids: the
+        tokens a resumed request had generated already; it continues after them."""
         m = self.config.model
-        return Request(req_id, prompt_token_ids, params, m.eos_token_ids, m.max_model_len)
+        for what, ids in (("prompt", prompt_token_ids), ("output", output_token_ids or ())):
+            bad = next((t for t in ids if not 0 <= t < m.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{what} token id {bad} is out of range for a vocabulary of {m.vocab_size}")
+        return Request(
+            req_id, prompt_token_ids, params, m.eos_token_ids, m.max_model_len,
+            output_token_ids=output_token_ids, priority=priority,
+        )
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

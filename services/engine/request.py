@@ -33,7 +33,12 @@ class Request:
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
         arrival_time: float | None = None,
+        output_token_ids: list[int] | None = None,
+        priority: int = 0,
     ):
+        """output_token_ids: a resumption's tokens generated so far (recomputed with the prompt;
+        they count against max_tokens and min_tokens). priority: lower is scheduled first under
+        the priority policy."""
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         if len(prompt_token_ids) >= max_model_len:
@@ -43,21 +48,30 @@ class Request:
             )
         self.req_id = req_id
         self.prompt_token_ids = list(prompt_token_ids)
-        self.token_ids = list(prompt_token_ids)  # prompt followed by outputs
+        self.token_ids = self.prompt_token_ids + list(output_token_ids or ())  # prompt followed by outputs
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
         room = max_model_len - self.num_prompt_tokens
         limit = sampling_params.max_tokens
         self.max_tokens = room if limit is None else min(limit, room)
+        if self.num_output_tokens >= self.max_tokens:
+            raise ValueError(
+                f"a resumption with {self.num_output_tokens} generated tokens has no room left "
+                f"(at most {self.max_tokens} output tokens)"
+            )
+        self.priority = priority
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None  # when it first entered the running batch
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         self.stop_reason: int | None = None
         # prompt_logprobs: gathered chunk by chunk, delivered with the first token (then None)
-        self.prompt_logprobs: list | None = [] if sampling_params.prompt_logprobs is not None else None
+        # (a resumption delivered them with its first token already)
+        wants = sampling_params.prompt_logprobs is not None and not output_token_ids
+        self.prompt_logprobs: list | None = [] if wants else None
 
     @property
     def num_tokens(self) -> int:
@@ -74,10 +88,13 @@ class Request:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def check_stop(self) -> RequestStatus | None:
-        """The finish status after the last appended token, or None to keep going."""
+    def check_stop(self, grammar_done: bool = False) -> RequestStatus | None:
+        """The finish status after the last appended token, or None to keep going. grammar_done:
+        its structured-outputs grammar completed with that token (nothing more can follow)."""
         params, n_out = self.sampling_params, self.num_output_tokens
         last = self.token_ids[-1]
+        if grammar_done:
+            return RequestStatus.FINISHED_STOPPED
         if n_out >= params.min_tokens:
             if not params.ignore_eos and last in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED

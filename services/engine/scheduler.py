@@ -187,12 +187,13 @@ class Scheduler:
             if request is not None and request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(scored)
         logprobs = result.logprobs or [None] * len(result.req_ids)
+        stopped = set(result.stopped)
         for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.append_token(token)
-            status = request.check_stop()
+            status = request.check_stop(grammar_done=req_id in stopped)
             delta = RequestDelta(req_id, [token], [lp] if lp is not None else [], num_cached_tokens=request.num_cached_tokens)
             if request.prompt_logprobs is not None:
                 delta.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None

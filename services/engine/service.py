@@ -180,7 +180,10 @@ class EngineService:
     def _handle(self, identity: bytes, msg) -> None:
         if isinstance(msg, AddRequest):
             try:
-                request = self.core.make_request(msg.req_id, msg.prompt_token_ids.tolist(), msg.sampling_params)
+                outputs = None if msg.output_token_ids is None else msg.output_token_ids.tolist()
+                request = self.core.make_request(
+                    msg.req_id, msg.prompt_token_ids.tolist(), msg.sampling_params, outputs, msg.priority
+                )
                 self.core.add_request(request)
             except ValueError as exc:
                 self.outbox.put((identity, RequestFailed(msg.req_id, str(exc), 400)))
