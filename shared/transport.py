@@ -9,12 +9,15 @@ record (dtype, shape, frame index), and received without a copy.
 from __future__ import annotations
 
 import logging
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
+
+if TYPE_CHECKING:
+    from shared.auth import Security
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +72,16 @@ class Codec(Generic[T]):
 
 def _socket(
     ctx: zmq.Context, kind: int, addr: str, bind: bool, identity: bytes | None, monitor: int = 0,
-    immediate: bool = False,
+    immediate: bool = False, security: Security | None = None,
 ) -> tuple[zmq.Socket, zmq.Socket | None]:
     """A configured socket, bound or connected, and a monitor socket for `monitor` events
     (attached before connecting, so the first connection's events are never missed). With
-    `immediate`, messages are only queued for a live connection, never while it is down."""
+    `immediate`, messages are only queued for a live connection, never while it is down.
+    `security` (shared.auth) sets CURVE up before the socket binds or connects."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if security is not None:
+        security.apply(sock)
     if immediate:
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if identity is not None:
@@ -91,8 +97,11 @@ class RouterQueue(Generic[T]):
     """The binding side: receives (peer identity, message) and sends messages to a peer.
     A malformed message is logged and dropped."""
 
-    def __init__(self, ctx: zmq.Context, addr: str, recv_type: Any, send_type: Any, bind: bool = True):
-        self.sock, _ = _socket(ctx, zmq.ROUTER, addr, bind, None)
+    def __init__(
+        self, ctx: zmq.Context, addr: str, recv_type: Any, send_type: Any, bind: bool = True,
+        security: Security | None = None,
+    ):
+        self.sock, _ = _socket(ctx, zmq.ROUTER, addr, bind, None, security=security)
         self._in: Codec = Codec(recv_type)
         self._out: Codec = Codec(send_type)
 
@@ -115,8 +124,8 @@ class RouterQueue(Generic[T]):
 
 class DealerQueue(Generic[T]):
     """The connecting side (blocking): sends messages, receives typed replies. With `monitor`
-    (zmq.EVENT_* flags), `self.monitor` delivers those connection events; `immediate` as in
-    _socket."""
+    (zmq.EVENT_* flags), `self.monitor` delivers those connection events; `immediate` and
+    `security` as in _socket."""
 
     def __init__(
         self,
@@ -127,8 +136,9 @@ class DealerQueue(Generic[T]):
         identity: bytes | None = None,
         monitor: int = 0,
         immediate: bool = False,
+        security: Security | None = None,
     ):
-        self.sock, self.monitor = _socket(ctx, zmq.DEALER, addr, False, identity, monitor, immediate)
+        self.sock, self.monitor = _socket(ctx, zmq.DEALER, addr, False, identity, monitor, immediate, security)
         self._in: Codec = Codec(recv_type)
         self._out: Codec = Codec(send_type)
 
@@ -157,8 +167,11 @@ class DealerQueue(Generic[T]):
 class AsyncDealerQueue(Generic[T]):
     """The connecting side for asyncio code (the frontend)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, addr: str, recv_type: Any, send_type: Any, identity: bytes):
-        self.sock, _ = _socket(ctx, zmq.DEALER, addr, False, identity)
+    def __init__(
+        self, ctx: zmq.asyncio.Context, addr: str, recv_type: Any, send_type: Any, identity: bytes,
+        security: Security | None = None,
+    ):
+        self.sock, _ = _socket(ctx, zmq.DEALER, addr, False, identity, security=security)
         self._in: Codec = Codec(recv_type)
         self._out: Codec = Codec(send_type)
 
