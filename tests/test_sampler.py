@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from services.worker.layers.sampler import (
+    NO_TOKEN,
     Sampler,
     SamplingMetadata,
     SamplingState,
@@ -242,3 +243,28 @@ def test_logprobs_zero_returns_only_the_sampled_token() -> None:
     out = sample(logits, [state(SamplingParams(logprobs=0, temperature=0.0))] * 2)
     assert out.logprobs.shape == (2, 1)
     assert torch.equal(out.sampled_ranks, torch.ones(2, dtype=torch.long))
+
+
+# ----- rows with nothing to sample ------------------------------------------------------------
+
+
+def test_min_tokens_leaves_the_stop_when_it_is_all_a_row_has() -> None:
+    """A grammar that allows only EOS meets min_tokens: EOS stays (and ends the request) rather
+    than the row being left with nothing; a row with other tokens still has EOS masked."""
+    only_eos = torch.full((2, 20), float("-inf"))
+    only_eos[0, EOS] = 0.0
+    only_eos[1, EOS], only_eos[1, 7] = 5.0, 0.0
+    states = [state(SamplingParams(temperature=t, min_tokens=4)) for t in (0.0, 1.0)]
+    assert sample(only_eos, states).sampled_token_ids.tolist() == [EOS, 7]
+
+
+@pytest.mark.parametrize("poison", [float("-inf"), float("nan"), float("inf")])
+def test_a_row_with_no_usable_logit_samples_no_token_alone(poison: float) -> None:
+    logits = torch.randn(3, 30)
+    logits[1] = float("-inf")
+    logits[1, 4] = poison  # all masked, or masked but for a NaN / +inf
+    states = [state(SamplingParams(temperature=t, logprobs=1)) for t in (0.0, 0.7, 0.0)]
+    out = sample(logits, states)
+    assert out.sampled_token_ids[1] == NO_TOKEN
+    assert out.sampled_token_ids[[0, 2]].tolist() == logits[[0, 2]].argmax(-1).tolist()
+    assert out.logprobs.shape == (3, 2) and out.logprobs[[0, 2]].isfinite().all()

@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
+from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.protocol import (
     AbortRequests,
@@ -59,10 +60,12 @@ class EngineClient:
         input_addr: str = DEFAULT_ENGINE_INPUT,
         output_addr: str = DEFAULT_ENGINE_OUTPUT,
         frontend_id: str | None = None,
+        security: CurveClient | None = None,
         hello_interval: float = 1.0,
     ):
         self.frontend_id = frontend_id or uuid.uuid4().hex
         self.input_addr, self.output_addr = input_addr, output_addr
+        self.security = security  # CURVE settings of both sockets (shared.auth); None: plain
         self.hello_interval = hello_interval
         self.model_info: ModelInfo | None = None
         self._ctx: zmq.asyncio.Context | None = None
@@ -82,8 +85,8 @@ class EngineClient:
         """Connect both sockets and start the receive, send and hello tasks (returns at once)."""
         identity = self.frontend_id.encode()
         self._ctx = zmq.asyncio.Context()
-        self._input = AsyncDealerQueue(self._ctx, self.input_addr, EngineMessage, FrontendMessage, identity)
-        self._output = AsyncDealerQueue(self._ctx, self.output_addr, EngineMessage, FrontendMessage, identity)
+        self._input = AsyncDealerQueue(self._ctx, self.input_addr, EngineMessage, FrontendMessage, identity, self.security)
+        self._output = AsyncDealerQueue(self._ctx, self.output_addr, EngineMessage, FrontendMessage, identity, self.security)
         self._tasks = [
             asyncio.create_task(self._recv_loop(), name="engine-recv"),
             asyncio.create_task(self._send_loop(), name="engine-send"),

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from services.frontend.state import FrontendConfig
+from shared.auth import add_auth_args, client_security
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 
 log = logging.getLogger("pagedserve.frontend")
@@ -83,6 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=float(_env("SHUTDOWN_TIMEOUT", "10")),
         help="seconds open requests may take to finish after SIGTERM",
     )
+    add_auth_args(p)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     return p
 
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key or None,
         served_model_names=tuple(args.served_model_name or ()),
         tokenizer=args.tokenizer,
+        curve=client_security(args, "frontend"),
         frontend_id=args.frontend_id,
         health_timeout=args.health_timeout,
         stall_timeout=args.stall_timeout,

@@ -21,6 +21,7 @@ from services.frontend.logprobs import TokenText
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.request_metrics import RequestMetrics
 from services.frontend.tokenizer import apply_chat_template, load_tokenizer
+from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.protocol import ModelInfo
 from shared.sampling_params import SamplingParams
@@ -41,6 +42,7 @@ class FrontendConfig:
     frontend_id: str | None = None  # None: a random uuid4 hex
     health_timeout: float = 5.0  # seconds /health waits for the engine's Pong
     stall_timeout: float = 10.0  # seconds without output before a request pings the engine
+    curve: CurveClient | None = None  # CURVE keys for the engine link (shared.auth); None: plain
 
 
 class FrontendState:
@@ -51,7 +53,7 @@ class FrontendState:
         self.frontend_id = config.frontend_id or uuid.uuid4().hex
         names = config.served_model_names
         self.metrics = FrontendMetrics(self.frontend_id, names[0] if names else None)
-        self.client = EngineClient(config.engine_input, config.engine_output, self.frontend_id)
+        self.client = EngineClient(config.engine_input, config.engine_output, self.frontend_id, config.curve)
         self.tokenizer: Any = None
         self.token_text: TokenText | None = None
         self.setup_error: str | None = None

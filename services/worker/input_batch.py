@@ -1,7 +1,13 @@
-"""Per-request worker state kept between steps, and the flattened inputs of one step."""
+"""Per-request worker state kept between steps, and the flattened inputs of one step.
+
+Whatever goes wrong with one request (a bad id or count in the plan, a sampling state that
+cannot be built, a grammar that does not compile) fails that request alone: its state is
+dropped, the reason kept for StepResult.failed, and the rest of the step goes on without it.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,10 +16,12 @@ import torch
 
 from services.worker.layers.attention import CommonAttentionMetadata
 from services.worker.layers.sampler import SamplingState
+from services.worker.request_checks import check_block_ids, check_new_request, check_schedule
 from services.worker.structured_output import StructuredOutputs
 from services.worker.transfer import tensor_to_device, to_device
-from shared.protocol import NewRequestData, StepPlan
+from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class RequestState:
@@ -41,10 +49,18 @@ class StepInputs:
 class RequestTable:
     """The worker's view of every request in flight, updated from step-plan deltas."""
 
-    def __init__(self, block_size: int, device: torch.device, structured: StructuredOutputs | None = None):
+    def __init__(
+        self,
+        block_size: int,
+        device: torch.device,
+        structured: StructuredOutputs | None = None,
+        vocab_size: int | None = None,
+        num_blocks: int | None = None,
+    ):
         self.block_size = block_size
         self.device = device
         self.structured = structured
+        self.vocab_size, self.num_blocks = vocab_size, num_blocks  # None: not checked
         self.states: dict[str, RequestState] = {}
         self.failed: dict[str, str] = {}  # requests refused since the last take_failed()
 
@@ -52,31 +68,48 @@ class RequestTable:
         for req_id in plan.finished_req_ids:
             self.states.pop(req_id, None)
         for new in plan.new_requests:
-            self._add(new)
+            self._guarded(new.req_id, self._add, new)
         for cached in plan.cached_requests:
-            state = self.states[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+            self._guarded(cached.req_id, self._update, cached)
+
+    def fail(self, req_id: str, message: str) -> None:
+        """Drop a request's state; the engine learns why from the step's result."""
+        self.states.pop(req_id, None)
+        self.failed[req_id] = message
+
+    def _guarded(self, req_id: str, stage, arg) -> None:
+        try:
+            stage(arg)
+        except ValueError as exc:  # a bad request, e.g. a constraint that does not compile
+            self.fail(req_id, str(exc))
+        except Exception as exc:  # anything else: still this request's alone
+            log.exception("request %s failed in the worker", req_id)
+            self.fail(req_id, f"the worker could not run this request: {type(exc).__name__}: {exc}")
+
+    def _update(self, cached: CachedRequestData) -> None:
+        state = self.states.get(cached.req_id)
+        if state is None:
+            raise ValueError("the worker holds no state for this request")
+        if self.num_blocks is not None:
+            check_block_ids(cached.new_block_ids, self.num_blocks)
+        state.block_ids.extend(cached.new_block_ids)
+        state.num_computed_tokens = cached.num_computed_tokens
 
     def _add(self, new: NewRequestData) -> None:
-        old = self.states.get(new.req_id)  # resumed after preemption: keep its sampling RNG
-        generator = old.sampling.generator if old is not None else None
+        old = self.states.pop(new.req_id, None)  # resumed after preemption: keep its sampling RNG
+        if self.vocab_size is not None and self.num_blocks is not None:
+            check_new_request(new, self.vocab_size, self.num_blocks)
         prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
         grammar = None
         if new.sampling_params.structured_outputs is not None:
-            try:
-                if self.structured is None:
-                    raise ValueError("this worker does not support structured outputs")
-                grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
-            except ValueError as exc:  # refuse this request alone; the engine fails it
-                self.states.pop(new.req_id, None)
-                self.failed[new.req_id] = str(exc)
-                return
+            if self.structured is None:
+                raise ValueError("this worker does not support structured outputs")
+            grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
         sampling = SamplingState.create(
             new.sampling_params, prompt, tuple(new.eos_token_ids), self.device, output_token_ids=outputs
         )
-        if generator is not None:
-            sampling.generator = generator
+        if old is not None and old.sampling.generator is not None:
+            sampling.generator = old.sampling.generator
         self.states[new.req_id] = RequestState(
             new.req_id,
             prompt + outputs,
@@ -87,15 +120,18 @@ class RequestTable:
             grammar,
         )
 
-    def prepare(self, plan: StepPlan) -> StepInputs:
-        """Flatten the scheduled tokens, decodes first, and compute slots and sampling rows."""
+    def prepare(self, plan: StepPlan) -> StepInputs | None:
+        """Flatten the scheduled tokens, decodes first, and compute slots and sampling rows
+        (None when no scheduled request can run)."""
         # decodes first, longest context first; then prefill chunks, longest first (the torch
         # attention backend groups requests of similar length to limit padding)
         states = self.states
         order = sorted(
-            ((r, n) for r, n in plan.num_scheduled_tokens.items() if r in states),  # not the refused
+            ((r, n) for r, n in plan.num_scheduled_tokens.items() if self._schedulable(r, n)),
             key=lambda kv: (kv[1] != 1, -kv[1], -states[kv[0]].num_computed_tokens),
         )
+        if not order:
+            return None
         bs = self.block_size
         ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
         prompt_rows = []
@@ -137,6 +173,20 @@ class RequestTable:
             sampling_states=samplers,
             prompt_rows=prompt_rows,
         )
+
+    def _schedulable(self, req_id: str, n: int) -> bool:
+        """False for a request refused earlier, or failed now for a count its state cannot take."""
+        state = self.states.get(req_id)
+        if state is None:
+            if req_id not in self.failed:
+                self.fail(req_id, "the worker holds no state for this request")
+            return False
+        try:
+            check_schedule(len(state.token_ids), state.num_computed_tokens, len(state.block_ids), n, self.block_size)
+        except ValueError as exc:
+            self.fail(req_id, str(exc))
+            return False
+        return True
 
     def take_failed(self) -> dict[str, str]:
         failed, self.failed = self.failed, {}

@@ -15,10 +15,10 @@ import torch
 
 from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from services.worker.forward_context import ForwardContext, set_forward_context
-from services.worker.input_batch import RequestTable, StepInputs
+from services.worker.input_batch import RequestState, RequestTable, StepInputs
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
 from services.worker.layers.attention import select_backend
-from services.worker.layers.sampler import Sampler, SamplingMetadata
+from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
 from services.worker.structured_output import StructuredOutputs
@@ -26,6 +26,11 @@ from shared.config import EngineConfig
 from shared.protocol import StepPlan, StepResult, TokenLogprobs
 
 log = logging.getLogger(__name__)
+
+NO_TOKEN_MESSAGE = (
+    "no token can be sampled: every token is masked or a logit is not a finite number "
+    "(check logit_bias, the penalties, min_tokens and structured_outputs)"
+)
 
 
 @dataclass
@@ -56,7 +61,9 @@ class ModelRunner:
         )
         m = config.model
         self.structured = StructuredOutputs(m.path, m.vocab_size, list(m.eos_token_ids))
-        self.table = RequestTable(config.cache.block_size, self.device, self.structured)
+        self.table = RequestTable(
+            config.cache.block_size, self.device, self.structured, m.vocab_size, self.num_blocks
+        )
         self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
 
@@ -79,27 +86,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step. A request whose own inputs, grammar or sampling go wrong is left out of
+        the result and reported in StepResult.failed; the others get their tokens."""
         self.table.apply(plan)
-        failed = self.table.take_failed()
-        if not any(r in self.table.states for r in plan.num_scheduled_tokens):
-            return StepResult(plan.step_id, [], [], failed=failed)
         start = time.perf_counter()
         inputs = self.table.prepare(plan)
+        if inputs is None:  # nothing runnable: only refusals to report
+            return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
         hidden = self._forward(inputs)
         states = inputs.sampling_states
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
         self._sync()
         forward_done = time.perf_counter()
-        tokens: list[int] = []
-        logprobs: list[TokenLogprobs | None] = []
-        if states:
-            self.structured.apply(logits, states)
-            meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
-            out = self.sampler(logits, meta)
-            tokens = out.sampled_token_ids.tolist()
-            logprobs = _logprob_lists(out, states)
-            self.structured.accept(states, tokens)
+        tokens, logprobs, stopped = self._sample(logits, states) if states else ([], [], [])
         prompt_logprobs = self._prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
+        failed = self.table.take_failed()
+        kept = [i for i, s in enumerate(states) if s.req_id not in failed]
+        states, tokens, logprobs = [states[i] for i in kept], [tokens[i] for i in kept], [logprobs[i] for i in kept]
         self.table.advance(plan, states, tokens)
         self.last_stats = StepStats(
             _phase(inputs.attn.num_decodes, inputs.attn.num_reqs),
@@ -108,22 +111,56 @@ class ModelRunner:
             forward_done - start,
             time.perf_counter() - forward_done,
         )
-        return StepResult(plan.step_id, [s.req_id for s in states], tokens, logprobs, prompt_logprobs, failed)
+        return StepResult(
+            plan.step_id,
+            [s.req_id for s in states],
+            tokens,
+            logprobs,
+            {r: lp for r, lp in prompt_logprobs.items() if r not in failed},
+            failed,
+            [r for r in stopped if r not in failed],
+        )
+
+    def _sample(
+        self, logits: torch.Tensor, states: list[RequestState]
+    ) -> tuple[list[int], list[TokenLogprobs | None], list[str]]:
+        """Tokens and logprobs of every row, and the requests whose grammar ended with their
+        token. Rows that fail (their grammar, or nothing left to sample) are failed in the table."""
+        for req_id, message in self.structured.apply(logits, states).items():
+            self.table.fail(req_id, message)
+        meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
+        out = self.sampler(logits, meta)
+        tokens = out.sampled_token_ids.tolist()
+        for state, token in zip(states, tokens):
+            if token == NO_TOKEN:
+                self.table.fail(state.req_id, NO_TOKEN_MESSAGE)
+        live = [i for i, s in enumerate(states) if s.req_id not in self.table.failed]
+        stopped, rejected = self.structured.accept([states[i] for i in live], [tokens[i] for i in live])
+        for req_id, message in rejected.items():
+            self.table.fail(req_id, message)
+        return tokens, _logprob_lists(out, states), stopped
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, list[TokenLogprobs]]:
         """Log-softmax of the raw logits at each scored prompt position: the next prompt token's
         logprob and rank, then the top prompt_logprobs tokens."""
         result = {}
         for state, row, pos, count in inputs.prompt_rows:
-            logprobs = torch.log_softmax(self.model.compute_logits(hidden[row : row + count]).float(), dim=-1)
-            targets = torch.tensor(state.token_ids[pos + 1 : pos + 1 + count], device=logprobs.device)
-            target_lp = logprobs.gather(1, targets[:, None])
-            ranks = (logprobs > target_lp).sum(dim=-1) + 1
-            top_lp, top_ids = logprobs.topk(state.sampling.params.prompt_logprobs, dim=-1)
-            ids = torch.cat([targets[:, None], top_ids], dim=1).tolist()
-            vals = torch.cat([target_lp, top_lp], dim=1).tolist()
-            result[state.req_id] = [TokenLogprobs(i, v, r) for i, v, r in zip(ids, vals, ranks.tolist())]
+            try:
+                result[state.req_id] = self._score_prompt(hidden[row : row + count], state, pos, count)
+            except Exception as exc:  # this request's alone
+                log.exception("prompt logprobs of request %s failed", state.req_id)
+                self.table.fail(state.req_id, f"prompt_logprobs failed: {type(exc).__name__}: {exc}")
         return result
+
+    def _score_prompt(self, hidden: torch.Tensor, state: RequestState, pos: int, count: int) -> list[TokenLogprobs]:
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
+        targets = torch.tensor(state.token_ids[pos + 1 : pos + 1 + count], device=logprobs.device)
+        target_lp = logprobs.gather(1, targets[:, None])
+        ranks = (logprobs > target_lp).sum(dim=-1) + 1
+        top_lp, top_ids = logprobs.topk(state.sampling.params.prompt_logprobs, dim=-1)
+        ids = torch.cat([targets[:, None], top_ids], dim=1).tolist()
+        vals = torch.cat([target_lp, top_lp], dim=1).tolist()
+        return [TokenLogprobs(i, v, r) for i, v, r in zip(ids, vals, ranks.tolist())]
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states of the step's tokens: a decode graph's replay when one covers the step."""

@@ -4,7 +4,11 @@ Before sampling, every row whose request carries StructuredOutputsParams gets th
 bitmask of allowed next tokens applied to its logits (the others are untouched); after sampling,
 each matcher accepts the sampled token. A request resumed after preemption replays its output
 tokens through a fresh matcher. Compiled grammars are cached by constraint. The model's EOS ids
-are the grammar's stop tokens: once the output is complete only they remain allowed.
+are the grammar's stop tokens: once the output is complete only they remain allowed, and the
+sampled stop token terminates the matcher. A terminated matcher is never masked or advanced
+again: its request is reported as stopped (as vLLM finishes it), even under ignore_eos.
+json_object is the schema {"type": "object"}, so the output is an object, never another value.
+An error in one request's matcher fails that request alone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept
+_ANY_OBJECT = {"type": "object"}
 
 
 class StructuredOutputs:
@@ -57,8 +62,8 @@ class StructuredOutputs:
         try:
             if params.json is not None:
                 grammar = compiler.compile_json_schema(params.json, any_whitespace=False)
-            elif params.json_object:
-                grammar = compiler.compile_builtin_json_grammar()
+            elif params.json_object:  # any object; the builtin JSON grammar also allows arrays and scalars
+                grammar = compiler.compile_json_schema(_ANY_OBJECT, any_whitespace=False)
             elif params.regex is not None:
                 grammar = compiler.compile_regex(params.regex)
             elif params.choice is not None:
@@ -84,21 +89,54 @@ class StructuredOutputs:
                 raise ValueError(f"token {token} does not fit the request's structured_outputs")
         return matcher
 
-    def apply(self, logits: torch.Tensor, states: list[RequestState]) -> None:
-        """Mask, in place, the tokens each constrained row's grammar does not allow next."""
-        rows = [i for i, s in enumerate(states) if s.grammar is not None]
+    def apply(self, logits: torch.Tensor, states: list[RequestState]) -> dict[str, str]:
+        """Mask, in place, the tokens each constrained row's grammar does not allow next. Rows
+        whose matcher has terminated are left alone. Returns {req_id: error} for the rows whose
+        matcher failed (those rows are left unmasked; the caller fails their requests)."""
+        rows = [i for i, s in enumerate(states) if _active(s.grammar)]
         if not rows:
-            return
+            return {}
         xgrammar = self._xgrammar()
         bitmask = xgrammar.allocate_token_bitmask(len(states), self.vocab_size)
+        failed, masked = {}, []
         for i in rows:
-            states[i].grammar.fill_next_token_bitmask(bitmask, i)
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
-                                             indices=rows)
+            try:
+                states[i].grammar.fill_next_token_bitmask(bitmask, i)
+                masked.append(i)
+            except RuntimeError as exc:  # xgrammar's failed checks; the error stays with its request
+                failed[states[i].req_id] = _grammar_error("cannot compute the allowed tokens", exc)
+        if masked:
+            xgrammar.apply_token_bitmask_inplace(
+                logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=masked
+            )
+        return failed
 
     @staticmethod
-    def accept(states: list[RequestState], tokens: list[int]) -> None:
+    def accept(states: list[RequestState], tokens: list[int]) -> tuple[list[str], dict[str, str]]:
+        """Advance each active matcher by its row's token. Returns the requests whose matcher
+        terminated with it (stopped), and {req_id: error} for tokens the grammar rejected."""
+        stopped, failed = [], {}
         for state, token in zip(states, tokens):
             grammar = state.grammar
-            if grammar is not None and not grammar.is_terminated() and not grammar.accept_token(token):
-                log.warning("request %s sampled token %d outside its grammar", state.req_id, token)
+            if not _active(grammar):
+                continue
+            try:
+                accepted = grammar.accept_token(token)
+            except RuntimeError as exc:
+                failed[state.req_id] = _grammar_error("cannot advance", exc)
+                continue
+            if not accepted:
+                failed[state.req_id] = f"sampled token {token} does not fit the request's structured_outputs"
+            elif grammar.is_terminated():
+                stopped.append(state.req_id)
+        return stopped, failed
+
+
+def _active(grammar) -> bool:
+    """A matcher still constraining its request (not absent, not terminated)."""
+    return grammar is not None and not grammar.is_terminated()
+
+
+def _grammar_error(what: str, exc: Exception) -> str:
+    log.warning("structured outputs: %s: %s", what, exc)
+    return f"structured_outputs: {what}: {type(exc).__name__}"

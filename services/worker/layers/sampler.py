@@ -5,6 +5,9 @@ masking and penalties; greedy rows take the argmax of those processed logits; ot
 divided by their temperature, filtered by min_p, top_k and top_p, and sampled by an exponential
 race. Rows with a seed draw their noise from their own generator, so a seeded request gets the
 same tokens whatever else shares the batch.
+
+A row left with no usable logit (every token masked, or a NaN / +inf from its penalties or bias)
+samples no token: its id is NO_TOKEN, and the caller fails that request alone.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import torch
 
 from services.worker.layers.sampling_metadata import PenaltyTensors, SamplingMetadata, SamplingState
 
+NO_TOKEN = -1  # sampled_token_ids of a row with nothing it may sample
+
 __all__ = [
+    "NO_TOKEN",
     "PenaltyTensors",
     "Sampler",
     "SamplerOutput",
@@ -31,7 +37,7 @@ __all__ = [
 
 @dataclass
 class SamplerOutput:
-    sampled_token_ids: torch.Tensor  # [B] long
+    sampled_token_ids: torch.Tensor  # [B] long, NO_TOKEN on rows with no usable logit
     # Column 0 is the sampled token, columns 1..k the top-k of the raw distribution, where k is the
     # most any row asked for (callers trim rows that asked fewer). None when no row asked.
     logprob_token_ids: torch.Tensor | None  # [B, k + 1] long
@@ -49,6 +55,7 @@ class Sampler:
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = process_logits(logits, meta)
+        unusable = _unusable_rows(logits)
         if meta.all_greedy:
             sampled = logits.argmax(dim=-1)
         else:
@@ -56,8 +63,17 @@ class Sampler:
             if not meta.all_random:
                 sampled = torch.where(meta.greedy_mask, logits.argmax(dim=-1), sampled)
         if raw_logprobs is None:
-            return SamplerOutput(sampled, None, None, None)
-        return _gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+            out = SamplerOutput(sampled, None, None, None)
+        else:
+            out = _gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
+        out.sampled_token_ids = sampled.masked_fill(unusable, NO_TOKEN)
+        return out
+
+
+def _unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows where every token is masked, or where a NaN or +inf would poison the softmax."""
+    poisoned = (logits.isnan() | logits.isposinf()).any(dim=-1)
+    return poisoned | (logits == float("-inf")).all(dim=-1)
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -70,10 +86,21 @@ def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
         rows, cols, values = meta.logit_bias
         logits.index_put_((rows, cols), values, accumulate=True)
     if meta.min_tokens_mask is not None:
-        logits[meta.min_tokens_mask] = float("-inf")
+        _mask_min_tokens(logits, *meta.min_tokens_mask)
     if meta.penalties is not None:
         logits = apply_penalties(logits, meta.penalties)
     return logits
+
+
+def _mask_min_tokens(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Forbid, in place, each row's stop tokens before its min_tokens, except on a row where they
+    are all that is left (a structured-outputs grammar that allows only a stop): there the stop
+    stays and ends the request, as in vLLM, rather than leaving nothing to sample."""
+    before = logits[rows, cols]
+    neg_inf = torch.full_like(before, float("-inf"))
+    logits.index_put_((rows, cols), neg_inf)
+    emptied = (logits == float("-inf")).all(dim=-1)
+    logits.index_put_((rows, cols), torch.where(emptied[rows], before, neg_inf))
 
 
 def apply_penalties(logits: torch.Tensor, p: PenaltyTensors) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""Checks on what a step plan says about one request, before the worker builds tensors from it.
+
+The protocol checks shapes and signs on decode; what only the worker knows (its vocabulary, its
+number of KV blocks, what it holds for a request) is checked here. An id or a count out of range
+would index the KV cache or the embedding out of bounds (on CUDA a device-side assert takes the
+whole process down) or make the step's tensors disagree in shape, failing every request of the
+step. Each check raises ValueError naming what is wrong; the request table fails that request alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.protocol import NewRequestData
+
+
+def check_in_vocab(name: str, ids: np.ndarray, vocab_size: int) -> None:
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} must be token ids in [0, {vocab_size})")
+
+
+def check_block_ids(block_ids: list[int], num_blocks: int) -> None:
+    if any(not 0 <= b < num_blocks for b in block_ids):
+        raise ValueError(f"block ids must be in [0, {num_blocks})")
+
+
+def check_new_request(new: NewRequestData, vocab_size: int, num_blocks: int) -> None:
+    check_in_vocab("prompt_token_ids", new.prompt_token_ids, vocab_size)
+    check_in_vocab("output_token_ids", new.output_token_ids, vocab_size)
+    if new.prompt_token_ids.size == 0:
+        raise ValueError("prompt_token_ids must not be empty")
+    check_block_ids(new.block_ids, num_blocks)
+    num_tokens = new.prompt_token_ids.size + new.output_token_ids.size
+    if not 0 <= new.num_computed_tokens < num_tokens:
+        raise ValueError(f"num_computed_tokens must be in [0, {num_tokens}), got {new.num_computed_tokens}")
+    params = new.sampling_params
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(params, name)
+        if k is not None and k >= vocab_size:
+            raise ValueError(f"{name} must be below the vocabulary size {vocab_size}, got {k}")
+
+
+def check_schedule(num_tokens: int, num_computed: int, num_blocks_held: int, n: int, block_size: int) -> None:
+    """n tokens scheduled after num_computed must exist and fit in the blocks the request holds."""
+    if n < 1 or num_computed + n > num_tokens:
+        raise ValueError(f"cannot compute {n} tokens after {num_computed} of {num_tokens}")
+    if num_computed + n > num_blocks_held * block_size:
+        raise ValueError(f"{num_computed + n} tokens do not fit in {num_blocks_held} blocks")

@@ -1,0 +1,88 @@
+"""An error that belongs to one request fails that request alone: the others in its steps get the
+same tokens as without it, its blocks go back to the pool, and the worker carries on. Driven
+through the offline engine (the real scheduler and model runner), and with hostile step plans
+straight into the model runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from msgspec.structs import replace
+
+from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+from shared.protocol import CachedRequestData
+
+GOOD = {
+    "greedy": ([11, 12, 13], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)),
+    "seeded": ([40, 41, 42, 43, 44], SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True, logprobs=2)),
+    "penalized": ([7, 8, 9, 7], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3,
+                                               logit_bias={100: 5.0})),
+}
+
+
+@pytest.fixture(scope="module")
+def llm(model_dirs):
+    return LLM(str(model_dirs("llama")))
+
+
+def run(llm: LLM, requests: dict) -> dict[str, tuple[str | None, list[int], str | None]]:
+    """Admit every request, step the engine until all finish: req_id -> (finish reason, tokens, error)."""
+    core = llm.engine
+    for req_id, (prompt, params) in requests.items():
+        core.add_request(core.make_request(req_id, prompt, params))
+    got = {req_id: [None, [], None] for req_id in requests}
+    while core.has_unfinished():
+        for delta in core.step():
+            got[delta.req_id][1] += delta.new_token_ids
+            if delta.finish_reason is not None:
+                got[delta.req_id][0], got[delta.req_id][2] = delta.finish_reason, delta.error
+    return {req_id: tuple(v) for req_id, v in got.items()}
+
+
+def test_bad_requests_fail_alone_among_good_ones(llm):
+    alone = run(llm, GOOD)
+    bad = {
+        "bad-schema": ([11, 12, 13], SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "x"}))),
+        # divides the prompt tokens' positive logits into +inf: nothing left to sample from
+        "inf-penalty": ([30, 31, 32], SamplingParams(temperature=0.5, repetition_penalty=1e-45)),
+    }
+    mixed = run(llm, {**bad, **GOOD})
+    for req_id in GOOD:
+        assert mixed[req_id] == alone[req_id] and alone[req_id][0] == "length"
+    for req_id in bad:
+        reason, tokens, _ = mixed[req_id]
+        assert reason == "error" and tokens == [], req_id
+    assert "cannot be compiled" in mixed["bad-schema"][2]
+    assert mixed["inf-penalty"][2].startswith("no token can be sampled")
+    assert llm.engine.scheduler.kv.pool.num_free_blocks == llm.runner.num_blocks
+
+
+def test_hostile_plan_entries_fail_alone(llm):
+    """Ids and counts valid on the wire that would index the KV cache or the embedding out of
+    range, or make the step's tensors disagree in shape, fail their own entry; the good request beside them (whose
+    blocks they name) runs on and finishes with the tokens it has alone."""
+    prompt, params = GOOD["greedy"]
+    expected = run(llm, {"ref": (prompt, params)})["ref"]
+    core, runner = llm.engine, llm.runner
+    core.add_request(core.make_request("good", prompt, params))
+    plan = core.scheduler.schedule()
+    good = plan.new_requests[0]
+    hostile = {
+        "block-range": replace(good, req_id="block-range", block_ids=[runner.num_blocks]),
+        "token-range": replace(good, req_id="token-range", prompt_token_ids=np.array([11, 10**6, 13], np.int32)),
+        "all-computed": replace(good, req_id="all-computed", num_computed_tokens=3),
+        "overrun": replace(good, req_id="overrun"),
+    }
+    plan.new_requests.extend(hostile.values())
+    plan.cached_requests.append(CachedRequestData("ghost", [], 0))
+    plan.num_scheduled_tokens.update({req_id: 3 for req_id in hostile}, overrun=40, ghost=1)
+    result = runner.execute(plan)
+    assert set(result.failed) == {*hostile, "ghost"}
+    assert "block ids" in result.failed["block-range"] and "token ids" in result.failed["token-range"]
+    assert "40 tokens" in result.failed["overrun"] and "no state" in result.failed["ghost"]
+    assert result.req_ids == ["good"] and set(runner.table.states) == {"good"}
+    tokens = [t for d in core.scheduler.update(plan, result) for t in d.new_token_ids]
+    while core.has_unfinished():
+        tokens += [t for d in core.step() for t in d.new_token_ids]
+    assert tokens == expected[1]
+    assert core.scheduler.kv.pool.num_free_blocks == runner.num_blocks
