@@ -83,11 +83,13 @@ class ModelRunner:
     def reset(self) -> None:
         """Forget every request (a new engine starts from scratch; the KV tensors stay)."""
         self.table.states.clear()
+        self.table.take_failed()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step. A request whose own inputs, grammar or sampling go wrong is left out of
         the result and reported in StepResult.failed; the others get their tokens."""
+        self.table.take_failed()  # left only by a step that raised: the engine failed all of its requests
         self.table.apply(plan)
         start = time.perf_counter()
         inputs = self.table.prepare(plan)

@@ -17,6 +17,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from services.worker.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
+from shared.auth import CurveClient, add_auth_args, client_security
 from shared.engine_args import DEFAULT_WORKER_ADDR, add_flag, add_model_args, engine_config_from_args
 from shared.metrics import serve_metrics
 from shared.protocol import (
@@ -83,15 +84,21 @@ class EngineLink:
         self.queue.send(msg)
 
 
-def start_heartbeat(ctx: zmq.Context, addr: str, rank: int, instance_id: str) -> threading.Thread:
+def start_heartbeat(
+    ctx: zmq.Context, addr: str, rank: int, instance_id: str, security: CurveClient | None = None
+) -> threading.Thread:
     """A daemon thread telling the engine every HEARTBEAT_INTERVAL_S that this rank is alive,
     also while a step runs. Its own socket: ZeroMQ sockets are not shared between threads."""
-    queue = DealerQueue(ctx, addr, EngineToWorker, WorkerToEngine, immediate=True)
+    queue = DealerQueue(ctx, addr, EngineToWorker, WorkerToEngine, immediate=True, security=security)
 
     def beat() -> None:
-        while True:
-            queue.send(WorkerHeartbeat(rank, instance_id), block=False)  # dropped while the engine is away
-            time.sleep(HEARTBEAT_INTERVAL_S)
+        try:
+            while True:
+                queue.send(WorkerHeartbeat(rank, instance_id), block=False)  # dropped while the engine is away
+                time.sleep(HEARTBEAT_INTERVAL_S)
+        except Exception:  # a worker without heartbeats looks lost forever: exit, the supervisor restarts it
+            log.exception("the heartbeat thread failed; exiting")
+            os._exit(1)
 
     thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
     thread.start()
@@ -127,11 +134,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--device", None, "cuda, cuda:N or cpu (default: cuda:RANK when available)", kind=str)
     add_flag(parser, "--dist-init-addr", "tcp://127.0.0.1:29500", "torch.distributed rendezvous for TP > 1")
     add_flag(parser, "--metrics-port", None, "port serving /metrics (default 8002 + rank; 0: off)", kind=int)
-    add_flag(parser, "--metrics-host", "0.0.0.0", "address serving /metrics")
+    add_flag(parser, "--metrics-host", "127.0.0.1", "address serving /metrics (0.0.0.0: every interface)")
+    add_auth_args(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args, rank=args.rank)
+    security = client_security(args, "worker")  # before the weights load: a bad key fails at once
     device = torch.device(args.device or (f"cuda:{args.rank}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size))
@@ -142,12 +151,12 @@ def run(args: argparse.Namespace) -> int:
     ctx = zmq.Context()
     queue = DealerQueue(
         ctx, args.worker_addr, EngineToWorker, WorkerToEngine, identity=f"worker-{args.rank}".encode(),
-        monitor=zmq.EVENT_HANDSHAKE_SUCCEEDED,
+        monitor=zmq.EVENT_HANDSHAKE_SUCCEEDED, security=security,
     )
     ready = WorkerReady(
         args.rank, config.parallel.tensor_parallel_size, runner.num_blocks, config.cache.block_size,
         config.model.max_model_len, uuid.uuid4().hex,
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    start_heartbeat(ctx, args.worker_addr, args.rank, ready.instance_id)
+    start_heartbeat(ctx, args.worker_addr, args.rank, ready.instance_id, security)
     return serve(runner, EngineLink(queue, ready, runner), args.rank, metrics)
