@@ -16,6 +16,14 @@ def _make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from shared.auth import generate_keys
+
+    for path in generate_keys(args.dir):
+        print(path)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from pagedserve import LLM, SamplingParams
 
@@ -66,6 +74,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_test_model)
+
+    p = sub.add_parser("keys", help="write CURVE keypairs for the engine, frontends and workers into DIR")
+    p.add_argument("dir")
+    p.set_defaults(func=_keys)
 
     p = sub.add_parser("generate", help="generate offline from one or more prompts")
     p.add_argument("model")

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shared.auth import add_auth_args
 from shared.engine_args import add_flag, add_model_args
 
 # Flags forwarded to the engine and the workers as given (see shared/engine_args.py).
@@ -56,7 +57,9 @@ def _forward(args: argparse.Namespace) -> list[str]:
 def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     base = [sys.executable, "-m", "pagedserve.cli"]
     inp, outp, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-    model = _forward(args)
+    # CURVE on every link when given keys (off by default: these sockets are on loopback).
+    auth = ["--curve-keys-dir", args.curve_keys_dir] if args.curve_keys_dir else []
+    model = _forward(args) + auth
     engine = ["engine", *model, "--frontend-input", inp, "--frontend-output", outp, "--worker-addr", wrk]
     kids = [("engine", base + engine + ["--metrics-port", str(args.engine_metrics_port)])]
     dist = f"tcp://127.0.0.1:{free_port()}"
@@ -65,6 +68,7 @@ def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         port = args.worker_metrics_port + rank if args.worker_metrics_port else 0
         kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(port)]))
     front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port)]
+    front += auth
     if args.api_key:
         front += ["--api-key", args.api_key]
     for i in range(args.frontends):
@@ -113,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
     add_flag(parser, "--engine-metrics-port", 8001, "the engine's /metrics port")
     add_flag(parser, "--worker-metrics-port", 8002, "rank 0's /metrics port (rank r: + r)")
+    add_auth_args(parser)
     add_flag(parser, "--frontend-metrics-port", 8100, "frontend 0's own /metrics port (frontend i: + i; 0: none)")
 
 

@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 import zmq
-from service_helpers import scrape
+from service_helpers import scrape, stop_processes
 
 from pagedserve.serve import free_port
 from shared.protocol import (
@@ -44,13 +44,7 @@ def stack(model_dirs):
         subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env),
     ]
     yield model, inp, out, procs, (engine_metrics, worker_metrics)
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    stop_processes(procs)
 
 
 class Client:

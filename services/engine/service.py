@@ -22,6 +22,7 @@ import zmq
 from services.engine.core import EngineCore
 from services.engine.metrics import EngineMetrics
 from services.engine.workers import WorkerError, WorkerGroup, WorkerLost
+from shared.auth import EngineAuth, add_auth_args, engine_security
 from shared.config import EngineConfig
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, DEFAULT_WORKER_ADDR, add_flag
 from shared.metrics import serve_metrics
@@ -46,15 +47,19 @@ log = logging.getLogger("pagedserve.engine")
 
 class EngineService:
     def __init__(
-        self, config: EngineConfig, input_addr: str, output_addr: str, worker_addr: str, worker_timeout_s: float = 30.0
+        self, config: EngineConfig, input_addr: str, output_addr: str, worker_addr: str, worker_timeout_s: float = 30.0,
+        auth: EngineAuth | None = None,
     ):
         self.config = config
         self.ctx = zmq.Context()
         self.input_addr, self.output_addr = input_addr, output_addr
+        self.frontend_security = auth.frontends if auth else None
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         self.engine_id = uuid.uuid4().hex
-        self.workers = WorkerGroup(self.ctx, worker_addr, config, self.engine_id, worker_timeout_s)
+        self.workers = WorkerGroup(
+            self.ctx, worker_addr, config, self.engine_id, worker_timeout_s, auth.workers if auth else None
+        )
         self.stopping = threading.Event()
         self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
         self.frontends: set[bytes] = set()
@@ -65,7 +70,7 @@ class EngineService:
     # ----- I/O threads ------------------------------------------------------------------------
 
     def _input_loop(self) -> None:
-        q = RouterQueue(self.ctx, self.input_addr, FrontendMessage, EngineMessage)
+        q = RouterQueue(self.ctx, self.input_addr, FrontendMessage, EngineMessage, security=self.frontend_security)
         while not self.stopping.is_set():
             got = q.recv(timeout_ms=200)
             if got is not None:
@@ -73,7 +78,7 @@ class EngineService:
         q.close()
 
     def _output_loop(self) -> None:
-        q = RouterQueue(self.ctx, self.output_addr, FrontendMessage, EngineMessage)
+        q = RouterQueue(self.ctx, self.output_addr, FrontendMessage, EngineMessage, security=self.frontend_security)
         while not self.stopping.is_set():
             try:
                 identity, msg = self.outbox.get(timeout=0.2)
@@ -226,15 +231,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--worker-addr", DEFAULT_WORKER_ADDR, "ROUTER address workers connect to")
     add_flag(parser, "--worker-timeout", 30.0, "seconds without a worker's heartbeat before it counts as lost")
     add_flag(parser, "--metrics-port", 8001, "port serving /metrics (0: off)")
-    add_flag(parser, "--metrics-host", "0.0.0.0", "address serving /metrics")
+    add_flag(parser, "--metrics-host", "127.0.0.1", "address serving /metrics (0.0.0.0: every interface)")
+    add_auth_args(parser, engine=True)
 
 
 def run(args: argparse.Namespace) -> int:
     from shared.engine_args import engine_config_from_args
 
     config = engine_config_from_args(args, weights=False)  # the engine reads no weights
+    auth = engine_security(args, [args.frontend_input, args.frontend_output, args.worker_addr])
     service = EngineService(
-        config, args.frontend_input, args.frontend_output, args.worker_addr, args.worker_timeout
+        config, args.frontend_input, args.frontend_output, args.worker_addr, args.worker_timeout, auth
     )
     serve_metrics(args.metrics_port, args.metrics_host)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())

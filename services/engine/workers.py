@@ -17,6 +17,7 @@ import time
 
 import zmq
 
+from shared.auth import Security
 from shared.config import EngineConfig
 from shared.protocol import (
     EngineToWorker,
@@ -46,9 +47,10 @@ class WorkerGroup:
     """The executor for the engine core: sends each plan to every rank, returns rank 0's result."""
 
     def __init__(
-        self, ctx: zmq.Context, addr: str, config: EngineConfig, engine_id: str, timeout_s: float = 30.0
+        self, ctx: zmq.Context, addr: str, config: EngineConfig, engine_id: str, timeout_s: float = 30.0,
+        security: Security | None = None,
     ):
-        self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker)
+        self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker, security=security)
         self.world_size = config.parallel.tensor_parallel_size
         self.block_size, self.max_model_len = config.cache.block_size, config.model.max_model_len
         self.engine_id = engine_id
