@@ -67,19 +67,24 @@ def test_hostile_plan_entries_fail_alone(llm):
     core.add_request(core.make_request("good", prompt, params))
     plan = core.scheduler.schedule()
     good = plan.new_requests[0]
+    max_len = llm.config.model.max_model_len
     hostile = {
         "block-range": replace(good, req_id="block-range", block_ids=[runner.num_blocks]),
         "token-range": replace(good, req_id="token-range", prompt_token_ids=np.array([11, 10**6, 13], np.int32)),
         "all-computed": replace(good, req_id="all-computed", num_computed_tokens=3),
         "overrun": replace(good, req_id="overrun"),
+        "past-max-len": replace(good, req_id="past-max-len", prompt_token_ids=np.full(max_len + 1, 11, np.int32),
+                                block_ids=good.block_ids * (max_len // core.scheduler.kv.block_size + 1)),
     }
     plan.new_requests.extend(hostile.values())
     plan.cached_requests.append(CachedRequestData("ghost", [], 0))
     plan.num_scheduled_tokens.update({req_id: 3 for req_id in hostile}, overrun=40, ghost=1)
+    plan.num_scheduled_tokens["past-max-len"] = max_len + 1
     result = runner.execute(plan)
     assert set(result.failed) == {*hostile, "ghost"}
     assert "block ids" in result.failed["block-range"] and "token ids" in result.failed["token-range"]
     assert "40 tokens" in result.failed["overrun"] and "no state" in result.failed["ghost"]
+    assert "max_model_len" in result.failed["past-max-len"]
     assert result.req_ids == ["good"] and set(runner.table.states) == {"good"}
     tokens = [t for d in core.scheduler.update(plan, result) for t in d.new_token_ids]
     while core.has_unfinished():

@@ -16,12 +16,14 @@ import torch
 
 from services.worker.layers.attention import CommonAttentionMetadata
 from services.worker.layers.sampler import SamplingState
-from services.worker.request_checks import check_block_ids, check_new_request, check_schedule
+from services.worker.request_checks import WorkerLimits, check_block_ids, check_new_request, check_schedule
 from services.worker.structured_output import StructuredOutputs
 from services.worker.transfer import tensor_to_device, to_device
 from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 
 log = logging.getLogger(__name__)
+
+NO_STATE = "the worker holds no state for this request"
 
 @dataclass
 class RequestState:
@@ -49,18 +51,11 @@ class StepInputs:
 class RequestTable:
     """The worker's view of every request in flight, updated from step-plan deltas."""
 
-    def __init__(
-        self,
-        block_size: int,
-        device: torch.device,
-        structured: StructuredOutputs | None = None,
-        vocab_size: int | None = None,
-        num_blocks: int | None = None,
-    ):
-        self.block_size = block_size
+    def __init__(self, limits: WorkerLimits, device: torch.device, structured: StructuredOutputs | None = None):
+        self.limits = limits  # every plan entry is checked against the worker's ranges
+        self.block_size = limits.block_size
         self.device = device
         self.structured = structured
-        self.vocab_size, self.num_blocks = vocab_size, num_blocks  # None: not checked
         self.states: dict[str, RequestState] = {}
         self.failed: dict[str, str] = {}  # requests refused since the last take_failed()
 
@@ -89,16 +84,14 @@ class RequestTable:
     def _update(self, cached: CachedRequestData) -> None:
         state = self.states.get(cached.req_id)
         if state is None:
-            raise ValueError("the worker holds no state for this request")
-        if self.num_blocks is not None:
-            check_block_ids(cached.new_block_ids, self.num_blocks)
+            raise ValueError(NO_STATE)
+        check_block_ids(cached.new_block_ids, self.limits.num_blocks)
         state.block_ids.extend(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
 
     def _add(self, new: NewRequestData) -> None:
         old = self.states.pop(new.req_id, None)  # resumed after preemption: keep its sampling RNG
-        if self.vocab_size is not None and self.num_blocks is not None:
-            check_new_request(new, self.vocab_size, self.num_blocks)
+        check_new_request(new, self.limits)
         prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
         grammar = None
         if new.sampling_params.structured_outputs is not None:
@@ -179,10 +172,10 @@ class RequestTable:
         state = self.states.get(req_id)
         if state is None:
             if req_id not in self.failed:
-                self.fail(req_id, "the worker holds no state for this request")
+                self.fail(req_id, NO_STATE)
             return False
         try:
-            check_schedule(len(state.token_ids), state.num_computed_tokens, len(state.block_ids), n, self.block_size)
+            check_schedule(len(state.token_ids), state.num_computed_tokens, len(state.block_ids), n, self.limits)
         except ValueError as exc:
             self.fail(req_id, str(exc))
             return False

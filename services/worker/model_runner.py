@@ -21,6 +21,7 @@ from services.worker.layers.attention import select_backend
 from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
+from services.worker.request_checks import WorkerLimits
 from services.worker.structured_output import StructuredOutputs
 from shared.config import EngineConfig
 from shared.protocol import StepPlan, StepResult, TokenLogprobs
@@ -61,9 +62,8 @@ class ModelRunner:
         )
         m = config.model
         self.structured = StructuredOutputs(m.path, m.vocab_size, list(m.eos_token_ids))
-        self.table = RequestTable(
-            config.cache.block_size, self.device, self.structured, m.vocab_size, self.num_blocks
-        )
+        limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len)
+        self.table = RequestTable(limits, self.device, self.structured)
         self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
 
@@ -89,6 +89,7 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step. A request whose own inputs, grammar or sampling go wrong is left out of
         the result and reported in StepResult.failed; the others get their tokens."""
+        self.last_stats = None  # until this step has run
         self.table.take_failed()  # left only by a step that raised: the engine failed all of its requests
         self.table.apply(plan)
         start = time.perf_counter()

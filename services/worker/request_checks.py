@@ -9,9 +9,21 @@ step. Each check raises ValueError naming what is wrong; the request table fails
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from shared.protocol import NewRequestData
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What the worker measured or loaded: the ranges a plan's ids and counts must fit."""
+
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_model_len: int  # positions the rotary / position tables cover
 
 
 def check_in_vocab(name: str, ids: np.ndarray, vocab_size: int) -> None:
@@ -24,12 +36,13 @@ def check_block_ids(block_ids: list[int], num_blocks: int) -> None:
         raise ValueError(f"block ids must be in [0, {num_blocks})")
 
 
-def check_new_request(new: NewRequestData, vocab_size: int, num_blocks: int) -> None:
+def check_new_request(new: NewRequestData, limits: WorkerLimits) -> None:
+    vocab_size = limits.vocab_size
     check_in_vocab("prompt_token_ids", new.prompt_token_ids, vocab_size)
     check_in_vocab("output_token_ids", new.output_token_ids, vocab_size)
     if new.prompt_token_ids.size == 0:
         raise ValueError("prompt_token_ids must not be empty")
-    check_block_ids(new.block_ids, num_blocks)
+    check_block_ids(new.block_ids, limits.num_blocks)
     num_tokens = new.prompt_token_ids.size + new.output_token_ids.size
     if not 0 <= new.num_computed_tokens < num_tokens:
         raise ValueError(f"num_computed_tokens must be in [0, {num_tokens}), got {new.num_computed_tokens}")
@@ -40,9 +53,13 @@ def check_new_request(new: NewRequestData, vocab_size: int, num_blocks: int) -> 
             raise ValueError(f"{name} must be below the vocabulary size {vocab_size}, got {k}")
 
 
-def check_schedule(num_tokens: int, num_computed: int, num_blocks_held: int, n: int, block_size: int) -> None:
-    """n tokens scheduled after num_computed must exist and fit in the blocks the request holds."""
-    if n < 1 or num_computed + n > num_tokens:
+def check_schedule(num_tokens: int, num_computed: int, num_blocks_held: int, n: int, limits: WorkerLimits) -> None:
+    """n tokens scheduled after num_computed must exist, fit in the blocks the request holds and
+    have positions below max_model_len."""
+    end = num_computed + n
+    if n < 1 or end > num_tokens:
         raise ValueError(f"cannot compute {n} tokens after {num_computed} of {num_tokens}")
-    if num_computed + n > num_blocks_held * block_size:
-        raise ValueError(f"{num_computed + n} tokens do not fit in {num_blocks_held} blocks")
+    if end > num_blocks_held * limits.block_size:
+        raise ValueError(f"{end} tokens do not fit in {num_blocks_held} blocks")
+    if end > limits.max_model_len:
+        raise ValueError(f"{end} tokens exceed max_model_len={limits.max_model_len}")
