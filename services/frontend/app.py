@@ -19,8 +19,7 @@ from services.frontend.openai_requests import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
+    TokenizeRequest,
 )
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
 from services.frontend.state import FrontendConfig, FrontendState
@@ -41,7 +40,8 @@ def build_app(config: FrontendConfig) -> FastAPI:
     app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
     app.state.frontend = state
     install_error_handlers(app)
-    app.add_middleware(FrontendMiddleware, frontend_id=state.frontend_id, metrics=state.metrics, api_key=config.api_key)
+    app.add_middleware(FrontendMiddleware, frontend_id=state.frontend_id, metrics=state.metrics, api_key=config.api_key,
+                       max_body_bytes=config.limits.max_body_bytes)
     _add_openai_routes(app, state)
     _add_tokenizer_routes(app, state)
     _add_ops_routes(app, state)
@@ -69,13 +69,17 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
 
 def _add_tokenizer_routes(app: FastAPI, state: FrontendState) -> None:
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of a prompt or of rendered messages, with no context check (as vLLM: clients
+        count long texts with it); the body cap bounds the work."""
         state.check_model(body.model)
         info = state.require_ready()
-        if isinstance(body, TokenizeChatRequest):
+        if body.messages is not None:
             messages = [m.to_template() for m in body.messages]
-            ids = await state.encode_chat(messages, body.add_generation_prompt)
+            ids = await state.encode_chat(messages, body.add_generation_prompt, chat_template=body.client_template,
+                                          template_kwargs=body.chat_template_kwargs, check_fits=False)
         else:
+            assert body.prompt is not None
             ids = await state.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=info.max_model_len)
 

@@ -37,10 +37,12 @@ async def create_chat_completion(state: FrontendState, body: ChatCompletionReque
     arrival = time.monotonic()
     model = state.check_model(body.model)
     state.require_ready()
-    ids = await state.encode_chat(body.template_messages(), body.add_generation_prompt, body.chat_template_kwargs)
+    state.check_limits(body)
+    ids = await state.encode_chat(body.template_messages(), body.add_generation_prompt,
+                                  chat_template=body.client_template, template_kwargs=body.chat_template_kwargs)
     state.check_prompt(ids, "messages")
-    params = state.sampling_params(body, None)  # chat: up to the context length unless asked
-    gen = state.generation([ids], params, ENDPOINT, arrival)
+    params = state.sampling_params(body, None, [ids], "messages")  # chat: up to the context length unless asked
+    gen = state.generation([ids], params, ENDPOINT, arrival, priority=body.priority)
     if body.stream:
         return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, updates))
     return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, seqs))

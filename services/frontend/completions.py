@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -31,9 +32,9 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 async def _prompt_ids(state: FrontendState, prompt: str | list) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [await state.encode(prompt)]
+        return [await state.encode(prompt, fit_param="prompt")]
     if all(isinstance(p, str) for p in prompt):
-        return [await state.encode(p) for p in prompt]
+        return list(await asyncio.gather(*(state.encode(p, fit_param="prompt") for p in prompt)))
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [list(p) for p in prompt]
@@ -51,12 +52,13 @@ async def create_completion(state: FrontendState, body: CompletionRequest, reque
     arrival = time.monotonic()
     model = state.check_model(body.model)
     state.require_ready()
+    state.check_limits(body)
     prompts = await _prompt_ids(state, body.prompt)
     for ids in prompts:
         state.check_prompt(ids, "prompt")
-    params = state.sampling_params(body, DEFAULT_MAX_TOKENS)
+    params = state.sampling_params(body, DEFAULT_MAX_TOKENS, prompts, "prompt")
     echo = await _prompt_texts(state, body.prompt, prompts) if body.echo else None
-    gen = state.generation(prompts, params, ENDPOINT, arrival)
+    gen = state.generation(prompts, params, ENDPOINT, arrival, priority=body.priority)
     if body.stream:
         return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, echo, updates))
     return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, echo, seqs))

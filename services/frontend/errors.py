@@ -15,6 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.frontend.request_body import WIRE_ERROR
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -26,6 +28,10 @@ _TYPES = {
     500: "server_error",
     503: "service_unavailable_error",
 }
+
+
+# codes for the errors the framework raises itself (a 400 there is a body that could not be read)
+_HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
 
 
 class APIError(Exception):
@@ -54,6 +60,11 @@ def model_not_found(name: str) -> APIError:
 
 def unauthorized() -> APIError:
     return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+
+def body_too_large(limit: int) -> APIError:
+    msg = f"The request body is larger than this server accepts ({limit} bytes)."
+    return APIError(413, msg, code="request_too_large")
 
 
 def engine_unavailable(message: str = "The engine is not available; try again shortly.") -> APIError:
@@ -89,6 +100,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     if not errors:
         return bad_request("invalid request")
     err = errors[0]
+    if err.get("type") == WIRE_ERROR:  # found by the whole-body check, which names the field itself
+        return bad_request(str(err.get("msg")), param=(err.get("ctx") or {}).get("param"))
     if err.get("type") == "json_invalid":
         detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
         return bad_request(f"Invalid JSON in the request body: {detail}", code="invalid_json")
@@ -123,7 +136,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
+        if isinstance(exc.detail, APIError):  # raised where only an HTTPException gets through
+            return exc.detail.response()
+        code = _HTTP_CODES.get(exc.status_code, "invalid_request")
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
     @app.exception_handler(Exception)

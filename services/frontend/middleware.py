@@ -1,6 +1,7 @@
 """A plain ASGI middleware (not BaseHTTPMiddleware, which would get between a streaming response
-and the client's disconnect): API-key check on /v1/*, the answering frontend's id as a
-response header, and the HTTP responses counter by endpoint and status."""
+and the client's disconnect): API-key check on /v1/* and the tokenizer endpoints, the request
+body size cap, Retry-After on every 503, the answering frontend's id as a response header, and
+the HTTP responses counter by endpoint and status."""
 
 from __future__ import annotations
 
@@ -8,62 +9,101 @@ import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from services.frontend.errors import unauthorized
+from fastapi import HTTPException
+
+from services.frontend.errors import APIError, body_too_large, unauthorized
 from services.frontend.metrics import FrontendMetrics
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 FRONTEND_HEADER = b"x-pagedserve-frontend"
-PROTECTED_PREFIX = "/v1/"
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+RETRY_AFTER_S = b"2"  # what a 503 asks clients to wait (the official SDK honours it)
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    return next((value for name, value in scope.get("headers", ()) if name == wanted), None)
 
 
 def _bearer_token(scope: Scope) -> bytes | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else None
-    return None
+    value = _header(scope, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """``receive`` that counts body bytes as they stream in (chunked bodies have no length) and
+    raises 413 past ``limit``, before the app holds more than that."""
+    total = 0
+
+    async def receive_limited() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > limit:  # an HTTPException is what FastAPI lets through from a body read
+                raise HTTPException(413, detail=body_too_large(limit))
+        return message
+
+    return receive_limited
 
 
 class FrontendMiddleware:
-    def __init__(self, app: ASGIApp, *, frontend_id: str, metrics: FrontendMetrics, api_key: str | None):
+    def __init__(self, app: ASGIApp, *, frontend_id: str, metrics: FrontendMetrics, api_key: str | None,
+                 max_body_bytes: int):
         self.app = app
         self.frontend_id = frontend_id.encode()
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
 
     def _authorized(self, scope: Scope) -> bool:
-        if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIX):
+        if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIXES):
             return True
         token = _bearer_token(scope)
         return token is not None and hmac.compare_digest(token, self.api_key)
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = 500  # if the app raises before answering, the server's error handler answers 500
 
-        async def send_with_header(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), (FRONTEND_HEADER, self.frontend_id)]}
+                extra = [(FRONTEND_HEADER, self.frontend_id)]
+                if status == 503 and not any(name.lower() == b"retry-after" for name, _ in message.get("headers", ())):
+                    extra.append((b"retry-after", RETRY_AFTER_S))
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         try:
-            if self._authorized(scope):
-                await self.app(scope, receive, send_with_header)
+            if not self._authorized(scope):
+                await self._reject(unauthorized(), send_with_headers, {"www-authenticate": "Bearer"})
+            elif (_content_length(scope) or 0) > self.max_body_bytes:
+                await self._reject(body_too_large(self.max_body_bytes), send_with_headers, {"connection": "close"})
             else:
-                await self._reject(send_with_header)
+                await self.app(scope, _limited(receive, self.max_body_bytes), send_with_headers)
         finally:
             self.metrics.count_response(scope["path"], status)
 
     @staticmethod
-    async def _reject(send: Callable[[Message], Awaitable[None]]) -> None:
-        response = unauthorized().response()
-        response.headers["www-authenticate"] = "Bearer"
+    async def _reject(error: APIError, send: Send, headers: dict[str, str]) -> None:
+        """Answer ``error`` without running the app (nor reading the body)."""
+        response = error.response()
+        response.headers.update(headers)
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})

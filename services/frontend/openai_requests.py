@@ -11,10 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.frontend.request_body import STRICT as _STRICT
+from services.frontend.request_body import RequestBody
 from shared.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
-
-MAX_N = 128  # parallel samples per prompt
-_STRICT = ConfigDict(strict=True, extra="ignore")
 
 # Request fields that map one to one onto SamplingParams, when the client sets them.
 _DIRECT_FIELDS = (
@@ -59,16 +58,14 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(RequestBody):
     """Fields shared by completions and chat completions."""
-
-    model_config = _STRICT
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(1, ge=1, le=MAX_N)
+    n: int | None = Field(1, ge=1)  # the frontend's --max-n caps it
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -93,6 +90,7 @@ class SamplingRequest(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    priority: int = 0  # vLLM's extra: with the engine's priority policy, lower runs first
 
     @field_validator("logit_bias")
     @classmethod
@@ -125,8 +123,17 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _requested_max_tokens(self) -> int | None:
+    def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the client set max_tokens with (for errors)."""
+        return "max_tokens"
+
+    def logprob_requests(self) -> dict[str, int]:
+        """Each logprobs count the client asked for, by field."""
+        raise NotImplementedError
 
     def _requested_logprobs(self) -> int | None:
         raise NotImplementedError
@@ -145,7 +152,7 @@ class SamplingRequest(BaseModel):
             overrides["stop"] = self.stop
         if self.logit_bias:
             overrides["logit_bias"] = self.logit_bias
-        max_tokens = self._requested_max_tokens()
+        max_tokens = self.requested_max_tokens()
         if max_tokens is not None:
             overrides["max_tokens"] = max_tokens
         elif "max_tokens" not in defaults:
@@ -205,6 +212,17 @@ class CompletionRequest(SamplingRequest):
     def _requested_logprobs(self) -> int | None:
         return self.logprobs
 
+    def logprob_requests(self) -> dict[str, int]:
+        asked = {"logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
+        return {k: v for k, v in asked.items() if v is not None}
+
+    @property
+    def num_prompts(self) -> int:
+        """How many prompts the request holds (a list of strings or of token-id lists)."""
+        if isinstance(self.prompt, str) or all(isinstance(p, int) for p in self.prompt):
+            return 1
+        return len(self.prompt)
+
     @property
     def scores_prompt(self) -> bool:
         """Whether the engine scores the prompt: prompt_logprobs, or echo with logprobs."""
@@ -242,13 +260,32 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ClientTemplate(BaseModel):
+    """A chat template sent by the client: vLLM's `chat_template` field, or the same key in
+    `chat_template_kwargs` (the rest of which become template variables)."""
+
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_template(self) -> ClientTemplate:
+        nested = (self.chat_template_kwargs or {}).get("chat_template")
+        if nested is not None and not isinstance(nested, str):
+            raise ValueError("chat_template_kwargs must hold chat_template as a string")
+        return self
+
+    @property
+    def client_template(self) -> str | None:
+        return self.chat_template if self.chat_template is not None else (self.chat_template_kwargs or {}).get(
+            "chat_template")
+
+
+class ChatCompletionRequest(SamplingRequest, ClientTemplate):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -256,31 +293,39 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
 
-    def _requested_max_tokens(self) -> int | None:
+    def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def _requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def logprob_requests(self) -> dict[str, int]:
+        return {"top_logprobs": self.top_logprobs} if self.top_logprobs is not None else {}
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
 
 
-class TokenizeCompletionRequest(BaseModel):
-    model_config = _STRICT
+class TokenizeRequest(RequestBody, ClientTemplate):
+    """/tokenize: a prompt, or chat messages rendered with the model's template (not both)."""
+
     model: str | None = None
-    prompt: str
+    prompt: str | None = None
     add_special_tokens: bool = True
-
-
-class TokenizeChatRequest(BaseModel):
-    model_config = _STRICT
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool = True
 
+    @model_validator(mode="after")
+    def _check_one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt or messages must be given (exactly one of them)")
+        return self
 
-class DetokenizeRequest(BaseModel):
-    model_config = _STRICT
+
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]

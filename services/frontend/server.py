@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from services.frontend.limits import RequestLimits
 from services.frontend.state import FrontendConfig
 from shared.auth import add_auth_args, client_security
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
@@ -84,9 +85,38 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=float(_env("SHUTDOWN_TIMEOUT", "10")),
         help="seconds open requests may take to finish after SIGTERM",
     )
+    _add_limit_arguments(p)
     add_auth_args(p)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """What one request may ask (services.frontend.limits); past a limit, a clear 4xx."""
+    d = RequestLimits()
+    p.add_argument("--max-request-body-bytes", type=int, default=int(_env("MAX_REQUEST_BODY_BYTES", str(d.max_body_bytes))),
+                   help="larger request bodies get 413 (PAGEDSERVE_MAX_REQUEST_BODY_BYTES)")
+    p.add_argument("--max-n", type=int, default=int(_env("MAX_N", str(d.max_n))), help="most samples (n) per prompt")
+    p.add_argument("--max-logprobs", type=int, default=int(_env("MAX_LOGPROBS", str(d.max_logprobs))),
+                   help="most logprobs / top_logprobs / prompt_logprobs a request may ask (at most 20, the engine's)")
+    p.add_argument("--max-prompts-per-request", type=int,
+                   default=int(_env("MAX_PROMPTS_PER_REQUEST", str(d.max_prompts_per_request))),
+                   help="most prompts in one completions request")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   default=_env("TRUST_REQUEST_CHAT_TEMPLATE", "") in ("1", "true"),
+                   help="render chat templates sent by clients (sandboxed, in a child process killed after "
+                   "--chat-template-timeout); without it such requests get 400")
+    p.add_argument("--chat-template-timeout", type=float,
+                   default=float(_env("CHAT_TEMPLATE_TIMEOUT", str(d.template_timeout_s))),
+                   help="seconds a client's chat template may take to render")
+
+
+def _limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(
+        max_body_bytes=args.max_request_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
+        max_prompts_per_request=args.max_prompts_per_request,
+        trust_request_chat_template=args.trust_request_chat_template, template_timeout_s=args.chat_template_timeout,
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -132,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         frontend_id=args.frontend_id,
         health_timeout=args.health_timeout,
         stall_timeout=args.stall_timeout,
+        limits=_limits(args),
     )
     app = build_app(config)
     state = app.state.frontend

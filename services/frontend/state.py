@@ -6,28 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar
-
-from jinja2 import TemplateError
+from dataclasses import dataclass, field
+from typing import Any
 
 from services.frontend.engine_client import EngineClient
 from services.frontend.errors import bad_request, engine_unavailable, from_value_error, model_not_found
 from services.frontend.generation import Generation
+from services.frontend.limits import RequestLimits, check_caps, check_max_tokens, context_length_exceeded
 from services.frontend.logprobs import TokenText
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.request_metrics import RequestMetrics
-from services.frontend.tokenizer import apply_chat_template, load_tokenizer
+from services.frontend.tokenization import Tokenization
+from services.frontend.tokenizer import load_tokenizer
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.protocol import ModelInfo
 from shared.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 _SAMPLING_FIELDS = frozenset(SamplingParams.__struct_fields__)
 _PARAM_NAMES = set(_SAMPLING_FIELDS) | {"max_completion_tokens", "top_logprobs", "prompt"}
 
@@ -42,6 +38,7 @@ class FrontendConfig:
     frontend_id: str | None = None  # None: a random uuid4 hex
     health_timeout: float = 5.0  # seconds /health waits for the engine's Pong
     stall_timeout: float = 10.0  # seconds without output before a request pings the engine
+    limits: RequestLimits = field(default_factory=RequestLimits)  # what one request may ask (limits.py)
     curve: CurveClient | None = None  # CURVE keys for the engine link (shared.auth); None: plain
 
 
@@ -55,11 +52,9 @@ class FrontendState:
         self.metrics = FrontendMetrics(self.frontend_id, names[0] if names else None)
         self.client = EngineClient(config.engine_input, config.engine_output, self.frontend_id, config.curve)
         self.tokenizer: Any = None
+        self.tokens: Tokenization | None = None  # the tokenizer's work, once it is loaded
         self.token_text: TokenText | None = None
         self.setup_error: str | None = None
-        # One thread: tokenization leaves the event loop, and the tokenizer is never used by two
-        # of our threads at once.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenizer")
         self._setup: asyncio.Task | None = None
 
     # ----- lifecycle ----------------------------------------------------------------------------
@@ -74,7 +69,8 @@ class FrontendState:
         self.metrics.set_model(self.served_names()[0])
         path = self.config.tokenizer or info.model_path
         try:
-            tokenizer = await self.run(load_tokenizer, path)
+            tokenizer = await asyncio.to_thread(load_tokenizer, path)
+            self.tokens = Tokenization(tokenizer, self.config.limits)
         except Exception as exc:  # a bad path must not kill the process: report it on every request
             self.setup_error = f"could not load the tokenizer from {path!r}: {exc}"
             log.exception("%s", self.setup_error)
@@ -88,7 +84,8 @@ class FrontendState:
         if self._setup is not None:
             self._setup.cancel()
         await self.client.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.tokens is not None:
+            await self.tokens.close()
 
     # ----- checks shared by the endpoints -------------------------------------------------------
 
@@ -129,14 +126,17 @@ class FrontendState:
         if bad is not None:
             raise bad_request(f"Token id {bad} is out of range for a vocabulary of {info.vocab_size}.", param=param)
         if len(ids) + 1 > info.max_model_len:
-            msg = (
-                f"This model's maximum context length is {info.max_model_len} tokens. However, your {param} is "
-                f"{len(ids)} tokens long, which leaves no room for a completion. Please shorten your {param}."
-            )
-            raise bad_request(msg, param=param, code="context_length_exceeded")
+            raise context_length_exceeded(info.max_model_len, param, len(ids))
 
-    def sampling_params(self, request: Any, default_max_tokens: int | None) -> SamplingParams:
+    def check_limits(self, request: Any) -> None:
+        """400 for a request past this server's caps (n, logprobs, prompts)."""
+        check_caps(request, self.config.limits)
+
+    def sampling_params(self, request: Any, default_max_tokens: int | None, prompts: list[list[int]],
+                        prompt_param: str) -> SamplingParams:
+        """The engine parameters of ``request`` for these (checked) prompts."""
         info = self.require_ready()
+        check_max_tokens(request, [len(p) for p in prompts], info.max_model_len, prompt_param)
         try:
             defaults = {k: v for k, v in info.generation_defaults.items() if k in _SAMPLING_FIELDS}
             params = request.to_sampling_params(defaults, default_max_tokens)
@@ -148,32 +148,31 @@ class FrontendState:
                 raise bad_request(f"{name}: token id {bad} is out of range for a vocabulary of {info.vocab_size}.", name)
         return params
 
-    # ----- tokenizer work, off the event loop ---------------------------------------------------
+    # ----- tokenizer work, off the event loop (services.frontend.tokenization) ----------------
 
-    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+    async def encode(self, text: str, add_special_tokens: bool = True, *, fit_param: str | None = None) -> list[int]:
+        """Token ids of ``text``; with ``fit_param``, a text too long for the context is refused first."""
+        max_len = self.require_ready().max_model_len if fit_param else None
+        return await self._tokens().encode(text, add_special_tokens=add_special_tokens, max_model_len=max_len,
+                                           param=fit_param or "prompt")
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self.run(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
-
-    async def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, template_kwargs: dict[str, Any] | None = None
-    ) -> list[int]:
-        try:
-            return await self.run(
-                apply_chat_template,
-                self.tokenizer,
-                messages,
-                add_generation_prompt=add_generation_prompt,
-                **(template_kwargs or {}),
-            )
-        except (ValueError, TypeError, KeyError, TemplateError) as exc:  # e.g. raise_exception in the template
-            raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from None
+    async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, *,
+                          chat_template: str | None = None, template_kwargs: dict[str, Any] | None = None,
+                          check_fits: bool = True) -> list[int]:
+        max_len = self.require_ready().max_model_len if check_fits else None
+        return await self._tokens().encode_chat(messages, add_generation_prompt, chat_template=chat_template,
+                                                template_kwargs=template_kwargs, max_model_len=max_len)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return await self.run(self.tokenizer.decode, ids, skip_special_tokens=skip_special_tokens)
+        return await self._tokens().decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def generation(self, prompts: list[list[int]], params: SamplingParams, endpoint: str, arrival: float) -> Generation:
+    def _tokens(self) -> Tokenization:
+        self.require_ready()
+        assert self.tokens is not None
+        return self.tokens
+
+    def generation(self, prompts: list[list[int]], params: SamplingParams, endpoint: str, arrival: float, *,
+                   priority: int = 0) -> Generation:
         return Generation(
             self.client,
             self.tokenizer,
@@ -181,5 +180,6 @@ class FrontendState:
             params,
             stall_timeout=self.config.stall_timeout,
             ping_timeout=self.config.health_timeout,
+            priority=priority,
             metrics=RequestMetrics(self.metrics, endpoint, arrival),
         )

@@ -1,9 +1,14 @@
-"""Tokenizer loading and chat templates, without importing torch."""
+"""Tokenizer loading, chat templates and the tokenizer's byte bound, without importing torch."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
+
+# apply_chat_template's own parameters that stay template variables when a client sends them in
+# chat_template_kwargs; the others (tokenize, padding, return_dict, ...) are the server's to set.
+_TEMPLATE_PARAMS = frozenset({"tools", "documents", "continue_final_message"})
 
 
 def load_tokenizer(model: str):
@@ -22,18 +27,31 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def apply_chat_template(
-    tokenizer,
-    messages: list[dict[str, Any]],
-    *,
-    add_generation_prompt: bool = True,
-    chat_template: str | None = None,
-    **kwargs: Any,
-) -> list[int]:
-    """Render a conversation with the model's template and tokenize it (the template carries any BOS)."""
+def max_token_bytes(tokenizer) -> int:
+    """An upper bound on the bytes of text one token covers: the longest vocabulary entry in
+    UTF-8. Raw entries are never shorter than the text they stand for (byte-level 'Ġ' is two
+    bytes for one, SentencePiece '▁' three for one, '<0x0A>' six for one), so a text of more
+    than max_model_len times this many bytes cannot fit the context."""
+    return max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=1) or 1
+
+
+def template_variables(tokenizer, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """A client's chat_template_kwargs, less the parameters of apply_chat_template itself and
+    the template (the caller decides both)."""
+    reserved = set(inspect.signature(type(tokenizer).apply_chat_template).parameters) - _TEMPLATE_PARAMS
+    return {k: v for k, v in (kwargs or {}).items() if k not in reserved and k not in ("chat_template", "kwargs")}
+
+
+def render_chat(tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                chat_template: str | None = None, **kwargs: Any) -> str:
+    """A conversation rendered with the model's template (or ``chat_template``), as text."""
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pass chat_template or use completions")
-    text = tokenizer.apply_chat_template(
+    return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs
     )
-    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def apply_chat_template(tokenizer, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+    """Render a conversation with the model's template and tokenize it (the template carries any BOS)."""
+    return tokenizer.encode(render_chat(tokenizer, messages, **kwargs), add_special_tokens=False)
