@@ -1,11 +1,13 @@
 """Services that die or hang and come back, as real processes.
 
 A worker started with settings other than the engine's is turned away with the reason. An
-engine restart: the worker re-joins it (a new handshake, its old request state dropped) and
-the frontend serves again, with no process but the engine restarted. A worker that hangs or
-dies mid-request: the engine counts it as lost after its heartbeat timeout, /health says 503,
-and when the worker is back (the same process resumed, or a new one) every request in flight
-finishes with exactly the tokens it would have had."""
+engine killed mid-request and started again: the worker re-joins it (a new handshake, its old
+request state dropped), the frontend resubmits what it had in flight, and every request finishes
+with exactly the text of an undisturbed run, with no process but the engine restarted; an engine
+that does not come back within the frontend's --resume-timeout ends the requests with an error.
+A worker that hangs or dies mid-request: the engine counts it as lost after its heartbeat timeout,
+/health says 503, and when the worker is back (the same process resumed, or a new one) every
+request in flight finishes with exactly the tokens it would have had."""
 
 from __future__ import annotations
 
@@ -62,27 +64,31 @@ def complete(base: str, model: str, max_tokens: int = 5) -> dict:
         {"model": model, "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     )
     req = urllib.request.Request(base + "/v1/completions", body.encode(), {"Content-Type": "application/json"})
-    return json.load(urllib.request.urlopen(req, timeout=60))
+    return json.load(urllib.request.urlopen(req, timeout=180))
 
 
-def stream(base: str, model: str, max_tokens: int, started: threading.Event) -> tuple[str, str]:
-    """A streamed greedy completion: (text, finish reason); `started` is set after a few chunks."""
+def stream_events(base: str, model: str, max_tokens: int, started: threading.Event) -> list[str]:
+    """The data payloads of a streamed greedy completion; `started` is set after a few chunks."""
     body = {"model": model, "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
-    text, finish, chunks = [], None, 0
+    events = []
     with urllib.request.urlopen(req, timeout=120) as resp:
         for line in resp:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            choice = json.loads(line[6:])["choices"][0]
-            text.append(choice["text"])
-            finish = choice["finish_reason"] or finish
-            chunks += 1
-            if chunks == 3:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip().decode())
+            if len(events) == 3:
                 started.set()
-    return "".join(text), finish
+    return events
+
+
+def stream(base: str, model: str, max_tokens: int, started: threading.Event) -> tuple[str, str]:
+    """A streamed greedy completion that must end normally: (text, finish reason)."""
+    events = stream_events(base, model, max_tokens, started)
+    assert events[-1] == "[DONE]", events[-3:]
+    choices = [json.loads(e)["choices"][0] for e in events[:-1]]
+    return "".join(c["text"] for c in choices), next(c["finish_reason"] for c in reversed(choices) if c["finish_reason"])
 
 
 @dataclass
@@ -115,35 +121,55 @@ def processes():
         p.wait(10)
 
 
-def test_worker_and_frontend_rejoin_a_restarted_engine(model_dirs, processes):
+def test_requests_resume_on_a_restarted_engine(model_dirs, processes):
     cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", "0")
     base = cmd.base
     processes.append(spawn(*cmd.worker))
     engine = spawn(*cmd.engine)
     processes.append(engine)
-    processes.append(spawn(*cmd.frontend, "--stall-timeout", "2"))
+    processes.append(spawn(*cmd.frontend, "--stall-timeout", "1", "--resume-timeout", "120"))
     wait_healthy(base)
-    before = complete(base, "tiny")["choices"][0]["text"]
+    expected = complete(base, "tiny", 400)["choices"][0]  # undisturbed
+    assert expected["finish_reason"] == "length"
 
-    # a long request in flight when the engine dies is answered 503, not left hanging
-    with ThreadPoolExecutor(1) as pool:
-        lost = pool.submit(complete, base, "tiny", 1000)
-        time.sleep(0.3)
+    # a stream and a whole completion in flight when the engine dies, and a new engine takes over
+    started = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(stream, base, "tiny", 400, started)
+        whole = pool.submit(complete, base, "tiny", 400)
+        assert started.wait(60)  # tokens are flowing
         engine.kill()
         engine.wait(10)
-        with pytest.raises(urllib.error.HTTPError) as err:
-            lost.result(timeout=60)
-        assert err.value.code == 503
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(base + "/health", timeout=15)
-    assert err.value.code == 503
-
-    processes.append(spawn(*cmd.engine))
+        wait_status(base, 503)
+        assert not streamed.done() and not whole.done()
+        processes.append(spawn(*cmd.engine))
+        assert streamed.result(timeout=180) == (expected["text"], "length")
+        got = whole.result(timeout=180)
+    assert (got["choices"][0]["text"], got["choices"][0]["finish_reason"]) == (expected["text"], "length")
+    assert got["usage"]["completion_tokens"] == 400
     wait_healthy(base)
-    after = complete(base, "tiny")
-    assert after["choices"][0]["text"] == before  # the same greedy output from the rejoined worker
-    assert after["usage"]["completion_tokens"] == 5
     assert all(p.poll() is None for p in processes[:1] + processes[2:])  # worker and frontend never restarted
+
+
+def test_requests_end_with_an_error_when_the_engine_stays_away(model_dirs, processes):
+    cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", "0")
+    processes.extend([spawn(*cmd.worker), spawn(*cmd.engine)])
+    engine = processes[-1]
+    processes.append(spawn(*cmd.frontend, "--stall-timeout", "1", "--health-timeout", "2", "--resume-timeout", "2"))
+    wait_healthy(cmd.base)
+    started = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(stream_events, cmd.base, "tiny", 1000, started)
+        whole = pool.submit(complete, cmd.base, "tiny", 1000)
+        assert started.wait(60)
+        engine.kill()
+        events = streamed.result(timeout=60)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            whole.result(timeout=60)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["message"] == "The engine stopped responding while serving this request."
+    assert err.value.code == 503
+    assert processes[-1].poll() is None  # the frontend carries on
 
 
 def test_requests_survive_a_hung_and_a_dead_worker(model_dirs, processes):

@@ -1,11 +1,17 @@
 """The frontend's connection to the engine: two DEALER sockets with one identity.
 
 Requests go out on the engine's input ROUTER; outputs, failures, pongs and model info come back
-on its output ROUTER, which routes them by our identity. A background task dispatches what
-arrives: deltas and failures to the per-request queue the caller registered, pongs to the ping
-that is waiting for them, model info to whoever awaits readiness. Every send goes through one
-outbox drained by one task, so callers can abort synchronously (also from a cancelled task or a
-``finally``) and messages leave in the order they were queued.
+on its output ROUTER, which routes them by our identity: a random secret, never the public
+frontend id (a peer that knew it could read our clients' tokens). A background task dispatches
+what arrives: deltas and failures to the per-request queue the caller registered, pongs to the
+ping that is waiting for them, model info to whoever awaits readiness. Every send goes through
+one outbox drained by one task, so callers can abort synchronously (also from a cancelled task or
+a ``finally``) and messages leave in the order they were queued.
+
+The open requests (services.frontend.open_requests) outlive an engine: when a new engine
+instance answers, each one still generating is resubmitted to it after the tokens it has.
+The background tasks survive any error in one message; a message that cannot be sent fails its
+request alone. Should a task end anyway, the process exits non-zero for its supervisor to restart.
 """
 
 from __future__ import annotations
@@ -14,19 +20,25 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import time
 import uuid
 from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 import zmq.asyncio
 
+from services.frontend.open_requests import OpenRequests, StreamItem
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.protocol import (
+    HEARTBEAT_INTERVAL_S,
     AbortRequests,
     AddRequest,
     EngineMessage,
+    FrontendHeartbeat,
     FrontendMessage,
     Goodbye,
     Hello,
@@ -34,7 +46,6 @@ from shared.protocol import (
     Outputs,
     Ping,
     Pong,
-    RequestDelta,
     RequestFailed,
 )
 from shared.sampling_params import SamplingParams
@@ -42,17 +53,22 @@ from shared.transport import AsyncDealerQueue
 
 log = logging.getLogger(__name__)
 
+__all__ = ["EngineClient", "StreamItem"]
 
-# What a request's queue yields: the engine's deltas, or the engine's refusal.
-StreamItem = RequestDelta | RequestFailed
+# Errors of encoding a message: something in the request does not fit the wire (an integer
+# beyond 64 bits, a lone surrogate), so the client's fault.
+_ENCODE_ERRORS = (OverflowError, ValueError, TypeError, msgspec.EncodeError)
+SHUTTING_DOWN = "The frontend is shutting down; the request did not finish within its shutdown timeout."
 
 
 class EngineClient:
     """Async client of the engine for one frontend process.
 
-    Lifecycle: ``await start()`` (sends Hello every ``hello_interval`` seconds until the engine
-    answers with ModelInfo), ``await wait_ready()`` for the ModelInfo, then per request
-    ``register`` / ``add_request`` / ``abort`` / ``release``; ``await close()`` says Goodbye.
+    Lifecycle: ``await start()`` (sends Hello every ``interval`` seconds until the engine answers
+    with ModelInfo, and a FrontendHeartbeat every ``interval`` for as long as it runs),
+    ``await wait_ready()`` for the ModelInfo, then per request ``register`` / ``add_request`` /
+    ``abort`` / ``release``; ``await drain(timeout)`` lets open requests finish, ``await close()``
+    says Goodbye.
     """
 
     def __init__(
@@ -61,17 +77,22 @@ class EngineClient:
         output_addr: str = DEFAULT_ENGINE_OUTPUT,
         frontend_id: str | None = None,
         security: CurveClient | None = None,
-        hello_interval: float = 1.0,
+        interval: float = HEARTBEAT_INTERVAL_S,
     ):
         self.frontend_id = frontend_id or uuid.uuid4().hex
+        # Request ids are unique across frontends (even two given the same id) and say nothing of
+        # the identity.
+        self.request_prefix = f"{self.frontend_id}-{os.urandom(4).hex()}"
         self.input_addr, self.output_addr = input_addr, output_addr
         self.security = security  # CURVE settings of both sockets (shared.auth); None: plain
-        self.hello_interval = hello_interval
+        self.interval = interval
         self.model_info: ModelInfo | None = None
+        self.draining = False
+        self._identity = b"fe-" + os.urandom(16)  # secret: the engine routes our outputs by it
         self._ctx: zmq.asyncio.Context | None = None
         self._input: AsyncDealerQueue | None = None
         self._output: AsyncDealerQueue | None = None
-        self._streams: dict[str, asyncio.Queue[StreamItem]] = {}
+        self._requests = OpenRequests()
         self._pings: dict[int, asyncio.Future[Pong]] = {}
         self._ping_ids = itertools.count()
         self._outbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -82,16 +103,27 @@ class EngineClient:
     # ----- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect both sockets and start the receive, send and hello tasks (returns at once)."""
-        identity = self.frontend_id.encode()
+        """Connect both sockets and start the receive, send and keepalive tasks (returns at once)."""
         self._ctx = zmq.asyncio.Context()
-        self._input = AsyncDealerQueue(self._ctx, self.input_addr, EngineMessage, FrontendMessage, identity, self.security)
-        self._output = AsyncDealerQueue(self._ctx, self.output_addr, EngineMessage, FrontendMessage, identity, self.security)
+        self._input = AsyncDealerQueue(self._ctx, self.input_addr, EngineMessage, FrontendMessage, self._identity, self.security)
+        self._output = AsyncDealerQueue(self._ctx, self.output_addr, EngineMessage, FrontendMessage, self._identity, self.security)
         self._tasks = [
             asyncio.create_task(self._recv_loop(), name="engine-recv"),
             asyncio.create_task(self._send_loop(), name="engine-send"),
-            asyncio.create_task(self._hello_loop(), name="engine-hello"),
+            asyncio.create_task(self._keepalive_loop(), name="engine-keepalive"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A background task ended outside close(): this process cannot talk to the engine any
+        more, so it exits for its supervisor to restart it (never half-dead behind /version)."""
+        if self._closed:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.critical("the %s task ended (%r); exiting", task.get_name(), error or "cancelled")
+        logging.shutdown()
+        os._exit(70)  # EX_SOFTWARE
 
     @property
     def ready(self) -> bool:
@@ -103,6 +135,17 @@ class EngineClient:
         assert self.model_info is not None
         return self.model_info
 
+    async def drain(self, timeout: float) -> None:
+        """Take no new requests and let the open ones finish for up to ``timeout`` seconds; then
+        fail those still open (503), so each client gets a final error instead of a cut stream."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while len(self._requests) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if len(self._requests):
+            log.warning("%d request(s) still open at the shutdown deadline: failing them", len(self._requests))
+            self._requests.fail_all(SHUTTING_DOWN, 503)
+
     async def close(self, linger_ms: int = 500) -> None:
         """Say Goodbye, fail every open request, stop the tasks and close the sockets."""
         if self._closed:
@@ -113,9 +156,8 @@ class EngineClient:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for queue in self._streams.values():
-            queue.put_nowait(RequestFailed("", "the frontend is shutting down", status=503))
-        self._streams.clear()
+        self._requests.fail_all(SHUTTING_DOWN, 503)
+        self._requests = OpenRequests()
         if self._input is not None:
             with contextlib.suppress(Exception):
                 # Ask the engine to drop what we leave behind (it may be gone already: wait little).
@@ -132,26 +174,23 @@ class EngineClient:
     def register(self, req_ids: list[str]) -> asyncio.Queue[StreamItem]:
         """One queue that receives the deltas and failures of all ``req_ids`` (a request's n
         children share it). Call before add_request so no output can arrive unrouted."""
-        queue: asyncio.Queue[StreamItem] = asyncio.Queue()
-        for req_id in req_ids:
-            if req_id in self._streams:
-                raise ValueError(f"request id {req_id!r} is already registered")
-            self._streams[req_id] = queue
-        return queue
+        return self._requests.register(req_ids)
 
     def release(self, req_ids: list[str]) -> None:
         """Stop routing outputs of these requests; later ones are dropped."""
-        for req_id in req_ids:
-            self._streams.pop(req_id, None)
+        self._requests.release(req_ids)
 
-    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
+        """Submit a registered request (its outputs go to its queue, also across engine restarts)."""
         ids = np.asarray(prompt_token_ids, dtype=np.int32)
-        self._outbox.put_nowait(AddRequest(req_id, ids, params))
+        engine_id = self.model_info.engine_id if self.model_info is not None else None
+        self._outbox.put_nowait(self._requests.submit(req_id, ids, params, priority, engine_id))
 
     def abort(self, req_ids: list[str]) -> None:
         """Ask the engine to stop these requests. Synchronous, so safe in finally blocks."""
-        if req_ids and not self._closed:
-            self._outbox.put_nowait(AbortRequests(list(req_ids)))
+        wire_ids = self._requests.stop(req_ids)
+        if wire_ids and not self._closed:
+            self._outbox.put_nowait(AbortRequests(wire_ids))
 
     async def ping(self, timeout: float) -> Pong | None:
         """A Pong from the engine's step loop, or None if none came within ``timeout``."""
@@ -170,15 +209,23 @@ class EngineClient:
 
     @property
     def num_open_requests(self) -> int:
-        return len(self._streams)
+        return len(self._requests)
 
     # ----- background tasks ---------------------------------------------------------------------
 
-    async def _hello_loop(self) -> None:
-        while not self._ready.is_set():
-            self._outbox.put_nowait(Hello(self.frontend_id))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), self.hello_interval)
+    async def _keepalive_loop(self) -> None:
+        """Hello until the engine answers; a heartbeat always; while requests are open, a Ping
+        whose Pong tells a restarted engine apart (its new engine_id starts the resumption)."""
+        while True:
+            try:
+                self._outbox.put_nowait(FrontendHeartbeat(self.frontend_id))
+                if not self._ready.is_set():
+                    self._outbox.put_nowait(Hello(self.frontend_id))
+                elif len(self._requests):
+                    self._outbox.put_nowait(Ping(next(self._ping_ids)))
+            except Exception:  # never stop the heartbeat
+                log.exception("keepalive failed")
+            await asyncio.sleep(self.interval)
 
     async def _send_loop(self) -> None:
         assert self._input is not None
@@ -186,28 +233,36 @@ class EngineClient:
             msg = await self._outbox.get()
             try:
                 await self._input.send(msg)
-            except zmq.ZMQError as exc:
-                log.error("could not send %s to the engine: %s", type(msg).__name__, exc)
+            except Exception as exc:  # noqa: BLE001 (logged there) one message that cannot go fails its request alone
+                self._send_failed(msg, exc)
+
+    def _send_failed(self, msg: Any, exc: Exception) -> None:
+        log.error("could not send %s to the engine: %s: %s", type(msg).__name__, type(exc).__name__, exc)
+        if isinstance(msg, AddRequest):
+            if isinstance(exc, _ENCODE_ERRORS):
+                self._requests.fail_wire(msg.req_id, f"The request cannot be sent to the engine: {exc}", 400)
+            else:
+                self._requests.fail_wire(msg.req_id, f"Sending the request to the engine failed: {exc}", 500)
 
     async def _recv_loop(self) -> None:
         assert self._output is not None
         while True:
-            msg = await self._output.recv()
             try:
-                self._dispatch(msg)
-            except Exception:  # a bad message must not stop the dispatcher
-                log.exception("failed to dispatch %s from the engine", type(msg).__name__)
+                self._dispatch(await self._output.recv())
+            except Exception:  # a bad message (or a socket hiccup) must not stop the dispatcher
+                log.exception("failed to receive or dispatch a message from the engine")
+                await asyncio.sleep(0.1)  # no busy loop should the error persist
 
     def _dispatch(self, msg: Any) -> None:
         if isinstance(msg, Outputs):
             for delta in msg.deltas:
-                queue = self._streams.get(delta.req_id)
-                if queue is not None:
-                    queue.put_nowait(delta)
+                routed = self._requests.route(delta)
+                if routed is not None:
+                    routed[0].put_nowait(routed[1])
         elif isinstance(msg, RequestFailed):
-            queue = self._streams.get(msg.req_id)
-            if queue is not None:
-                queue.put_nowait(msg)
+            routed = self._requests.route_failure(msg)
+            if routed is not None:
+                routed[0].put_nowait(routed[1])
         elif isinstance(msg, Pong):
             if self.model_info is not None and msg.engine_id != self.model_info.engine_id:
                 self._outbox.put_nowait(Hello(self.frontend_id))  # a restarted engine: learn it anew
@@ -215,7 +270,20 @@ class EngineClient:
             if future is not None and not future.done():
                 future.set_result(msg)
         elif isinstance(msg, ModelInfo):
-            if self.model_info is None or msg.engine_id != self.model_info.engine_id:
-                log.info("engine %s ready: model %s, max_model_len %d", msg.engine_id, msg.model_name, msg.max_model_len)
-            self.model_info = msg
-            self._ready.set()
+            self._learn(msg)
+
+    def _learn(self, info: ModelInfo) -> None:
+        """The engine's ModelInfo; from a new engine instance, resubmit what the old one lost."""
+        previous = self.model_info
+        if previous is None or info.engine_id != previous.engine_id:
+            log.info("engine %s ready: model %s, max_model_len %d", info.engine_id, info.model_name, info.max_model_len)
+        self.model_info = info
+        self._ready.set()
+        if previous is not None and info.engine_id != previous.engine_id:
+            stale, adds = self._requests.resume_on(info.engine_id)
+            if stale:
+                self._outbox.put_nowait(AbortRequests(stale))
+            for add in adds:
+                self._outbox.put_nowait(add)
+            if adds:
+                log.warning("engine restarted: resuming %d request(s) on engine %s", len(adds), info.engine_id)

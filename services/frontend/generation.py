@@ -4,6 +4,10 @@ driven by the engine's deltas through the shared Sequence class.
 Everything that must stop an engine request is handled here: a stop string (Sequence.add says
 so), the client going away (a watcher on the ASGI receive channel), an error, or the handler
 simply returning early. The engine is never left generating for nobody.
+
+An engine that goes silent is given ``resume_timeout`` seconds to come back: a restarted one gets
+the requests again from the EngineClient (after the tokens they have), so the client sees one
+uninterrupted response.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -49,14 +54,18 @@ class Generation:
         *,
         stall_timeout: float = 10.0,
         ping_timeout: float = 5.0,
+        resume_timeout: float = 30.0,
         metrics: RequestMetrics | None = None,
+        priority: int = 0,
     ):
         self.client = client
         self.prompts = prompts
         self.params = params
         self.stall_timeout, self.ping_timeout = stall_timeout, ping_timeout
+        self.resume_timeout = resume_timeout
+        self.priority = priority  # the engine's scheduling priority (lower runs first)
         self.metrics = metrics
-        base = f"{client.frontend_id}-{next(self._counter)}"  # unique across frontends
+        base = f"{client.request_prefix}-{next(self._counter)}"  # unique across frontends
         self.sequences: dict[str, Sequence] = {}
         self.prompt_of: dict[int, int] = {}  # choice index -> prompt index
         for p, ids in enumerate(prompts):
@@ -66,7 +75,6 @@ class Generation:
                 self.sequences[req_id] = Sequence(req_id, index, tokenizer, ids, params.for_child(j))
                 self.prompt_of[index] = p
         self._queue: asyncio.Queue | None = None
-        self.engine_id: str | None = None  # the engine instance the requests went to
         self._watcher: asyncio.Task | None = None
         self.cancelled = False
         self.failed = False
@@ -75,14 +83,15 @@ class Generation:
     # ----- lifecycle ----------------------------------------------------------------------------
 
     def start(self, receive: Receive | None = None) -> None:
-        """Send the requests; with ``receive`` (the ASGI channel), abort them if the client leaves."""
+        """Send the requests; with ``receive`` (the ASGI channel), abort them if the client leaves.
+        Raises APIError 503 while the frontend drains for shutdown."""
+        if self.client.draining:
+            raise engine_unavailable("The frontend is shutting down; try another or retry shortly.")
         if self.metrics is not None:
             self.metrics.start()
         self._queue = self.client.register(list(self.sequences))
-        info = self.client.model_info
-        self.engine_id = info.engine_id if info is not None else None  # the engine we sent them to
         for req_id, seq in self.sequences.items():
-            self.client.add_request(req_id, self.prompts[self.prompt_of[seq.index]], seq.params)
+            self.client.add_request(req_id, self.prompts[self.prompt_of[seq.index]], seq.params, self.priority)
         if receive is not None:
             self._watcher = asyncio.create_task(self._watch_disconnect(receive))
 
@@ -167,20 +176,27 @@ class Generation:
 
     async def _next(self) -> RequestDelta | RequestFailed | object:
         """The next engine item. A long silence is fine while the engine answers pings (it may
-        be busy with other requests); an engine that does not answer fails the request with 503."""
+        be busy with other requests). An engine that does not answer has ``resume_timeout``
+        seconds to come back before the request fails with 503."""
         assert self._queue is not None, "start() first"
+        silent_since: float | None = None
         while True:
             try:
                 return await asyncio.wait_for(self._queue.get(), self.stall_timeout)
             except asyncio.TimeoutError:
                 if self.cancelled:
                     return _CANCELLED
-                pong = await self.client.ping(self.ping_timeout)
-                if pong is None:
-                    raise engine_unavailable("The engine stopped responding while serving this request.") from None
-                # Another engine instance answered: ours restarted and lost the requests. Or: the
-                # Ping left after our AddRequests and its Pong after any output they produced, so
-                # an engine holding no request at all has lost ours.
-                restarted = self.engine_id is not None and pong.engine_id != self.engine_id
-                if restarted or (pong.num_running + pong.num_waiting == 0 and self._queue.empty()):
-                    raise engine_unavailable("The engine lost this request (it may have restarted).") from None
+            info = self.client.model_info
+            known = info.engine_id if info is not None else None  # holds our requests, as far as we know
+            pong = await self.client.ping(self.ping_timeout)
+            if pong is None:
+                silent_since = silent_since or time.monotonic()
+                if time.monotonic() - silent_since >= self.resume_timeout:
+                    raise engine_unavailable("The engine stopped responding while serving this request.")
+                continue
+            silent_since = None
+            # The Ping left after every AddRequest for the engine we knew, and its Pong after any
+            # output they produced: that engine holding nothing at all has lost ours. (A Pong from
+            # another engine: a restart, and the client is resubmitting the requests to it.)
+            if pong.engine_id == known and pong.num_running + pong.num_waiting == 0 and self._queue.empty():
+                raise engine_unavailable("The engine lost this request.")
