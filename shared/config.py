@@ -144,16 +144,30 @@ class CacheConfig:
             raise ValueError("num_gpu_blocks_override must be at least 1")
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """policy: "fcfs" admits in arrival order and preempts the newest request; "priority" admits
+    by (priority, arrival) and preempts the largest (priority, arrival) first. The queue limits
+    bound what the service admits into the waiting queue (past them it answers 503)."""
+
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    policy: str = "fcfs"
+    max_num_queued_requests: int = 1024
+    max_queued_tokens: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be at least 1")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
+        if self.max_num_queued_requests < 1 or self.max_queued_tokens < 1:
+            raise ValueError("max_num_queued_requests and max_queued_tokens must be at least 1")
 
 
 @dataclass(frozen=True)

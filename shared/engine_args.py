@@ -7,6 +7,7 @@ Each flag also reads a PAGEDSERVE_* environment variable (what compose and Kuber
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from shared.config import (
@@ -55,9 +56,18 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--enable-prefix-caching", True, "reuse KV blocks of shared prefixes")
     add_flag(parser, "--max-num-seqs", 128, "most requests running at once")
     add_flag(parser, "--max-num-batched-tokens", 2048, "token budget per step")
+    add_flag(parser, "--scheduling-policy", "fcfs", "fcfs, or priority: lower priority values run first")
+    add_flag(parser, "--max-num-queued-requests", 1024, "most requests waiting; past it the engine answers 503")
+    add_flag(parser, "--max-queued-tokens", 1 << 20, "most tokens waiting; past it the engine answers 503")
     add_flag(parser, "--tensor-parallel-size", 1, "worker ranks")
     add_flag(parser, "--enforce-eager", False, "run every step eagerly on GPU (no CUDA graphs for decode)")
     add_flag(parser, "--seed", 0, "random seed")
+
+
+def _section(cls, args: argparse.Namespace, **values):
+    """A config section whose fields come from the flags of the same names (values: the rest)."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    return cls(**{name: getattr(args, name) for name in names}, **values)
 
 
 def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bool = True) -> EngineConfig:
@@ -69,14 +79,8 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
     )
     return EngineConfig(
         model=model,
-        cache=CacheConfig(
-            block_size=args.block_size,
-            kv_cache_memory=args.kv_cache_memory,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            enable_prefix_caching=args.enable_prefix_caching,
-            num_gpu_blocks_override=args.num_gpu_blocks_override,
-        ),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        cache=_section(CacheConfig, args),
+        scheduler=_section(SchedulerConfig, args, policy=args.scheduling_policy),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, rank=rank),
         compilation=CompilationConfig(enforce_eager=args.enforce_eager),
         seed=args.seed,

@@ -1,20 +1,43 @@
 """Messages between engine, workers and frontends: one small msgspec Struct per message.
 
 The same Structs are passed directly between objects in the offline (one-process) engine and
-encoded onto ZeroMQ frames by the service stack.
+encoded onto ZeroMQ frames by the service stack. Every message is validated when it is built and
+when it is decoded (msgspec runs the field constraints and __post_init__ on both): a message of
+the wrong shape fails with ValueError, before any service code sees it.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 import numpy as np
+from msgspec import Meta
 
 from shared.sampling_params import SamplingParams
 
-# Token id arrays (int32) travel in their own zero-copy frames, not inside the msgpack body.
+# Token id arrays (1-D int32) travel in their own zero-copy frames, not inside the msgpack body.
 TokenIds = np.ndarray
 
+MAX_ID_LEN = 256  # request and frontend ids
+ReqId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
+Count = Annotated[int, Meta(ge=0)]  # counts, block ids, step ids, ranks
+Positive = Annotated[int, Meta(ge=1)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False}
+
+
+def check_token_ids(name: str, ids: TokenIds | None) -> None:
+    """Token ids cross process boundaries as 1-D int32 arrays of non-negative ids."""
+    if ids is None:
+        return
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype != np.int32:
+        shape = f"{ids.ndim}-D {ids.dtype}" if isinstance(ids, np.ndarray) else type(ids).__name__
+        raise ValueError(f"{name} must be a 1-D int32 array, got {shape}")
+    if ids.size and int(ids.min()) < 0:
+        raise ValueError(f"{name} must be non-negative token ids")
 
 
 # ----- engine -> worker: step plans carry deltas -------------------------------------------
@@ -23,29 +46,33 @@ _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False}
 class NewRequestData(msgspec.Struct, **_STRUCT):
     """A request the worker has not seen (or sees again after preemption): everything it needs."""
 
-    req_id: str
+    req_id: ReqId
     prompt_token_ids: TokenIds
     output_token_ids: TokenIds  # tokens generated before a preemption; recomputed with the prompt
     sampling_params: SamplingParams
-    eos_token_ids: list[int]
-    block_ids: list[int]
-    num_computed_tokens: int  # tokens already in the cache (prefix-cache hits)
+    eos_token_ids: list[TokenId]
+    block_ids: list[Count]
+    num_computed_tokens: Count  # tokens already in the cache (prefix-cache hits)
+
+    def __post_init__(self) -> None:
+        check_token_ids("prompt_token_ids", self.prompt_token_ids)
+        check_token_ids("output_token_ids", self.output_token_ids)
 
 
 class CachedRequestData(msgspec.Struct, **_STRUCT):
     """A request the worker already holds: only the blocks added this step."""
 
-    req_id: str
-    new_block_ids: list[int]
-    num_computed_tokens: int
+    req_id: ReqId
+    new_block_ids: list[Count]
+    num_computed_tokens: Count
 
 
 class StepPlan(msgspec.Struct, tag=True, **_STRUCT):
-    step_id: int
+    step_id: Count
     new_requests: list[NewRequestData]
     cached_requests: list[CachedRequestData]
-    num_scheduled_tokens: dict[str, int]  # req_id -> tokens to compute this step
-    finished_req_ids: list[str]  # the worker drops their state
+    num_scheduled_tokens: dict[ReqId, Positive]  # req_id -> tokens to compute this step
+    finished_req_ids: list[ReqId]  # the worker drops their state
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -58,24 +85,29 @@ class StepPlan(msgspec.Struct, tag=True, **_STRUCT):
 class TokenLogprobs(msgspec.Struct, **_STRUCT):
     """Logprobs at one position: index 0 is the sampled token, then the top-k."""
 
-    token_ids: list[int]
+    token_ids: list[TokenId]
     logprobs: list[float]
-    rank: int  # 1-based rank of the sampled token
+    rank: Positive  # 1-based rank of the sampled token
 
 
 class StepResult(msgspec.Struct, tag=True, **_STRUCT):
-    step_id: int
-    req_ids: list[str]  # requests that sampled a token this step (finished their prompt)
-    sampled_token_ids: list[int]
+    step_id: Count
+    req_ids: list[ReqId]  # requests that sampled a token this step (finished their prompt)
+    sampled_token_ids: list[TokenId]
     logprobs: list[TokenLogprobs | None] = []
     # requests with prompt_logprobs: one entry per prompt token this step scored (token i+1 of
     # the prompt, predicted at position i of a prefill chunk)
-    prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+    prompt_logprobs: dict[ReqId, list[TokenLogprobs]] = {}
     # requests the worker could not take (e.g. a structured-outputs grammar that does not compile)
-    failed: dict[str, str] = {}
+    failed: dict[ReqId, str] = {}
     # requests whose structured-outputs grammar completed with this step's token: the engine
     # finishes them with "stop" (nothing more can be generated that fits the grammar)
-    stopped: list[str] = []
+    stopped: list[ReqId] = []
+
+    def __post_init__(self) -> None:
+        n = len(self.req_ids)
+        if len(self.sampled_token_ids) != n or (self.logprobs and len(self.logprobs) != n):
+            raise ValueError("a step result needs one sampled token (and logprobs entry) per request")
 
 
 # ----- engine -> frontend / offline driver --------------------------------------------------
@@ -84,12 +116,12 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
 class RequestDelta(msgspec.Struct, **_STRUCT):
     """What one step added to one request."""
 
-    req_id: str
-    new_token_ids: list[int]
+    req_id: ReqId
+    new_token_ids: list[TokenId]
     new_logprobs: list[TokenLogprobs] = []
     finish_reason: str | None = None  # "stop", "length", "abort", "error"
-    stop_reason: int | None = None  # the stop token id that finished it
-    num_cached_tokens: int = 0
+    stop_reason: TokenId | None = None  # the stop token id that finished it
+    num_cached_tokens: Count = 0
     # with the request's first token, if it asked for prompt_logprobs: prompt tokens 1.. in order
     prompt_logprobs: list[TokenLogprobs] = []
     error: str | None = None  # finish_reason "error": why the request failed (a client error)
@@ -100,40 +132,44 @@ class RequestDelta(msgspec.Struct, **_STRUCT):
 
 
 class AddRequest(msgspec.Struct, tag=True, **_STRUCT):
-    req_id: str
+    req_id: ReqId
     prompt_token_ids: TokenIds
     sampling_params: SamplingParams
-    priority: int = 0  # with --scheduling-policy priority: lower runs first, higher is preempted first
+    priority: Int64 = 0  # with --scheduling-policy priority: lower runs first, higher is preempted first
     # a resumption (the frontend resubmits a request a restarted engine lost): the tokens it had
     # generated already; the engine continues after them and counts them against max_tokens
     output_token_ids: TokenIds | None = None
 
+    def __post_init__(self) -> None:
+        check_token_ids("prompt_token_ids", self.prompt_token_ids)
+        check_token_ids("output_token_ids", self.output_token_ids)
+
 
 class AbortRequests(msgspec.Struct, tag=True, **_STRUCT):
-    req_ids: list[str]
+    req_ids: list[ReqId]
 
 
 class Ping(msgspec.Struct, tag=True, **_STRUCT):
     """Answered by a Pong once it has passed through the engine's step loop."""
 
-    ping_id: int
+    ping_id: Count
 
 
 class Hello(msgspec.Struct, tag=True, **_STRUCT):
     """A frontend joining; answered with ModelInfo."""
 
-    frontend_id: str
+    frontend_id: ReqId
 
 
 class Goodbye(msgspec.Struct, tag=True, **_STRUCT):
-    frontend_id: str
+    frontend_id: ReqId
 
 
 class FrontendHeartbeat(msgspec.Struct, tag=True, **_STRUCT):
     """Sent every HEARTBEAT_INTERVAL_S by each frontend: an engine that hears nothing from a
     frontend for its frontend timeout counts it as gone, aborts its requests and frees their blocks."""
 
-    frontend_id: str
+    frontend_id: ReqId
 
 
 FrontendMessage = AddRequest | AbortRequests | Ping | Hello | Goodbye | FrontendHeartbeat
@@ -144,15 +180,15 @@ class Outputs(msgspec.Struct, tag=True, **_STRUCT):
 
 
 class RequestFailed(msgspec.Struct, tag=True, **_STRUCT):
-    req_id: str
+    req_id: ReqId
     message: str
-    status: int = 400  # HTTP status the frontend should answer with
+    status: Annotated[int, Meta(ge=400, le=599)] = 400  # HTTP status the frontend should answer with
 
 
 class Pong(msgspec.Struct, tag=True, **_STRUCT):
-    ping_id: int
-    num_running: int = 0
-    num_waiting: int = 0
+    ping_id: Count
+    num_running: Count = 0
+    num_waiting: Count = 0
     engine_id: str = ""  # changes when the engine restarts
     workers_ready: bool = True  # every worker rank is connected and alive
 
@@ -160,12 +196,12 @@ class Pong(msgspec.Struct, tag=True, **_STRUCT):
 class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
     model_name: str
     model_path: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: list[int]
+    max_model_len: Positive
+    vocab_size: Positive
+    eos_token_ids: list[TokenId]
     generation_defaults: dict[str, float | int] = {}
-    num_blocks: int = 0
-    block_size: int = 16
+    num_blocks: Count = 0
+    block_size: Positive = 16
     engine_id: str = ""  # a fresh id per engine process: frontends tell a restarted engine apart
 
 
@@ -180,17 +216,17 @@ HEARTBEAT_INTERVAL_S = 1.0
 
 
 class WorkerReady(msgspec.Struct, tag=True, **_STRUCT):
-    rank: int
-    world_size: int
-    num_blocks: int
-    block_size: int
-    max_model_len: int
+    rank: Count
+    world_size: Positive
+    num_blocks: Count
+    block_size: Positive
+    max_model_len: Positive
     instance_id: str = ""  # fresh per worker process
 
 
 class WorkerFailed(msgspec.Struct, tag=True, **_STRUCT):
-    rank: int
-    step_id: int
+    rank: Count
+    step_id: Count
     message: str
 
 
@@ -198,7 +234,7 @@ class WorkerHeartbeat(msgspec.Struct, tag=True, **_STRUCT):
     """Sent every HEARTBEAT_INTERVAL_S by a thread of each worker, during steps too: an engine
     that hears nothing from a rank for its worker timeout counts the rank as lost."""
 
-    rank: int
+    rank: Count
     instance_id: str = ""
 
 
@@ -208,7 +244,7 @@ class WorkerAccepted(msgspec.Struct, tag=True, **_STRUCT):
     worker drops its request state whenever (engine_id, epoch) differs from what it last had."""
 
     engine_id: str
-    epoch: int = 0
+    epoch: Count = 0
 
 
 class Shutdown(msgspec.Struct, tag=True, **_STRUCT):

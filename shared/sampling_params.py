@@ -8,6 +8,7 @@ so a malformed message fails as loudly as a malformed constructor call.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -17,6 +18,7 @@ from msgspec.structs import force_setattr, replace
 MAX_LOGPROBS = 20
 _PENALTY_RANGE = (-2.0, 2.0)
 _GREEDY_EPS = 1e-5
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator accepts
 
 
 def _require(ok: bool, field: str, rule: str, value: Any) -> None:
@@ -121,6 +123,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
             force_setattr(self, "logit_bias", bias)
 
     def _validate_sampling(self) -> None:
+        floats = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
+        for field in floats:  # inf or nan would turn a whole batch's logits into nan in the worker
+            _require(math.isfinite(getattr(self, field)), field, "must be a finite number", getattr(self, field))
         lo, hi = _PENALTY_RANGE
         checks = [
             ("n", _is_int(self.n) and self.n >= 1, "must be at least 1"),
@@ -131,7 +136,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
             ("repetition_penalty", self.repetition_penalty > 0, "must be positive"),
             ("presence_penalty", lo <= self.presence_penalty <= hi, "must be in [-2, 2]"),
             ("frequency_penalty", lo <= self.frequency_penalty <= hi, "must be in [-2, 2]"),
-            ("seed", self.seed is None or _is_int(self.seed), "must be an integer or None"),
+            ("seed", self.seed is None or (_is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX),
+             "must be a 64-bit integer or None"),
         ]
         for field in ("logprobs", "prompt_logprobs"):
             if getattr(self, field) is not None:
@@ -160,8 +166,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
         ok = all(isinstance(s, str) and s for s in self.stop)
         _require(ok, "stop", "must be non-empty strings", self.stop)
         if self.logit_bias is not None:
-            ok = all(k >= 0 for k in self.logit_bias)
-            _require(ok, "logit_bias", "keys must be non-negative token ids", self.logit_bias)
+            ok = all(k >= 0 and math.isfinite(v) for k, v in self.logit_bias.items())
+            _require(ok, "logit_bias", "must map non-negative token ids to finite numbers", self.logit_bias)
 
     @property
     def greedy(self) -> bool:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from test_scheduler import EOS, TokenCounter, make_scheduler, request, run_to_completion
 
 from services.engine.request import Request
+from services.engine.scheduler import Scheduler
+from shared.config import CacheConfig, SchedulerConfig
 from shared.protocol import StepResult
 from shared.sampling_params import SamplingParams
 
@@ -61,3 +65,81 @@ def test_a_completed_grammar_stops_its_request_with_that_token():
     assert deltas["g"].finish_reason == "stop" and deltas["g"].new_token_ids == result.sampled_token_ids[:1]
     assert deltas["other"].finish_reason is None
     assert list(s.requests) == ["other"]
+
+
+def priority_scheduler(num_blocks: int, **kw) -> Scheduler:
+    return Scheduler(SchedulerConfig(policy="priority", **kw), CacheConfig(block_size=4), num_blocks)
+
+
+def test_priority_policy_admits_by_priority_then_arrival():
+    s, w = priority_scheduler(64, max_num_seqs=1), TokenCounter()
+    for i, prio in enumerate([5, 1, 5, 0, 1]):
+        r = request(f"r{i}", 3, max_tokens=1)
+        r.priority = prio
+        s.add_request(r)
+    order = []
+    while s.has_unfinished():
+        plan = s.schedule()
+        order += [rid for rid in plan.num_scheduled_tokens if rid not in order]
+        s.update(plan, w.execute(plan))
+    assert order == ["r3", "r1", "r4", "r0", "r2"]
+
+
+def test_priority_policy_preempts_the_largest_priority_first():
+    s, w = priority_scheduler(10), TokenCounter()
+    for rid, prio in (("low", 9), ("high", 0), ("mid", 4)):
+        r = request(rid, 8, max_tokens=12, ignore_eos=True)
+        r.priority = prio
+        s.add_request(r)
+    plan = s.schedule()
+    assert list(plan.num_scheduled_tokens) == ["high", "mid", "low"]
+    s.update(plan, w.execute(plan))
+    preempted = []
+    while s.has_unfinished():
+        before = {r.req_id for r in s.running}
+        plan = s.schedule()
+        preempted += [rid for rid in before if rid not in {r.req_id for r in s.running}]
+        s.update(plan, w.execute(plan))
+    # "low" goes first, and "high" is never preempted
+    assert preempted and preempted[0] == "low" and "high" not in preempted
+    assert s.kv.pool.num_free_blocks == 10
+
+
+def test_fcfs_refuses_a_priority_and_preempts_the_newest():
+    s, w = make_scheduler(10), TokenCounter()
+    r = request("p", 3, max_tokens=1)
+    r.priority = 1
+    with pytest.raises(ValueError, match="priority scheduling policy"):
+        s.add_request(r)
+    for rid in ("a", "b", "c"):
+        s.add_request(request(rid, 8, max_tokens=12, ignore_eos=True))
+    s.update(plan := s.schedule(), w.execute(plan))
+    while s.num_preemptions == 0:
+        s.update(plan := s.schedule(), w.execute(plan))
+    assert s.waiting[0].req_id == "c"
+
+
+def test_admission_limits_bound_the_waiting_queue():
+    s = Scheduler(SchedulerConfig(max_num_queued_requests=2, max_queued_tokens=25), CacheConfig(block_size=4), 64)
+    assert s.admission_error(request("a", 10, 5)) is None
+    s.add_request(request("a", 10, 5))
+    assert s.admission_error(request("big", 16, 5))[0] == "queued_tokens"  # 10 + 16 tokens > 25
+    s.add_request(request("b", 15, 5))
+    assert s.admission_error(request("c", 1, 5)) == (
+        "queued_requests", "the engine's queue is full (2 requests waiting); retry later"
+    )
+    s.update(plan := s.schedule(), TokenCounter().execute(plan))  # both start: the queue empties
+    assert s.admission_error(request("c", 1, 5)) is None
+
+
+def test_queue_time_and_oldest_waiting_age():
+    s = make_scheduler(64, max_seqs=1)
+    s.add_request(request("a", 3, 5))
+    s.add_request(request("b", 3, 5))
+    time.sleep(0.05)
+    assert s.oldest_waiting_age() >= 0.05
+    s.schedule()
+    assert len(s.queue_times) == 1 and s.queue_times[0] >= 0.05
+    assert s.oldest_waiting_age() >= 0.05  # "b" still waits
+    s.abort(["b"])
+    assert s.oldest_waiting_age() == 0.0

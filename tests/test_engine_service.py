@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import uuid
 
+import msgspec
 import numpy as np
 import pytest
 import zmq
@@ -15,24 +17,34 @@ from service_helpers import scrape, stop_processes
 
 from pagedserve.serve import free_port
 from shared.protocol import (
+    HEARTBEAT_INTERVAL_S,
     AbortRequests,
     AddRequest,
     EngineMessage,
+    EngineToWorker,
+    FrontendHeartbeat,
     FrontendMessage,
     Goodbye,
     Hello,
     ModelInfo,
     Outputs,
     Ping,
+    Pong,
     RequestFailed,
+    StepResult,
+    WorkerFailed,
+    WorkerHeartbeat,
+    WorkerReady,
+    WorkerToEngine,
 )
 from shared.sampling_params import SamplingParams
 from shared.transport import DealerQueue
 
 
-@pytest.fixture(scope="module")
-def stack(model_dirs):
-    model = str(model_dirs("llama"))
+@contextlib.contextmanager
+def engine_stack(model: str, *engine_flags: str):
+    """An engine (with engine_flags) and one worker as processes: yields (model, input address,
+    output address, worker address, processes, (engine metrics port, worker metrics port))."""
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engine_metrics, worker_metrics = free_port(), free_port()
     common = ["--model", model, "--max-model-len", "128", "--kv-cache-memory", str(8 << 20)]
@@ -40,19 +52,35 @@ def stack(model_dirs):
     env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
     engine = ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk]
     procs = [
-        subprocess.Popen(cli + engine + ["--metrics-port", str(engine_metrics)], env=env),
+        subprocess.Popen(cli + engine + ["--metrics-port", str(engine_metrics), *engine_flags], env=env),
         subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env),
     ]
-    yield model, inp, out, procs, (engine_metrics, worker_metrics)
-    stop_processes(procs)
+    try:
+        yield model, inp, out, wrk, procs, (engine_metrics, worker_metrics)
+    finally:
+        stop_processes(procs)
+
+
+@pytest.fixture(scope="module")
+def stack(model_dirs):
+    with engine_stack(str(model_dirs("llama")), "--frontend-timeout", "3") as started:
+        yield started
 
 
 class Client:
+    """A frontend as the engine sees it: two DEALERs with one identity, a heartbeat while it waits."""
+
     def __init__(self, inp: str, out: str):
         self.ctx = zmq.Context()
         self.id = uuid.uuid4().hex
         self.tx = DealerQueue(self.ctx, inp, EngineMessage, FrontendMessage, identity=self.id.encode())
         self.rx = DealerQueue(self.ctx, out, EngineMessage, FrontendMessage, identity=self.id.encode())
+        self.last_beat = 0.0
+
+    def beat(self) -> None:
+        if time.monotonic() - self.last_beat >= HEARTBEAT_INTERVAL_S:
+            self.tx.send(FrontendHeartbeat(self.id))
+            self.last_beat = time.monotonic()
 
     def hello(self, timeout_s: float = 120) -> ModelInfo:
         deadline = time.monotonic() + timeout_s
@@ -68,6 +96,7 @@ class Client:
         done: dict[str, str] = {}
         deadline = time.monotonic() + timeout_s
         while len(done) < len(req_ids) and time.monotonic() < deadline:
+            self.beat()
             msg = self.rx.recv(timeout_ms=1000)
             if isinstance(msg, Outputs):
                 for d in msg.deltas:
@@ -88,17 +117,17 @@ class Client:
 def test_engine_serves_requests_like_offline(stack):
     from pagedserve import LLM
 
-    model, inp, out, _procs, ports = stack
+    model, inp, out, _wrk, _procs, ports = stack
+    prompts = [[11, 12, 13], list(range(20, 60)), [99] * 17]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(model, max_model_len=128, kv_cache_memory=8 << 20)
+    expected = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     client = Client(inp, out)
     info = client.hello()
     assert info.max_model_len == 128 and info.num_blocks > 0
-    prompts = [[11, 12, 13], list(range(20, 60)), [99] * 17]
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for i, p in enumerate(prompts):
         client.tx.send(AddRequest(f"{client.id}-{i}", np.array(p, dtype=np.int32), params))
     got = client.collect({f"{client.id}-{i}" for i in range(3)})
-    llm = LLM(model, max_model_len=128, kv_cache_memory=8 << 20)
-    expected = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for i, exp in enumerate(expected):
         assert got[f"{client.id}-{i}"] == ("length", exp.outputs[0].token_ids)
     client.tx.send(Ping(1))
@@ -115,7 +144,7 @@ def test_engine_serves_requests_like_offline(stack):
 
 
 def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
-    _, inp, out, procs, ports = stack
+    _, inp, out, _wrk, procs, ports = stack
     client = Client(inp, out)
     client.hello()
     long = np.arange(200, dtype=np.int32) % 50 + 10
@@ -136,7 +165,7 @@ def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
 
 
 def test_a_resumption_continues_an_undisturbed_greedy_run(stack):
-    _, inp, out, _procs, _ports = stack
+    _, inp, out, _wrk, _procs, _ports = stack
     client = Client(inp, out)
     client.hello()
     prompt = np.array([31, 32, 33, 34, 35], dtype=np.int32)
@@ -144,7 +173,110 @@ def test_a_resumption_continues_an_undisturbed_greedy_run(stack):
     client.tx.send(AddRequest("whole", prompt, params))
     reason, tokens = client.collect({"whole"})["whole"]
     assert reason == "length" and len(tokens) == 10
-    resumed = AddRequest("resumed", prompt, params, priority=3, output_token_ids=np.array(tokens[:4], np.int32))
+    resumed = AddRequest("resumed", prompt, params, output_token_ids=np.array(tokens[:4], np.int32))
     client.tx.send(resumed)
     assert client.collect({"resumed"})["resumed"] == ("length", tokens[4:])
+    client.close()
+
+
+def forged(tag: str, *fields) -> list[bytes]:
+    """The frames of a hand-built message: any field may be a numpy array, sent in a frame of its
+    own with its real dtype and shape (0-d too), whatever the protocol expects there."""
+    frames = [b""]
+
+    def as_ext(value):
+        if not isinstance(value, np.ndarray):
+            raise NotImplementedError(type(value))
+        frames.append(value.tobytes())
+        return msgspec.msgpack.Ext(1, msgspec.msgpack.encode((value.dtype.str, list(value.shape), len(frames) - 1)))
+
+    frames[0] = msgspec.msgpack.Encoder(enc_hook=as_ext).encode([tag, *fields])
+    return frames
+
+
+PROMPT = np.array([41, 42, 43], dtype=np.int32)
+MALFORMED = [
+    forged("AddRequest", "m-2d", np.zeros((2, 2), np.int32), {}),
+    forged("AddRequest", "m-0d", np.array(7, np.int32), {}),
+    forged("AddRequest", "m-float", np.array([1.0, 2.0]), {}),
+    forged("AddRequest", "m-int64", np.array([1, 2], np.int64), {}),
+    forged("AddRequest", "m-neg", np.array([-5, 3], np.int32), {}),
+    forged("AddRequest", "m-list", [1, 2, 3], {}),
+    forged("AddRequest", "", PROMPT, {}),
+    forged("AddRequest", "m" * 5000, PROMPT, {}),
+    forged("AddRequest", "m-prio", PROMPT, {}, 2**64 - 1),
+    forged("AddRequest", "m-out", PROMPT, {}, 0, np.zeros((1, 3), np.int32)),
+    forged("AddRequest", "m-max", PROMPT, {"max_tokens": -1}),
+    forged("AddRequest", "m-nan", PROMPT, {"temperature": float("nan")}),
+    forged("AddRequest", "m-bias", PROMPT, {"logit_bias": {"5": float("inf")}}),
+    forged("AddRequest", "m-top-p", PROMPT, {"top_p": 0.0}),
+    forged("AbortRequests", [-1]),
+    forged("AbortRequests", "m-abort"),
+    forged("Ping", -3),
+    forged("Hello", 5),
+    [msgspec.msgpack.encode(["AddRequest", "m-ext", msgspec.msgpack.Ext(1, b"\x93\xa3<i4\x91\x03\x05"), {}])],
+    [b"\xc1"],
+    [b""],
+]
+
+
+def test_malformed_messages_are_dropped_and_the_engine_serves_on(stack):
+    _, inp, out, _wrk, procs, _ports = stack
+    client = Client(inp, out)
+    client.hello()
+    for frames in MALFORMED:
+        client.tx.sock.send_multipart(frames)
+    client.tx.send(Ping(7))
+    replies = []
+    while not isinstance(msg := client.rx.recv(timeout_ms=30_000), Pong):
+        assert msg is not None, "the engine stopped answering"
+        replies.append(msg)
+    assert msg.ping_id == 7 and replies == []  # each malformed message was dropped, unanswered
+    client.tx.send(AddRequest("good", PROMPT, SamplingParams(max_tokens=5, ignore_eos=True)))
+    reason, tokens = client.collect({"good"})["good"]
+    assert reason == "length" and len(tokens) == 5
+    assert all(p.poll() is None for p in procs)
+    client.close()
+
+
+def test_a_frontend_cannot_abort_or_take_over_another_frontends_request(stack):
+    _, inp, out, _wrk, _procs, _ports = stack
+    owner, other = Client(inp, out), Client(inp, out)
+    owner.hello()
+    other.hello()
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    owner.tx.send(AddRequest("mine", PROMPT, params))
+    other.tx.send(AbortRequests(["mine"]))
+    other.tx.send(AddRequest("mine", np.array([5], np.int32), SamplingParams(max_tokens=2)))
+    refused = other.collect({"mine"}, timeout_s=30)["mine"]
+    assert refused[0] == "error: request id 'mine' is already in use"
+    reason, tokens = owner.collect({"mine"})["mine"]
+    assert reason == "length" and len(tokens) == 30
+    owner.close()
+    other.close()
+
+
+def test_forged_worker_messages_neither_fail_steps_nor_take_a_rank(stack):
+    _, inp, out, wrk, procs, ports = stack
+    client = Client(inp, out)
+    info = client.hello()
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    client.tx.send(AddRequest("ref", PROMPT, params))
+    reference = client.collect({"ref"})["ref"]
+    restarts = scrape(ports[0])["pagedserve_engine_worker_restarts_total"]
+    ctx = zmq.Context()
+    forger = DealerQueue(ctx, wrk, EngineToWorker, WorkerToEngine, identity=b"forger")
+    client.tx.send(AddRequest("target", PROMPT, params))
+    forger.send(WorkerReady(0, 1, info.num_blocks, info.block_size, info.max_model_len, "forged"))
+    for step in range(200):  # whatever step is in flight, from an identity that is not rank 0's
+        forger.send(WorkerFailed(0, step, "forged failure"))
+        forger.send(StepResult(step, ["target"], [5]))
+    forger.send(WorkerHeartbeat(0, "forged"))
+    assert client.collect({"target"})["target"] == reference
+    metrics = scrape(ports[0])
+    assert metrics["pagedserve_engine_worker_restarts_total"] == restarts
+    assert metrics["pagedserve_engine_connected_workers"] == 1
+    assert all(p.poll() is None for p in procs)
+    forger.close()
+    ctx.term()
     client.close()

@@ -1,4 +1,5 @@
-"""Engine metrics: queue depths, KV usage, prefix cache, preemptions, step timings."""
+"""Engine metrics: queue depths and saturation, KV usage, prefix cache, preemptions, rejections,
+step timings."""
 
 from __future__ import annotations
 
@@ -24,7 +25,23 @@ class EngineMetrics:
         self.running = gauge("pagedserve_engine_requests_running", "Requests in the running batch.")
         self.waiting = gauge("pagedserve_engine_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_usage = gauge("pagedserve_engine_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
-        self.frontends = gauge("pagedserve_engine_connected_frontends", "Frontends that said hello.")
+        self.frontends = gauge(
+            "pagedserve_engine_connected_frontends", "Frontends heard from within the frontend timeout."
+        )
+        self.oldest_waiting = gauge(
+            "pagedserve_engine_oldest_waiting_seconds", "Age of the oldest request in the waiting queue (0: none)."
+        )
+        self.queue_time = histogram(
+            "pagedserve_engine_request_queue_time_seconds",
+            "Time from a request's arrival to its first schedule.",
+            LATENCY_BUCKETS + (60.0, 120.0, 300.0),
+        )
+        self._model_name = model_name
+        self._rejected = Counter(
+            "pagedserve_engine_rejected_requests",
+            "Requests refused with 503 because a queue limit was reached, by limit.",
+            [*labels, "reason"],
+        )
         self.workers = gauge("pagedserve_engine_connected_workers", "Worker ranks connected and alive.")
         self.prefix_queried = counter(
             "pagedserve_engine_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
@@ -53,8 +70,14 @@ class EngineMetrics:
             LATENCY_BUCKETS,
         )
 
+    def reject(self, reason: str) -> None:
+        """Count a request refused at admission (reason: the limit it hit)."""
+        self._rejected.labels(model_name=self._model_name, reason=reason).inc()
+
     def observe_step(self, scheduler: Scheduler, tokens: int, duration: float, waited: float) -> None:
         self.tokens_per_step.observe(tokens)
+        for seconds in scheduler.queue_times:
+            self.queue_time.observe(seconds)
         self.step_duration.observe(duration)
         self.overhead.observe(max(0.0, duration - waited))
         self.update(scheduler)
@@ -62,6 +85,7 @@ class EngineMetrics:
     def update(self, scheduler: Scheduler) -> None:
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
+        self.oldest_waiting.set(scheduler.oldest_waiting_age())
         self.kv_usage.set(scheduler.kv.usage)
         self.prefix_queried.set_total(scheduler.kv.prefix_queried_tokens)
         self.prefix_hits.set_total(scheduler.kv.prefix_hit_tokens)

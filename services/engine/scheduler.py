@@ -1,13 +1,18 @@
 """Continuous batching with chunked prefill and preemption by recompute.
 
 Every step hands out a token budget: running decodes first (one token each, so a long prompt
-never starves them), then running prefill chunks, then new requests in arrival order. When the
-pool runs out of blocks the newest running request is preempted: its blocks are freed and it
-goes back to the front of the queue, to be recomputed (mostly from the prefix cache) later.
+never starves them), then running prefill chunks, then waiting requests in queue order. When the
+pool runs out of blocks a running request is preempted: its blocks are freed and it goes back
+to the queue, to be recomputed (mostly from the prefix cache) later. Under the fcfs policy the
+queue is in arrival order and the newest request is preempted, going back to the front; under
+the priority policy the queue is ordered by (priority, arrival) and the request with the
+largest (priority, arrival) is preempted.
 """
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections import deque
 
 import numpy as np
@@ -29,14 +34,40 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._step_id = first_step_id  # the service starts it at random: a stale result never matches
         self.num_preemptions = 0
+        self.priority = config.policy == "priority"
+        self.queue_times: list[float] = []  # arrival to first schedule, of requests the latest step started
 
     # ----- requests in and out ---------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
         if request.req_id in self.requests:
             raise ValueError(f"request id {request.req_id!r} is already in use")
+        if request.priority and not self.priority:
+            raise ValueError(f"priority {request.priority} needs the priority scheduling policy (this engine: fcfs)")
         self.requests[request.req_id] = request
-        self.waiting.append(request)
+        self._enqueue(request, front=False)
+
+    def admission_error(self, request: Request) -> tuple[str, str] | None:
+        """(reason, message) when the waiting queue cannot take `request` now (it would pass a
+        queue limit), else None. The service answers 503: the client may retry later."""
+        if len(self.waiting) >= self.config.max_num_queued_requests:
+            return "queued_requests", f"the engine's queue is full ({len(self.waiting)} requests waiting); retry later"
+        queued = sum(r.num_tokens for r in self.waiting)
+        if self.waiting and queued + request.num_tokens > self.config.max_queued_tokens:
+            return "queued_tokens", f"the engine's queue is full ({queued} tokens waiting); retry later"
+        return None
+
+    def _enqueue(self, request: Request, front: bool) -> None:
+        if self.priority:
+            bisect.insort(self.waiting, request, key=_priority_key)
+        elif front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
+
+    def oldest_waiting_age(self) -> float:
+        """Seconds since the oldest waiting request arrived (0 with none waiting)."""
+        return time.monotonic() - min(r.arrival_time for r in self.waiting) if self.waiting else 0.0
 
     def abort(self, req_ids: list[str]) -> list[RequestDelta]:
         out = []
@@ -75,6 +106,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
+        self.queue_times = []
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         preempted = False
@@ -88,7 +120,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while (blocks := self.kv.allocate_slots(request, num_new)) is None:
-                victim = self.running[-1]
+                victim = max(self.running, key=_priority_key) if self.priority else self.running[-1]
                 budget += scheduled.pop(victim.req_id, 0)
                 new_blocks.pop(victim.req_id, None)
                 self._preempt(victim)
@@ -113,6 +145,8 @@ class Scheduler:
             request.num_computed_tokens = num_computed
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_computed
+                request.first_scheduled_time = time.monotonic()
+                self.queue_times.append(request.first_scheduled_time - request.arrival_time)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._known_to_worker.discard(request.req_id)  # resent in full
@@ -131,7 +165,7 @@ class Scheduler:
             request.prompt_logprobs = []
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
 
     def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
         new_reqs, cached = [], []
@@ -204,3 +238,7 @@ class Scheduler:
                 delta.stop_reason = request.stop_reason
             deltas.append(delta)
         return deltas
+
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    return request.priority, request.arrival_time

@@ -20,26 +20,14 @@ import uuid
 import zmq
 
 from services.engine.core import EngineCore
+from services.engine.frontends import FrontendHandler
 from services.engine.metrics import EngineMetrics
 from services.engine.workers import WorkerError, WorkerGroup, WorkerLost
 from shared.auth import EngineAuth, add_auth_args, engine_security
 from shared.config import EngineConfig
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, DEFAULT_WORKER_ADDR, add_flag
 from shared.metrics import serve_metrics
-from shared.protocol import (
-    AbortRequests,
-    AddRequest,
-    EngineMessage,
-    FrontendMessage,
-    Goodbye,
-    Hello,
-    ModelInfo,
-    Outputs,
-    Ping,
-    Pong,
-    RequestDelta,
-    RequestFailed,
-)
+from shared.protocol import EngineMessage, FrontendMessage, ModelInfo, Ping, Pong
 from shared.transport import RouterQueue
 
 log = logging.getLogger("pagedserve.engine")
@@ -48,9 +36,10 @@ log = logging.getLogger("pagedserve.engine")
 class EngineService:
     def __init__(
         self, config: EngineConfig, input_addr: str, output_addr: str, worker_addr: str, worker_timeout_s: float = 30.0,
-        auth: EngineAuth | None = None,
+        auth: EngineAuth | None = None, frontend_timeout_s: float = 10.0,
     ):
         self.config = config
+        self.frontend_timeout_s = frontend_timeout_s
         self.ctx = zmq.Context()
         self.input_addr, self.output_addr = input_addr, output_addr
         self.frontend_security = auth.frontends if auth else None
@@ -61,10 +50,8 @@ class EngineService:
             self.ctx, worker_addr, config, self.engine_id, worker_timeout_s, auth.workers if auth else None
         )
         self.stopping = threading.Event()
-        self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
-        self.frontends: set[bytes] = set()
         self.core: EngineCore | None = None
-        self.model_info: ModelInfo | None = None
+        self.frontends: FrontendHandler | None = None
         self.metrics = EngineMetrics(config.model.name)
 
     # ----- I/O threads ------------------------------------------------------------------------
@@ -72,7 +59,11 @@ class EngineService:
     def _input_loop(self) -> None:
         q = RouterQueue(self.ctx, self.input_addr, FrontendMessage, EngineMessage, security=self.frontend_security)
         while not self.stopping.is_set():
-            got = q.recv(timeout_ms=200)
+            try:
+                got = q.recv(timeout_ms=200)
+            except Exception:  # malformed messages are dropped in recv; anything else is logged here
+                log.exception("input: dropped a message")
+                continue
             if got is not None:
                 self.inbox.put(got)
         q.close()
@@ -84,7 +75,10 @@ class EngineService:
                 identity, msg = self.outbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            q.send(identity, msg)
+            try:
+                q.send(identity, msg)
+            except Exception:
+                log.exception("output: dropped a %s to %r", type(msg).__name__, identity)
         q.close()
 
     # ----- core loop --------------------------------------------------------------------------
@@ -98,10 +92,11 @@ class EngineService:
         # (still queued on its socket when this one started) can never pass for one of ours.
         self.core = EngineCore(self.config, self.workers, num_blocks, random.getrandbits(48))
         m = self.config.model
-        self.model_info = ModelInfo(
+        model_info = ModelInfo(
             m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),
             dict(m.generation_defaults), num_blocks, self.config.cache.block_size, self.engine_id,
         )
+        self.frontends = FrontendHandler(self.core, self.metrics, self.outbox, model_info, self.frontend_timeout_s)
         log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
 
     def run(self) -> None:
@@ -110,6 +105,7 @@ class EngineService:
                 ready = self._workers_ready()
                 busy = ready and self.core.has_unfinished()
                 pongs = self._take_inputs(block=not busy)
+                self.frontends.drop_silent()
                 if busy:
                     self._step()
                 else:
@@ -154,15 +150,12 @@ class EngineService:
             return
         except WorkerError as exc:  # a step failed in the worker: fail its requests, keep serving
             log.error("%s", exc)
-            for req_id in self.core.fail_last_step():
-                owner = self.owners.pop(req_id, None)
-                if owner is not None:
-                    self.outbox.put((owner, RequestFailed(req_id, f"the model step failed: {exc}", 500)))
+            self.frontends.fail(self.core.fail_last_step(), f"the model step failed: {exc}", 500)
             return
         duration = time.monotonic() - start
         self.metrics.worker_wait.set_total(self.workers.wait_time)
         self.metrics.observe_step(self.core.scheduler, self.core.last_num_tokens, duration, self.workers.wait_time - waited)
-        self._route(deltas)
+        self.frontends.route(deltas)
 
     def _take_inputs(self, block: bool) -> list[tuple[bytes, Ping]]:
         pongs = []
@@ -172,54 +165,17 @@ class EngineService:
             return pongs
         while item is not None:
             identity, msg = item
+            try:
+                self.frontends.handle(identity, msg)
+            except Exception:  # one message's error drops that message, nothing else
+                log.exception("dropped a %s from frontend %r", type(msg).__name__, identity)
             if isinstance(msg, Ping):
                 pongs.append((identity, msg))
-            else:
-                self._handle(identity, msg)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 item = None
         return pongs
-
-    def _handle(self, identity: bytes, msg) -> None:
-        if isinstance(msg, AddRequest):
-            try:
-                outputs = None if msg.output_token_ids is None else msg.output_token_ids.tolist()
-                request = self.core.make_request(
-                    msg.req_id, msg.prompt_token_ids.tolist(), msg.sampling_params, outputs, msg.priority
-                )
-                self.core.add_request(request)
-            except ValueError as exc:
-                self.outbox.put((identity, RequestFailed(msg.req_id, str(exc), 400)))
-                return
-            self.owners[msg.req_id] = identity
-        elif isinstance(msg, AbortRequests):
-            self._route(self.core.abort(msg.req_ids))
-        elif isinstance(msg, Hello):
-            self.frontends.add(identity)
-            self.metrics.frontends.set(len(self.frontends))
-            self.outbox.put((identity, self.model_info))
-        elif isinstance(msg, Goodbye):
-            self.frontends.discard(identity)
-            self.metrics.frontends.set(len(self.frontends))
-            self._route(self.core.abort([r for r, o in self.owners.items() if o == identity]))
-
-    def _route(self, deltas: list[RequestDelta]) -> None:
-        by_owner: dict[bytes, list[RequestDelta]] = {}
-        for delta in deltas:
-            owner = self.owners.get(delta.req_id)
-            if owner is None:
-                continue
-            if delta.error is not None:  # the worker refused it: a client error, answered alone
-                del self.owners[delta.req_id]
-                self.outbox.put((owner, RequestFailed(delta.req_id, delta.error, 400)))
-                continue
-            by_owner.setdefault(owner, []).append(delta)
-            if delta.finish_reason is not None:
-                del self.owners[delta.req_id]
-        for owner, batch in by_owner.items():
-            self.outbox.put((owner, Outputs(batch)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--frontend-output", DEFAULT_ENGINE_OUTPUT, "ROUTER address frontends receive outputs from")
     add_flag(parser, "--worker-addr", DEFAULT_WORKER_ADDR, "ROUTER address workers connect to")
     add_flag(parser, "--worker-timeout", 30.0, "seconds without a worker's heartbeat before it counts as lost")
+    add_flag(parser, "--frontend-timeout", 10.0, "seconds without a frontend's message before its requests are aborted")
     add_flag(parser, "--metrics-port", 8001, "port serving /metrics (0: off)")
     add_flag(parser, "--metrics-host", "127.0.0.1", "address serving /metrics (0.0.0.0: every interface)")
     add_auth_args(parser, engine=True)
@@ -241,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args, weights=False)  # the engine reads no weights
     auth = engine_security(args, [args.frontend_input, args.frontend_output, args.worker_addr])
     service = EngineService(
-        config, args.frontend_input, args.frontend_output, args.worker_addr, args.worker_timeout, auth
+        config, args.frontend_input, args.frontend_output, args.worker_addr, args.worker_timeout, auth,
+        args.frontend_timeout,
     )
     serve_metrics(args.metrics_port, args.metrics_host)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())

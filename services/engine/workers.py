@@ -104,15 +104,34 @@ class WorkerGroup:
                 self._control(identity, msg)
                 if self.epoch != epoch:
                     raise WorkerLost("a worker rank re-joined during the step")
+                if not isinstance(msg, (StepResult, WorkerFailed)) or not self._of_step(identity, msg, plan.step_id):
+                    continue
                 if isinstance(msg, WorkerFailed):
                     raise WorkerError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.message}")
-                if isinstance(msg, StepResult) and msg.step_id == plan.step_id:
-                    self.wait_time += time.monotonic() - start
-                    return msg
+                self.wait_time += time.monotonic() - start
+                return msg
             if self._drop_silent():
                 raise WorkerLost("a worker rank went silent during the step")
 
+    def _of_step(self, identity: bytes, msg: StepResult | WorkerFailed, step_id: int) -> bool:
+        """True when msg answers the step in flight and comes from the registered identity of its
+        rank (results come from rank 0); anything else is stale or forged, and ignored."""
+        rank = msg.rank if isinstance(msg, WorkerFailed) else 0
+        if msg.step_id == step_id and self.ranks.get(rank) == identity:
+            return True
+        log.warning(
+            "ignored a %s for step %d from %r as rank %d (step in flight: %d)",
+            type(msg).__name__, msg.step_id, identity, rank, step_id,
+        )
+        return False
+
     def _control(self, identity: bytes, msg) -> None:
+        try:
+            self._control_one(identity, msg)
+        except Exception:  # one bad message never stops the engine
+            log.exception("dropped a %s from worker %r", type(msg).__name__, identity)
+
+    def _control_one(self, identity: bytes, msg) -> None:
         if isinstance(msg, WorkerHeartbeat):  # from the rank's heartbeat socket, not its identity
             known = self.reports.get(msg.rank)
             if msg.rank not in self.ranks and known is not None and known.instance_id == msg.instance_id:
@@ -125,6 +144,13 @@ class WorkerGroup:
                 self.last_seen[msg.rank] = time.monotonic()
             return
         if not isinstance(msg, WorkerReady):
+            return
+        holder = next((r for r, i in self.ranks.items() if i == identity and r != msg.rank), None)
+        if self.ranks.get(msg.rank, identity) != identity or holder is not None:
+            log.warning(
+                "ignored a WorkerReady for rank %d from %r: that rank or identity is connected and alive",
+                msg.rank, identity,
+            )
             return
         mismatch = self._mismatch(msg)
         if mismatch is not None:
