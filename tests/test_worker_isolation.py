@@ -5,11 +5,14 @@ straight into the model runner."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from msgspec.structs import replace
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
+from services.worker.grammar_compiler import COMPILE_TIMEOUT_S
 from shared.protocol import CachedRequestData
 
 GOOD = {
@@ -45,6 +48,8 @@ def test_bad_requests_fail_alone_among_good_ones(llm):
         "bad-schema": ([11, 12, 13], SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "x"}))),
         # divides the prompt tokens' positive logits into +inf: nothing left to sample from
         "inf-penalty": ([30, 31, 32], SamplingParams(temperature=0.5, repetition_penalty=1e-45)),
+        # compiles, but its matcher allows no token at all
+        "empty-grammar": ([11, 12], SamplingParams(structured_outputs=StructuredOutputsParams(grammar="root ::= root"))),
     }
     mixed = run(llm, {**bad, **GOOD})
     for req_id in GOOD:
@@ -53,7 +58,8 @@ def test_bad_requests_fail_alone_among_good_ones(llm):
         reason, tokens, _ = mixed[req_id]
         assert reason == "error" and tokens == [], req_id
     assert "cannot be compiled" in mixed["bad-schema"][2]
-    assert mixed["inf-penalty"][2].startswith("no token can be sampled")
+    for req_id in ("inf-penalty", "empty-grammar"):
+        assert mixed[req_id][2].startswith("no token can be sampled"), mixed[req_id]
     assert llm.engine.scheduler.kv.pool.num_free_blocks == llm.runner.num_blocks
 
 
@@ -91,3 +97,29 @@ def test_hostile_plan_entries_fail_alone(llm):
         tokens += [t for d in core.step() for t in d.new_token_ids]
     assert tokens == expected[1]
     assert core.scheduler.kv.pool.num_free_blocks == runner.num_blocks
+
+
+def test_a_constraint_too_slow_to_compile_fails_alone(llm):
+    """One very long literal takes seconds to compile. Past the compile timeout its request
+    fails alone and the step goes on; while that compile still runs, a new constraint fails at
+    once and a cached one is served; once it is over, constraints compile again."""
+    compiler = llm.runner.structured.compiler
+    cached = SamplingParams(temperature=0, max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[ab]+"))
+    before = run(llm, {"cached": ([11, 12], cached)})["cached"]
+    alone = run(llm, GOOD)
+    new = ([11, 12], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="c+")))
+    slow = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x" * 100_000]))
+    compiler.compile_timeout_s = 0.3
+    try:
+        mixed = run(llm, {"slow": ([11, 12], slow), **GOOD})
+        meanwhile = run(llm, {"new": new, "cached": ([11, 12], cached)})
+    finally:
+        compiler.compile_timeout_s = COMPILE_TIMEOUT_S
+    assert mixed["slow"][0] == "error" and "took longer than 0.3s" in mixed["slow"][2]
+    assert {r: mixed[r] for r in GOOD} == alone
+    assert meanwhile["new"][0] == "error" and "still busy" in meanwhile["new"][2]
+    assert meanwhile["cached"] == before and before[0] == "stop"
+    deadline = time.monotonic() + 600
+    while (later := run(llm, {"later": new})["later"])[0] == "error" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert later[0] in ("stop", "length") and set(llm.tokenizer.decode(later[1], skip_special_tokens=True)) <= {"c"}

@@ -3,23 +3,23 @@
 Before sampling, every row whose request carries StructuredOutputsParams gets the grammar's
 bitmask of allowed next tokens applied to its logits (the others are untouched); after sampling,
 each matcher accepts the sampled token. A request resumed after preemption replays its output
-tokens through a fresh matcher. Compiled grammars are cached by constraint. The model's EOS ids
-are the grammar's stop tokens: once the output is complete only they remain allowed, and the
-sampled stop token terminates the matcher. A terminated matcher is never masked or advanced
-again: its request is reported as stopped (as vLLM finishes it), even under ignore_eos.
-json_object is the schema {"type": "object"}, so the output is an object, never another value.
-An error in one request's matcher fails that request alone.
+tokens through a fresh matcher (grammars are compiled, cached and bounded in time by
+grammar_compiler.py). The model's EOS ids are the grammar's stop tokens: once the output is
+complete only they remain allowed, and the sampled stop token terminates the matcher. A
+terminated matcher is never masked or advanced again: its request is reported as stopped (as
+vLLM finishes it), even under ignore_eos. json_object is the schema {"type": "object"}, so the
+output is an object, never another value. An error in one request's matcher fails that request
+alone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from services.worker.grammar_compiler import GrammarCompiler, import_xgrammar
 from shared.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -27,64 +27,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CACHE_SIZE = 256  # compiled grammars kept
-_ANY_OBJECT = {"type": "object"}
-
 
 class StructuredOutputs:
     def __init__(self, tokenizer_path: str, vocab_size: int, eos_token_ids: list[int]):
-        self.tokenizer_path, self.vocab_size, self.eos_token_ids = tokenizer_path, vocab_size, eos_token_ids
-        self._compiler = None
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-
-    def _xgrammar(self):
-        try:
-            import xgrammar
-        except ImportError:
-            raise ValueError("structured outputs need the xgrammar package (pip install xgrammar)") from None
-        if self._compiler is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-            info = xgrammar.TokenizerInfo.from_huggingface(
-                tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
-            )
-            self._compiler = xgrammar.GrammarCompiler(info)
-        return xgrammar
-
-    def _compile(self, params: StructuredOutputsParams):
-        key = params.key()
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        self._xgrammar()
-        compiler = self._compiler
-        try:
-            if params.json is not None:
-                grammar = compiler.compile_json_schema(params.json, any_whitespace=False)
-            elif params.json_object:  # any object; the builtin JSON grammar also allows arrays and scalars
-                grammar = compiler.compile_json_schema(_ANY_OBJECT, any_whitespace=False)
-            elif params.regex is not None:
-                grammar = compiler.compile_regex(params.regex)
-            elif params.choice is not None:
-                options = " | ".join(json.dumps(c, ensure_ascii=False) for c in params.choice)
-                grammar = compiler.compile_grammar(f"root ::= {options}")
-            else:
-                grammar = compiler.compile_grammar(params.grammar)
-        except RuntimeError as exc:  # xgrammar's parse and conversion errors
-            message = str(exc).splitlines()[0].split("] ", 1)[-1].split(": ", 1)[-1]
-            raise ValueError(f"structured_outputs cannot be compiled: {message}") from None
-        self._cache[key] = grammar
-        if len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return grammar
+        self.vocab_size = vocab_size
+        self.compiler = GrammarCompiler(tokenizer_path, vocab_size, eos_token_ids)
 
     def matcher(self, params: StructuredOutputsParams, output_token_ids: list[int]):
         """A matcher at the state after output_token_ids; ValueError for a constraint that does
         not compile (or tokens it cannot have produced)."""
-        xgrammar = self._xgrammar()
-        matcher = xgrammar.GrammarMatcher(self._compile(params))
+        grammar = self.compiler.compile(params)
+        matcher = import_xgrammar().GrammarMatcher(grammar)
         for token in output_token_ids:
+            if matcher.is_terminated():  # tokens an engine a step late added after the stop
+                break
             if not matcher.accept_token(token):
                 raise ValueError(f"token {token} does not fit the request's structured_outputs")
         return matcher
@@ -96,7 +52,7 @@ class StructuredOutputs:
         rows = [i for i, s in enumerate(states) if _active(s.grammar)]
         if not rows:
             return {}
-        xgrammar = self._xgrammar()
+        xgrammar = import_xgrammar()
         bitmask = xgrammar.allocate_token_bitmask(len(states), self.vocab_size)
         failed, masked = {}, []
         for i in rows:
