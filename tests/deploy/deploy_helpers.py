@@ -65,6 +65,13 @@ WORKER_METRICS = {
 }
 ALL_METRICS = {**FRONTEND_METRICS, **ENGINE_METRICS, **WORKER_METRICS}
 
+# The CURVE key files each role needs (shared/auth.py), and nothing more.
+CURVE_FILES = {
+    "engine": {"engine.key_secret", "frontend.key", "worker.key"},
+    "frontend": {"engine.key", "frontend.key_secret"},
+    "worker": {"engine.key", "worker.key_secret"},
+}
+
 # What Grafana substitutes in a dashboard query, as the tests substitute it.
 GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$__interval": "5s", "$__range": "5m", "$model": ".*"}
 

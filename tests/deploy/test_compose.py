@@ -13,6 +13,7 @@ from deploy_helpers import (
     COMPOSE_CPU_FILE,
     COMPOSE_FILE,
     COMPOSE_SCHEMA,
+    CURVE_FILES,
     REPO,
     flag_env_names,
     load_compose,
@@ -190,3 +191,32 @@ def test_environment_parses_with_the_services_own_flags(variant, compose, compos
             cfg = engine_config_from_args(args)
             assert cfg.scheduler.max_num_seqs == int(env["PAGEDSERVE_MAX_NUM_SEQS"])
             assert cfg.cache.enable_prefix_caching is True
+
+
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_curve_is_on_and_each_service_gets_only_its_keys(variant, compose, compose_cpu):
+    config = compose if variant == "gpu" else compose_cpu
+    secrets = config["secrets"]
+    for name, files in CURVE_FILES.items():
+        svc = config["services"][name]
+        keys_dir = service_environment(svc)["PAGEDSERVE_CURVE_KEYS_DIR"]
+        mounted = {}
+        for ref in svc["secrets"]:
+            target = ref["target"]
+            assert target.startswith(keys_dir + "/"), (name, target)
+            mounted[target[len(keys_dir) + 1:]] = secrets[ref["source"]]["file"]
+        assert set(mounted) == files, name
+        for filename, source in mounted.items():  # the file of that name from `pagedserve keys`
+            assert source == f"./deploy/keys/{filename}", (name, source)
+    assert ".env" in (REPO / ".gitignore").read_text() and "/deploy/keys/" in (REPO / ".gitignore").read_text()
+
+
+def test_metrics_listen_beyond_loopback_only_where_prometheus_scrapes(compose, monkeypatch):
+    """The services default to 127.0.0.1; compose opens /metrics on its network for Prometheus."""
+    from pagedserve.cli import build_parser
+
+    monkeypatch.delenv("PAGEDSERVE_METRICS_HOST", raising=False)
+    for name in ("engine", "worker"):
+        assert build_parser(name).parse_args([name]).metrics_host == "127.0.0.1"
+        assert service_environment(compose["services"][name])["PAGEDSERVE_METRICS_HOST"] == "0.0.0.0"
+        assert "ports" not in compose["services"][name]  # never published on the host

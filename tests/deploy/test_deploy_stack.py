@@ -5,6 +5,9 @@ nginx (the OS binary) runs the repository's nginx.conf rendered for those two fr
 Prometheus scrapes everything (with the repository's job names and alert rules) while load runs,
 and every dashboard query and alert rule is evaluated through its HTTP API.
 
+CURVE is on as the compose file says: keys from `pagedserve keys`, and each service sees only the
+secret files compose mounts for it.
+
 Test-only additions to the compose environment: loopback addresses and free ports, HF_HOME in a
 temporary directory, HF_HUB_OFFLINE=1, OMP_NUM_THREADS=1 (this machine is small), and a tiny
 random-weight model as MODEL."""
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -25,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+import zmq
 from deploy_helpers import (
     ALL_METRICS,
     COMPOSE_CPU_FILE,
@@ -42,8 +47,11 @@ from deploy_helpers import (
     service_environment,
     wait_http,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagedserve.serve import free_port
+from shared.protocol import EngineMessage, EngineToWorker, FrontendMessage, Hello, WorkerReady, WorkerToEngine
+from shared.transport import DealerQueue
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,8 +81,17 @@ class LocalStack:
                 self.procs[name].close()
 
 
-def _localize(env: dict[str, str], ports: dict[int, int], hf_home: Path) -> dict[str, str]:
-    """Compose's service names and container ports, as local addresses."""
+def _mount_secrets(service: dict, secrets: dict, root: Path) -> None:
+    """Each secret the service lists, copied to `root` + its target path, as compose mounts it
+    (so the service sees only its own key files)."""
+    for ref in service.get("secrets", []):
+        target = root / ref["target"].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(secrets[ref["source"]]["file"], target)
+
+
+def _localize(env: dict[str, str], ports: dict[int, int], hf_home: Path, secrets_root: Path) -> dict[str, str]:
+    """Compose's service names, container ports and secret mounts, as local addresses and paths."""
     out = {}
     for key, value in env.items():
         value = re.sub(r"tcp://(?:engine|0\.0\.0\.0):(\d+)", lambda m: f"tcp://127.0.0.1:{ports[int(m.group(1))]}",
@@ -85,6 +102,8 @@ def _localize(env: dict[str, str], ports: dict[int, int], hf_home: Path) -> dict
             value = "127.0.0.1"
         if key == "HF_HOME":
             value = str(hf_home)
+        if value.startswith("/run/secrets/"):
+            value = str(secrets_root / value.lstrip("/"))
         out[key] = value
     return out
 
@@ -122,19 +141,23 @@ def stack(model_dirs, tmp_path_factory) -> Iterator[LocalStack]:
         pytest.skip("nginx not found: apt-get install -y nginx (.ci/run does)")
     logs = tmp_path_factory.mktemp("stack")
     model = model_dirs("llama")
-    compose = load_compose(COMPOSE_FILE, COMPOSE_CPU_FILE, env={"MODEL": str(model), "KV_CACHE_MEMORY": str(64 << 20)})
+    subprocess.run([sys.executable, "-m", "pagedserve.cli", "keys", str(logs / "keys")], check=True, timeout=60)
+    compose = load_compose(COMPOSE_FILE, COMPOSE_CPU_FILE, env={
+        "MODEL": str(model), "KV_CACHE_MEMORY": str(64 << 20), "CURVE_KEYS_DIR": str(logs / "keys")})
     st = LocalStack(logs, {p: free_port() for p in COMPOSE_PORTS}, [free_port(), free_port()], compose=compose)
     services = compose["services"]
     hf_home = logs / "hf-home"
     try:
+        for name in ("engine", "worker", "frontend"):
+            _mount_secrets(services[name], compose["secrets"], logs / f"secrets-{name}")
         for name in ("engine", "worker"):
-            env = _localize(service_environment(services[name]), st.ports, hf_home)
+            env = _localize(service_environment(services[name]), st.ports, hf_home, logs / f"secrets-{name}")
             extra = {"PAGEDSERVE_METRICS_HOST": "127.0.0.1"}
             if name == "worker":
                 extra["OMP_NUM_THREADS"] = "1"
             _start_service(st, name, services[name], _process_env(env, **extra))
         for i, port in enumerate(st.frontend_ports, 1):
-            env = _localize(service_environment(services["frontend"]), st.ports, hf_home)
+            env = _localize(service_environment(services["frontend"]), st.ports, hf_home, logs / "secrets-frontend")
             env["PAGEDSERVE_PORT"] = str(port)  # one port per replica (containers each have their own)
             _start_service(st, f"frontend-{i}", services["frontend"], _process_env(env))
         for port in st.frontend_ports:
@@ -197,8 +220,6 @@ def _metrics_text(port: int) -> str:
 
 
 def test_each_frontend_counts_the_responses_it_served(stack, model_name):
-    from prometheus_client.parser import text_string_to_metric_families
-
     with httpx.Client() as client:
         for i in range(6):
             assert _complete(client, stack.base, model_name, i).status_code == 200
@@ -207,6 +228,29 @@ def test_each_frontend_counts_the_responses_it_served(stack, model_name):
                   if s.name == "pagedserve_frontend_http_responses_total"]
         assert served, f"frontend on {port} exports no pagedserve_frontend_http_responses_total"
         assert sum(s.value for s in served if s.labels.get("endpoint", "").endswith("completions")) > 0, served
+
+
+def test_engine_links_need_the_keys(stack):
+    """A peer without keys reaches neither the engine's frontend sockets nor its worker socket."""
+    ctx = zmq.Context()
+    port = "tcp://127.0.0.1:{}".format
+    try:
+        front = DealerQueue(ctx, port(stack.ports[5570]), EngineMessage, FrontendMessage, b"stranger")
+        back = DealerQueue(ctx, port(stack.ports[5571]), EngineMessage, FrontendMessage, b"stranger")
+        worker = DealerQueue(ctx, port(stack.ports[5572]), EngineToWorker, WorkerToEngine, b"worker-0")
+        for _ in range(5):
+            front.send(Hello("stranger"), block=False)
+            worker.send(WorkerReady(0, 1, 4, 16, 128), block=False)
+            time.sleep(0.2)
+        assert back.recv(timeout_ms=1000) is None and worker.recv(timeout_ms=1000) is None
+    finally:
+        ctx.destroy(linger=0)
+    engine = {s.name: s.value for fam in text_string_to_metric_families(_metrics_text(stack.ports[8001]))
+              for s in fam.samples}
+    assert engine["pagedserve_engine_connected_workers"] == 1
+    assert engine["pagedserve_engine_worker_restarts_total"] == 0  # the forged rank 0 never registered
+    resp = httpx.get(f"{stack.base}/health", timeout=30)
+    assert resp.status_code == 200, resp.text
 
 
 def test_compose_healthchecks_pass(stack):

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import yaml
-from deploy_helpers import K8S_DIR, flag_env_names
+from deploy_helpers import CURVE_FILES, K8S_DIR, flag_env_names
 
 kv = pytest.importorskip("kubernetes_validate.utils", reason="pip install kubernetes-validate")
 
@@ -62,7 +62,7 @@ def test_manifests_validate_against_kubernetes(resources):
         except kv.ValidationError as exc:
             pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']} against Kubernetes {version}: {exc}")
         checked += 1
-    assert checked >= 9
+    assert checked >= 11
 
 
 def test_validation_is_strict(resources):
@@ -188,3 +188,64 @@ def test_configmap_refs_and_environment_parse(resources, model_dirs, monkeypatch
         if service != "frontend":
             monkeypatch.setenv("PAGEDSERVE_MODEL", str(model_dirs("llama")))
         build_parser(service).parse_args([service])
+
+
+def _env_values(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def test_curve_keys_mounted_from_the_secret_per_role(resources):
+    """Every service reads its CURVE keys from the pagedserve-curve-keys Secret (required, not
+    optional), and each mounts only the files of its role."""
+    for name, w, c in _containers(resources):
+        role = c["command"][1]
+        keys_dir = _env_values(c)["PAGEDSERVE_CURVE_KEYS_DIR"]
+        mount = next(m for m in c["volumeMounts"] if m["mountPath"] == keys_dir)
+        assert mount.get("readOnly") is True, name
+        volume = next(v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+        secret = volume["secret"]
+        assert secret["secretName"] == "pagedserve-curve-keys" and not secret.get("optional"), name
+        assert secret["defaultMode"] & 0o007 == 0, f"{name}: keys readable by others"
+        assert all(i["key"] == i["path"] for i in secret["items"]), name
+        assert {i["key"] for i in secret["items"]} == CURVE_FILES[role], name
+        if role != "frontend":  # /metrics opened for Prometheus (the services default to loopback)
+            assert _env_values(c)["PAGEDSERVE_METRICS_HOST"] == "0.0.0.0", name
+
+
+def _admits(policy: dict, labels: dict, port: int, same_namespace: bool = True) -> bool:
+    """Whether an ingress NetworkPolicy lets a pod with `labels` connect to `port`."""
+    for rule in policy["spec"]["ingress"]:
+        if rule.get("ports") and not any(p["port"] == port for p in rule["ports"]):
+            continue
+        for peer in rule.get("from", []):
+            if not same_namespace and "namespaceSelector" not in peer:
+                continue
+            if _matches(peer.get("podSelector", {}).get("matchLabels", {}), labels):
+                return True
+    return False
+
+
+def test_network_policies_admit_only_the_stack(resources):
+    policies = _by_kind(resources, "NetworkPolicy")
+    workloads = _workloads(resources)
+    pods = {role: workloads[f"pagedserve-{role}"]["spec"]["template"]["metadata"]["labels"]
+            for role in ("engine", "frontend", "worker")}
+    prometheus, stranger = {"app.kubernetes.io/name": "prometheus"}, {"app.kubernetes.io/name": "other"}
+    expected = {  # policy -> port -> the sources admitted
+        "pagedserve-engine": {5570: {"frontend"}, 5571: {"frontend"}, 5572: {"worker"}, 8001: {"prometheus"}},
+        "pagedserve-worker": {29500: {"worker"}, 8002: {"prometheus", "worker"}},  # ranks: every port
+    }
+    for name, ports in expected.items():
+        policy = policies[name]
+        target = name.removeprefix("pagedserve-")
+        assert _matches(policy["spec"]["podSelector"]["matchLabels"], pods[target])
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        container_ports = {p["containerPort"] for c in workloads[name]["spec"]["template"]["spec"]["containers"]
+                           for p in c["ports"]}
+        assert container_ports == set(ports), f"{name}: a port the policy test does not cover"
+        for port, allowed in ports.items():
+            admitted = {role for role, labels in pods.items() if _admits(policy, labels, port)}
+            if _admits(policy, prometheus, port, same_namespace=False):
+                admitted.add("prometheus")
+            assert admitted == allowed, (name, port, admitted)
+            assert not _admits(policy, stranger, port), (name, port)
