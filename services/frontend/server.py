@@ -2,8 +2,10 @@
 
 The process binds its listening socket itself with SO_REUSEPORT, so several frontends started
 with the same --port share it (the kernel spreads connections across them), then hands the
-socket to uvicorn. SIGTERM/SIGINT stop accepting, let open requests finish (up to
---shutdown-timeout), then say Goodbye to the engine.
+socket to uvicorn. SIGTERM/SIGINT drain: stop accepting (the listening socket closes, so other
+frontends on the port take new connections; a request that still arrives gets 503), let open
+requests finish for up to --shutdown-timeout, end those still open with a final error (an SSE
+error event and [DONE], or a 503 JSON error), then say Goodbye to the engine.
 
 Entry points: ``main(argv)``, or ``add_arguments(parser)`` + ``run(args)`` for a subcommand.
 """
@@ -11,6 +13,7 @@ Entry points: ``main(argv)``, or ``add_arguments(parser)`` + ``run(args)`` for a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
@@ -18,6 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -25,6 +29,9 @@ from services.frontend.limits import RequestLimits
 from services.frontend.state import FrontendConfig
 from shared.auth import add_auth_args, client_security
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
+
+if TYPE_CHECKING:
+    from services.frontend.engine_client import EngineClient
 
 log = logging.getLogger("pagedserve.frontend")
 
@@ -85,6 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=float(_env("SHUTDOWN_TIMEOUT", "10")),
         help="seconds open requests may take to finish after SIGTERM",
     )
+    p.add_argument(
+        "--resume-timeout",
+        type=float,
+        default=float(_env("RESUME_TIMEOUT", "30")),
+        help="seconds a request waits for a silent engine to come back (a restarted engine resumes it)",
+    )
     _add_limit_arguments(p)
     add_auth_args(p)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
@@ -133,9 +146,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Beyond --shutdown-timeout: time for the final error events to reach the clients.
+_FLUSH_GRACE_S = 5.0
+
+
 class _Server(uvicorn.Server):
-    """uvicorn's server, minus re-raising the caught signal after a graceful shutdown, so the
-    process exits 0 once it has said Goodbye."""
+    """uvicorn's server, draining the engine client while uvicorn stops accepting and waits for
+    open responses, and not re-raising the caught signal after a graceful shutdown, so the process
+    exits 0 once it has said Goodbye."""
+
+    def __init__(self, config: uvicorn.Config, client: EngineClient, shutdown_timeout: float):
+        super().__init__(config)
+        self.client, self.shutdown_timeout = client, shutdown_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = asyncio.create_task(self.client.drain(self.shutdown_timeout), name="drain")
+        try:
+            await super().shutdown(sockets)
+        finally:
+            drain.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -162,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         frontend_id=args.frontend_id,
         health_timeout=args.health_timeout,
         stall_timeout=args.stall_timeout,
+        resume_timeout=args.resume_timeout,
         limits=_limits(args),
     )
     app = build_app(config)
@@ -176,11 +206,11 @@ def run(args: argparse.Namespace) -> int:
     uv_config = uvicorn.Config(
         app,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_graceful_shutdown=args.shutdown_timeout + _FLUSH_GRACE_S,
         access_log=args.log_level == "debug",
         lifespan="on",
     )
-    _Server(uv_config).run(sockets=[sock])
+    _Server(uv_config, state.client, args.shutdown_timeout).run(sockets=[sock])
     return 0
 
 

@@ -40,6 +40,7 @@ class FrontendConfig:
     stall_timeout: float = 10.0  # seconds without output before a request pings the engine
     limits: RequestLimits = field(default_factory=RequestLimits)  # what one request may ask (limits.py)
     curve: CurveClient | None = None  # CURVE keys for the engine link (shared.auth); None: plain
+    resume_timeout: float = 30.0  # seconds a request waits for a silent engine to come back
 
 
 class FrontendState:
@@ -180,6 +181,7 @@ class FrontendState:
             params,
             stall_timeout=self.config.stall_timeout,
             ping_timeout=self.config.health_timeout,
+            resume_timeout=self.config.resume_timeout,
             priority=priority,
             metrics=RequestMetrics(self.metrics, endpoint, arrival),
         )
