@@ -6,6 +6,8 @@ initialized process group (one process, tests) the rank is 0, the size 1 and col
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -39,3 +41,13 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=dim)
+
+
+def tp_all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's obj (picklable), in rank order."""
+    size = tp_size()
+    if size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
+from services.worker.distributed import tp_all_gather_object, tp_size
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.input_batch import RequestState, RequestTable, StepInputs
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
@@ -92,6 +93,7 @@ class ModelRunner:
         self.last_stats = None  # until this step has run
         self.table.take_failed()  # left only by a step that raised: the engine failed all of its requests
         self.table.apply(plan)
+        self._agree_on_refusals(plan)
         start = time.perf_counter()
         inputs = self.table.prepare(plan)
         if inputs is None:  # nothing runnable: only refusals to report
@@ -123,6 +125,18 @@ class ModelRunner:
             failed,
             [r for r in stopped if r not in failed],
         )
+
+    def _agree_on_refusals(self, plan: StepPlan) -> None:
+        """Tensor-parallel ranks must run the same batch. Refusing a new request is the same
+        decision on every rank, except a grammar's compile timeout (each rank measures its own
+        time): with constraints among the new requests, a request any rank refused is refused
+        on every rank."""
+        if tp_size() == 1 or not any(n.sampling_params.structured_outputs for n in plan.new_requests):
+            return
+        for refused in tp_all_gather_object(self.table.failed):
+            for req_id, message in refused.items():
+                if req_id not in self.table.failed:
+                    self.table.fail(req_id, message)
 
     def _sample(
         self, logits: torch.Tensor, states: list[RequestState]
