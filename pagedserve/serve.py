@@ -1,6 +1,8 @@
 """`pagedserve serve`: the whole stack on one machine — engine, workers and N frontends sharing
-one port — as child processes. Waits until it answers, prints where it listens, and stops every
-child on Ctrl-C or SIGTERM; if a child dies, names it and exits non-zero."""
+one port — as child processes. Waits until it answers, prints where it listens, and on Ctrl-C or
+SIGTERM drains in order: the frontends first (they stop accepting and let open requests finish
+within --shutdown-timeout), then the engine and the workers. If a child dies, names it and exits
+non-zero."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ _MODEL_FLAGS = (
     "gpu_memory_utilization", "num_gpu_blocks_override", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "tensor_parallel_size", "enforce_eager", "seed",
 )
+
+
+# Beyond --shutdown-timeout: what a frontend may take to send its final events and say Goodbye.
+_FRONTEND_EXIT_S = 10.0
 
 
 def demo_model() -> str:
@@ -67,7 +73,8 @@ def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]
         port = args.worker_metrics_port + rank if args.worker_metrics_port else 0
         kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(port)]))
-    front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port)]
+    front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port),
+             "--shutdown-timeout", str(args.shutdown_timeout)]
     front += auth
     if args.api_key:
         front += ["--api-key", args.api_key]
@@ -95,16 +102,26 @@ def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float) 
     raise TimeoutError(f"the stack did not become healthy within {timeout_s:.0f}s")
 
 
-def _stop(procs: dict[str, subprocess.Popen]) -> None:
+def _stop(procs: dict[str, subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM the children and wait up to ``timeout_s`` for them (then SIGKILL)."""
     for proc in procs.values():
         if proc.poll() is None:
             proc.terminate()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + timeout_s
     for proc in procs.values():
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+def _drain(procs: dict[str, subprocess.Popen], shutdown_timeout: float) -> None:
+    """Frontends first, so their open requests can finish while the engine and workers still
+    run; then the rest."""
+    frontends = {n: p for n, p in procs.items() if n.startswith("frontend")}
+    _stop(frontends, shutdown_timeout + _FRONTEND_EXIT_S)
+    _stop({n: p for n, p in procs.items() if n not in frontends}, 10)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--frontends", 1, "frontend processes")
     add_flag(parser, "--api-key", None, "require this Bearer token on /v1/*", kind=str)
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
+    add_flag(parser, "--shutdown-timeout", 10.0, "seconds open requests may take to finish on Ctrl-C or SIGTERM")
     add_flag(parser, "--engine-metrics-port", 8001, "the engine's /metrics port")
     add_flag(parser, "--worker-metrics-port", 8002, "rank 0's /metrics port (rank r: + r)")
     add_auth_args(parser)
@@ -131,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    procs = {name: subprocess.Popen(cmd) for name, cmd in _children(args)}
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    # Their own process group: Ctrl-C in a terminal reaches only us, and we stop them in order.
+    procs = {name: subprocess.Popen(cmd, process_group=0) for name, cmd in _children(args)}
     try:
         dead = _wait_ready(f"http://{args.host}:{args.port}/health", procs, args.ready_timeout)
         if dead is None:
@@ -147,4 +166,4 @@ def run(args: argparse.Namespace) -> int:
             return 1
         return 0
     finally:
-        _stop(procs)
+        _drain(procs, args.shutdown_timeout)

@@ -1,5 +1,6 @@
-"""`pagedserve serve`: starts the stack, reports readiness, stops every child on SIGTERM, and exits
-non-zero naming a child that died."""
+"""`pagedserve serve`: starts the stack, reports readiness, drains on SIGTERM (open streams finish,
+or end with an error event at the shutdown timeout; then every child stops and serve exits 0), and
+exits non-zero naming a child that died."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -17,11 +20,11 @@ import pytest
 from pagedserve.serve import free_port
 
 
-def start_serve(model: str, port: int) -> subprocess.Popen:
+def start_serve(model: str, port: int, *extra: str) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "pagedserve.cli", "serve", model, "--port", str(port), "--frontends", "2",
         "--max-model-len", "256", "--engine-metrics-port", str(free_port()), "--worker-metrics-port", str(free_port()),
-        "--frontend-metrics-port", "0", "--ready-timeout", "120",
+        "--frontend-metrics-port", "0", "--ready-timeout", "120", *extra,
     ]
     env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -79,6 +82,70 @@ def test_serve_names_a_dead_child_and_exits_nonzero(model_dirs):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def stream_events(port: int, max_tokens: int, started: threading.Event) -> list[str]:
+    """The data payloads of a streamed greedy completion (usage included); `started` after three."""
+    body = {"prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip().decode())
+            if len(events) == 3:
+                started.set()
+    return events
+
+
+def serving(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
+    except OSError:  # refused, or an HTTP error status
+        return False
+
+
+def sigterm_mid_stream(model: str, shutdown_timeout: str) -> list[str]:
+    """Serve, open a long stream, SIGTERM serve once tokens flow: the stream's events, after
+    checking that the frontends stopped taking requests and that serve and its children exited 0."""
+    port = free_port()
+    proc = start_serve(model, port, "--max-model-len", "1024", "--shutdown-timeout", shutdown_timeout)
+    try:
+        wait_line(proc, "serving")
+        kids = children(proc)
+        started = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stream_events, port, 1000, started)
+            assert started.wait(60)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while serving(port):  # the frontends stop taking requests at once
+                assert time.monotonic() < deadline, "the frontends still take requests"
+                time.sleep(0.1)
+            events = pending.result(timeout=180)
+        assert proc.wait(60) == 0
+        _, alive = psutil.wait_procs(kids, timeout=15)
+        assert not alive
+        return events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_lets_open_streams_finish(model_dirs):
+    events = sigterm_mid_stream(str(model_dirs("llama")), "120")
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 1000
+    assert not any("error" in json.loads(e) for e in events[:-1])
+
+
+def test_sigterm_past_the_shutdown_timeout_ends_streams_with_an_error(model_dirs):
+    events = sigterm_mid_stream(str(model_dirs("llama")), "0.5")
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["message"].startswith("The frontend is shutting down") and error["type"] == "service_unavailable_error"
 
 
 if __name__ == "__main__":
