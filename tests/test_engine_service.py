@@ -13,7 +13,9 @@ import msgspec
 import numpy as np
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
 from service_helpers import scrape, stop_processes
+from test_protocol_decode import forged, message_frames
 
 from pagedserve.serve import free_port
 from shared.protocol import (
@@ -179,21 +181,6 @@ def test_a_resumption_continues_an_undisturbed_greedy_run(stack):
     client.close()
 
 
-def forged(tag: str, *fields) -> list[bytes]:
-    """The frames of a hand-built message: any field may be a numpy array, sent in a frame of its
-    own with its real dtype and shape (0-d too), whatever the protocol expects there."""
-    frames = [b""]
-
-    def as_ext(value):
-        if not isinstance(value, np.ndarray):
-            raise NotImplementedError(type(value))
-        frames.append(value.tobytes())
-        return msgspec.msgpack.Ext(1, msgspec.msgpack.encode((value.dtype.str, list(value.shape), len(frames) - 1)))
-
-    frames[0] = msgspec.msgpack.Encoder(enc_hook=as_ext).encode([tag, *fields])
-    return frames
-
-
 PROMPT = np.array([41, 42, 43], dtype=np.int32)
 MALFORMED = [
     forged("AddRequest", "m-2d", np.zeros((2, 2), np.int32), {}),
@@ -280,3 +267,33 @@ def test_forged_worker_messages_neither_fail_steps_nor_take_a_rank(stack):
     forger.close()
     ctx.term()
     client.close()
+
+
+def test_generated_frontend_messages_never_stop_the_engine(stack):
+    """Property-based: whatever a frontend sends (messages built from the protocol's types with
+    wrong shapes, dtypes and ranges, or valid ones), the engine answers the next Ping."""
+    _, inp, out, _wrk, procs, ports = stack
+    client = Client(inp, out)
+    client.hello()
+    ping_ids = iter(range(10**6))
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(frames=message_frames(FrontendMessage))
+    def send(frames: list[bytes]) -> None:
+        client.tx.sock.send_multipart(frames)
+        client.tx.send(Ping(ping_id := next(ping_ids)))
+        deadline = time.monotonic() + 60
+        while not (isinstance(msg := client.rx.recv(timeout_ms=1000), Pong) and msg.ping_id == ping_id):
+            assert time.monotonic() < deadline, "the engine stopped answering"
+
+    send()
+    client.close()  # its Goodbye aborts whatever it started
+    fresh = Client(inp, out)
+    fresh.hello()
+    fresh.tx.send(AddRequest("after", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True)))
+    assert fresh.collect({"after"})["after"][0] == "length"
+    fresh.tx.send(Ping(1))
+    assert fresh.rx.recv(timeout_ms=10_000).num_running == 0
+    assert scrape(ports[0])["pagedserve_engine_kv_cache_usage_ratio"] == 0.0  # nothing leaked
+    fresh.close()
+    assert all(p.poll() is None for p in procs)
