@@ -71,9 +71,9 @@ class Sampler:
 
 
 def _unusable_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[B] bool: rows where every token is masked, or where a NaN or +inf would poison the softmax."""
-    poisoned = (logits.isnan() | logits.isposinf()).any(dim=-1)
-    return poisoned | (logits == float("-inf")).all(dim=-1)
+    """[B] bool: rows where every token is masked, or where a NaN or +inf would poison the softmax
+    (one pass: a row's max is -inf when all are masked, NaN or +inf when poisoned)."""
+    return ~logits.amax(dim=-1).isfinite()
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -99,7 +99,7 @@ def _mask_min_tokens(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tenso
     before = logits[rows, cols]
     neg_inf = torch.full_like(before, float("-inf"))
     logits.index_put_((rows, cols), neg_inf)
-    emptied = (logits == float("-inf")).all(dim=-1)
+    emptied = logits.amax(dim=-1) == float("-inf")
     logits.index_put_((rows, cols), torch.where(emptied[rows], before, neg_inf))
 
 
