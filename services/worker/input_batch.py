@@ -24,6 +24,7 @@ from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 log = logging.getLogger(__name__)
 
 NO_STATE = "the worker holds no state for this request"
+MAX_MESSAGE_CHARS = 1000  # a reason goes back to the client; it may quote the client's input
 
 @dataclass
 class RequestState:
@@ -70,7 +71,7 @@ class RequestTable:
     def fail(self, req_id: str, message: str) -> None:
         """Drop a request's state; the engine learns why from the step's result."""
         self.states.pop(req_id, None)
-        self.failed[req_id] = message
+        self.failed[req_id] = message[:MAX_MESSAGE_CHARS]
 
     def _guarded(self, req_id: str, stage, arg) -> None:
         try:
