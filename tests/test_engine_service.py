@@ -44,12 +44,12 @@ from shared.transport import DealerQueue
 
 
 @contextlib.contextmanager
-def engine_stack(model: str, *engine_flags: str):
+def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128):
     """An engine (with engine_flags) and one worker as processes: yields (model, input address,
     output address, worker address, processes, (engine metrics port, worker metrics port))."""
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engine_metrics, worker_metrics = free_port(), free_port()
-    common = ["--model", model, "--max-model-len", "128", "--kv-cache-memory", str(8 << 20)]
+    common = ["--model", model, "--max-model-len", str(max_model_len), "--kv-cache-memory", str(8 << 20)]
     cli = [sys.executable, "-m", "pagedserve.cli"]
     env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
     engine = ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk]

@@ -1,0 +1,101 @@
+"""The engine and its frontends as real processes: a frontend killed mid-generation loses its
+requests and their KV blocks, and a full queue answers 503 over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from service_helpers import scrape, stop_processes
+from test_engine_service import engine_stack
+
+from pagedserve.serve import free_port
+
+ENGINE_FLAGS = ("--frontend-timeout", "3", "--max-num-seqs", "1", "--max-num-queued-requests", "2")
+
+
+@pytest.fixture(scope="module")
+def stack(model_dirs):
+    with engine_stack(str(model_dirs("llama")), *ENGINE_FLAGS, max_model_len=1024) as started:
+        yield started
+
+
+def start_frontend(inp: str, out: str) -> tuple[subprocess.Popen, str]:
+    """A frontend process on the engine; returns it and its base URL once /health answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pagedserve.cli", "frontend", "--engine-input", inp, "--engine-output", out,
+           "--port", str(port), "--metrics-port", "0", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING"))
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _healthy(base), 120, "the frontend never became healthy")
+    return proc, base
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_for(condition, timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
+def test_a_killed_frontend_loses_its_requests_and_their_blocks(stack):
+    _, inp, out, _wrk, procs, (engine_port, _) = stack
+    frontend, base = start_frontend(inp, out)
+    try:
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as resp:
+            assert resp.status_code == 200
+            next(resp.iter_lines())  # the first token is out: the request runs
+            before = scrape(engine_port)
+            frontend.send_signal(signal.SIGKILL)  # no Goodbye: the engine only hears silence
+    finally:
+        frontend.kill()
+        frontend.wait(10)
+    assert before["pagedserve_engine_connected_frontends"] == 1
+    assert before["pagedserve_engine_requests_running"] == 1 and before["pagedserve_engine_kv_cache_usage_ratio"] > 0
+
+    def freed() -> bool:
+        m = scrape(engine_port)
+        gone = m["pagedserve_engine_connected_frontends"] == 0 and m["pagedserve_engine_requests_running"] == 0
+        return gone and m["pagedserve_engine_kv_cache_usage_ratio"] == 0.0
+
+    wait_for(freed, 60, "the engine kept the killed frontend's request")
+    assert all(p.poll() is None for p in procs)
+
+
+def test_a_full_queue_answers_503_and_the_accepted_requests_complete(stack):
+    _, inp, out, _wrk, _procs, (engine_port, _) = stack
+    frontend, base = start_frontend(inp, out)
+    try:
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        body = {"model": model, "prompt": "Hello", "max_tokens": 40, "ignore_eos": True}
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"{base}/v1/completions", json=body, timeout=120), range(12)))
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) == {200, 503}, statuses
+        for answer in answers:
+            if answer.status_code == 200:
+                assert answer.json()["usage"]["completion_tokens"] == 40
+            else:
+                error = answer.json()["error"]
+                assert "queue is full" in error["message"] and answer.headers.get("retry-after")
+        rejected = scrape(engine_port)["pagedserve_engine_rejected_requests_total"]
+        assert rejected == statuses.count(503)
+        # the engine serves on once the burst is over
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
+    finally:
+        stop_processes([frontend])
