@@ -12,7 +12,7 @@ import pytest
 from msgspec.structs import replace
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
-from services.worker.grammar_compiler import COMPILE_TIMEOUT_S
+from services.worker.grammar_compiler import COMPILE_TIMEOUT_S, MAX_CONSTRAINT_CHARS
 from shared.protocol import CachedRequestData
 
 GOOD = {
@@ -100,22 +100,25 @@ def test_hostile_plan_entries_fail_alone(llm):
 
 
 def test_a_constraint_too_slow_to_compile_fails_alone(llm):
-    """One very long literal takes seconds to compile. Past the compile timeout its request
-    fails alone and the step goes on; while that compile still runs, a new constraint fails at
-    once and a cached one is served; once it is over, constraints compile again."""
+    """A constraint longer than the limit fails at once. One long literal below it still takes
+    seconds to compile: past the compile timeout its request fails alone and the step goes on;
+    while that compile still runs, a new constraint fails at once and a cached one is served;
+    once it is over, constraints compile again."""
     compiler = llm.runner.structured.compiler
     cached = SamplingParams(temperature=0, max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[ab]+"))
     before = run(llm, {"cached": ([11, 12], cached)})["cached"]
     alone = run(llm, GOOD)
     new = ([11, 12], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="c+")))
-    slow = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x" * 100_000]))
+    slow = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x" * 60_000]))
+    too_long = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x" * MAX_CONSTRAINT_CHARS]))
     compiler.compile_timeout_s = 0.3
     try:
-        mixed = run(llm, {"slow": ([11, 12], slow), **GOOD})
+        mixed = run(llm, {"slow": ([11, 12], slow), "too-long": ([11, 12], too_long), **GOOD})
         meanwhile = run(llm, {"new": new, "cached": ([11, 12], cached)})
     finally:
         compiler.compile_timeout_s = COMPILE_TIMEOUT_S
     assert mixed["slow"][0] == "error" and "took longer than 0.3s" in mixed["slow"][2]
+    assert mixed["too-long"][0] == "error" and f"at most {MAX_CONSTRAINT_CHARS} characters" in mixed["too-long"][2]
     assert {r: mixed[r] for r in GOOD} == alone
     assert meanwhile["new"][0] == "error" and "still busy" in meanwhile["new"][2]
     assert meanwhile["cached"] == before and before[0] == "stop"

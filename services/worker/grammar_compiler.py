@@ -1,12 +1,12 @@
-"""Compiling structured-outputs constraints with xgrammar: cached, and bounded in time.
+"""Compiling structured-outputs constraints with xgrammar: cached, and bounded in size and time.
 
 Compiling runs inside a step, so every request of the step waits for it; some constraints take
 far longer than others (a single 100,000-character literal takes seconds, and the time grows
-faster than the length). Each compile therefore runs in a daemon thread (xgrammar releases the
-GIL) that the step waits on for at most compile_timeout_s: past it, the request fails alone and
-the compile finishes in the background, its result discarded. While that runaway compile still
-runs, new constraints fail at once rather than queue behind it; constraints already compiled
-are served from the cache meanwhile.
+faster than the length). A constraint is at most MAX_CONSTRAINT_CHARS long, and each compile
+runs in a daemon thread (xgrammar releases the GIL) that the step waits on for at most
+compile_timeout_s: past it, the request fails alone and the compile finishes in the background,
+its result discarded. While that runaway compile still runs, new constraints fail at once rather
+than queue behind it; constraints already compiled are served from the cache meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from shared.sampling_params import StructuredOutputsParams
 
 CACHE_SIZE = 256  # compiled grammars kept
 COMPILE_TIMEOUT_S = 5.0
+MAX_CONSTRAINT_CHARS = 65536  # of the constraint as JSON; OpenAI allows 15,000 characters of schema strings
 _ANY_OBJECT = {"type": "object"}
 
 
@@ -44,6 +45,9 @@ class GrammarCompiler:
     def compile(self, params: StructuredOutputsParams):
         """The compiled grammar of a constraint; ValueError when it does not compile in time."""
         key = params.key()
+        if len(key) > MAX_CONSTRAINT_CHARS:
+            raise ValueError(f"structured_outputs must be at most {MAX_CONSTRAINT_CHARS} characters as JSON, "
+                             f"got {len(key)}")
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
