@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import threading
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,3 +25,17 @@ def stop_processes(procs: list[subprocess.Popen], timeout_s: float = 10) -> None
             p.wait(timeout_s)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def sse_events(url: str, body: dict, started: threading.Event | None = None) -> list[str]:
+    """The data payloads of a streamed POST to ``url`` (``[DONE]`` included); ``started`` is set
+    once three have arrived."""
+    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip().decode())
+            if len(events) == 3 and started is not None:
+                started.set()
+    return events

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
-from service_helpers import scrape
+from service_helpers import scrape, sse_events
 
 from pagedserve.serve import free_port
 
@@ -69,18 +69,8 @@ def complete(base: str, model: str, max_tokens: int = 5) -> dict:
 
 def stream_events(base: str, model: str, max_tokens: int, started: threading.Event) -> list[str]:
     """The data payloads of a streamed greedy completion; `started` is set after a few chunks."""
-    body = {"model": model, "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    events = []
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            if line.startswith(b"data: "):
-                events.append(line[6:].strip().decode())
-            if len(events) == 3:
-                started.set()
-    return events
+    body = {"model": model, "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return sse_events(base + "/v1/completions", body, started)
 
 
 def stream(base: str, model: str, max_tokens: int, started: threading.Event) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
+from service_helpers import sse_events
 
 from pagedserve.serve import free_port
 
@@ -84,22 +85,6 @@ def test_serve_names_a_dead_child_and_exits_nonzero(model_dirs):
             proc.kill()
 
 
-def stream_events(port: int, max_tokens: int, started: threading.Event) -> list[str]:
-    """The data payloads of a streamed greedy completion (usage included); `started` after three."""
-    body = {"prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    events = []
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            if line.startswith(b"data: "):
-                events.append(line[6:].strip().decode())
-            if len(events) == 3:
-                started.set()
-    return events
-
-
 def serving(port: int) -> bool:
     try:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
@@ -117,7 +102,9 @@ def sigterm_mid_stream(model: str, shutdown_timeout: str) -> list[str]:
         kids = children(proc)
         started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(stream_events, port, 1000, started)
+            body = {"prompt": "hello", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+                    "stream_options": {"include_usage": True}}
+            pending = pool.submit(sse_events, f"http://127.0.0.1:{port}/v1/completions", body, started)
             assert started.wait(60)
             proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
