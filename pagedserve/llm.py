@@ -49,7 +49,10 @@ class LLM:
         enforce_eager: bool = False,
         device: str | None = None,
         revision: str | None = None,
+        scheduling_policy: str = "fcfs",
     ):
+        """scheduling_policy: "fcfs", or "priority" (generate's priority list orders the requests:
+        lower values first, and the largest are preempted first)."""
         if tensor_parallel_size != 1:
             raise ValueError("the offline LLM runs tensor_parallel_size=1; use `pagedserve serve` for more ranks")
         import torch
@@ -66,7 +69,9 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
                 num_gpu_blocks_override=num_gpu_blocks_override,
             ),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=scheduling_policy
+            ),
             parallel=ParallelConfig(),
             compilation=CompilationConfig(enforce_eager=enforce_eager),
             seed=seed,
@@ -90,12 +95,14 @@ class LLM:
         prompts: PromptType | Seq[PromptType],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
+        """priority: one value per prompt, with scheduling_policy="priority" (lower runs first)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         token_lists = [self._tokenize(p) for p in prompts]
         texts = [p if isinstance(p, str) else p.get("prompt") for p in prompts]
-        return self._run(texts, token_lists, sampling_params, use_tqdm)
+        return self._run(texts, token_lists, sampling_params, use_tqdm, priority)
 
     def chat(
         self,
@@ -126,23 +133,27 @@ class LLM:
             return self.tokenizer.encode(prompt["prompt"])
         raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")
 
-    def _run(self, texts, token_lists, sampling_params, use_tqdm) -> list[RequestOutput]:
+    def _run(self, texts, token_lists, sampling_params, use_tqdm, priority=None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = (
             [sampling_params] * len(token_lists) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         )
-        if len(params_list) != len(token_lists):
-            raise ValueError(f"got {len(params_list)} sampling_params for {len(token_lists)} prompts")
+        priorities = [0] * len(token_lists) if priority is None else list(priority)
+        for name, given in (("sampling_params", params_list), ("priority", priorities)):
+            if len(given) != len(token_lists):
+                raise ValueError(f"got {len(given)} {name} for {len(token_lists)} prompts")
+        if any(priorities) and self.config.scheduler.policy != "priority":
+            raise ValueError('priority needs LLM(..., scheduling_policy="priority")')
         # Validate every request before admitting any, so a bad prompt leaves the engine untouched.
         outputs, sequences, requests = [], {}, []
-        for text, ids, params in zip(texts, token_lists, params_list):
+        for text, ids, params, prio in zip(texts, token_lists, params_list, priorities):
             rid = str(next(self._ids))
             outputs.append(RequestOutput(rid, text, ids))
             for i in range(params.n):
                 child_id = rid if params.n == 1 else f"{rid}-{i}"
                 child = params if params.n == 1 else params.for_child(i)
-                requests.append(self.engine.make_request(child_id, ids, child))
+                requests.append(self.engine.make_request(child_id, ids, child, priority=prio))
                 sequences[child_id] = (len(outputs) - 1, Sequence(child_id, i, self.tokenizer, ids, child))
         for request in requests:
             self.engine.add_request(request)

@@ -143,3 +143,25 @@ def test_queue_time_and_oldest_waiting_age():
     assert s.oldest_waiting_age() >= 0.05  # "b" still waits
     s.abort(["b"])
     assert s.oldest_waiting_age() == 0.0
+
+
+def test_offline_priority_runs_the_lowest_value_first(model_dirs):
+    """With one sequence at a time and a shared 32-token prefix, the request that runs first is the
+    only one that finds nothing in the prefix cache."""
+    from pagedserve import LLM
+
+    prefix = list(range(10, 42))
+    prompts = [{"prompt_token_ids": prefix + [50 + i, 60 + i]} for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    kw = {"max_model_len": 128, "kv_cache_memory": 8 << 20, "max_num_seqs": 1}
+    llm = LLM(str(model_dirs("llama")), scheduling_policy="priority", **kw)
+    outs = llm.generate(prompts, params, use_tqdm=False, priority=[2, 0, 1])
+    assert [o.num_cached_tokens for o in outs] == [32, 0, 32]
+    fcfs = LLM(str(model_dirs("llama")), **kw)
+    same = fcfs.generate(prompts, params, use_tqdm=False)
+    assert [o.num_cached_tokens for o in same] == [0, 32, 32]
+    assert [o.outputs[0].token_ids for o in same] == [o.outputs[0].token_ids for o in outs]
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        fcfs.generate(prompts, params, use_tqdm=False, priority=[1, 0, 0])
+    with pytest.raises(ValueError, match="got 2 priority for 3 prompts"):
+        llm.generate(prompts, params, use_tqdm=False, priority=[1, 0])
