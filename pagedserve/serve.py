@@ -24,6 +24,7 @@ _MODEL_FLAGS = (
     "model", "served_model_name", "dtype", "max_model_len", "block_size", "kv_cache_memory",
     "gpu_memory_utilization", "num_gpu_blocks_override", "enable_prefix_caching", "max_num_seqs",
     "max_num_batched_tokens", "tensor_parallel_size", "enforce_eager", "seed",
+    "scheduling_policy", "max_num_queued_requests", "max_queued_tokens",
 )
 
 
