@@ -175,7 +175,7 @@ def test_sharded_checkpoint_loads_the_same_weights(model_dirs):
         assert torch.equal(param, expected[name]), name
 
 
-@pytest.mark.parametrize("change", ["missing", "unexpected", "wrong_shape"])
+@pytest.mark.parametrize("change", ["missing", "unexpected", "wrong_shape", "integer", "bad_index", "outside_index"])
 def test_bad_checkpoint_raises_a_clear_error(model_dirs, tmp_path, change):
     shutil.copytree(model_dirs("llama"), tmp_path, dirs_exist_ok=True)
     weights = load_file(tmp_path / "model.safetensors")
@@ -184,11 +184,17 @@ def test_bad_checkpoint_raises_a_clear_error(model_dirs, tmp_path, change):
         del weights[name]
     elif change == "unexpected":
         weights["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
-    else:
+    elif change == "wrong_shape":
         weights[name] = weights[name][:-1].clone()
+    elif change == "integer":  # e.g. a quantized checkpoint: never cast into garbage floats
+        weights[name] = weights[name].to(torch.int8)
+    index = {"bad_index": {"weights": {}}, "outside_index": {"weight_map": {name: "../model.safetensors"}}}
+    if change in index:
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index[change]))
     save_file(weights, tmp_path / "model.safetensors")
     message = {"missing": r"lacks .*qkv_proj\.weight \(shards \['k'\]\)", "unexpected": "mlp.extra.weight",
-               "wrong_shape": "k_proj.weight.*shape mismatch"}[change]
+               "wrong_shape": "k_proj.weight.*shape mismatch", "integer": "k_proj.weight.*dtype torch.int8",
+               "bad_index": "not a safetensors index", "outside_index": "outside the checkpoint"}[change]
     with pytest.raises(ValueError, match=message):
         build_model(ModelConfig.from_pretrained(str(tmp_path)), torch.float32, "cpu")
 

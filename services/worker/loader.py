@@ -65,7 +65,12 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{index} is not a safetensors index (a weight_map of file names): {exc!r}") from None
+        if any(not isinstance(s, str) or Path(s).name != s for s in shards):
+            raise ValueError(f"{index} names shards outside the checkpoint directory")
         return [path / shard for shard in shards]
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]

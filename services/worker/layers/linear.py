@@ -20,9 +20,11 @@ WeightLoader = Callable[..., None]
 
 
 def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy a checkpoint slice into a parameter (slice), checking the shape first."""
+    """Copy a checkpoint slice into a parameter (slice), checking the shape and kind first."""
     if dst.shape != src.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(dst.shape)}, checkpoint {tuple(src.shape)}")
+    if not src.is_floating_point():  # e.g. a quantized checkpoint's int8 weights: a cast would be garbage
+        raise ValueError(f"checkpoint tensor has dtype {src.dtype}; only floating-point weights are supported")
     dst.copy_(src)
 
 
