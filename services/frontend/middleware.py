@@ -61,12 +61,12 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 class FrontendMiddleware:
     def __init__(self, app: ASGIApp, *, frontend_id: str, metrics: FrontendMetrics, api_key: str | None,
-                 max_body_bytes: int):
+                 max_request_body_bytes: int):
         self.app = app
         self.frontend_id = frontend_id.encode()
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
+        self.max_request_body_bytes = max_request_body_bytes
 
     def _authorized(self, scope: Scope) -> bool:
         if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIXES):
@@ -93,10 +93,10 @@ class FrontendMiddleware:
         try:
             if not self._authorized(scope):
                 await self._reject(unauthorized(), send_with_headers, {"www-authenticate": "Bearer"})
-            elif (_content_length(scope) or 0) > self.max_body_bytes:
-                await self._reject(body_too_large(self.max_body_bytes), send_with_headers, {"connection": "close"})
+            elif (_content_length(scope) or 0) > self.max_request_body_bytes:
+                await self._reject(body_too_large(self.max_request_body_bytes), send_with_headers, {"connection": "close"})
             else:
-                await self.app(scope, _limited(receive, self.max_body_bytes), send_with_headers)
+                await self.app(scope, _limited(receive, self.max_request_body_bytes), send_with_headers)
         finally:
             self.metrics.count_response(scope["path"], status)
 

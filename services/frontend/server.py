@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -107,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
     """What one request may ask (services.frontend.limits); past a limit, a clear 4xx."""
     d = RequestLimits()
-    p.add_argument("--max-request-body-bytes", type=int, default=int(_env("MAX_REQUEST_BODY_BYTES", str(d.max_body_bytes))),
+    p.add_argument("--max-request-body-bytes", type=int, default=int(_env("MAX_REQUEST_BODY_BYTES", str(d.max_request_body_bytes))),
                    help="larger request bodies get 413 (PAGEDSERVE_MAX_REQUEST_BODY_BYTES)")
     p.add_argument("--max-n", type=int, default=int(_env("MAX_N", str(d.max_n))), help="most samples (n) per prompt")
     p.add_argument("--max-logprobs", type=int, default=int(_env("MAX_LOGPROBS", str(d.max_logprobs))),
@@ -120,16 +121,15 @@ def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
                    help="render chat templates sent by clients (sandboxed, in a child process killed after "
                    "--chat-template-timeout); without it such requests get 400")
     p.add_argument("--chat-template-timeout", type=float,
-                   default=float(_env("CHAT_TEMPLATE_TIMEOUT", str(d.template_timeout_s))),
+                   default=float(_env("CHAT_TEMPLATE_TIMEOUT", str(d.chat_template_timeout))),
                    help="seconds a client's chat template may take to render")
 
 
 def _limits(args: argparse.Namespace) -> RequestLimits:
-    return RequestLimits(
-        max_body_bytes=args.max_request_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
-        max_prompts_per_request=args.max_prompts_per_request,
-        trust_request_chat_template=args.trust_request_chat_template, template_timeout_s=args.chat_template_timeout,
-    )
+    try:  # each field has the flag of the same name
+        return RequestLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RequestLimits)})
+    except ValueError as exc:
+        raise SystemExit(f"pagedserve frontend: {exc}") from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -80,7 +80,7 @@ class Tokenization:
                    "Refused request with untrusted chat template.")
             raise bad_request(msg, param="chat_template")
         if self._sandbox is None:
-            self._sandbox = TemplateSandbox(self.limits.template_timeout_s, self.limits.max_body_bytes)
+            self._sandbox = TemplateSandbox(self.limits.chat_template_timeout, self.limits.max_request_body_bytes)
         context = {**self.tokenizer.special_tokens_map, **variables, "messages": messages,
                    "add_generation_prompt": add_generation_prompt}
         try:

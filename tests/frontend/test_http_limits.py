@@ -5,10 +5,12 @@ tokenizer endpoints, Retry-After on 503, and a frontend that keeps serving after
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import pytest
-from frontend_helpers import GREEDY, wait_until
+from frontend_helpers import GREEDY, REPO, wait_until
 
 from pagedserve.serve import free_port
 
@@ -224,3 +226,11 @@ def test_every_503_carries_retry_after(stack):
         assert _error(resp, 503, None)["code"] == "engine_unavailable"
         assert int(resp.headers["retry-after"]) > 0
     proc.terminate()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-logprobs", "21"), ("--max-n", "0"),
+                                             ("--max-request-body-bytes", "0"), ("--chat-template-timeout", "0")])
+def test_a_limit_out_of_range_stops_the_frontend_with_the_reason(flag, value):
+    out = subprocess.run([sys.executable, "-m", "services.frontend.server", flag, value, "--port", str(free_port())],
+                         check=False, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 1 and flag.removeprefix("--").replace("-", "_") in out.stderr, out.stderr
