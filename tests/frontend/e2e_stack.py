@@ -41,13 +41,14 @@ class Stack:
         return self.start("worker", "worker", "--model", str(self.model), *self.engine_flags, "--worker-addr",
                           self.wrk, "--metrics-port", str(free_port()))
 
-    def start_engine(self, name: str = "engine") -> Proc:
-        """An engine on this stack's addresses (a restarted one too: the worker rejoins it)."""
+    def start_engine(self, name: str = "engine", *extra: str) -> Proc:
+        """An engine on this stack's addresses (a restarted one too: the worker rejoins it);
+        ``extra``: engine-only flags."""
         self.metrics_ports[name] = port = free_port()
         self.engine_name = name
         self.engine = self.start(name, "engine", "--model", str(self.model), *self.engine_flags, "--frontend-input",
                                  self.inp, "--frontend-output", self.out, "--worker-addr", self.wrk,
-                                 "--metrics-port", str(port))
+                                 "--metrics-port", str(port), *extra)
         return self.engine
 
     def start_frontend(self, frontend_id: str, *extra: str, port: int | None = None) -> Proc:

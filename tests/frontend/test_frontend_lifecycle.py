@@ -251,3 +251,27 @@ def test_sigterm_past_the_shutdown_timeout_ends_requests_with_an_error(stack):
     assert result["resp"].status_code == 503
     assert result["resp"].json()["error"]["message"].startswith("The frontend is shutting down")
     stack.wait_engine_idle(5.0)  # both were aborted in the engine
+
+
+def test_heartbeats_keep_an_idle_frontend_known_to_the_engine(model_path, tmp_path):
+    stack = Stack(model_path, tmp_path)
+    try:
+        stack.start_worker()
+        stack.start_engine("engine", "--frontend-timeout", "2")
+        proc = stack.start_frontend("fe-idle")
+        wait_until(f"{stack.base}/health", proc, timeout=120)
+        time.sleep(5)  # idle for longer than the engine's frontend timeout
+        assert _connected_frontends(stack) == 1
+        os.kill(proc.popen.pid, signal.SIGSTOP)  # silent: the engine counts it as gone
+        try:
+            deadline = time.monotonic() + 15
+            while _connected_frontends(stack) != 0:
+                assert time.monotonic() < deadline, "the engine never noticed the silent frontend"
+                time.sleep(0.2)
+        finally:
+            os.kill(proc.popen.pid, signal.SIGCONT)
+        resp = httpx.post(f"{stack.base}/v1/completions", json=BODY, timeout=60)  # heard again: it serves
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
+        assert _connected_frontends(stack) == 1
+    finally:
+        stack.close()
