@@ -5,8 +5,9 @@ gets the tokens it gets alone, and every block goes back to the pool."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from service_helpers import scrape
-from test_engine_service import Client, stack  # noqa: F401 (this module's own engine and worker processes)
+from test_engine_service import Client, engine_stack
 
 from shared.protocol import AddRequest, Ping
 from shared.sampling_params import SamplingParams, StructuredOutputsParams
@@ -15,8 +16,14 @@ S = StructuredOutputsParams
 BESIDE = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-def test_per_request_errors_in_a_worker_process_stay_with_their_request(stack):  # noqa: F811
-    _, inp, out, procs, ports = stack
+@pytest.fixture(scope="module")
+def stack(model_dirs):
+    with engine_stack(str(model_dirs("llama"))) as started:
+        yield started
+
+
+def test_per_request_errors_in_a_worker_process_stay_with_their_request(stack):
+    inp, out, procs, ports = stack[1], stack[2], stack[-2], stack[-1]
     client = Client(inp, out)
     client.hello()
     prompt = np.array([21, 22, 23], np.int32)
