@@ -52,7 +52,7 @@ def wait_for(condition, timeout_s: float, message: str) -> None:
 
 
 def test_a_killed_frontend_loses_its_requests_and_their_blocks(stack):
-    _, inp, out, _wrk, procs, (engine_port, _) = stack
+    _, inp, out, procs, (engine_port, _) = stack
     frontend, base = start_frontend(inp, out)
     try:
         model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -78,7 +78,7 @@ def test_a_killed_frontend_loses_its_requests_and_their_blocks(stack):
 
 
 def test_a_full_queue_answers_503_and_the_accepted_requests_complete(stack):
-    _, inp, out, _wrk, _procs, (engine_port, _) = stack
+    _, inp, out, _procs, (engine_port, _) = stack
     frontend, base = start_frontend(inp, out)
     try:
         model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]

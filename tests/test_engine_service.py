@@ -46,7 +46,7 @@ from shared.transport import DealerQueue
 @contextlib.contextmanager
 def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128):
     """An engine (with engine_flags) and one worker as processes: yields (model, input address,
-    output address, worker address, processes, (engine metrics port, worker metrics port))."""
+    output address, processes, (engine metrics port, worker metrics port))."""
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engine_metrics, worker_metrics = free_port(), free_port()
     common = ["--model", model, "--max-model-len", str(max_model_len), "--kv-cache-memory", str(8 << 20)]
@@ -58,7 +58,7 @@ def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128):
         subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env),
     ]
     try:
-        yield model, inp, out, wrk, procs, (engine_metrics, worker_metrics)
+        yield model, inp, out, procs, (engine_metrics, worker_metrics)
     finally:
         stop_processes(procs)
 
@@ -119,7 +119,7 @@ class Client:
 def test_engine_serves_requests_like_offline(stack):
     from pagedserve import LLM
 
-    model, inp, out, _wrk, _procs, ports = stack
+    model, inp, out, _procs, ports = stack
     prompts = [[11, 12, 13], list(range(20, 60)), [99] * 17]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm = LLM(model, max_model_len=128, kv_cache_memory=8 << 20)
@@ -146,7 +146,7 @@ def test_engine_serves_requests_like_offline(stack):
 
 
 def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
-    _, inp, out, _wrk, procs, ports = stack
+    _, inp, out, procs, ports = stack
     client = Client(inp, out)
     client.hello()
     long = np.arange(200, dtype=np.int32) % 50 + 10
@@ -167,7 +167,7 @@ def test_bad_requests_fail_alone_and_aborts_free_the_engine(stack):
 
 
 def test_a_resumption_continues_an_undisturbed_greedy_run(stack):
-    _, inp, out, _wrk, _procs, _ports = stack
+    _, inp, out, _procs, _ports = stack
     client = Client(inp, out)
     client.hello()
     prompt = np.array([31, 32, 33, 34, 35], dtype=np.int32)
@@ -208,7 +208,7 @@ MALFORMED = [
 
 
 def test_malformed_messages_are_dropped_and_the_engine_serves_on(stack):
-    _, inp, out, _wrk, procs, _ports = stack
+    _, inp, out, procs, _ports = stack
     client = Client(inp, out)
     client.hello()
     for frames in MALFORMED:
@@ -227,7 +227,7 @@ def test_malformed_messages_are_dropped_and_the_engine_serves_on(stack):
 
 
 def test_a_frontend_cannot_abort_or_take_over_another_frontends_request(stack):
-    _, inp, out, _wrk, _procs, _ports = stack
+    _, inp, out, _procs, _ports = stack
     owner, other = Client(inp, out), Client(inp, out)
     owner.hello()
     other.hello()
@@ -244,7 +244,8 @@ def test_a_frontend_cannot_abort_or_take_over_another_frontends_request(stack):
 
 
 def test_forged_worker_messages_neither_fail_steps_nor_take_a_rank(stack):
-    _, inp, out, wrk, procs, ports = stack
+    _, inp, out, procs, ports = stack
+    wrk = procs[0].args[procs[0].args.index("--worker-addr") + 1]  # the engine's worker address
     client = Client(inp, out)
     info = client.hello()
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -272,7 +273,7 @@ def test_forged_worker_messages_neither_fail_steps_nor_take_a_rank(stack):
 def test_generated_frontend_messages_never_stop_the_engine(stack):
     """Property-based: whatever a frontend sends (messages built from the protocol's types with
     wrong shapes, dtypes and ranges, or valid ones), the engine answers the next Ping."""
-    _, inp, out, _wrk, procs, ports = stack
+    _, inp, out, procs, ports = stack
     client = Client(inp, out)
     client.hello()
     ping_ids = iter(range(10**6))
