@@ -58,6 +58,8 @@ __all__ = ["EngineClient", "StreamItem"]
 # Errors of encoding a message: something in the request does not fit the wire (an integer
 # beyond 64 bits, a lone surrogate), so the client's fault.
 _ENCODE_ERRORS = (OverflowError, ValueError, TypeError, msgspec.EncodeError)
+# Sent again every interval, so one the socket cannot take now is dropped rather than waited for.
+_PERIODIC = (FrontendHeartbeat, Hello, Ping)
 SHUTTING_DOWN = "The frontend is shutting down; the request did not finish within its shutdown timeout."
 
 
@@ -214,14 +216,14 @@ class EngineClient:
     # ----- background tasks ---------------------------------------------------------------------
 
     async def _keepalive_loop(self) -> None:
-        """Hello until the engine answers; a heartbeat always; while requests are open, a Ping
-        whose Pong tells a restarted engine apart (its new engine_id starts the resumption)."""
+        """Hello until the engine answers, then a Ping whose Pong tells a restarted engine apart
+        within an interval (its new engine_id starts the resumption); a heartbeat always."""
         while True:
             try:
                 self._outbox.put_nowait(FrontendHeartbeat(self.frontend_id))
                 if not self._ready.is_set():
                     self._outbox.put_nowait(Hello(self.frontend_id))
-                elif len(self._requests):
+                else:
                     self._outbox.put_nowait(Ping(next(self._ping_ids)))
             except Exception:  # never stop the heartbeat
                 log.exception("keepalive failed")
@@ -231,6 +233,8 @@ class EngineClient:
         assert self._input is not None
         while True:
             msg = await self._outbox.get()
+            if isinstance(msg, _PERIODIC) and not self._input.sock.get(zmq.EVENTS) & zmq.POLLOUT:
+                continue  # an engine gone long enough to fill the socket's queue: wait for none of these
             try:
                 await self._input.send(msg)
             except Exception as exc:  # noqa: BLE001 (logged there) one message that cannot go fails its request alone
