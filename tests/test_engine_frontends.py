@@ -93,8 +93,12 @@ def test_a_full_queue_answers_503_and_the_accepted_requests_complete(stack):
             else:
                 error = answer.json()["error"]
                 assert "queue is full" in error["message"] and answer.headers.get("retry-after")
-        rejected = scrape(engine_port)["pagedserve_engine_rejected_requests_total"]
-        assert rejected == statuses.count(503)
+        metrics = scrape(engine_port)
+        assert metrics["pagedserve_engine_rejected_requests_total"] == statuses.count(503)
+        # every accepted request left the queue once, some after waiting behind another
+        assert metrics["pagedserve_engine_request_queue_time_seconds_count"] >= statuses.count(200)
+        assert metrics["pagedserve_engine_request_queue_time_seconds_sum"] > 0
+        assert metrics["pagedserve_engine_oldest_waiting_seconds"] == 0.0  # nothing waits now
         # the engine serves on once the burst is over
         assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
     finally:
