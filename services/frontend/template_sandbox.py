@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from datetime import datetime
 from typing import Any
@@ -59,7 +60,7 @@ class TemplateSandbox:
     async def _process(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", __file__, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                sys.executable, "-I", __file__, str(os.getpid()), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 limit=6 * self.max_bytes + (1 << 16),  # an answer's line: JSON escapes take up to 6 bytes a byte
             )
         return self._proc
@@ -118,7 +119,14 @@ def _render(env: Any, request: dict[str, Any]) -> dict[str, str]:
 
 def _serve() -> None:
     import resource
+    import signal
 
+    if sys.platform.startswith("linux"):  # a template still looping must not outlive its frontend
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != int(sys.argv[1]):  # the frontend died before that
+            return
     resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
     env = _environment()
     for line in sys.stdin.buffer:

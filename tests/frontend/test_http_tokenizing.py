@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 
 import httpx
+import psutil
 import pytest
 from frontend_helpers import wait_until
 
@@ -35,9 +37,17 @@ def _post(url: str, body: object) -> httpx.Response:
     return httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"}, timeout=120)
 
 
-def _in_background(fn: Callable[[], httpx.Response]) -> tuple[threading.Thread, list[httpx.Response]]:
-    out: list[httpx.Response] = []
-    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+def _in_background(fn: Callable[[], httpx.Response]) -> tuple[threading.Thread, list[httpx.Response | Exception]]:
+    """Run ``fn`` on a thread; the list gets its response (or its connection error) when done."""
+    out: list[httpx.Response | Exception] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except httpx.HTTPError as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
 
@@ -146,3 +156,34 @@ def test_a_template_that_outruns_its_deadline_does_not_hold_up_others(trusting):
     assert not bad, "the small request waited for the template"
     thread.join(60)
     assert bad[0].status_code == 400 and "longer than 3 s" in bad[0].json()["error"]["message"]
+
+
+def test_a_rendering_template_dies_with_its_frontend(stack):
+    """SIGKILL to a frontend whose sandbox is stuck in a template: the sandbox goes too."""
+    port = free_port()
+    proc = stack.start_frontend("fe-doomed", "--trust-request-chat-template", "--chat-template-timeout", "120",
+                                port=port)
+    base = f"http://127.0.0.1:{port}"
+    wait_until(f"{base}/health", proc, timeout=120)
+    _in_background(lambda: _post(f"{base}/tokenize", {"messages": MESSAGES, "chat_template": NESTED_LOOPS}))
+    frontend = psutil.Process(proc.popen.pid)
+    deadline = time.monotonic() + 60
+    while not (children := frontend.children()):
+        assert time.monotonic() < deadline, "no sandbox started"
+        time.sleep(0.1)
+    sandbox = children[0]
+    assert not _gone(sandbox)
+    proc.popen.kill()
+    proc.popen.wait(30)
+    deadline = time.monotonic() + 30
+    while not _gone(sandbox):
+        assert time.monotonic() < deadline, "the sandbox outlived its frontend"
+        time.sleep(0.1)
+
+
+def _gone(process: psutil.Process) -> bool:
+    """Whether ``process`` has ended (a zombie counts: nothing may reap it here)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
