@@ -1,5 +1,6 @@
 """The engine and its frontends as real processes: a frontend killed mid-generation loses its
-requests and their KV blocks, and a full queue answers 503 over HTTP."""
+requests and their KV blocks, a full queue answers 503 over HTTP, and the priority policy runs
+the waiting request with the lowest priority value first."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 from service_helpers import scrape, stop_processes
-from test_engine_service import engine_stack
+from test_engine_service import Client, engine_stack
 
 from pagedserve.serve import free_port
+from shared.protocol import AddRequest, Outputs
+from shared.sampling_params import SamplingParams
 
-ENGINE_FLAGS = ("--frontend-timeout", "3", "--max-num-seqs", "1", "--max-num-queued-requests", "2")
+ENGINE_FLAGS = (
+    "--frontend-timeout", "3", "--max-num-seqs", "1", "--max-num-queued-requests", "2", "--scheduling-policy", "priority",
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +65,14 @@ def test_a_killed_frontend_loses_its_requests_and_their_blocks(stack):
         body = {"model": model, "prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as resp:
             assert resp.status_code == 200
-            next(resp.iter_lines())  # the first token is out: the request runs
+            wait_for(lambda: scrape(engine_port)["pagedserve_engine_requests_running"] == 1, 60, "it never ran")
             before = scrape(engine_port)
             frontend.send_signal(signal.SIGKILL)  # no Goodbye: the engine only hears silence
     finally:
         frontend.kill()
         frontend.wait(10)
     assert before["pagedserve_engine_connected_frontends"] == 1
-    assert before["pagedserve_engine_requests_running"] == 1 and before["pagedserve_engine_kv_cache_usage_ratio"] > 0
+    assert before["pagedserve_engine_kv_cache_usage_ratio"] > 0
 
     def freed() -> bool:
         m = scrape(engine_port)
@@ -103,3 +109,25 @@ def test_a_full_queue_answers_503_and_the_accepted_requests_complete(stack):
         assert httpx.post(f"{base}/v1/completions", json=body, timeout=120).status_code == 200
     finally:
         stop_processes([frontend])
+
+
+def test_the_priority_policy_runs_the_lowest_value_first(stack):
+    _, inp, out, _procs, _ports = stack
+    client = Client(inp, out)
+    client.hello()
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompt = np.array([7, 8, 9], np.int32)
+    client.tx.send(AddRequest("running", prompt, params))  # one sequence at a time: the others wait
+    while not isinstance(msg := client.rx.recv(timeout_ms=30_000), Outputs):
+        assert msg is not None
+    client.tx.send(AddRequest("low", prompt, params, priority=5))
+    client.tx.send(AddRequest("high", prompt, params, priority=-1))
+    firsts: list[str] = []
+    deadline = time.monotonic() + 120
+    while len(firsts) < 2 and time.monotonic() < deadline:
+        client.beat()
+        msg = client.rx.recv(timeout_ms=1000)
+        if isinstance(msg, Outputs):
+            firsts += [d.req_id for d in msg.deltas if d.req_id in ("low", "high") and d.req_id not in firsts]
+    assert firsts == ["high", "low"]
+    client.close()
