@@ -6,6 +6,7 @@ here too: the model's in a thread, a client's (when trusted) in the TemplateSand
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -18,6 +19,7 @@ from services.frontend.limits import RequestLimits, check_text_fits
 from services.frontend.template_sandbox import TemplateRejected, TemplateSandbox
 from services.frontend.tokenizer import max_token_bytes, render_chat, template_variables
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 SMALL_TEXT_CHARS = 64 << 10
 THREADS_PER_POOL = 2
@@ -29,7 +31,10 @@ class Tokenization:
     def __init__(self, tokenizer: Any, limits: RequestLimits):
         self.tokenizer = tokenizer
         self.limits = limits
-        self.max_token_bytes = max_token_bytes(tokenizer)
+        self.max_token_bytes = max_token_bytes(tokenizer)  # None: no bound before tokenizing
+        if self.max_token_bytes is None:
+            log.warning("this tokenizer does not keep every byte of its input: over-long prompts are counted "
+                        "by tokenizing them")
         self._small = ThreadPoolExecutor(THREADS_PER_POOL, thread_name_prefix="tokenize")
         self._large = ThreadPoolExecutor(THREADS_PER_POOL, thread_name_prefix="tokenize-large")
         self._sandbox: TemplateSandbox | None = None
@@ -40,7 +45,7 @@ class Tokenization:
         return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args, **kwargs))
 
     def check_fits(self, text: str, max_model_len: int | None, param: str) -> None:
-        if max_model_len is not None:
+        if max_model_len is not None and self.max_token_bytes is not None:
             check_text_fits(text, max_model_len, self.max_token_bytes, param)
 
     async def encode(self, text: str, *, add_special_tokens: bool = True, max_model_len: int | None = None,

@@ -27,11 +27,20 @@ def load_tokenizer(model: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def max_token_bytes(tokenizer) -> int:
-    """An upper bound on the bytes of text one token covers: the longest vocabulary entry in
-    UTF-8. Raw entries are never shorter than the text they stand for (byte-level 'Ġ' is two
-    bytes for one, SentencePiece '▁' three for one, '<0x0A>' six for one), so a text of more
-    than max_model_len times this many bytes cannot fit the context."""
+# Whitespace runs, newlines, tabs, accents, CJK and emoji: a tokenizer that gives this back as it
+# was given keeps every byte of its input (no normalizer strips or folds text).
+_ROUND_TRIP_PROBE = "  a\t\tb \n\n\r\n  Ünïcödé ﬁ 日本語 🙂" + " " * 64 + "\n" * 64 + "end "
+
+
+def max_token_bytes(tokenizer) -> int | None:
+    """An upper bound on the bytes of input text one token covers: the longest vocabulary entry
+    in UTF-8. Raw entries are never shorter than the text they stand for (byte-level 'Ġ' is two
+    bytes for one, SentencePiece '▁' three for one, '<0x0A>' six for one), so a text of more than
+    max_model_len times this many bytes cannot fit the context. None when the tokenizer drops or
+    folds input (its round trip changes the probe): then no such bound holds."""
+    ids = tokenizer.encode(_ROUND_TRIP_PROBE, add_special_tokens=False)
+    if tokenizer.decode(ids, clean_up_tokenization_spaces=False) != _ROUND_TRIP_PROBE:
+        return None
     return max((len(token.encode("utf-8")) for token in tokenizer.get_vocab()), default=1) or 1
 
 

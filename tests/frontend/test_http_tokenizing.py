@@ -13,6 +13,7 @@ import httpx
 import psutil
 import pytest
 from frontend_helpers import wait_until
+from test_http_tokenizer_bound import lossy_tokenizer_dir
 
 from pagedserve.serve import free_port
 
@@ -80,6 +81,17 @@ def test_text_within_the_byte_bound_is_counted_exactly(frontend, model_tokenizer
     assert err["code"] == "context_length_exceeded" and f"is {n_tokens} tokens long" in err["message"]
     # /tokenize counts any text, as vLLM's does
     assert _post(f"{frontend}/tokenize", {"prompt": text}).json()["count"] == n_tokens
+
+
+def test_no_text_is_refused_unread_with_a_tokenizer_that_drops_input(stack, tmp_path):
+    """The byte bound holds only for tokenizers that keep their input: with one that drops
+    whitespace, 100 kB of spaces is one token, and is served."""
+    port = free_port()
+    proc = stack.start_frontend("fe-lossy", "--tokenizer", str(lossy_tokenizer_dir(tmp_path)), port=port)
+    wait_until(f"http://127.0.0.1:{port}/health", proc, timeout=120)
+    resp = _post(f"http://127.0.0.1:{port}/v1/completions", {"prompt": " " * 100_000 + "hello", "max_tokens": 1})
+    assert resp.status_code == 200 and resp.json()["usage"]["prompt_tokens"] == 1, resp.text
+    proc.terminate()
 
 
 def test_a_large_tokenization_does_not_hold_up_small_requests(frontend, model_tokenizer):
