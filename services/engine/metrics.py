@@ -76,8 +76,6 @@ class EngineMetrics:
 
     def observe_step(self, scheduler: Scheduler, tokens: int, duration: float, waited: float) -> None:
         self.tokens_per_step.observe(tokens)
-        for seconds in scheduler.queue_times:
-            self.queue_time.observe(seconds)
         self.step_duration.observe(duration)
         self.overhead.observe(max(0.0, duration - waited))
         self.update(scheduler)
@@ -86,6 +84,9 @@ class EngineMetrics:
         self.running.set(scheduler.num_running)
         self.waiting.set(scheduler.num_waiting)
         self.oldest_waiting.set(scheduler.oldest_waiting_age())
+        for seconds in scheduler.queue_times:  # taken once, also when the step was lost
+            self.queue_time.observe(seconds)
+        scheduler.queue_times.clear()
         self.kv_usage.set(scheduler.kv.usage)
         self.prefix_queried.set_total(scheduler.kv.prefix_queried_tokens)
         self.prefix_hits.set_total(scheduler.kv.prefix_hit_tokens)

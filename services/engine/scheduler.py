@@ -35,7 +35,9 @@ class Scheduler:
         self._step_id = first_step_id  # the service starts it at random: a stale result never matches
         self.num_preemptions = 0
         self.priority = config.policy == "priority"
-        self.queue_times: list[float] = []  # arrival to first schedule, of requests the latest step started
+        # arrival to first schedule, of the requests started since the latest step (or since the
+        # metrics took them)
+        self.queue_times: list[float] = []
 
     # ----- requests in and out ---------------------------------------------------------------
 
