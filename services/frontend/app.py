@@ -15,14 +15,10 @@ from services.frontend.completions import create_completion
 from services.frontend.errors import APIError, bad_request, engine_unavailable, install_error_handlers
 from services.frontend.metrics import CONTENT_TYPE
 from services.frontend.middleware import FrontendMiddleware
-from services.frontend.openai_requests import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-)
+from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
 from services.frontend.state import FrontendConfig, FrontendState
+from services.frontend.tokenize_requests import DetokenizeRequest, TokenizeRequest
 
 
 def build_app(config: FrontendConfig) -> FastAPI:

@@ -1,4 +1,4 @@
-"""OpenAI request bodies (completions, chat completions) plus vLLM's extras, and /tokenize.
+"""OpenAI request bodies (completions, chat completions) plus vLLM's extras.
 
 Strict pydantic models: a wrong type is a 400 naming the parameter, never a silent coercion.
 Ranges that OpenAI documents are checked here; SamplingParams checks the rest when the request
@@ -308,24 +308,3 @@ class ChatCompletionRequest(SamplingRequest, ClientTemplate):
 
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.to_template() for m in self.messages]
-
-
-class TokenizeRequest(RequestBody, ClientTemplate):
-    """/tokenize: a prompt, or chat messages rendered with the model's template (not both)."""
-
-    model: str | None = None
-    prompt: str | None = None
-    add_special_tokens: bool = True
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_generation_prompt: bool = True
-
-    @model_validator(mode="after")
-    def _check_one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("prompt or messages must be given (exactly one of them)")
-        return self
-
-
-class DetokenizeRequest(RequestBody):
-    model: str | None = None
-    tokens: list[int]
