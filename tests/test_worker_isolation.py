@@ -112,16 +112,16 @@ def test_a_constraint_too_slow_to_compile_fails_alone(llm):
     slow = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x" * 60_000]))
     too_long = SamplingParams(structured_outputs=StructuredOutputsParams(choice=["x" * MAX_CONSTRAINT_CHARS]))
     compiler.compile_timeout_s = 0.3
-    try:
-        mixed = run(llm, {"slow": ([11, 12], slow), "too-long": ([11, 12], too_long), **GOOD})
-        meanwhile = run(llm, {"new": new, "cached": ([11, 12], cached)})
+    try:  # admitted together, so "new" and "cached" come right after "slow" in one step
+        mixed = run(llm, {"slow": ([11, 12], slow), "new": new, "cached": ([11, 12], cached),
+                          "too-long": ([11, 12], too_long), **GOOD})
     finally:
         compiler.compile_timeout_s = COMPILE_TIMEOUT_S
     assert mixed["slow"][0] == "error" and "took longer than 0.3s" in mixed["slow"][2]
+    assert mixed["new"][0] == "error" and "still busy" in mixed["new"][2]
+    assert mixed["cached"] == before and before[0] == "stop"
     assert mixed["too-long"][0] == "error" and f"at most {MAX_CONSTRAINT_CHARS} characters" in mixed["too-long"][2]
     assert {r: mixed[r] for r in GOOD} == alone
-    assert meanwhile["new"][0] == "error" and "still busy" in meanwhile["new"][2]
-    assert meanwhile["cached"] == before and before[0] == "stop"
     deadline = time.monotonic() + 600
     while (later := run(llm, {"later": new})["later"])[0] == "error" and time.monotonic() < deadline:
         time.sleep(1)

@@ -55,25 +55,22 @@ class Sampler:
         if meta.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = process_logits(logits, meta)
-        unusable = _unusable_rows(logits)
+        # One pass for the greedy choice and the check: a row's max is -inf when every token is
+        # masked, NaN or +inf when a NaN or +inf would poison the softmax.
+        best, greedy_ids = logits.max(dim=-1)
+        unusable = ~best.isfinite()
         if meta.all_greedy:
-            sampled = logits.argmax(dim=-1)
+            sampled = greedy_ids
         else:
             sampled = _sample_random(logits, meta)
             if not meta.all_random:
-                sampled = torch.where(meta.greedy_mask, logits.argmax(dim=-1), sampled)
+                sampled = torch.where(meta.greedy_mask, greedy_ids, sampled)
         if raw_logprobs is None:
             out = SamplerOutput(sampled, None, None, None)
         else:
             out = _gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
         out.sampled_token_ids = sampled.masked_fill(unusable, NO_TOKEN)
         return out
-
-
-def _unusable_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[B] bool: rows where every token is masked, or where a NaN or +inf would poison the softmax
-    (one pass: a row's max is -inf when all are masked, NaN or +inf when poisoned)."""
-    return ~logits.amax(dim=-1).isfinite()
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
