@@ -11,6 +11,9 @@ from services.frontend.errors import APIError, bad_request
 from shared.sampling_params import MAX_LOGPROBS
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
+# Entries of the list-like fields, each of which something walks on every token (the stop-string
+# search, the engine's stop-token test, the sampler's bias).
+MAX_ENTRIES = {"stop": 128, "stop_token_ids": 1024, "logit_bias": 1024}
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,18 @@ class RequestLimits:
 
 
 def check_caps(body: Any, limits: RequestLimits) -> None:
-    """400 when the request asks for more samples, logprobs or prompts than this server allows."""
+    """400 when the request asks for more samples, logprobs, stops, biases or prompts than this
+    server allows."""
     if body.num_choices > limits.max_n:
         raise bad_request(f"n must be at most {limits.max_n} on this server, got {body.num_choices}.", "n")
     for field, value in body.logprob_requests().items():
         if value > limits.max_logprobs:
             raise bad_request(f"{field} must be at most {limits.max_logprobs} on this server, got {value}.", field)
+    for field, cap in MAX_ENTRIES.items():
+        value = getattr(body, field)
+        count = 1 if isinstance(value, str) else len(value or ())
+        if count > cap:
+            raise bad_request(f"{field} may hold at most {cap} entries on this server, got {count}.", field)
     prompts = getattr(body, "num_prompts", 1)
     if prompts > limits.max_prompts_per_request:
         msg = f"A request may hold at most {limits.max_prompts_per_request} prompts on this server, got {prompts}."

@@ -205,6 +205,19 @@ def test_caps_past_the_flags_are_400(tight, path, extra, param):
     assert "on this server" in err["message"]
 
 
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"stop": [f"s{i}" for i in range(129)]}, "stop"),
+    ({"stop_token_ids": [5] * 1025}, "stop_token_ids"),
+    ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
+])
+def test_list_fields_are_capped(frontend, extra, param):
+    body = {"prompt": "hi", "max_tokens": 1, **extra}
+    err = _error(_post(f"{frontend}/v1/completions", body), 400, param)
+    assert "at most" in err["message"]
+    at_cap = {k: v[:-1] if isinstance(v, list) else dict(list(v.items())[:-1]) for k, v in extra.items()}
+    assert _post(f"{frontend}/v1/completions", {**body, **at_cap}).status_code == 200
+
+
 def test_caps_at_the_flags_are_served(tight):
     auth = {"authorization": f"Bearer {KEY}"}
     body = {"prompt": ["a", "b"], "n": 3, "logprobs": 4, "max_tokens": 1}
