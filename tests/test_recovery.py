@@ -121,10 +121,13 @@ def test_requests_resume_on_a_restarted_engine(model_dirs, processes):
     wait_healthy(base)
     expected = complete(base, "tiny", 400)["choices"][0]  # undisturbed
     assert expected["finish_reason"] == "length"
+    short = complete(base, "tiny", 20)["choices"][0]["text"]
 
-    # a stream and a whole completion in flight when the engine dies, and a new engine takes over
+    # a stream and a whole completion in flight when the engine dies, one more request sent while
+    # it is down (its message waits in the socket and reaches the new engine too), and a new
+    # engine takes over
     started = threading.Event()
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         streamed = pool.submit(stream, base, "tiny", 400, started)
         whole = pool.submit(complete, base, "tiny", 400)
         assert started.wait(60)  # tokens are flowing
@@ -132,9 +135,12 @@ def test_requests_resume_on_a_restarted_engine(model_dirs, processes):
         engine.wait(10)
         wait_status(base, 503)
         assert not streamed.done() and not whole.done()
+        late = pool.submit(complete, base, "tiny", 20)
+        time.sleep(1)
         processes.append(spawn(*cmd.engine))
         assert streamed.result(timeout=180) == (expected["text"], "length")
         got = whole.result(timeout=180)
+        assert late.result(timeout=180)["choices"][0]["text"] == short
     assert (got["choices"][0]["text"], got["choices"][0]["finish_reason"]) == (expected["text"], "length")
     assert got["usage"]["completion_tokens"] == 400
     wait_healthy(base)
