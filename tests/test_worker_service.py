@@ -49,6 +49,7 @@ def test_per_request_errors_in_a_worker_process_stay_with_their_request(stack):
     pong = client.rx.recv(timeout_ms=10_000)
     assert (pong.ping_id, pong.num_running, pong.num_waiting) == (7, 0, 0)
     assert scrape(ports[0])["pagedserve_engine_kv_cache_usage_ratio"] == 0.0
+    assert scrape(ports[1])["pagedserve_worker_failed_requests_total"] == 2  # inf-penalty, bad-schema
     assert all(p.poll() is None for p in procs)
     client.tx.send(AddRequest("after", prompt, BESIDE))
     assert client.collect({"after"})["after"] == alone

@@ -1,11 +1,12 @@
-"""Worker metrics: forward and sampling time per step, batch shape, KV blocks, memory."""
+"""Worker metrics: forward and sampling time per step, batch shape, KV blocks, memory, and the
+requests the worker failed alone (bad input, a grammar that fails, nothing left to sample)."""
 
 from __future__ import annotations
 
 import resource
 
 import torch
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.worker.model_runner import ModelRunner, StepStats
 from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS
@@ -33,6 +34,10 @@ class WorkerMetrics:
         Gauge("pagedserve_worker_kv_blocks", "KV cache blocks allocated on this rank.", names).labels(
             **labels
         ).set(runner.num_blocks)
+        self.failed = Counter(
+            "pagedserve_worker_failed_requests", "Requests the worker failed alone, the rest of their step served.",
+            names,
+        ).labels(**labels)
         memory = Gauge("pagedserve_worker_memory_used_bytes", "Device memory in use (CPU: peak RSS).", names)
         memory.labels(**labels).set_function(self._memory_used)
 
@@ -41,7 +46,8 @@ class WorkerMetrics:
             return float(torch.cuda.memory_allocated(self.runner.device))
         return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
-    def observe(self, stats: StepStats | None) -> None:
+    def observe(self, stats: StepStats | None, num_failed: int = 0) -> None:
+        self.failed.inc(num_failed)
         if stats is None:
             return
         self.forward.labels(**self.labels, phase=stats.phase).observe(stats.forward_s)

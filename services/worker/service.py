@@ -124,7 +124,7 @@ def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetr
             continue
         if rank == 0:
             queue.send(result)
-        metrics.observe(runner.last_stats)
+        metrics.observe(runner.last_stats, len(result.failed))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
