@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -44,28 +45,39 @@ from shared.transport import DealerQueue
 
 
 @contextlib.contextmanager
-def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128):
+def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128, engine_log: Path | None = None):
     """An engine (with engine_flags) and one worker as processes: yields (model, input address,
-    output address, processes, (engine metrics port, worker metrics port))."""
+    output address, processes, (engine metrics port, worker metrics port)). engine_log: a file
+    for the engine's output (default: the test's own)."""
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engine_metrics, worker_metrics = free_port(), free_port()
     common = ["--model", model, "--max-model-len", str(max_model_len), "--kv-cache-memory", str(8 << 20)]
     cli = [sys.executable, "-m", "pagedserve.cli"]
     env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
     engine = ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk]
+    log = open(engine_log, "w") if engine_log else None  # closed once the processes stop
     procs = [
-        subprocess.Popen(cli + engine + ["--metrics-port", str(engine_metrics), *engine_flags], env=env),
+        subprocess.Popen(
+            cli + engine + ["--metrics-port", str(engine_metrics), *engine_flags], env=env, stdout=log, stderr=log
+        ),
         subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env),
     ]
     try:
         yield model, inp, out, procs, (engine_metrics, worker_metrics)
     finally:
         stop_processes(procs)
+        if log:
+            log.close()
 
 
 @pytest.fixture(scope="module")
-def stack(model_dirs):
-    with engine_stack(str(model_dirs("llama")), "--frontend-timeout", "3") as started:
+def engine_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engine") / "engine.log"
+
+
+@pytest.fixture(scope="module")
+def stack(model_dirs, engine_log):
+    with engine_stack(str(model_dirs("llama")), "--frontend-timeout", "3", engine_log=engine_log) as started:
         yield started
 
 
@@ -207,10 +219,11 @@ MALFORMED = [
 ]
 
 
-def test_malformed_messages_are_dropped_and_the_engine_serves_on(stack):
+def test_malformed_messages_are_dropped_and_the_engine_serves_on(stack, engine_log):
     _, inp, out, procs, _ports = stack
     client = Client(inp, out)
     client.hello()
+    logged = engine_log.read_text().count("dropped a malformed message")
     for frames in MALFORMED:
         client.tx.sock.send_multipart(frames)
     client.tx.send(Ping(7))
@@ -219,6 +232,7 @@ def test_malformed_messages_are_dropped_and_the_engine_serves_on(stack):
         assert msg is not None, "the engine stopped answering"
         replies.append(msg)
     assert msg.ping_id == 7 and replies == []  # each malformed message was dropped, unanswered
+    assert engine_log.read_text().count("dropped a malformed message") - logged == len(MALFORMED)  # and logged
     client.tx.send(AddRequest("good", PROMPT, SamplingParams(max_tokens=5, ignore_eos=True)))
     reason, tokens = client.collect({"good"})["good"]
     assert reason == "length" and len(tokens) == 5
