@@ -55,19 +55,19 @@ def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128, engin
     cli = [sys.executable, "-m", "pagedserve.cli"]
     env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
     engine = ["engine", *common, "--frontend-input", inp, "--frontend-output", out, "--worker-addr", wrk]
-    log = open(engine_log, "w") if engine_log else None  # closed once the processes stop
-    procs = [
-        subprocess.Popen(
-            cli + engine + ["--metrics-port", str(engine_metrics), *engine_flags], env=env, stdout=log, stderr=log
-        ),
-        subprocess.Popen(cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env),
-    ]
-    try:
-        yield model, inp, out, procs, (engine_metrics, worker_metrics)
-    finally:
-        stop_processes(procs)
-        if log:
-            log.close()
+    with open(engine_log, "w") if engine_log else contextlib.nullcontext() as log:
+        procs = [
+            subprocess.Popen(
+                cli + engine + ["--metrics-port", str(engine_metrics), *engine_flags], env=env, stdout=log, stderr=log
+            ),
+            subprocess.Popen(
+                cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env
+            ),
+        ]
+        try:
+            yield model, inp, out, procs, (engine_metrics, worker_metrics)
+        finally:
+            stop_processes(procs)
 
 
 @pytest.fixture(scope="module")
