@@ -76,7 +76,7 @@ def _add_tokenizer_routes(app: FastAPI, state: FrontendState) -> None:
                                           template_kwargs=body.chat_template_kwargs, check_fits=False)
         else:
             assert body.prompt is not None
-            ids = await state.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            (ids,) = await state.encode([body.prompt], add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=info.max_model_len)
 
     @app.post("/detokenize")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -32,9 +31,9 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 async def _prompt_ids(state: FrontendState, prompt: str | list) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [await state.encode(prompt, fit_param="prompt")]
+        return await state.encode([prompt], fit_param="prompt")
     if all(isinstance(p, str) for p in prompt):
-        return list(await asyncio.gather(*(state.encode(p, fit_param="prompt") for p in prompt)))
+        return await state.encode(prompt, fit_param="prompt")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [list(p) for p in prompt]

@@ -151,10 +151,11 @@ class FrontendState:
 
     # ----- tokenizer work, off the event loop (services.frontend.tokenization) ----------------
 
-    async def encode(self, text: str, add_special_tokens: bool = True, *, fit_param: str | None = None) -> list[int]:
-        """Token ids of ``text``; with ``fit_param``, a text too long for the context is refused first."""
+    async def encode(self, texts: list[str], add_special_tokens: bool = True, *,
+                     fit_param: str | None = None) -> list[list[int]]:
+        """Token ids of each text; with ``fit_param``, a text too long for the context is refused first."""
         max_len = self.require_ready().max_model_len if fit_param else None
-        return await self._tokens().encode(text, add_special_tokens=add_special_tokens, max_model_len=max_len,
+        return await self._tokens().encode(texts, add_special_tokens=add_special_tokens, max_model_len=max_len,
                                            param=fit_param or "prompt")
 
     async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, *,

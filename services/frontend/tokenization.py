@@ -48,11 +48,18 @@ class Tokenization:
         if max_model_len is not None and self.max_token_bytes is not None:
             check_text_fits(text, max_model_len, self.max_token_bytes, param)
 
-    async def encode(self, text: str, *, add_special_tokens: bool = True, max_model_len: int | None = None,
-                     param: str = "prompt") -> list[int]:
-        """Token ids of ``text``; with ``max_model_len``, a text that cannot fit is refused first."""
-        self.check_fits(text, max_model_len, param)
-        return await self.run(len(text), self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    async def encode(self, texts: list[str], *, add_special_tokens: bool = True, max_model_len: int | None = None,
+                     param: str = "prompt") -> list[list[int]]:
+        """Token ids of each text, as one job sized by them all (so many prompts in one request
+        count as one large request); with ``max_model_len``, a text that cannot fit is refused
+        before any is tokenized."""
+        for text in texts:
+            self.check_fits(text, max_model_len, param)
+
+        def encode_all() -> list[list[int]]:
+            return [self.tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+
+        return await self.run(sum(map(len, texts)), encode_all)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return await self.run(len(ids), self.tokenizer.decode, ids, skip_special_tokens=skip_special_tokens)
@@ -68,7 +75,8 @@ class Tokenization:
             text = await self._render_own(size, messages, add_generation_prompt, variables)
         else:
             text = await self._render_client(chat_template, messages, add_generation_prompt, variables)
-        return await self.encode(text, add_special_tokens=False, max_model_len=max_model_len, param="messages")
+        (ids,) = await self.encode([text], add_special_tokens=False, max_model_len=max_model_len, param="messages")
+        return ids
 
     async def _render_own(self, size: int, messages: list[dict[str, Any]], add_generation_prompt: bool,
                           variables: dict[str, Any]) -> str:

@@ -94,16 +94,35 @@ def test_no_text_is_refused_unread_with_a_tokenizer_that_drops_input(stack, tmp_
     proc.terminate()
 
 
-def test_a_large_tokenization_does_not_hold_up_small_requests(frontend, model_tokenizer):
-    words = " ".join(f"w{i % 997}x{i % 13}" for i in range(300_000))  # ~2.5 MB, seconds of tokenizing
-    thread, big = _in_background(lambda: _post(f"{frontend}/tokenize", {"prompt": words}))
+def _words(n: int, seed: int = 0) -> str:
+    return " ".join(f"w{(i + seed) % 997}x{i % 13}" for i in range(n))
+
+
+def _wait_out_behind(big_request: Callable[[], httpx.Response], frontend: str) -> httpx.Response:
+    """Start ``big_request``, then a small completion while it is tokenized: the small one must
+    be answered first. Returns the big one's response."""
+    thread, big = _in_background(big_request)
     thread.join(1.0)  # the big one has arrived and is being tokenized
     assert not big
     small = _post(f"{frontend}/v1/completions", {"prompt": "Hello", "max_tokens": 2})
     assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 2
     assert not big, "the small request waited for the large one"
     thread.join(200)
-    assert big[0].status_code == 200 and big[0].json()["count"] == len(model_tokenizer.encode(words))
+    return big[0]
+
+
+def test_a_large_tokenization_does_not_hold_up_small_requests(frontend, model_tokenizer):
+    words = _words(300_000)  # ~2.5 MB, seconds of tokenizing
+    big = _wait_out_behind(lambda: _post(f"{frontend}/tokenize", {"prompt": words}), frontend)
+    assert big.status_code == 200 and big.json()["count"] == len(model_tokenizer.encode(words))
+
+
+def test_many_prompts_count_as_one_large_request(frontend):
+    """64 prompts, each small enough on its own, tokenized as one large job."""
+    prompts = [_words(5_000, seed) for seed in range(64)]  # ~40 kB each, each over the context
+    big = _wait_out_behind(lambda: _post(f"{frontend}/v1/completions", {"prompt": prompts, "max_tokens": 1}),
+                           frontend)
+    assert big.status_code == 400 and big.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_client_templates_are_refused_unless_trusted(frontend):
