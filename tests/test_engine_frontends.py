@@ -18,6 +18,7 @@ from service_helpers import scrape, stop_processes
 from test_engine_service import Client, engine_stack
 
 from pagedserve.serve import free_port
+from services.engine.frontends import Frontends
 from shared.protocol import AddRequest, Outputs
 from shared.sampling_params import SamplingParams
 
@@ -131,3 +132,20 @@ def test_the_priority_policy_runs_the_lowest_value_first(stack):
             firsts += [d.req_id for d in msg.deltas if d.req_id in ("low", "high") and d.req_id not in firsts]
     assert firsts == ["high", "low"]
     client.close()
+
+
+def test_the_frontend_table_tracks_liveness_and_ownership():
+    with pytest.raises(ValueError, match="heartbeat interval"):
+        Frontends(0.5)
+    table = Frontends(1.2)
+    assert table.seen(b"a") and not table.seen(b"a")  # registered once
+    assert not table.seen(b"probe", register=False) and len(table) == 1  # a Ping alone is no frontend
+    table.claim("r1", b"a")
+    with pytest.raises(ValueError, match="already in use"):
+        table.claim("r1", b"b")
+    assert table.owned_by(b"b", ["r1"]) == [] and table.owned_by(b"a", ["r1", "x"]) == ["r1"]
+    time.sleep(0.7)
+    table.seen(b"b")
+    time.sleep(0.7)
+    assert table.silent() == [b"a"]  # "b" spoke 0.7 s ago
+    assert table.leave(b"a") == ["r1"] and len(table) == 1

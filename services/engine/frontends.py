@@ -17,6 +17,7 @@ import time
 from services.engine.core import EngineCore
 from services.engine.metrics import EngineMetrics
 from shared.protocol import (
+    HEARTBEAT_INTERVAL_S,
     AbortRequests,
     AddRequest,
     Goodbye,
@@ -35,6 +36,8 @@ class Frontends:
     """Liveness and request ownership, by routing identity."""
 
     def __init__(self, timeout_s: float):
+        if timeout_s <= HEARTBEAT_INTERVAL_S:
+            raise ValueError(f"the frontend timeout must exceed the {HEARTBEAT_INTERVAL_S}s heartbeat interval")
         self.timeout_s = timeout_s
         self.last_seen: dict[bytes, float] = {}
         self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
@@ -76,10 +79,9 @@ class FrontendHandler:
     (replies go to `outbox` as (identity, message) pairs)."""
 
     def __init__(
-        self, core: EngineCore, metrics: EngineMetrics, outbox: queue.Queue, model_info: ModelInfo, timeout_s: float
+        self, core: EngineCore, metrics: EngineMetrics, outbox: queue.Queue, model_info: ModelInfo, table: Frontends
     ):
-        self.core, self.metrics, self.outbox, self.model_info = core, metrics, outbox, model_info
-        self.table = Frontends(timeout_s)
+        self.core, self.metrics, self.outbox, self.model_info, self.table = core, metrics, outbox, model_info, table
 
     def handle(self, identity: bytes, msg) -> None:
         """Every message is a sign of life (a FrontendHeartbeat is nothing else); a Ping is

@@ -20,7 +20,7 @@ import uuid
 import zmq
 
 from services.engine.core import EngineCore
-from services.engine.frontends import FrontendHandler
+from services.engine.frontends import FrontendHandler, Frontends
 from services.engine.metrics import EngineMetrics
 from services.engine.workers import WorkerError, WorkerGroup, WorkerLost
 from shared.auth import EngineAuth, add_auth_args, engine_security
@@ -39,7 +39,7 @@ class EngineService:
         auth: EngineAuth | None = None, frontend_timeout_s: float = 10.0,
     ):
         self.config = config
-        self.frontend_timeout_s = frontend_timeout_s
+        self.frontend_table = Frontends(frontend_timeout_s)  # a bad timeout fails before any socket binds
         self.ctx = zmq.Context()
         self.input_addr, self.output_addr = input_addr, output_addr
         self.frontend_security = auth.frontends if auth else None
@@ -96,7 +96,7 @@ class EngineService:
             m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),
             dict(m.generation_defaults), num_blocks, self.config.cache.block_size, self.engine_id,
         )
-        self.frontends = FrontendHandler(self.core, self.metrics, self.outbox, model_info, self.frontend_timeout_s)
+        self.frontends = FrontendHandler(self.core, self.metrics, self.outbox, model_info, self.frontend_table)
         log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
 
     def run(self) -> None:
