@@ -147,6 +147,7 @@ class EngineService:
             deltas = self.core.step()
         except WorkerLost as exc:  # nothing of the step is kept: its requests resume later
             log.error("%s; requests resume once every worker rank is back", exc)
+            self.metrics.update(self.core.scheduler)  # the queue times of the requests it started
             return
         except WorkerError as exc:  # a step failed in the worker: fail its requests, keep serving
             log.error("%s", exc)
