@@ -49,6 +49,9 @@ class TemplateSandbox:
                 raise TemplateRejected(f"the chat template took longer than {self.timeout_s:g} s to render") from None
             except (ConnectionError, asyncio.LimitOverrunError, ValueError):
                 line = b""
+            except BaseException:  # cancelled (the client left): the answer it still owes must not
+                self._discard()  # reach the next request
+                raise
             if not line:  # the child died (out of memory, killed) or answered more than asked
                 await self.close()
                 raise TemplateRejected("the chat template exhausted the renderer's memory")
@@ -65,10 +68,16 @@ class TemplateSandbox:
             )
         return self._proc
 
-    async def close(self) -> None:
+    def _discard(self) -> asyncio.subprocess.Process | None:
+        """Kill the child now (its exit is reaped in the background); the next render starts another."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             proc.kill()
+        return proc
+
+    async def close(self) -> None:
+        proc = self._discard()
+        if proc is not None:
             await proc.wait()
 
 
