@@ -24,7 +24,7 @@ EOS = 1
 def state(
     params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None
 ) -> SamplingState:
-    return SamplingState.create(params, prompt or [5, 6], (EOS,), CPU, output_token_ids=output)
+    return SamplingState.create(params, prompt or [5, 6], (EOS,), output)
 
 
 def sample(logits: torch.Tensor, states: list[SamplingState]):
@@ -100,9 +100,43 @@ def test_seeded_request_is_reproducible_whatever_the_batch() -> None:
     assert any(_run_steps(s, steps, 0, 0) != alone for s in (1, 2, 3))
 
 
-def test_generator_is_only_created_for_seeded_requests() -> None:
-    assert state(SamplingParams()).generator is None
-    assert state(SamplingParams(seed=3)).generator is not None
+def test_a_seeded_token_depends_only_on_seed_and_output_position() -> None:
+    """A request rebuilt with its first k tokens (preempted, or recomputed after a restart)
+    draws what the undisturbed one drew from token k on."""
+    steps = [torch.randn(64) for _ in range(8)]
+    undisturbed = _run_steps(42, steps, companions=3, position=2)
+    for k in (1, 5):
+        resumed = state(SamplingParams(seed=42, temperature=0.9, top_k=30, top_p=0.95), output=undisturbed[:k])
+        torch.manual_seed(k)  # the global RNG differs too
+        for step, row in enumerate(steps[k:], start=k):
+            token = int(sample(row.unsqueeze(0), [resumed]).sampled_token_ids[0])
+            assert token == undisturbed[step], (k, step)
+            resumed.output_token_ids.append(token)
+
+
+def test_parallel_children_draw_distinct_streams() -> None:
+    """The n > 1 children (seed + i) do not repeat one another, nor each other shifted by a token."""
+    parent = SamplingParams(seed=7, n=3, temperature=1.0)
+    children = [parent.for_child(i) for i in range(3)]
+    flat = torch.zeros(1, 1000)  # uniform: the token is the noise's own argmax
+    streams = []
+    for child in children:
+        row = state(child)
+        for _ in range(6):
+            row.output_token_ids.append(int(sample(flat, [row]).sampled_token_ids[0]))
+        streams.append(row.output_token_ids)
+    assert len({tuple(s) for s in streams}) == 3
+    assert streams[0][1:] != streams[1][:-1] and streams[1][1:] != streams[0][:-1]
+
+
+def test_unseeded_rows_follow_the_global_rng() -> None:
+    flat = torch.zeros(4, 1000)
+    rows = [state(SamplingParams(temperature=1.0)) for _ in range(4)]
+    torch.manual_seed(5)
+    first = sample(flat, rows).sampled_token_ids.tolist()
+    torch.manual_seed(5)
+    assert sample(flat, rows).sampled_token_ids.tolist() == first
+    assert sample(flat, rows).sampled_token_ids.tolist() != first  # the global stream moved on
 
 
 # ----- truncation never leaks disallowed tokens -----------------------------------------------

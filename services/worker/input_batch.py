@@ -91,7 +91,7 @@ class RequestTable:
         state.num_computed_tokens = cached.num_computed_tokens
 
     def _add(self, new: NewRequestData) -> None:
-        old = self.states.pop(new.req_id, None)  # resumed after preemption: keep its sampling RNG
+        self.states.pop(new.req_id, None)  # resumed after preemption: rebuilt from the plan
         check_new_request(new, self.limits)
         prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
         grammar = None
@@ -99,11 +99,7 @@ class RequestTable:
             if self.structured is None:
                 raise ValueError("this worker does not support structured outputs")
             grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
-        sampling = SamplingState.create(
-            new.sampling_params, prompt, tuple(new.eos_token_ids), self.device, output_token_ids=outputs
-        )
-        if old is not None and old.sampling.generator is not None:
-            sampling.generator = old.sampling.generator
+        sampling = SamplingState.create(new.sampling_params, prompt, tuple(new.eos_token_ids), outputs)
         self.states[new.req_id] = RequestState(
             new.req_id,
             prompt + outputs,

@@ -118,7 +118,7 @@ def profile_step(
     rows = min(s.max_num_seqs, num_tokens)
     logits = model.compute_logits(hidden[torch.arange(rows, device=device) % num_tokens])
     del hidden
-    states = [SamplingState.create(PROFILE_SAMPLING, [0], (), device) for _ in range(rows)]
+    states = [SamplingState.create(PROFILE_SAMPLING, [0], ()) for _ in range(rows)]
     # the dummy draws must not move the seeded RNG that real requests sample from
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         Sampler()(logits, SamplingMetadata.build(states, logits.shape[-1], device))

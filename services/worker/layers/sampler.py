@@ -3,8 +3,9 @@
 Order of operations (as vLLM's): logprobs from the raw logits; then logit_bias, min_tokens
 masking and penalties; greedy rows take the argmax of those processed logits; other rows are
 divided by their temperature, filtered by min_p, top_k and top_p, and sampled by an exponential
-race. Rows with a seed draw their noise from their own generator, so a seeded request gets the
-same tokens whatever else shares the batch.
+race. Rows with a seed draw their noise from a generator seeded for that row and output position
+(sampling_metadata.noise_seed), so a seeded request gets the same tokens whatever else shares the
+batch and however often it was preempted or recomputed.
 
 A row left with no usable logit (every token masked, or a NaN / +inf from its penalties or bias)
 samples no token: its id is NO_TOKEN, and the caller fails that request alone.
@@ -154,14 +155,17 @@ def _apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+def random_sample(probs: torch.Tensor, seeds: dict[int, int]) -> torch.Tensor:
     """Exponential race: argmax(probs / q) with q ~ Exp(1) draws each token with its probability.
-    Rows in ``generators`` draw their q from that generator, the rest from the global RNG."""
+    Rows in ``seeds`` draw their q from a generator seeded with that value, the rest from the
+    global RNG."""
     q = torch.empty_like(probs)
-    if len(generators) < probs.shape[0]:
+    if len(seeds) < probs.shape[0]:
         q.exponential_()
-    for row, generator in generators.items():
-        q[row].exponential_(generator=generator)
+    if seeds:
+        generator = torch.Generator(device=probs.device)  # re-seeded per row: no state between rows or steps
+        for row, seed in seeds.items():
+            q[row].exponential_(generator=generator.manual_seed(seed))
     # An exact 0 draw would make 0/0 = NaN on a filtered token, and argmax picks NaN.
     q.clamp_(min=torch.finfo(q.dtype).tiny)
     return probs.div_(q).argmax(dim=-1)
@@ -174,7 +178,7 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor
         logits = apply_min_p(logits, meta.min_p)
     logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
     probs = logits.softmax(dim=-1, dtype=torch.float32)
-    return random_sample(probs, meta.generators)
+    return random_sample(probs, meta.seeds)
 
 
 def _gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor, k: int) -> SamplerOutput:

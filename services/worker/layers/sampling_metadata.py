@@ -3,6 +3,10 @@
 ``SamplingMetadata.build`` runs every step, so it only materializes the tensors the batch
 actually needs: no penalty tensors unless some row uses penalties, no temperature / top-k /
 top-p / min-p tensors when every row leaves them at their neutral value.
+
+A seeded request keeps no random state between steps: the noise of its output token number p
+is drawn from a generator seeded with ``noise_seed(seed, p)``. So its tokens are the same
+whether it ran undisturbed, was preempted, or was recomputed by a restarted worker or engine.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ class SamplingState:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None  # set iff params.seed is not None
     eos_token_ids: tuple[int, ...]
 
     @classmethod
@@ -31,17 +34,27 @@ class SamplingState:
         params: SamplingParams,
         prompt_token_ids: list[int],
         eos_token_ids: tuple[int, ...] | list[int],
-        device: torch.device | str,
         output_token_ids: list[int] | None = None,
     ) -> SamplingState:
-        """``output_token_ids`` restores tokens generated before a preemption."""
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed)
-        return cls(
-            params, list(prompt_token_ids), list(output_token_ids or []), generator, tuple(eos_token_ids)
-        )
+        """``output_token_ids`` restores tokens generated before a preemption or a restart."""
+        return cls(params, list(prompt_token_ids), list(output_token_ids or []), tuple(eos_token_ids))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of SplitMix64: a well-spread 64-bit value from any integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def noise_seed(seed: int, position: int) -> int:
+    """The generator seed for output token ``position`` of a request seeded with ``seed``
+    (hashed twice, so nearby seeds, e.g. the n > 1 children's seed + i, never share a stream)."""
+    return _splitmix64(_splitmix64(seed) ^ position)
 
 
 @dataclass
@@ -67,7 +80,7 @@ class SamplingMetadata:
     top_k: torch.Tensor | None  # [B] long, vocab_size = off; None when no row uses it
     top_p: torch.Tensor | None  # [B] float; None when all are 1.0
     min_p: torch.Tensor | None  # [B] float; None when all are 0.0
-    generators: dict[int, torch.Generator]  # row -> generator, random rows only
+    seeds: dict[int, int]  # row -> noise_seed of this step's token, seeded random rows only
     max_num_logprobs: int | None  # None when no row asked for logprobs
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, values
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid
@@ -91,12 +104,21 @@ class SamplingMetadata:
             top_k=_top_k_tensor(params, greedy, vocab_size, device),
             top_p=_random_rows_tensor(params, greedy, "top_p", 1.0, device),
             min_p=_random_rows_tensor(params, greedy, "min_p", 0.0, device),
-            generators={i: states[i].generator for i in random_rows if states[i].generator is not None},
+            seeds=_noise_seeds(states, random_rows),
             max_num_logprobs=max(asked) if asked else None,
             logit_bias=_logit_bias(params, vocab_size, device),
             min_tokens_mask=_min_tokens_mask(states, vocab_size, device),
             penalties=_penalties(states, vocab_size, device),
         )
+
+
+def _noise_seeds(states: list[SamplingState], random_rows: list[int]) -> dict[int, int]:
+    seeds = {}
+    for i in random_rows:
+        seed = states[i].params.seed
+        if seed is not None:
+            seeds[i] = noise_seed(seed, len(states[i].output_token_ids))
+    return seeds
 
 
 def _tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
