@@ -312,3 +312,18 @@ def test_generated_frontend_messages_never_stop_the_engine(stack):
     assert scrape(ports[0])["pagedserve_engine_kv_cache_usage_ratio"] == 0.0  # nothing leaked
     fresh.close()
     assert all(p.poll() is None for p in procs)
+
+
+def test_an_engine_that_cannot_bind_its_input_exits_instead_of_running_deaf(model_dirs):
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    addrs = [f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"]
+    cmd = [sys.executable, "-m", "pagedserve.cli", "engine", "--model", str(model_dirs("llama")), "--metrics-port", "0",
+           "--frontend-input", addrs[0], "--frontend-output", addrs[1], "--worker-addr", addrs[2]]
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    finally:
+        taken.close()
+        ctx.term()
+    assert done.returncode != 0 and "Address already in use" in done.stderr

@@ -56,8 +56,7 @@ class EngineService:
 
     # ----- I/O threads ------------------------------------------------------------------------
 
-    def _input_loop(self) -> None:
-        q = RouterQueue(self.ctx, self.input_addr, FrontendMessage, EngineMessage, security=self.frontend_security)
+    def _input_loop(self, q: RouterQueue) -> None:
         while not self.stopping.is_set():
             try:
                 got = q.recv(timeout_ms=200)
@@ -68,8 +67,7 @@ class EngineService:
                 self.inbox.put(got)
         q.close()
 
-    def _output_loop(self) -> None:
-        q = RouterQueue(self.ctx, self.output_addr, FrontendMessage, EngineMessage, security=self.frontend_security)
+    def _output_loop(self, q: RouterQueue) -> None:
         while not self.stopping.is_set():
             try:
                 identity, msg = self.outbox.get(timeout=0.2)
@@ -84,8 +82,11 @@ class EngineService:
     # ----- core loop --------------------------------------------------------------------------
 
     def start(self, handshake_timeout_s: float = 600.0) -> None:
-        for target in (self._input_loop, self._output_loop):
-            threading.Thread(target=target, daemon=True, name=target.__name__).start()
+        # Bound here, so an address that cannot be bound stops the process now instead of leaving
+        # an engine up without its input; each socket then belongs to its thread alone.
+        for target, addr in ((self._input_loop, self.input_addr), (self._output_loop, self.output_addr)):
+            q = RouterQueue(self.ctx, addr, FrontendMessage, EngineMessage, security=self.frontend_security)
+            threading.Thread(target=target, args=(q,), daemon=True, name=target.__name__).start()
         num_blocks = self.workers.handshake(handshake_timeout_s)
         self.metrics.workers.set(len(self.workers.ranks))
         # Step ids start at random, so a result a worker computed for a previous engine instance
