@@ -7,6 +7,7 @@ non-zero."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from services.frontend.limits import RequestLimits
+from services.frontend.server import add_limit_arguments
 from shared.auth import add_auth_args
 from shared.engine_args import add_flag, add_model_args
 
@@ -49,14 +52,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _forward(args: argparse.Namespace) -> list[str]:
+# Flags forwarded to every frontend as given: its request limits (plain on/off switches, no --no-).
+_FRONTEND_FLAGS = tuple(f.name for f in dataclasses.fields(RequestLimits))
+
+
+def _forward(args: argparse.Namespace, names: tuple[str, ...] = _MODEL_FLAGS, negatable: bool = True) -> list[str]:
     out = []
-    for name in _MODEL_FLAGS:
+    for name in names:
         value = getattr(args, name)
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
+        if value is True:
+            out.append(flag)
+        elif value is False and negatable:
+            out.append("--no-" + flag[2:])
+        elif value is not None and not isinstance(value, bool):
             out += [flag, str(value)]
     return out
 
@@ -76,7 +85,7 @@ def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(port)]))
     front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port),
              "--shutdown-timeout", str(args.shutdown_timeout)]
-    front += auth
+    front += auth + _forward(args, _FRONTEND_FLAGS, negatable=False)
     if args.api_key:
         front += ["--api-key", args.api_key]
     for i in range(args.frontends):
@@ -137,6 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--engine-metrics-port", 8001, "the engine's /metrics port")
     add_flag(parser, "--worker-metrics-port", 8002, "rank 0's /metrics port (rank r: + r)")
     add_auth_args(parser)
+    add_limit_arguments(parser)
     add_flag(parser, "--frontend-metrics-port", 8100, "frontend 0's own /metrics port (frontend i: + i; 0: none)")
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,19 +47,30 @@ def children(proc: subprocess.Popen) -> list[psutil.Process]:
     return psutil.Process(proc.pid).children(recursive=True)
 
 
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
 def test_serve_starts_answers_and_stops_cleanly(model_dirs):
     port = free_port()
-    proc = start_serve(str(model_dirs("llama")), port)
+    proc = start_serve(str(model_dirs("llama")), port, "--max-n", "2")
     try:
         line = wait_line(proc, "serving")
         assert f"http://127.0.0.1:{port}/v1" in line
         kids = children(proc)
         assert len(kids) >= 4  # engine, worker, two frontends
-        body = json.dumps({"model": json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"],
-                           "prompt": "hello", "max_tokens": 4, "ignore_eos": True}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
-        out = json.load(urllib.request.urlopen(req, timeout=60))
-        assert out["usage"]["completion_tokens"] == 4
+        model = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"]
+        status, out = _post(port, {"model": model, "prompt": "hello", "max_tokens": 4, "ignore_eos": True})
+        assert status == 200 and out["usage"]["completion_tokens"] == 4
+        for _ in range(6):  # serve passed its request limits on to every frontend (they share the port)
+            status, out = _post(port, {"model": model, "prompt": "hello", "max_tokens": 2, "n": 3})
+            assert status == 400 and out["error"]["param"] == "n", out
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         _, alive = psutil.wait_procs(kids, timeout=15)

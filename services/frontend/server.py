@@ -99,14 +99,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=float(_env("RESUME_TIMEOUT", "30")),
         help="seconds a request waits for a silent engine to come back (a restarted engine resumes it)",
     )
-    _add_limit_arguments(p)
+    add_limit_arguments(p)
     add_auth_args(p)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     return p
 
 
-def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    """What one request may ask (services.frontend.limits); past a limit, a clear 4xx."""
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """What one request may ask (services.frontend.limits); past a limit, a clear 4xx. `serve`
+    takes the same flags and forwards them to its frontends."""
     d = RequestLimits()
     p.add_argument("--max-request-body-bytes", type=int, default=int(_env("MAX_REQUEST_BODY_BYTES", str(d.max_request_body_bytes))),
                    help="larger request bodies get 413 (PAGEDSERVE_MAX_REQUEST_BODY_BYTES)")
