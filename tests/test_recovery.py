@@ -147,6 +147,39 @@ def test_requests_resume_on_a_restarted_engine(model_dirs, processes):
     assert all(p.poll() is None for p in processes[:1] + processes[2:])  # worker and frontend never restarted
 
 
+def seeded_stream(base: str, max_tokens: int, started: threading.Event) -> tuple[str, list[str], str]:
+    """A streamed, seeded completion at temperature 1.0: (text, its tokens, finish reason)."""
+    body = {
+        "model": "tiny", "prompt": [11, 12, 13], "max_tokens": max_tokens, "temperature": 1.0, "seed": 77,
+        "ignore_eos": True, "logprobs": 0,
+    }
+    events = sse_events(base + "/v1/completions", body, started)
+    assert events[-1] == "[DONE]", events[-3:]
+    choices = [json.loads(e)["choices"][0] for e in events[:-1]]
+    tokens = [t for c in choices if c.get("logprobs") for t in c["logprobs"]["tokens"]]
+    return "".join(c["text"] for c in choices), tokens, choices[-1]["finish_reason"]
+
+
+def test_a_seeded_stream_resumes_on_a_restarted_engine_token_for_token(model_dirs, processes):
+    cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", "0")
+    engine = spawn(*cmd.engine)
+    processes.extend([spawn(*cmd.worker), engine, spawn(*cmd.frontend, "--stall-timeout", "1")])
+    wait_healthy(cmd.base)
+    expected = seeded_stream(cmd.base, 300, threading.Event())  # undisturbed
+    assert expected[2] == "length" and len(expected[1]) == 300
+    assert expected[0] != complete(cmd.base, "tiny", 300)["choices"][0]["text"]  # sampled, not greedy
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(seeded_stream, cmd.base, 300, started)
+        assert started.wait(60)  # tokens are flowing
+        engine.send_signal(signal.SIGKILL)
+        engine.wait(10)
+        wait_status(cmd.base, 503)
+        assert not pending.done()
+        processes.append(spawn(*cmd.engine))
+        assert pending.result(timeout=180) == expected
+
+
 def test_requests_end_with_an_error_when_the_engine_stays_away(model_dirs, processes):
     cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", "0")
     processes.extend([spawn(*cmd.worker), spawn(*cmd.engine)])
