@@ -114,6 +114,13 @@ def test_a_seeded_token_depends_only_on_seed_and_output_position() -> None:
             resumed.output_token_ids.append(token)
 
 
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63, 2**64 - 1])
+def test_every_seed_the_api_accepts_samples_reproducibly(seed: int) -> None:
+    logits = torch.zeros(1, 1000)
+    draws = [int(sample(logits, [state(SamplingParams(seed=seed), output=[3] * 4)]).sampled_token_ids[0]) for _ in "ab"]
+    assert draws[0] == draws[1]
+
+
 def test_parallel_children_draw_distinct_streams() -> None:
     """The n > 1 children (seed + i) do not repeat one another, nor each other shifted by a token."""
     parent = SamplingParams(seed=7, n=3, temperature=1.0)
