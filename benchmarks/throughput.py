@@ -116,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=_cpu_count(), help="torch.set_num_threads")
     p.add_argument("--gemm-size", type=int, default=2048, help="square GEMM size for the peak measurement")
     p.add_argument("--gemm-reps", type=int, default=5)
+    p.add_argument("--gemm-device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the GEMM peak (the MFU denominator) is measured; cuda uses --dtype")
     args = p.parse_args(argv)
     _check_args(p, args)
     return args
@@ -131,6 +133,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.hf_prompts < 0:
         p.error("--hf-prompts must be non-negative")
+    if args.gemm_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--gemm-device cuda needs a CUDA GPU")
 
 
 # ----- model and workload -----------------------------------------------------------------------
@@ -199,20 +206,24 @@ def mfu(params: int, tokens: int, elapsed_s: float, peak_gflops: float) -> float
     return 2.0 * params * tokens / elapsed_s / (peak_gflops * 1e9)
 
 
-def measure_gemm_peak(size: int, reps: int, warmup: int = 2) -> float:
-    """Best float32 GFLOP/s of a square matmul on this machine."""
+def measure_gemm_peak(size: int, reps: int, warmup: int = 2, device: str = "cpu", dtype: str = "float32") -> float:
+    """Best GFLOP/s of a square matmul on this machine: float32 on the CPU, the run's dtype on CUDA."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=gen)
-    b = torch.randn(size, size, generator=gen)
-    out = torch.empty(size, size)
+    kind = getattr(torch, dtype)
+    a = torch.randn(size, size, generator=gen).to(device, kind)
+    b = torch.randn(size, size, generator=gen).to(device, kind)
+    out = torch.empty(size, size, device=device, dtype=kind)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         torch.mm(a, b, out=out)
     best = float("inf")
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best / 1e9
 
@@ -309,7 +320,8 @@ def print_table(info: dict[str, Any]) -> None:
     print(
         f"model {info['model']}  ({info['params'] / 1e6:.1f}M params, {settings['dtype']}, {settings['threads']} threads)"
     )
-    print(f"float32 GEMM peak ({settings['gemm_size']}^3): {info['gemm_peak_gflops']:.1f} GFLOP/s")
+    where = "float32" if settings["gemm_device"] == "cpu" else f"{settings['dtype']} CUDA"
+    print(f"{where} GEMM peak ({settings['gemm_size']}^3): {info['gemm_peak_gflops']:.1f} GFLOP/s")
     header = _line("engine", [h for h, _, _ in _COLUMNS])
     print(header + "\n" + "-" * len(header))
     for name, key in (("pagedserve", "pagedserve"), ("transformers", "hf")):
@@ -329,7 +341,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = resolve_model(args)
     config = json.loads((model_dir / "config.json").read_text())
     params = count_parameters(model_dir)
-    peak = measure_gemm_peak(args.gemm_size, args.gemm_reps)
+    gemm_dtype = "float32" if args.gemm_device == "cpu" else args.dtype
+    peak = measure_gemm_peak(args.gemm_size, args.gemm_reps, device=args.gemm_device, dtype=gemm_dtype)
     reqs = make_workload(args, config["vocab_size"], args.num_prompts, args.seed)
     warm = make_workload(args, config["vocab_size"], 2, args.seed + 1)  # distinct ids: no prefix-cache hits
     warm = [Req(r.prompt[: args.input_len[0]], min(4, r.output_len)) for r in warm]
