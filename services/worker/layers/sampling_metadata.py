@@ -53,7 +53,8 @@ def _splitmix64(x: int) -> int:
 
 def noise_seed(seed: int, position: int) -> int:
     """The generator seed for output token ``position`` of a request seeded with ``seed``
-    (hashed twice, so nearby seeds, e.g. the n > 1 children's seed + i, never share a stream)."""
+    (the seed is hashed before the position is mixed in, so nearby seeds, e.g. the n > 1
+    children's seed + i, give unrelated streams rather than the same one shifted)."""
     return _splitmix64(_splitmix64(seed) ^ position)
 
 
