@@ -51,6 +51,11 @@ def test_tiny_mode_writes_every_part_under_out(tmp_path: Path) -> None:
     throughput = report["parts"]["throughput_bf16"]["figures"]
     assert throughput["settings"]["dtype"] == "bfloat16" and throughput["settings"]["num_prompts"] == 4
     assert throughput["pagedserve"]["generated_tokens"] == throughput["pagedserve"]["requested_output_tokens"] > 0
+    assert report["headline"] == {
+        "decode_attention_pct_peak_long_context": None, "batch1_pct_roofline_cuda_graphs": None,
+        "batch1_pct_roofline_eager": None,
+        "throughput_bf16_generated_tok_s": throughput["pagedserve"]["generated_tok_s"],
+    }
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert "=== model (exit 0) ===" in log and "=== throughput_bf16 (exit 0) ===" in log
 
@@ -108,6 +113,19 @@ def test_budget_bounds_the_run_and_skips_what_does_not_fit(tmp_path: Path) -> No
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["parts"]["long"]["status"] == "timeout"
     assert report["parts"]["next"] == {"status": "skipped", "reason": "no time left in the budget"}
+
+
+def test_headline_reads_the_goals_off_the_figures() -> None:
+    grid = {"rows": [{"context": 2048, "triton_pct_peak": 90.0}, {"context": 8192, "triton_pct_peak": 71.5},
+                     {"context": 32768, "triton_pct_peak": 64.0}, {"context": 32768}]}
+    parts = {"decode_attention_grid": {"status": "passed", "figures": grid},
+             "e2e_decode_cuda_graphs": {"status": "passed", "figures": {"pct_roofline": 61.0}},
+             "e2e_decode_eager": {"status": "failed", "error_tail": "boom"},
+             "throughput_bf16": {"status": "pending"}}
+    assert gpu_check.headline(parts) == {
+        "decode_attention_pct_peak_long_context": 71.5, "batch1_pct_roofline_cuda_graphs": 61.0,
+        "batch1_pct_roofline_eager": None, "throughput_bf16_generated_tok_s": None,
+    }
 
 
 def test_pytest_parts_count_outcomes_and_name_failures(tmp_path: Path) -> None:
