@@ -152,6 +152,46 @@ def launch(model_dir: str, port: int, args) -> subprocess.Popen:
     raise SystemExit("the stack did not become healthy")
 
 
+def stack_processes(proc: subprocess.Popen) -> dict:
+    """The children of `pagedserve serve` by role: engine, worker-0.., frontend-0.."""
+    import psutil
+
+    roles: dict = {}
+    for child in psutil.Process(proc.pid).children():
+        cmd = child.cmdline()
+        role = cmd[cmd.index("pagedserve.cli") + 1] if "pagedserve.cli" in cmd else child.name()
+        if role != "engine":
+            role = f"{role}-{sum(r.startswith(role) for r in roles)}"
+        roles[role] = child
+    return roles
+
+
+def cpu_seconds(roles: dict) -> dict[str, float]:
+    """User+system CPU seconds of each process, its live descendants and its reaped children."""
+    import psutil
+
+    out = {}
+    for role, p in roles.items():
+        total = 0.0
+        for q in [p, *p.children(recursive=True)]:
+            try:
+                t = q.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system + (t.children_user + t.children_system if q is p else 0.0)
+        out[role] = total
+    return out
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], output_tokens: int) -> dict:
+    used = {role: after[role] - before.get(role, 0.0) for role in after}
+    total = sum(used.values())
+    light = sum(v for role, v in used.items() if not role.startswith("worker"))
+    per_1k = {role: 1000 * v / output_tokens if output_tokens else None for role, v in used.items()}
+    return {"cpu_s": used, "cpu_s_per_1k_tokens": per_1k, "cpu_s_total": total,
+            "frontend_engine_cpu_share": light / total if total else None}
+
+
 def offline(model_dir: str, prompts, args, max_num_seqs: int) -> dict:
     from pagedserve import LLM, SamplingParams
 
@@ -187,10 +227,11 @@ def main() -> None:
     ap.add_argument("--worker-metrics-port", type=int, default=8002)
     args = ap.parse_args()
 
-    proc = None
+    proc, roles, cpu_before = None, {}, {}
     if args.launch:
         args.base_url = f"http://127.0.0.1:{args.port}/v1"
         proc = launch(args.launch, args.port, args)
+        roles = stack_processes(proc)
     try:
         models = json.load(urllib.request.urlopen(args.base_url.rstrip("/") + "/models", timeout=10))
         card = models["data"][0]
@@ -199,10 +240,12 @@ def main() -> None:
         if vocab is None:
             vocab = json.loads((Path(args.launch) / "config.json").read_text())["vocab_size"] if args.launch else 1000
         prompts = make_prompts(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+        cpu_before = cpu_seconds(roles)
         results, elapsed = asyncio.run(run_load(args.base_url, model, prompts, args.concurrency, args.request_rate, args.seed))
         report = {"benchmark": "serve", "base_url": args.base_url, "concurrency": args.concurrency,
                   "request_rate": args.request_rate, **summarize(results, elapsed)}
         if proc is not None:
+            report["cpu"] = cpu_report(cpu_before, cpu_seconds(roles), report["output_tokens"])
             engine, worker = scrape(args.engine_metrics_port), scrape(args.worker_metrics_port)
             busy = worker.get("pagedserve_worker_forward_seconds_sum", 0) + worker.get("pagedserve_worker_sampling_seconds_sum", 0)
             wait = engine.get("pagedserve_engine_worker_wait_seconds_total", 0)
@@ -232,6 +275,12 @@ def main() -> None:
             off = s[key]
             print(f"  offline (max_num_seqs={off['max_num_seqs']}) {off['output_tokens_per_s']:.1f} tok/s; "
                   f"stack/offline = {s[ratio]:.3f}")
+    if "cpu" in s:
+        cpu = s["cpu"]
+        for role, per_1k in cpu["cpu_s_per_1k_tokens"].items():
+            print(f"  CPU {role:11s} {cpu['cpu_s'][role]:8.2f} s   {per_1k or 0:7.2f} s per 1k output tokens")
+        share = cpu["frontend_engine_cpu_share"]
+        print(f"  frontend+engine share of the stack's CPU: {100 * (share or 0):.1f}%")
     if s.get("engine_idle_share_of_worker_time") is not None:
         print(f"  engine idle (waiting on workers) for {100 * s['engine_idle_share_of_worker_time']:.1f}% of worker step time")
     print(json.dumps(report))
