@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from services.frontend.generation import Generation
 from services.frontend.logprobs import chat_logprobs
@@ -15,16 +15,13 @@ from services.frontend.openai_requests import ChatCompletionRequest
 from services.frontend.openai_responses import (
     SSE_DONE,
     ChatChoice,
-    ChatCompletionChunk,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatMessageOut,
-    ChatStreamChoice,
-    DeltaMessage,
+    ChunkStream,
     Usage,
     now,
     random_id,
-    sse,
 )
 from services.frontend.sequence import Sequence
 from services.frontend.state import FrontendState
@@ -50,7 +47,7 @@ async def create_chat_completion(state: FrontendState, body: ChatCompletionReque
 
 def _response(
     state: FrontendState, body: ChatCompletionRequest, gen: Generation, model: str, seqs: list[Sequence]
-) -> JSONResponse:
+) -> Response:
     choices = [
         ChatChoice(
             index=seq.index,
@@ -63,7 +60,7 @@ def _response(
     ]
     usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
     resp = ChatCompletionResponse(id=random_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
-    return JSONResponse(resp.model_dump(mode="json"))
+    return Response(resp.model_dump_json(), media_type="application/json")
 
 
 def _logprobs(state: FrontendState, body: ChatCompletionRequest, entries: list) -> ChatLogprobs | None:
@@ -79,31 +76,24 @@ async def _chunks(
     gen: Generation,
     model: str,
     updates: AsyncIterator[Sequence],
-) -> AsyncIterator[str]:
-    cid, created = random_id("chatcmpl"), now()
-    extra = {"usage": None} if body.include_usage else {}
-
-    def chunk(choice: ChatStreamChoice) -> str:
-        return sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=[choice], **extra))
-
+) -> AsyncIterator[bytes]:
+    events = ChunkStream(random_id("chatcmpl"), "chat.completion.chunk", model, body.include_usage)
     for seq in gen.ordered():
-        role = DeltaMessage(role="assistant", content="")
-        yield chunk(ChatStreamChoice(index=seq.index, delta=role, logprobs=None, finish_reason=None))
+        role = {"role": "assistant", "content": ""}
+        yield events.choice({"index": seq.index, "delta": role, "logprobs": None, "finish_reason": None})
     async for seq in updates:
         text, new_logprobs = seq.take_stream_delta()
         if not text and not new_logprobs and not seq.finished:
             continue
-        delta = DeltaMessage(content=text) if text or not seq.finished else DeltaMessage()
-        choice = ChatStreamChoice(
-            index=seq.index,
-            delta=delta,
-            logprobs=_logprobs(state, body, new_logprobs) if new_logprobs else None,
-            finish_reason=seq.finish_reason,
-        )
+        choice = {
+            "index": seq.index,
+            "delta": {"content": text} if text or not seq.finished else {},
+            "logprobs": _logprobs(state, body, new_logprobs) if new_logprobs else None,
+            "finish_reason": seq.finish_reason,
+        }
         if seq.finished:
-            choice.stop_reason = seq.stop_reason
-        yield chunk(choice)
+            choice["stop_reason"] = seq.stop_reason
+        yield events.choice(choice)
     if body.include_usage:
-        usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
-        yield sse(ChatCompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage))
+        yield events.usage(Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens))
     yield SSE_DONE

@@ -6,20 +6,19 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from services.frontend.generation import Generation
 from services.frontend.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
 from services.frontend.openai_requests import CompletionRequest
 from services.frontend.openai_responses import (
     SSE_DONE,
+    ChunkStream,
     CompletionChoice,
-    CompletionChunk,
     CompletionResponse,
     Usage,
     now,
     random_id,
-    sse,
 )
 from services.frontend.sequence import Sequence
 from services.frontend.state import FrontendState
@@ -66,11 +65,11 @@ async def create_completion(state: FrontendState, body: CompletionRequest, reque
 def _response(
     state: FrontendState, body: CompletionRequest, gen: Generation, model: str, echo: list[str] | None,
     seqs: list[Sequence],
-) -> JSONResponse:
+) -> Response:
     choices = [_choice(state, body, gen, seq, echo) for seq in seqs]
     usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
     resp = CompletionResponse(id=random_id("cmpl"), created=now(), model=model, choices=choices, usage=usage)
-    return JSONResponse(resp.model_dump(mode="json"))
+    return Response(resp.model_dump_json(), media_type="application/json")
 
 
 def _choice(
@@ -120,25 +119,20 @@ async def _chunks(
     model: str,
     echo: list[str] | None,
     updates: AsyncIterator[Sequence],
-) -> AsyncIterator[str]:
-    cid, created = random_id("cmpl"), now()
-    extra = {"usage": None} if body.include_usage else {}
-
-    def chunk(choice: CompletionChoice) -> str:
-        return sse(CompletionChunk(id=cid, created=created, model=model, choices=[choice], **extra))
-
+) -> AsyncIterator[bytes]:
+    events = ChunkStream(random_id("cmpl"), "text_completion", model, body.include_usage)
     # The prompt's chunk: at once, or with the first token when it carries prompt logprobs.
     scored_prompt = body.scores_prompt
     offsets: dict[int, int] = {}
     if echo is not None and not scored_prompt:
         for seq in gen.ordered():
             text = echo[gen.prompt_of[seq.index]]
-            yield chunk(CompletionChoice(index=seq.index, text=text, logprobs=None, finish_reason=None))
+            yield events.choice({"index": seq.index, "text": text, "logprobs": None, "finish_reason": None})
     async for seq in updates:
         if scored_prompt and seq.index not in offsets and seq.prompt_logprobs is not None:
             head = _prompt_part(state, body, gen, seq, echo)
             offsets[seq.index] = len(head.text)
-            yield chunk(head)
+            yield events.choice(head)
         text, new_logprobs = seq.take_stream_delta()
         if not text and not new_logprobs and not seq.finished:
             continue
@@ -147,11 +141,10 @@ async def _chunks(
             assert state.token_text is not None
             offset = offsets.get(seq.index, 0)
             logprobs, offsets[seq.index] = completion_logprobs(new_logprobs, state.token_text, body.logprobs, offset)
-        choice = CompletionChoice(index=seq.index, text=text, logprobs=logprobs, finish_reason=seq.finish_reason)
+        choice = {"index": seq.index, "text": text, "logprobs": logprobs, "finish_reason": seq.finish_reason}
         if seq.finished:
-            choice.stop_reason = seq.stop_reason
-        yield chunk(choice)
+            choice["stop_reason"] = seq.stop_reason
+        yield events.choice(choice)
     if body.include_usage:
-        usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
-        yield sse(CompletionChunk(id=cid, created=created, model=model, choices=[], usage=usage))
+        yield events.usage(Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens))
     yield SSE_DONE

@@ -13,9 +13,23 @@ from shared.sampling_params import SamplingParams
 _PROMPT_CONTEXT = 5  # prompt tokens decoded along with the first outputs, for correct leading spaces
 
 
+def decoder_of(tokenizer):
+    """A function decoding token ids as ``tokenizer.decode`` does: straight through the Rust
+    tokenizer when transformers would add nothing to it (no clean-up of spaces), which spares
+    transformers' Python wrapper on every token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return backend.decode
+    return tokenizer.decode
+
+
 class IncrementalDetokenizer:
+    """Per token, decodes a window of a few tokens (the last stable text's tokens and the new
+    ones), never the whole output, so each token costs the same however long the text grows."""
+
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self.tokenizer = tokenizer
+        self._decoder = decoder_of(tokenizer)
         self.skip_special_tokens = params.skip_special_tokens
         self.stop = list(params.stop or [])
         self.include_stop = params.include_stop_str_in_output
@@ -28,7 +42,7 @@ class IncrementalDetokenizer:
         self._sent = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decoder(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_ids: list[int]) -> str | None:
         """Take new tokens one at a time; returns the stop string that matched, if one did

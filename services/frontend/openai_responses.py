@@ -1,12 +1,16 @@
 """OpenAI response bodies and streaming chunks (completions, chat completions, models), plus
-/tokenize and /detokenize answers and the SSE framing."""
+/tokenize and /detokenize answers and the SSE framing.
+
+Streamed chunks skip pydantic: each stream serializes its envelope (id, object, created, model)
+once, and each chunk encodes only its choice, a plain dict, with msgspec."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
+import msgspec
 from pydantic import BaseModel, Field
 
 
@@ -18,13 +22,39 @@ def now() -> int:
     return int(time.time())
 
 
-def sse(chunk: BaseModel) -> str:
-    """One server-sent event. Chunks are built with every field they carry set explicitly, so
-    exclude_unset leaves out only what this stream does not use (usage without include_usage)."""
-    return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+def _model_fields(obj: Any) -> Any:
+    """Models inside a chunk (logprobs, a prompt's choice) as the fields they were given; JSON
+    has no infinity, so msgspec writes a non-finite float as null, as pydantic does."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(exclude_unset=True)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
-SSE_DONE = "data: [DONE]\n\n"
+_encode = msgspec.json.Encoder(enc_hook=_model_fields).encode
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ChunkStream:
+    """The SSE events of one stream: chunks that share an id, object, created and model."""
+
+    def __init__(self, chunk_id: str, obj: str, model: str, include_usage: bool):
+        envelope = _encode({"id": chunk_id, "object": obj, "created": now(), "model": model})
+        self._head = b"data: " + envelope[:-1] + b',"choices":['
+        # with include_usage every chunk carries "usage": null until the last, which has it
+        self._tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
+
+    def choice(self, choice: dict[str, Any] | BaseModel) -> bytes:
+        """A chunk with this one choice."""
+        return self._head + _encode(choice) + self._tail
+
+    def usage(self, usage: Usage) -> bytes:
+        """The last chunk of include_usage: no choices, the request's token counts."""
+        return self._head + b'],"usage":' + _encode(usage) + b"}\n\n"
+
+
+def error_event(body: dict[str, Any]) -> bytes:
+    """An error reported in-band once the stream's headers are out."""
+    return b"data: " + _encode(body) + b"\n\n"
 
 
 class Usage(BaseModel):
@@ -77,15 +107,6 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
 # ----- chat completions -------------------------------------------------------------------------
 
 
@@ -126,28 +147,6 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatStreamChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
 
 
 # ----- models, tokenizer ------------------------------------------------------------------------

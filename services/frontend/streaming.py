@@ -7,7 +7,6 @@ travels as an SSE event with OpenAI's error body, followed by [DONE].
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -17,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.frontend.errors import APIError
 from services.frontend.generation import ClientDisconnected, Generation
-from services.frontend.openai_responses import SSE_DONE
+from services.frontend.openai_responses import SSE_DONE, error_event
 from services.frontend.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ log = logging.getLogger(__name__)
 # nginx's code for "client closed the request": logged and counted, never seen by the client.
 CLIENT_CLOSED = 499
 
-ChunkWriter = Callable[[AsyncIterator[Sequence]], AsyncIterator[str]]
+ChunkWriter = Callable[[AsyncIterator[Sequence]], AsyncIterator[bytes]]
 
 
 async def respond_whole(
@@ -55,7 +54,7 @@ class _GenerationStream(StreamingResponse):
     """An SSE response that closes its Generation when it ends, however it ends: a client that
     leaves between chunks can leave the body iterator suspended, its ``finally`` not yet run."""
 
-    def __init__(self, gen: Generation, body: AsyncIterator[str]):
+    def __init__(self, gen: Generation, body: AsyncIterator[bytes]):
         super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
         self.gen = gen
 
@@ -83,7 +82,7 @@ async def stream(gen: Generation, request: Request, write_chunks: ChunkWriter) -
         gen.close()
         raise
 
-    async def body() -> AsyncIterator[str]:
+    async def body() -> AsyncIterator[bytes]:
         try:
             async for event in write_chunks(_chain(first, updates)):
                 yield event
@@ -91,12 +90,12 @@ async def stream(gen: Generation, request: Request, write_chunks: ChunkWriter) -
             return
         except APIError as exc:
             gen.fail()
-            yield f"data: {json.dumps(exc.body())}\n\n"
+            yield error_event(exc.body())
             yield SSE_DONE
         except Exception as exc:  # the headers are out: report in-band, keep the process alive
             log.exception("stream failed")
             gen.fail()
-            yield f"data: {json.dumps(APIError(500, f'Internal server error: {type(exc).__name__}').body())}\n\n"
+            yield error_event(APIError(500, f"Internal server error: {type(exc).__name__}").body())
             yield SSE_DONE
         finally:
             gen.close()  # synchronous: runs even when the response task is being cancelled
