@@ -112,6 +112,29 @@ def test_a_full_queue_answers_503_and_the_accepted_requests_complete(stack):
         stop_processes([frontend])
 
 
+def test_a_request_larger_than_the_queue_is_400_not_503(stack):
+    """More sequences (n x prompts) than --max-num-queued-requests (2 here) could never be
+    admitted: a 400 naming n, not a 503 the SDK would retry in vain; exactly the limit is served."""
+    _, inp, out, _procs, (engine_port, _) = stack
+    frontend, base = start_frontend(inp, out)
+    try:
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        rejected = scrape(engine_port)["pagedserve_engine_rejected_requests_total"]
+        body = {"model": model, "prompt": "Hello", "max_tokens": 4, "ignore_eos": True}
+        for too_many in ({"n": 3}, {"n": 2, "prompt": ["Hello", "Hi"]}):
+            answer = httpx.post(f"{base}/v1/completions", json=body | too_many, timeout=120)
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert error["param"] == "n" and "queues at most 2" in error["message"]
+        chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "n": 3}
+        assert httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=120).status_code == 400
+        served = httpx.post(f"{base}/v1/completions", json=body | {"n": 2}, timeout=120)
+        assert served.status_code == 200 and len(served.json()["choices"]) == 2
+        assert scrape(engine_port)["pagedserve_engine_rejected_requests_total"] == rejected
+    finally:
+        stop_processes([frontend])
+
+
 def test_the_priority_policy_runs_the_lowest_value_first(stack):
     _, inp, out, _procs, _ports = stack
     client = Client(inp, out)

@@ -130,8 +130,15 @@ class FrontendState:
             raise context_length_exceeded(info.max_model_len, param, len(ids))
 
     def check_limits(self, request: Any) -> None:
-        """400 for a request past this server's caps (n, logprobs, prompts)."""
+        """400 for a request past this server's caps (n, logprobs, prompts), or with more
+        sequences (n x prompts) than the engine ever queues."""
         check_caps(request, self.config.limits)
+        info = self.client.model_info
+        queued = info.max_num_queued_requests if info is not None else 0
+        sequences = request.num_choices * getattr(request, "num_prompts", 1)
+        if queued and sequences > queued:
+            msg = f"This request asks for {sequences} sequences (n x prompts); this server queues at most {queued}."
+            raise bad_request(msg, "n")
 
     def sampling_params(self, request: Any, default_max_tokens: int | None, prompts: list[list[int]],
                         prompt_param: str) -> SamplingParams:
