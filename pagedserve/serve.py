@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -70,9 +72,11 @@ def _forward(args: argparse.Namespace, names: tuple[str, ...] = _MODEL_FLAGS, ne
     return out
 
 
-def _children(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+def _children(args: argparse.Namespace, sock_dir: str) -> list[tuple[str, list[str]]]:
+    """The command of every child. The engine's sockets are Unix sockets in ``sock_dir``, a
+    private folder: no port to race for, nothing reachable from the network."""
     base = [sys.executable, "-m", "pagedserve.cli"]
-    inp, outp, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    inp, outp, wrk = (f"ipc://{sock_dir}/{name}" for name in ("input", "output", "workers"))
     # CURVE on every link when given keys (off by default: these sockets are on loopback).
     auth = ["--curve-keys-dir", args.curve_keys_dir] if args.curve_keys_dir else []
     model = _forward(args) + auth
@@ -162,8 +166,9 @@ def run(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    # Their own process group: Ctrl-C in a terminal reaches only us, and we stop them in order.
-    procs = {name: subprocess.Popen(cmd, process_group=0) for name, cmd in _children(args)}
+    sock_dir = tempfile.mkdtemp(prefix="pagedserve-")
+    # Their own session: Ctrl-C in a terminal reaches only us, and we stop them in order.
+    procs = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in _children(args, sock_dir)}
     try:
         dead = _wait_ready(f"http://{args.host}:{args.port}/health", procs, args.ready_timeout)
         if dead is None:
@@ -178,3 +183,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         _drain(procs, args.shutdown_timeout)
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -117,7 +117,7 @@ def sigterm_mid_stream(model: str, shutdown_timeout: str) -> list[str]:
             body = {"prompt": "hello", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
                     "stream_options": {"include_usage": True}}
             pending = pool.submit(sse_events, f"http://127.0.0.1:{port}/v1/completions", body, started)
-            assert started.wait(60)
+            assert started.wait(120)
             proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + 10
             while serving(port):  # the frontends stop taking requests at once
