@@ -95,17 +95,27 @@ def _children(args: argparse.Namespace, sock_dir: str) -> list[tuple[str, list[s
     for i in range(args.frontends):
         # frontends share the HTTP port; each also serves its own /metrics so every one is scraped
         metrics = ["--metrics-port", str(args.frontend_metrics_port + i)] if args.frontend_metrics_port else []
-        kids.append((f"frontend-{i}", base + ["frontend", *front, *metrics]))
+        ready = ["--ready-file", _ready_file(sock_dir, i)]
+        kids.append((f"frontend-{i}", base + ["frontend", *front, *metrics, *ready]))
     return kids
 
 
-def _wait_ready(url: str, procs: dict[str, subprocess.Popen], timeout_s: float) -> str | None:
-    """None once /health answers 200; else the name of a child that died."""
+def _ready_file(sock_dir: str, index: int) -> str:
+    return os.path.join(sock_dir, f"frontend-{index}.ready")
+
+
+def _wait_ready(url: str, procs: dict[str, subprocess.Popen], ready_files: list[str], timeout_s: float) -> str | None:
+    """None once every frontend has created its ready file and /health answers 200 (the port
+    is shared, so one healthy answer says nothing of the other frontends); else the name of a
+    child that died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name, proc in procs.items():
             if proc.poll() is not None:
                 return name
+        if not all(os.path.exists(f) for f in ready_files):
+            time.sleep(0.2)
+            continue
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
@@ -170,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     # Their own session: Ctrl-C in a terminal reaches only us, and we stop them in order.
     procs = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in _children(args, sock_dir)}
     try:
-        dead = _wait_ready(f"http://{args.host}:{args.port}/health", procs, args.ready_timeout)
+        ready_files = [_ready_file(sock_dir, i) for i in range(args.frontends)]
+        dead = _wait_ready(f"http://{args.host}:{args.port}/health", procs, ready_files, args.ready_timeout)
         if dead is None:
             print(f"pagedserve: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1 "
                   f"({args.frontends} frontend(s))", flush=True)

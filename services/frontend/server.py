@@ -100,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds a request waits for a silent engine to come back (a restarted engine resumes it)",
     )
     add_limit_arguments(p)
+    p.add_argument("--ready-file", default=None,
+                   help="create this file once the frontend can serve (`pagedserve serve` waits for every frontend's)")
     add_auth_args(p)
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     return p
@@ -193,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         health_timeout=args.health_timeout,
         stall_timeout=args.stall_timeout,
         resume_timeout=args.resume_timeout,
+        ready_file=args.ready_file,
         limits=_limits(args),
     )
     app = build_app(config)

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from services.frontend.engine_client import EngineClient
@@ -41,6 +42,7 @@ class FrontendConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)  # what one request may ask (limits.py)
     curve: CurveClient | None = None  # CURVE keys for the engine link (shared.auth); None: plain
     resume_timeout: float = 30.0  # seconds a request waits for a silent engine to come back
+    ready_file: str | None = None  # created once this frontend can serve (`serve` waits for each)
 
 
 class FrontendState:
@@ -79,6 +81,8 @@ class FrontendState:
         self.token_text = TokenText(tokenizer)
         self.tokenizer = tokenizer
         self.metrics.set_ready()
+        if self.config.ready_file:
+            Path(self.config.ready_file).touch()
         log.info("frontend %s ready: serving %s", self.frontend_id, ", ".join(self.served_names()))
 
     async def shutdown(self) -> None:
