@@ -172,3 +172,31 @@ def test_the_frontend_table_tracks_liveness_and_ownership():
     time.sleep(0.7)
     assert table.silent() == [b"a"]  # "b" spoke 0.7 s ago
     assert table.leave(b"a") == ["r1"] and len(table) == 1
+
+
+def test_a_request_before_hello_is_dropped_and_runs_once_resubmitted(stack):
+    """An AddRequest can sit in a frontend's socket while the engine restarts and reach the new
+    engine before the frontend's output connection: the engine takes requests only after Hello."""
+    _model, inp, out, _procs, _ports = stack
+    prompt = np.arange(5, 12, dtype=np.int32)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    with Client(inp, out) as client:
+        client.tx.send(AddRequest("early", prompt, params))
+        assert client.collect({"early"}, timeout_s=3) == {"early": (None, [])}  # never ran
+        client.hello()
+        client.tx.send(AddRequest("early", prompt, params))  # the id was never taken
+        finish, tokens = client.collect({"early"})["early"]
+        assert finish == "length" and len(tokens) == 3
+
+
+def test_the_greeted_set_is_bounded_by_live_frontends(monkeypatch):
+    monkeypatch.setattr("services.engine.frontends.MAX_GREETED", 2)
+    table = Frontends(1.2)
+    for identity in (b"a", b"b"):
+        table.seen(identity)
+        table.greet(identity)
+    table.leave(b"a")  # silent: it stays greeted while there is room
+    assert table.greeted == {b"a", b"b"}
+    table.seen(b"c")
+    table.greet(b"c")  # full: the frontends no longer live make room
+    assert table.greeted == {b"b", b"c"}

@@ -6,6 +6,12 @@ A frontend is known by its routing identity. Any message from it counts as a sig
 stays silent for `timeout_s` counts as gone, and so do its requests. A Hello, heartbeat or request
 from an unknown identity registers it (the engine may have restarted under a frontend that never
 left); a Ping, abort or Goodbye alone does not, so a probe that pings and leaves is not counted.
+
+Requests are taken only from a frontend that has said Hello to this engine instance. A frontend
+says Hello once the engine's answers reach it (a Pong with a new engine id, or ModelInfo at
+start); an AddRequest that sat in a frontend's socket while the engine was down can arrive
+before that frontend's output connection, and its first outputs would be lost. The engine
+drops such a request: the frontend resubmits it, with the tokens it has, after its Hello.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from shared.protocol import (
 
 log = logging.getLogger("pagedserve.engine")
 
+MAX_GREETED = 4096
+
 
 class Frontends:
     """Liveness and request ownership, by routing identity."""
@@ -41,6 +49,14 @@ class Frontends:
         self.timeout_s = timeout_s
         self.last_seen: dict[bytes, float] = {}
         self.owners: dict[str, bytes] = {}  # req_id -> frontend identity
+        # frontends that said Hello to this engine; one dropped as silent stays greeted (it may
+        # come back and send requests without a new Hello), until the set is full of such
+        self.greeted: set[bytes] = set()
+
+    def greet(self, identity: bytes) -> None:
+        if len(self.greeted) >= MAX_GREETED:
+            self.greeted.intersection_update(self.last_seen)
+        self.greeted.add(identity)
 
     def __len__(self) -> int:
         return len(self.last_seen)
@@ -90,12 +106,17 @@ class FrontendHandler:
             log.info("frontend %r connected", identity)
             self.metrics.frontends.set(len(self.table))
         if isinstance(msg, AddRequest):
-            self._add(identity, msg)
+            if identity in self.table.greeted:
+                self._add(identity, msg)
+            else:  # queued before this engine started: resubmitted after the frontend's Hello
+                log.warning("dropped request %r from frontend %r, which has not said Hello", msg.req_id, identity)
         elif isinstance(msg, AbortRequests):
             self.route(self.core.abort(self.table.owned_by(identity, msg.req_ids)))
         elif isinstance(msg, Hello):
+            self.table.greet(identity)
             self.outbox.put((identity, self.model_info))
         elif isinstance(msg, Goodbye):
+            self.table.greeted.discard(identity)
             self.drop(identity)
 
     def drop(self, identity: bytes) -> None:
