@@ -151,13 +151,16 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 class SchedulerConfig:
     """policy: "fcfs" admits in arrival order and preempts the newest request; "priority" admits
     by (priority, arrival) and preempts the largest (priority, arrival) first. The queue limits
-    bound what the service admits into the waiting queue (past them it answers 503)."""
+    bound what the service admits into the waiting queue (past them it answers 503).
+    async_scheduling: plan each step while the workers compute the previous one (the workers feed
+    their sampled tokens forward; finishes are reconciled one step late)."""
 
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     policy: str = "fcfs"
     max_num_queued_requests: int = 1024
     max_queued_tokens: int = 1 << 20
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

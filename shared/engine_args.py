@@ -59,6 +59,7 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--scheduling-policy", "fcfs", "fcfs, or priority: lower priority values run first")
     add_flag(parser, "--max-num-queued-requests", 1024, "most requests waiting; past it the engine answers 503")
     add_flag(parser, "--max-queued-tokens", 1 << 20, "most tokens waiting; past it the engine answers 503")
+    add_flag(parser, "--async-scheduling", False, "plan each step while the workers compute the previous one")
     add_flag(parser, "--tensor-parallel-size", 1, "worker ranks")
     add_flag(parser, "--enforce-eager", False, "run every step eagerly on GPU (no CUDA graphs for decode)")
     add_flag(parser, "--seed", 0, "random seed")

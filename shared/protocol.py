@@ -25,6 +25,7 @@ Count = Annotated[int, Meta(ge=0)]  # counts, block ids, step ids, ranks
 Positive = Annotated[int, Meta(ge=1)]
 TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+Seconds = Annotated[float, Meta(ge=0.0, le=1e12)]  # durations, and wall-clock times
 
 _STRUCT = {"array_like": True, "omit_defaults": True, "gc": False}
 
@@ -103,6 +104,11 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     # requests whose structured-outputs grammar completed with this step's token: the engine
     # finishes them with "stop" (nothing more can be generated that fits the grammar)
     stopped: list[ReqId] = []
+    # the worker's side of the step timeline: when it took the plan (wall clock, time.time()),
+    # how long it had waited for it since its previous step, and how long it computed
+    received_at: Seconds = 0.0
+    idle_s: Seconds = 0.0
+    compute_s: Seconds = 0.0
 
     def __post_init__(self) -> None:
         n = len(self.req_ids)

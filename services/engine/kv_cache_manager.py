@@ -65,8 +65,10 @@ class KVCacheManager:
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         # Blocks are indexed as soon as their tokens are scheduled: within a step every layer
         # writes all new K/V before any attention reads, so a hit in the same step is safe.
+        # Tokens still in flight (async scheduling) are not known yet: their blocks are indexed
+        # by a later allocation, once they are.
         start = self._num_cached.get(request.req_id, 0)
-        n_full = num_tokens // self.block_size
+        n_full = min(num_tokens, request.num_tokens) // self.block_size
         if n_full <= start:
             return
         hashes = self._block_hashes(request, num_tokens)

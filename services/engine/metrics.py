@@ -1,11 +1,12 @@
 """Engine metrics: queue depths and saturation, KV usage, prefix cache, preemptions, rejections,
-step timings."""
+step timings and each step's timeline (plan, worker compute and idle, transport)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.engine.scheduler import Scheduler
+from services.engine.timeline import STEP_PART_BUCKETS, StepTimeline
 from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, CounterSync
 
 
@@ -69,6 +70,27 @@ class EngineMetrics:
             "Engine time per step outside the workers (scheduling and output processing).",
             LATENCY_BUCKETS,
         )
+
+        part = "Per step, the time {}."
+        self.plan = histogram("pagedserve_engine_step_plan_seconds", part.format("the engine took to plan it"), STEP_PART_BUCKETS)
+        self.worker_compute = histogram(
+            "pagedserve_engine_step_worker_compute_seconds", part.format("the worker computed it"), STEP_PART_BUCKETS
+        )
+        self.worker_idle = histogram(
+            "pagedserve_engine_step_worker_idle_seconds",
+            part.format("the worker waited for its plan since its previous step"),
+            STEP_PART_BUCKETS,
+        )
+        self.transport = histogram(
+            "pagedserve_engine_step_transport_seconds",
+            part.format("its plan and result travelled while their receiver waited"),
+            STEP_PART_BUCKETS,
+        )
+
+    def observe_timeline(self, timeline: StepTimeline) -> None:
+        self.worker_compute.observe(timeline.compute_s)
+        self.worker_idle.observe(timeline.idle_s)
+        self.transport.observe(timeline.transport_s)
 
     def reject(self, reason: str) -> None:
         """Count a request refused at admission (reason: the limit it hit)."""

@@ -7,6 +7,13 @@ to the queue, to be recomputed (mostly from the prefix cache) later. Under the f
 queue is in arrival order and the newest request is preempted, going back to the front; under
 the priority policy the queue is ordered by (priority, arrival) and the request with the
 largest (priority, arrival) is preempted.
+
+Steps may be planned before the previous step's tokens are known (async scheduling): a request
+that samples in a step in flight counts that token as a placeholder, so the next step schedules
+its decode at once and the worker feeds its own sampled token in. When the result arrives the
+placeholder is filled in; a request that finished with it (EOS, a stop id) had one more step
+planned, whose token is discarded. A request whose placeholders already reach max_tokens is not
+scheduled again, so max_tokens costs no extra step.
 """
 
 from __future__ import annotations
@@ -20,7 +27,14 @@ import numpy as np
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
 from shared.config import CacheConfig, SchedulerConfig
-from shared.protocol import CachedRequestData, NewRequestData, RequestDelta, StepPlan, StepResult
+from shared.protocol import (
+    CachedRequestData,
+    NewRequestData,
+    RequestDelta,
+    StepPlan,
+    StepResult,
+    TokenLogprobs,
+)
 
 
 class Scheduler:
@@ -30,6 +44,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # tokens sampled in steps in flight, not known yet, by request id
+        self.placeholders: dict[str, int] = {}
+        # per step in flight: the requests it computes, as (request, its preemption count when
+        # planned), so a result is applied only to the same request in the same run
+        self._in_flight: dict[int, dict[str, tuple[Request, int]]] = {}
         self._known_to_worker: set[str] = set()
         self._finished_ids: list[str] = []
         self._step_id = first_step_id  # the service starts it at random: a stale result never matches
@@ -77,16 +96,18 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            else:
-                self.waiting.remove(request)
             self._finish(request, RequestStatus.FINISHED_ABORTED)
             out.append(RequestDelta(req_id, [], finish_reason="abort"))
         return out
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Take an unfinished request out of the queues for good and free its blocks."""
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
         request.status = status
+        self.placeholders.pop(request.req_id, None)
         self.kv.free(request)
         del self.requests[request.req_id]
         if request.req_id in self._known_to_worker:
@@ -113,14 +134,15 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         preempted = False
 
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        todo = {r.req_id: self._num_to_compute(r) for r in self.running}
+        decodes = [r for r in self.running if todo[r.req_id] == 1]
+        prefills = [r for r in self.running if todo[r.req_id] > 1]
         for request in decodes + prefills:
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(todo[request.req_id], budget)
             while (blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = max(self.running, key=_priority_key) if self.priority else self.running[-1]
                 budget += scheduled.pop(victim.req_id, 0)
@@ -158,9 +180,19 @@ class Scheduler:
 
         return self._make_plan(scheduled, new_blocks)
 
+    def _num_to_compute(self, request: Request) -> int:
+        """Tokens of a running request not computed yet, counting those in flight (0 when the
+        tokens in flight already reach max_tokens: its last step is planned)."""
+        pending = self.placeholders.get(request.req_id, 0)
+        if pending and request.num_output_tokens + pending >= request.max_tokens:
+            return 0
+        return request.num_tokens + pending - request.num_computed_tokens
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        # a token in flight is discarded when it arrives: the recompute samples it again
+        self.placeholders.pop(request.req_id, None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         if request.prompt_logprobs:  # not delivered yet: the recompute scores the prompt again
@@ -171,8 +203,11 @@ class Scheduler:
 
     def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
         new_reqs, cached = [], []
+        self._step_id += 1
+        in_flight = self._in_flight[self._step_id] = {}
         for req_id, num_new in scheduled.items():
             request = self.requests[req_id]
+            in_flight[req_id] = (request, request.num_preemptions)
             if req_id in self._known_to_worker:
                 cached.append(CachedRequestData(req_id, new_blocks[req_id], request.num_computed_tokens))
             else:
@@ -189,7 +224,9 @@ class Scheduler:
                 )
                 self._known_to_worker.add(req_id)
             request.num_computed_tokens += num_new
-        self._step_id += 1
+            pending = self.placeholders.get(req_id, 0)
+            if request.num_computed_tokens == request.num_tokens + pending:  # it samples a token
+                self.placeholders[req_id] = pending + 1
         plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids)
         self._finished_ids = []
         return plan
@@ -206,40 +243,70 @@ class Scheduler:
         self.kv.prefix_queried_tokens, self.kv.prefix_hit_tokens = old.prefix_queried_tokens, old.prefix_hit_tokens
         self._known_to_worker.clear()
         self._finished_ids = []
+        self._in_flight.clear()  # those steps' results never come
+        self.placeholders.clear()
 
     # ----- results ------------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:
-        """Append the sampled tokens and finish requests that hit a stop condition."""
+        """Fill in the sampled tokens and finish requests that hit a stop condition. Only the
+        requests the step computed count, each in the run it was planned for: a token of a
+        request that finished, was aborted or preempted since is discarded."""
+        planned = self._in_flight.pop(plan.step_id, {})
+
+        def current(req_id: str, same_run: bool = True) -> Request | None:
+            request, preemptions = planned.get(req_id, (None, 0))
+            if request is None or self.requests.get(req_id) is not request:
+                return None
+            return request if not same_run or request.num_preemptions == preemptions else None
+
         deltas = []
         for req_id, message in result.failed.items():
-            request = self.requests.get(req_id)
-            if request is not None and request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
+            if (request := current(req_id, same_run=False)) is not None:
                 self._finish(request, RequestStatus.FINISHED_ERROR)
                 deltas.append(RequestDelta(req_id, [], finish_reason="error", error=message))
         for req_id, scored in result.prompt_logprobs.items():
-            request = self.requests.get(req_id)
+            request = current(req_id)
             if request is not None and request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(scored)
         logprobs = result.logprobs or [None] * len(result.req_ids)
         stopped = set(result.stopped)
         for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
-            request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.append_token(token)
-            status = request.check_stop(grammar_done=req_id in stopped)
-            delta = RequestDelta(req_id, [token], [lp] if lp is not None else [], num_cached_tokens=request.num_cached_tokens)
-            if request.prompt_logprobs is not None:
-                delta.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
-            if status is not None:
-                self.running.remove(request)
-                self._finish(request, status)
-                delta.finish_reason = status.value
-                delta.stop_reason = request.stop_reason
-            deltas.append(delta)
+            request = current(req_id)
+            if request is None or not self.placeholders.get(req_id):
+                continue  # finished, aborted or preempted since the step was planned
+            self._fill_placeholder(req_id)
+            deltas.append(self._append(request, token, lp, req_id in stopped))
         return deltas
+
+    def _fill_placeholder(self, req_id: str) -> None:
+        left = self.placeholders[req_id] - 1
+        if left:
+            self.placeholders[req_id] = left
+        else:
+            del self.placeholders[req_id]
+
+    def _append(self, request: Request, token: int, lp: TokenLogprobs | None, grammar_done: bool) -> RequestDelta:
+        request.append_token(token)
+        status = request.check_stop(grammar_done=grammar_done)
+        delta = RequestDelta(
+            request.req_id, [token], [lp] if lp is not None else [], num_cached_tokens=request.num_cached_tokens
+        )
+        if request.prompt_logprobs is not None:
+            delta.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
+        if status is not None:
+            self._finish(request, status)
+            delta.finish_reason = status.value
+            delta.stop_reason = request.stop_reason
+        return delta
+
+    def fail_step(self, step_id: int) -> list[str]:
+        """The step failed in the worker: abort the requests it computed (their blocks return
+        to the pool, the worker drops them with the next plan). Returns their ids."""
+        planned = self._in_flight.pop(step_id, {})
+        failed = [req_id for req_id, (request, _) in planned.items() if self.requests.get(req_id) is request]
+        self.abort(failed)
+        return failed
 
 
 def _priority_key(request: Request) -> tuple[int, float]:

@@ -22,6 +22,7 @@ import zmq
 from services.engine.core import EngineCore
 from services.engine.frontends import FrontendHandler, Frontends
 from services.engine.metrics import EngineMetrics
+from services.engine.timeline import step_timeline
 from services.engine.workers import WorkerError, WorkerGroup, WorkerLost
 from shared.auth import EngineAuth, add_auth_args, engine_security
 from shared.config import EngineConfig
@@ -105,7 +106,7 @@ class EngineService:
         try:
             while not self.stopping.is_set():
                 ready = self._workers_ready()
-                busy = ready and self.core.has_unfinished()
+                busy = ready and self.core.has_unfinished()  # steps in flight count too
                 pongs = self._take_inputs(block=not busy)
                 self.frontends.drop_silent()
                 if busy:
@@ -157,7 +158,12 @@ class EngineService:
             return
         duration = time.monotonic() - start
         self.metrics.worker_wait.set_total(self.workers.wait_time)
-        self.metrics.observe_step(self.core.scheduler, self.core.last_num_tokens, duration, self.workers.wait_time - waited)
+        self.metrics.plan.observe(self.core.last_plan_s)
+        if self.core.last_result is not None:  # a result was read this turn
+            self.metrics.observe_timeline(step_timeline(self.workers.last_times, self.core.last_result))
+            self.metrics.observe_step(
+                self.core.scheduler, self.core.last_num_tokens, duration, self.workers.wait_time - waited
+            )
         self.frontends.route(deltas)
 
     def _take_inputs(self, block: bool) -> list[tuple[bytes, Ping]]:

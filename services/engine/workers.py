@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import zmq
 
@@ -43,8 +44,19 @@ class WorkerLost(RuntimeError):
     """A rank died, hung or re-joined while a step ran: the step's result will never come."""
 
 
+@dataclass
+class StepTimes:
+    """The engine's wall-clock times of one step: plan sent, waiting for it began, result read."""
+
+    sent: float
+    waiting: float = 0.0
+    got: float = 0.0
+
+
 class WorkerGroup:
-    """The executor for the engine core: sends each plan to every rank, returns rank 0's result."""
+    """The engine core's pipeline: sends each plan to every rank, returns rank 0's result. With
+    async scheduling a second plan is sent before the first one's result is read; each rank
+    runs plans in order, and answers are kept by step id until collected."""
 
     def __init__(
         self, ctx: zmq.Context, addr: str, config: EngineConfig, engine_id: str, timeout_s: float = 30.0,
@@ -63,6 +75,9 @@ class WorkerGroup:
         self.started = False
         self.stale = False  # the workers' state no longer matches the engine's
         self.wait_time = 0.0  # seconds the engine spent idle, waiting for results
+        self.in_flight: dict[int, StepTimes] = {}  # step id -> when it was sent
+        self.answers: dict[int, StepResult | WorkerFailed] = {}  # answers not collected yet
+        self.last_times: StepTimes | None = None  # of the latest step collected
 
     @property
     def complete(self) -> bool:
@@ -87,41 +102,61 @@ class WorkerGroup:
     def poll(self) -> None:
         """Between steps: take in re-joining ranks and heartbeats, and drop silent ranks."""
         while (got := self.queue.recv(timeout_ms=0)) is not None:
-            self._control(*got)  # a late StepResult of a lost step is ignored here
+            self._take(*got)
         self._drop_silent()
 
     def execute(self, plan: StepPlan) -> StepResult:
+        self.submit(plan)
+        return self.collect(plan)
+
+    def submit(self, plan: StepPlan) -> None:
+        """Send a plan to every rank; its answer is read by collect(plan), in submission order."""
         if not self.complete:
             raise WorkerLost(f"{self.world_size - len(self.ranks)} worker rank(s) missing")
         for identity in self.ranks.values():
             self.queue.send(identity, plan)
-        start = time.monotonic()
-        while True:
+        self.in_flight[plan.step_id] = StepTimes(sent=time.time())
+
+    def collect(self, plan: StepPlan) -> StepResult:
+        """Rank 0's result of a submitted plan (WorkerError when a rank reports it failed,
+        WorkerLost when a rank is lost or re-joins before it comes)."""
+        times = self.in_flight.get(plan.step_id)
+        if times is None:
+            raise WorkerLost("the workers started afresh since the step was sent")
+        start, times.waiting = time.monotonic(), time.time()
+        while (msg := self.answers.pop(plan.step_id, None)) is None:
             got = self.queue.recv(timeout_ms=200)
             if got is not None:
-                identity, msg = got
-                epoch = self.epoch
-                self._control(identity, msg)
-                if self.epoch != epoch:
+                self._take(*got)
+                if plan.step_id not in self.in_flight:
                     raise WorkerLost("a worker rank re-joined during the step")
-                if not isinstance(msg, (StepResult, WorkerFailed)) or not self._of_step(identity, msg, plan.step_id):
-                    continue
-                if isinstance(msg, WorkerFailed):
-                    raise WorkerError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.message}")
-                self.wait_time += time.monotonic() - start
-                return msg
-            if self._drop_silent():
+            elif self._drop_silent():
                 raise WorkerLost("a worker rank went silent during the step")
+        del self.in_flight[plan.step_id]
+        self.wait_time += time.monotonic() - start
+        if isinstance(msg, WorkerFailed):
+            raise WorkerError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.message}")
+        times.got = time.time()
+        self.last_times = times
+        return msg
 
-    def _of_step(self, identity: bytes, msg: StepResult | WorkerFailed, step_id: int) -> bool:
-        """True when msg answers the step in flight and comes from the registered identity of its
+    def _take(self, identity: bytes, msg) -> None:
+        """Keep the answer to a step in flight (the first failure or rank 0's result); hand
+        anything else to the control handling."""
+        if not isinstance(msg, (StepResult, WorkerFailed)):
+            self._control(identity, msg)
+        elif self._of_step(identity, msg) and not isinstance(self.answers.get(msg.step_id), WorkerFailed):
+            self.answers[msg.step_id] = msg
+
+    def _of_step(self, identity: bytes, msg: StepResult | WorkerFailed) -> bool:
+        """True when msg answers a step in flight and comes from the registered identity of its
         rank (results come from rank 0); anything else is stale or forged, and ignored."""
         rank = msg.rank if isinstance(msg, WorkerFailed) else 0
-        if msg.step_id == step_id and self.ranks.get(rank) == identity:
+        if msg.step_id in self.in_flight and self.ranks.get(rank) == identity:
             return True
         log.warning(
-            "ignored a %s for step %d from %r as rank %d (step in flight: %d)",
-            type(msg).__name__, msg.step_id, identity, rank, step_id,
+            "ignored a %s for step %d from %r as rank %d (steps in flight: %s)",
+            type(msg).__name__, msg.step_id, identity, rank, sorted(self.in_flight),
         )
         return False
 
@@ -190,6 +225,8 @@ class WorkerGroup:
         """The workers must drop their request state: tell every connected rank."""
         self.epoch += 1
         self.stale = True
+        self.in_flight.clear()  # their answers will never come
+        self.answers.clear()
         for identity in self.ranks.values():
             self.queue.send(identity, WorkerAccepted(self.engine_id, self.epoch))
 

@@ -106,7 +106,10 @@ def start_heartbeat(
 
 
 def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetrics) -> int:
-    """Execute plans until the engine says to stop; returns the process exit status."""
+    """Execute plans until the engine says to stop; returns the process exit status. Each
+    result carries the step's timeline: when the plan was taken, the wait for it since the
+    previous step ended, and the compute time."""
+    idle_since = time.perf_counter()
     while True:
         msg = queue.recv(timeout_ms=1000)
         if msg is None:
@@ -116,12 +119,17 @@ def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetr
             return 1 if msg.rejected else 0
         if not isinstance(msg, StepPlan):
             continue
+        received_at, start = time.time(), time.perf_counter()
         try:
             result = runner.execute(msg)
         except Exception as exc:  # report, keep the process alive for the engine to decide
             log.exception("step %d failed", msg.step_id)
             queue.send(WorkerFailed(rank, msg.step_id, f"{type(exc).__name__}: {exc}"))
+            idle_since = time.perf_counter()
             continue
+        result.received_at, result.idle_s = received_at, start - idle_since
+        idle_since = time.perf_counter()
+        result.compute_s = idle_since - start
         if rank == 0:
             queue.send(result)
         metrics.observe(runner.last_stats, len(result.failed))
