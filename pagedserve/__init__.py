@@ -3,6 +3,6 @@
 from pagedserve.llm import LLM
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from shared.sampling_params import SamplingParams, StructuredOutputsParams
+from shared.version import VERSION as __version__
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
-__version__ = "0.1.0"
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]

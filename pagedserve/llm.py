@@ -1,7 +1,13 @@
 """The offline API, compatible with vLLM's: LLM(model).generate(prompts, SamplingParams(...)).
 
 It runs the same Scheduler and ModelRunner as the service stack, in one process and with no
-sockets.
+sockets, and the same request processor (shared.processor) as the HTTP frontend: validation, the
+model's defaults for the fields a SamplingParams leaves unset, n fan-out, stop strings, logprob
+text and finish reasons are one piece of code, so a request gives the same result in both. This
+module adds batching and tqdm. Bad input raises ValueError before anything is admitted (the
+server's 400); a request that fails in the worker (e.g. a grammar that does not compile) fails
+alone: its outputs finish with finish_reason "error" and the message in ``error`` (the server's
+per-request error), and the others are returned.
 """
 
 from __future__ import annotations
@@ -14,8 +20,6 @@ from tqdm.auto import tqdm
 
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from services.engine.core import EngineCore
-from services.frontend.sequence import Sequence
-from services.frontend.tokenizer import apply_chat_template, load_tokenizer
 from shared.config import (
     CacheConfig,
     CompilationConfig,
@@ -24,6 +28,11 @@ from shared.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from shared.processor.defaults import DEFAULT_MAX_TOKENS, REST_OF_CONTEXT
+from shared.processor.processor import ModelFacts, RequestProcessor
+from shared.processor.sequence import Sequence
+from shared.processor.token_text import TokenText
+from shared.processor.tokenizer import load_tokenizer
 from shared.protocol import TokenLogprobs
 from shared.sampling_params import SamplingParams
 
@@ -77,6 +86,8 @@ class LLM:
             seed=seed,
         )
         self.tokenizer = load_tokenizer(model_config.path)
+        facts = ModelFacts(model_config.vocab_size, model_config.max_model_len, model_config.generation_defaults)
+        self.processor = RequestProcessor(self.tokenizer, facts)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.runner = ModelRunner(self.config, device)
         self.engine = EngineCore(self.config, self.runner, self.runner.num_blocks)
@@ -86,7 +97,7 @@ class LLM:
         return self.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        return SamplingParams.from_defaults(self.config.model.generation_defaults)
+        return self.processor.sampling_params(SamplingParams(), [], DEFAULT_MAX_TOKENS)
 
     # ----- public API ---------------------------------------------------------------------------
 
@@ -97,12 +108,14 @@ class LLM:
         use_tqdm: bool = True,
         priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """priority: one value per prompt, with scheduling_policy="priority" (lower runs first)."""
+        """priority: one value per prompt, with scheduling_policy="priority" (lower runs first).
+        Fields a SamplingParams leaves unset take the model's generation_config defaults;
+        max_tokens unset in both is 16."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         token_lists = [self._tokenize(p) for p in prompts]
         texts = [p if isinstance(p, str) else p.get("prompt") for p in prompts]
-        return self._run(texts, token_lists, sampling_params, use_tqdm, priority)
+        return self._run(texts, token_lists, sampling_params, use_tqdm, priority, DEFAULT_MAX_TOKENS)
 
     def chat(
         self,
@@ -112,30 +125,27 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
+        """Conversations rendered with the model's chat template; max_tokens unset (here and in
+        the model's defaults) runs to the end of the context, as the server's chat does."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [
-            apply_chat_template(
-                self.tokenizer, conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template
-            )
-            for conv in conversations
-        ]
+        token_lists = [self.processor.encode_chat(conv, add_generation_prompt, chat_template) for conv in conversations]
         texts = [self.tokenizer.decode(ids) for ids in token_lists]
-        return self._run(texts, token_lists, sampling_params, use_tqdm)
+        return self._run(texts, token_lists, sampling_params, use_tqdm, None, REST_OF_CONTEXT)
 
     # ----- internals ----------------------------------------------------------------------------
 
     def _tokenize(self, prompt: PromptType) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.processor.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
         if isinstance(prompt, dict) and "prompt" in prompt:
-            return self.tokenizer.encode(prompt["prompt"])
+            return self.processor.encode(prompt["prompt"])
         raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")
 
-    def _run(self, texts, token_lists, sampling_params, use_tqdm, priority=None) -> list[RequestOutput]:
+    def _run(self, texts, token_lists, sampling_params, use_tqdm, priority, default_max_tokens) -> list[RequestOutput]:
         if sampling_params is None:
-            sampling_params = self.get_default_sampling_params()
+            sampling_params = SamplingParams()
         params_list = (
             [sampling_params] * len(token_lists) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         )
@@ -148,20 +158,20 @@ class LLM:
         # Validate every request before admitting any, so a bad prompt leaves the engine untouched.
         outputs, sequences, requests = [], {}, []
         for text, ids, params, prio in zip(texts, token_lists, params_list, priorities):
-            rid = str(next(self._ids))
-            outputs.append(RequestOutput(rid, text, ids))
-            for i in range(params.n):
-                child_id = rid if params.n == 1 else f"{rid}-{i}"
-                child = params if params.n == 1 else params.for_child(i)
-                requests.append(self.engine.make_request(child_id, ids, child, priority=prio))
-                sequences[child_id] = (len(outputs) - 1, Sequence(child_id, i, self.tokenizer, ids, child))
+            self.processor.check_prompt(ids)
+            params = self.processor.sampling_params(params, [ids], default_max_tokens)
+            outputs.append(RequestOutput(str(next(self._ids)), text, ids))
+            for seq in self.processor.sequences(outputs[-1].request_id, [ids], params):
+                requests.append(self.engine.make_request(seq.req_id, ids, seq.params, priority=prio))
+                sequences[seq.req_id] = (len(outputs) - 1, seq)
         for request in requests:
             self.engine.add_request(request)
         self._drive(sequences, len(outputs), use_tqdm)
+        texts = self.processor.token_text
         for index, seq in sequences.values():
-            outputs[index].outputs.append(self._completion(seq))
+            outputs[index].outputs.append(_completion(seq, texts))
             if seq.prompt_logprobs is not None and outputs[index].prompt_logprobs is None:
-                outputs[index].prompt_logprobs = [None] + [_logprob_dict(lp, seq) for lp in seq.prompt_logprobs]
+                outputs[index].prompt_logprobs = [None] + [_logprob_dict(lp, texts) for lp in seq.prompt_logprobs]
             outputs[index].num_cached_tokens = max(outputs[index].num_cached_tokens, seq.num_cached_tokens)
         for out in outputs:
             out.outputs.sort(key=lambda c: c.index)
@@ -177,12 +187,10 @@ class LLM:
         try:
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
-                    if delta.error is not None:
-                        raise ValueError(delta.error)
                     index, seq = sequences[delta.req_id]
                     was_finished = seq.finished
                     generated += len(delta.new_token_ids)
-                    if seq.add(delta):
+                    if seq.add(delta):  # a stop string the engine could not check
                         self.engine.abort([delta.req_id])
                     if seq.finished and not was_finished:
                         remaining[index] -= 1
@@ -196,24 +204,26 @@ class LLM:
         finally:
             bar.close()
 
-    def _completion(self, seq: Sequence) -> CompletionOutput:
-        logprobs = None
-        if seq.params.logprobs is not None:
-            logprobs = [_logprob_dict(lp, seq) for lp in seq.logprobs]
-        return CompletionOutput(
-            index=seq.index,
-            text=seq.text,
-            token_ids=list(seq.token_ids),
-            cumulative_logprob=seq.cumulative_logprob(),
-            logprobs=logprobs,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
+
+def _completion(seq: Sequence, texts: TokenText) -> CompletionOutput:
+    logprobs = None
+    if seq.params.logprobs is not None:
+        logprobs = [_logprob_dict(lp, texts) for lp in seq.logprobs]
+    return CompletionOutput(
+        index=seq.index,
+        text=seq.text,
+        token_ids=list(seq.token_ids),
+        cumulative_logprob=seq.cumulative_logprob(),
+        logprobs=logprobs,
+        finish_reason=seq.finish_reason,
+        stop_reason=seq.stop_reason,
+        error=seq.error,
+    )
 
 
-def _logprob_dict(lp: TokenLogprobs, seq: Sequence) -> dict[int, Logprob]:
+def _logprob_dict(lp: TokenLogprobs, texts: TokenText) -> dict[int, Logprob]:
     """vLLM's shape for one position: the chosen token with its rank, then the top tokens."""
-    entry = {lp.token_ids[0]: Logprob(lp.logprobs[0], lp.rank, seq.decode_token(lp.token_ids[0]))}
+    entry = {lp.token_ids[0]: Logprob(lp.logprobs[0], lp.rank, texts.text(lp.token_ids[0]))}
     for rank, (tok, val) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), start=1):
-        entry.setdefault(tok, Logprob(val, rank, seq.decode_token(tok)))
+        entry.setdefault(tok, Logprob(val, rank, texts.text(tok)))
     return entry

@@ -21,6 +21,7 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    error: str | None = None  # finish_reason "error": why this request failed (the others did not)
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -13,12 +13,17 @@ import re
 from typing import Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
 from msgspec.structs import force_setattr, replace
 
 MAX_LOGPROBS = 20
 _PENALTY_RANGE = (-2.0, 2.0)
 _GREEDY_EPS = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator accepts
+# The fields a model's generation_config may supply, with SamplingParams's own defaults: left
+# unset by the caller, they hold these until the request processor merges the model's.
+MODEL_DEFAULTABLE = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                     "max_tokens": 16}
 
 
 def _require(ok: bool, field: str, rule: str, value: Any) -> None:
@@ -76,23 +81,25 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
 
     Frozen: derive variants with ``msgspec.structs.replace`` (or ``for_child``). After
     construction ``stop`` and ``stop_token_ids`` are always lists and ``top_k`` is 0 when
-    disabled (-1 is accepted as vLLM's spelling of "disabled").
+    disabled (-1 is accepted as vLLM's spelling of "disabled"). ``unset_fields`` names the
+    MODEL_DEFAULTABLE fields the caller did not set (they hold the defaults above), so the model's
+    generation_config can fill exactly those (shared.processor.defaults).
     """
 
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 (or -1) = all tokens
-    min_p: float = 0.0
+    repetition_penalty: float | UnsetType = UNSET
+    temperature: float | UnsetType = UNSET
+    top_p: float | UnsetType = UNSET
+    top_k: int | UnsetType = UNSET  # 0 (or -1) = all tokens
+    min_p: float | UnsetType = UNSET
     seed: int | None = None
     # default_factory=list (rather than None) so an empty list is omitted on the wire.
     stop: str | list[str] | None = msgspec.field(default_factory=list)
     stop_token_ids: list[int] | None = msgspec.field(default_factory=list)
     ignore_eos: bool = False
-    max_tokens: int | None = 16  # None: up to max_model_len
+    max_tokens: int | None | UnsetType = UNSET  # None: up to max_model_len
     min_tokens: int = 0
     logprobs: int | None = None  # top logprobs to return besides the sampled token's
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
@@ -100,8 +107,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    unset_fields: tuple[str, ...] = ()  # a tuple: an empty one is omitted on the wire
 
     def __post_init__(self) -> None:
+        unset = {f for f in MODEL_DEFAULTABLE if getattr(self, f) is UNSET}
+        for field in unset:
+            force_setattr(self, field, MODEL_DEFAULTABLE[field])
+        if unset:
+            force_setattr(self, "unset_fields", tuple(sorted(unset.union(self.unset_fields))))
         self._normalize()
         self._validate_sampling()
         self._validate_lengths()
@@ -161,6 +174,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
             )
 
     def _validate_stops(self) -> None:
+        _require(set(self.unset_fields) <= MODEL_DEFAULTABLE.keys(), "unset_fields", "must name defaultable fields",
+                 sorted(self.unset_fields))
         ok = all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
         _require(ok, "stop_token_ids", "must be non-negative token ids", self.stop_token_ids)
         ok = all(isinstance(s, str) and s for s in self.stop)
@@ -173,13 +188,6 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
     def greedy(self) -> bool:
         """True when the request takes the most likely token (temperature ~ 0)."""
         return self.temperature < _GREEDY_EPS
-
-    @classmethod
-    def from_defaults(cls, defaults: dict[str, Any], **overrides: Any) -> SamplingParams:
-        """Params from model defaults (generation_config, keys already field names) with
-        ``overrides`` winning. Every override is taken as given, None included: callers pass
-        only the fields the user actually set."""
-        return cls(**{**defaults, **overrides})
 
     def for_child(self, index: int) -> SamplingParams:
         """Params of the ``index``-th of ``n`` parallel samples: one sequence each, and a distinct

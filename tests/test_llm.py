@@ -142,8 +142,11 @@ def test_structured_outputs(model_dirs, config):
     assert [o.finish_reason for o in outs] == ["stop", "stop", "stop", "length"]
     if config == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0  # a resumed matcher replays its tokens
-    with pytest.raises(ValueError, match='Unsupported type "bogus"'):
-        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "bogus"})))
+    # a grammar that does not compile fails its request alone, as the server answers it alone
+    bogus = SamplingParams(max_tokens=3, structured_outputs=StructuredOutputsParams(json={"type": "bogus"}))
+    bad, good = llm.generate(["x", "y"], [bogus, SamplingParams(max_tokens=3, ignore_eos=True)], use_tqdm=False)
+    assert bad.outputs[0].finish_reason == "error" and 'Unsupported type "bogus"' in bad.outputs[0].error
+    assert bad.outputs[0].token_ids == [] and len(good.outputs[0].token_ids) == 3 and good.outputs[0].error is None
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(regex="a", choice=["a"])
     assert llm.engine.scheduler.kv.pool.num_free_blocks == llm.runner.num_blocks  # nothing left behind
@@ -213,10 +216,16 @@ def test_chat_applies_template(model_dirs):
 
 def test_bad_input_raises_clear_errors(model_dirs):
     llm = LLM(str(model_dirs("llama")), max_model_len=64)
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(ValueError, match="maximum context length is 64 tokens"):
         llm.generate({"prompt_token_ids": [11] * 64}, use_tqdm=False)
     with pytest.raises(ValueError, match="out of range"):
         llm.generate({"prompt_token_ids": [10**9]}, use_tqdm=False)
+    vocab = llm.config.model.vocab_size
+    for bad in ({"stop_token_ids": [vocab]}, {"logit_bias": {vocab + 5: 1.0}}):  # served: 400, offline: ValueError
+        with pytest.raises(ValueError, match=f"out of range for a vocabulary of {vocab}"):
+            llm.generate(["fine", "x"], SamplingParams(**bad), use_tqdm=False)
+    with pytest.raises(ValueError, match="you requested 70 tokens"):
+        llm.generate({"prompt_token_ids": [11] * 10}, SamplingParams(max_tokens=60), use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     # the engine is untouched and keeps serving
@@ -240,6 +249,22 @@ def test_generation_config_supplies_defaults(model_dirs, tmp_path):
     out = llm.generate(prompt, use_tqdm=False)[0].outputs[0]  # no SamplingParams: the checkpoint's
     greedy = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False)[0].outputs[0]
     assert out.token_ids == greedy.token_ids and len(out.token_ids) <= 5
+    # passed SamplingParams: the model's defaults still fill what it leaves unset (vLLM's rule)
+    seeded = llm.generate(prompt, SamplingParams(seed=3, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(seeded.token_ids) == 5 and seeded.token_ids[: len(greedy.token_ids)] == greedy.token_ids
+    hot = llm.generate(prompt, SamplingParams(temperature=1.0, seed=3, max_tokens=9, ignore_eos=True), use_tqdm=False)
+    assert len(hot[0].outputs[0].token_ids) == 9  # set fields win
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(model_dirs):
+    llm = LLM(str(model_dirs("llama")), max_model_len=48)
+    messages = [{"role": "user", "content": "Hi"}]
+    out = llm.chat(messages, SamplingParams(temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 48
+    assert out.outputs[0].finish_reason == "length"
+    short = llm.generate({"prompt_token_ids": out.prompt_token_ids}, SamplingParams(temperature=0, ignore_eos=True),
+                         use_tqdm=False)[0]
+    assert len(short.outputs[0].token_ids) == 16  # completions keep vLLM's default
 
 
 def test_a_failed_step_fails_only_its_requests(model_dirs):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from shared.sampling_params import SamplingParams
+from shared.processor.defaults import merge_model_defaults
+from shared.sampling_params import MODEL_DEFAULTABLE, SamplingParams
 
 
 def test_defaults_match_vllm() -> None:
@@ -87,14 +88,14 @@ def test_params_are_frozen() -> None:
         SamplingParams().temperature = 0.5  # type: ignore[misc]
 
 
-def test_from_defaults_explicit_overrides_win() -> None:
+def test_model_defaults_fill_only_unset_fields() -> None:
     defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "max_tokens": 512}
-    p = SamplingParams.from_defaults(defaults, temperature=0.0, max_tokens=None)
-    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.0, 0.9, 20, None)
-    assert SamplingParams.from_defaults({}).temperature == 1.0
+    p = merge_model_defaults(SamplingParams(temperature=1.0, max_tokens=None), defaults, 16)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens, p.unset_fields) == (1.0, 0.9, 20, None, ())
+    assert merge_model_defaults(SamplingParams(), {}, 16).temperature == 1.0
     assert defaults["temperature"] == 0.6  # the shared defaults dict is untouched
     with pytest.raises(ValueError, match="top_p"):
-        SamplingParams.from_defaults({"top_p": 0.0})
+        merge_model_defaults(SamplingParams(), {"top_p": 0.0}, 16)
 
 
 def test_for_child_derives_distinct_reproducible_seeds() -> None:
@@ -115,7 +116,11 @@ def test_wire_round_trip(codec: object) -> None:
 
 
 def test_defaults_are_omitted_on_the_wire() -> None:
-    assert msgspec.json.encode(SamplingParams()) == b"{}"
+    # only the fields a model's defaults may fill travel with their values (and which were unset)
+    unset = msgspec.json.decode(msgspec.json.encode(SamplingParams()))
+    assert set(unset) == {*MODEL_DEFAULTABLE, "unset_fields"} and sorted(unset["unset_fields"]) == sorted(MODEL_DEFAULTABLE)
+    assert set(msgspec.json.decode(msgspec.json.encode(merge_model_defaults(SamplingParams(), {}, 16)))) == {
+        *MODEL_DEFAULTABLE}
     assert msgspec.json.decode(b'{"max_tokens":null}', type=SamplingParams).max_tokens is None
 
 

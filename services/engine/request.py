@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from shared.processor.stop import StopStrings
 from shared.sampling_params import SamplingParams
 
 
@@ -35,10 +36,12 @@ class Request:
         arrival_time: float | None = None,
         output_token_ids: list[int] | None = None,
         priority: int = 0,
+        stop_strings: StopStrings | None = None,
     ):
         """output_token_ids: a resumption's tokens generated so far (recomputed with the prompt;
         they count against max_tokens and min_tokens). priority: lower is scheduled first under
-        the priority policy."""
+        the priority policy. stop_strings: the check of the request's stop strings (None: it has
+        none, or this engine has no tokenizer and the processor checks them)."""
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
         if len(prompt_token_ids) >= max_model_len:
@@ -61,6 +64,7 @@ class Request:
                 f"(at most {self.max_tokens} output tokens)"
             )
         self.priority = priority
+        self.stop_strings = stop_strings
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None  # when it first entered the running batch
         self.status = RequestStatus.WAITING
@@ -101,6 +105,10 @@ class Request:
             if params.stop_token_ids and last in params.stop_token_ids:
                 self.stop_reason = last
                 return RequestStatus.FINISHED_STOPPED
+        # every token goes through the detokenizer (it applies min_tokens itself); the matched
+        # string is the processor's to report, so stop_reason stays None here
+        if self.stop_strings is not None and self.stop_strings.add(last):
+            return RequestStatus.FINISHED_STOPPED
         if n_out >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         return None

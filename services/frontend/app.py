@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-import pagedserve
 from services.frontend.chat import create_chat_completion
 from services.frontend.completions import create_completion
 from services.frontend.errors import APIError, bad_request, engine_unavailable, install_error_handlers
@@ -19,6 +18,7 @@ from services.frontend.openai_requests import ChatCompletionRequest, CompletionR
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
 from services.frontend.state import FrontendConfig, FrontendState
 from services.frontend.tokenize_requests import DetokenizeRequest, TokenizeRequest
+from shared.version import VERSION
 
 
 def build_app(config: FrontendConfig) -> FastAPI:
@@ -33,7 +33,7 @@ def build_app(config: FrontendConfig) -> FastAPI:
         finally:
             await state.shutdown()
 
-    app = FastAPI(title="pagedserve", version=pagedserve.__version__, lifespan=lifespan)
+    app = FastAPI(title="pagedserve", version=VERSION, lifespan=lifespan)
     app.state.frontend = state
     install_error_handlers(app)
     app.add_middleware(FrontendMiddleware, frontend_id=state.frontend_id, metrics=state.metrics, api_key=config.api_key,
@@ -109,7 +109,7 @@ def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
 
     @app.get("/version")
     async def version() -> JSONResponse:
-        return JSONResponse({"version": pagedserve.__version__})
+        return JSONResponse({"version": VERSION})
 
     @app.get("/metrics")
     async def metrics() -> Response:

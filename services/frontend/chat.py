@@ -23,9 +23,9 @@ from services.frontend.openai_responses import (
     now,
     random_id,
 )
-from services.frontend.sequence import Sequence
 from services.frontend.state import FrontendState
 from services.frontend.streaming import respond_whole, stream
+from shared.processor.sequence import Sequence
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -58,7 +58,7 @@ def _response(
         )
         for seq in seqs
     ]
-    usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
+    usage = Usage.of(gen.usage())
     resp = ChatCompletionResponse(id=random_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
     return Response(resp.model_dump_json(), media_type="application/json")
 
@@ -95,5 +95,5 @@ async def _chunks(
             choice["stop_reason"] = seq.stop_reason
         yield events.choice(choice)
     if body.include_usage:
-        yield events.usage(Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens))
+        yield events.usage(Usage.of(gen.usage()))
     yield SSE_DONE

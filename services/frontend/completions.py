@@ -20,9 +20,9 @@ from services.frontend.openai_responses import (
     now,
     random_id,
 )
-from services.frontend.sequence import Sequence
 from services.frontend.state import FrontendState
 from services.frontend.streaming import respond_whole, stream
+from shared.processor.sequence import Sequence
 
 ENDPOINT = "/v1/completions"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -67,7 +67,7 @@ def _response(
     seqs: list[Sequence],
 ) -> Response:
     choices = [_choice(state, body, gen, seq, echo) for seq in seqs]
-    usage = Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens)
+    usage = Usage.of(gen.usage())
     resp = CompletionResponse(id=random_id("cmpl"), created=now(), model=model, choices=choices, usage=usage)
     return Response(resp.model_dump_json(), media_type="application/json")
 
@@ -101,11 +101,11 @@ def _prompt_part(
     """What a choice says about its prompt: the echoed text, its logprobs (echo with logprobs)
     and vLLM's prompt_logprobs. Prompt logprobs arrive with the sequence's first token."""
     texts, scored = state.token_text, seq.prompt_logprobs or []
-    text = echo[gen.prompt_of[seq.index]] if echo is not None else ""
+    text = echo[seq.prompt_index] if echo is not None else ""
     part = CompletionChoice(index=seq.index, text=text, logprobs=None, finish_reason=None)
     if echo is not None and body.logprobs is not None:
         assert texts is not None
-        part.logprobs, _ = echo_logprobs(gen.prompts[gen.prompt_of[seq.index]], scored, texts, body.logprobs)
+        part.logprobs, _ = echo_logprobs(gen.prompts[seq.prompt_index], scored, texts, body.logprobs)
     if body.prompt_logprobs is not None:
         assert texts is not None
         part.prompt_logprobs = prompt_logprobs(scored, texts, body.prompt_logprobs)
@@ -126,7 +126,7 @@ async def _chunks(
     offsets: dict[int, int] = {}
     if echo is not None and not scored_prompt:
         for seq in gen.ordered():
-            text = echo[gen.prompt_of[seq.index]]
+            text = echo[seq.prompt_index]
             yield events.choice({"index": seq.index, "text": text, "logprobs": None, "finish_reason": None})
     async for seq in updates:
         if scored_prompt and seq.index not in offsets and seq.prompt_logprobs is not None:
@@ -146,5 +146,5 @@ async def _chunks(
             choice["stop_reason"] = seq.stop_reason
         yield events.choice(choice)
     if body.include_usage:
-        yield events.usage(Usage.of(gen.num_prompt_tokens, gen.num_completion_tokens))
+        yield events.usage(Usage.of(gen.usage()))
     yield SSE_DONE

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.frontend.request_body import WIRE_ERROR
+from shared.processor.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,11 @@ def engine_unavailable(message: str = "The engine is not available; try again sh
 
 
 def from_value_error(exc: ValueError, known_params: set[str]) -> APIError:
-    """A 400 for a ValueError raised while building a request (e.g. by SamplingParams), naming
-    the parameter when the message starts with one ("temperature must be ...")."""
+    """A 400 for a ValueError raised while building a request: the processor's InvalidRequest
+    names its parameter; others (e.g. SamplingParams's) when the message starts with one
+    ("temperature must be ...")."""
+    if isinstance(exc, InvalidRequest):
+        return bad_request(str(exc), exc.param, exc.code)
     message = str(exc)
     first = message.split(" ", 1)[0]
     return bad_request(message, param=first if first in known_params else None)

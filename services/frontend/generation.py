@@ -1,8 +1,8 @@
-"""One HTTP request's generation: its prompts fanned out into engine requests (n per prompt),
-driven by the engine's deltas through the shared Sequence class.
+"""One HTTP request's generation: its prompts fanned out into engine requests (n per prompt) by
+the request processor, driven by the engine's deltas through its Sequences, as offline.
 
-Everything that must stop an engine request is handled here: a stop string (Sequence.add says
-so), the client going away (a watcher on the ASGI receive channel), an error, or the handler
+Everything that must stop an engine request is handled here: a stop string the engine could not
+check (Sequence.add says so), the client going away (a watcher on the ASGI receive channel), an error, or the handler
 simply returning early. The engine is never left generating for nobody.
 
 An engine that goes silent is given ``resume_timeout`` seconds to come back: a restarted one gets
@@ -21,8 +21,10 @@ from typing import Any
 
 from services.frontend.engine_client import EngineClient
 from services.frontend.errors import APIError, engine_unavailable
-from services.frontend.request_metrics import RequestMetrics, request_finish_reason
-from services.frontend.sequence import Sequence
+from services.frontend.request_metrics import RequestMetrics
+from shared.processor.outcome import Usage, request_finish_reason, usage
+from shared.processor.processor import RequestProcessor
+from shared.processor.sequence import Sequence
 from shared.protocol import RequestDelta, RequestFailed
 from shared.sampling_params import SamplingParams
 
@@ -48,7 +50,7 @@ class Generation:
     def __init__(
         self,
         client: EngineClient,
-        tokenizer,
+        processor: RequestProcessor,
         prompts: list[list[int]],
         params: SamplingParams,
         *,
@@ -66,14 +68,7 @@ class Generation:
         self.priority = priority  # the engine's scheduling priority (lower runs first)
         self.metrics = metrics
         base = f"{client.request_prefix}-{next(self._counter)}"  # unique across frontends
-        self.sequences: dict[str, Sequence] = {}
-        self.prompt_of: dict[int, int] = {}  # choice index -> prompt index
-        for p, ids in enumerate(prompts):
-            for j in range(params.n):
-                index = p * params.n + j
-                req_id = f"{base}-{index}"
-                self.sequences[req_id] = Sequence(req_id, index, tokenizer, ids, params.for_child(j))
-                self.prompt_of[index] = p
+        self.sequences = {seq.req_id: seq for seq in processor.sequences(base, prompts, params)}
         self._queue: asyncio.Queue | None = None
         self._watcher: asyncio.Task | None = None
         self.cancelled = False
@@ -91,7 +86,7 @@ class Generation:
             self.metrics.start()
         self._queue = self.client.register(list(self.sequences))
         for req_id, seq in self.sequences.items():
-            self.client.add_request(req_id, self.prompts[self.prompt_of[seq.index]], seq.params, self.priority)
+            self.client.add_request(req_id, seq.prompt_token_ids, seq.params, self.priority)
         if receive is not None:
             self._watcher = asyncio.create_task(self._watch_disconnect(receive))
 
@@ -109,7 +104,7 @@ class Generation:
         if self.metrics is not None:
             seqs = self.ordered()
             reason = request_finish_reason([s.finish_reason for s in seqs], self.failed)
-            self.metrics.finish(reason, self.num_prompt_tokens, [len(s.token_ids) for s in seqs])
+            self.metrics.finish(reason, self.usage().prompt_tokens, [len(s.token_ids) for s in seqs])
 
     def cancel(self) -> None:
         """Abort every unfinished sequence and wake the consumer with ClientDisconnected."""
@@ -139,13 +134,8 @@ class Generation:
     def ordered(self) -> list[Sequence]:
         return sorted(self.sequences.values(), key=lambda s: s.index)
 
-    @property
-    def num_prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.sequences.values())
+    def usage(self) -> Usage:
+        return usage(self.prompts, list(self.sequences.values()))
 
     async def updates(self) -> AsyncIterator[Sequence]:
         """Each sequence as an engine delta changes it, until all have finished. Raises APIError
@@ -179,6 +169,8 @@ class Generation:
         be busy with other requests). An engine that does not answer has ``resume_timeout``
         seconds to come back before the request fails with 503."""
         assert self._queue is not None, "start() first"
+        if not self._queue.empty():  # the common case under load: no timer to arm
+            return self._queue.get_nowait()
         silent_since: float | None = None
         while True:
             try:

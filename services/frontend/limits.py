@@ -1,13 +1,14 @@
 """What one request may ask of a frontend: body size, n, logprobs, prompts per request, client
-chat templates; and the context arithmetic every endpoint shares (one wording for a prompt or a
-max_tokens that cannot fit)."""
+chat templates; and the bound on a text's length before it is tokenized (the processor, in
+shared.processor.checks, words every context error)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from services.frontend.errors import APIError, bad_request
+from services.frontend.errors import bad_request, from_value_error
+from shared.processor.checks import context_length_exceeded
 from shared.sampling_params import MAX_LOGPROBS
 
 DEFAULT_MAX_BODY_BYTES = 32 << 20
@@ -38,8 +39,8 @@ class RequestLimits:
 def check_caps(body: Any, limits: RequestLimits) -> None:
     """400 when the request asks for more samples, logprobs, stops, biases or prompts than this
     server allows."""
-    if body.num_choices > limits.max_n:
-        raise bad_request(f"n must be at most {limits.max_n} on this server, got {body.num_choices}.", "n")
+    if (body.n or 1) > limits.max_n:
+        raise bad_request(f"n must be at most {limits.max_n} on this server, got {body.n}.", "n")
     for field, value in body.logprob_requests().items():
         if value > limits.max_logprobs:
             raise bad_request(f"{field} must be at most {limits.max_logprobs} on this server, got {value}.", field)
@@ -54,17 +55,6 @@ def check_caps(body: Any, limits: RequestLimits) -> None:
         raise bad_request(msg, "prompt")
 
 
-def context_length_exceeded(max_model_len: int, param: str, tokens: int, *, at_least: bool = False) -> APIError:
-    """The 400 for a prompt of ``tokens`` tokens (or ``at_least`` that many) that leaves no room
-    for a completion."""
-    size = f"at least {tokens}" if at_least else str(tokens)
-    msg = (
-        f"This model's maximum context length is {max_model_len} tokens. However, your {param} is {size} tokens "
-        f"long, which leaves no room for a completion. Please shorten your {param}."
-    )
-    return bad_request(msg, param=param, code="context_length_exceeded")
-
-
 def check_text_fits(text: str, max_model_len: int, max_token_bytes: int, param: str) -> None:
     """Reject, before tokenizing it, a text too long to fit: no token covers more than
     ``max_token_bytes`` bytes, so it has at least len(bytes) / max_token_bytes tokens."""
@@ -73,19 +63,4 @@ def check_text_fits(text: str, max_model_len: int, max_token_bytes: int, param: 
     size = len(text.encode("utf-8"))
     min_tokens = -(-size // max_token_bytes)
     if min_tokens + 1 > max_model_len:
-        raise context_length_exceeded(max_model_len, param, min_tokens, at_least=True)
-
-
-def check_max_tokens(body: Any, prompt_lens: list[int], max_model_len: int, prompt_param: str) -> None:
-    """400 when the client's max_tokens (or max_completion_tokens) cannot fit after its longest
-    prompt (OpenAI's arithmetic); unset, the engine uses the rest of the context."""
-    max_tokens = body.requested_max_tokens()
-    longest = max(prompt_lens, default=0)
-    if max_tokens is None or longest + max_tokens <= max_model_len:
-        return
-    msg = (
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{longest + max_tokens} tokens ({longest} in the {prompt_param}, {max_tokens} in the completion). "
-        f"Please reduce the length of the {prompt_param} or completion."
-    )
-    raise bad_request(msg, param=body.max_tokens_param, code="context_length_exceeded")
+        raise from_value_error(context_length_exceeded(max_model_len, param, min_tokens, at_least=True), set())

@@ -4,7 +4,6 @@ completions' {tokens, token_logprobs, top_logprobs, text_offset} and chat's
 
 from __future__ import annotations
 
-import json
 import math
 
 from services.frontend.openai_responses import (
@@ -14,60 +13,10 @@ from services.frontend.openai_responses import (
     CompletionLogprobs,
     PromptLogprob,
 )
+from shared.processor.token_text import TokenText
 from shared.protocol import TokenLogprobs
 
 _FLOOR = -9999.0  # JSON has no -inf
-
-
-def _byte_level_table() -> dict[str, int]:
-    """The byte-level BPE alphabet: each byte is spelled by one printable character; printable
-    latin-1 bytes spell themselves and the rest are shifted past 255, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    table, shift = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[chr(byte)] = byte
-        else:
-            table[chr(256 + shift)] = byte
-            shift += 1
-    return table
-
-
-def _is_byte_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return False
-    try:
-        decoder = json.loads(backend.to_str()).get("decoder") or {}
-    except (ValueError, AttributeError):
-        return False
-    return "ByteLevel" in json.dumps(decoder)
-
-
-class TokenText:
-    """Token id -> (text, UTF-8 bytes), cached. The text is the token decoded alone (as the
-    offline API reports it); the bytes are the token's own bytes, so a character split across
-    tokens can be put back together by the client."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._table = _byte_level_table() if _is_byte_level(tokenizer) else None
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def get(self, token_id: int) -> tuple[str, list[int]]:
-        hit = self._cache.get(token_id)
-        if hit is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            hit = (text, self._bytes(token_id, text))
-            self._cache[token_id] = hit
-        return hit
-
-    def _bytes(self, token_id: int, text: str) -> list[int]:
-        if self._table is not None:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            if isinstance(piece, str) and piece and all(ch in self._table for ch in piece):
-                return [self._table[ch] for ch in piece]
-        return list(text.encode("utf-8"))
 
 
 def _clean(value: float) -> float:

@@ -116,10 +116,6 @@ class SamplingRequest(RequestBody):
         return self
 
     @property
-    def num_choices(self) -> int:
-        return self.n or 1
-
-    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -141,9 +137,9 @@ class SamplingRequest(RequestBody):
     def _requested_prompt_logprobs(self) -> int | None:
         return None
 
-    def to_sampling_params(self, defaults: dict[str, Any], default_max_tokens: int | None) -> SamplingParams:
-        """Engine parameters: model ``defaults`` (generation_config) where the request sets nothing,
-        the request's values elsewhere. Raises ValueError for an invalid combination."""
+    def to_sampling_params(self) -> SamplingParams:
+        """The fields the request sets, as SamplingParams (the processor merges the model's
+        defaults into the rest). Raises ValueError for an invalid combination."""
         set_fields = self.model_fields_set
         overrides: dict[str, Any] = {
             f: getattr(self, f) for f in _DIRECT_FIELDS if f in set_fields and getattr(self, f) is not None
@@ -155,8 +151,6 @@ class SamplingRequest(RequestBody):
         max_tokens = self.requested_max_tokens()
         if max_tokens is not None:
             overrides["max_tokens"] = max_tokens
-        elif "max_tokens" not in defaults:
-            overrides["max_tokens"] = default_max_tokens
         logprobs = self._requested_logprobs()
         if logprobs is not None:
             overrides["logprobs"] = logprobs
@@ -166,7 +160,7 @@ class SamplingRequest(RequestBody):
         structured = self._structured_outputs()
         if structured is not None:
             overrides["structured_outputs"] = structured
-        return SamplingParams.from_defaults(defaults, **overrides)
+        return SamplingParams(**overrides)
 
     def _structured_outputs(self) -> StructuredOutputsParams | None:
         """The one output constraint the request sets (ValueError when it sets several)."""

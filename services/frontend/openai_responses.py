@@ -13,6 +13,8 @@ from typing import Any, Literal
 import msgspec
 from pydantic import BaseModel, Field
 
+from shared.processor import outcome
+
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -63,12 +65,10 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
+    def of(cls, usage: outcome.Usage) -> Usage:
+        """The processor's usage in OpenAI's shape."""
+        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                   total_tokens=usage.total_tokens)
 
 
 # ----- completions ------------------------------------------------------------------------------

@@ -10,18 +10,6 @@ import time
 
 from services.frontend.metrics import FrontendMetrics
 
-# Precedence of the choices' reasons for the request's one reason: the first that any choice has.
-_PRECEDENCE = ("error", "abort", "length", "stop")
-
-
-def request_finish_reason(choice_reasons: list[str | None], failed: bool) -> str:
-    """One finish reason for an HTTP request from its choices' reasons (None: not finished, so
-    abandoned early, i.e. aborted). ``failed``: the request failed after admission."""
-    if failed:
-        return "error"
-    reasons = {"abort" if r is None else r for r in choice_reasons}
-    return next((r for r in _PRECEDENCE if r in reasons), "stop")
-
 
 class RequestMetrics:
     """One HTTP generation request (all its choices). Times are ``time.monotonic()`` seconds."""

@@ -13,14 +13,15 @@ from typing import Any
 from services.frontend.engine_client import EngineClient
 from services.frontend.errors import bad_request, engine_unavailable, from_value_error, model_not_found
 from services.frontend.generation import Generation
-from services.frontend.limits import RequestLimits, check_caps, check_max_tokens, context_length_exceeded
-from services.frontend.logprobs import TokenText
+from services.frontend.limits import RequestLimits, check_caps
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.request_metrics import RequestMetrics
 from services.frontend.tokenization import Tokenization
-from services.frontend.tokenizer import load_tokenizer
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
+from shared.processor.processor import ModelFacts, RequestProcessor
+from shared.processor.token_text import TokenText
+from shared.processor.tokenizer import load_tokenizer
 from shared.protocol import ModelInfo
 from shared.sampling_params import SamplingParams
 
@@ -56,7 +57,7 @@ class FrontendState:
         self.client = EngineClient(config.engine_input, config.engine_output, self.frontend_id, config.curve)
         self.tokenizer: Any = None
         self.tokens: Tokenization | None = None  # the tokenizer's work, once it is loaded
-        self.token_text: TokenText | None = None
+        self.processor: RequestProcessor | None = None  # shared with the offline LLM (shared.processor)
         self.setup_error: str | None = None
         self._setup: asyncio.Task | None = None
 
@@ -78,7 +79,8 @@ class FrontendState:
             self.setup_error = f"could not load the tokenizer from {path!r}: {exc}"
             log.exception("%s", self.setup_error)
             return
-        self.token_text = TokenText(tokenizer)
+        defaults = {k: v for k, v in info.generation_defaults.items() if k in _SAMPLING_FIELDS}
+        self.processor = RequestProcessor(tokenizer, ModelFacts(info.vocab_size, info.max_model_len, defaults))
         self.tokenizer = tokenizer
         self.metrics.set_ready()
         if self.config.ready_file:
@@ -95,8 +97,8 @@ class FrontendState:
     # ----- checks shared by the endpoints -------------------------------------------------------
 
     @property
-    def ready(self) -> bool:
-        return self.client.model_info is not None and self.tokenizer is not None
+    def token_text(self) -> TokenText | None:
+        return None if self.processor is None else self.processor.token_text
 
     def require_ready(self) -> ModelInfo:
         info = self.client.model_info
@@ -124,14 +126,10 @@ class FrontendState:
         return requested
 
     def check_prompt(self, ids: list[int], param: str) -> None:
-        info = self.require_ready()
-        if not ids:
-            raise bad_request(f"The {param} must contain at least one token.", param=param)
-        bad = next((t for t in ids if not 0 <= t < info.vocab_size), None)
-        if bad is not None:
-            raise bad_request(f"Token id {bad} is out of range for a vocabulary of {info.vocab_size}.", param=param)
-        if len(ids) + 1 > info.max_model_len:
-            raise context_length_exceeded(info.max_model_len, param, len(ids))
+        try:
+            self._processor().check_prompt(ids, param)
+        except ValueError as exc:
+            raise from_value_error(exc, _PARAM_NAMES) from None
 
     def check_limits(self, request: Any) -> None:
         """400 for a request past this server's caps (n, logprobs, prompts), or with more
@@ -139,26 +137,25 @@ class FrontendState:
         check_caps(request, self.config.limits)
         info = self.client.model_info
         queued = info.max_num_queued_requests if info is not None else 0
-        sequences = request.num_choices * getattr(request, "num_prompts", 1)
+        sequences = (request.n or 1) * getattr(request, "num_prompts", 1)
         if queued and sequences > queued:
             msg = f"This request asks for {sequences} sequences (n x prompts); this server queues at most {queued}."
             raise bad_request(msg, "n")
 
     def sampling_params(self, request: Any, default_max_tokens: int | None, prompts: list[list[int]],
                         prompt_param: str) -> SamplingParams:
-        """The engine parameters of ``request`` for these (checked) prompts."""
-        info = self.require_ready()
-        check_max_tokens(request, [len(p) for p in prompts], info.max_model_len, prompt_param)
+        """The engine parameters of ``request`` for these (checked) prompts: the processor's
+        checks and the model's defaults, as offline."""
         try:
-            defaults = {k: v for k, v in info.generation_defaults.items() if k in _SAMPLING_FIELDS}
-            params = request.to_sampling_params(defaults, default_max_tokens)
+            return self._processor().sampling_params(request.to_sampling_params(), prompts, default_max_tokens,
+                                                     prompt_param, request.max_tokens_param)
         except ValueError as exc:
             raise from_value_error(exc, _PARAM_NAMES) from None
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):
-            bad = next((t for t in ids if t >= info.vocab_size), None)
-            if bad is not None:
-                raise bad_request(f"{name}: token id {bad} is out of range for a vocabulary of {info.vocab_size}.", name)
-        return params
+
+    def _processor(self) -> RequestProcessor:
+        self.require_ready()
+        assert self.processor is not None
+        return self.processor
 
     # ----- tokenizer work, off the event loop (services.frontend.tokenization) ----------------
 
@@ -188,7 +185,7 @@ class FrontendState:
                    priority: int = 0) -> Generation:
         return Generation(
             self.client,
-            self.tokenizer,
+            self._processor(),
             prompts,
             params,
             stall_timeout=self.config.stall_timeout,

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from services.frontend.errors import APIError
 from services.frontend.generation import ClientDisconnected, Generation
 from services.frontend.openai_responses import SSE_DONE, error_event
-from services.frontend.sequence import Sequence
+from shared.processor.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from jinja2 import TemplateError
 from services.frontend.errors import bad_request
 from services.frontend.limits import RequestLimits, check_text_fits
 from services.frontend.template_sandbox import TemplateRejected, TemplateSandbox
-from services.frontend.tokenizer import max_token_bytes, render_chat, template_variables
+from shared.processor.tokenizer import max_token_bytes, render_chat, template_variables
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -123,7 +123,7 @@ def test_frontend_runs_on_its_requirements_alone(model_dirs, tmp_path):
         from pagedserve.cli import build_parser
         from services.frontend.app import build_app
         from services.frontend.state import FrontendConfig
-        from services.frontend.tokenizer import load_tokenizer
+        from shared.processor.tokenizer import load_tokenizer
         build_parser("frontend").parse_args(["frontend"])
         build_app(FrontendConfig(engine_input="tcp://127.0.0.1:1", engine_output="tcp://127.0.0.1:2"))
         tok = load_tokenizer({str(model_dirs("llama"))!r})

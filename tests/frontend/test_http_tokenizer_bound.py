@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from services.frontend.tokenizer import load_tokenizer, max_token_bytes
+from shared.processor.tokenizer import load_tokenizer, max_token_bytes
 
 
 def lossy_tokenizer_dir(out: Path) -> Path:

@@ -10,7 +10,7 @@ import random
 import httpx
 import pytest
 
-from services.frontend.detokenizer import IncrementalDetokenizer, decoder_of
+from shared.processor.detokenizer import IncrementalDetokenizer, decoder_of
 from shared.sampling_params import SamplingParams
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]

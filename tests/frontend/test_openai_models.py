@@ -9,10 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from services.frontend.errors import validation_error
-from services.frontend.logprobs import TokenText, chat_logprobs, completion_logprobs
+from services.frontend.logprobs import chat_logprobs, completion_logprobs
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
-from services.frontend.request_metrics import RequestMetrics, request_finish_reason
+from services.frontend.request_metrics import RequestMetrics
+from shared.processor.defaults import merge_model_defaults
+from shared.processor.outcome import request_finish_reason
+from shared.processor.token_text import TokenText
 from shared.protocol import TokenLogprobs
 
 
@@ -77,20 +80,22 @@ def test_prompt_forms_are_accepted():
 def test_sampling_params_take_defaults_only_where_unset():
     defaults = {"temperature": 0.7, "top_k": 20, "max_tokens": 50}
     req = CompletionRequest(prompt="x", temperature=0.0, stop="END", logprobs=2, n=3, seed=7)
-    params = req.to_sampling_params(defaults, 16)
+    params = merge_model_defaults(req.to_sampling_params(), defaults, 16)
     assert (params.temperature, params.top_k, params.max_tokens) == (0.0, 20, 50)
     assert params.stop == ["END"] and params.logprobs == 2 and params.n == 3 and params.seed == 7
-    assert CompletionRequest(prompt="x").to_sampling_params({}, 16).max_tokens == 16
-    assert CompletionRequest(prompt="x", max_tokens=5).to_sampling_params(defaults, 16).max_tokens == 5
+    assert merge_model_defaults(CompletionRequest(prompt="x").to_sampling_params(), {}, 16).max_tokens == 16
+    five = CompletionRequest(prompt="x", max_tokens=5).to_sampling_params()
+    assert merge_model_defaults(five, defaults, 16).max_tokens == 5
 
 
 def test_chat_params_prefer_max_completion_tokens_and_map_logprobs():
     msgs = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     req = ChatCompletionRequest(messages=msgs, max_tokens=9, max_completion_tokens=4, logprobs=True, top_logprobs=3)
-    params = req.to_sampling_params({}, None)
+    params = req.to_sampling_params()
     assert params.max_tokens == 4 and params.logprobs == 3
-    assert ChatCompletionRequest(messages=msgs).to_sampling_params({}, None).max_tokens is None
-    assert ChatCompletionRequest(messages=msgs, logprobs=True).to_sampling_params({}, None).logprobs == 0
+    unset = ChatCompletionRequest(messages=msgs).to_sampling_params()
+    assert merge_model_defaults(unset, {}, None).max_tokens is None
+    assert ChatCompletionRequest(messages=msgs, logprobs=True).to_sampling_params().logprobs == 0
     assert req.template_messages() == [{"role": "user", "content": "a\nb"}]
 
 

@@ -4,6 +4,11 @@ Text is emitted only once it is stable: a multi-byte UTF-8 character split acros
 up as U+FFFD until its last byte arrives, so that text is held back; and while streaming, the
 tail that could still grow into a stop string is held back too, so a partial stop string is
 never sent.
+
+Stop strings are searched only in the text after the first ``min_tokens`` tokens (vLLM's rule).
+The same class runs in the engine for requests with stop strings (shared.processor.stop), so the
+engine finishes such a request on the step that completed its stop string, and here, where it
+cuts the text: both see the same tokens through the same code, so they agree on where it stops.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = params.skip_special_tokens
         self.stop = list(params.stop or [])
         self.include_stop = params.include_stop_str_in_output
+        self._min_tokens = params.min_tokens
+        self._num_tokens = 0
+        self._stop_floor = 0  # stop strings start at or after this offset (the min_tokens text)
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self._ids = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._prefix_offset = 0
@@ -51,6 +59,7 @@ class IncrementalDetokenizer:
             if self.stop_str is not None:
                 break
             self._ids.append(token)
+            self._num_tokens += 1
             before = self._decode(self._ids[self._prefix_offset : self._read_offset])
             after = self._decode(self._ids[self._prefix_offset :])
             if len(after) <= len(before) or after.endswith("\ufffd"):
@@ -58,12 +67,15 @@ class IncrementalDetokenizer:
             start = len(self.text)
             self.text += after[len(before) :]
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            self._check_stop(start)
+            if self._num_tokens <= self._min_tokens:
+                self._stop_floor = len(self.text)
+            else:
+                self._check_stop(start)
         return self.stop_str
 
     def _check_stop(self, new_from: int) -> None:
         for stop in self.stop:
-            at = self.text.find(stop, max(0, new_from - len(stop) + 1))
+            at = self.text.find(stop, max(self._stop_floor, new_from - len(stop) + 1))
             if at != -1:
                 self.stop_str = stop
                 self.text = self.text[: at + len(stop)] if self.include_stop else self.text[:at]

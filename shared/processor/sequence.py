@@ -1,28 +1,31 @@
-"""One generated sequence as the client sees it: tokens, text, logprobs and how it finished.
+"""One generated sequence as the user sees it: tokens, text, logprobs and how it finished.
 
-Shared by the offline LLM and the HTTP frontend, so both apply stop strings and build logprobs
-the same way.
+The offline LLM and the HTTP frontend both drive it with the engine's deltas, so both apply stop
+strings, report errors and count tokens the same way.
 """
 
 from __future__ import annotations
 
-from services.frontend.detokenizer import IncrementalDetokenizer
+from shared.processor.detokenizer import IncrementalDetokenizer
 from shared.protocol import RequestDelta, TokenLogprobs
 from shared.sampling_params import SamplingParams
 
 
 class Sequence:
-    def __init__(self, req_id: str, index: int, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+    def __init__(self, req_id: str, index: int, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+                 prompt_index: int = 0):
         self.req_id = req_id
-        self.index = index
+        self.index = index  # the choice index: prompt p, sample j of n -> p * n + j
+        self.prompt_index = prompt_index
+        self.prompt_token_ids = prompt_token_ids
         self.params = params
-        self.tokenizer = tokenizer
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., with the first token
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # finish_reason "error": why (e.g. a grammar that does not compile)
         self.num_cached_tokens = 0
         self._logprobs_sent = 0
 
@@ -31,22 +34,28 @@ class Sequence:
         return self.finish_reason is not None
 
     def add(self, delta: RequestDelta) -> bool:
-        """Apply an engine delta. Returns True when a stop string finished the sequence here,
-        in which case the caller must abort the request in the engine."""
+        """Apply an engine delta. Returns True when a stop string finished the sequence here but
+        the engine had not finished it (an engine without the tokenizer): the caller must then
+        abort the request in the engine."""
         if self.finished:
             return False
         self.num_cached_tokens = delta.num_cached_tokens
-        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None and delta.prompt_logprobs:
             self.prompt_logprobs = delta.prompt_logprobs
         self.token_ids.extend(delta.new_token_ids)
         self.logprobs.extend(delta.new_logprobs)
         stop = self.detok.add(delta.new_token_ids)
         if stop is not None:
             self.finish_reason, self.stop_reason = "stop", stop
-            return True
+            return delta.finish_reason is None
         if delta.finish_reason is not None:
-            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+            self.finish_reason, self.stop_reason, self.error = delta.finish_reason, delta.stop_reason, delta.error
         return False
+
+    def fail(self, message: str) -> None:
+        """The engine refused or lost this sequence."""
+        if not self.finished:
+            self.finish_reason, self.error = "error", message
 
     def take_stream_delta(self) -> tuple[str, list[TokenLogprobs]]:
         """For streaming: the text that is safe to send now (never part of a possible stop
@@ -64,6 +73,3 @@ class Sequence:
         if self.params.logprobs is None:
             return None
         return sum(lp.logprobs[0] for lp in self.logprobs)
-
-    def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)

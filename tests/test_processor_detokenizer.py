@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.frontend.detokenizer import IncrementalDetokenizer
-from services.frontend.tokenizer import load_tokenizer
+from shared.processor.detokenizer import IncrementalDetokenizer
+from shared.processor.tokenizer import load_tokenizer
 from shared.sampling_params import SamplingParams
 
 TEXT = "Grüße aus Köln 😀 日本語のテキスト, and plain words too."
