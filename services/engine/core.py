@@ -1,22 +1,49 @@
 """The engine core: the scheduler driving an executor one step at a time.
 
-The executor is anything with execute(StepPlan) -> StepResult: the model runner itself in the
-offline engine, or the client of the worker processes in the service stack.
+The executor is the model runner itself in the offline engine, or the client of the worker
+processes in the service stack. With async scheduling (SchedulerConfig.async_scheduling) the
+core plans step N+1 before it reads the result of step N: over worker processes the workers
+compute step N meanwhile; the offline engine runs the same schedule in the same order.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from typing import Protocol
 
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
 from shared.config import EngineConfig
+from shared.processor.stop import StopStringFactory
 from shared.protocol import RequestDelta, StepPlan, StepResult
 from shared.sampling_params import SamplingParams
 
 
 class Executor(Protocol):
     def execute(self, plan: StepPlan) -> StepResult: ...
+
+
+class Pipeline(Protocol):
+    """An executor that takes a plan before the previous plan's result has been read. Results
+    are collected in the order the plans were submitted."""
+
+    def submit(self, plan: StepPlan) -> None: ...
+
+    def collect(self, plan: StepPlan) -> StepResult: ...
+
+
+class Deferred:
+    """A Pipeline over an in-process executor: each plan runs when its result is collected."""
+
+    def __init__(self, executor: Executor):
+        self.executor = executor
+
+    def submit(self, plan: StepPlan) -> None:
+        pass
+
+    def collect(self, plan: StepPlan) -> StepResult:
+        return self.executor.execute(plan)
 
 
 def _check_capacity(config: EngineConfig, num_blocks: int) -> None:
@@ -29,13 +56,21 @@ def _check_capacity(config: EngineConfig, num_blocks: int) -> None:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, executor: Executor, num_blocks: int, first_step_id: int = 0):
+    def __init__(
+        self, config: EngineConfig, executor: Executor | Pipeline, num_blocks: int, first_step_id: int = 0
+    ):
         _check_capacity(config, num_blocks)
         self.config = config
-        self.executor = executor
+        self.pipeline: Pipeline = executor if hasattr(executor, "submit") else Deferred(executor)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id)
-        self.last_num_tokens = 0  # tokens scheduled by the latest step
-        self._last_plan: StepPlan | None = None
+        # plans submitted whose results are not read yet (at most 2 with async scheduling)
+        self.depth = 2 if config.scheduler.async_scheduling else 1
+        self.in_flight: deque[StepPlan] = deque()
+        self.last_num_tokens = 0  # tokens scheduled by the latest step collected
+        self.last_plan_s = 0.0  # seconds the latest schedule() took
+        self.last_result: StepResult | None = None  # read by the latest step(), if any
+        self.stop_strings = StopStringFactory(config.model.path)  # requests with stop strings stop here
+        self._collecting: StepPlan | None = None
 
     def make_request(
         self,
@@ -55,6 +90,7 @@ class EngineCore:
         return Request(
             req_id, prompt_token_ids, params, m.eos_token_ids, m.max_model_len,
             output_token_ids=output_token_ids, priority=priority,
+            stop_strings=self.stop_strings.checker(prompt_token_ids, params, output_token_ids or ()),
         )
 
     def add_request(self, request: Request) -> None:
@@ -64,15 +100,27 @@ class EngineCore:
         return self.scheduler.abort(req_ids)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests unfinished, or steps in flight whose results are still to be read."""
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def step(self) -> list[RequestDelta]:
+        """Plan and submit the next step; then read the oldest result in flight, unless async
+        scheduling leaves it computing while the next plan is made. Returns what the result
+        added to each request ([] when none was read)."""
+        self.last_result = None
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
-        self.last_num_tokens = plan.total_num_scheduled_tokens
-        if not plan.num_scheduled_tokens and not plan.finished_req_ids:
+        self.last_plan_s = time.perf_counter() - start
+        submitted = bool(plan.num_scheduled_tokens or plan.finished_req_ids)
+        if submitted:
+            self.pipeline.submit(plan)
+            self.in_flight.append(plan)
+        if not self.in_flight or (submitted and len(self.in_flight) < self.depth):
             return []
-        self._last_plan = plan
-        result = self.executor.execute(plan)
+        plan = self._collecting = self.in_flight.popleft()
+        result = self.last_result = self.pipeline.collect(plan)
+        self._collecting = None
+        self.last_num_tokens = plan.total_num_scheduled_tokens
         return self.scheduler.update(plan, result)
 
     def restart_workers(self, num_blocks: int) -> None:
@@ -81,14 +129,15 @@ class EngineCore:
         nothing changed, when num_blocks cannot hold max_model_len)."""
         _check_capacity(self.config, num_blocks)
         self.scheduler.restart_workers(num_blocks)
-        self._last_plan = None
+        self.in_flight.clear()
+        self._collecting = None
 
     def fail_last_step(self) -> list[str]:
-        """After the executor raised: abort the requests of that step (their blocks return to the
-        pool, the worker drops them with the next plan) so every other request carries on.
+        """After collecting a result raised: abort the requests of that step (their blocks return
+        to the pool, the worker drops them with the next plan) so every other request carries on.
         Returns the ids of the requests that failed."""
-        if self._last_plan is None:
+        if self._collecting is None:
             return []
-        failed = [d.req_id for d in self.scheduler.abort(list(self._last_plan.num_scheduled_tokens))]
-        self._last_plan = None
+        failed = self.scheduler.fail_step(self._collecting.step_id)
+        self._collecting = None
         return failed
