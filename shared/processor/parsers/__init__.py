@@ -15,6 +15,7 @@ from shared.processor.parsers.hermes import HermesToolParser
 from shared.processor.parsers.llama3_json import Llama3JsonToolParser
 from shared.processor.parsers.mistral import MistralToolParser
 from shared.processor.parsers.pythonic import PythonicToolParser
+from shared.processor.parsers.reasoning import REASONING_PARSERS, ReasoningParser
 from shared.processor.parsers.tool_parser import ToolParser
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
@@ -28,3 +29,11 @@ def get_tool_parser(name: str) -> type[ToolParser]:
         raise InvalidRequest(f"unknown tool call parser {name!r}; choose one of {', '.join(TOOL_PARSERS)}",
                              "tool_call_parser")
     return TOOL_PARSERS[name]
+
+
+def get_reasoning_parser(name: str) -> type[ReasoningParser]:
+    """The reasoning parser class registered as name; InvalidRequest listing the names otherwise."""
+    if name not in REASONING_PARSERS:
+        raise InvalidRequest(f"unknown reasoning parser {name!r}; choose one of {', '.join(REASONING_PARSERS)}",
+                             "reasoning_parser")
+    return REASONING_PARSERS[name]
