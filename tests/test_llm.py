@@ -294,3 +294,25 @@ def test_a_failed_step_fails_only_its_requests(model_dirs):
     core.executor = runner
     out = llm.generate({"prompt_token_ids": [11, 12, 13]}, params, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 4
+
+
+def test_the_engine_stops_on_a_stop_string_without_another_step(model_dirs):
+    """The engine finishes a request on the step whose token completed a stop string (as on
+    EOS), so no token is sampled after it, and the processor cuts the text at the same place."""
+    llm = LLM(str(model_dirs("llama")))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate("The quick brown fox", params, use_tqdm=False)[0].outputs[0]
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    core, prompt = llm.engine, llm.tokenizer.encode("The quick brown fox")
+    core.add_request(core.make_request("s", prompt, SamplingParams(temperature=0, max_tokens=24, stop=[stop],
+                                                                    ignore_eos=True)))
+    sampled, finish = [], None
+    while core.has_unfinished():
+        for delta in core.step():
+            sampled += delta.new_token_ids
+            finish = delta.finish_reason or finish
+    cut = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert finish == "stop" and len(sampled) < len(full.token_ids)
+    assert sampled == cut.token_ids == full.token_ids[: len(sampled)]  # nothing after the stop's token
+    assert cut.text == full.text[: full.text.find(stop)] and cut.stop_reason == stop
