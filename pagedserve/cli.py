@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from pagedserve.bench.cli import BENCH_HELP, add_bench_parser
+
 
 def _make_test_model(args: argparse.Namespace) -> int:
     from pagedserve.test_model import make_test_model
@@ -78,6 +80,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="write CURVE keypairs for the engine, frontends and workers into DIR")
     p.add_argument("dir")
     p.set_defaults(func=_keys)
+
+    if command == "bench":
+        add_bench_parser(sub)
+    else:
+        sub.add_parser("bench", help=BENCH_HELP, add_help=False)
 
     p = sub.add_parser("generate", help="generate offline from one or more prompts")
     p.add_argument("model")

@@ -1,0 +1,1 @@
+"""`pagedserve bench`: serving and offline benchmarks with vLLM's flags and result keys."""
