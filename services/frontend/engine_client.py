@@ -127,10 +127,6 @@ class EngineClient:
         logging.shutdown()
         os._exit(70)  # EX_SOFTWARE
 
-    @property
-    def ready(self) -> bool:
-        return self.model_info is not None
-
     async def wait_ready(self, timeout: float | None = None) -> ModelInfo:
         """The engine's ModelInfo, once it has answered our Hello (raises TimeoutError)."""
         await asyncio.wait_for(self._ready.wait(), timeout)
@@ -208,10 +204,6 @@ class EngineClient:
             return None
         finally:
             self._pings.pop(ping_id, None)
-
-    @property
-    def num_open_requests(self) -> int:
-        return len(self._requests)
 
     # ----- background tasks ---------------------------------------------------------------------
 
