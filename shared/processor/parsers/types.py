@@ -82,5 +82,7 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(text: str) -> Any:
-    """Strict JSON: NaN and Infinity, which Python's json accepts, are rejected."""
-    return json.loads(text, parse_constant=_reject_constant)
+    """JSON without NaN and Infinity (which Python's json accepts), with raw control characters
+    allowed inside strings (models write raw newlines in code arguments, and xgrammar's JSON
+    grammar lets them through); dumps escapes them again."""
+    return json.loads(text, parse_constant=_reject_constant, strict=False)
