@@ -23,17 +23,17 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
 }
 
 
+def _lookup(registry: dict, name: str, what: str, param: str):
+    if name not in registry:
+        raise InvalidRequest(f"unknown {what} {name!r}; choose one of {', '.join(registry)}", param)
+    return registry[name]
+
+
 def get_tool_parser(name: str) -> type[ToolParser]:
     """The tool parser class registered as name; InvalidRequest listing the names otherwise."""
-    if name not in TOOL_PARSERS:
-        raise InvalidRequest(f"unknown tool call parser {name!r}; choose one of {', '.join(TOOL_PARSERS)}",
-                             "tool_call_parser")
-    return TOOL_PARSERS[name]
+    return _lookup(TOOL_PARSERS, name, "tool call parser", "tool_call_parser")
 
 
 def get_reasoning_parser(name: str) -> type[ReasoningParser]:
     """The reasoning parser class registered as name; InvalidRequest listing the names otherwise."""
-    if name not in REASONING_PARSERS:
-        raise InvalidRequest(f"unknown reasoning parser {name!r}; choose one of {', '.join(REASONING_PARSERS)}",
-                             "reasoning_parser")
-    return REASONING_PARSERS[name]
+    return _lookup(REASONING_PARSERS, name, "reasoning parser", "reasoning_parser")
