@@ -2,8 +2,10 @@
 
 make_test_model() writes a Hugging Face model directory: config.json and safetensors weights
 (saved by transformers itself), generation_config.json, and a byte-level BPE tokenizer trained
-on local text (the Python standard library's source) with a ChatML chat template. The tokenizer
-covers exactly the model's vocabulary, so every id a random model emits decodes.
+on local text (the Python standard library's source) with a chat template that renders tools,
+tool calls and tool results as Qwen's (ChatML, the default) or Llama 3.1's templates do (see
+test_model_templates). The tokenizer covers exactly the model's vocabulary, so every id a random
+model emits decodes.
 """
 
 from __future__ import annotations
@@ -15,20 +17,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pagedserve.test_model_templates import CHAT_FORMATS, END_OF_TURN, TEMPLATES
+from pagedserve.test_model_templates import SPECIAL_TOKENS as TEMPLATE_TOKENS
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "mixtral", "qwen3_moe", "opt")
 SIZES = ("tiny", "small", "smol135", "qwen2.5-1.5b")
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+SPECIAL_TOKENS = TEMPLATE_TOKENS["qwen"]
+CHAT_TEMPLATE = TEMPLATES["qwen"]
 _CORPUS_CHARS = 2_000_000  # enough text for ~25k merges; more vocabulary is filler
 
 
@@ -67,6 +62,7 @@ def make_test_model(
     *,
     config_overrides: dict[str, Any] | None = None,
     max_shard_size: str | None = None,
+    chat_format: str = "qwen",
 ) -> Path:
     """Write a random-weight checkpoint of `arch` with `size`'s shapes into out_dir (created).
 
@@ -74,18 +70,20 @@ def make_test_model(
     experts, top 2; qwen3_moe's last layer dense). size: tiny (unit tests), small, smol135
     (SmolLM2-135M's shapes) or qwen2.5-1.5b (Qwen2.5-1.5B's shapes, applied to the given arch).
     config_overrides: extra HF config fields (e.g. OPT's do_layer_norm_before); max_shard_size:
-    save sharded safetensors with an index. The same arguments always give the same files.
+    save sharded safetensors with an index; chat_format: qwen | llama3, the chat template and its
+    special tokens. The same arguments always give the same files.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    if arch not in ARCHS or size not in SIZES:
-        raise ValueError(f"arch must be one of {ARCHS} and size one of {SIZES}, got {arch!r}, {size!r}")
+    if arch not in ARCHS or size not in SIZES or chat_format not in CHAT_FORMATS:
+        raise ValueError(f"arch must be one of {ARCHS}, size one of {SIZES} and chat_format one of {CHAT_FORMATS}, "
+                         f"got {arch!r}, {size!r}, {chat_format!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shape = _SHAPES[size]
-    tokenizer = _save_tokenizer(out, shape.vocab, shape.max_position)
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    tokenizer = _save_tokenizer(out, shape.vocab, shape.max_position, chat_format)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in TEMPLATE_TOKENS[chat_format]}
     config = _hf_config(arch, size, shape, ids["<|endoftext|>"])
     for key, value in (config_overrides or {}).items():
         setattr(config, key, value)
@@ -94,7 +92,7 @@ def make_test_model(
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, shape.dtype))
         _perturb_norms_and_biases(model)
     _save_quietly(model, out, max_shard_size)
-    eos = [ids["<|endoftext|>"], ids["<|im_end|>"]]
+    eos = [ids["<|endoftext|>"], *(ids[name] for name in END_OF_TURN[chat_format])]
     generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": eos}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
@@ -180,15 +178,15 @@ def _perturb_norms_and_biases(model) -> None:
                 param.add_(torch.randn_like(param) * 0.1)
 
 
-def _save_tokenizer(out: Path, vocab_size: int, max_length: int):
+def _save_tokenizer(out: Path, vocab_size: int, max_length: int, chat_format: str = "qwen"):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size, TEMPLATE_TOKENS[chat_format])),
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=TEMPLATES[chat_format],
         model_max_length=max_length,
     )
     if len(tokenizer) != vocab_size:
@@ -198,7 +196,7 @@ def _save_tokenizer(out: Path, vocab_size: int, max_length: int):
 
 
 @functools.cache
-def _tokenizer_json(vocab_size: int) -> str:
+def _tokenizer_json(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> str:
     """A byte-level BPE trained on local text, padded to exactly vocab_size ids (cached)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -207,7 +205,7 @@ def _tokenizer_json(vocab_size: int) -> str:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
