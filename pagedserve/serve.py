@@ -92,6 +92,8 @@ def _children(args: argparse.Namespace, sock_dir: str) -> list[tuple[str, list[s
     front += auth + _forward(args, _FRONTEND_FLAGS, negatable=False)
     if args.api_key:
         front += ["--api-key", args.api_key]
+    if args.disable_ui:
+        front.append("--disable-ui")
     for i in range(args.frontends):
         # frontends share the HTTP port; each also serves its own /metrics so every one is scraped
         metrics = ["--metrics-port", str(args.frontend_metrics_port + i)] if args.frontend_metrics_port else []
@@ -155,6 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--port", 8000, "port the frontends share (SO_REUSEPORT)")
     add_flag(parser, "--frontends", 1, "frontend processes")
     add_flag(parser, "--api-key", None, "require this Bearer token on /v1/*", kind=str)
+    add_flag(parser, "--disable-ui", False, "do not serve the chat page at /")
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
     add_flag(parser, "--shutdown-timeout", 10.0, "seconds open requests may take to finish on Ctrl-C or SIGTERM")
     add_flag(parser, "--engine-metrics-port", 8001, "the engine's /metrics port")

@@ -18,6 +18,7 @@ from services.frontend.openai_requests import ChatCompletionRequest, CompletionR
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
 from services.frontend.state import FrontendConfig, FrontendState
 from services.frontend.tokenize_requests import DetokenizeRequest, TokenizeRequest
+from services.frontend.ui_routes import add_ui_routes
 from shared.version import VERSION
 
 
@@ -41,6 +42,8 @@ def build_app(config: FrontendConfig) -> FastAPI:
     _add_openai_routes(app, state)
     _add_tokenizer_routes(app, state)
     _add_ops_routes(app, state)
+    if config.enable_ui:
+        add_ui_routes(app)
     return app
 
 

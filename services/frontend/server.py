@@ -100,6 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="seconds a request waits for a silent engine to come back (a restarted engine resumes it)",
     )
     add_limit_arguments(p)
+    p.add_argument("--disable-ui", action="store_true", default=_env("DISABLE_UI", "") in ("1", "true"),
+                   help="do not serve the chat page at /")
     p.add_argument("--ready-file", default=None,
                    help="create this file once the frontend can serve (`pagedserve serve` waits for every frontend's)")
     add_auth_args(p)
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         resume_timeout=args.resume_timeout,
         ready_file=args.ready_file,
         limits=_limits(args),
+        enable_ui=not args.disable_ui,
     )
     app = build_app(config)
     state = app.state.frontend

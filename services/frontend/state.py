@@ -44,6 +44,7 @@ class FrontendConfig:
     curve: CurveClient | None = None  # CURVE keys for the engine link (shared.auth); None: plain
     resume_timeout: float = 30.0  # seconds a request waits for a silent engine to come back
     ready_file: str | None = None  # created once this frontend can serve (`serve` waits for each)
+    enable_ui: bool = True  # the chat page at / (ui_routes.py)
 
 
 class FrontendState:
