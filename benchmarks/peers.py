@@ -4,7 +4,7 @@ Each subcommand runs under the interpreter that has what it needs, so this file 
 standard library at the top:
 
     python peers.py requirements DIST [--skip NAME ...]   # DIST's requirements, markers evaluated, one a line
-    python peers.py checkpoint CACHE_DIR                   # build (or reuse) the smol135 checkpoint, print its path
+    python peers.py checkpoint [CACHE_DIR]                 # build (or reuse) the smol135 checkpoint, print its path
     python peers.py gguf CONVERT_PY CHECKPOINT OUT.gguf    # llama.cpp's converter, f32
     python peers.py report RESULTS_DIR [--json OUT]        # one table from `vllm bench serve` result files
 """
@@ -41,13 +41,15 @@ def requirements(dist: str, skip: list[str]) -> list[str]:
     return out
 
 
-def checkpoint(cache_dir: str) -> Path:
+def checkpoint(cache_dir: str | None) -> Path:
     """The project's benchmark checkpoint (llama arch, smol135 shapes), built by throughput.py's
-    own code path so every benchmark measures the same weights and tokenizer."""
+    own code path (and kept in its cache by default) so every benchmark measures the same weights
+    and tokenizer."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import resolve_model
+    from throughput import DEFAULT_CACHE, resolve_model
 
-    ns = argparse.Namespace(model=None, arch="llama", demo_size="smol135", cache_dir=Path(cache_dir))
+    cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
+    ns = argparse.Namespace(model=None, arch="llama", demo_size="smol135", cache_dir=cache)
     return resolve_model(ns)
 
 
@@ -167,7 +169,7 @@ def main() -> None:
     p.add_argument("dist")
     p.add_argument("--skip", nargs="*", default=[])
     p = sub.add_parser("checkpoint")
-    p.add_argument("cache_dir")
+    p.add_argument("cache_dir", nargs="?", default=None)
     p = sub.add_parser("gguf")
     p.add_argument("convert_py")
     p.add_argument("model_dir")

