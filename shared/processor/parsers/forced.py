@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from shared.processor.parsers.scan import bracket_end, call_from_object, json_value, skip_space
+from shared.processor.parsers.scan import call_from_object, json_value, skip_space
 from shared.processor.parsers.tool_parser import Segment, ToolParser
 from shared.processor.parsers.validation import Tool
 
@@ -82,7 +82,7 @@ class ForcedCallsParser(ToolParser):
                 used = pos + 1
                 break
             item = skip_space(text, pos + 1)  # an item and the "[" or "," before it go together
-            end = bracket_end(text, item) if text[item:item + 1] == "{" else -1
+            end = self._brackets.end(text, item) if text[item:item + 1] == "{" else -1
             if (end is None or item == len(text)) and not final:
                 return segments, used
             call = call_from_object(json_value(text[item:end]), ("parameters",)) if end and end > 0 else None

@@ -10,7 +10,7 @@ a valid call (so a JSON answer that is not a call stays content).
 
 from __future__ import annotations
 
-from shared.processor.parsers.scan import bracket_end, call_from_object, could_become, json_value, skip_space
+from shared.processor.parsers.scan import call_from_object, could_become, json_value, skip_space
 from shared.processor.parsers.tool_parser import Segment, ToolParser
 
 TAG = "<|python_tag|>"
@@ -57,7 +57,7 @@ class Llama3JsonToolParser(ToolParser):
             return None
         if pos == len(text):
             return (None, pos) if final else None
-        end = bracket_end(text, pos) if text[pos] == "{" else -1
+        end = self._brackets.end(text, pos) if text[pos] == "{" else -1
         if end is None:
             return (None, pos) if final else None
         call = call_from_object(json_value(text[pos:end])) if end > 0 else None

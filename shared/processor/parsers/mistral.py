@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from shared.processor.parsers.scan import bracket_end, call_from_object, json_value, skip_space
+from shared.processor.parsers.scan import Brackets, call_from_object, json_value, skip_space
 from shared.processor.parsers.tool_parser import MarkedToolParser, Segment
 from shared.processor.parsers.types import ToolCall, dumps
 
@@ -27,14 +27,14 @@ class MistralToolParser(MarkedToolParser):
     special_markers = (MARKER, ARGS)
 
     def _read(self, text: str, start: int, final: bool) -> tuple[list[Segment], int] | None:
-        step = _calls_after(text, start + len(MARKER), final)
+        step = _calls_after(text, start + len(MARKER), final, self._brackets)
         if step is None:
             return None
         calls, end = step
         return [*calls] or [text[start:end]], end
 
 
-def _calls_after(text: str, pos: int, final: bool) -> tuple[list[ToolCall], int] | None:
+def _calls_after(text: str, pos: int, final: bool, brackets: Brackets) -> tuple[list[ToolCall], int] | None:
     """The calls after a marker and where they end; ([], end) for text that is not calls (content
     up to end); None when more text could decide."""
     named = _NAMED.match(text, pos)
@@ -45,7 +45,7 @@ def _calls_after(text: str, pos: int, final: bool) -> tuple[list[ToolCall], int]
         return None if not final else ([], len(text))
     if text[value] not in "[{":
         return [], value
-    end = bracket_end(text, value)
+    end = brackets.end(text, value)
     if end is None:
         return None if not final else ([], len(text))
     parsed = json_value(text[value:end])

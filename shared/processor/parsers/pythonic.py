@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 
-from shared.processor.parsers.scan import bracket_end, could_become, skip_space
+from shared.processor.parsers.scan import could_become, skip_space
 from shared.processor.parsers.tool_parser import Segment, ToolParser
 from shared.processor.parsers.types import ToolCall, dumps
 
@@ -21,6 +21,7 @@ START, END = "<|python_start|>", "<|python_end|>"
 class PythonicToolParser(ToolParser):
     name = "pythonic"
     special_markers = (START, END)
+    quotes = "\"'"
 
     def __init__(self) -> None:
         super().__init__()
@@ -34,7 +35,7 @@ class PythonicToolParser(ToolParser):
             pos = skip_space(text, pos + len(START))
         elif could_become(text[pos:], START) and not final:
             return [], 0
-        end = bracket_end(text, pos, quotes="\"'") if text[pos:pos + 1] == "[" else -1
+        end = self._brackets.end(text, pos) if text[pos:pos + 1] == "[" else -1
         if pos == len(text) or end is None:
             if not final:
                 return [], 0

@@ -30,28 +30,47 @@ def skip_space(text: str, pos: int) -> int:
     return pos
 
 
-def bracket_end(text: str, start: int, quotes: str = '"') -> int | None:
-    """The index just past the bracket that closes the one at text[start], skipping brackets
-    inside quoted strings (backslash escapes honoured); None while it is not closed yet. Bracket
+class Brackets:
+    """Finds where a bracketed value ends, skipping brackets inside quoted strings (backslash
+    escapes honoured). A stream asks again about the same value as its text grows, so the scan
+    resumes where the last one stopped: linear in the value's length, not quadratic. Bracket
     kinds are not matched here: the caller's parser rejects a mismatched value."""
-    depth, quote, i = 0, "", start
-    while i < len(text):
-        char = text[i]
-        if quote:
-            if char == "\\":
-                i += 1
-            elif char == quote:
-                quote = ""
-        elif char in quotes:
-            quote = char
-        elif char in _OPEN:
-            depth += 1
-        elif char in _CLOSE:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        i += 1
-    return None
+
+    def __init__(self, quotes: str = '"') -> None:
+        self.quotes = quotes
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the value being scanned (call when the text it indexes was trimmed)."""
+        self._start, self._pos, self._depth, self._quote = -1, 0, 0, ""
+
+    def end(self, text: str, start: int) -> int | None:
+        """The index just past the bracket that closes the one at text[start]; None while it is
+        not closed yet."""
+        if start != self._start or self._pos > len(text):
+            self._start, self._pos, self._depth, self._quote = start, start, 0, ""
+        depth, quote, i = self._depth, self._quote, self._pos
+        while i < len(text):
+            char = text[i]
+            if quote:
+                if char == "\\":
+                    if i + 1 == len(text):
+                        break  # resume at the backslash once the escaped character arrives
+                    i += 1
+                elif char == quote:
+                    quote = ""
+            elif char in self.quotes:
+                quote = char
+            elif char in _OPEN:
+                depth += 1
+            elif char in _CLOSE:
+                depth -= 1
+                if depth == 0:
+                    self.reset()
+                    return i + 1
+            i += 1
+        self._pos, self._depth, self._quote = i, depth, quote
+        return None
 
 
 def json_value(text: str) -> Any:

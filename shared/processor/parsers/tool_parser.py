@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from shared.processor.parsers.scan import held_tail
+from shared.processor.parsers.scan import Brackets, held_tail
 from shared.processor.parsers.types import DeltaMessage, ParsedMessage, ToolCall
 
 Segment = str | ToolCall  # resolved content text, or a call
@@ -29,12 +29,14 @@ class ToolParser:
     # Markers that are special tokens in the model family's tokenizer: the detokenizer must keep
     # them (skip_special_tokens=False) for the parser to see them.
     special_markers: ClassVar[tuple[str, ...]] = ()
+    quotes: ClassVar[str] = '"'  # string quotes of the format's values
 
     def __init__(self) -> None:
         self.calls: list[ToolCall] = []
         self._buffer = ""
         self._space = ""  # whitespace-only content since the start or the last call, held
         self._spoken = False  # the content since the start or the last call has non-space text
+        self._brackets = Brackets(self.quotes)
 
     def _scan(self, text: str, final: bool) -> tuple[list[Segment], int]:
         """Resolve the buffered text: the segments no later text can change, and how many
@@ -62,7 +64,9 @@ class ToolParser:
 
     def _resolve(self, final: bool) -> list[DeltaMessage]:
         segments, used = self._scan(self._buffer, final)
-        self._buffer = self._buffer[used:]
+        if used:
+            self._buffer = self._buffer[used:]
+            self._brackets.reset()  # its positions indexed the untrimmed buffer
         out: list[DeltaMessage] = []
         for segment in segments:
             if isinstance(segment, ToolCall):
