@@ -5,18 +5,29 @@ forces calls for tool_choice "required" or named. Parsers are torch-free and mad
     parser.feed(text_delta) -> [DeltaMessage]     # streaming; then parser.finish()
     get_tool_parser("hermes").extract(text)       # whole: ParsedMessage(content, tool_calls)
 
-See output.OutputParser for reasoning and tool parsing chained, as chat completions use them.
+See output.OutputParser for reasoning and tool parsing chained, as chat completions use them;
+validation for the tool request checks; forced for tool_choice "required" or named.
 """
 
 from __future__ import annotations
 
 from shared.processor.errors import InvalidRequest
+from shared.processor.parsers.forced import ForcedCallsParser, forced_calls_schema
 from shared.processor.parsers.hermes import HermesToolParser
 from shared.processor.parsers.llama3_json import Llama3JsonToolParser
 from shared.processor.parsers.mistral import MistralToolParser
+from shared.processor.parsers.output import OutputParser
 from shared.processor.parsers.pythonic import PythonicToolParser
 from shared.processor.parsers.reasoning import REASONING_PARSERS, ReasoningParser
 from shared.processor.parsers.tool_parser import ToolParser
+from shared.processor.parsers.types import DeltaMessage, ParsedMessage, ToolCall
+from shared.processor.parsers.validation import Tool, check_tool_choice, check_tool_messages, check_tools
+
+__all__ = [
+    "REASONING_PARSERS", "TOOL_PARSERS", "DeltaMessage", "ForcedCallsParser", "OutputParser", "ParsedMessage",
+    "ReasoningParser", "Tool", "ToolCall", "ToolParser", "check_tool_choice", "check_tool_messages", "check_tools",
+    "forced_calls_schema", "get_reasoning_parser", "get_tool_parser",
+]
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     cls.name: cls for cls in (HermesToolParser, Llama3JsonToolParser, MistralToolParser, PythonicToolParser)
