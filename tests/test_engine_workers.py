@@ -5,6 +5,7 @@ counts."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -89,3 +90,22 @@ def test_a_failure_of_the_step_in_flight_from_its_rank_fails_the_step(group):
     rank0.send(WorkerFailed(0, 7, "out of memory"))
     thread.join(30)
     assert "out of memory" in str(out["error"])
+
+
+def test_two_steps_in_flight_are_answered_in_order_whatever_comes_first(group):
+    """Async scheduling sends plan N+1 before reading result N: answers are kept by step id (also
+    when polled between steps), and a failure of N+1 that arrives first fails N+1 alone."""
+    workers, rank0, _peer, _ready = group
+    first, second = plan(20), plan(21)
+    workers.submit(first)
+    workers.submit(second)
+    assert [rank0.recv(timeout_ms=5000).step_id for _ in range(2)] == [20, 21]
+    rank0.send(WorkerFailed(0, 21, "the second step failed"))
+    rank0.send(StepResult(20, ["r"], [5]))
+    deadline = time.monotonic() + 10
+    while len(workers.answers) < 2 and time.monotonic() < deadline:
+        workers.poll()  # between steps: answers of steps in flight are kept, not dropped
+    assert workers.collect(first).sampled_token_ids == [5]
+    with pytest.raises(WorkerError, match="the second step failed"):
+        workers.collect(second)
+    assert not workers.in_flight and not workers.answers

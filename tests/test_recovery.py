@@ -205,9 +205,12 @@ def test_requests_end_with_an_error_when_the_engine_stays_away(model_dirs, proce
     assert processes[-1].poll() is None  # the frontend carries on
 
 
-def test_requests_survive_a_hung_and_a_dead_worker(model_dirs, processes):
+@pytest.mark.parametrize("scheduling", ["--async-scheduling", "--no-async-scheduling"])
+def test_requests_survive_a_hung_and_a_dead_worker(model_dirs, processes, scheduling):
     metrics_port = free_port()
-    cmd = stack_commands(str(model_dirs("llama")), "--metrics-port", str(metrics_port), "--worker-timeout", "2")
+    cmd = stack_commands(
+        str(model_dirs("llama")), "--metrics-port", str(metrics_port), "--worker-timeout", "2", scheduling
+    )
     base = cmd.base
     worker = spawn(*cmd.worker)
     processes.extend([worker, spawn(*cmd.engine), spawn(*cmd.frontend)])

@@ -1,40 +1,19 @@
-"""Per-request worker state kept between steps, and the flattened inputs of one step.
+"""The flattened inputs of one step, built from the request table's runnable requests.
 
-Whatever goes wrong with one request (a bad id or count in the plan, a sampling state that
-cannot be built, a grammar that does not compile) fails that request alone: its state is
-dropped, the reason kept for StepResult.failed, and the rest of the step goes on without it.
+Tokens are laid out request after request in the table's row order (decodes first); the token
+ids, positions and KV slots are computed on the host and copied to the device once per step.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from services.worker.layers.attention import CommonAttentionMetadata
-from services.worker.layers.sampler import SamplingState
-from services.worker.request_checks import WorkerLimits, check_block_ids, check_new_request, check_schedule
-from services.worker.structured_output import StructuredOutputs
+from services.worker.request_table import RequestState
 from services.worker.transfer import tensor_to_device, to_device
-from shared.protocol import CachedRequestData, NewRequestData, StepPlan
-
-log = logging.getLogger(__name__)
-
-NO_STATE = "the worker holds no state for this request"
-MAX_MESSAGE_CHARS = 1000  # a reason goes back to the client; it may quote the client's input
-
-@dataclass
-class RequestState:
-    req_id: str
-    token_ids: list[int]  # prompt then outputs
-    block_ids: list[int]
-    num_computed_tokens: int
-    sampling: SamplingState
-    prompt_len: int
-    grammar: Any = None  # the xgrammar matcher of a request with structured_outputs
 
 
 @dataclass
@@ -43,149 +22,50 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     attn: CommonAttentionMetadata
     logits_indices: torch.Tensor  # [S] last token of each request that samples this step
-    sampling_states: list[RequestState]  # the S requests that sample, in row order
+    sampling_requests: list[RequestState]  # the S requests that sample, in row order
     # prompt_logprobs requests in a prefill chunk: (state, first row, its position, rows); row r
     # scores prompt token position + (r - first row) + 1
     prompt_rows: list[tuple[RequestState, int, int, int]] = field(default_factory=list)
 
 
-class RequestTable:
-    """The worker's view of every request in flight, updated from step-plan deltas."""
-
-    def __init__(self, limits: WorkerLimits, device: torch.device, structured: StructuredOutputs | None = None):
-        self.limits = limits  # every plan entry is checked against the worker's ranges
-        self.block_size = limits.block_size
-        self.device = device
-        self.structured = structured
-        self.states: dict[str, RequestState] = {}
-        self.failed: dict[str, str] = {}  # requests refused since the last take_failed()
-
-    def apply(self, plan: StepPlan) -> None:
-        for req_id in plan.finished_req_ids:
-            self.states.pop(req_id, None)
-        for new in plan.new_requests:
-            self._guarded(new.req_id, self._add, new)
-        for cached in plan.cached_requests:
-            self._guarded(cached.req_id, self._update, cached)
-
-    def fail(self, req_id: str, message: str) -> None:
-        """Drop a request's state; the engine learns why from the step's result."""
-        self.states.pop(req_id, None)
-        self.failed[req_id] = message[:MAX_MESSAGE_CHARS]
-
-    def _guarded(self, req_id: str, stage, arg) -> None:
-        try:
-            stage(arg)
-        except ValueError as exc:  # a bad request, e.g. a constraint that does not compile
-            self.fail(req_id, str(exc))
-        except Exception as exc:  # anything else: still this request's alone
-            log.exception("request %s failed in the worker", req_id)
-            self.fail(req_id, f"the worker could not run this request: {type(exc).__name__}: {exc}")
-
-    def _update(self, cached: CachedRequestData) -> None:
-        state = self.states.get(cached.req_id)
-        if state is None:
-            raise ValueError(NO_STATE)
-        check_block_ids(cached.new_block_ids, self.limits.num_blocks)
-        state.block_ids.extend(cached.new_block_ids)
-        state.num_computed_tokens = cached.num_computed_tokens
-
-    def _add(self, new: NewRequestData) -> None:
-        self.states.pop(new.req_id, None)  # resumed after preemption: rebuilt from the plan
-        check_new_request(new, self.limits)
-        prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
-        grammar = None
-        if new.sampling_params.structured_outputs is not None:
-            if self.structured is None:
-                raise ValueError("this worker does not support structured outputs")
-            grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
-        sampling = SamplingState.create(new.sampling_params, prompt, tuple(new.eos_token_ids), outputs)
-        self.states[new.req_id] = RequestState(
-            new.req_id,
-            prompt + outputs,
-            list(new.block_ids),
-            new.num_computed_tokens,
-            sampling,
-            len(prompt),
-            grammar,
-        )
-
-    def prepare(self, plan: StepPlan) -> StepInputs | None:
-        """Flatten the scheduled tokens, decodes first, and compute slots and sampling rows
-        (None when no scheduled request can run)."""
-        # decodes first, longest context first; then prefill chunks, longest first (the torch
-        # attention backend groups requests of similar length to limit padding)
-        states = self.states
-        order = sorted(
-            ((r, n) for r, n in plan.num_scheduled_tokens.items() if self._schedulable(r, n)),
-            key=lambda kv: (kv[1] != 1, -kv[1], -states[kv[0]].num_computed_tokens),
-        )
-        if not order:
-            return None
-        bs = self.block_size
-        ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
-        prompt_rows = []
-        num_decodes = sum(1 for _, n in order if n == 1)
-        for req_id, n in order:
-            state = self.states[req_id]
-            start = state.num_computed_tokens
-            p = np.arange(start, start + n)
-            table = np.asarray(state.block_ids, dtype=np.int64)
-            ids.append(state.token_ids[start : start + n])
-            pos.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
-            tables.append(state.block_ids)
-            if start + n >= len(state.token_ids):
-                logits_idx.append(qsl[-1] - 1)
-                samplers.append(state)
-            scored = min(start + n, state.prompt_len - 1) - start  # positions that predict a prompt token
-            if state.sampling.params.prompt_logprobs is not None and scored > 0:
-                prompt_rows.append((state, qsl[-2], start, scored))
-        dev = self.device
-        flat_ids = [t for chunk in ids for t in chunk]
-        # built on the host; on CUDA copied from pinned memory without blocking (see transfer.py)
-        attn = CommonAttentionMetadata(
-            query_start_loc=qsl,
-            seq_lens=seq_lens,
-            block_tables=tables,
-            slot_mapping=to_device(torch.from_numpy(np.concatenate(slots)), dev),
-            num_decodes=num_decodes,
-            block_size=bs,
-            device=dev,
-        )
-        return StepInputs(
-            input_ids=tensor_to_device(flat_ids, torch.long, dev),
-            positions=to_device(torch.from_numpy(np.concatenate(pos)), dev),
-            attn=attn,
-            logits_indices=tensor_to_device(logits_idx, torch.long, dev),
-            sampling_states=samplers,
-            prompt_rows=prompt_rows,
-        )
-
-    def _schedulable(self, req_id: str, n: int) -> bool:
-        """False for a request refused earlier, or failed now for a count its state cannot take."""
-        state = self.states.get(req_id)
-        if state is None:
-            if req_id not in self.failed:
-                self.fail(req_id, NO_STATE)
-            return False
-        try:
-            check_schedule(len(state.token_ids), state.num_computed_tokens, len(state.block_ids), n, self.limits)
-        except ValueError as exc:
-            self.fail(req_id, str(exc))
-            return False
-        return True
-
-    def take_failed(self) -> dict[str, str]:
-        failed, self.failed = self.failed, {}
-        return failed
-
-    def advance(self, plan: StepPlan, sampled: list[RequestState], tokens: list[int]) -> None:
-        for req_id, n in plan.num_scheduled_tokens.items():
-            if req_id in self.states:
-                self.states[req_id].num_computed_tokens += n
-        for state, token in zip(sampled, tokens):
-            state.token_ids.append(token)
-            state.sampling.output_token_ids.append(token)
+def flatten(scheduled: list[tuple[RequestState, int]], block_size: int, device: torch.device) -> StepInputs:
+    """The step's inputs for (request, tokens to compute) pairs, in that order (decodes first)."""
+    bs = block_size
+    ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
+    prompt_rows = []
+    num_decodes = sum(1 for _, n in scheduled if n == 1)
+    for state, n in scheduled:
+        start = state.num_computed_tokens
+        p = np.arange(start, start + n)
+        table = np.asarray(state.block_ids, dtype=np.int64)
+        ids.append(state.token_ids[start : start + n])
+        pos.append(p)
+        slots.append(table[p // bs] * bs + p % bs)
+        qsl.append(qsl[-1] + n)
+        seq_lens.append(start + n)
+        tables.append(state.block_ids)
+        if start + n >= len(state.token_ids):
+            logits_idx.append(qsl[-1] - 1)
+            samplers.append(state)
+        scored = min(start + n, state.prompt_len - 1) - start  # positions that predict a prompt token
+        if state.sampling.params.prompt_logprobs is not None and scored > 0:
+            prompt_rows.append((state, qsl[-2], start, scored))
+    flat_ids = [t for chunk in ids for t in chunk]
+    # built on the host; on CUDA copied from pinned memory without blocking (see transfer.py)
+    attn = CommonAttentionMetadata(
+        query_start_loc=qsl,
+        seq_lens=seq_lens,
+        block_tables=tables,
+        slot_mapping=to_device(torch.from_numpy(np.concatenate(slots)), device),
+        num_decodes=num_decodes,
+        block_size=bs,
+        device=device,
+    )
+    return StepInputs(
+        input_ids=tensor_to_device(flat_ids, torch.long, device),
+        positions=to_device(torch.from_numpy(np.concatenate(pos)), device),
+        attn=attn,
+        logits_indices=tensor_to_device(logits_idx, torch.long, device),
+        sampling_requests=samplers,
+        prompt_rows=prompt_rows,
+    )

@@ -16,13 +16,14 @@ import torch
 from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from services.worker.distributed import tp_all_gather_object, tp_size
 from services.worker.forward_context import ForwardContext, set_forward_context
-from services.worker.input_batch import RequestState, RequestTable, StepInputs
+from services.worker.input_batch import StepInputs, flatten
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
 from services.worker.layers.attention import select_backend
 from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
 from services.worker.request_checks import WorkerLimits
+from services.worker.request_table import RequestState, RequestTable
 from services.worker.structured_output import StructuredOutputs
 from shared.config import EngineConfig
 from shared.protocol import StepPlan, StepResult, TokenLogprobs
@@ -64,7 +65,7 @@ class ModelRunner:
         m = config.model
         self.structured = StructuredOutputs(m.path, m.vocab_size, list(m.eos_token_ids))
         limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len)
-        self.table = RequestTable(limits, self.device, self.structured)
+        self.table = RequestTable(limits, self.structured)
         self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
 
@@ -95,11 +96,12 @@ class ModelRunner:
         self.table.apply(plan)
         self._agree_on_refusals(plan)
         start = time.perf_counter()
-        inputs = self.table.prepare(plan)
-        if inputs is None:  # nothing runnable: only refusals to report
+        scheduled = self.table.runnable(plan)
+        if not scheduled:  # nothing runnable: only refusals to report
             return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
+        inputs = flatten(scheduled, self.table.block_size, self.device)
         hidden = self._forward(inputs)
-        states = inputs.sampling_states
+        states = inputs.sampling_requests
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
         self._sync()
         forward_done = time.perf_counter()

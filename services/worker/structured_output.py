@@ -23,7 +23,7 @@ from services.worker.grammar_compiler import GrammarCompiler, import_xgrammar
 from shared.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
-    from services.worker.input_batch import RequestState
+    from services.worker.request_table import RequestState
 
 log = logging.getLogger(__name__)
 

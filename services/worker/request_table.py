@@ -1,0 +1,132 @@
+"""The worker's persistent request table: per-request state kept between steps, updated from
+step-plan deltas, and advanced by each step's sampled tokens.
+
+Whatever goes wrong with one request (a bad id or count in the plan, a sampling state that
+cannot be built, a grammar that does not compile) fails that request alone: its state is
+dropped, the reason kept for StepResult.failed, and the rest of the step goes on without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from services.worker.layers.sampler import SamplingState
+from services.worker.request_checks import WorkerLimits, check_block_ids, check_new_request, check_schedule
+from services.worker.structured_output import StructuredOutputs
+from shared.protocol import CachedRequestData, NewRequestData, StepPlan
+
+log = logging.getLogger(__name__)
+
+NO_STATE = "the worker holds no state for this request"
+MAX_MESSAGE_CHARS = 1000  # a reason goes back to the client; it may quote the client's input
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    token_ids: list[int]  # prompt then outputs
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingState
+    prompt_len: int
+    grammar: Any = None  # the xgrammar matcher of a request with structured_outputs
+
+
+class RequestTable:
+    """The worker's view of every request in flight, updated from step-plan deltas."""
+
+    def __init__(self, limits: WorkerLimits, structured: StructuredOutputs | None = None):
+        self.limits = limits  # every plan entry is checked against the worker's ranges
+        self.block_size = limits.block_size
+        self.structured = structured
+        self.states: dict[str, RequestState] = {}
+        self.failed: dict[str, str] = {}  # requests refused since the last take_failed()
+
+    def apply(self, plan: StepPlan) -> None:
+        for req_id in plan.finished_req_ids:
+            self.states.pop(req_id, None)
+        for new in plan.new_requests:
+            self._guarded(new.req_id, self._add, new)
+        for cached in plan.cached_requests:
+            self._guarded(cached.req_id, self._update, cached)
+
+    def fail(self, req_id: str, message: str) -> None:
+        """Drop a request's state; the engine learns why from the step's result."""
+        self.states.pop(req_id, None)
+        self.failed[req_id] = message[:MAX_MESSAGE_CHARS]
+
+    def _guarded(self, req_id: str, stage, arg) -> None:
+        try:
+            stage(arg)
+        except ValueError as exc:  # a bad request, e.g. a constraint that does not compile
+            self.fail(req_id, str(exc))
+        except Exception as exc:  # anything else: still this request's alone
+            log.exception("request %s failed in the worker", req_id)
+            self.fail(req_id, f"the worker could not run this request: {type(exc).__name__}: {exc}")
+
+    def _update(self, cached: CachedRequestData) -> None:
+        state = self.states.get(cached.req_id)
+        if state is None:
+            raise ValueError(NO_STATE)
+        check_block_ids(cached.new_block_ids, self.limits.num_blocks)
+        state.block_ids.extend(cached.new_block_ids)
+        state.num_computed_tokens = cached.num_computed_tokens
+
+    def _add(self, new: NewRequestData) -> None:
+        self.states.pop(new.req_id, None)  # resumed after preemption: rebuilt from the plan
+        check_new_request(new, self.limits)
+        prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
+        grammar = None
+        if new.sampling_params.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError("this worker does not support structured outputs")
+            grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
+        sampling = SamplingState.create(new.sampling_params, prompt, tuple(new.eos_token_ids), outputs)
+        self.states[new.req_id] = RequestState(
+            new.req_id,
+            prompt + outputs,
+            list(new.block_ids),
+            new.num_computed_tokens,
+            sampling,
+            len(prompt),
+            grammar,
+        )
+
+    def runnable(self, plan: StepPlan) -> list[tuple[RequestState, int]]:
+        """The plan's requests this table can run, with their token counts, in the step's row
+        order: decodes first, longest context first; then prefill chunks, longest first (the
+        torch attention backend groups requests of similar length to limit padding). A request
+        it cannot run is failed."""
+        order = sorted(
+            ((self.states[r], n) for r, n in plan.num_scheduled_tokens.items() if self._schedulable(r, n)),
+            key=lambda sn: (sn[1] != 1, -sn[1], -sn[0].num_computed_tokens),
+        )
+        return order
+
+    def _schedulable(self, req_id: str, n: int) -> bool:
+        """False for a request refused earlier, or failed now for a count its state cannot take."""
+        state = self.states.get(req_id)
+        if state is None:
+            if req_id not in self.failed:
+                self.fail(req_id, NO_STATE)
+            return False
+        try:
+            check_schedule(len(state.token_ids), state.num_computed_tokens, len(state.block_ids), n, self.limits)
+        except ValueError as exc:
+            self.fail(req_id, str(exc))
+            return False
+        return True
+
+    def take_failed(self) -> dict[str, str]:
+        failed, self.failed = self.failed, {}
+        return failed
+
+    def advance(self, plan: StepPlan, sampled: list[RequestState], tokens: list[int]) -> None:
+        for req_id, n in plan.num_scheduled_tokens.items():
+            if req_id in self.states:
+                self.states[req_id].num_computed_tokens += n
+        for state, token in zip(sampled, tokens):
+            state.token_ids.append(token)
+            state.sampling.output_token_ids.append(token)
