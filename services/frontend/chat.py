@@ -25,6 +25,7 @@ from services.frontend.openai_responses import (
 )
 from services.frontend.state import FrontendState
 from services.frontend.streaming import respond_whole, stream
+from shared.processor.chat import ChatOutput
 from shared.processor.sequence import Sequence
 
 ENDPOINT = "/v1/chat/completions"
@@ -35,30 +36,35 @@ async def create_chat_completion(state: FrontendState, body: ChatCompletionReque
     model = state.check_model(body.model)
     state.require_ready()
     state.check_limits(body)
-    ids = await state.encode_chat(body.template_messages(), body.add_generation_prompt,
-                                  chat_template=body.client_template, template_kwargs=body.chat_template_kwargs)
+    messages = body.template_messages()
+    plan = state.chat_plan(messages, body.tools, body.tool_choice, body.parallel_tool_calls)
+    ids = await state.encode_chat(messages, body.add_generation_prompt, chat_template=body.client_template,
+                                  template_kwargs=plan.template_variables(body.chat_template_kwargs))
     state.check_prompt(ids, "messages")
-    params = state.sampling_params(body, None, [ids], "messages")  # chat: up to the context length unless asked
+    params = state.sampling_params(body, None, [ids], "messages", plan)  # chat: up to the context length unless asked
     gen = state.generation([ids], params, ENDPOINT, arrival, priority=body.priority)
+    outputs = {seq.index: plan.output(seq, state.tokenizer) for seq in gen.ordered()}
+    reasoning = state.chat_parsers.reasoning_parser is not None
     if body.stream:
-        return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, updates))
-    return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, seqs))
+        return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, outputs, updates))
+    return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, outputs, reasoning))
 
 
-def _response(
-    state: FrontendState, body: ChatCompletionRequest, gen: Generation, model: str, seqs: list[Sequence]
-) -> Response:
-    choices = [
-        ChatChoice(
-            index=seq.index,
-            message=ChatMessageOut(content=seq.text),
-            logprobs=_logprobs(state, body, seq.logprobs),
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
-        for seq in seqs
-    ]
-    usage = Usage.of(gen.usage())
+def _usage(gen: Generation, outputs: dict[int, ChatOutput], reasoning: bool) -> Usage:
+    """The request's usage; with a reasoning parser, its reasoning tokens too."""
+    return Usage.of(gen.usage(), sum(o.reasoning_tokens() for o in outputs.values()) if reasoning else None)
+
+
+def _response(state: FrontendState, body: ChatCompletionRequest, gen: Generation, model: str,
+              outputs: dict[int, ChatOutput], reasoning: bool) -> Response:
+    choices = []
+    for seq in gen.ordered():
+        output = outputs[seq.index]
+        message = ChatMessageOut.of(output.message())  # parses; then finish_reason knows of calls
+        message.role = state.config.response_role
+        choices.append(ChatChoice(index=seq.index, message=message, logprobs=_logprobs(state, body, seq.logprobs),
+                                  finish_reason=output.finish_reason, stop_reason=seq.stop_reason))
+    usage = _usage(gen, outputs, reasoning)
     resp = ChatCompletionResponse(id=random_id("chatcmpl"), created=now(), model=model, choices=choices, usage=usage)
     return Response(resp.model_dump_json(), media_type="application/json")
 
@@ -75,25 +81,32 @@ async def _chunks(
     body: ChatCompletionRequest,
     gen: Generation,
     model: str,
+    outputs: dict[int, ChatOutput],
     updates: AsyncIterator[Sequence],
 ) -> AsyncIterator[bytes]:
     events = ChunkStream(random_id("chatcmpl"), "chat.completion.chunk", model, body.include_usage)
     for seq in gen.ordered():
-        role = {"role": "assistant", "content": ""}
+        role = {"role": state.config.response_role, "content": ""}
         yield events.choice({"index": seq.index, "delta": role, "logprobs": None, "finish_reason": None})
     async for seq in updates:
         text, new_logprobs = seq.take_stream_delta()
-        if not text and not new_logprobs and not seq.finished:
+        output = outputs[seq.index]
+        deltas = [d.to_openai() for d in output.stream(text)]
+        if not deltas and not new_logprobs and not seq.finished:
             continue
-        choice = {
-            "index": seq.index,
-            "delta": {"content": text} if text or not seq.finished else {},
-            "logprobs": _logprobs(state, body, new_logprobs) if new_logprobs else None,
-            "finish_reason": seq.finish_reason,
-        }
-        if seq.finished:
-            choice["stop_reason"] = seq.stop_reason
-        yield events.choice(choice)
+        # held-back text (a possible stop string or call) still sends the tokens' logprobs
+        deltas = deltas or [{} if seq.finished else {"content": ""}]
+        for i, delta in enumerate(deltas):
+            last = seq.finished and i == len(deltas) - 1
+            choice = {
+                "index": seq.index,
+                "delta": delta,
+                "logprobs": _logprobs(state, body, new_logprobs) if new_logprobs and i == 0 else None,
+                "finish_reason": output.finish_reason if last else None,
+            }
+            if last:
+                choice["stop_reason"] = seq.stop_reason
+            yield events.choice(choice)
     if body.include_usage:
-        yield events.usage(Usage.of(gen.usage()))
+        yield events.usage(_usage(gen, outputs, state.chat_parsers.reasoning_parser is not None))
     yield SSE_DONE

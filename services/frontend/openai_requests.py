@@ -280,6 +280,10 @@ class ChatCompletionRequest(SamplingRequest, ClientTemplate):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # tool calling: checked (with the tool messages) by shared.processor.chat.ChatPlan
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:

@@ -14,6 +14,7 @@ import msgspec
 from pydantic import BaseModel, Field
 
 from shared.processor import outcome
+from shared.processor.parsers.types import ParsedMessage
 
 
 def random_id(prefix: str) -> str:
@@ -59,16 +60,22 @@ def error_event(body: dict[str, Any]) -> bytes:
     return b"data: " + _encode(body) + b"\n\n"
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None
 
     @classmethod
-    def of(cls, usage: outcome.Usage) -> Usage:
-        """The processor's usage in OpenAI's shape."""
+    def of(cls, usage: outcome.Usage, reasoning_tokens: int | None = None) -> Usage:
+        """The processor's usage in OpenAI's shape (with the reasoning tokens, when counted)."""
+        details = None if reasoning_tokens is None else CompletionTokensDetails(reasoning_tokens=reasoning_tokens)
         return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                   total_tokens=usage.total_tokens)
+                   total_tokens=usage.total_tokens, completion_tokens_details=details)
 
 
 # ----- completions ------------------------------------------------------------------------------
@@ -126,9 +133,19 @@ class ChatLogprobs(BaseModel):
 
 
 class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # the server's --response-role
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None  # vLLM's field, and its newer name `reasoning`
+    reasoning: str | None = None
+
+    @classmethod
+    def of(cls, message: ParsedMessage) -> ChatMessageOut:
+        """A parsed output as the assistant's message."""
+        calls = [call.to_openai() for call in message.tool_calls] or None
+        return cls(content=message.content, tool_calls=calls, reasoning_content=message.reasoning_content,
+                   reasoning=message.reasoning_content)
 
 
 class ChatChoice(BaseModel):

@@ -15,12 +15,14 @@ from services.frontend.errors import bad_request, engine_unavailable, from_value
 from services.frontend.generation import Generation
 from services.frontend.limits import RequestLimits, check_caps
 from services.frontend.metrics import FrontendMetrics
+from services.frontend.request_log import log_request
 from services.frontend.request_metrics import RequestMetrics
 from services.frontend.tokenization import Tokenization
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
+from shared.processor.chat import ChatParsers, ChatPlan
 from shared.processor.processor import ModelFacts, RequestProcessor
-from shared.processor.token_text import TokenText
+from shared.processor.token_text import TokenIdText, TokenText
 from shared.processor.tokenizer import load_tokenizer
 from shared.protocol import ModelInfo
 from shared.sampling_params import SamplingParams
@@ -45,6 +47,17 @@ class FrontendConfig:
     resume_timeout: float = 30.0  # seconds a request waits for a silent engine to come back
     ready_file: str | None = None  # created once this frontend can serve (`serve` waits for each)
     enable_ui: bool = True  # the chat page at / (ui_routes.py)
+    # chat outputs' parsers (shared.processor.chat.ChatParsers; names checked there)
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    # vLLM's server flags (services/frontend/server_flags.py)
+    trust_remote_code: bool = False  # a hub tokenizer may run its own code
+    chat_template: str | None = None  # the server's template, over the model's (trusted: the operator's)
+    response_role: str = "assistant"  # the role of chat answers
+    return_tokens_as_token_ids: bool = False  # logprob tokens as 'token_id:N'
+    log_requests: bool = False  # log each request as it arrives
+    max_log_len: int | None = None  # most prompt ids in a logged request
 
 
 class FrontendState:
@@ -60,6 +73,8 @@ class FrontendState:
         self.tokens: Tokenization | None = None  # the tokenizer's work, once it is loaded
         self.processor: RequestProcessor | None = None  # shared with the offline LLM (shared.processor)
         self.setup_error: str | None = None
+        self.chat_parsers = ChatParsers(config.tool_call_parser, config.reasoning_parser,
+                                        config.enable_auto_tool_choice)
         self._setup: asyncio.Task | None = None
 
     # ----- lifecycle ----------------------------------------------------------------------------
@@ -74,7 +89,9 @@ class FrontendState:
         self.metrics.set_model(self.served_names()[0])
         path = self.config.tokenizer or info.model_path
         try:
-            tokenizer = await asyncio.to_thread(load_tokenizer, path)
+            tokenizer = await asyncio.to_thread(load_tokenizer, path, self.config.trust_remote_code)
+            if self.config.chat_template is not None:
+                tokenizer.chat_template = self.config.chat_template
             self.tokens = Tokenization(tokenizer, self.config.limits)
         except Exception as exc:  # a bad path must not kill the process: report it on every request
             self.setup_error = f"could not load the tokenizer from {path!r}: {exc}"
@@ -99,7 +116,9 @@ class FrontendState:
 
     @property
     def token_text(self) -> TokenText | None:
-        return None if self.processor is None else self.processor.token_text
+        if self.processor is None:
+            return None
+        return TokenIdText() if self.config.return_tokens_as_token_ids else self.processor.token_text
 
     def require_ready(self) -> ModelInfo:
         info = self.client.model_info
@@ -144,12 +163,21 @@ class FrontendState:
             raise bad_request(msg, "n")
 
     def sampling_params(self, request: Any, default_max_tokens: int | None, prompts: list[list[int]],
-                        prompt_param: str) -> SamplingParams:
+                        prompt_param: str, plan: ChatPlan | None = None) -> SamplingParams:
         """The engine parameters of ``request`` for these (checked) prompts: the processor's
-        checks and the model's defaults, as offline."""
+        checks and the model's defaults, as offline (and a chat request's tool constraint)."""
         try:
-            return self._processor().sampling_params(request.to_sampling_params(), prompts, default_max_tokens,
-                                                     prompt_param, request.max_tokens_param)
+            params = self._processor().sampling_params(request.to_sampling_params(), prompts, default_max_tokens,
+                                                       prompt_param, request.max_tokens_param)
+            return params if plan is None else plan.sampling_params(params)
+        except ValueError as exc:
+            raise from_value_error(exc, _PARAM_NAMES) from None
+
+    def chat_plan(self, messages: list[dict[str, Any]], tools: Any, tool_choice: Any,
+                  parallel_tool_calls: Any) -> ChatPlan:
+        """A chat request's tool fields checked with this server's parsers (400 naming the field)."""
+        try:
+            return ChatPlan(self.chat_parsers, messages, tools, tool_choice, parallel_tool_calls)
         except ValueError as exc:
             raise from_value_error(exc, _PARAM_NAMES) from None
 
@@ -184,6 +212,8 @@ class FrontendState:
 
     def generation(self, prompts: list[list[int]], params: SamplingParams, endpoint: str, arrival: float, *,
                    priority: int = 0) -> Generation:
+        if self.config.log_requests:
+            log_request(endpoint, prompts, params, self.config.max_log_len)
         return Generation(
             self.client,
             self._processor(),
