@@ -82,10 +82,10 @@ def _run_steps(seed: int, logits_per_step: list[torch.Tensor], companions: int, 
         logits = torch.randn(len(batch), row.shape[0])
         logits[pos] = row
         token = int(sample(logits, batch).sampled_token_ids[pos])
-        target.output_token_ids.append(token)
+        target.append(token)
         tokens.append(token)
         for other in others:
-            other.output_token_ids.append(0)
+            other.append(0)
     return tokens
 
 
@@ -111,7 +111,7 @@ def test_a_seeded_token_depends_only_on_seed_and_output_position() -> None:
         for step, row in enumerate(steps[k:], start=k):
             token = int(sample(row.unsqueeze(0), [resumed]).sampled_token_ids[0])
             assert token == undisturbed[step], (k, step)
-            resumed.output_token_ids.append(token)
+            resumed.append(token)
 
 
 @pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63, 2**64 - 1])
@@ -130,7 +130,7 @@ def test_parallel_children_draw_distinct_streams() -> None:
     for child in children:
         row = state(child)
         for _ in range(6):
-            row.output_token_ids.append(int(sample(flat, [row]).sampled_token_ids[0]))
+            row.append(int(sample(flat, [row]).sampled_token_ids[0]))
         streams.append(row.output_token_ids)
     assert len({tuple(s) for s in streams}) == 3
     assert streams[0][1:] != streams[1][:-1] and streams[1][1:] != streams[0][:-1]

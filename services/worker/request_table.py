@@ -26,12 +26,19 @@ MAX_MESSAGE_CHARS = 1000  # a reason goes back to the client; it may quote the c
 @dataclass
 class RequestState:
     req_id: str
-    token_ids: list[int]  # prompt then outputs
     block_ids: list[int]
     num_computed_tokens: int
-    sampling: SamplingState
-    prompt_len: int
+    sampling: SamplingState  # holds the request's tokens
     grammar: Any = None  # the xgrammar matcher of a request with structured_outputs
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The prompt then the outputs (the sampling state's list, not a copy)."""
+        return self.sampling.token_ids
+
+    @property
+    def prompt_len(self) -> int:
+        return self.sampling.prompt_len
 
 
 class RequestTable:
@@ -85,13 +92,7 @@ class RequestTable:
             grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
         sampling = SamplingState.create(new.sampling_params, prompt, tuple(new.eos_token_ids), outputs)
         self.states[new.req_id] = RequestState(
-            new.req_id,
-            prompt + outputs,
-            list(new.block_ids),
-            new.num_computed_tokens,
-            sampling,
-            len(prompt),
-            grammar,
+            new.req_id, list(new.block_ids), new.num_computed_tokens, sampling, grammar
         )
 
     def runnable(self, plan: StepPlan) -> list[tuple[RequestState, int]]:
@@ -128,5 +129,4 @@ class RequestTable:
             if req_id in self.states:
                 self.states[req_id].num_computed_tokens += n
         for state, token in zip(sampled, tokens):
-            state.token_ids.append(token)
-            state.sampling.output_token_ids.append(token)
+            state.sampling.append(token)

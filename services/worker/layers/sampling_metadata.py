@@ -20,12 +20,12 @@ from shared.sampling_params import SamplingParams
 
 @dataclass
 class SamplingState:
-    """One request's sampling inputs; the model runner appends each sampled token to
-    ``output_token_ids``."""
+    """One request's sampling inputs: its parameters and its tokens, the prompt then the outputs
+    (the one copy of them the worker keeps; ``append`` adds each sampled token)."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    prompt_len: int
     eos_token_ids: tuple[int, ...]
 
     @classmethod
@@ -37,7 +37,24 @@ class SamplingState:
         output_token_ids: list[int] | None = None,
     ) -> SamplingState:
         """``output_token_ids`` restores tokens generated before a preemption or a restart."""
-        return cls(params, list(prompt_token_ids), list(output_token_ids or []), tuple(eos_token_ids))
+        tokens = list(prompt_token_ids) + list(output_token_ids or ())
+        return cls(params, tokens, len(prompt_token_ids), tuple(eos_token_ids))
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.prompt_len]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """A copy: append with ``append``."""
+        return self.token_ids[self.prompt_len :]
 
 
 _MASK64 = (1 << 64) - 1
@@ -118,7 +135,7 @@ def _noise_seeds(states: list[SamplingState], random_rows: list[int]) -> dict[in
     for i in random_rows:
         seed = states[i].params.seed
         if seed is not None:
-            seeds[i] = noise_seed(seed, len(states[i].output_token_ids))
+            seeds[i] = noise_seed(seed, states[i].num_output_tokens)
     return seeds
 
 
@@ -174,7 +191,7 @@ def _min_tokens_mask(
     rows, cols = [], []
     for i, s in enumerate(states):
         p = s.params
-        if len(s.output_token_ids) >= p.min_tokens:
+        if s.num_output_tokens >= p.min_tokens:
             continue
         stops = set(p.stop_token_ids)
         if not p.ignore_eos:
