@@ -28,6 +28,7 @@ from shared.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from shared.processor.chat import ChatOutput, ChatParsers, ChatPlan
 from shared.processor.defaults import DEFAULT_MAX_TOKENS, REST_OF_CONTEXT
 from shared.processor.processor import ModelFacts, RequestProcessor
 from shared.processor.sequence import Sequence
@@ -124,13 +125,30 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tool_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> list[RequestOutput]:
         """Conversations rendered with the model's chat template; max_tokens unset (here and in
-        the model's defaults) runs to the end of the context, as the server's chat does."""
+        the model's defaults) runs to the end of the context, as the server's chat does.
+
+        tools, tool_choice and parallel_tool_calls as in OpenAI's API (tool_choice "auto" needs
+        tool_parser, e.g. "hermes"); chat_template_kwargs become template variables;
+        reasoning_parser ("qwen3", "deepseek_r1") splits off the reasoning. With either parser or
+        a forced tool_choice, each output also has content, reasoning_content and tool_calls, as
+        the server's message."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        token_lists = [self.processor.encode_chat(conv, add_generation_prompt, chat_template) for conv in conversations]
+        parsers = ChatParsers(tool_parser, reasoning_parser, enable_auto_tool_choice=tool_parser is not None)
+        plans = [ChatPlan(parsers, conv, tools, tool_choice, parallel_tool_calls) for conv in conversations]
+        token_lists = [self.processor.encode_chat(conv, add_generation_prompt, chat_template,
+                                                  **plan.template_variables(chat_template_kwargs))
+                       for conv, plan in zip(conversations, plans)]
         texts = [self.tokenizer.decode(ids) for ids in token_lists]
-        return self._run(texts, token_lists, sampling_params, use_tqdm, None, REST_OF_CONTEXT)
+        return self._run(texts, token_lists, sampling_params, use_tqdm, None, REST_OF_CONTEXT, plans)
 
     # ----- internals ----------------------------------------------------------------------------
 
@@ -143,7 +161,8 @@ class LLM:
             return self.processor.encode(prompt["prompt"])
         raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")
 
-    def _run(self, texts, token_lists, sampling_params, use_tqdm, priority, default_max_tokens) -> list[RequestOutput]:
+    def _run(self, texts, token_lists, sampling_params, use_tqdm, priority, default_max_tokens,
+             plans: list[ChatPlan] | None = None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = (
@@ -157,9 +176,11 @@ class LLM:
             raise ValueError('priority needs LLM(..., scheduling_policy="priority")')
         # Validate every request before admitting any, so a bad prompt leaves the engine untouched.
         outputs, sequences, requests = [], {}, []
-        for text, ids, params, prio in zip(texts, token_lists, params_list, priorities):
+        for i, (text, ids, params, prio) in enumerate(zip(texts, token_lists, params_list, priorities)):
             self.processor.check_prompt(ids)
             params = self.processor.sampling_params(params, [ids], default_max_tokens)
+            if plans is not None:
+                params = plans[i].sampling_params(params)
             outputs.append(RequestOutput(str(next(self._ids)), text, ids))
             for seq in self.processor.sequences(outputs[-1].request_id, [ids], params):
                 requests.append(self.engine.make_request(seq.req_id, ids, seq.params, priority=prio))
@@ -169,7 +190,8 @@ class LLM:
         self._drive(sequences, len(outputs), use_tqdm)
         texts = self.processor.token_text
         for index, seq in sequences.values():
-            outputs[index].outputs.append(_completion(seq, texts))
+            output = None if plans is None else plans[index].output(seq, self.tokenizer)
+            outputs[index].outputs.append(_completion(seq, texts, output))
             if seq.prompt_logprobs is not None and outputs[index].prompt_logprobs is None:
                 outputs[index].prompt_logprobs = [None] + [_logprob_dict(lp, texts) for lp in seq.prompt_logprobs]
             outputs[index].num_cached_tokens = max(outputs[index].num_cached_tokens, seq.num_cached_tokens)
@@ -205,11 +227,11 @@ class LLM:
             bar.close()
 
 
-def _completion(seq: Sequence, texts: TokenText) -> CompletionOutput:
+def _completion(seq: Sequence, texts: TokenText, chat: ChatOutput | None = None) -> CompletionOutput:
     logprobs = None
     if seq.params.logprobs is not None:
         logprobs = [_logprob_dict(lp, texts) for lp in seq.logprobs]
-    return CompletionOutput(
+    out = CompletionOutput(
         index=seq.index,
         text=seq.text,
         token_ids=list(seq.token_ids),
@@ -219,6 +241,11 @@ def _completion(seq: Sequence, texts: TokenText) -> CompletionOutput:
         stop_reason=seq.stop_reason,
         error=seq.error,
     )
+    if chat is not None and chat.parser is not None:  # parsed as the server's chat message
+        message = chat.message()
+        out.content, out.reasoning_content = message.content, message.reasoning_content
+        out.tool_calls, out.finish_reason = message.tool_calls, chat.finish_reason
+    return out
 
 
 def _logprob_dict(lp: TokenLogprobs, texts: TokenText) -> dict[int, Logprob]:

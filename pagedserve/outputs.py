@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shared.processor.parsers.types import ToolCall
+
 
 @dataclass
 class Logprob:
@@ -22,6 +24,10 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None  # finish_reason "error": why this request failed (the others did not)
+    # LLM.chat with tools or a reasoning parser: the text parsed (as the server's message)
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -57,8 +57,9 @@ class ChatPlan:
         self.forced = self.tool_choice == "required" or isinstance(self.tool_choice, dict)
         self.auto = self.tool_choice == "auto" and bool(self.tools)
         if self.auto and not (parsers.enable_auto_tool_choice and parsers.tool_call_parser):
-            raise InvalidRequest('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
-                                 'to be set on the server', "tool_choice")
+            raise InvalidRequest('tool_choice "auto" needs a tool call parser: --enable-auto-tool-choice and '
+                                 "--tool-call-parser NAME on the server (LLM.chat's tool_parser offline)",
+                                 "tool_choice")
 
     def template_variables(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """chat_template_kwargs plus the request's tools, as apply_chat_template takes them."""

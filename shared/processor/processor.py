@@ -23,7 +23,7 @@ from shared.processor import checks
 from shared.processor.defaults import merge_model_defaults
 from shared.processor.sequence import Sequence
 from shared.processor.token_text import TokenText
-from shared.processor.tokenizer import render_chat
+from shared.processor.tokenizer import render_chat, template_variables
 from shared.sampling_params import SamplingParams
 
 
@@ -50,9 +50,10 @@ class RequestProcessor:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     chat_template: str | None = None, **variables: Any) -> list[int]:
         """A conversation rendered with the model's template (or ``chat_template``) and tokenized
-        (the template carries any BOS)."""
+        (the template carries any BOS); ``variables`` (chat_template_kwargs, tools) reach the
+        template, less apply_chat_template's own options."""
         text = render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                           chat_template=chat_template, **variables)
+                           chat_template=chat_template, **template_variables(self.tokenizer, variables))
         return self.encode(text, add_special_tokens=False)
 
     def check_prompt(self, ids: list[int], param: str = "prompt") -> None:
