@@ -98,13 +98,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[name]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(
         level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    parser = build_parser(argv[0] if argv else None)
+    if argv and argv[0] == "serve":  # vLLM's --config FILE.yaml: the file's flags, then the command line's
+        from pagedserve.entrypoints.config_file import expand_config_file
+
+        argv = ["serve", *expand_config_file(argv[1:], _subparser(parser, "serve"))]
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:

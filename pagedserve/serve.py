@@ -7,11 +7,11 @@ non-zero."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -19,18 +19,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from services.frontend.limits import RequestLimits
-from services.frontend.server import add_limit_arguments
+from pagedserve.entrypoints.unsupported import add_unsupported_flags
+from services.frontend.server_flags import HTTP_FLAG_NAMES, add_http_arguments, load_chat_template
 from shared.auth import add_auth_args
-from shared.engine_args import add_flag, add_model_args
+from shared.engine_args import add_flag, add_model_args, engine_config_from_args, flag_names
 
 # Flags forwarded to the engine and the workers as given (see shared/engine_args.py).
-_MODEL_FLAGS = (
-    "model", "served_model_name", "dtype", "max_model_len", "block_size", "kv_cache_memory",
-    "gpu_memory_utilization", "num_gpu_blocks_override", "enable_prefix_caching", "max_num_seqs",
-    "max_num_batched_tokens", "tensor_parallel_size", "enforce_eager", "seed",
-    "scheduling_policy", "max_num_queued_requests", "max_queued_tokens",
-)
+_MODEL_FLAGS = flag_names(add_model_args)
 
 
 # Beyond --shutdown-timeout: what a frontend may take to send its final events and say Goodbye.
@@ -54,20 +49,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Flags forwarded to every frontend as given: its request limits (plain on/off switches, no --no-).
-_FRONTEND_FLAGS = tuple(f.name for f in dataclasses.fields(RequestLimits))
-
-
-def _forward(args: argparse.Namespace, names: tuple[str, ...] = _MODEL_FLAGS, negatable: bool = True) -> list[str]:
+def _forward(args: argparse.Namespace, names: tuple[str, ...] = _MODEL_FLAGS) -> list[str]:
+    """The flags of ``names`` as the children parse them (each child has the same flag)."""
     out = []
     for name in names:
         value = getattr(args, name)
         flag = "--" + name.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is False and negatable:
-            out.append("--no-" + flag[2:])
-        elif value is not None and not isinstance(value, bool):
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        elif value is not None:
             out += [flag, str(value)]
     return out
 
@@ -89,11 +81,9 @@ def _children(args: argparse.Namespace, sock_dir: str) -> list[tuple[str, list[s
         kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(port)]))
     front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port),
              "--shutdown-timeout", str(args.shutdown_timeout)]
-    front += auth + _forward(args, _FRONTEND_FLAGS, negatable=False)
+    front += auth + _forward(args, HTTP_FLAG_NAMES)
     if args.api_key:
         front += ["--api-key", args.api_key]
-    if args.disable_ui:
-        front.append("--disable-ui")
     for i in range(args.frontends):
         # frontends share the HTTP port; each also serves its own /metrics so every one is scraped
         metrics = ["--metrics-port", str(args.frontend_metrics_port + i)] if args.frontend_metrics_port else []
@@ -119,7 +109,8 @@ def _wait_ready(url: str, procs: dict[str, subprocess.Popen], ready_files: list[
             time.sleep(0.2)
             continue
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
+            # our own child on this machine: its certificate need not be one we can verify
+            with urllib.request.urlopen(url, timeout=2, context=ssl._create_unverified_context()) as resp:
                 if resp.status == 200:
                     return None
         except OSError:
@@ -155,22 +146,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true", help="serve a small built-in random-weight checkpoint")
     add_flag(parser, "--host", "127.0.0.1", "address the frontends listen on")
     add_flag(parser, "--port", 8000, "port the frontends share (SO_REUSEPORT)")
-    add_flag(parser, "--frontends", 1, "frontend processes")
+    add_flag(parser, "--frontends", 1, "frontend processes", aliases=("--api-server-count", "-asc"))
     add_flag(parser, "--api-key", None, "require this Bearer token on /v1/*", kind=str)
-    add_flag(parser, "--disable-ui", False, "do not serve the chat page at /")
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
     add_flag(parser, "--shutdown-timeout", 10.0, "seconds open requests may take to finish on Ctrl-C or SIGTERM")
     add_flag(parser, "--engine-metrics-port", 8001, "the engine's /metrics port")
     add_flag(parser, "--worker-metrics-port", 8002, "rank 0's /metrics port (rank r: + r)")
     add_auth_args(parser)
-    add_limit_arguments(parser)
+    add_http_arguments(parser)
     add_flag(parser, "--frontend-metrics-port", 8100, "frontend 0's own /metrics port (frontend i: + i; 0: none)")
+    parser.add_argument("--config", metavar="FILE.yaml", help="read flags from a YAML file, each key a flag's long "
+                        "name (the command line wins)")
+    add_unsupported_flags(parser)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Fail before any child starts on what the children would refuse (ValueError): the model
+    and engine settings as the engine reads them, the chat template, the TLS files."""
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    load_chat_template(args.chat_template)
+    engine_config_from_args(args, weights=False)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+    args.model = args.model_tag or args.model
     if args.demo or not args.model:
         args.model = demo_model()
         args.served_model_name = args.served_model_name or "pagedserve-demo"
+    _check(args)
     stopping = False
 
     def on_signal(*_):
@@ -184,9 +190,11 @@ def run(args: argparse.Namespace) -> int:
     procs = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in _children(args, sock_dir)}
     try:
         ready_files = [_ready_file(sock_dir, i) for i in range(args.frontends)]
-        dead = _wait_ready(f"http://{args.host}:{args.port}/health", procs, ready_files, args.ready_timeout)
+        scheme = "https" if args.ssl_certfile else "http"
+        url = f"{scheme}://{args.host}:{args.port}{args.root_path or ''}"
+        dead = _wait_ready(f"{scheme}://{args.host}:{args.port}/health", procs, ready_files, args.ready_timeout)
         if dead is None:
-            print(f"pagedserve: serving {args.served_model_name or args.model} at http://{args.host}:{args.port}/v1 "
+            print(f"pagedserve: serving {args.served_model_name or args.model} at {url}/v1 "
                   f"({args.frontends} frontend(s))", flush=True)
         while dead is None and not stopping:
             time.sleep(0.5)

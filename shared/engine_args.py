@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import os
+from pathlib import Path
+from typing import Any
 
+from shared.config import (
+    _GENERATION_DEFAULTS as GENERATION_KEYS,  # generation_config key -> SamplingParams name
+)
 from shared.config import (
     CacheConfig,
     CompilationConfig,
@@ -24,29 +31,72 @@ DEFAULT_ENGINE_OUTPUT = "tcp://127.0.0.1:5571"
 DEFAULT_WORKER_ADDR = "tcp://127.0.0.1:5572"
 
 
-def _env(flag: str, default):
-    value = os.environ.get("PAGEDSERVE_" + flag.lstrip("-").replace("-", "_").upper())
-    if value is None:
-        return default
+def env_name(flag: str) -> str:
+    """The environment variable a flag reads: --max-num-seqs -> PAGEDSERVE_MAX_NUM_SEQS."""
+    return "PAGEDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _convert(value: str, default, kind: type | None):
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes", "on")
-    return type(default)(value) if default is not None else value
+    convert = kind or (type(default) if default is not None else str)
+    return convert(value)
 
 
-def add_flag(parser: argparse.ArgumentParser, flag: str, default, help: str, kind: type | None = None) -> None:
-    """A flag whose default comes from its PAGEDSERVE_* variable, else `default`."""
+def _env(flag: str, default, kind: type | None = None, nargs: str | None = None):
+    value = os.environ.get(env_name(flag))
+    if value is None:
+        return default
+    if nargs in ("+", "*"):  # a list flag: comma-separated in its variable
+        return [_convert(item, None, kind) for item in value.split(",") if item]
+    return _convert(value, default, kind)
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    default,
+    help: str,
+    kind: type | None = None,
+    *,
+    aliases: tuple[str, ...] = (),
+    nargs: str | None = None,
+    choices: tuple | None = None,
+    dest: str | None = None,
+    env: bool = True,
+) -> None:
+    """A flag whose default comes from its PAGEDSERVE_* variable (unless env=False), else
+    `default`. A bool default makes an on/off switch (--flag / --no-flag); nargs "+" or "*" a
+    list (comma-separated in the variable); aliases are further spellings of the same flag."""
+    value = _env(flag, default, kind, nargs) if env else default
+    extra = {"dest": dest} if dest else {}
     if isinstance(default, bool):
-        parser.add_argument(flag, default=_env(flag, default), action=argparse.BooleanOptionalAction, help=help)
-    else:
-        parser.add_argument(flag, default=_env(flag, default), type=kind or type(default), help=help)
+        parser.add_argument(flag, *aliases, default=value, action=argparse.BooleanOptionalAction, help=help, **extra)
+        return
+    kind = kind or (type(default) if default is not None else str)
+    parser.add_argument(flag, *aliases, default=value, type=kind, nargs=nargs, choices=choices, help=help, **extra)
+
+
+def flag_names(add) -> tuple[str, ...]:
+    """The names (dests) of the flags ``add(parser)`` defines, to forward them to a child."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add(probe)
+    return tuple(dict.fromkeys(a.dest for a in probe._actions))
 
 
 def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    """The model and engine flags; with model_positional, the model may also come first, bare
+    (`serve MODEL`, as `vllm serve MODEL`), where it takes precedence over --model."""
     if model_positional:
-        parser.add_argument("model", nargs="?", default=_env("--model", None), help="local directory or hub id")
-    else:
-        add_flag(parser, "--model", None, "local directory or hub id", kind=str)
+        parser.add_argument("model_tag", nargs="?", default=None, help="local directory or hub id")
+    add_flag(parser, "--model", None, "local directory or hub id", kind=str)
     add_flag(parser, "--served-model-name", None, "name clients use in the `model` field", kind=str)
+    add_flag(parser, "--revision", None, "the hub revision (branch, tag or commit) of the model", kind=str)
+    add_flag(parser, "--generation-config", "auto", "request defaults: auto (the model's generation_config.json), "
+             "vllm (none: the engine's own defaults) or a folder holding a generation_config.json")
+    add_flag(parser, "--override-generation-config", None, "JSON object of generation config values "
+             "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over --generation-config's",
+             kind=str)
     add_flag(parser, "--dtype", None, "auto, float32, float16 or bfloat16 (default: float32 on CPU, auto on GPU)", kind=str)
     add_flag(parser, "--max-model-len", None, "longest prompt + output in tokens", kind=int)
     add_flag(parser, "--block-size", 16, "tokens per KV block")
@@ -60,9 +110,10 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--max-num-queued-requests", 1024, "most requests waiting; past it the engine answers 503")
     add_flag(parser, "--max-queued-tokens", 1 << 20, "most tokens waiting; past it the engine answers 503")
     add_flag(parser, "--async-scheduling", False, "plan each step while the workers compute the previous one")
-    add_flag(parser, "--tensor-parallel-size", 1, "worker ranks")
+    add_flag(parser, "--tensor-parallel-size", 1, "worker ranks", aliases=("-tp",))
     add_flag(parser, "--enforce-eager", False, "run every step eagerly on GPU (no CUDA graphs for decode)")
     add_flag(parser, "--seed", 0, "random seed")
+    add_flag(parser, "--disable-log-stats", False, "no periodic stats log lines from the engine")
 
 
 def _section(cls, args: argparse.Namespace, **values):
@@ -76,8 +127,10 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         raise ValueError("a model is required (--model, or PAGEDSERVE_MODEL)")
     model = ModelConfig.from_pretrained(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_model_name,
-        weights=weights,
+        revision=args.revision, weights=weights,
     )
+    defaults = generation_defaults(model, args.generation_config, args.override_generation_config)
+    model = dataclasses.replace(model, generation_defaults=defaults)
     return EngineConfig(
         model=model,
         cache=_section(CacheConfig, args),
@@ -86,3 +139,61 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         compilation=CompilationConfig(enforce_eager=args.enforce_eager),
         seed=args.seed,
     )
+
+
+def generation_defaults(model: ModelConfig, source: str = "auto", override: str | None = None) -> dict[str, Any]:
+    """The request defaults vLLM's --generation-config and --override-generation-config give:
+    the model's own (auto), none (vllm) or a folder's generation_config.json, then the override's
+    values on top. Keys are generation-config names (max_new_tokens), values SamplingParams'."""
+    if source == "auto":
+        defaults = dict(model.generation_defaults)
+    elif source == "vllm":
+        defaults = {}
+    else:
+        defaults = _mapped(_read_generation_config(source), f"{source}/generation_config.json", strict=False)
+    if override:
+        try:
+            values = json.loads(override)
+        except ValueError as exc:
+            raise ValueError(f"--override-generation-config must be a JSON object: {exc}") from None
+        defaults.update(_mapped(values, "--override-generation-config", strict=True))
+    return defaults
+
+
+def _read_generation_config(folder: str) -> dict[str, Any]:
+    path = Path(folder).expanduser() / "generation_config.json"
+    if not path.is_file():
+        raise ValueError(f"--generation-config must be auto, vllm or a folder with a generation_config.json; "
+                         f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _mapped(values: Any, where: str, strict: bool) -> dict[str, Any]:
+    """Generation-config values as SamplingParams defaults, checked; with strict, a key pagedserve
+    does not take from a generation config is an error rather than ignored."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(values).__name__}")  # noqa: TRY004 (a config error)
+    unknown = sorted(set(values) - set(GENERATION_KEYS))
+    if strict and unknown:
+        raise ValueError(f"{where}: unsupported key(s) {unknown}; supported: {sorted(GENERATION_KEYS)}")
+    out = {}
+    for key, value in values.items():
+        if key not in GENERATION_KEYS or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: {key} must be a finite number, got {value!r}")
+        out[GENERATION_KEYS[key]] = value
+    _check_sampling(out, where)
+    return out
+
+
+def _check_sampling(defaults: dict[str, Any], where: str) -> None:
+    from shared.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**defaults)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None

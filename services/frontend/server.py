@@ -7,7 +7,8 @@ frontends on the port take new connections; a request that still arrives gets 50
 requests finish for up to --shutdown-timeout, end those still open with a final error (an SSE
 error event and [DONE], or a 503 JSON error), then say Goodbye to the engine.
 
-Entry points: ``main(argv)``, or ``add_arguments(parser)`` + ``run(args)`` for a subcommand.
+Entry points: ``main(argv)``, or ``add_arguments(parser)`` + ``run(args)`` for a subcommand; the
+flags are in server_flags.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
 import signal
 import socket
 import sys
@@ -26,115 +25,15 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from services.frontend.limits import RequestLimits
+from services.frontend import server_flags
+from services.frontend.server_flags import add_arguments
 from services.frontend.state import FrontendConfig
-from shared.auth import add_auth_args, client_security
-from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
+from shared.auth import client_security
 
 if TYPE_CHECKING:
     from services.frontend.engine_client import EngineClient
 
 log = logging.getLogger("pagedserve.frontend")
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"PAGEDSERVE_{name}", default)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The frontend's flags; each defaults to its PAGEDSERVE_* environment variable."""
-    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (PAGEDSERVE_HOST)")
-    p.add_argument("--port", type=int, default=int(_env("PORT", "8000")), help="HTTP port, shareable (PAGEDSERVE_PORT)")
-    p.add_argument("--engine-input", default=_env("ENGINE_INPUT", DEFAULT_ENGINE_INPUT), help="engine input ROUTER address")
-    p.add_argument("--engine-output", default=_env("ENGINE_OUTPUT", DEFAULT_ENGINE_OUTPUT), help="engine output ROUTER address")
-    p.add_argument("--api-key", default=_env("API_KEY"), help="require 'Authorization: Bearer KEY' on /v1/*")
-    names = _env("SERVED_MODEL_NAME")
-    p.add_argument(
-        "--served-model-name",
-        nargs="+",
-        default=names.split(",") if names else None,
-        help="model name(s) clients use (default: the engine's); env PAGEDSERVE_SERVED_MODEL_NAME, comma-separated",
-    )
-    p.add_argument(
-        "--tokenizer",
-        "--model",
-        dest="tokenizer",
-        default=_env("TOKENIZER"),
-        help="tokenizer directory or hub id (default: the model path the engine reports)",
-    )
-    p.add_argument(
-        "--frontend-id",
-        default=None,
-        help="this frontend's engine identity, unique per process (default: a random uuid4; no env variable, "
-        "since replicas share their environment)",
-    )
-    metrics_port = _env("METRICS_PORT")
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(metrics_port) if metrics_port else None,
-        help="also serve this process's /metrics on its own port (to scrape each of several frontends)",
-    )
-    p.add_argument(
-        "--health-timeout",
-        type=float,
-        default=float(_env("HEALTH_TIMEOUT", "5")),
-        help="seconds /health waits for the engine's Pong before answering 503",
-    )
-    p.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=float(_env("STALL_TIMEOUT", "10")),
-        help="seconds a request waits for output before pinging the engine (503 if it does not answer)",
-    )
-    p.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=float(_env("SHUTDOWN_TIMEOUT", "10")),
-        help="seconds open requests may take to finish after SIGTERM",
-    )
-    p.add_argument(
-        "--resume-timeout",
-        type=float,
-        default=float(_env("RESUME_TIMEOUT", "30")),
-        help="seconds a request waits for a silent engine to come back (a restarted engine resumes it)",
-    )
-    add_limit_arguments(p)
-    p.add_argument("--disable-ui", action="store_true", default=_env("DISABLE_UI", "") in ("1", "true"),
-                   help="do not serve the chat page at /")
-    p.add_argument("--ready-file", default=None,
-                   help="create this file once the frontend can serve (`pagedserve serve` waits for every frontend's)")
-    add_auth_args(p)
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
-    return p
-
-
-def add_limit_arguments(p: argparse.ArgumentParser) -> None:
-    """What one request may ask (services.frontend.limits); past a limit, a clear 4xx. `serve`
-    takes the same flags and forwards them to its frontends."""
-    d = RequestLimits()
-    p.add_argument("--max-request-body-bytes", type=int, default=int(_env("MAX_REQUEST_BODY_BYTES", str(d.max_request_body_bytes))),
-                   help="larger request bodies get 413 (PAGEDSERVE_MAX_REQUEST_BODY_BYTES)")
-    p.add_argument("--max-n", type=int, default=int(_env("MAX_N", str(d.max_n))), help="most samples (n) per prompt")
-    p.add_argument("--max-logprobs", type=int, default=int(_env("MAX_LOGPROBS", str(d.max_logprobs))),
-                   help="most logprobs / top_logprobs / prompt_logprobs a request may ask (at most 20, the engine's)")
-    p.add_argument("--max-prompts-per-request", type=int,
-                   default=int(_env("MAX_PROMPTS_PER_REQUEST", str(d.max_prompts_per_request))),
-                   help="most prompts in one completions request")
-    p.add_argument("--trust-request-chat-template", action="store_true",
-                   default=_env("TRUST_REQUEST_CHAT_TEMPLATE", "") in ("1", "true"),
-                   help="render chat templates sent by clients (sandboxed, in a child process killed after "
-                   "--chat-template-timeout); without it such requests get 400")
-    p.add_argument("--chat-template-timeout", type=float,
-                   default=float(_env("CHAT_TEMPLATE_TIMEOUT", str(d.chat_template_timeout))),
-                   help="seconds a client's chat template may take to render")
-
-
-def _limits(args: argparse.Namespace) -> RequestLimits:
-    try:  # each field has the flag of the same name
-        return RequestLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(RequestLimits)})
-    except ValueError as exc:
-        raise SystemExit(f"pagedserve frontend: {exc}") from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -181,41 +80,75 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run(args: argparse.Namespace) -> int:
-    from services.frontend.app import build_app
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(args.log_level.upper())  # also when `pagedserve` configured logging first
-    config = FrontendConfig(
+def frontend_config(args: argparse.Namespace) -> FrontendConfig:
+    """The frozen configuration of one frontend, from its flags (ValueError naming a bad one)."""
+    return FrontendConfig(
         engine_input=args.engine_input,
         engine_output=args.engine_output,
         api_key=args.api_key or None,
         served_model_names=tuple(args.served_model_name or ()),
         tokenizer=args.tokenizer,
+        trust_remote_code=args.trust_remote_code,
         curve=client_security(args, "frontend"),
         frontend_id=args.frontend_id,
         health_timeout=args.health_timeout,
         stall_timeout=args.stall_timeout,
         resume_timeout=args.resume_timeout,
         ready_file=args.ready_file,
-        limits=_limits(args),
+        limits=server_flags.limits(args),
         enable_ui=not args.disable_ui,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        chat_template=server_flags.load_chat_template(args.chat_template),
+        response_role=args.response_role,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+        log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
     )
-    app = build_app(config)
+
+
+def _add_cors(app, args: argparse.Namespace) -> None:
+    """vLLM's CORS flags; no CORS headers at all unless --allowed-origins is given."""
+    origins = server_flags.word_list(args.allowed_origins)
+    if not origins:
+        return
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=args.allow_credentials,
+                       allow_methods=server_flags.word_list(args.allowed_methods),
+                       allow_headers=server_flags.word_list(args.allowed_headers))
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.frontend.app import build_app
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(args.log_level.upper())  # also when `pagedserve` configured logging first
+    try:
+        config = frontend_config(args)
+        app = build_app(config)
+        _add_cors(app, args)
+    except ValueError as exc:
+        raise SystemExit(f"pagedserve frontend: {exc}") from None
     state = app.state.frontend
     if args.metrics_port is not None:
         from services.frontend.metrics import serve_metrics
 
         serve_metrics(state.metrics, args.host, args.metrics_port)
     sock = bind_socket(args.host, args.port)
-    log.info("frontend %s listening on %s:%d, engine %s / %s", state.frontend_id, args.host,
-             sock.getsockname()[1], args.engine_input, args.engine_output)
+    log.info("frontend %s listening on %s:%d%s, engine %s / %s", state.frontend_id, args.host,
+             sock.getsockname()[1], " (https)" if args.ssl_certfile else "", args.engine_input, args.engine_output)
     uv_config = uvicorn.Config(
         app,
-        log_level=args.log_level,
+        log_level=args.uvicorn_log_level,
         timeout_graceful_shutdown=args.shutdown_timeout + _FLUSH_GRACE_S,
-        access_log=args.log_level == "debug",
+        access_log=args.uvicorn_log_level in ("debug", "trace"),
         lifespan="on",
+        root_path=args.root_path or "",
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_ca_certs=args.ssl_ca_certs,
     )
     _Server(uv_config, state.client, args.shutdown_timeout).run(sockets=[sock])
     return 0

@@ -58,3 +58,15 @@ class TokenText:
             if isinstance(piece, str) and piece and all(ch in self._table for ch in piece):
                 return [self._table[ch] for ch in piece]
         return list(text.encode("utf-8"))
+
+
+class TokenIdText(TokenText):
+    """vLLM's --return-tokens-as-token-ids: each token reads 'token_id:N' (its bytes that
+    string's), so a client can identify tokens that are not valid text on their own."""
+
+    def __init__(self):
+        super().__init__(None)
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        text = f"token_id:{token_id}"
+        return text, list(text.encode())

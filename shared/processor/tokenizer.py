@@ -11,7 +11,7 @@ from typing import Any
 _TEMPLATE_PARAMS = frozenset({"tools", "documents", "continue_final_message"})
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, trust_remote_code: bool = False):
     """The checkpoint's tokenizer, from a local directory or a hub id (tokenizer files only).
     tokenizer.json loads through PreTrainedTokenizerFast directly, since transformers' Auto
     classes import torch, which the frontend image does not carry."""
@@ -24,7 +24,7 @@ def load_tokenizer(model: str):
         return PreTrainedTokenizerFast.from_pretrained(path)
     from transformers import AutoTokenizer  # sentencepiece-only checkpoints
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 # Whitespace runs, newlines, tabs, accents, CJK and emoji: a tokenizer that gives this back as it
