@@ -73,7 +73,7 @@ def add_flag(
     if isinstance(default, bool):
         parser.add_argument(flag, *aliases, default=value, action=argparse.BooleanOptionalAction, help=help, **extra)
         return
-    kind = kind or (type(default) if default is not None else str)
+    kind = kind or (type(default) if default is not None and nargs is None else str)
     parser.add_argument(flag, *aliases, default=value, type=kind, nargs=nargs, choices=choices, help=help, **extra)
 
 
