@@ -189,3 +189,20 @@ def test_restarted_workers_with_steps_in_flight_recompute_every_request():
         return outputs
 
     assert run(crash_at=4) == run(crash_at=None)
+
+
+def test_the_step_timeline_counts_transport_only_while_the_receiver_waits():
+    from services.engine.timeline import step_timeline
+    from services.engine.workers import StepTimes
+
+    # synchronous: plan sent at 100.000, taken at 100.002 after 5 ms idle, computed 30 ms, result
+    # read at 100.034 by an engine waiting since it sent the plan
+    t = step_timeline(StepTimes(100.0, 100.0, 100.034), StepResult(1, [], [], received_at=100.002, idle_s=0.005,
+                                                                   compute_s=0.030))
+    assert (t.compute_s, t.idle_s) == (0.030, 0.005)
+    assert t.transport_s == pytest.approx(0.002 + 0.002)
+    # async: the plan waited behind the previous step (the worker never idled) and the result was
+    # queued while the engine planned the next step: nothing of either was on the critical path
+    t = step_timeline(StepTimes(100.0, 100.050, 100.050), StepResult(2, [], [], received_at=100.010, idle_s=0.0,
+                                                                     compute_s=0.030))
+    assert t.transport_s == 0.0
