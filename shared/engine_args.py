@@ -114,6 +114,7 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--enforce-eager", False, "run every step eagerly on GPU (no CUDA graphs for decode)")
     add_flag(parser, "--seed", 0, "random seed")
     add_flag(parser, "--disable-log-stats", False, "no periodic stats log lines from the engine")
+    add_flag(parser, "--log-stats-interval", 10.0, "seconds between the engine's stats log lines")
 
 
 def _section(cls, args: argparse.Namespace, **values):

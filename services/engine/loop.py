@@ -22,6 +22,7 @@ from services.engine.core import EngineCore
 from services.engine.frontend_io import FrontendIO
 from services.engine.frontends import FrontendHandler, Frontends
 from services.engine.metrics import EngineMetrics
+from services.engine.stats_log import StatsLogger
 from services.engine.timeline import step_timeline
 from services.engine.workers import WorkerError, WorkerGroup, WorkerLost
 from shared.auth import EngineAuth
@@ -34,7 +35,7 @@ log = logging.getLogger("pagedserve.engine")
 class EngineService:
     def __init__(
         self, config: EngineConfig, input_addr: str, output_addr: str, worker_addr: str, worker_timeout_s: float = 30.0,
-        auth: EngineAuth | None = None, frontend_timeout_s: float = 10.0,
+        auth: EngineAuth | None = None, frontend_timeout_s: float = 10.0, log_stats_interval_s: float | None = None,
     ):
         self.config = config
         self.frontend_table = Frontends(frontend_timeout_s)  # a bad timeout fails before any socket binds
@@ -49,6 +50,8 @@ class EngineService:
         self.core: EngineCore | None = None
         self.frontends: FrontendHandler | None = None
         self.metrics = EngineMetrics(config.model.name)
+        # vLLM's periodic stats line (stats_log.py); None: --disable-log-stats
+        self.stats = StatsLogger(log_stats_interval_s) if log_stats_interval_s is not None else None
 
     def start(self, handshake_timeout_s: float = 600.0) -> None:
         self.io.start()
@@ -77,9 +80,11 @@ class EngineService:
                     self._step()
                 else:
                     self.metrics.update(self.core.scheduler)
+                if self.stats is not None:
+                    self.stats.maybe_log(self.core.scheduler)
                 for identity, ping in pongs:
                     s = self.core.scheduler
-                    pong = Pong(ping.ping_id, s.num_running, s.num_waiting, self.engine_id, workers_ready=ready)
+                    pong = Pong(ping.ping_id, s.num_running, s.num_waiting, self.engine_id, ready, s.kv.usage)
                     self.outbox.put((identity, pong))
         finally:
             self.workers.shutdown()
@@ -128,6 +133,8 @@ class EngineService:
             self.metrics.observe_step(
                 self.core.scheduler, self.core.last_num_tokens, duration, self.workers.wait_time - waited
             )
+            if self.stats is not None:
+                self.stats.record(deltas, self.core.last_num_tokens)
         self.frontends.route(deltas)
 
     def _take_inputs(self, block: bool) -> list[tuple[bytes, Ping]]:

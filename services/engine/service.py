@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     auth = engine_security(args, [args.frontend_input, args.frontend_output, args.worker_addr])
     service = EngineService(
         config, args.frontend_input, args.frontend_output, args.worker_addr, args.worker_timeout, auth,
-        args.frontend_timeout,
+        args.frontend_timeout, None if args.disable_log_stats else args.log_stats_interval,
     )
     serve_metrics(args.metrics_port, args.metrics_host)
     signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
