@@ -1,4 +1,4 @@
-"""vLLM's periodic stats lines. Over the real engine core and model runner, the counts behind
+"""vLLM's periodic stats lines and startup timings. Over the real engine core and model runner, the counts behind
 the throughputs are exact (every computed prompt token once, chunked prefill and prefix hits
 included; every sampled token); through `pagedserve serve` the engine prints the lines while it
 works, and none with --disable-log-stats."""
@@ -102,6 +102,11 @@ def test_serve_prints_stats_lines(model_dirs, tmp_path, disabled):
         else:
             assert any(float(gen) > 0 for _, gen, *_ in lines), path.read_text()[-3000:]
             assert any(float(prompt) > 0 for prompt, *_ in lines)
+        text = path.read_text()  # the worker's startup: a bar over the weight files, each phase's time
+        assert "Loading safetensors checkpoint shards: 100%" in text
+        assert re.search(r"loading the model weights took \d+\.\d\d s", text)
+        assert re.search(r"sizing and allocating the KV cache took \d+\.\d\d s", text)
+        assert "capturing CUDA graphs" not in text  # nothing captured on CPU
     finally:
         proc.terminate()
         proc.wait(60)

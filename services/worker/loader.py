@@ -20,6 +20,7 @@ from torch import nn
 
 from services.worker.layers.linear import default_weight_loader
 from services.worker.models import get_model_class
+from services.worker.stats_log import shard_progress
 from shared.config import ModelConfig
 
 _DTYPES = {
@@ -81,7 +82,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 
 def _iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in checkpoint_files(path):
+    for file in shard_progress(checkpoint_files(path)):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             names = f.keys()
             for name in names:

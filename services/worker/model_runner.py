@@ -24,6 +24,7 @@ from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
 from services.worker.request_checks import WorkerLimits
 from services.worker.request_table import RequestState, RequestTable
+from services.worker.stats_log import startup_phase
 from services.worker.structured_output import StructuredOutputs
 from shared.config import EngineConfig
 from shared.protocol import StepPlan, StepResult, TokenLogprobs
@@ -53,15 +54,19 @@ class ModelRunner:
             torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
         self.dtype = resolve_dtype(config.model, self.device)
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, self.dtype, self.device)
-        self.backend = select_backend(self.device, self.dtype)
+        with startup_phase("loading the model weights"):
+            self.model = build_model(config.model, self.dtype, self.device)
+        self.backend = select_backend(self.device, self.dtype, config.compilation.attention_backend)
         self.sampler = Sampler()
         self.memory_profile: MemoryProfile | None = None  # set on CUDA by the profiling step
-        self.num_blocks = self._measure_num_blocks()
-        self.kv_caches = allocate_kv_cache(config, self.num_blocks, self.dtype, self.device)
-        self.decode_graphs: DecodeGraphs | None = capture_decode_graphs(
-            config, self.device, self.backend, self.model, self.kv_caches
-        )
+        with startup_phase("sizing and allocating the KV cache"):
+            self.num_blocks = self._measure_num_blocks()
+            self.kv_caches = allocate_kv_cache(config, self.num_blocks, self.dtype, self.device)
+        capturing = self.device.type == "cuda" and not config.compilation.enforce_eager
+        with startup_phase("capturing CUDA graphs", logged=capturing):
+            self.decode_graphs: DecodeGraphs | None = capture_decode_graphs(
+                config, self.device, self.backend, self.model, self.kv_caches
+            )
         m = config.model
         self.structured = StructuredOutputs(m.path, m.vocab_size, list(m.eos_token_ids))
         limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len)

@@ -1,0 +1,29 @@
+"""Startup logs: how long each phase of a worker's start took (weights, KV cache sizing and
+allocation, CUDA graph capture), and a progress bar over the checkpoint's weight files."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
+
+from tqdm import tqdm
+
+log = logging.getLogger("pagedserve.worker.startup")
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def startup_phase(name: str, logged: bool = True) -> Iterator[None]:
+    """Log '<name> took N.NN s' once the block has run (unless not ``logged``: nothing to say)."""
+    start = time.perf_counter()
+    yield
+    if logged:
+        log.info("%s took %.2f s", name, time.perf_counter() - start)
+
+
+def shard_progress(files: Sequence[T]) -> Iterator[T]:
+    """``files`` with a tqdm bar, as vLLM shows while it loads safetensors shards."""
+    yield from tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard", dynamic_ncols=True)
