@@ -16,6 +16,9 @@ from services.frontend.metrics import CONTENT_TYPE
 from services.frontend.middleware import FrontendMiddleware
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
+from services.frontend.response_store import ResponseStore
+from services.frontend.responses import create_response, not_found
+from services.frontend.responses_requests import ResponsesRequest
 from services.frontend.state import FrontendConfig, FrontendState
 from services.frontend.tokenize_requests import DetokenizeRequest, TokenizeRequest
 from services.frontend.ui_routes import add_ui_routes
@@ -55,6 +58,26 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(state, body, request)
+
+    store = ResponseStore(state.config.response_store_max_entries, state.config.response_store_ttl,
+                          registry=state.metrics.registry)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await create_response(state, store, body, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> JSONResponse:
+        stored = store.get(response_id)
+        if stored is None:
+            raise not_found(response_id)
+        return JSONResponse(stored.response)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> JSONResponse:
+        if not store.delete(response_id):
+            raise not_found(response_id)
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
 
     @app.get("/v1/models")
     async def models() -> ModelList:

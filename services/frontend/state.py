@@ -51,6 +51,9 @@ class FrontendConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     enable_auto_tool_choice: bool = False
+    # the Responses API's store (response_store.py): most responses kept, and for how long
+    response_store_max_entries: int = 1000
+    response_store_ttl: float = 3600.0
     # vLLM's server flags (services/frontend/server_flags.py)
     trust_remote_code: bool = False  # a hub tokenizer may run its own code
     chat_template: str | None = None  # the server's template, over the model's (trusted: the operator's)

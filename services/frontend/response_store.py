@@ -1,0 +1,70 @@
+"""The Responses API's store: stored responses (and the conversation that led to each, for
+previous_response_id), bounded by count (least recently used goes first) and by age (TTL), with
+metrics for its size and evictions. An unbounded store is a memory leak under agent traffic."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    response: dict[str, Any]  # the Response object as returned
+    messages: list[dict[str, Any]]  # the chat conversation including this response's output
+    stored_at: float
+
+
+class ResponseStore:
+    """At most ``max_entries`` responses, each kept for ``ttl`` seconds; ``clock`` for tests."""
+
+    def __init__(self, max_entries: int, ttl: float, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if max_entries < 1 or ttl <= 0:
+            raise ValueError("the response store needs max_entries >= 1 and ttl > 0")
+        self.max_entries, self.ttl, self.clock = max_entries, ttl, clock
+        self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+        self.size = Gauge("pagedserve_frontend_response_store_entries", "Responses held by the store",
+                          registry=registry)
+        self.evictions = Counter("pagedserve_frontend_response_store_evictions",
+                                 "Responses dropped from the store, by reason", ["reason"], registry=registry)
+        for reason in ("capacity", "ttl"):
+            self.evictions.labels(reason)
+
+    def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+        self._expire()
+        self._items[response_id] = StoredResponse(response, messages, self.clock())
+        self._items.move_to_end(response_id)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+            self.evictions.labels("capacity").inc()
+        self.size.set(len(self._items))
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        """The stored response (now the most recently used), or None when unknown or expired."""
+        self._expire()
+        item = self._items.get(response_id)
+        if item is not None:
+            self._items.move_to_end(response_id)
+        return item
+
+    def delete(self, response_id: str) -> bool:
+        self._expire()
+        found = self._items.pop(response_id, None) is not None
+        self.size.set(len(self._items))
+        return found
+
+    def _expire(self) -> None:
+        """Drop the responses older than the TTL (a scan: the store is bounded)."""
+        now = self.clock()
+        expired = [rid for rid, item in self._items.items() if now - item.stored_at >= self.ttl]
+        for rid in expired:
+            del self._items[rid]
+            self.evictions.labels("ttl").inc()
+        if expired:
+            self.size.set(len(self._items))
