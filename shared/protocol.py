@@ -197,6 +197,8 @@ class Pong(msgspec.Struct, tag=True, **_STRUCT):
     num_waiting: Count = 0
     engine_id: str = ""  # changes when the engine restarts
     workers_ready: bool = True  # every worker rank is connected and alive
+    # fraction of KV blocks in use (a Pong of an engine without the field decodes as 0)
+    kv_cache_usage: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
 
 
 class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):

@@ -128,7 +128,6 @@ def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
         pong = await state.client.ping(state.config.health_timeout)
         if pong is None:
             return engine_unavailable("The engine did not answer a health ping in time.").response()
-        state.metrics.observe_engine(pong.num_running, pong.num_waiting)
         if not pong.workers_ready:
             return engine_unavailable("The engine has lost a worker; requests wait until it is back.").response()
         return Response(status_code=200)

@@ -89,6 +89,8 @@ class EngineClient:
         self.security = security  # CURVE settings of both sockets (shared.auth); None: plain
         self.interval = interval
         self.model_info: ModelInfo | None = None
+        self.last_pong: Pong | None = None  # the engine's latest load report (engine_gauges.py)
+        self.last_pong_time = 0.0
         self.draining = False
         self._identity = b"fe-" + os.urandom(16)  # secret: the engine routes our outputs by it
         self._ctx: zmq.asyncio.Context | None = None
@@ -260,6 +262,7 @@ class EngineClient:
             if routed is not None:
                 routed[0].put_nowait(routed[1])
         elif isinstance(msg, Pong):
+            self.last_pong, self.last_pong_time = msg, time.time()
             if self.model_info is not None and msg.engine_id != self.model_info.engine_id:
                 self._outbox.put_nowait(Hello(self.frontend_id))  # a restarted engine: learn it anew
             future = self._pings.get(msg.ping_id)

@@ -37,6 +37,9 @@ view, streamed or not, from their arrival to the end of their response, once per
 - ``pagedserve_frontend_http_responses_total{endpoint, status}``: every HTTP response; endpoints
   outside ``ENDPOINTS`` are counted as "other".
 
+The engine's own load (waiting and running requests, KV-cache use, cache and LoRA info), which the
+inference gateway's endpoint picker routes by, is exported as well: see ``engine_gauges``.
+
 The page is Prometheus text format 0.0.4 on both ports, never OpenMetrics: there the counter
 ``pagedserve_frontend_prompt_tokens_total`` and the histogram ``pagedserve_frontend_prompt_tokens``
 would be one family name, while in the text format they are two.
@@ -58,6 +61,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
+from services.frontend.engine_gauges import EngineGauges, EngineReports
 from shared.metrics import TOKEN_BUCKETS
 
 # Endpoints counted by name; anything else is "other" (so random paths cannot grow the label set).
@@ -144,11 +148,6 @@ class FrontendMetrics:
             "pagedserve_frontend_engine_ready", "1 once the engine sent its model info and the tokenizer loaded", m,
             registry=reg,
         )
-        self.engine_requests = Gauge(
-            "pagedserve_frontend_engine_requests",
-            "Requests in the engine (all frontends'), as of the last health ping this frontend sent",
-            [*m, "state"], registry=reg,
-        )
         self.responses = Counter(
             "pagedserve_frontend_http_responses", "HTTP responses, by endpoint and status code",
             [*m, "endpoint", "status"], registry=reg,
@@ -203,9 +202,10 @@ class FrontendMetrics:
         self._ready = True
         self.engine_ready.labels(self.model).set(1)
 
-    def observe_engine(self, num_running: int, num_waiting: int) -> None:
-        self.engine_requests.labels(self.model, "running").set(num_running)
-        self.engine_requests.labels(self.model, "waiting").set(num_waiting)
+    def watch_engine(self, source: EngineReports, vllm_names: bool = False) -> None:
+        """Export the engine's load as ``source`` last heard it (engine_gauges.py), also under
+        vLLM's names with ``vllm_names``."""
+        self.registry.register(EngineGauges(source, lambda: self.model, vllm_names))
 
     def count_response(self, path: str, status: int) -> None:
         self.responses.labels(self.model, path if path in ENDPOINTS else "other", str(status)).inc()

@@ -105,6 +105,7 @@ def frontend_config(args: argparse.Namespace) -> FrontendConfig:
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
+        vllm_metric_names=args.vllm_metric_names,
     )
 
 

@@ -70,6 +70,8 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--ssl-keyfile", None, "serve HTTPS with this private key file", kind=str)
     add_flag(p, "--ssl-certfile", None, "serve HTTPS with this certificate file", kind=str)
     add_flag(p, "--ssl-ca-certs", None, "CA certificates file (to verify client certificates)", kind=str)
+    add_flag(p, "--vllm-metric-names", False, "also export the engine's load on /metrics under vLLM's names "
+             "(vllm:num_requests_waiting, ...), for routers and dashboards built for vLLM")
     add_chat_parser_arguments(p)
 
 

@@ -61,6 +61,7 @@ class FrontendConfig:
     return_tokens_as_token_ids: bool = False  # logprob tokens as 'token_id:N'
     log_requests: bool = False  # log each request as it arrives
     max_log_len: int | None = None  # most prompt ids in a logged request
+    vllm_metric_names: bool = False  # also export the engine's load under vLLM's names (engine_gauges.py)
 
 
 class FrontendState:
@@ -72,6 +73,7 @@ class FrontendState:
         names = config.served_model_names
         self.metrics = FrontendMetrics(self.frontend_id, names[0] if names else None)
         self.client = EngineClient(config.engine_input, config.engine_output, self.frontend_id, config.curve)
+        self.metrics.watch_engine(self.client, config.vllm_metric_names)
         self.tokenizer: Any = None
         self.tokens: Tokenization | None = None  # the tokenizer's work, once it is loaded
         self.processor: RequestProcessor | None = None  # shared with the offline LLM (shared.processor)
