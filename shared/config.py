@@ -7,11 +7,13 @@ and constructor arguments, never by mutating these objects. Nothing here imports
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ATTENTION_BACKENDS = ("torch", "triton")  # PAGEDSERVE_ATTENTION_BACKEND
 
 
 _CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -191,10 +193,14 @@ class CompilationConfig:
 
     enforce_eager: bool = False
     max_capture_size: int = 256  # largest decode batch captured; bigger ones run eagerly
+    # the worker's kernel set; None: triton on CUDA, torch on CPU
+    attention_backend: str | None = field(default_factory=lambda: os.environ.get("PAGEDSERVE_ATTENTION_BACKEND") or None)
 
     def __post_init__(self) -> None:
         if self.max_capture_size < 1:
             raise ValueError("max_capture_size must be at least 1")
+        if self.attention_backend not in (None, *ATTENTION_BACKENDS):
+            raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve.test_model import ARCHS
 from services.worker.forward_context import ForwardContext, set_forward_context
-from services.worker.layers.attention import Attention, CommonAttentionMetadata
+from services.worker.layers.attention import Attention
+from services.worker.layers.attention_backend import CommonAttentionMetadata
 from services.worker.layers.attention_torch import TorchAttentionBackend
 from services.worker.layers.attention_triton import TritonAttentionBackend
 from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding

@@ -32,7 +32,7 @@ from shared.config import EngineConfig
 
 if TYPE_CHECKING:
     from services.worker.input_batch import StepInputs
-    from services.worker.layers.attention import AttentionBackend, CommonAttentionMetadata
+    from services.worker.layers.attention_backend import AttentionBackend, CommonAttentionMetadata
     from services.worker.layers.attention_triton import TritonAttentionBackend
 
 log = logging.getLogger(__name__)

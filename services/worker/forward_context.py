@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from services.worker.layers.attention import AttentionBackend
+    from services.worker.layers.attention_backend import AttentionBackend
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import nn
 
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.kv_cache import allocate_kv_cache, cache_bytes
-from services.worker.layers.attention import AttentionBackend, CommonAttentionMetadata
+from services.worker.layers.attention_backend import AttentionBackend, CommonAttentionMetadata
 from services.worker.layers.sampler import Sampler, SamplingMetadata, SamplingState
 from shared.config import EngineConfig
 from shared.sampling_params import MAX_LOGPROBS, SamplingParams

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.worker.layers.attention import CommonAttentionMetadata
+from services.worker.layers.attention_backend import CommonAttentionMetadata
 from services.worker.transfer import to_device
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.layers.attention import CommonAttentionMetadata
+from services.worker.layers.attention_backend import CommonAttentionMetadata
 from services.worker.transfer import tensor_to_device
 
 
