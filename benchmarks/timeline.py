@@ -55,7 +55,9 @@ def run_mode(args: argparse.Namespace, async_scheduling: bool) -> dict:
         proc.terminate()
         proc.wait(30)
     keep = ("output_throughput", "mean_tpot_ms", "mean_ttft_ms", "p99_ttft_ms", "completed", "failed")
-    return {"async_scheduling": async_scheduling, **{k: report[k] for k in keep}, "timeline": timeline(before, after)}
+    errors = sorted({e for e in report["errors"] if e})[:3]
+    return {"async_scheduling": async_scheduling, **{k: report[k] for k in keep}, "errors": errors,
+            "timeline": timeline(before, after)}
 
 
 def main() -> None:
@@ -84,6 +86,8 @@ def main() -> None:
             print(f"repeat {repeat} async={'on ' if r['async_scheduling'] else 'off'} "
                   f"{r['output_throughput']:7.1f} out tok/s  TPOT mean {r['mean_tpot_ms']:6.1f} ms  "
                   f"failed {r['failed']}  per step (ms, {t['steps']:.0f} steps): {parts}")
+            for error in r["errors"]:
+                print(f"  error: {error}")
         print(f"repeat {repeat}: async on / off output tok/s = {ratios[-1]:.3f}")
     print(json.dumps({"benchmark": "timeline", "max_concurrency": args.max_concurrency, "ratios": ratios, "runs": runs}))
 
