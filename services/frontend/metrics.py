@@ -69,6 +69,7 @@ ENDPOINTS = frozenset(
     {
         "/v1/completions",
         "/v1/chat/completions",
+        "/v1/responses",
         "/v1/models",
         "/tokenize",
         "/detokenize",
@@ -77,7 +78,7 @@ ENDPOINTS = frozenset(
         "/metrics",
     }
 )
-GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 UNKNOWN_MODEL = "unknown"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -20,8 +21,15 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLengt
 TOOLS = [{"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}]
 
 
-def test_create_retrieve_delete(client, model):
+def _finished(frontend: str) -> float:
+    page = httpx.get(f"{frontend}/metrics", timeout=10).text
+    return metric_value(page, "pagedserve_frontend_requests_total", endpoint="/v1/responses", finish_reason="length")
+
+
+def test_create_retrieve_delete(client, model, frontend):
+    before = _finished(frontend)
     resp = client.responses.create(model=model, input="Hello there", instructions="Be brief", max_output_tokens=6)
+    assert _finished(frontend) == before + 1
     assert resp.id.startswith("resp_") and resp.status == "incomplete" and resp.usage.output_tokens == 6
     assert resp.incomplete_details.reason == "max_output_tokens"
     assert [item.type for item in resp.output] == ["message"] and isinstance(resp.output_text, str)
