@@ -31,17 +31,15 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from shared.protocol import ModelInfo, Pong
 
-# (pagedserve name, vLLM name, help)
-_LOAD = (
-    ("pagedserve_frontend_engine_requests_waiting", "vllm:num_requests_waiting", "Requests waiting in the engine"),
-    ("pagedserve_frontend_engine_requests_running", "vllm:num_requests_running", "Requests running in the engine"),
-    ("pagedserve_frontend_engine_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc",
-     "Fraction of the engine's KV-cache blocks in use (0..1)"),
-)
-_CACHE_INFO = ("pagedserve_frontend_cache_config_info", "vllm:cache_config_info",
-               "The engine's KV cache: block size (tokens) and number of blocks (value 1)")
-_LORA_INFO = ("pagedserve_frontend_lora_requests_info", "vllm:lora_requests_info",
-              "LoRA adapters: the most at once, those running and waiting (value: time of the report)")
+# (pagedserve name, vLLM name, help); deploy/k8s/gateway/epp-config.yaml names the first of each
+WAITING = ("pagedserve_frontend_engine_requests_waiting", "vllm:num_requests_waiting", "Requests waiting in the engine")
+RUNNING = ("pagedserve_frontend_engine_requests_running", "vllm:num_requests_running", "Requests running in the engine")
+KV_USAGE = ("pagedserve_frontend_engine_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc",
+            "Fraction of the engine's KV-cache blocks in use (0..1)")
+CACHE_INFO = ("pagedserve_frontend_cache_config_info", "vllm:cache_config_info",
+              "The engine's KV cache: block size (tokens) and number of blocks (value 1)")
+LORA_INFO = ("pagedserve_frontend_lora_requests_info", "vllm:lora_requests_info",
+             "LoRA adapters: the most at once, those running and waiting (value: time of the report)")
 MAX_LORA = 0  # no adapters are served yet
 
 
@@ -65,14 +63,14 @@ class EngineGauges:
             return
         model = self.model_name()
         values = (pong.num_waiting, pong.num_running, pong.kv_cache_usage)
-        for (ours, vllm, doc), value in zip(_LOAD, values):
-            yield from self._family((ours, vllm, doc), {"model_name": model}, value)
+        for names, value in zip((WAITING, RUNNING, KV_USAGE), values):
+            yield from self._family(names, {"model_name": model}, value)
         if info is not None:
             labels = {"model_name": model, "block_size": str(info.block_size), "num_gpu_blocks": str(info.num_blocks)}
-            yield from self._family(_CACHE_INFO, labels, 1.0)
+            yield from self._family(CACHE_INFO, labels, 1.0)
         lora = {"model_name": model, "max_lora": str(MAX_LORA), "running_lora_adapters": "",
                 "waiting_lora_adapters": ""}
-        yield from self._family(_LORA_INFO, lora, self.source.last_pong_time or time.time())
+        yield from self._family(LORA_INFO, lora, self.source.last_pong_time or time.time())
 
     def _family(self, names: tuple[str, str, str], labels: dict[str, str], value: float) -> Iterator[Metric]:
         ours, vllm, doc = names

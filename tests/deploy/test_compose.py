@@ -5,7 +5,6 @@ the services read their settings (every PAGEDSERVE_* variable is a real flag of 
 from __future__ import annotations
 
 import json
-import os
 import re
 
 import pytest
@@ -15,17 +14,15 @@ from deploy_helpers import (
     COMPOSE_SCHEMA,
     CURVE_FILES,
     REPO,
-    flag_env_names,
     load_compose,
     load_compose_yaml,
     service_environment,
     strip_tags,
     variable_references,
 )
+from k8s_checks import check_env_parses
 
 SERVICES = {"frontend", "nginx", "engine", "worker", "prometheus", "grafana"}
-# Read by `pagedserve` itself (pagedserve/cli.py), not by one service's flags.
-GLOBAL_ENV = {"PAGEDSERVE_LOG_LEVEL"}
 
 
 @pytest.fixture(scope="module")
@@ -171,20 +168,10 @@ def test_nginx_renders_from_the_compose_environment(compose):
 @pytest.mark.parametrize("variant", ["gpu", "cpu"])
 def test_environment_parses_with_the_services_own_flags(variant, compose, compose_cpu, model_dirs, monkeypatch):
     """Every PAGEDSERVE_* variable a service gets is one of its flags, and its value parses."""
-    from pagedserve.cli import build_parser
-
     config = compose if variant == "gpu" else compose_cpu
     for name in ("engine", "worker", "frontend"):
         env = service_environment(config["services"][name])
-        unknown = {k for k in env if k.startswith("PAGEDSERVE_")} - flag_env_names(name) - GLOBAL_ENV
-        assert not unknown, f"{name}: no flag reads {sorted(unknown)}"
-        for key in [k for k in os.environ if k.startswith("PAGEDSERVE_")]:
-            monkeypatch.delenv(key)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        if "PAGEDSERVE_MODEL" in env:
-            monkeypatch.setenv("PAGEDSERVE_MODEL", str(model_dirs("llama")))
-        args = build_parser(name).parse_args([name])
+        args = check_env_parses(name, env, str(model_dirs("llama")), monkeypatch)
         if name in ("engine", "worker"):
             from shared.engine_args import engine_config_from_args
 

@@ -5,16 +5,14 @@ ConfigMap keys, the HPA/PDB targets, the environment the services read)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import yaml
-from deploy_helpers import CURVE_FILES, K8S_DIR, flag_env_names
+from deploy_helpers import CURVE_FILES, K8S_DIR
+from k8s_checks import check_env_parses, container_env, validate_core_kinds
 
 kv = pytest.importorskip("kubernetes_validate.utils", reason="pip install kubernetes-validate")
 
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
-GLOBAL_ENV = {"PAGEDSERVE_LOG_LEVEL"}
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +50,7 @@ def test_kustomization_lists_existing_files(kustomization):
 
 
 def test_manifests_validate_against_kubernetes(resources):
-    version = kv.latest_version()
-    checked = 0
-    for name, doc in resources:
-        if (doc["apiVersion"], doc["kind"]) in CRDS:
-            continue
-        try:
-            kv.validate(doc, version, True)
-        except kv.ValidationError as exc:
-            pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']} against Kubernetes {version}: {exc}")
-        checked += 1
+    checked = validate_core_kinds(resources, CRDS)
     assert checked >= 11
 
 
@@ -160,34 +149,12 @@ def test_servicemonitor_structure(resources):
 
 def test_configmap_refs_and_environment_parse(resources, model_dirs, monkeypatch):
     """Each container's environment (ConfigMap + its own env) names real flags and parses."""
-    from pagedserve.cli import build_parser
-
     configs = {name: cm["data"] for name, cm in _by_kind(resources, "ConfigMap").items()}
     assert all(isinstance(v, str) for data in configs.values() for v in data.values())
     for _, _, c in _containers(resources):
         service = c["command"][1]
         assert c["command"][0] == "pagedserve" and service in ("frontend", "engine", "worker")
-        env = {}
-        for source in c.get("envFrom", []):
-            env.update(configs[source["configMapRef"]["name"]])
-        for e in c.get("env", []):
-            ref = e.get("valueFrom", {}).get("configMapKeyRef")
-            if ref:
-                assert ref["key"] in configs[ref["name"]], e
-                env[e["name"]] = configs[ref["name"]][ref["key"]]
-            elif "value" in e:
-                env[e["name"]] = e["value"]
-            elif "fieldRef" in e.get("valueFrom", {}):
-                env[e["name"]] = "0"  # the pod index
-        unknown = {k for k in env if k.startswith("PAGEDSERVE_")} - flag_env_names(service) - GLOBAL_ENV
-        assert not unknown, f"{service}: no flag reads {sorted(unknown)}"
-        for key in [k for k in os.environ if k.startswith("PAGEDSERVE_")]:
-            monkeypatch.delenv(key)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        if service != "frontend":
-            monkeypatch.setenv("PAGEDSERVE_MODEL", str(model_dirs("llama")))
-        build_parser(service).parse_args([service])
+        check_env_parses(service, container_env(c, configs), str(model_dirs("llama")), monkeypatch)
 
 
 def _env_values(container: dict) -> dict[str, str]:
