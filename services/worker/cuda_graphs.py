@@ -107,7 +107,7 @@ class DecodeBuffers:
         self.slot_mapping[batch:size].fill_(-1)  # stale slots would overwrite other requests' KV
         # Padding rows keep stale ids and positions: earlier real values (or zeros), always in range.
         copy_from_host(self.seq_lens[:size], torch.from_numpy(padded_seq_lens(attn.seq_lens, size)))
-        rows = block_table_rows(attn.block_tables, self.width)
+        rows = attn.block_table[:, : self.width]
         copy_from_host(self.block_tables[:batch, : rows.shape[1]], torch.from_numpy(rows))
 
     def forward(

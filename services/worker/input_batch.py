@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from services.worker.layers.attention import CommonAttentionMetadata
+from services.worker.layers.attention_backend import CommonAttentionMetadata
 from services.worker.request_table import RequestState
 from services.worker.transfer import tensor_to_device, to_device
 

@@ -9,9 +9,10 @@ block_table[p // block_size] * block_size + p % block_size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 
@@ -27,6 +28,15 @@ class CommonAttentionMetadata:
     num_decodes: int  # the first num_decodes requests have exactly one query token
     block_size: int
     device: torch.device
+    # [B, W] int32: block_tables zero-padded to the longest, built once per step for every
+    # backend and the CUDA graphs (rows past a request's blocks are never read)
+    block_table: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        width = max(1, max((len(t) for t in self.block_tables), default=1))
+        self.block_table = np.zeros((len(self.block_tables), width), dtype=np.int32)
+        for i, blocks in enumerate(self.block_tables):
+            self.block_table[i, : len(blocks)] = blocks
 
     @property
     def num_reqs(self) -> int:

@@ -32,15 +32,6 @@ class TorchAttentionMetadata:
     groups: list[_Group]
 
 
-def _block_table(block_tables: list[list[int]], seq_lens: list[int], block_size: int) -> torch.Tensor:
-    width = -(-max(seq_lens) // block_size)
-    table = torch.zeros(len(seq_lens), width, dtype=torch.long)
-    for i, blocks in enumerate(block_tables):
-        n = min(len(blocks), width)
-        table[i, :n] = torch.tensor(blocks[:n], dtype=torch.long)
-    return table
-
-
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
 
@@ -49,7 +40,8 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     qsl, device = common.query_start_loc, common.device
     seq_lens = common.seq_lens[lo:hi]
     q_lens = [qsl[i + 1] - qsl[i] for i in range(lo, hi)]
-    table = _block_table(common.block_tables[lo:hi], seq_lens, common.block_size)
+    width = -(-max(seq_lens) // common.block_size)
+    table = torch.from_numpy(common.block_table[lo:hi, :width]).long()
     token_slice = slice(qsl[lo], qsl[hi])
     max_q, max_s = max(q_lens), table.shape[1] * common.block_size
     seq = torch.tensor(seq_lens)

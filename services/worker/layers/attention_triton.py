@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.layers.attention_backend import CommonAttentionMetadata
-from services.worker.transfer import tensor_to_device
+from services.worker.transfer import tensor_to_device, to_device
 
 
 @dataclass
@@ -70,8 +70,6 @@ class TritonAttentionBackend:
 
     def build(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
         device, nd = common.device, common.num_decodes
-        width = max(1, max((len(t) for t in common.block_tables), default=1))
-        table = [list(t) + [0] * (width - len(t)) for t in common.block_tables]
         qsl = common.query_start_loc
         prefill_qsl, max_q = None, 0
         if nd < common.num_reqs:
@@ -80,7 +78,7 @@ class TritonAttentionBackend:
             prefill_qsl = tensor_to_device(offsets, torch.int32, device)
         return TritonAttentionMetadata(
             slot_mapping=common.slot_mapping.to(device=device, dtype=torch.int64),
-            block_tables=tensor_to_device(table, torch.int32, device).reshape(len(table), width),
+            block_tables=to_device(torch.from_numpy(common.block_table), device),
             seq_lens=tensor_to_device(common.seq_lens, torch.int32, device),
             num_decodes=nd,
             decode_max_seq_len=max(common.seq_lens[:nd], default=0),
