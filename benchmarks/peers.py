@@ -91,7 +91,11 @@ def load_results(results_dir: Path) -> dict[str, dict[int, dict]]:
 
 
 def summary(res: dict) -> dict:
-    """The figures the table shows, from one `vllm bench serve` result."""
+    """The figures the table shows, from one `vllm bench serve` result (none when nothing completed:
+    the client reports zeros then)."""
+    if not res.get("completed"):
+        return {"completed": 0, "failed": res.get("failed", 0), "duration_s": res.get("duration"), "output_tok_s": None,
+                "mean_ttft_ms": None, "p99_ttft_ms": None, "mean_tpot_ms": None, "p99_tpot_ms": None}
     return {
         "completed": res.get("completed"),
         "failed": res.get("failed", 0),

