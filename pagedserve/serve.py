@@ -81,7 +81,7 @@ def _children(args: argparse.Namespace, sock_dir: str) -> list[tuple[str, list[s
         kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(port)]))
     front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port),
              "--shutdown-timeout", str(args.shutdown_timeout)]
-    front += auth + _forward(args, HTTP_FLAG_NAMES)
+    front += auth + _forward(args, (*HTTP_FLAG_NAMES, "served_model_name"))  # every name, not just the engine's
     if args.api_key:
         front += ["--api-key", args.api_key]
     for i in range(args.frontends):
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     args.model = args.model_tag or args.model
     if args.demo or not args.model:
         args.model = demo_model()
-        args.served_model_name = args.served_model_name or "pagedserve-demo"
+        args.served_model_name = args.served_model_name or ["pagedserve-demo"]
     _check(args)
     stopping = False
 
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         url = f"{scheme}://{args.host}:{args.port}{args.root_path or ''}"
         dead = _wait_ready(f"{scheme}://{args.host}:{args.port}/health", procs, ready_files, args.ready_timeout)
         if dead is None:
-            print(f"pagedserve: serving {args.served_model_name or args.model} at {url}/v1 "
+            print(f"pagedserve: serving {', '.join(args.served_model_name or [args.model])} at {url}/v1 "
                   f"({args.frontends} frontend(s))", flush=True)
         while dead is None and not stopping:
             time.sleep(0.5)

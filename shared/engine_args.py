@@ -90,7 +90,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     if model_positional:
         parser.add_argument("model_tag", nargs="?", default=None, help="local directory or hub id")
     add_flag(parser, "--model", None, "local directory or hub id", kind=str)
-    add_flag(parser, "--served-model-name", None, "name clients use in the `model` field", kind=str)
+    add_flag(parser, "--served-model-name", None, "name(s) clients use in the `model` field (the first is the "
+             "one responses carry; PAGEDSERVE_SERVED_MODEL_NAME comma-separated)", nargs="+")
     add_flag(parser, "--revision", None, "the hub revision (branch, tag or commit) of the model", kind=str)
     add_flag(parser, "--generation-config", "auto", "request defaults: auto (the model's generation_config.json), "
              "vllm (none: the engine's own defaults) or a folder holding a generation_config.json")
@@ -127,7 +128,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
     if not args.model:
         raise ValueError("a model is required (--model, or PAGEDSERVE_MODEL)")
     model = ModelConfig.from_pretrained(
-        args.model, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_model_name,
+        args.model, dtype=args.dtype, max_model_len=args.max_model_len, served_name=(args.served_model_name or [None])[0],
         revision=args.revision, weights=weights,
     )
     defaults = generation_defaults(model, args.generation_config, args.override_generation_config)

@@ -30,11 +30,17 @@ def serve(*args: str, module: str = "pagedserve.cli") -> subprocess.CompletedPro
     ["--pipeline-parallel-size", "2"],
     ["--enable-lora"],
     ["--data-parallel-size=4"],
+    ["--no-enable-chunked-prefill"],
 ])
 def test_unsupported_vllm_flags_fail_saying_so(flags, model_dirs):
     out = serve(str(model_dirs("llama")), *flags, *_FAST)
     assert out.returncode == 2
     assert f"{flags[0].split('=')[0]} is a vLLM flag that pagedserve does not support yet" in out.stderr
+
+
+def test_unsupported_switch_before_the_model_names_the_switch(model_dirs):
+    out = serve("--enable-lora", str(model_dirs("llama")), *_FAST)
+    assert out.returncode == 2 and "--enable-lora is a vLLM flag that pagedserve does not support yet" in out.stderr
 
 
 def test_unknown_flag_gets_argparse_error(model_dirs):
@@ -78,7 +84,8 @@ def test_config_file_errors(tmp_path):
 def test_noop_values_of_unsupported_flags_are_accepted(model_dirs):
     """`--pipeline-parallel-size 1 --kv-cache-dtype auto` ask for what pagedserve does: the stack
     starts (and, with --ready-timeout 0, stops at once with the timeout's message)."""
-    out = serve(str(model_dirs("llama")), "--pipeline-parallel-size", "1", "--kv-cache-dtype", "auto",
-                "--load-format", "safetensors", *_FAST, module="pagedserve.entrypoints.openai.api_server")
+    out = serve("--enable-chunked-prefill", str(model_dirs("llama")), "--pipeline-parallel-size", "1",
+                "--kv-cache-dtype", "auto", "--load-format", "safetensors", "--disable-uvicorn-access-log", *_FAST,
+                module="pagedserve.entrypoints.openai.api_server")
     assert "does not support" not in out.stderr
     assert "did not become healthy within 0s" in out.stderr, out.stderr[-2000:]

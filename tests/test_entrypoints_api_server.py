@@ -41,6 +41,8 @@ def stack(model_dirs, tmp_path_factory):
     config.write_text(f"""
 model: {model_dirs("llama")}
 max_model_len: 200            # the command line's 128 wins
+served-model-name: [tiny, alias]
+disable-custom-all-reduce: true   # what pagedserve does anyway
 response-role: bot
 return-tokens-as-token-ids: true
 override-generation-config: {{"max_new_tokens": 3}}
@@ -66,7 +68,7 @@ uvicorn-log-level: warning
         while "pagedserve: serving" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
-        yield client, log, str(model_dirs("llama"))
+        yield client, log, "alias"
     finally:
         client.close()
         proc.send_signal(signal.SIGTERM)
@@ -76,12 +78,13 @@ uvicorn-log-level: warning
             proc.kill()
 
 
-def test_models_report_vllm_fields_and_command_line_wins(stack):
+def test_models_report_vllm_fields_and_command_line_wins(stack, model_dirs):
     client, log, model = stack
     assert f"https://127.0.0.1:{client.base_url.port}/llm/v1" in log.read_text()
-    card = client.get("/v1/models").json()["data"][0]
-    assert card["id"] == model and card["root"] == model
-    assert card["owned_by"] == "pagedserve" and card["max_model_len"] == 128
+    cards = client.get("/v1/models").json()["data"]
+    assert [card["id"] for card in cards] == ["tiny", model]
+    for card in cards:
+        assert card["root"] == str(model_dirs("llama")) and card["owned_by"] == "pagedserve" and card["max_model_len"] == 128
 
 
 def test_chat_uses_server_template_and_response_role(stack):

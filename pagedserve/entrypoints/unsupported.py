@@ -14,11 +14,11 @@ UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("--speculative-config",): (),
     ("--pipeline-parallel-size", "-pp"): ("1",),
     ("--data-parallel-size", "-dp"): ("1",),
-    ("--enable-expert-parallel",): (),
-    ("--enable-lora",): (),
     ("--lora-modules",): (),
     ("--max-loras",): (),
     ("--max-lora-rank",): (),
+    ("--lora-dtype",): (),
+    ("--max-cpu-loras",): (),
     ("--cpu-offload-gb",): ("0",),
     ("--swap-space",): (),
     ("--load-format",): ("auto", "safetensors"),
@@ -32,32 +32,45 @@ UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("--mm-processor-kwargs",): (),
     ("--compilation-config", "-O"): (),
     ("--kv-transfer-config",): (),
-    ("--enable-sleep-mode",): (),
     ("--distributed-executor-backend",): ("mp",),
-    ("--disable-custom-all-reduce",): (),
     ("--chat-template-content-format",): ("auto", "string"),
-    ("--lora-dtype",): (),
-    ("--max-cpu-loras",): (),
-    ("--headless",): (),
-    ("--disable-fastapi-docs",): (),
     ("--middleware",): (),
     ("--otlp-traces-endpoint",): (),
     ("--task",): ("generate",),
     ("--runner",): ("generate", "auto"),
-    ("--enable-log-outputs",): (),
     ("--ssl-cert-reqs",): ("0",),
+}
+
+# on/off switches -> whether giving it asks for what pagedserve does anyway
+UNSUPPORTED_SWITCHES: dict[str, bool] = {
+    "--enable-lora": False,
+    "--enable-expert-parallel": False,
+    "--enable-sleep-mode": False,
+    "--headless": False,
+    "--disable-fastapi-docs": False,
+    "--enable-log-outputs": False,
+    "--enable-prompt-tokens-details": False,
+    "--disable-sliding-window": False,
+    "--no-enable-chunked-prefill": False,
+    "--enable-chunked-prefill": True,  # pagedserve always chunks long prompts
+    "--disable-custom-all-reduce": True,  # pagedserve has no custom all-reduce
 }
 
 
 class _Unsupported(argparse.Action):
-    def __init__(self, option_strings, dest, accepted: tuple[str, ...] = (), **kwargs):
-        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, **kwargs)
+    """A flag that fails with a message unless given a value (or, for a switch, given at all)
+    that asks for what pagedserve does anyway. A switch takes no value, so it never swallows
+    the model that follows it."""
+
+    def __init__(self, option_strings, dest, accepted: tuple[str, ...] = (), switch: bool = False, **kwargs):
+        super().__init__(option_strings, dest, nargs=0 if switch else None, default=argparse.SUPPRESS, **kwargs)
         self.accepted = accepted
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if values is not None and str(values) in self.accepted:
+        if (values if values != [] else "") in self.accepted:
             return  # asks for what pagedserve does anyway
-        extra = f" (accepted value: {', '.join(self.accepted)})" if self.accepted else ""
+        shown = [v for v in self.accepted if v]
+        extra = f" (accepted value: {', '.join(shown)})" if shown else ""
         parser.error(f"{option_string} is a vLLM flag that pagedserve does not support yet{extra}; "
                      "see the README's 'Migrating from vLLM'")
 
@@ -66,3 +79,6 @@ def add_unsupported_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("vLLM flags not supported yet (each fails with a message)")
     for flags, accepted in UNSUPPORTED.items():
         group.add_argument(*flags, action=_Unsupported, accepted=accepted, help=argparse.SUPPRESS)
+    for flag, accepted_bare in UNSUPPORTED_SWITCHES.items():
+        group.add_argument(flag, action=_Unsupported, accepted=("",) if accepted_bare else (), switch=True,
+                           help=argparse.SUPPRESS)

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         app,
         log_level=args.uvicorn_log_level,
         timeout_graceful_shutdown=args.shutdown_timeout + _FLUSH_GRACE_S,
-        access_log=args.uvicorn_log_level in ("debug", "trace"),
+        access_log=args.uvicorn_log_level in ("debug", "trace") and not args.disable_uvicorn_access_log,
         lifespan="on",
         root_path=args.root_path or "",
         ssl_keyfile=args.ssl_keyfile,

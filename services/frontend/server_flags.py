@@ -61,6 +61,8 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not log requests (the default)")
     add_flag(p, "--max-log-len", None, "most prompt ids printed per logged request (default: all)", kind=int)
     add_flag(p, "--uvicorn-log-level", "info", "uvicorn's log level", choices=UVICORN_LOG_LEVELS)
+    add_flag(p, "--disable-uvicorn-access-log", False, "no access log lines (there are none unless uvicorn's level "
+             "is debug or trace)")
     add_flag(p, "--allowed-origins", None, "CORS: origins allowed to call the API from a browser, as words or a "
              "JSON list (default: none; vLLM's default is *)", nargs="+")
     add_flag(p, "--allowed-methods", ["*"], "CORS: allowed methods (words or a JSON list)", nargs="+")
