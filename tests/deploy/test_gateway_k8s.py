@@ -160,3 +160,61 @@ def test_replica_environment_parses(docs, model_dirs, monkeypatch):
     configs = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     for c in _pod(docs)["spec"]["containers"]:
         check_env_parses(c["command"][1], container_env(c, configs), str(model_dirs("llama")), monkeypatch)
+
+
+# ----- the LeaderWorkerSet variant: multi-node tensor parallelism per replica -----------------------
+
+LWS_FILE = GATEWAY_DIR / "multinode" / "replica-lws.yaml"
+
+
+@pytest.fixture(scope="module")
+def lws() -> dict:
+    return yaml.safe_load(LWS_FILE.read_text())
+
+
+def _lws_pods(lws: dict) -> dict[str, dict]:
+    tmpl = lws["spec"]["leaderWorkerTemplate"]
+    return {"leader": tmpl["leaderTemplate"], "worker": tmpl["workerTemplate"]}
+
+
+def test_lws_validates_against_its_crd_and_pods_against_kubernetes(lws):
+    schema = crd_schema("leaderworkerset.x-k8s.io_leaderworkersets.yaml", lws["apiVersion"].split("/")[1])
+    check_custom_resource(lws, schema)
+    bad = yaml.safe_load(yaml.safe_dump(lws))
+    bad["spec"]["leaderWorkerTemplate"]["sizes"] = 2
+    with pytest.raises(jsonschema.ValidationError):
+        check_custom_resource(bad, schema)
+    pods = [(role, {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"lws-{role}", **t["metadata"]},
+                    "spec": t["spec"]}) for role, t in _lws_pods(lws).items()]
+    assert validate_core_kinds(pods, set()) == 2
+
+
+def test_lws_pool_routes_to_leaders_and_ranks_meet_there(docs, lws):
+    pool, pods = _one(docs, "InferencePool"), _lws_pods(lws)
+    selector = pool["spec"]["selector"]["matchLabels"].items()
+    assert selector <= pods["leader"]["metadata"]["labels"].items()
+    assert not selector <= pods["worker"]["metadata"]["labels"].items()
+    name, size = lws["metadata"]["name"], lws["spec"]["leaderWorkerTemplate"]["size"]
+    assert size >= 2
+    (worker,) = pods["worker"]["spec"]["containers"]
+    env = {e["name"]: e for e in worker["env"]}
+    leader = f"{name}-$(GROUP_INDEX).{name}"  # the group's leader, by LeaderWorkerSet's DNS name
+    assert env["PAGEDSERVE_WORKER_ADDR"]["value"] == f"tcp://{leader}:5572"
+    assert env["PAGEDSERVE_DIST_INIT_ADDR"]["value"] == f"tcp://{leader}:29500"
+    names = [e["name"] for e in worker["env"]]
+    assert names.index("GROUP_INDEX") < names.index("PAGEDSERVE_WORKER_ADDR")  # $(...) needs it first
+    assert "worker-index" in env["PAGEDSERVE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    leader_ports = {p["containerPort"] for c in pods["leader"]["spec"]["containers"] for p in c.get("ports", [])}
+    assert {5572, 29500, 8000} <= leader_ports
+
+
+def test_lws_links_authenticated_and_environment_parses(docs, lws, model_dirs, monkeypatch):
+    configs = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
+    for pod in _lws_pods(lws).values():
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        for c in pod["spec"]["containers"]:
+            env = container_env(c, configs)
+            keys = next(m for m in c["volumeMounts"] if m["mountPath"] == env["PAGEDSERVE_CURVE_KEYS_DIR"])
+            secret = volumes[keys["name"]]["secret"]
+            assert secret["secretName"] == "pagedserve-curve-keys" and not secret.get("optional")
+            check_env_parses(c["command"][1], env, str(model_dirs("llama")), monkeypatch)
