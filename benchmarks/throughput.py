@@ -110,6 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--compare-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="also run pagedserve in this dtype, alternating with --dtype, and report its speed ratio and "
+                   "top-1 agreement with --dtype's greedy tokens")
+    p.add_argument("--compare-rounds", type=int, default=1, help="alternating runs of each dtype (best kept)")
+    p.add_argument("--agreement-prompts", type=int, default=8, help="prompts scored for top-1 agreement")
     p.add_argument("--hf-prompts", type=int, default=8, help="baseline runs on the first K prompts only")
     p.add_argument("--hf-batch-size", type=int, default=8)
     p.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
@@ -128,7 +133,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         lo, hi = getattr(args, name)
         if not 1 <= lo <= hi:
             p.error(f"--{name.replace('_', '-')} needs 1 <= MIN <= MAX, got {lo} {hi}")
-    for name in ("num_prompts", "threads", "gemm_size", "gemm_reps", "hf_batch_size"):
+    for name in ("num_prompts", "threads", "gemm_size", "gemm_reps", "hf_batch_size", "compare_rounds", "agreement_prompts"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.hf_prompts < 0:
@@ -228,18 +233,21 @@ def measure_gemm_peak(size: int, reps: int, warmup: int = 2, device: str = "cpu"
     return 2.0 * size**3 / best / 1e9
 
 
-def run_pagedserve(args: argparse.Namespace, model_dir: Path, reqs: list[Req], warm: list[Req]) -> RunResult:
-    """Time LLM.generate on every request, after construction and a short warm-up."""
+def make_llm(args: argparse.Namespace, model_dir: Path, dtype: str):
     from pagedserve.llm import LLM
-    from shared.sampling_params import SamplingParams
 
-    llm = LLM(
+    return LLM(
         str(model_dir),
-        dtype=args.dtype,
+        dtype=dtype,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
     )
+
+
+def run_pagedserve(llm, reqs: list[Req], warm: list[Req]) -> RunResult:
+    """Time LLM.generate on every request, after a short warm-up."""
+    from shared.sampling_params import SamplingParams
 
     def params(r: Req) -> SamplingParams:
         return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r.output_len)
@@ -251,6 +259,46 @@ def run_pagedserve(args: argparse.Namespace, model_dir: Path, reqs: list[Req], w
         results = llm.generate(prompts, sampling, use_tqdm=False)
     outputs = [list(res.outputs[0].token_ids) for res in results]
     return RunResult.of(reqs, outputs, t)
+
+
+def top1_agreement(llm, reqs: list[Req], outputs: list[list[int]]) -> float:
+    """Share of generated positions where llm's top-1 token is the one another run chose greedily,
+    each position scored on that run's own prefix (teacher forcing, through prompt_logprobs)."""
+    from shared.sampling_params import SamplingParams
+
+    prompts = [{"prompt_token_ids": r.prompt + out} for r, out in zip(reqs, outputs)]
+    results = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    agree = total = 0
+    for r, out, res in zip(reqs, outputs, results):
+        for pos, token in enumerate(out, start=len(r.prompt)):
+            agree += res.prompt_logprobs[pos][token].rank == 1
+            total += 1
+    return agree / max(total, 1)
+
+
+def compare_dtypes(args, model_dir: Path, reqs: list[Req], warm: list[Req], params: int, peak: float) -> dict:
+    """args.dtype against args.compare_dtype, alternating runs (A B A B ...), best of each, and the
+    compared dtype's top-1 agreement with args.dtype's greedy tokens."""
+    import torch
+
+    llms = {d: make_llm(args, model_dir, d) for d in (args.dtype, args.compare_dtype)}
+    best: dict[str, RunResult] = {}
+    for _ in range(args.compare_rounds):
+        for dtype, llm in llms.items():
+            run = run_pagedserve(llm, reqs, warm)
+            if dtype not in best or run.elapsed_s < best[dtype].elapsed_s:
+                best[dtype] = run
+    a, b = best[args.dtype], best[args.compare_dtype]
+    k = min(args.agreement_prompts, len(reqs))
+    return {
+        args.dtype: a.summary(params, peak),
+        args.compare_dtype: b.summary(params, peak),
+        "total_tok_s_ratio": round(a.elapsed_s / max(b.elapsed_s, 1e-9), 4),  # compared / base
+        "top1_agreement": round(top1_agreement(llms[args.compare_dtype], reqs[:k], a.outputs[:k]), 5),
+        "agreement_prompts": k,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    }
 
 
 def _hf_batch(model, batch: list[Req], pad_id: int) -> list[list[int]]:
@@ -327,6 +375,13 @@ def print_table(info: dict[str, Any]) -> None:
     for name, key in (("pagedserve", "pagedserve"), ("transformers", "hf")):
         if info[key] is not None:
             print(_line(name, [cell(info[key]) for _, _, cell in _COLUMNS]))
+    if "dtypes" in info:
+        d, base, other = info["dtypes"], settings["dtype"], settings["compare_dtype"]
+        print(
+            f"{other} / {base}: {d['total_tok_s_ratio']:.2f}x total tok/s ({d[base]['total_tok_s']:.1f} vs "
+            f"{d[other]['total_tok_s']:.1f}), top-1 agreement {100 * d['top1_agreement']:.2f}% over "
+            f"{d['agreement_prompts']} prompts (CPU {d['cpu_capability']}, native bf16: {d['native_bf16']})"
+        )
     if info["hf"] is not None:
         print(
             f"pagedserve / transformers generated tok/s: {info['ratio']:.2f}x  "
@@ -346,7 +401,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     reqs = make_workload(args, config["vocab_size"], args.num_prompts, args.seed)
     warm = make_workload(args, config["vocab_size"], 2, args.seed + 1)  # distinct ids: no prefix-cache hits
     warm = [Req(r.prompt[: args.input_len[0]], min(4, r.output_len)) for r in warm]
-    ours = run_pagedserve(args, model_dir, reqs, warm)
+    ours = run_pagedserve(make_llm(args, model_dir, args.dtype), reqs, warm)
     if ours.generated_tokens != ours.requested_tokens:
         msg = f"warning: pagedserve generated {ours.generated_tokens} tokens of {ours.requested_tokens} requested"
         print(msg, file=sys.stderr)
@@ -368,6 +423,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if k not in ("cache_dir",)
         },
     }
+    if args.compare_dtype:
+        info["dtypes"] = compare_dtypes(args, model_dir, reqs, warm, params, peak)
     if theirs is not None:
         info["ratio"] = round(info["pagedserve"]["generated_tok_s"] / info["hf"]["generated_tok_s"], 4)
         info["hf_matching_outputs"] = sum(a == b for a, b in zip(ours.outputs, theirs.outputs))

@@ -72,3 +72,19 @@ def test_kernel_benchmark_e2e_takes_enforce_eager() -> None:
     spec.loader.exec_module(kernel_bench)
     assert not kernel_bench.parse_args(["--e2e", "model"]).enforce_eager
     assert kernel_bench.parse_args(["--e2e", "model", "--enforce-eager"]).enforce_eager
+
+
+def test_throughput_script_compares_dtypes(tiny_llama: Path) -> None:
+    info, stdout = _run_benchmark(tiny_llama, "--skip-hf", "--compare-dtype", "bfloat16", "--agreement-prompts", "2")
+    d = info["dtypes"]
+    assert "bfloat16 / float32" in stdout and "top-1 agreement" in stdout
+    for dtype in ("float32", "bfloat16"):
+        assert d[dtype]["generated_tokens"] == d[dtype]["requested_output_tokens"] > 0
+    assert 0.0 <= d["top1_agreement"] <= 1.0 and d["agreement_prompts"] == 2
+    assert d["total_tok_s_ratio"] == pytest.approx(d["bfloat16"]["total_tok_s"] / d["float32"]["total_tok_s"], rel=1e-2)
+
+
+def test_a_dtype_agrees_with_itself(tiny_llama: Path) -> None:
+    # teacher-forced scoring of float32's own greedy tokens: its top-1 at (nearly) every position
+    info, _ = _run_benchmark(tiny_llama, "--skip-hf", "--compare-dtype", "float32", "--agreement-prompts", "4")
+    assert info["dtypes"]["top1_agreement"] >= 0.95

@@ -141,6 +141,23 @@ def test_chunked_prefill_and_decode_match_transformers(model_dirs, arch, backend
         torch.testing.assert_close(ours, hf_logits(hf, seqs[r][: len(ours)]), **TOL)
 
 
+def test_bfloat16_prefill_and_decode_track_float32(model_dirs):
+    """--dtype bfloat16 runs on any CPU (natively with AVX512-BF16 or AMX, emulated elsewhere): a
+    prefill and decodes over a bf16 paged cache stay within bf16 rounding of transformers' float32."""
+    path = model_dirs("llama")
+    config = ModelConfig.from_pretrained(str(path), dtype="bfloat16")
+    model, hf = build_model(config, torch.bfloat16, "cpu"), load(path)[2]
+    caches = [c.to(torch.bfloat16) for c in kv_caches(model, config)]
+    tokens = prompt(config, 12, seed=6)
+    outs = run_step(model, caches, [Chunk(tokens[:10], 0, [2, 5])])
+    outs += run_step(model, caches, [Chunk(tokens[10:11], 10, [2, 5])], num_decodes=1)
+    outs += run_step(model, caches, [Chunk(tokens[11:12], 11, [2, 5])], num_decodes=1)
+    ours, want = torch.cat(outs), hf_logits(hf, tokens)
+    assert caches[0].dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    assert (ours - want).abs().max() <= 0.05 * want.abs().max()
+    assert (ours.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
 def test_opt_post_norm_with_projections_matches_transformers(model_dirs):
     """opt-350m's layout: LayerNorm after each block, embeddings narrower than hidden_size."""
     path = model_dirs("opt", config_overrides={"do_layer_norm_before": False, "word_embed_proj_dim": 32})

@@ -10,6 +10,7 @@ tensor-parallel rank. A missing or unexpected weight is an error, not a silent d
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from services.worker.layers.linear import default_weight_loader
 from services.worker.models import get_model_class
 from services.worker.stats_log import shard_progress
 from shared.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -46,10 +49,23 @@ def resolve_dtype(model_config: ModelConfig, device: torch.device | str) -> torc
     return _DTYPES[name]
 
 
+def native_cpu_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs this dtype's GEMMs natively here (bf16: AVX512-BF16 or AMX; fp16:
+    AVX512-FP16 or AMX-FP16); torch then takes that path by itself for every linear layer."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
+
+
 def build_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
     """Construct the model for model_config.architecture directly in dtype on device, load its
     weights from model_config.path and return it in eval mode."""
     cls = get_model_class(model_config.architecture)
+    if torch.device(device).type == "cpu" and not native_cpu_dtype(dtype):
+        log.warning("%s has no native support on this CPU (%s): its GEMMs are emulated, slower than float32",
+                    dtype, torch.backends.cpu.get_cpu_capability())
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created empty, in place, with no cast afterwards
     try:
