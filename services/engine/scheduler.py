@@ -13,7 +13,9 @@ that samples in a step in flight counts that token as a placeholder, so the next
 its decode at once and the worker feeds its own sampled token in. When the result arrives the
 placeholder is filled in; a request that finished with it (EOS, a stop id) had one more step
 planned, whose token is discarded. A request whose placeholders already reach max_tokens is not
-scheduled again, so max_tokens costs no extra step.
+scheduled again, so max_tokens costs no extra step. No request needs its token on the engine
+before its next step: the worker advances grammars, penalties, min_tokens and seeded noise from
+its own copy of the tokens, and EOS, stop ids and stop strings are reconciled one step late.
 """
 
 from __future__ import annotations
