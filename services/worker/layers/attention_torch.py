@@ -117,11 +117,12 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
+        # 4-D [1, H, T, D]: with a batch dimension CPU SDPA takes its fused (flash) kernel
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k_new[g.token_slice].transpose(0, 1), v_new[g.token_slice].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=True,
+            q.transpose(0, 1)[None], k_new[g.token_slice].transpose(0, 1)[None],
+            v_new[g.token_slice].transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True,
         )
-        return out.transpose(0, 1)
+        return out[0].transpose(0, 1)
     batch = g.block_table.shape[0]
     keys, values = _gather(kv_cache[0], g.block_table), _gather(kv_cache[1], g.block_table)
     if g.query_index is None:
