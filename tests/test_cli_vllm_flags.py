@@ -65,6 +65,8 @@ def test_unsupported_flag_in_config_file_fails(tmp_path, model_dirs):
     (["--generation-config", "/no/such/folder"], "generation_config.json does not exist"),
     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
     (["--model", "/elsewhere"], "two models given"),
+    (["--max_model_len", "99999"], "max_model_len must be in [1,"),  # vLLM's underscore spelling
+    (["--max_model_len=0"], "max_model_len must be in [1,"),
 ])
 def test_bad_values_name_the_flag(flags, message, model_dirs):
     out = serve(str(model_dirs("llama")), *flags, *_FAST)

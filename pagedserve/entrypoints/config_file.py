@@ -1,5 +1,5 @@
 """vLLM's `--config FILE.yaml`: each key is a flag's long name (with dashes or underscores), each
-value its value. The file's flags go before the command line's, so the command line wins (and a
+value its value; and, as in vLLM, flags on the command line may be spelled with underscores. The file's flags go before the command line's, so the command line wins (and a
 model given bare, `serve MODEL`, wins over the file's `model`)."""
 
 from __future__ import annotations
@@ -8,6 +8,18 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+
+def dashed_flags(argv: list[str]) -> list[str]:
+    """vLLM's spelling rule: a flag may be written with underscores (--max_model_len 64,
+    --max_model_len=64); values are left as they are."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
 
 
 def expand_config_file(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -28,7 +40,7 @@ def expand_config_file(argv: list[str], parser: argparse.ArgumentParser) -> list
             rest.append(arg)
         i += 1
     flags = [flag for path in files for flag in _file_flags(path, parser)]
-    return flags + rest
+    return flags + dashed_flags(rest)
 
 
 def _file_flags(path: str, parser: argparse.ArgumentParser) -> list[str]:
