@@ -76,9 +76,11 @@ class _Unsupported(argparse.Action):
 
 
 def add_unsupported_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("vLLM flags not supported yet (each fails with a message)")
+    names = [flags[0] for flags in UNSUPPORTED] + [f for f, ok in UNSUPPORTED_SWITCHES.items() if not ok]
     for flags, accepted in UNSUPPORTED.items():
-        group.add_argument(*flags, action=_Unsupported, accepted=accepted, help=argparse.SUPPRESS)
+        parser.add_argument(*flags, action=_Unsupported, accepted=accepted, help=argparse.SUPPRESS)
     for flag, accepted_bare in UNSUPPORTED_SWITCHES.items():
-        group.add_argument(flag, action=_Unsupported, accepted=("",) if accepted_bare else (), switch=True,
-                           help=argparse.SUPPRESS)
+        parser.add_argument(flag, action=_Unsupported, accepted=("",) if accepted_bare else (), switch=True,
+                            help=argparse.SUPPRESS)
+    parser.epilog = ("vLLM flags not supported yet (each fails with a message saying so): " + ", ".join(names)
+                     + ".")
