@@ -18,6 +18,7 @@ from shared.config import (
     _GENERATION_DEFAULTS as GENERATION_KEYS,  # generation_config key -> SamplingParams name
 )
 from shared.config import (
+    ATTENTION_BACKENDS,
     CacheConfig,
     CompilationConfig,
     EngineConfig,
@@ -113,6 +114,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--async-scheduling", False, "plan each step while the workers compute the previous one")
     add_flag(parser, "--tensor-parallel-size", 1, "worker ranks", aliases=("-tp",))
     add_flag(parser, "--enforce-eager", False, "run every step eagerly on GPU (no CUDA graphs for decode)")
+    add_flag(parser, "--attention-backend", None, "the kernel set: triton (default on CUDA) or torch (default on CPU)",
+             choices=ATTENTION_BACKENDS)
     add_flag(parser, "--seed", 0, "random seed")
     add_flag(parser, "--disable-log-stats", False, "no periodic stats log lines from the engine")
     add_flag(parser, "--log-stats-interval", 10.0, "seconds between the engine's stats log lines")
@@ -138,7 +141,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         cache=_section(CacheConfig, args),
         scheduler=_section(SchedulerConfig, args, policy=args.scheduling_policy),
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, rank=rank),
-        compilation=CompilationConfig(enforce_eager=args.enforce_eager),
+        compilation=CompilationConfig(enforce_eager=args.enforce_eager, attention_backend=args.attention_backend),
         seed=args.seed,
     )
 
