@@ -170,9 +170,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model_tag and args.model and args.model_tag != args.model:
-        raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
-    args.model = args.model_tag or args.model
+    args.model = args.model_tag or args.model  # as vLLM: `serve MODEL` wins over --model and a config file's
     if args.demo or not args.model:
         args.model = demo_model()
         args.served_model_name = args.served_model_name or ["pagedserve-demo"]

@@ -64,7 +64,6 @@ def test_unsupported_flag_in_config_file_fails(tmp_path, model_dirs):
     (["--override-generation-config", "[1]"], "must be a JSON object"),
     (["--generation-config", "/no/such/folder"], "generation_config.json does not exist"),
     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
-    (["--model", "/elsewhere"], "two models given"),
     (["--max_model_len", "99999"], "max_model_len must be in [1,"),  # vLLM's underscore spelling
     (["--max_model_len=0"], "max_model_len must be in [1,"),
 ])
@@ -72,6 +71,14 @@ def test_bad_values_name_the_flag(flags, message, model_dirs):
     out = serve(str(model_dirs("llama")), *flags, *_FAST)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
+
+
+def test_model_given_bare_wins_over_the_config_files(tmp_path, model_dirs):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: /no/such/model\nmax-model-len: 99999\n")
+    out = serve(str(model_dirs("llama")), "--config", str(cfg), *_FAST)
+    assert out.returncode == 2
+    assert "max_model_len must be in [1," in out.stderr and "/no/such/model" not in out.stderr
 
 
 def test_config_file_errors(tmp_path):
