@@ -81,7 +81,7 @@ def run_step(
         block_size=BLOCK,
         device=torch.device("cpu"),
     )
-    backend = TorchAttentionBackend() if backend_name == "torch" else TritonAttentionBackend("cpu")
+    backend = TorchAttentionBackend(caches[0].dtype) if backend_name == "torch" else TritonAttentionBackend("cpu")
     with torch.inference_mode(), set_forward_context(ForwardContext(backend, backend.build(common), caches)):
         logits = model.compute_logits(model(torch.tensor(ids), torch.tensor(positions)))
     assert logits.dtype == torch.float32

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import paged_decode_cpu
 from services.worker.layers.attention_backend import CommonAttentionMetadata
 from services.worker.transfer import to_device
 
@@ -24,6 +25,7 @@ class _Group:
     mask: torch.Tensor | None  # [B, 1, Q, W * block_size] additive; None = plain causal, no context
     query_index: torch.Tensor | None  # [T_group] row in the padded [B * Q] query layout
     max_q: int
+    seq_lens: torch.Tensor | None = None  # [B] int64 for decodes the CPU kernel runs (kernels/paged_decode_cpu.py)
 
 
 @dataclass
@@ -47,6 +49,8 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     seq = torch.tensor(seq_lens)
     q_len = torch.tensor(q_lens)
     key_pos = torch.arange(max_s)
+    if max_q == 1 and _decode_kernel(common.device, dtype):  # reads the cache in place
+        return _Group(token_slice, table, None, None, 1, seq)
     if max_q == 1:  # decodes: each query sees its whole context
         allowed = (key_pos[None, :] < seq[:, None])[:, None, None, :]
         return _Group(token_slice, to_device(table, device), to_device(_additive(allowed, dtype), device), None, 1)
@@ -63,6 +67,10 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     query_index = rows[valid_q]
     mask = _additive(allowed[:, None], dtype)
     return _Group(token_slice, to_device(table, device), to_device(mask, device), to_device(query_index, device), max_q)
+
+
+def _decode_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and paged_decode_cpu.available()
 
 
 _MAX_PADDING = 0.25  # share of padding a group may carry
@@ -116,6 +124,8 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
+    if g.seq_lens is not None:
+        return paged_decode_cpu.paged_decode(q, kv_cache, g.block_table, g.seq_lens, scale)
     if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
         # 4-D [1, H, T, D]: with a batch dimension CPU SDPA takes its fused (flash) kernel
         out = F.scaled_dot_product_attention(

@@ -1,0 +1,104 @@
+"""Paged decode attention on the CPU (float32), a small C kernel beside its torch reference.
+
+The torch backend's decode path copies every request's K/V blocks out of the paged cache
+(index_select) before SDPA reads them again: three passes over the largest tensor of a decode
+step. paged_decode_cpu.c reads the blocks in place, once, each KV head for all the query heads that
+share it. It is compiled on first use with the system C compiler into ~/.cache/pagedserve/kernels
+(keyed by the source and this CPU's flags, since it is built for this CPU); without a compiler the
+backend keeps its torch path. Threads: the batch is split over torch's thread count, each slice
+one ctypes call (ctypes releases the GIL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
+CACHE_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "pagedserve" / "kernels"))
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _build() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    target = CACHE_DIR / f"paged_decode_cpu-{key}.so"
+    if target.is_file():
+        return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE_DIR)
+    os.close(fd)
+    try:
+        cc = os.environ.get("CC", "cc")
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)  # atomic: a concurrent builder never loads half a file
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("CPU paged decode kernel unavailable (%s); decode attention gathers K/V with torch", exc)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.paged_decode_f32.argtypes = [ptr] * 6 + [i64] * 7 + [ctypes.c_float, ptr]
+    lib.paged_decode_f32.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+@cache
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Per process: a forked child gets the parent's cache but not its threads."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="paged-decode")
+
+
+def paged_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [B, H, D] float32 against kv_cache [2, num_blocks, block_size, Hkv, D] through table [B, W]
+    (int64 block ids) and seq_lens [B] (int64, at most W * block_size) -> [B, H, D]."""
+    lib = _library()
+    batch, heads, dim = q.shape
+    _, _, block, kv_heads, _ = kv_cache.shape
+    assert lib is not None and q.dtype == kv_cache.dtype == torch.float32 and q.device.type == "cpu"
+    assert kv_cache.shape[-1] == dim and heads % kv_heads == 0 and kv_cache.is_contiguous()
+    assert table.dtype == seq_lens.dtype == torch.int64 and table.shape[0] == seq_lens.shape[0] == batch
+    assert int(seq_lens.max()) <= table.shape[1] * block
+    q, table, seq_lens = q.contiguous(), table.contiguous(), seq_lens.contiguous()
+    out = torch.empty_like(q)
+    parts = max(1, min(torch.get_num_threads(), batch))
+    bounds = [batch * i // parts for i in range(parts + 1)]
+    scratch = torch.empty(parts, heads // kv_heads * int(seq_lens.max()), dtype=torch.float32)
+
+    def run(i: int) -> None:
+        lib.paged_decode_f32(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), table.data_ptr(),
+                             seq_lens.data_ptr(), out.data_ptr(), bounds[i], bounds[i + 1], table.shape[1], heads,
+                             kv_heads, dim, block, scale, scratch[i].data_ptr())
+
+    list(_pool(parts, os.getpid()).map(run, range(parts)))
+    return out

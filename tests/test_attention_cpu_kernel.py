@@ -1,0 +1,78 @@
+"""The CPU paged decode kernel (kernels/paged_decode_cpu.c) against the torch backend's gather +
+SDPA path, and the fallback when no C compiler is there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import paged_decode_cpu
+from services.worker.layers.attention_backend import CommonAttentionMetadata
+from services.worker.layers.attention_torch import TorchAttentionBackend
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not paged_decode_cpu.available(), reason="no C compiler")
+
+
+def reference(q, kv_cache, table, seq_lens, scale):
+    """Per request and query head: softmax(q k^T) v over its first seq_len cached tokens."""
+    block, kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = q.shape[1] // kv_heads
+    out = torch.empty_like(q)
+    for b, n in enumerate(seq_lens.tolist()):
+        slots = torch.tensor([int(table[b, p // block]) * block + p % block for p in range(n)])
+        k = kv_cache[0].flatten(0, 1)[slots]  # [n, Hkv, D]
+        v = kv_cache[1].flatten(0, 1)[slots]
+        for h in range(q.shape[1]):
+            p = torch.softmax(k[:, h // group] @ q[b, h] * scale, dim=0)
+            out[b, h] = p @ v[:, h // group]
+    return out
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+def test_kernel_matches_the_reference(heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(heads * dim)
+    block, blocks = 16, 40
+    seq_lens = torch.tensor([1, 17, 33, 100, 5])  # one token, block edges, several blocks
+    width = -(-int(seq_lens.max()) // block)
+    table = torch.randperm(blocks, generator=gen)[: 5 * width].view(5, width)
+    kv_cache = torch.randn(2, blocks, block, kv_heads, dim, generator=gen)
+    q = torch.randn(5, heads, dim, generator=gen)
+    got = paged_decode_cpu.paged_decode(q, kv_cache, table, seq_lens, dim**-0.5)
+    torch.testing.assert_close(got, reference(q, kv_cache, table, seq_lens, dim**-0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_the_backend_decodes_through_the_kernel_as_the_gather_path_did():
+    gen = torch.Generator().manual_seed(1)
+    seq_lens, block = [70, 40, 9], 8
+    tables = [list(range(1, 10)), list(range(10, 15)), [15, 16]]
+    slots = [tables[i][(n - 1) // block] * block + (n - 1) % block for i, n in enumerate(seq_lens)]
+    common = CommonAttentionMetadata([0, 1, 2, 3], seq_lens, tables, torch.tensor(slots), 3, block, torch.device("cpu"))
+    q, k, v = torch.randn(3, 6, 16, generator=gen), torch.randn(3, 2, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
+    kv_cache = torch.randn(2, 17, block, 2, 16, generator=gen)
+    backend = TorchAttentionBackend()
+    meta = backend.build(common)
+    assert all(g.seq_lens is not None for g in meta.groups)  # the kernel runs these decodes
+    out = backend.forward(q, k, v, kv_cache, meta, 0.25)
+    assert torch.equal(kv_cache[0].flatten(0, 1)[slots], k)  # this step's k/v written first
+    table = torch.tensor([t + [0] * (9 - len(t)) for t in tables])
+    torch.testing.assert_close(out, reference(q, kv_cache, table, torch.tensor(seq_lens), 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_the_backend_keeps_its_torch_path(tmp_path):
+    code = (
+        "import torch; from kernels import paged_decode_cpu as k;"
+        "assert not k.available();"
+        "from services.worker.layers.attention_torch import _decode_kernel;"
+        "assert not _decode_kernel(torch.device('cpu'), torch.float32)"
+    )
+    env = {**os.environ, "CC": "false", "PAGEDSERVE_KERNEL_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "CPU paged decode kernel unavailable" in proc.stderr
