@@ -60,7 +60,7 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
         return await create_chat_completion(state, body, request)
 
     store = ResponseStore(state.config.response_store_max_entries, state.config.response_store_ttl,
-                          registry=state.metrics.registry)
+                          registry=state.metrics.registry, model=lambda: state.metrics.model)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
 
 
 @dataclass(frozen=True)
@@ -24,17 +25,17 @@ class ResponseStore:
     """At most ``max_entries`` responses, each kept for ``ttl`` seconds; ``clock`` for tests."""
 
     def __init__(self, max_entries: int, ttl: float, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, model: Callable[[], str] = lambda: "unknown"):
+        """model: the model_name label every frontend series carries (it may change once)."""
         if max_entries < 1 or ttl <= 0:
             raise ValueError("the response store needs max_entries >= 1 and ttl > 0")
-        self.max_entries, self.ttl, self.clock = max_entries, ttl, clock
+        self.max_entries, self.ttl, self.clock, self.model = max_entries, ttl, clock, model
         self._items: OrderedDict[str, StoredResponse] = OrderedDict()
-        self.size = Gauge("pagedserve_frontend_response_store_entries", "Responses held by the store",
-                          registry=registry)
+        if registry is not None:
+            registry.register(self)  # the size, read at each scrape (collect)
         self.evictions = Counter("pagedserve_frontend_response_store_evictions",
-                                 "Responses dropped from the store, by reason", ["reason"], registry=registry)
-        for reason in ("capacity", "ttl"):
-            self.evictions.labels(reason)
+                                 "Responses dropped from the store, by reason", ["model_name", "reason"],
+                                 registry=registry)
 
     def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
         self._expire()
@@ -42,8 +43,7 @@ class ResponseStore:
         self._items.move_to_end(response_id)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
-            self.evictions.labels("capacity").inc()
-        self.size.set(len(self._items))
+            self._evicted("capacity")
 
     def get(self, response_id: str) -> StoredResponse | None:
         """The stored response (now the most recently used), or None when unknown or expired."""
@@ -56,7 +56,6 @@ class ResponseStore:
     def delete(self, response_id: str) -> bool:
         self._expire()
         found = self._items.pop(response_id, None) is not None
-        self.size.set(len(self._items))
         return found
 
     def _expire(self) -> None:
@@ -65,6 +64,13 @@ class ResponseStore:
         expired = [rid for rid, item in self._items.items() if now - item.stored_at >= self.ttl]
         for rid in expired:
             del self._items[rid]
-            self.evictions.labels("ttl").inc()
-        if expired:
-            self.size.set(len(self._items))
+            self._evicted("ttl")
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size = GaugeMetricFamily("pagedserve_frontend_response_store_entries", "Responses held by the store",
+                                 labels=["model_name"])
+        size.add_metric([self.model()], len(self._items))
+        yield size
+
+    def _evicted(self, reason: str) -> None:
+        self.evictions.labels(self.model(), reason).inc()
