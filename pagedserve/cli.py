@@ -13,7 +13,7 @@ from pagedserve.bench.cli import BENCH_HELP, add_bench_parser
 def _make_test_model(args: argparse.Namespace) -> int:
     from pagedserve.test_model import make_test_model
 
-    path = make_test_model(args.out, arch=args.arch, size=args.size, seed=args.seed)
+    path = make_test_model(args.out, arch=args.arch, size=args.size, seed=args.seed, chat_format=args.chat_format)
     print(path)
     return 0
 
@@ -68,13 +68,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         else:
             sub.add_parser(name, help=help, add_help=False)
 
-    from pagedserve.test_model import ARCHS, SIZES  # names only: torch loads when a model is made
+    # names only: torch loads when a model is made
+    from pagedserve.test_model import ARCHS, CHAT_FORMATS, SIZES
 
     p = sub.add_parser("make-test-model", help="write a seeded random-weight checkpoint of a real architecture")
     p.add_argument("out")
     p.add_argument("--arch", choices=ARCHS, default="llama")
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, default="qwen",
+                   help="the chat template's tool and reasoning markup: qwen (hermes) or llama3 (Llama 3.1 JSON)")
     p.set_defaults(func=_make_test_model)
 
     p = sub.add_parser("keys", help="write CURVE keypairs for the engine, frontends and workers into DIR")

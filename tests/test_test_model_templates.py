@@ -100,3 +100,12 @@ def test_llama3_template_renders_tools_calls_and_results(tokenizers):
 def test_unknown_chat_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="chat_format"):
         make_test_model(tmp_path, chat_format="gemma")
+
+
+def test_the_command_writes_the_chosen_chat_format(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pagedserve.cli", "make-test-model", str(tmp_path / "m"), "--chat-format", "llama3"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    assert "<|start_header_id|>" in (tmp_path / "m" / "chat_template.jinja").read_text()
