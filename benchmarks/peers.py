@@ -148,6 +148,17 @@ def render(table: dict[str, dict[int, dict]], rat: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
+def probe_texts(results_dir: Path) -> dict[str, str]:
+    """Each server's greedy 8-token answer to the same short prompt (peers.sh's readiness probe):
+    the same weights and tokenizer should give the same text everywhere."""
+    out = {}
+    for server in SERVERS:
+        path = results_dir / f"{server}.log.probe.json"
+        if path.is_file():
+            out[server] = json.loads(path.read_text())["choices"][0]["text"]
+    return out
+
+
 def report(results_dir: str, json_out: str | None) -> None:
     raw = load_results(Path(results_dir))
     if not raw:
@@ -155,12 +166,16 @@ def report(results_dir: str, json_out: str | None) -> None:
     table = {server: {c: summary(r) for c, r in rows.items()} for server, rows in raw.items()}
     rat = ratios(table)
     print(render(table, rat))
+    probes = probe_texts(Path(results_dir))
+    if len(probes) > 1:
+        agree = len(set(probes.values())) == 1
+        print(f"\ngreedy probe text {'identical on' if agree else 'DIFFERS between'} {', '.join(probes)}: {probes}")
     meta = {}
     meta_path = Path(results_dir) / "run.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
     doc = {"benchmark": "peers", **meta, "results": {s: {str(c): v for c, v in rows.items()} for s, rows in table.items()},
-           "pagedserve_over_best_peer": {str(c): v for c, v in rat.items()}}
+           "pagedserve_over_best_peer": {str(c): v for c, v in rat.items()}, "greedy_probe_text": probes}
     if json_out:
         Path(json_out).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {json_out}")
