@@ -283,7 +283,7 @@ def test_a_failed_step_fails_only_its_requests(model_dirs):
                 raise RuntimeError("injected fault")
             return runner.execute(plan)
 
-    core.executor = FailOnce()
+    core.pipeline.executor = FailOnce()
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     core.add_request(core.make_request("a", [11, 12, 13], params))
     with pytest.raises(RuntimeError):
@@ -291,7 +291,7 @@ def test_a_failed_step_fails_only_its_requests(model_dirs):
     assert core.fail_last_step() == ["a"]
     assert not core.has_unfinished()
     assert core.scheduler.kv.pool.num_free_blocks == runner.num_blocks
-    core.executor = runner
+    core.pipeline.executor = runner
     out = llm.generate({"prompt_token_ids": [11, 12, 13]}, params, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 4
 
