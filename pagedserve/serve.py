@@ -20,9 +20,9 @@ import urllib.request
 from pathlib import Path
 
 from pagedserve.entrypoints.unsupported import add_unsupported_flags
-from services.frontend.server_flags import HTTP_FLAG_NAMES, add_http_arguments, load_chat_template
 from shared.auth import add_auth_args
 from shared.engine_args import add_flag, add_model_args, engine_config_from_args, flag_names
+from shared.frontend_args import HTTP_FLAG_NAMES, add_http_arguments, load_chat_template
 
 # Flags forwarded to the engine and the workers as given (see shared/engine_args.py).
 _MODEL_FLAGS = flag_names(add_model_args)

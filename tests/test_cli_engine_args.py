@@ -8,8 +8,8 @@ import argparse
 
 import pytest
 
-from services.frontend.server_flags import add_arguments as frontend_arguments
 from shared.engine_args import add_model_args, engine_config_from_args
+from shared.frontend_args import add_arguments as frontend_arguments
 
 
 def parse(add, argv: list[str]) -> argparse.Namespace:

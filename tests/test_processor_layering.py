@@ -14,6 +14,8 @@ from shared.version import VERSION
 CASES = [
     ("services.frontend.server", ("pagedserve", "tqdm", "torch")),
     ("pagedserve.llm", ("services.frontend",)),
+    ("pagedserve.serve", ("services.frontend",)),
+    ("shared.frontend_args", ("services", "pagedserve")),
     ("shared.processor.processor", ("torch", "services", "pagedserve")),
     ("shared.processor.stop", ("torch", "services", "pagedserve")),
 ]

@@ -4,36 +4,15 @@ shared.processor.checks, words every context error)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from services.frontend.errors import bad_request, from_value_error
+from shared.frontend_args import RequestLimits
 from shared.processor.checks import context_length_exceeded
-from shared.sampling_params import MAX_LOGPROBS
 
-DEFAULT_MAX_BODY_BYTES = 32 << 20
 # Entries of the list-like fields, each of which something walks on every token (the stop-string
 # search, the engine's stop-token test, the sampler's bias).
 MAX_ENTRIES = {"stop": 128, "stop_token_ids": 1024, "logit_bias": 1024}
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_n: int = 128
-    max_logprobs: int = MAX_LOGPROBS  # vLLM's default, 20
-    max_prompts_per_request: int = 64
-    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
-    chat_template_timeout: float = 2.0  # a trusted client template is killed after this long
-
-    def __post_init__(self) -> None:
-        for name in ("max_request_body_bytes", "max_n", "max_prompts_per_request"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}] (the engine's limit), got {self.max_logprobs}")
-        if not self.chat_template_timeout > 0:
-            raise ValueError(f"chat_template_timeout must be positive, got {self.chat_template_timeout}")
 
 
 def check_caps(body: Any, limits: RequestLimits) -> None:

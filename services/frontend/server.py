@@ -8,7 +8,7 @@ requests finish for up to --shutdown-timeout, end those still open with a final 
 error event and [DONE], or a 503 JSON error), then say Goodbye to the engine.
 
 Entry points: ``main(argv)``, or ``add_arguments(parser)`` + ``run(args)`` for a subcommand; the
-flags are in server_flags.py.
+flags are in shared/frontend_args.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from services.frontend import server_flags
-from services.frontend.server_flags import add_arguments
 from services.frontend.state import FrontendConfig
+from shared import frontend_args as server_flags
 from shared.auth import client_security
+from shared.frontend_args import add_arguments
 
 if TYPE_CHECKING:
     from services.frontend.engine_client import EngineClient

@@ -13,13 +13,14 @@ from typing import Any
 from services.frontend.engine_client import EngineClient
 from services.frontend.errors import bad_request, engine_unavailable, from_value_error, model_not_found
 from services.frontend.generation import Generation
-from services.frontend.limits import RequestLimits, check_caps
+from services.frontend.limits import check_caps
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.request_log import log_request
 from services.frontend.request_metrics import RequestMetrics
 from services.frontend.tokenization import Tokenization
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
+from shared.frontend_args import RequestLimits
 from shared.processor.chat import ChatParsers, ChatPlan
 from shared.processor.processor import ModelFacts, RequestProcessor
 from shared.processor.token_text import TokenIdText, TokenText
@@ -54,7 +55,7 @@ class FrontendConfig:
     # the Responses API's store (response_store.py): most responses kept, and for how long
     response_store_max_entries: int = 1000
     response_store_ttl: float = 3600.0
-    # vLLM's server flags (services/frontend/server_flags.py)
+    # vLLM's server flags (shared/frontend_args.py)
     trust_remote_code: bool = False  # a hub tokenizer may run its own code
     chat_template: str | None = None  # the server's template, over the model's (trusted: the operator's)
     response_role: str = "assistant"  # the role of chat answers

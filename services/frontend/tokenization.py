@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 from jinja2 import TemplateError
 
 from services.frontend.errors import bad_request
-from services.frontend.limits import RequestLimits, check_text_fits
+from services.frontend.limits import check_text_fits
 from services.frontend.template_sandbox import TemplateRejected, TemplateSandbox
+from shared.frontend_args import RequestLimits
 from shared.processor.tokenizer import max_token_bytes, render_chat, template_variables
 
 log = logging.getLogger(__name__)

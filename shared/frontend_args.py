@@ -1,5 +1,6 @@
 """The frontend's flags (every one through shared.engine_args.add_flag, so each reads its
-PAGEDSERVE_* variable) and the configuration built from them.
+PAGEDSERVE_* variable) and the configuration built from them. Here in shared/ beside the engine's
+flags, since `pagedserve serve` forwards them and imports nothing of the frontend.
 
 ``add_http_arguments`` holds the flags a user sets on `pagedserve serve` too, with vLLM's names and
 meanings; `serve` forwards each of them (HTTP_FLAG_NAMES) to every frontend it starts.
@@ -13,11 +14,33 @@ import dataclasses
 import json
 from pathlib import Path
 
-from services.frontend.limits import RequestLimits
 from shared.auth import add_auth_args
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, add_flag, flag_names
+from shared.sampling_params import MAX_LOGPROBS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_BODY_BYTES = 32 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of a frontend (enforced in services/frontend/limits.py)."""
+
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_n: int = 128
+    max_logprobs: int = MAX_LOGPROBS  # vLLM's default, 20
+    max_prompts_per_request: int = 64
+    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
+    chat_template_timeout: float = 2.0  # a trusted client template is killed after this long
+
+    def __post_init__(self) -> None:
+        for name in ("max_request_body_bytes", "max_n", "max_prompts_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}] (the engine's limit), got {self.max_logprobs}")
+        if not self.chat_template_timeout > 0:
+            raise ValueError(f"chat_template_timeout must be positive, got {self.chat_template_timeout}")
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
