@@ -178,3 +178,17 @@ def test_restarted_workers_recompute_every_request_with_its_tokens():
         return {r.req_id: r.output_token_ids for r in reqs}
 
     assert scenario(crash_at=3) == scenario(crash_at=None)
+
+
+def test_prefix_cache_evictions_are_counted_across_a_worker_restart():
+    """Distinct prompts through a small pool evict cached blocks (the engine exports the count as
+    pagedserve_engine_prefix_cache_evictions_total); a restart keeps the count."""
+    s, w = make_scheduler(num_blocks=12), TokenCounter()
+    for i in range(6):  # prompts sharing nothing: each needs fresh blocks
+        prompt = [(i * 11 + k) % 50 + 1 for k in range(16)]
+        s.add_request(Request(f"e{i}", prompt, SamplingParams(max_tokens=2), (EOS,), max_model_len=256))
+        run_to_completion(s, w)
+    evicted = s.kv.pool.num_evictions
+    assert evicted > 0
+    s.restart_workers(12)
+    assert s.kv.pool.num_evictions == evicted

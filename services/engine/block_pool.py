@@ -32,11 +32,10 @@ class Block:
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int):
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
-        self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[bytes, Block] = {}
@@ -87,12 +86,3 @@ class BlockPool:
             return  # already indexed, or another block holds the same content
         block.block_hash = block_hash
         self._cached[block_hash] = block
-
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached hash; only possible when no block is in use."""
-        if len(self._free) != self.num_blocks:
-            return False
-        for block in self._cached.values():
-            block.block_hash = None
-        self._cached.clear()
-        return True

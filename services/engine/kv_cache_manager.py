@@ -8,7 +8,7 @@ from services.engine.request import Request
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.enable_caching = enable_caching
         self._blocks: dict[str, list[Block]] = {}

@@ -48,6 +48,9 @@ class EngineMetrics:
             "pagedserve_engine_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."
         )
         self.prefix_hits = counter("pagedserve_engine_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache.")
+        self.prefix_evictions = counter(
+            "pagedserve_engine_prefix_cache_evictions", "Cached KV blocks taken back from the prefix cache for new tokens."
+        )
         self.preemptions = counter(
             "pagedserve_engine_preemptions", "Requests preempted for recompute (KV blocks short, or the workers restarted)."
         )
@@ -112,4 +115,5 @@ class EngineMetrics:
         self.kv_usage.set(scheduler.kv.usage)
         self.prefix_queried.set_total(scheduler.kv.prefix_queried_tokens)
         self.prefix_hits.set_total(scheduler.kv.prefix_hit_tokens)
+        self.prefix_evictions.set_total(scheduler.kv.pool.num_evictions)
         self.preemptions.set_total(scheduler.num_preemptions)

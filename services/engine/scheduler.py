@@ -243,6 +243,7 @@ class Scheduler:
         old = self.kv
         self.kv = KVCacheManager(num_blocks, old.block_size, old.enable_caching)
         self.kv.prefix_queried_tokens, self.kv.prefix_hit_tokens = old.prefix_queried_tokens, old.prefix_hit_tokens
+        self.kv.pool.num_evictions = old.pool.num_evictions
         self._known_to_worker.clear()
         self._finished_ids = []
         self._in_flight.clear()  # those steps' results never come

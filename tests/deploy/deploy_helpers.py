@@ -48,6 +48,7 @@ ENGINE_METRICS = {
     "pagedserve_engine_connected_workers": "gauge",
     "pagedserve_engine_prefix_cache_queried_tokens_total": "counter",
     "pagedserve_engine_prefix_cache_hit_tokens_total": "counter",
+    "pagedserve_engine_prefix_cache_evictions_total": "counter",
     "pagedserve_engine_preemptions_total": "counter",
     "pagedserve_engine_worker_restarts_total": "counter",
     "pagedserve_engine_worker_wait_seconds_total": "counter",
