@@ -50,8 +50,7 @@ class Request:
                 "which must leave room for at least one generated token"
             )
         self.req_id = req_id
-        self.prompt_token_ids = list(prompt_token_ids)
-        self.token_ids = self.prompt_token_ids + list(output_token_ids or ())  # prompt followed by outputs
+        self.token_ids = list(prompt_token_ids) + list(output_token_ids or ())  # the one copy: prompt, outputs
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = eos_token_ids
@@ -76,6 +75,10 @@ class Request:
         # (a resumption delivered them with its first token already)
         wants = sampling_params.prompt_logprobs is not None and not output_token_ids
         self.prompt_logprobs: list | None = [] if wants else None
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
 
     @property
     def num_tokens(self) -> int:
