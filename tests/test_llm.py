@@ -150,6 +150,7 @@ def test_structured_outputs(model_dirs, config):
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(regex="a", choice=["a"])
     assert llm.engine.scheduler.kv.pool.num_free_blocks == llm.runner.num_blocks  # nothing left behind
+    assert not llm.runner.structured.matchers  # the matchers left with their requests
 
 
 def test_seeded_sampling_ignores_batch_composition(model_dirs):

@@ -89,8 +89,7 @@ class ModelRunner:
 
     def reset(self) -> None:
         """Forget every request (a new engine starts from scratch; the KV tensors stay)."""
-        self.table.states.clear()
-        self.table.take_failed()
+        self.table.clear()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -150,7 +149,7 @@ class ModelRunner:
     ) -> tuple[list[int], list[TokenLogprobs | None], list[str]]:
         """Tokens and logprobs of every row, and the requests whose grammar ended with their
         token. Rows that fail (their grammar, or nothing left to sample) are failed in the table."""
-        for req_id, message in self.structured.apply(logits, states).items():
+        for req_id, message in self.structured.apply(logits, [s.req_id for s in states]).items():
             self.table.fail(req_id, message)
         meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
         out = self.sampler(logits, meta)
@@ -159,7 +158,7 @@ class ModelRunner:
             if token == NO_TOKEN:
                 self.table.fail(state.req_id, NO_TOKEN_MESSAGE)
         live = [i for i, s in enumerate(states) if s.req_id not in self.table.failed]
-        stopped, rejected = self.structured.accept([states[i] for i in live], [tokens[i] for i in live])
+        stopped, rejected = self.structured.accept([states[i].req_id for i in live], [tokens[i] for i in live])
         for req_id, message in rejected.items():
             self.table.fail(req_id, message)
         return tokens, _logprob_lists(out, states), stopped

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from services.worker.layers.sampler import SamplingState
 from services.worker.request_checks import WorkerLimits, check_block_ids, check_new_request, check_schedule
@@ -28,8 +27,7 @@ class RequestState:
     req_id: str
     block_ids: list[int]
     num_computed_tokens: int
-    sampling: SamplingState  # holds the request's tokens
-    grammar: Any = None  # the xgrammar matcher of a request with structured_outputs
+    sampling: SamplingState  # holds the request's tokens (its grammar matcher: StructuredOutputs)
 
     @property
     def token_ids(self) -> list[int]:
@@ -53,7 +51,7 @@ class RequestTable:
 
     def apply(self, plan: StepPlan) -> None:
         for req_id in plan.finished_req_ids:
-            self.states.pop(req_id, None)
+            self._drop(req_id)
         for new in plan.new_requests:
             self._guarded(new.req_id, self._add, new)
         for cached in plan.cached_requests:
@@ -61,8 +59,20 @@ class RequestTable:
 
     def fail(self, req_id: str, message: str) -> None:
         """Drop a request's state; the engine learns why from the step's result."""
-        self.states.pop(req_id, None)
+        self._drop(req_id)
         self.failed[req_id] = message[:MAX_MESSAGE_CHARS]
+
+    def _drop(self, req_id: str) -> None:
+        self.states.pop(req_id, None)
+        if self.structured is not None:
+            self.structured.drop(req_id)
+
+    def clear(self) -> None:
+        """Forget every request (and the failures not yet reported)."""
+        self.states.clear()
+        self.failed.clear()
+        if self.structured is not None:
+            self.structured.clear()
 
     def _guarded(self, req_id: str, stage, arg) -> None:
         try:
@@ -82,18 +92,15 @@ class RequestTable:
         state.num_computed_tokens = cached.num_computed_tokens
 
     def _add(self, new: NewRequestData) -> None:
-        self.states.pop(new.req_id, None)  # resumed after preemption: rebuilt from the plan
+        self._drop(new.req_id)  # resumed after preemption: rebuilt from the plan
         check_new_request(new, self.limits)
         prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
-        grammar = None
         if new.sampling_params.structured_outputs is not None:
             if self.structured is None:
                 raise ValueError("this worker does not support structured outputs")
-            grammar = self.structured.matcher(new.sampling_params.structured_outputs, outputs)
+            self.structured.add(new.req_id, new.sampling_params.structured_outputs, outputs)
         sampling = SamplingState.create(new.sampling_params, prompt, tuple(new.eos_token_ids), outputs)
-        self.states[new.req_id] = RequestState(
-            new.req_id, list(new.block_ids), new.num_computed_tokens, sampling, grammar
-        )
+        self.states[new.req_id] = RequestState(new.req_id, list(new.block_ids), new.num_computed_tokens, sampling)
 
     def runnable(self, plan: StepPlan) -> list[tuple[RequestState, int]]:
         """The plan's requests this table can run, with their token counts, in the step's row

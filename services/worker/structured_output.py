@@ -15,27 +15,27 @@ alone.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
 from services.worker.grammar_compiler import GrammarCompiler, import_xgrammar
 from shared.sampling_params import StructuredOutputsParams
 
-if TYPE_CHECKING:
-    from services.worker.request_table import RequestState
-
 log = logging.getLogger(__name__)
 
 
 class StructuredOutputs:
+    """The matchers of the requests with structured_outputs, by request id."""
+
     def __init__(self, tokenizer_path: str, vocab_size: int, eos_token_ids: list[int]):
         self.vocab_size = vocab_size
         self.compiler = GrammarCompiler(tokenizer_path, vocab_size, eos_token_ids)
+        self.matchers: dict[str, object] = {}
 
-    def matcher(self, params: StructuredOutputsParams, output_token_ids: list[int]):
-        """A matcher at the state after output_token_ids; ValueError for a constraint that does
-        not compile (or tokens it cannot have produced)."""
+    def add(self, req_id: str, params: StructuredOutputsParams, output_token_ids: list[int]) -> None:
+        """A matcher for req_id at the state after output_token_ids; ValueError for a constraint
+        that does not compile (or tokens it cannot have produced)."""
+        self.matchers.pop(req_id, None)
         grammar = self.compiler.compile(params)
         matcher = import_xgrammar().GrammarMatcher(grammar)
         for token in output_token_ids:
@@ -43,48 +43,53 @@ class StructuredOutputs:
                 break
             if not matcher.accept_token(token):
                 raise ValueError(f"token {token} does not fit the request's structured_outputs")
-        return matcher
+        self.matchers[req_id] = matcher
 
-    def apply(self, logits: torch.Tensor, states: list[RequestState]) -> dict[str, str]:
-        """Mask, in place, the tokens each constrained row's grammar does not allow next. Rows
-        whose matcher has terminated are left alone. Returns {req_id: error} for the rows whose
-        matcher failed (those rows are left unmasked; the caller fails their requests)."""
-        rows = [i for i, s in enumerate(states) if _active(s.grammar)]
+    def drop(self, req_id: str) -> None:
+        self.matchers.pop(req_id, None)
+
+    def clear(self) -> None:
+        self.matchers.clear()
+
+    def apply(self, logits: torch.Tensor, req_ids: list[str]) -> dict[str, str]:
+        """Mask, in place, the tokens each constrained row's grammar does not allow next (row i
+        is req_ids[i]). Rows whose matcher has terminated are left alone. Returns {req_id: error}
+        for the rows whose matcher failed (left unmasked; the caller fails their requests)."""
+        rows = [i for i, req_id in enumerate(req_ids) if _active(self.matchers.get(req_id))]
         if not rows:
             return {}
         xgrammar = import_xgrammar()
-        bitmask = xgrammar.allocate_token_bitmask(len(states), self.vocab_size)
+        bitmask = xgrammar.allocate_token_bitmask(len(req_ids), self.vocab_size)
         failed, masked = {}, []
         for i in rows:
             try:
-                states[i].grammar.fill_next_token_bitmask(bitmask, i)
+                self.matchers[req_ids[i]].fill_next_token_bitmask(bitmask, i)
                 masked.append(i)
             except RuntimeError as exc:  # xgrammar's failed checks; the error stays with its request
-                failed[states[i].req_id] = _grammar_error("cannot compute the allowed tokens", exc)
+                failed[req_ids[i]] = _grammar_error("cannot compute the allowed tokens", exc)
         if masked:
             xgrammar.apply_token_bitmask_inplace(
                 logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=masked
             )
         return failed
 
-    @staticmethod
-    def accept(states: list[RequestState], tokens: list[int]) -> tuple[list[str], dict[str, str]]:
+    def accept(self, req_ids: list[str], tokens: list[int]) -> tuple[list[str], dict[str, str]]:
         """Advance each active matcher by its row's token. Returns the requests whose matcher
         terminated with it (stopped), and {req_id: error} for tokens the grammar rejected."""
         stopped, failed = [], {}
-        for state, token in zip(states, tokens):
-            grammar = state.grammar
+        for req_id, token in zip(req_ids, tokens):
+            grammar = self.matchers.get(req_id)
             if not _active(grammar):
                 continue
             try:
                 accepted = grammar.accept_token(token)
             except RuntimeError as exc:
-                failed[state.req_id] = _grammar_error("cannot advance", exc)
+                failed[req_id] = _grammar_error("cannot advance", exc)
                 continue
             if not accepted:
-                failed[state.req_id] = f"sampled token {token} does not fit the request's structured_outputs"
+                failed[req_id] = f"sampled token {token} does not fit the request's structured_outputs"
             elif grammar.is_terminated():
-                stopped.append(state.req_id)
+                stopped.append(req_id)
         return stopped, failed
 
 
