@@ -22,7 +22,7 @@ from pathlib import Path
 from pagedserve.entrypoints.unsupported import add_unsupported_flags
 from shared.auth import add_auth_args
 from shared.engine_args import add_flag, add_model_args, engine_config_from_args, flag_names
-from shared.frontend_args import HTTP_FLAG_NAMES, add_http_arguments, load_chat_template
+from shared.frontend_args import HTTP_FLAG_NAMES, add_http_arguments, check_frontend_args
 
 # Flags forwarded to the engine and the workers as given (see shared/engine_args.py).
 _MODEL_FLAGS = flag_names(add_model_args)
@@ -162,10 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Fail before any child starts on what the children would refuse (ValueError): the model
-    and engine settings as the engine reads them, the chat template, the TLS files."""
-    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
-        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
-    load_chat_template(args.chat_template)
+    and engine settings as the engine reads them, the frontends' flags (chat template, TLS files,
+    parsers)."""
+    check_frontend_args(args)
     engine_config_from_args(args, weights=False)
 
 

@@ -123,6 +123,23 @@ def add_chat_parser_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--tool-call-parser", None, "the model family's tool call format", choices=tuple(TOOL_PARSERS))
     add_flag(p, "--reasoning-parser", None, "split <think> reasoning into reasoning_content",
              choices=tuple(REASONING_PARSERS))
+    add_flag(p, "--response-store-max-entries", 1000, "most responses the Responses API keeps (least recently "
+             "used go first)")
+    add_flag(p, "--response-store-ttl", 3600.0, "seconds the Responses API keeps a response")
+
+
+def check_frontend_args(args: argparse.Namespace) -> str | None:
+    """What a frontend would refuse, found before anything starts (ValueError naming the flag);
+    returns the chat template (--chat-template, a file or inline)."""
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if args.response_store_max_entries < 1:
+        raise ValueError(f"--response-store-max-entries must be at least 1, got {args.response_store_max_entries}")
+    if not args.response_store_ttl > 0:
+        raise ValueError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
+    return load_chat_template(args.chat_template)
 
 
 HTTP_FLAG_NAMES = flag_names(add_http_arguments)  # what `serve` forwards to each frontend

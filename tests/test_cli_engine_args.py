@@ -42,3 +42,17 @@ def test_attention_backend_is_in_the_config_tree(monkeypatch, model_dirs):
     assert engine_config_from_args(parse(add_model_args, ["--model", model])).compilation.attention_backend == "torch"
     with pytest.raises(SystemExit):
         parse(add_model_args, ["--attention-backend", "cuda-magic"])
+
+
+def test_frontend_flags_reach_its_config():
+    from services.frontend.server import frontend_config
+
+    config = frontend_config(parse(frontend_arguments, [
+        "--response-store-max-entries", "5", "--response-store-ttl", "60", "--tool-call-parser", "hermes",
+        "--enable-auto-tool-choice", "--reasoning-parser", "qwen3", "--max-n", "3",
+    ]))
+    assert (config.response_store_max_entries, config.response_store_ttl) == (5, 60.0)
+    assert (config.tool_call_parser, config.enable_auto_tool_choice, config.reasoning_parser) == ("hermes", True, "qwen3")
+    assert config.limits.max_n == 3
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        frontend_config(parse(frontend_arguments, ["--enable-auto-tool-choice"]))

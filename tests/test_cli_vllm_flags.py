@@ -64,6 +64,9 @@ def test_unsupported_flag_in_config_file_fails(tmp_path, model_dirs):
     (["--override-generation-config", "[1]"], "must be a JSON object"),
     (["--generation-config", "/no/such/folder"], "generation_config.json does not exist"),
     (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
+    (["--response-store-max-entries", "0"], "--response-store-max-entries must be at least 1"),
+    (["--response-store-ttl", "-1"], "--response-store-ttl must be positive"),
     (["--max_model_len", "99999"], "max_model_len must be in [1,"),  # vLLM's underscore spelling
     (["--max_model_len=0"], "max_model_len must be in [1,"),
 ])

@@ -82,6 +82,7 @@ class _Server(uvicorn.Server):
 
 def frontend_config(args: argparse.Namespace) -> FrontendConfig:
     """The frozen configuration of one frontend, from its flags (ValueError naming a bad one)."""
+    chat_template = server_flags.check_frontend_args(args)
     return FrontendConfig(
         engine_input=args.engine_input,
         engine_output=args.engine_output,
@@ -100,7 +101,9 @@ def frontend_config(args: argparse.Namespace) -> FrontendConfig:
         tool_call_parser=args.tool_call_parser,
         reasoning_parser=args.reasoning_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        chat_template=server_flags.load_chat_template(args.chat_template),
+        chat_template=chat_template,
+        response_store_max_entries=args.response_store_max_entries,
+        response_store_ttl=args.response_store_ttl,
         response_role=args.response_role,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         log_requests=args.enable_log_requests,
