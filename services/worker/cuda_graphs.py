@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from services.worker.forward_context import ForwardContext, set_forward_context
+from services.worker.stats_log import progress
 from services.worker.transfer import copy_from_host
 from shared.config import EngineConfig
 
@@ -149,7 +150,7 @@ class DecodeGraphs:
         """Capture every bucket, largest first so the smaller graphs reuse its pool memory. The
         buffers hold only padding rows meanwhile, so neither warmup nor capture writes the cache."""
         start, free_before = time.perf_counter(), _free_bytes(self.device)
-        for size in reversed(self.sizes):
+        for size in progress(self.sizes[::-1], "Capturing CUDA graphs (decode)", "graph"):
             self.graphs[size], self.outputs[size] = self._capture_one(model, kv_caches, size)
         log.info(
             "captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.2f GiB", len(self.sizes), self.sizes[0],

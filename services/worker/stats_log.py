@@ -1,5 +1,6 @@
 """Startup logs: how long each phase of a worker's start took (weights, KV cache sizing and
-allocation, CUDA graph capture), and a progress bar over the checkpoint's weight files."""
+allocation, CUDA graph capture), and progress bars over the checkpoint's weight files and the
+CUDA graphs being captured."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ def startup_phase(name: str, logged: bool = True) -> Iterator[None]:
         log.info("%s took %.2f s", name, time.perf_counter() - start)
 
 
+def progress(items: Sequence[T], desc: str, unit: str) -> Iterator[T]:
+    """``items`` with a tqdm bar, as vLLM shows while it loads shards and captures graphs."""
+    yield from tqdm(items, desc=desc, unit=unit, dynamic_ncols=True)
+
+
 def shard_progress(files: Sequence[T]) -> Iterator[T]:
-    """``files`` with a tqdm bar, as vLLM shows while it loads safetensors shards."""
-    yield from tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard", dynamic_ncols=True)
+    return progress(files, "Loading safetensors checkpoint shards", "shard")
