@@ -209,7 +209,7 @@ def install(check: Check, site: Path) -> None:
 
 def plan_parts(py: str, model: Path, tiny: bool) -> list[Part]:
     """Every part after install and environment, in running order."""
-    kernels, m = [py, "benchmarks/kernels.py"], str(model)
+    kernels, m = [py, "benchmarks/gpu_kernels.py"], str(model)
     pytest = [py, "-m", "pytest", "-v", "-p", "no:cacheprovider", "--timeout", "120"]
     size = "tiny" if tiny else "qwen2.5-1.5b"
     workload = (["--num-prompts", "4", "--input-len", "8", "16", "--output-len", "4", "8", "--gemm-size", "128",

@@ -63,11 +63,11 @@ def test_throughput_script_skip_hf(tiny_llama: Path) -> None:
 
 
 def test_kernel_benchmark_e2e_takes_enforce_eager() -> None:
-    """benchmarks/kernels.py --e2e replays CUDA graphs by default; --enforce-eager compares eager decode."""
+    """benchmarks/gpu_kernels.py --e2e replays CUDA graphs by default; --enforce-eager compares eager decode."""
     import importlib.util
 
-    # loaded under its own name: importing it as `kernels` would shadow the kernels package
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    # loaded by path: benchmarks/ is not a package
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "gpu_kernels.py")
     kernel_bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernel_bench)
     assert not kernel_bench.parse_args(["--e2e", "model"]).enforce_eager

@@ -4,8 +4,8 @@ Decode attention (default mode): achieved bandwidth of paged_attention_decode (b
 q read / kernel time) over a grid of batch sizes and context lengths, next to the vectorized
 torch reference timed the same way (CUDA events, warmup, L2 flushed before every timed call).
 
-    python benchmarks/kernels.py [--batch-sizes 1,8,32,128] [--context-lens 512,2048,8192]
-    python benchmarks/kernels.py --e2e MODEL_DIR [--max-tokens 256] [--enforce-eager]
+    python benchmarks/gpu_kernels.py [--batch-sizes 1,8,32,128] [--context-lens 512,2048,8192]
+    python benchmarks/gpu_kernels.py --e2e MODEL_DIR [--max-tokens 256] [--enforce-eager]
 
 --e2e measures batch-1 decode tokens/s through the offline API (`pagedserve.LLM`) and compares it
 with the memory-bandwidth roofline (every weight byte read once per token). Decode steps replay
@@ -32,9 +32,9 @@ def _require_cuda():
     try:
         import torch
     except ImportError:
-        sys.exit("benchmarks/kernels.py needs torch with CUDA")
+        sys.exit("benchmarks/gpu_kernels.py needs torch with CUDA")
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to measure")
+        sys.exit("benchmarks/gpu_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to measure")
     return torch
 
 
