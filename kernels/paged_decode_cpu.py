@@ -27,7 +27,10 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
 CACHE_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "pagedserve" / "kernels"))
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC"]
+# The parts of -ffast-math that let the compiler vectorize the reductions, not -ffast-math itself:
+# linked into a shared library it turns on flush-to-zero for the whole process that loads it.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+         "-freciprocal-math", "-ffp-contract=fast", "-shared", "-fPIC"]
 
 
 def _cpu_flags() -> str:

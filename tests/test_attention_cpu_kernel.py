@@ -76,3 +76,12 @@ def test_without_a_compiler_the_backend_keeps_its_torch_path(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "CPU paged decode kernel unavailable" in proc.stderr
+
+
+def test_loading_the_kernel_leaves_subnormal_floats_alone():
+    """A library built with -ffast-math turns on flush-to-zero for its whole process (every other
+    computation, and hypothesis, then see subnormals vanish); this one is not."""
+    code = ("import sys; from kernels import paged_decode_cpu; assert paged_decode_cpu.available(); "
+            "tiny = sys.float_info.min; assert tiny / 2 > 0 and tiny * 0.5 != 0, 'flush-to-zero is on'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -241,6 +241,7 @@ def test_sigterm_past_the_shutdown_timeout_ends_requests_with_an_error(stack):
     streaming.start()
     whole.start()
     assert started.wait(30)
+    wait_for_in_flight(stack, "fe-short", 2)  # both admitted before the SIGTERM
     assert proc.terminate() == 0, proc.log()
     streaming.join(30)
     whole.join(30)
@@ -275,3 +276,11 @@ def test_heartbeats_keep_an_idle_frontend_known_to_the_engine(model_path, tmp_pa
         assert _connected_frontends(stack) == 1
     finally:
         stack.close()
+
+
+def wait_for_in_flight(stack: Stack, frontend_id: str, count: int, timeout: float = 30.0) -> None:
+    """Until the frontend serves ``count`` generation requests (its in-flight gauge)."""
+    deadline = time.monotonic() + timeout
+    while metric_value(stack.metrics(frontend_id), "pagedserve_frontend_requests_in_flight") < count:
+        assert time.monotonic() < deadline, f"fewer than {count} requests in flight after {timeout}s"
+        time.sleep(0.05)
