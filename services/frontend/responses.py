@@ -5,6 +5,7 @@ built by one writer, which also makes the stream's events in order."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from shared.processor.chat import ChatOutput
 from shared.processor.sequence import Sequence
 
 ENDPOINT = "/v1/responses"
+_FUNCTION_PATH = re.compile(r"(tools\[\d+\])\.function\b")
 
 
 def not_found(response_id: str, param: str | None = None) -> APIError:
@@ -50,7 +52,12 @@ async def create_response(state: FrontendState, store: ResponseStore, body: Resp
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
     state.check_limits(chat)
-    plan = state.chat_plan(messages, chat.tools, chat.tool_choice, chat.parallel_tool_calls)
+    try:
+        plan = state.chat_plan(messages, chat.tools, chat.tool_choice, chat.parallel_tool_calls)
+    except APIError as exc:  # named in chat's shape: tools[i].function.x is tools[i].x here
+        exc.param = _FUNCTION_PATH.sub(r"\1", exc.param) if exc.param else exc.param
+        exc.message = _FUNCTION_PATH.sub(r"\1", exc.message)
+        raise
     ids = await state.encode_chat(messages, True, template_kwargs=plan.template_variables(chat.chat_template_kwargs))
     state.check_prompt(ids, "input")
     params = state.sampling_params(chat, None, [ids], "input", plan)
