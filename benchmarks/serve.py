@@ -127,20 +127,26 @@ def load(args, model_dir: str) -> dict:
     return requests, summarize(outputs, duration, [50.0, 99.0])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_launch_args(ap: argparse.ArgumentParser) -> None:
+    """The stack `--launch` starts, and the load sent to it (the dataset flags of `pagedserve bench`)."""
     ap.add_argument("--launch", required=True, help="start `pagedserve serve DIR` on --port")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--frontends", type=int, default=1)
-    ap.add_argument("--compare-offline", action="store_true")
-    ap.add_argument("--max-concurrency", type=int, default=32)
+    ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--engine-metrics-port", type=int, default=8001)
     ap.add_argument("--worker-metrics-port", type=int, default=8002)
     add_dataset_args(ap)
-    ap.set_defaults(num_prompts=128, random_input_len=144, random_output_len=72, random_range_ratio=0.75)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_launch_args(ap)
+    ap.add_argument("--compare-offline", action="store_true")
+    ap.set_defaults(max_concurrency=32, num_prompts=128, random_input_len=144, random_output_len=72,
+                    random_range_ratio=0.75)
     args = ap.parse_args()
 
     proc = launch(args.launch, args.port, args)

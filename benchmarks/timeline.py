@@ -23,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serve as stack  # benchmarks/serve.py: launch, load, scrape
 
-from pagedserve.bench.datasets import add_dataset_args
-
 PARTS = ("plan", "worker_compute", "worker_idle", "transport")
 
 
@@ -62,17 +60,8 @@ def run_mode(args: argparse.Namespace, async_scheduling: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--launch", required=True, help="the checkpoint `pagedserve serve` runs")
+    stack.add_launch_args(ap)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-concurrency", type=int, default=16)
-    ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--frontends", type=int, default=1)
-    ap.add_argument("--max-num-seqs", type=int, default=128)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--engine-metrics-port", type=int, default=8001)
-    ap.add_argument("--worker-metrics-port", type=int, default=8002)
-    add_dataset_args(ap)
     ap.set_defaults(num_prompts=64, random_input_len=256, random_output_len=128, random_range_ratio=0.5)
     args = ap.parse_args()
     runs, ratios = [], []

@@ -12,6 +12,8 @@ import pytest
 from e2e_stack import Stack
 from frontend_helpers import GREEDY, make_tokenizer_dir, wait_until
 
+from pagedserve.serve import free_port
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -95,3 +97,12 @@ def greedy(client, model):
         return cache[prompt, n_tokens]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def tools_base(stack: Stack) -> str:
+    """Base URL of a frontend with the hermes tool parser and auto tool choice on."""
+    port = free_port()
+    proc = stack.start_frontend("fe-tools", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", port=port)
+    wait_until(f"http://127.0.0.1:{port}/health", proc, timeout=120)
+    return f"http://127.0.0.1:{port}"

@@ -9,22 +9,11 @@ from typing import Literal
 
 import openai
 import pytest
-from frontend_helpers import wait_until
-
-from pagedserve.serve import free_port
 
 agents = pytest.importorskip("agents")
 
 
-@pytest.fixture(scope="module")
-def agents_base(stack) -> str:
-    port = free_port()
-    proc = stack.start_frontend("fe-agents", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", port=port)
-    wait_until(f"http://127.0.0.1:{port}/health", proc, timeout=120)
-    return f"http://127.0.0.1:{port}"
-
-
-def test_an_agent_runs_its_tool_loop(agents_base: str):
+def test_an_agent_runs_its_tool_loop(tools_base: str):
     agents.set_tracing_disabled(True)
     calls: list[tuple[str, str]] = []
 
@@ -34,10 +23,10 @@ def test_an_agent_runs_its_tool_loop(agents_base: str):
         calls.append((city, unit))
         return f"21 degrees {unit} in {city}"
 
-    name = openai.OpenAI(base_url=f"{agents_base}/v1", api_key="unused").models.list().data[0].id
+    name = openai.OpenAI(base_url=f"{tools_base}/v1", api_key="unused").models.list().data[0].id
 
     async def run():
-        client = openai.AsyncOpenAI(base_url=f"{agents_base}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(base_url=f"{tools_base}/v1", api_key="unused", max_retries=0, timeout=120)
         agent = agents.Agent(
             name="weather", instructions="Answer with the weather.", tools=[get_weather],
             model=agents.OpenAIChatCompletionsModel(model=name, openai_client=client),

@@ -12,9 +12,6 @@ import json
 import jsonschema
 import openai
 import pytest
-from frontend_helpers import wait_until
-
-from pagedserve.serve import free_port
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -32,15 +29,6 @@ GREEDY = {"temperature": 0.0, "seed": 1, "max_tokens": 120}
 
 def _client(base: str, **kwargs) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tools_base(stack) -> str:
-    """A frontend with the hermes tool parser and auto tool choice on."""
-    port = free_port()
-    proc = stack.start_frontend("fe-tools", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", port=port)
-    wait_until(f"http://127.0.0.1:{port}/health", proc, timeout=120)
-    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
