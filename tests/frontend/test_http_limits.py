@@ -115,6 +115,25 @@ def test_tokenizer_endpoint_errors_name_the_field(frontend, path, body, param):
     _error(_post(f"{frontend}{path}", body), 400, param)
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/responses", {"input": "x", "max_output_tokens": HUGE}, "max_output_tokens"),
+        ("/v1/responses", {"input": "\ud800"}, "input"),
+        ("/v1/responses", {"input": "x", "tools": [{"type": "function", "name": "\ud800"}]}, "tools"),
+        ("/v1/responses", {"input": "x", "previous_response_id": "\ud800"}, "previous_response_id"),
+        ("/v1/responses", {"input": [{"type": "message", "role": "user", "content": [1, 2]}]}, "input[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "maxLength": HUGE}}}]},
+         "tools"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [],
+                                  "tool_choice": {"type": "function", "function": {"name": "\ud800"}}}, "tool_choice"),
+    ],
+)
+def test_hostile_tool_and_responses_values_get_400_naming_the_field(frontend, path, body, param):
+    _error(_post(f"{frontend}{path}", body), 400, param)
+
+
 def test_unparsable_bodies_have_a_code(frontend):
     for content, ctype in ((b"{nope", "application/json"), (b'{"prompt": "x"}', "text/plain"),
                            (b'{"prompt": 1' + b"9" * 5000 + b"}", "application/json"), (b"[1, 2]", "application/json")):
