@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import urllib.request
 
 import pytest
+from service_helpers import stop_processes
+from test_recovery import spawn, wait_healthy
 from test_serve import start_serve, wait_line
 
 from pagedserve import LLM, SamplingParams
@@ -52,3 +55,45 @@ def test_serve_tensor_parallel_matches_one_rank(model_dirs, one_rank):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ----- ranks as separate processes, meeting at an address given by flags or environment -----------
+
+FLAGS = ("--max-model-len", "256", "--kv-cache-memory", str(8 << 20), "--tensor-parallel-size", "2")
+
+
+def test_ranks_started_apart_rendezvous_by_flags_and_torchrun_variables(model_dirs, one_rank):
+    model, dist = str(model_dirs("llama")), f"127.0.0.1:{free_port()}"
+    inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+    port = free_port()
+    procs = [
+        spawn("engine", "--model", model, *FLAGS, "--frontend-input", inp, "--frontend-output", out,
+              "--worker-addr", wrk, "--metrics-port", "0"),
+        # node 1 of 2 by flags; rank 0 by torchrun's variables
+        spawn("worker", "--model", model, *FLAGS, "--worker-addr", wrk, "--metrics-port", "0", "--nnodes", "2",
+              "--node-rank", "1", "--dist-init-addr", dist),
+        spawn("worker", "--model", model, *FLAGS, "--worker-addr", wrk, "--metrics-port", "0",
+              env_extra={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": dist.split(":")[1], "WORLD_SIZE": "2",
+                         "RANK": "0"}),
+        spawn("frontend", "--engine-input", inp, "--engine-output", out, "--port", str(port), "--metrics-port", "0",
+              "--return-tokens-as-token-ids"),
+    ]
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", timeout_s=180)
+        assert served_tokens(port) == one_rank
+    finally:
+        stop_processes(procs)
+
+
+def test_a_rank_that_never_joins_fails_with_a_clear_error_within_the_timeout(model_dirs):
+    # rank 0 of 2 waits at its address; rank 1 never comes (a hang would trip communicate's timeout)
+    proc = spawn("worker", "--model", str(model_dirs("llama")), *FLAGS, "--metrics-port", "0", "--rank", "0",
+                 "--dist-init-addr", f"127.0.0.1:{free_port()}", "--dist-timeout", "3",
+                 stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "rank 0 of 2: the ranks did not all join" in err and "within 3s (--dist-timeout)" in err, err[-2000:]

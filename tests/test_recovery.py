@@ -29,8 +29,8 @@ from service_helpers import scrape, sse_events
 from pagedserve.serve import free_port
 
 
-def spawn(*args: str, **popen_kwargs) -> subprocess.Popen:
-    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
+def spawn(*args: str, env_extra: dict[str, str] | None = None, **popen_kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-m", "pagedserve.cli", *args], env=env, **popen_kwargs)
 
 
