@@ -30,6 +30,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import throughput
+from benchmarks.mfu import measure_gemm_peak
 
 CATEGORIES = ("gemm", "attention", "norm", "rotary", "activation", "embedding", "lm_head", "sampling")
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     model_dir = throughput.resolve_model(args)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    peak = throughput.measure_gemm_peak(args.gemm_size, 5)
+    peak = measure_gemm_peak(args.gemm_size, 5)
     reqs = throughput.make_workload(args, vocab, args.num_prompts, args.seed)
     llm = LLM(str(model_dir), dtype=args.dtype, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)

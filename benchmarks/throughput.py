@@ -14,44 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import shutil
-import struct
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.hf_baseline import run_hf
+from benchmarks.mfu import count_parameters, measure_gemm_peak, mfu
+from pagedserve.bench.datasets import SampleRequest, uniform_requests
+from pagedserve.bench.offline import Timing, generate
+
 DEFAULT_CACHE = Path.home() / ".cache" / "pagedserve" / "models"
-
-
-@dataclass(frozen=True)
-class Req:
-    """One benchmark request: prompt token ids and the exact number of tokens to generate."""
-
-    prompt: list[int]
-    output_len: int
-
-
-@dataclass
-class Timing:
-    wall_s: float = 0.0
-    cpu_s: float = 0.0  # this process, all threads: well below wall_s x threads means a busy machine
-
-
-@contextmanager
-def timed() -> Iterator[Timing]:
-    t = Timing()
-    wall, cpu = time.perf_counter(), time.process_time()
-    yield t
-    t.wall_s, t.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
 
 
 @dataclass(frozen=True)
@@ -65,8 +45,8 @@ class RunResult:
     outputs: list[list[int]]
 
     @classmethod
-    def of(cls, reqs: list[Req], outputs: list[list[int]], t: Timing) -> RunResult:
-        prompt_tokens = sum(len(r.prompt) for r in reqs)
+    def of(cls, reqs: list[SampleRequest], outputs: list[list[int]], t: Timing) -> RunResult:
+        prompt_tokens = sum(r.prompt_len for r in reqs)
         requested = sum(r.output_len for r in reqs)
         return cls(len(reqs), prompt_tokens, requested, sum(map(len, outputs)), t.wall_s, t.cpu_s, outputs)
 
@@ -171,66 +151,12 @@ def resolve_model(args: argparse.Namespace) -> Path:
     return target
 
 
-def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, without reading the tensors."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    return {name: meta["shape"] for name, meta in header.items() if name != "__metadata__"}
-
-
-def count_parameters(model_dir: Path) -> int:
-    """Parameters stored in the checkpoint, a tied output embedding counted once."""
-    shapes: dict[str, list[int]] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        shapes.update(_safetensors_shapes(file))
-    if not shapes:
-        raise ValueError(f"{model_dir} has no safetensors weights to count")
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("tie_word_embeddings", False):
-        # Some checkpoints store the tied copy too; it is one parameter.
-        shapes.pop("lm_head.weight", None)
-    return sum(math.prod(shape) for shape in shapes.values())
-
-
-def make_workload(args: argparse.Namespace, vocab_size: int, num: int, seed: int) -> list[Req]:
-    """`num` requests with random ids from [10, vocab_size - 10) and uniformly drawn lengths."""
-    rng = random.Random(seed)
-    lo_id, hi_id = 10, max(11, vocab_size - 10)
-    lengths = [(rng.randint(*args.input_len), rng.randint(*args.output_len)) for _ in range(num)]
-    return [Req([rng.randrange(lo_id, hi_id) for _ in range(n_in)], n_out) for n_in, n_out in lengths]
+def make_workload(args: argparse.Namespace, vocab_size: int, num: int, seed: int) -> list[SampleRequest]:
+    """`num` requests with random ids and lengths drawn uniformly from --input-len and --output-len."""
+    return uniform_requests(num, tuple(args.input_len), tuple(args.output_len), vocab_size, seed)
 
 
 # ----- measurements -----------------------------------------------------------------------------
-
-
-def mfu(params: int, tokens: int, elapsed_s: float, peak_gflops: float) -> float:
-    """Model FLOPs utilization: 2 FLOPs per parameter per token processed, over the GEMM peak."""
-    if elapsed_s <= 0 or peak_gflops <= 0:
-        return 0.0
-    return 2.0 * params * tokens / elapsed_s / (peak_gflops * 1e9)
-
-
-def measure_gemm_peak(size: int, reps: int, warmup: int = 2, device: str = "cpu", dtype: str = "float32") -> float:
-    """Best GFLOP/s of a square matmul on this machine: float32 on the CPU, the run's dtype on CUDA."""
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    kind = getattr(torch, dtype)
-    a = torch.randn(size, size, generator=gen).to(device, kind)
-    b = torch.randn(size, size, generator=gen).to(device, kind)
-    out = torch.empty(size, size, device=device, dtype=kind)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best / 1e9
 
 
 def make_llm(args: argparse.Namespace, model_dir: Path, dtype: str):
@@ -245,23 +171,15 @@ def make_llm(args: argparse.Namespace, model_dir: Path, dtype: str):
     )
 
 
-def run_pagedserve(llm, reqs: list[Req], warm: list[Req]) -> RunResult:
-    """Time LLM.generate on every request, after a short warm-up."""
-    from shared.sampling_params import SamplingParams
-
-    def params(r: Req) -> SamplingParams:
-        return SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=r.output_len)
-
-    llm.generate([{"prompt_token_ids": r.prompt} for r in warm], [params(r) for r in warm], use_tqdm=False)
-    prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
-    sampling = [params(r) for r in reqs]
-    with timed() as t:
-        results = llm.generate(prompts, sampling, use_tqdm=False)
-    outputs = [list(res.outputs[0].token_ids) for res in results]
-    return RunResult.of(reqs, outputs, t)
+def run_pagedserve(llm, reqs: list[SampleRequest], warm: list[SampleRequest]) -> RunResult:
+    """Time greedy LLM.generate on every request (pagedserve bench throughput's timed run), after a
+    short warm-up."""
+    generate(llm, warm, greedy=True)
+    results, t = generate(llm, reqs, greedy=True)
+    return RunResult.of(reqs, [list(res.outputs[0].token_ids) for res in results], t)
 
 
-def top1_agreement(llm, reqs: list[Req], outputs: list[list[int]]) -> float:
+def top1_agreement(llm, reqs: list[SampleRequest], outputs: list[list[int]]) -> float:
     """Share of generated positions where llm's top-1 token is the one another run chose greedily,
     each position scored on that run's own prefix (teacher forcing, through prompt_logprobs)."""
     from shared.sampling_params import SamplingParams
@@ -276,7 +194,7 @@ def top1_agreement(llm, reqs: list[Req], outputs: list[list[int]]) -> float:
     return agree / max(total, 1)
 
 
-def compare_dtypes(args, model_dir: Path, reqs: list[Req], warm: list[Req], params: int, peak: float) -> dict:
+def compare_dtypes(args, model_dir: Path, reqs: list[SampleRequest], warm: list[SampleRequest], params: int, peak: float) -> dict:
     """args.dtype against args.compare_dtype, alternating runs (A B A B ...), best of each, and the
     compared dtype's top-1 agreement with args.dtype's greedy tokens."""
     import torch
@@ -299,49 +217,6 @@ def compare_dtypes(args, model_dir: Path, reqs: list[Req], warm: list[Req], para
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     }
-
-
-def _hf_batch(model, batch: list[Req], pad_id: int) -> list[list[int]]:
-    """Greedy generate for one left-padded batch; each row trimmed to its requested length."""
-    import torch
-
-    width = max(len(r.prompt) for r in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, r in enumerate(batch):
-        ids[row, width - len(r.prompt) :] = torch.tensor(r.prompt)
-        mask[row, width - len(r.prompt) :] = 1
-    new = max(r.output_len for r in batch)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=new,
-        min_new_tokens=new,
-        eos_token_id=None,
-        pad_token_id=pad_id,
-    )
-    return [out[row, width : width + r.output_len].tolist() for row, r in enumerate(batch)]
-
-
-def run_hf(args: argparse.Namespace, model_dir: Path, reqs: list[Req], warm: list[Req]) -> RunResult:
-    """Time transformers' generate on static batches of length-sorted requests."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, args.dtype)).eval()
-    model.generation_config.eos_token_id = None  # ignore EOS, like ignore_eos=True
-    order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].prompt))
-    bs = args.hf_batch_size
-    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
-    outputs: list[list[int]] = [[] for _ in reqs]
-    with torch.inference_mode():
-        _hf_batch(model, warm, pad_id=0)
-        with timed() as t:
-            for idx in batches:
-                for i, toks in zip(idx, _hf_batch(model, [reqs[i] for i in idx], pad_id=0)):
-                    outputs[i] = toks
-    return RunResult.of(reqs, outputs, t)
 
 
 # ----- report -----------------------------------------------------------------------------------
@@ -400,13 +275,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     peak = measure_gemm_peak(args.gemm_size, args.gemm_reps, device=args.gemm_device, dtype=gemm_dtype)
     reqs = make_workload(args, config["vocab_size"], args.num_prompts, args.seed)
     warm = make_workload(args, config["vocab_size"], 2, args.seed + 1)  # distinct ids: no prefix-cache hits
-    warm = [Req(r.prompt[: args.input_len[0]], min(4, r.output_len)) for r in warm]
+    warm = [SampleRequest(r.prompt[: args.input_len[0]], args.input_len[0], min(4, r.output_len)) for r in warm]
     ours = run_pagedserve(make_llm(args, model_dir, args.dtype), reqs, warm)
     if ours.generated_tokens != ours.requested_tokens:
         msg = f"warning: pagedserve generated {ours.generated_tokens} tokens of {ours.requested_tokens} requested"
         print(msg, file=sys.stderr)
     hf_reqs = reqs[: args.hf_prompts]
-    theirs = None if args.skip_hf or not hf_reqs else run_hf(args, model_dir, hf_reqs, warm)
+    theirs = None if args.skip_hf or not hf_reqs else RunResult.of(hf_reqs, *run_hf(args, model_dir, hf_reqs, warm))
     info: dict[str, Any] = {
         "benchmark": "throughput",
         "model": str(model_dir),
@@ -432,8 +307,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
-        sys.path.insert(0, str(REPO_ROOT))
     args = parse_args(argv)
     info = benchmark(args)
     print_table(info)

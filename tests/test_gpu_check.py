@@ -33,7 +33,7 @@ gpu_check = _load_gpu_check()
 
 def test_tiny_mode_writes_every_part_under_out(tmp_path: Path) -> None:
     env = {**os.environ, "OUT": str(tmp_path / "out")}
-    cmd = ["bash", "benchmarks/gpu_check.sh", "--tiny", "--budget-s", "55", "--work-dir", str(tmp_path / "work")]
+    cmd = ["bash", "benchmarks/gpu_check.sh", "--tiny", "--budget-s", "120", "--work-dir", str(tmp_path / "work")]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report_path = tmp_path / "out" / "gpu_check.json"

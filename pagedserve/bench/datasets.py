@@ -44,25 +44,35 @@ def add_dataset_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--prefix-repetition-output-len", type=int, default=128)
 
 
-def _lengths(rng: random.Random, length: int, ratio: float) -> int:
+def length_range(length: int, ratio: float) -> tuple[int, int]:
+    """vLLM's random lengths: uniform over [len*(1-r), len*(1+r)]."""
     if not 0 <= ratio < 1:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {ratio}")
-    return rng.randint(max(1, int(length * (1 - ratio))), max(1, int(length * (1 + ratio))))
+    return max(1, int(length * (1 - ratio))), max(1, int(length * (1 + ratio)))
 
 
 def _ids(rng: random.Random, n: int, vocab_size: int) -> list[int]:
     return [rng.randrange(_FIRST_ID, vocab_size) for _ in range(n)]
 
 
-def random_requests(args: argparse.Namespace, vocab_size: int) -> list[SampleRequest]:
-    rng = random.Random(args.seed)
-    prefix = _ids(rng, args.random_prefix_len, vocab_size)
+def uniform_requests(num: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab_size: int,
+                     seed: int, prefix_len: int = 0) -> list[SampleRequest]:
+    """`num` prompts of random token ids, each after one shared random prefix of `prefix_len` ids, with
+    input and output lengths drawn uniformly from the inclusive ranges."""
+    rng = random.Random(seed)
+    prefix = _ids(rng, prefix_len, vocab_size)
     out = []
-    for _ in range(args.num_prompts):
-        n_in = _lengths(rng, args.random_input_len, args.random_range_ratio)
-        n_out = _lengths(rng, args.random_output_len, args.random_range_ratio)
+    for _ in range(num):
+        n_in, n_out = rng.randint(*input_range), rng.randint(*output_range)
         out.append(SampleRequest(prefix + _ids(rng, n_in, vocab_size), len(prefix) + n_in, n_out))
     return out
+
+
+def random_requests(args: argparse.Namespace, vocab_size: int) -> list[SampleRequest]:
+    ratio = args.random_range_ratio
+    return uniform_requests(args.num_prompts, length_range(args.random_input_len, ratio),
+                            length_range(args.random_output_len, ratio), vocab_size, args.seed,
+                            args.random_prefix_len)
 
 
 def prefix_repetition_requests(args: argparse.Namespace, vocab_size: int) -> list[SampleRequest]:

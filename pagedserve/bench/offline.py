@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pagedserve.bench.datasets import SampleRequest, load_requests
 from pagedserve.bench.metrics import percentile
@@ -26,23 +29,47 @@ def make_llm(args: argparse.Namespace):
     return LLM(args.model, **{name: getattr(args, name) for name in _LLM_ARGS})
 
 
+@dataclass
+class Timing:
+    wall_s: float = 0.0
+    cpu_s: float = 0.0  # this process, all threads: well below wall_s x threads means a busy machine
+
+
+@contextmanager
+def timed() -> Iterator[Timing]:
+    """Wall and process CPU seconds spent in the block."""
+    t = Timing()
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield t
+    t.wall_s, t.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
+
+
 def _prompt(req: SampleRequest):
     return req.prompt if isinstance(req.prompt, str) else {"prompt_token_ids": req.prompt}
 
 
-def _params(output_len: int):
+def _params(output_len: int, greedy: bool):
     from pagedserve import SamplingParams
 
-    return SamplingParams(temperature=1.0, top_p=1.0, max_tokens=output_len, ignore_eos=True)
+    # vLLM's bench samples at temperature 1; greedy runs compare tokens with another engine.
+    return SamplingParams(temperature=0.0 if greedy else 1.0, top_p=1.0, max_tokens=output_len, ignore_eos=True)
+
+
+def generate(llm, requests: list[SampleRequest], greedy: bool = False, use_tqdm: bool = False) -> tuple[list, Timing]:
+    """Every request in one LLM.generate call, EOS ignored so each yields exactly output_len tokens;
+    the outputs and the time it took."""
+    prompts = [_prompt(r) for r in requests]
+    params = [_params(r.output_len, greedy) for r in requests]
+    with timed() as t:
+        outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    return outs, t
 
 
 def run_throughput(args: argparse.Namespace) -> dict:
     llm = make_llm(args)
     requests = load_requests(args, llm.config.model.vocab_size, llm.tokenizer)
-    start = time.perf_counter()
-    outs = llm.generate([_prompt(r) for r in requests], [_params(r.output_len) for r in requests],
-                        use_tqdm=not args.disable_tqdm)
-    elapsed = time.perf_counter() - start
+    outs, t = generate(llm, requests, use_tqdm=not args.disable_tqdm)
+    elapsed = t.wall_s
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
     output_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {
@@ -61,12 +88,12 @@ def run_latency(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     prompts = [{"prompt_token_ids": [rng.randrange(10, vocab) for _ in range(args.input_len)]}
                for _ in range(args.batch_size)]
-    params = _params(args.output_len)
+    params = _params(args.output_len, greedy=False)
 
     def once() -> float:
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start
+        with timed() as t:
+            llm.generate(prompts, params, use_tqdm=False)
+        return t.wall_s
 
     for _ in range(args.num_iters_warmup):
         once()
