@@ -1,5 +1,6 @@
 """`pagedserve serve`: the whole stack on one machine — engine, workers and N frontends sharing
-one port — as child processes. Waits until it answers, prints where it listens, and on Ctrl-C or
+one port; with --data-parallel-size, several engine+worker replicas behind the same frontends —
+as child processes. Waits until it answers, prints where it listens, and on Ctrl-C or
 SIGTERM drains in order: the frontends first (they stop accepting and let open requests finish
 within --shutdown-timeout), then the engine and the workers. If a child dies, names it and exits
 non-zero."""
@@ -22,10 +23,17 @@ from pathlib import Path
 from pagedserve.entrypoints.unsupported import add_unsupported_flags
 from shared.auth import add_auth_args
 from shared.engine_args import add_flag, add_model_args, engine_config_from_args, flag_names
-from shared.frontend_args import HTTP_FLAG_NAMES, add_http_arguments, check_frontend_args
+from shared.frontend_args import (
+    HTTP_FLAG_NAMES,
+    add_http_arguments,
+    add_routing_arguments,
+    check_frontend_args,
+)
 
 # Flags forwarded to the engine and the workers as given (see shared/engine_args.py).
 _MODEL_FLAGS = flag_names(add_model_args)
+_CLI = [sys.executable, "-m", "pagedserve.cli"]
+ROUTING_FLAG_NAMES = flag_names(add_routing_arguments)  # forwarded to the frontends
 
 
 # Beyond --shutdown-timeout: what a frontend may take to send its final events and say Goodbye.
@@ -64,31 +72,64 @@ def _forward(args: argparse.Namespace, names: tuple[str, ...] = _MODEL_FLAGS) ->
     return out
 
 
-def _children(args: argparse.Namespace, sock_dir: str) -> list[tuple[str, list[str]]]:
-    """The command of every child. The engine's sockets are Unix sockets in ``sock_dir``, a
+# A child: its name, its command, and the environment variables it gets beyond ours.
+Child = tuple[str, list[str], dict[str, str]]
+
+
+def _replica(args: argparse.Namespace, sock_dir: str, replica: int, model: list[str]) -> tuple[list[Child], str, str]:
+    """Data-parallel replica ``replica``'s engine and workers, and the engine's input and output
+    addresses. Each replica has its own sockets, its metrics ports right after the previous
+    replica's (engine, then one per rank) and, on a GPU machine, its own devices."""
+    base = _CLI
+    tag = f"-{replica}" if args.data_parallel_size > 1 else ""
+    inp, outp, wrk = (f"ipc://{sock_dir}/{name}{tag}" for name in ("input", "output", "workers"))
+    ranks = args.tensor_parallel_size
+    shift = replica * (1 + ranks)
+    engine = ["engine", *model, "--frontend-input", inp, "--frontend-output", outp, "--worker-addr", wrk]
+    engine_port = args.engine_metrics_port + shift if args.engine_metrics_port else 0
+    kids: list[Child] = [(f"engine{tag}", base + engine + ["--metrics-port", str(engine_port)], {})]
+    dist = f"tcp://127.0.0.1:{free_port()}"
+    env = _replica_devices(replica, ranks) if args.data_parallel_size > 1 else {}
+    for rank in range(ranks):
+        worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]
+        port = args.worker_metrics_port + shift + rank if args.worker_metrics_port else 0
+        kids.append((f"worker{tag}-{rank}", base + worker + ["--metrics-port", str(port)], env))
+    return kids, inp, outp
+
+
+def _replica_devices(replica: int, ranks: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES of a replica's workers: its own ``ranks`` GPUs of those visible to us
+    (worker rank r takes cuda:r of them). No effect on a machine without GPUs."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range((replica + 1) * ranks)]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(devices[replica * ranks : (replica + 1) * ranks])}
+
+
+def _children(args: argparse.Namespace, sock_dir: str) -> list[Child]:
+    """The command of every child. The engines' sockets are Unix sockets in ``sock_dir``, a
     private folder: no port to race for, nothing reachable from the network."""
-    base = [sys.executable, "-m", "pagedserve.cli"]
-    inp, outp, wrk = (f"ipc://{sock_dir}/{name}" for name in ("input", "output", "workers"))
+    base = _CLI
     # CURVE on every link when given keys (off by default: these sockets are on loopback).
     auth = ["--curve-keys-dir", args.curve_keys_dir] if args.curve_keys_dir else []
     model = _forward(args) + auth
-    engine = ["engine", *model, "--frontend-input", inp, "--frontend-output", outp, "--worker-addr", wrk]
-    kids = [("engine", base + engine + ["--metrics-port", str(args.engine_metrics_port)])]
-    dist = f"tcp://127.0.0.1:{free_port()}"
-    for rank in range(args.tensor_parallel_size):
-        worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]
-        port = args.worker_metrics_port + rank if args.worker_metrics_port else 0
-        kids.append((f"worker-{rank}", base + worker + ["--metrics-port", str(port)]))
-    front = ["--engine-input", inp, "--engine-output", outp, "--host", args.host, "--port", str(args.port),
+    kids: list[Child] = []
+    inputs, outputs = [], []
+    for replica in range(args.data_parallel_size):
+        replica_kids, inp, outp = _replica(args, sock_dir, replica, model)
+        kids += replica_kids
+        inputs.append(inp)
+        outputs.append(outp)
+    front = ["--engine-input", *inputs, "--engine-output", *outputs, "--host", args.host, "--port", str(args.port),
              "--shutdown-timeout", str(args.shutdown_timeout)]
-    front += auth + _forward(args, (*HTTP_FLAG_NAMES, "served_model_name"))  # every name, not just the engine's
+    # every served name, not just the engine's
+    front += auth + _forward(args, (*HTTP_FLAG_NAMES, *ROUTING_FLAG_NAMES, "served_model_name"))
     if args.api_key:
         front += ["--api-key", args.api_key]
     for i in range(args.frontends):
         # frontends share the HTTP port; each also serves its own /metrics so every one is scraped
         metrics = ["--metrics-port", str(args.frontend_metrics_port + i)] if args.frontend_metrics_port else []
         ready = ["--ready-file", _ready_file(sock_dir, i)]
-        kids.append((f"frontend-{i}", base + ["frontend", *front, *metrics, *ready]))
+        kids.append((f"frontend-{i}", base + ["frontend", *front, *metrics, *ready], {}))
     return kids
 
 
@@ -146,6 +187,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true", help="serve a small built-in random-weight checkpoint")
     add_flag(parser, "--host", "127.0.0.1", "address the frontends listen on")
     add_flag(parser, "--port", 8000, "port the frontends share (SO_REUSEPORT)")
+    add_flag(parser, "--data-parallel-size", 1, "engine+worker replicas behind the frontends, each with its own "
+             "KV cache; the frontends route each request by prefix affinity and load (--data-parallel-routing)",
+             aliases=("-dp",))
+    add_routing_arguments(parser)
     add_flag(parser, "--frontends", 1, "frontend processes", aliases=("--api-server-count", "-asc"))
     add_flag(parser, "--api-key", None, "require this Bearer token on /v1/*", kind=str)
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
@@ -165,6 +210,8 @@ def _check(args: argparse.Namespace) -> None:
     and engine settings as the engine reads them, the frontends' flags (chat template, TLS files,
     parsers)."""
     check_frontend_args(args)
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
     engine_config_from_args(args, weights=False)
 
 
@@ -184,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     sock_dir = tempfile.mkdtemp(prefix="pagedserve-")
     # Their own session: Ctrl-C in a terminal reaches only us, and we stop them in order.
-    procs = {name: subprocess.Popen(cmd, start_new_session=True) for name, cmd in _children(args, sock_dir)}
+    procs = {name: subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **env} if env else None)
+             for name, cmd, env in _children(args, sock_dir)}
     try:
         ready_files = [_ready_file(sock_dir, i) for i in range(args.frontends)]
         scheme = "https" if args.ssl_certfile else "http"
@@ -192,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         dead = _wait_ready(f"{scheme}://{args.host}:{args.port}/health", procs, ready_files, args.ready_timeout)
         if dead is None:
             print(f"pagedserve: serving {', '.join(args.served_model_name or [args.model])} at {url}/v1 "
-                  f"({args.frontends} frontend(s))", flush=True)
+                  f"({args.frontends} frontend(s), {args.data_parallel_size} engine replica(s))", flush=True)
         while dead is None and not stopping:
             time.sleep(0.5)
             dead = next((n for n, p in procs.items() if p.poll() is not None), None)

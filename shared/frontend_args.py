@@ -19,6 +19,7 @@ from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, add_
 from shared.sampling_params import MAX_LOGPROBS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ROUTING_CHOICES = ("affinity", "round_robin")  # --data-parallel-routing (services/frontend/routing.py)
 DEFAULT_MAX_BODY_BYTES = 32 << 20
 
 
@@ -48,8 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every flag of `pagedserve frontend`."""
     add_flag(p, "--host", "127.0.0.1", "address to listen on")
     add_flag(p, "--port", 8000, "HTTP port, shareable between frontends (SO_REUSEPORT)")
-    add_flag(p, "--engine-input", DEFAULT_ENGINE_INPUT, "engine input ROUTER address")
-    add_flag(p, "--engine-output", DEFAULT_ENGINE_OUTPUT, "engine output ROUTER address")
+    add_flag(p, "--engine-input", [DEFAULT_ENGINE_INPUT], "engine input ROUTER address; data-parallel replicas: "
+             "one per engine (PAGEDSERVE_ENGINE_INPUT comma-separated)", nargs="+")
+    add_flag(p, "--engine-output", [DEFAULT_ENGINE_OUTPUT], "engine output ROUTER address, one per engine in "
+             "--engine-input's order", nargs="+")
+    add_routing_arguments(p)
     add_flag(p, "--api-key", None, "require 'Authorization: Bearer KEY' on /v1/*", kind=str)
     add_flag(p, "--served-model-name", None, "model name(s) clients use (default: the engine's); "
              "PAGEDSERVE_SERVED_MODEL_NAME comma-separated", nargs="+")
@@ -98,6 +102,13 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--vllm-metric-names", False, "also export the engine's load on /metrics under vLLM's names "
              "(vllm:num_requests_waiting, ...), for routers and dashboards built for vLLM")
     add_chat_parser_arguments(p)
+
+
+def add_routing_arguments(p: argparse.ArgumentParser) -> None:
+    """How a frontend spreads requests over data-parallel replicas (`serve` forwards it)."""
+    add_flag(p, "--data-parallel-routing", "affinity", "with several engines: affinity (the replica holding the "
+             "prompt's first blocks in its prefix cache, unless much more loaded; else the least loaded) or "
+             "round_robin", choices=ROUTING_CHOICES)
 
 
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:

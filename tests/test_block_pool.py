@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.block_pool import BlockPool, hash_block
+from services.engine.block_pool import BlockPool
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request
+from shared.block_hash import hash_block
 from shared.sampling_params import SamplingParams
 
 

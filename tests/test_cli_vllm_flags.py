@@ -29,7 +29,6 @@ def serve(*args: str, module: str = "pagedserve.cli") -> subprocess.CompletedPro
     ["--speculative-config", '{"method": "ngram"}'],
     ["--pipeline-parallel-size", "2"],
     ["--enable-lora"],
-    ["--data-parallel-size=4"],
     ["--no-enable-chunked-prefill"],
 ])
 def test_unsupported_vllm_flags_fail_saying_so(flags, model_dirs):

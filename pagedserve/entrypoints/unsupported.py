@@ -13,7 +13,6 @@ UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("--quantization", "-q"): (),
     ("--speculative-config",): (),
     ("--pipeline-parallel-size", "-pp"): ("1",),
-    ("--data-parallel-size", "-dp"): ("1",),
     ("--lora-modules",): (),
     ("--max-loras",): (),
     ("--max-lora-rank",): (),

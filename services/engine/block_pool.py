@@ -7,16 +7,7 @@ contents) until it is evicted to make room, oldest-freed first.
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
-
-
-def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
-    """Content hash of a full block, chained to its parent's (collision-resistant, not Python's hash())."""
-    h = hashlib.blake2b(parent or b"", digest_size=16)
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
 
 
 class Block:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from services.engine.block_pool import Block, BlockPool, hash_block
+from services.engine.block_pool import Block, BlockPool
 from services.engine.request import Request
+from shared.block_hash import extend_block_hashes
 
 
 class KVCacheManager:
@@ -23,10 +24,7 @@ class KVCacheManager:
     def _block_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         """Hashes of the request's full blocks among its first num_tokens tokens, extended lazily."""
         hashes = self._hashes.setdefault(request.req_id, [])
-        bs = self.block_size
-        for i in range(len(hashes), num_tokens // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.token_ids[i * bs : (i + 1) * bs]))
-        return hashes
+        return extend_block_hashes(hashes, request.token_ids, self.block_size, num_tokens // self.block_size)
 
     def get_computed_blocks(self, request: Request) -> list[Block]:
         """Cached blocks holding a prefix of a request about to start. The last token is always

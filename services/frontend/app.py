@@ -123,9 +123,9 @@ def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
             state.require_ready()
         except APIError as exc:
             return exc.response()
-        if state.client.draining:  # a probe on a kept-alive connection while open requests finish
+        if state.engines.draining:  # a probe on a kept-alive connection while open requests finish
             return engine_unavailable("The frontend is shutting down.").response()
-        pong = await state.client.ping(state.config.health_timeout)
+        pong = await state.engines.ping(state.config.health_timeout)
         if pong is None:
             return engine_unavailable("The engine did not answer a health ping in time.").response()
         if not pong.workers_ready:

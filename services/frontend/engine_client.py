@@ -91,6 +91,7 @@ class EngineClient:
         self.model_info: ModelInfo | None = None
         self.last_pong: Pong | None = None  # the engine's latest load report (engine_gauges.py)
         self.last_pong_time = 0.0
+        self.last_heard = 0.0  # time.monotonic() of the engine's latest message (replicas.py: is it up)
         self.draining = False
         self._identity = b"fe-" + os.urandom(16)  # secret: the engine routes our outputs by it
         self._ctx: zmq.asyncio.Context | None = None
@@ -170,6 +171,11 @@ class EngineClient:
             self._ctx.term()
 
     # ----- requests -----------------------------------------------------------------------------
+
+    @property
+    def open_requests(self) -> int:
+        """Requests of this frontend registered and not yet released."""
+        return len(self._requests)
 
     def register(self, req_ids: list[str]) -> asyncio.Queue[StreamItem]:
         """One queue that receives the deltas and failures of all ``req_ids`` (a request's n
@@ -252,6 +258,7 @@ class EngineClient:
                 await asyncio.sleep(0.1)  # no busy loop should the error persist
 
     def _dispatch(self, msg: Any) -> None:
+        self.last_heard = time.monotonic()
         if isinstance(msg, Outputs):
             for delta in msg.deltas:
                 routed = self._requests.route(delta)

@@ -62,6 +62,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 
 from services.frontend.engine_gauges import EngineGauges, EngineReports
+from services.frontend.replica_gauges import ReplicaGauges
+from services.frontend.replicas import EngineReplicas
 from shared.metrics import TOKEN_BUCKETS
 
 # Endpoints counted by name; anything else is "other" (so random paths cannot grow the label set).
@@ -207,6 +209,10 @@ class FrontendMetrics:
         """Export the engine's load as ``source`` last heard it (engine_gauges.py), also under
         vLLM's names with ``vllm_names``."""
         self.registry.register(EngineGauges(source, lambda: self.model, vllm_names))
+
+    def watch_replicas(self, replicas: EngineReplicas) -> None:
+        """Export each data-parallel replica's state (replica_gauges.py)."""
+        self.registry.register(ReplicaGauges(replicas, lambda: self.model))
 
     def count_response(self, path: str, status: int) -> None:
         self.responses.labels(self.model, path if path in ENDPOINTS else "other", str(status)).inc()

@@ -31,7 +31,7 @@ from shared.auth import client_security
 from shared.frontend_args import add_arguments
 
 if TYPE_CHECKING:
-    from services.frontend.engine_client import EngineClient
+    from services.frontend.replicas import EngineReplicas
 
 log = logging.getLogger("pagedserve.frontend")
 
@@ -59,12 +59,12 @@ class _Server(uvicorn.Server):
     open responses, and not re-raising the caught signal after a graceful shutdown, so the process
     exits 0 once it has said Goodbye."""
 
-    def __init__(self, config: uvicorn.Config, client: EngineClient, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, engines: EngineReplicas, shutdown_timeout: float):
         super().__init__(config)
-        self.client, self.shutdown_timeout = client, shutdown_timeout
+        self.engines, self.shutdown_timeout = engines, shutdown_timeout
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        drain = asyncio.create_task(self.client.drain(self.shutdown_timeout), name="drain")
+        drain = asyncio.create_task(self.engines.drain(self.shutdown_timeout), name="drain")
         try:
             await super().shutdown(sockets)
         finally:
@@ -84,8 +84,9 @@ def frontend_config(args: argparse.Namespace) -> FrontendConfig:
     """The frozen configuration of one frontend, from its flags (ValueError naming a bad one)."""
     chat_template = server_flags.check_frontend_args(args)
     return FrontendConfig(
-        engine_input=args.engine_input,
-        engine_output=args.engine_output,
+        engine_inputs=tuple(args.engine_input),
+        engine_outputs=tuple(args.engine_output),
+        data_parallel_routing=args.data_parallel_routing,
         api_key=args.api_key or None,
         served_model_names=tuple(args.served_model_name or ()),
         tokenizer=args.tokenizer,
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         serve_metrics(state.metrics, args.host, args.metrics_port)
     sock = bind_socket(args.host, args.port)
     log.info("frontend %s listening on %s:%d%s, engine %s / %s", state.frontend_id, args.host,
-             sock.getsockname()[1], " (https)" if args.ssl_certfile else "", args.engine_input, args.engine_output)
+             sock.getsockname()[1], " (https)" if args.ssl_certfile else "",  " ".join(args.engine_input), " ".join(args.engine_output))
     uv_config = uvicorn.Config(
         app,
         log_level=args.uvicorn_log_level,
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         ssl_certfile=args.ssl_certfile,
         ssl_ca_certs=args.ssl_ca_certs,
     )
-    _Server(uv_config, state.client, args.shutdown_timeout).run(sockets=[sock])
+    _Server(uv_config, state.engines, args.shutdown_timeout).run(sockets=[sock])
     return 0
 
 

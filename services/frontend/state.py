@@ -15,8 +15,10 @@ from services.frontend.errors import bad_request, engine_unavailable, from_value
 from services.frontend.generation import Generation
 from services.frontend.limits import check_caps
 from services.frontend.metrics import FrontendMetrics
+from services.frontend.replicas import EngineReplicas
 from services.frontend.request_log import log_request
 from services.frontend.request_metrics import RequestMetrics
+from services.frontend.routing import make_router
 from services.frontend.tokenization import Tokenization
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
@@ -35,8 +37,10 @@ _PARAM_NAMES = set(_SAMPLING_FIELDS) | {"max_completion_tokens", "top_logprobs",
 
 @dataclass(frozen=True)
 class FrontendConfig:
-    engine_input: str = DEFAULT_ENGINE_INPUT
-    engine_output: str = DEFAULT_ENGINE_OUTPUT
+    # one engine, or data-parallel replicas: the i-th input and output addresses are replica i's
+    engine_inputs: tuple[str, ...] = (DEFAULT_ENGINE_INPUT,)
+    engine_outputs: tuple[str, ...] = (DEFAULT_ENGINE_OUTPUT,)
+    data_parallel_routing: str = "affinity"  # how requests are spread over replicas (routing.py)
     api_key: str | None = None
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model name
     tokenizer: str | None = None  # None: the model path the engine reports
@@ -64,6 +68,11 @@ class FrontendConfig:
     max_log_len: int | None = None  # most prompt ids in a logged request
     vllm_metric_names: bool = False  # also export the engine's load under vLLM's names (engine_gauges.py)
 
+    def __post_init__(self) -> None:
+        if not self.engine_inputs or len(self.engine_inputs) != len(self.engine_outputs):
+            raise ValueError(f"--engine-input gives {len(self.engine_inputs)} address(es) and --engine-output "
+                             f"{len(self.engine_outputs)}: one of each per engine")
+
 
 class FrontendState:
     """Created with the app; ``startup``/``shutdown`` run in the app's lifespan."""
@@ -73,8 +82,12 @@ class FrontendState:
         self.frontend_id = config.frontend_id or uuid.uuid4().hex
         names = config.served_model_names
         self.metrics = FrontendMetrics(self.frontend_id, names[0] if names else None)
-        self.client = EngineClient(config.engine_input, config.engine_output, self.frontend_id, config.curve)
-        self.metrics.watch_engine(self.client, config.vllm_metric_names)
+        # each client has its own identity (and request ids): a replica knows nothing of the others
+        clients = [EngineClient(inp, out, self.frontend_id, config.curve)
+                   for inp, out in zip(config.engine_inputs, config.engine_outputs)]
+        self.engines = EngineReplicas(clients, make_router(config.data_parallel_routing))
+        self.metrics.watch_engine(self.engines.summed, config.vllm_metric_names)
+        self.metrics.watch_replicas(self.engines)
         self.tokenizer: Any = None
         self.tokens: Tokenization | None = None  # the tokenizer's work, once it is loaded
         self.processor: RequestProcessor | None = None  # shared with the offline LLM (shared.processor)
@@ -86,12 +99,12 @@ class FrontendState:
     # ----- lifecycle ----------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        await self.client.start()
+        await self.engines.start()
         self._setup = asyncio.create_task(self._prepare(), name="frontend-setup")
 
     async def _prepare(self) -> None:
         """Wait for the engine's ModelInfo, then load the tokenizer it names (or ours)."""
-        info = await self.client.wait_ready()
+        info = await self.engines.wait_ready()
         self.metrics.set_model(self.served_names()[0])
         path = self.config.tokenizer or info.model_path
         try:
@@ -108,13 +121,14 @@ class FrontendState:
         self.tokenizer = tokenizer
         self.metrics.set_ready()
         if self.config.ready_file:
+            await self.engines.wait_all_ready()  # `serve` reports the stack ready once every replica is
             Path(self.config.ready_file).touch()
         log.info("frontend %s ready: serving %s", self.frontend_id, ", ".join(self.served_names()))
 
     async def shutdown(self) -> None:
         if self._setup is not None:
             self._setup.cancel()
-        await self.client.close()
+        await self.engines.close()
         if self.tokens is not None:
             await self.tokens.close()
 
@@ -127,7 +141,7 @@ class FrontendState:
         return TokenIdText() if self.config.return_tokens_as_token_ids else self.processor.token_text
 
     def require_ready(self) -> ModelInfo:
-        info = self.client.model_info
+        info = self.engines.model_info
         if info is None:
             raise engine_unavailable("The engine has not connected yet; try again shortly.")
         if self.tokenizer is None:
@@ -137,7 +151,7 @@ class FrontendState:
     def served_names(self) -> list[str]:
         if self.config.served_model_names:
             return list(self.config.served_model_names)
-        info = self.client.model_info
+        info = self.engines.model_info
         if info is None:
             raise engine_unavailable("The engine has not connected yet; try again shortly.")
         return [info.model_name]
@@ -161,7 +175,7 @@ class FrontendState:
         """400 for a request past this server's caps (n, logprobs, prompts), or with more
         sequences (n x prompts) than the engine ever queues."""
         check_caps(request, self.config.limits)
-        info = self.client.model_info
+        info = self.engines.model_info
         queued = info.max_num_queued_requests if info is not None else 0
         sequences = (request.n or 1) * getattr(request, "num_prompts", 1)
         if queued and sequences > queued:
@@ -221,7 +235,7 @@ class FrontendState:
         if self.config.log_requests:
             log_request(endpoint, prompts, params, self.config.max_log_len)
         return Generation(
-            self.client,
+            self.engines.pick(prompts[0]),  # the whole request goes to one replica
             self._processor(),
             prompts,
             params,

@@ -125,7 +125,7 @@ def test_frontend_runs_on_its_requirements_alone(model_dirs, tmp_path):
         from services.frontend.state import FrontendConfig
         from shared.processor.tokenizer import load_tokenizer
         build_parser("frontend").parse_args(["frontend"])
-        build_app(FrontendConfig(engine_input="tcp://127.0.0.1:1", engine_output="tcp://127.0.0.1:2"))
+        build_app(FrontendConfig(engine_inputs=("tcp://127.0.0.1:1",), engine_outputs=("tcp://127.0.0.1:2",)))
         tok = load_tokenizer({str(model_dirs("llama"))!r})
         assert tok.encode("hello world")
         assert "torch" not in sys.modules

@@ -1,0 +1,110 @@
+"""The data-parallel router's choices (services/frontend/routing.py), on the loads replicas report:
+a shared prefix sticks to one replica unless it is much more loaded, new prefixes spread, a
+replica that is down gets nothing, round robin takes turns; and the router's block hashes are
+the ones the engine's prefix cache indexes."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.engine.kv_cache_manager import KVCacheManager
+from services.engine.request import Request
+from services.frontend.routing import AffinityRouter, ReplicaLoad, RoundRobinRouter, make_router
+from shared.block_hash import extend_block_hashes
+from shared.sampling_params import SamplingParams
+
+BS = 4
+IDLE = [ReplicaLoad(True, 0), ReplicaLoad(True, 0)]
+
+
+def prompt(prefix: int, user: int, blocks: int = 3) -> list[int]:
+    return [prefix * 100 + i for i in range(blocks * BS)] + [7000 + user, 7001 + user]
+
+
+def test_a_shared_prefix_sticks_to_one_replica_and_new_prefixes_spread():
+    router = AffinityRouter()
+    first = {p: router.pick(prompt(p, 0), BS, IDLE) for p in range(4)}
+    assert all(reason == "load" for _, reason in first.values())
+    assert sorted(i for i, _ in first.values()) == [0, 0, 1, 1]  # equal loads: new prefixes alternate
+    for user in range(1, 6):
+        for p in range(4):
+            assert router.pick(prompt(p, user), BS, IDLE) == (first[p][0], "affinity")
+
+
+def test_the_longest_matching_run_of_blocks_wins():
+    router = AffinityRouter()
+    a, _ = router.pick(prompt(1, 0, blocks=1), BS, IDLE)  # one block of prefix 1
+    b, _ = router.pick(prompt(1, 0, blocks=3), BS, [ReplicaLoad(True, 0 if i != a else 3) for i in range(2)])
+    assert b == a  # its first block is there, 3 requests ahead is not "much more loaded"
+    # the replica that has all three blocks wins over one with only the first
+    router.pick(prompt(1, 9, blocks=1), BS, [ReplicaLoad(i != a, 0) for i in range(2)])  # the other gets block 0 too
+    assert router.pick(prompt(1, 5, blocks=3), BS, IDLE) == (a, "affinity")
+
+
+@pytest.mark.parametrize(("load", "expected"), [(4, "affinity"), (5, "load")])
+def test_affinity_yields_to_load_only_when_much_more_loaded(load, expected):
+    router = AffinityRouter(load_slack=4)
+    home, _ = router.pick(prompt(3, 0), BS, IDLE)
+    loads = [ReplicaLoad(True, load if i == home else 0) for i in range(2)]
+    chosen, reason = router.pick(prompt(3, 1), BS, loads)
+    assert reason == expected and (chosen == home) == (expected == "affinity")
+
+
+def test_much_more_loaded_is_relative_to_the_least_loaded():
+    router = AffinityRouter(load_slack=4)
+    home, _ = router.pick(prompt(3, 0), BS, IDLE)
+    other = 1 - home
+    busy = [ReplicaLoad(True, 19 if i == home else 10) for i in range(2)]  # under twice the other's
+    assert router.pick(prompt(3, 1), BS, busy) == (home, "affinity")
+    busier = [ReplicaLoad(True, 21 if i == home else 10) for i in range(2)]
+    assert router.pick(prompt(3, 2), BS, busier) == (other, "load")
+
+
+def test_a_replica_that_is_down_gets_nothing_and_all_down_still_routes():
+    router = AffinityRouter()
+    home, _ = router.pick(prompt(5, 0), BS, IDLE)
+    down = [ReplicaLoad(i != home, 0) for i in range(2)]
+    assert router.pick(prompt(5, 1), BS, down) == (1 - home, "load")
+    # now both replicas were sent the prefix; with both down the request still goes somewhere
+    assert router.pick(prompt(5, 2), BS, [ReplicaLoad(False, 0)] * 2)[0] in (0, 1)
+
+
+def test_a_restarted_replica_is_forgotten():
+    router = AffinityRouter()
+    home, _ = router.pick(prompt(6, 0), BS, IDLE)
+    router.forget(home)
+    assert router.pick(prompt(6, 1), BS, IDLE)[1] == "load"
+
+
+def test_short_prompts_go_to_the_least_loaded_then_the_emptier_cache():
+    router = AffinityRouter()
+    assert router.pick([1, 2], BS, [ReplicaLoad(True, 2), ReplicaLoad(True, 1)]) == (1, "load")
+    assert router.pick([1, 2], BS, [ReplicaLoad(True, 1, 0.2), ReplicaLoad(True, 1, 0.9)]) == (0, "load")
+
+
+def test_memory_is_bounded():
+    router = AffinityRouter(capacity=10)
+    for p in range(20):
+        router.pick(prompt(p, 0), BS, IDLE)
+    assert len(router._seen) == 10
+
+
+def test_round_robin_takes_turns_and_skips_a_replica_that_is_down():
+    router = RoundRobinRouter()
+    three = [ReplicaLoad(True, 0)] * 3
+    assert [router.pick(prompt(1, 0), BS, three)[0] for _ in range(4)] == [0, 1, 2, 0]
+    one_down = [ReplicaLoad(True, 0), ReplicaLoad(False, 0), ReplicaLoad(True, 0)]
+    assert [router.pick(prompt(1, 0), BS, one_down) for _ in range(3)] == [(2, "round_robin"), (0, "round_robin"),
+                                                                           (2, "round_robin")]
+    with pytest.raises(ValueError, match="must be one of affinity, round_robin"):
+        make_router("random")
+
+
+def test_router_hashes_are_the_prefix_cache_blocks():
+    """What the router hashes is what the engine's prefix cache looks up: one definition."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    ids = prompt(2, 0)
+    req = Request("r", ids, SamplingParams(max_tokens=1), eos_token_ids=(), max_model_len=64)
+    assert kv.allocate_slots(req, len(ids)) is not None
+    hashes = extend_block_hashes([], ids, BS, len(ids) // BS)
+    assert len(hashes) == 3 and all(kv.pool.lookup(h) is not None for h in hashes)
