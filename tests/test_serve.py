@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
-from service_helpers import sse_events
+from service_helpers import scrape, sse_events
 
 from pagedserve.serve import free_port
 
@@ -81,15 +81,28 @@ def test_serve_starts_answers_and_stops_cleanly(model_dirs):
 
 
 def test_serve_names_a_dead_child_and_exits_nonzero(model_dirs):
+    """With two data-parallel replicas: each engine has its own metrics port, each replica's
+    workers their own devices, and the frontends reach both."""
     port = free_port()
-    proc = start_serve(str(model_dirs("llama")), port)
+    proc = start_serve(str(model_dirs("llama")), port, "--data-parallel-size", "2")
     try:
-        wait_line(proc, "serving")
+        assert "2 engine replica(s)" in wait_line(proc, "serving")
         kids = children(proc)
-        engine = next(k for k in kids if " engine " in " ".join(k.cmdline()) + " ")
-        engine.kill()
+        engines = [k for k in kids if " engine " in " ".join(k.cmdline()) + " "]
+        workers = [k for k in kids if " worker " in " ".join(k.cmdline()) + " "]
+        assert len(engines) == len(workers) == 2
+        assert sorted(w.environ()["CUDA_VISIBLE_DEVICES"] for w in workers) == ["0", "1"]
+        ports = {k.cmdline()[k.cmdline().index("--metrics-port") + 1] for k in engines}
+        for engine_port in ports:  # both engines up, each with its own /metrics
+            assert "pagedserve_engine_connected_frontends" in scrape(int(engine_port))
+        frontend = next(k for k in kids if " frontend " in " ".join(k.cmdline()) + " ").cmdline()
+        given = frontend[frontend.index("--engine-input") + 1 : frontend.index("--engine-output")]
+        assert [a.rsplit("/", 1)[1] for a in given] == ["input-0", "input-1"]
+        status, out = _post(port, {"prompt": [5] * 40, "max_tokens": 2})
+        assert status == 200, out
+        engines[1].kill()
         assert proc.wait(30) == 1
-        assert "engine exited" in proc.stderr.read()
+        assert "engine-1 exited" in proc.stderr.read()
         _, alive = psutil.wait_procs(kids, timeout=15)
         assert not alive
     finally:
