@@ -27,7 +27,7 @@ from services.engine.timeline import step_timeline
 from services.engine.workers import WorkerError, WorkerGroup, WorkerLost
 from shared.auth import EngineAuth
 from shared.config import EngineConfig
-from shared.protocol import ModelInfo, Ping, Pong
+from shared.protocol import AddRequest, ModelInfo, Ping, Pong
 
 log = logging.getLogger("pagedserve.engine")
 
@@ -52,6 +52,10 @@ class EngineService:
         self.metrics = EngineMetrics(config.model.name)
         # vLLM's periodic stats line (stats_log.py); None: --disable-log-stats
         self.stats = StatsLogger(log_stats_interval_s) if log_stats_interval_s is not None else None
+        # Frontend messages taken while a step ran (Pings among them answered at once), applied in
+        # order once it ends: a step may take minutes on a CPU, and a busy engine is no dead one.
+        self.deferred: list[tuple[bytes, object]] = []
+        self.workers.on_wait = self._answer_pings
 
     def start(self, handshake_timeout_s: float = 600.0) -> None:
         self.io.start()
@@ -83,9 +87,7 @@ class EngineService:
                 if self.stats is not None:
                     self.stats.maybe_log(self.core.scheduler)
                 for identity, ping in pongs:
-                    s = self.core.scheduler
-                    pong = Pong(ping.ping_id, s.num_running, s.num_waiting, self.engine_id, ready, s.kv.usage)
-                    self.outbox.put((identity, pong))
+                    self.outbox.put((identity, self._pong(ping, ready)))
         finally:
             self.workers.shutdown()
             self.stopping.set()
@@ -137,22 +139,44 @@ class EngineService:
                 self.stats.record(deltas, self.core.last_num_tokens)
         self.frontends.route(deltas)
 
+    def _pong(self, ping: Ping, ready: bool) -> Pong:
+        """The engine's state: requests taken but not applied yet count as waiting."""
+        s = self.core.scheduler
+        taken = sum(isinstance(msg, AddRequest) for _, msg in self.deferred)
+        return Pong(ping.ping_id, s.num_running, s.num_waiting + taken, self.engine_id, ready, s.kv.usage)
+
+    def _answer_pings(self) -> None:
+        """While a step runs: take what the frontends sent, answer their Pings now, apply the rest later."""
+        while True:
+            try:
+                identity, msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.deferred.append((identity, msg))
+            if isinstance(msg, Ping):
+                self.outbox.put((identity, self._pong(msg, ready=True)))
+
     def _take_inputs(self, block: bool) -> list[tuple[bytes, Ping]]:
+        """Apply the frontends' messages: those taken during the last step first, then the inbox's
+        (waiting up to 0.2 s for one if `block`). Returns the Pings to answer after this turn."""
         pongs = []
-        try:
-            item = self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return pongs
-        while item is not None:
-            identity, msg = item
+        items, self.deferred = self.deferred, []
+        answered = {id(msg) for _, msg in items if isinstance(msg, Ping)}
+        if not items:
+            try:
+                items.append(self.inbox.get(timeout=0.2) if block else self.inbox.get_nowait())
+            except queue.Empty:
+                return pongs
+        while True:
+            try:
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        for identity, msg in items:
             try:
                 self.frontends.handle(identity, msg)
             except Exception:  # one message's error drops that message, nothing else
                 log.exception("dropped a %s from frontend %r", type(msg).__name__, identity)
-            if isinstance(msg, Ping):
+            if isinstance(msg, Ping) and id(msg) not in answered:
                 pongs.append((identity, msg))
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                item = None
         return pongs

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
@@ -78,6 +79,8 @@ class WorkerGroup:
         self.in_flight: dict[int, StepTimes] = {}  # step id -> when it was sent
         self.answers: dict[int, StepResult | WorkerFailed] = {}  # answers not collected yet
         self.last_times: StepTimes | None = None  # of the latest step collected
+        # called while collect() waits for a result: the engine answers Pings meanwhile (loop.py)
+        self.on_wait: Callable[[], None] = lambda: None
 
     @property
     def complete(self) -> bool:
@@ -125,6 +128,7 @@ class WorkerGroup:
             raise WorkerLost("the workers started afresh since the step was sent")
         start, times.waiting = time.monotonic(), time.time()
         while (msg := self.answers.pop(plan.step_id, None)) is None:
+            self.on_wait()
             got = self.queue.recv(timeout_ms=200)
             if got is not None:
                 self._take(*got)
