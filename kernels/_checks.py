@@ -12,6 +12,12 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # KV cache storage (kv_cache_dtype fp8*)
+
+
+def fp8_limit(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 cache dtype (what a write saturates at); 0 for others."""
+    return float(torch.finfo(dtype).max) if dtype in FP8_DTYPES else 0.0
 
 
 def interpreting() -> bool:

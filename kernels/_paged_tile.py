@@ -14,6 +14,21 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._checks import FP8_DTYPES, check
+
+
+def cache_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """What a KV cache read by dtype queries may hold: the same dtype, or fp8 with scales."""
+    return (dtype, *FP8_DTYPES)
+
+
+def kv_scales(kv_cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """The scales that apply to a cache: an fp8 cache's, checked positive; (1, 1) for others."""
+    if kv_cache.dtype not in FP8_DTYPES:
+        return 1.0, 1.0
+    check(k_scale > 0 and v_scale > 0, f"k_scale and v_scale must be positive, got {k_scale}, {v_scale}")
+    return float(k_scale), float(v_scale)
+
 
 class Tiles(NamedTuple):
     rows: int  # query rows per program (prefill; decode's rows are one token's query heads)
@@ -61,7 +76,8 @@ def attend_tile(
     blk = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pmask, other=0).to(tl.int64)
     off = blk * stride_cblk + (pos % BLOCK_SIZE) * stride_coff + kv_head_off
     kv_mask = pmask[:, None] & dmask[None, :]
-    k = tl.load(cache_ptr + off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    # an fp8 cache is widened to the queries' dtype; its scales are folded into qk_scale and the output
+    k = tl.load(cache_ptr + off[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     visible = (pos[None, :] <= last_pos[:, None]) & pmask[None, :]
     s = tl.where(visible, s, float("-inf"))
@@ -69,6 +85,6 @@ def attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(cache_ptr + stride_ckv + off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(cache_ptr + stride_ckv + off[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, m_new, l_i

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import FLOAT_DTYPES, check, check_same_device, check_shape, check_tensor, next_pow2
-from kernels._paged_tile import attend_tile, tile_sizes
+from kernels._paged_tile import attend_tile, cache_dtypes, kv_scales, tile_sizes
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256
@@ -29,7 +29,7 @@ MAX_SPLITS = 32
 @triton.jit
 def _decode_kernel(
     q_ptr, cache_ptr, table_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    qk_scale, tokens_per_split, num_splits,
+    qk_scale, v_scale, tokens_per_split, num_splits,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_ckv, stride_cblk, stride_coff, stride_ch, stride_bt,
     head_dim, group_size,
@@ -62,7 +62,7 @@ def _decode_kernel(
             acc, m_i, l_i, q, cache_ptr, table, tile_start, end, last_pos, kvh * stride_ch,
             stride_ckv, stride_cblk, stride_coff, qk_scale, dims, dmask, BLOCK_SIZE, TILE_N, IEEE,
         )
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
     if not SPLIT:
         dst = out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + dims[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -98,18 +98,21 @@ def _reduce_kernel(
 
 
 def paged_attention_decode_ref(
-    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Torch reference (vectorized over requests, float32 math): gather each request's context
-    through its block table, mask positions >= seq_len, softmax, weight the values."""
+    through its block table (an fp8 cache times its scales), mask positions >= seq_len, softmax,
+    weight the values."""
+    k_scale, v_scale = kv_scales(kv_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     max_len = max(int(seq_lens.max()), 1) if batch else 1
     pos = torch.arange(max_len, device=q.device)
     blocks = block_tables.long()[:, (pos // block_size).clamp(max=block_tables.shape[1] - 1)].clamp(min=0)
     slots = blocks * block_size + pos % block_size  # [B, S]
-    keys = kv_cache[0].reshape(-1, num_kv_heads, head_dim)[slots].float()  # [B, S, Hkv, D]
-    values = kv_cache[1].reshape(-1, num_kv_heads, head_dim)[slots].float()
+    keys = kv_cache[0].reshape(-1, num_kv_heads, head_dim)[slots].float() * k_scale  # [B, S, Hkv, D]
+    values = kv_cache[1].reshape(-1, num_kv_heads, head_dim)[slots].float() * v_scale
     qg = q.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("bkgd,bskd->bkgs", qg, keys) * scale
     visible = pos[None, :] < seq_lens.long()[:, None]
@@ -136,7 +139,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: 
 
 def _check_args(q, kv_cache, block_tables, seq_lens, out) -> None:
     check_tensor("q", q, 3, FLOAT_DTYPES)
-    check_tensor("kv_cache", kv_cache, 5, (q.dtype,))
+    check_tensor("kv_cache", kv_cache, 5, cache_dtypes(q.dtype))
     check_tensor("block_tables", block_tables, 2, (torch.int32,))
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
     batch, num_heads, head_dim = q.shape
@@ -166,6 +169,8 @@ def paged_attention_decode(
     num_splits: int | None = None,
     balance_splits: bool = False,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attend q [B, H, D] (one token per request) over its cached context; returns [B, H, D].
 
@@ -173,9 +178,11 @@ def paged_attention_decode(
     int32, seq_lens [B] int32 (context length including this token, whose K/V is already
     cached). max_seq_len avoids a device sync when the caller knows it; num_splits overrides the
     split-K heuristic (1 = no split). balance_splits (with num_splits) keeps exactly num_splits
-    programs per request and KV head and spreads each request's own context over them.
+    programs per request and KV head and spreads each request's own context over them. An fp8
+    kv_cache (k / k_scale, v / v_scale) is read back times its scales.
     """
     _check_args(q, kv_cache, block_tables, seq_lens, out)
+    k_scale, v_scale = kv_scales(kv_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.empty_like(q) if out is None else out
@@ -200,7 +207,7 @@ def paged_attention_decode(
         part_lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
-        scale * LOG2E, per_split, splits,
+        scale * LOG2E * k_scale, v_scale, per_split, splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         head_dim, group,

@@ -17,14 +17,14 @@ import triton
 import triton.language as tl
 
 from kernels._checks import FLOAT_DTYPES, check, check_same_device, check_shape, check_tensor, next_pow2
-from kernels._paged_tile import attend_tile, tile_sizes
+from kernels._paged_tile import attend_tile, cache_dtypes, kv_scales, tile_sizes
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, cache_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr, qk_scale,
+    q_ptr, cache_ptr, table_ptr, seq_lens_ptr, qsl_ptr, out_ptr, qk_scale, v_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_ckv, stride_cblk, stride_coff, stride_ch, stride_bt,
     head_dim, group_size,
@@ -62,7 +62,7 @@ def _prefill_kernel(
             acc, m_i, l_i, q, cache_ptr, table, tile_start, kv_end, last_pos, kvh * stride_ch,
             stride_ckv, stride_cblk, stride_coff, qk_scale, dims, dmask, BLOCK_SIZE, TILE_N, IEEE,
         )
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale
     dst = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -74,9 +74,13 @@ def paged_attention_prefill_ref(
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Torch reference, one request at a time in float32: gather the context through the block
-    table, apply the causal mask at the queries' absolute positions, softmax, weight values."""
+    table (an fp8 cache times its scales), apply the causal mask at the queries' absolute
+    positions, softmax, weight values."""
+    k_scale, v_scale = kv_scales(kv_cache, k_scale, v_scale)
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -90,8 +94,8 @@ def paged_attention_prefill_ref(
             continue
         pos = torch.arange(seq_len, device=q.device)
         slots = block_tables[b].long()[pos // block_size] * block_size + pos % block_size
-        keys = keys_flat[slots].float().repeat_interleave(group, dim=1)  # [S, H, D]
-        values = values_flat[slots].float().repeat_interleave(group, dim=1)
+        keys = (keys_flat[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [S, H, D]
+        values = (values_flat[slots].float() * v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[lo:hi].float(), keys) * scale
         q_pos = seq_len - (hi - lo) + torch.arange(hi - lo, device=q.device)
         scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
@@ -101,7 +105,7 @@ def paged_attention_prefill_ref(
 
 def _check_args(q, kv_cache, block_tables, seq_lens, query_start_loc, out) -> None:
     check_tensor("q", q, 3, FLOAT_DTYPES)
-    check_tensor("kv_cache", kv_cache, 5, (q.dtype,))
+    check_tensor("kv_cache", kv_cache, 5, cache_dtypes(q.dtype))
     check_tensor("block_tables", block_tables, 2, (torch.int32,))
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
     check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,))
@@ -132,14 +136,18 @@ def paged_attention_prefill(
     *,
     max_query_len: int | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of flattened queries q [T, H, D] over their requests' paged context.
 
     query_start_loc [B+1] int32 (starting at 0), seq_lens [B] int32 (cached prefix + new tokens,
     whose K/V are already written), block_tables [B, max_blocks] int32. Returns [T, H, D].
-    max_query_len avoids a device sync when the caller knows it.
+    max_query_len avoids a device sync when the caller knows it. An fp8 kv_cache (k / k_scale,
+    v / v_scale) is read back times its scales.
     """
     _check_args(q, kv_cache, block_tables, seq_lens, query_start_loc, out)
+    k_scale, v_scale = kv_scales(kv_cache, k_scale, v_scale)
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     out = torch.empty_like(q) if out is None else out
@@ -154,7 +162,7 @@ def paged_attention_prefill(
     block_m = max(tiles.rows, g_pad)  # rows: BLOCK_M // G_PAD queries x G_PAD heads
     grid = (batch, triton.cdiv(max_query_len, block_m // g_pad), num_kv_heads)
     _prefill_kernel[grid](
-        q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E,
+        q, kv_cache, block_tables, seq_lens, query_start_loc, out, scale * LOG2E * k_scale, v_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         head_dim, group,

@@ -1,4 +1,5 @@
-"""Paged decode attention on the CPU (float32), a small C kernel beside its torch reference.
+"""Paged decode attention on the CPU (float32 queries over a float32 or fp8 cache), a small C kernel
+beside its torch reference.
 
 The torch backend's decode path copies every request's K/V blocks out of the paged cache
 (index_select) before SDPA reads them again: three passes over the largest tensor of a decode
@@ -65,8 +66,9 @@ def _library() -> ctypes.CDLL | None:
         log.warning("CPU paged decode kernel unavailable (%s); decode attention gathers K/V with torch", exc)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.paged_decode_f32.argtypes = [ptr] * 6 + [i64] * 7 + [ctypes.c_float, ptr]
-    lib.paged_decode_f32.restype = None
+    f32 = ctypes.c_float
+    lib.paged_decode.argtypes = [ptr] * 6 + [i64] * 7 + [f32, ptr, ptr, f32, f32]
+    lib.paged_decode.restype = None
     return lib
 
 
@@ -80,15 +82,28 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="paged-decode")
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@cache
+def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
+    """The float32 value of each of the 256 bytes of an fp8 dtype."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+
+
 def paged_decode(
-    q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [B, H, D] float32 against kv_cache [2, num_blocks, block_size, Hkv, D] through table [B, W]
-    (int64 block ids) and seq_lens [B] (int64, at most W * block_size) -> [B, H, D]."""
+    (int64 block ids) and seq_lens [B] (int64, at most W * block_size) -> [B, H, D]. An fp8 cache
+    holds k / k_scale and v / v_scale; a float32 one ignores the scales."""
     lib = _library()
     batch, heads, dim = q.shape
     _, _, block, kv_heads, _ = kv_cache.shape
-    assert lib is not None and q.dtype == kv_cache.dtype == torch.float32 and q.device.type == "cpu"
+    fp8 = kv_cache.dtype in FP8_DTYPES
+    assert lib is not None and q.dtype == torch.float32 and q.device.type == "cpu"
+    assert kv_cache.dtype == torch.float32 or fp8
     assert kv_cache.shape[-1] == dim and heads % kv_heads == 0 and kv_cache.is_contiguous()
     assert table.dtype == seq_lens.dtype == torch.int64 and table.shape[0] == seq_lens.shape[0] == batch
     assert int(seq_lens.max()) <= table.shape[1] * block
@@ -96,12 +111,14 @@ def paged_decode(
     out = torch.empty_like(q)
     parts = max(1, min(torch.get_num_threads(), batch))
     bounds = [batch * i // parts for i in range(parts + 1)]
-    scratch = torch.empty(parts, heads // kv_heads * int(seq_lens.max()), dtype=torch.float32)
+    scratch = torch.empty(parts, heads // kv_heads * int(seq_lens.max()) + 2 * dim, dtype=torch.float32)
+    lut = _fp8_values(kv_cache.dtype).data_ptr() if fp8 else None
+    k_scale, v_scale = (k_scale, v_scale) if fp8 else (1.0, 1.0)
 
     def run(i: int) -> None:
-        lib.paged_decode_f32(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), table.data_ptr(),
-                             seq_lens.data_ptr(), out.data_ptr(), bounds[i], bounds[i + 1], table.shape[1], heads,
-                             kv_heads, dim, block, scale, scratch[i].data_ptr())
+        lib.paged_decode(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), table.data_ptr(),
+                         seq_lens.data_ptr(), out.data_ptr(), bounds[i], bounds[i + 1], table.shape[1], heads,
+                         kv_heads, dim, block, scale, scratch[i].data_ptr(), lut, k_scale, v_scale)
 
     list(_pool(parts, os.getpid()).map(run, range(parts)))
     return out

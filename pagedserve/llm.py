@@ -60,6 +60,7 @@ class LLM:
         device: str | None = None,
         revision: str | None = None,
         scheduling_policy: str = "fcfs",
+        kv_cache_dtype: str = "auto",
     ):
         """scheduling_policy: "fcfs", or "priority" (generate's priority list orders the requests:
         lower values first, and the largest are preempted first)."""
@@ -78,6 +79,7 @@ class LLM:
                 gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
                 num_gpu_blocks_override=num_gpu_blocks_override,
+                kv_cache_dtype=kv_cache_dtype,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=scheduling_policy

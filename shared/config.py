@@ -14,6 +14,7 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("torch", "triton")  # PAGEDSERVE_ATTENTION_BACKEND
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto: the model's dtype; fp8 is fp8_e4m3
 
 
 _CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -134,8 +135,11 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_gpu_blocks_override: int | None = None  # tests: force a tiny pool
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ValueError(f"block_size must be a power of two up to 256, got {self.block_size}")
         if self.kv_cache_memory <= 0:

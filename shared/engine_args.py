@@ -19,6 +19,7 @@ from shared.config import (
 )
 from shared.config import (
     ATTENTION_BACKENDS,
+    KV_CACHE_DTYPES,
     CacheConfig,
     CompilationConfig,
     EngineConfig,
@@ -105,6 +106,9 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--kv-cache-memory", 2 << 30, "bytes of KV cache on CPU")
     add_flag(parser, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use")
     add_flag(parser, "--num-gpu-blocks-override", None, "force the number of KV blocks", kind=int)
+    add_flag(parser, "--kv-cache-dtype", "auto", "KV cache storage: auto (the model's dtype), fp8 (= fp8_e4m3) or "
+             "fp8_e5m2, scaled per layer by the checkpoint's k_scale/v_scale or by scales measured at startup",
+             choices=KV_CACHE_DTYPES)
     add_flag(parser, "--enable-prefix-caching", True, "reuse KV blocks of shared prefixes")
     add_flag(parser, "--max-num-seqs", 128, "most requests running at once")
     add_flag(parser, "--max-num-batched-tokens", 2048, "token budget per step")

@@ -69,7 +69,7 @@ def test_without_a_compiler_the_backend_keeps_its_torch_path(tmp_path):
         "import torch; from kernels import paged_decode_cpu as k;"
         "assert not k.available();"
         "from services.worker.layers.attention_torch import _decode_kernel;"
-        "assert not _decode_kernel(torch.device('cpu'), torch.float32)"
+        "assert not _decode_kernel(torch.device('cpu'), torch.float32, torch.float32)"
     )
     env = {**os.environ, "CC": "false", "PAGEDSERVE_KERNEL_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
@@ -85,3 +85,16 @@ def test_loading_the_kernel_leaves_subnormal_floats_alone():
             "tiny = sys.float_info.min; assert tiny / 2 > 0 and tiny * 0.5 != 0, 'flush-to-zero is on'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_kernel_reads_an_fp8_cache_times_its_scales(dtype):
+    gen = torch.Generator().manual_seed(7)
+    block, blocks, heads, kv_heads, dim = 16, 30, 9, 3, 64
+    seq_lens = torch.tensor([1, 40, 100])
+    table = torch.randperm(blocks, generator=gen)[:21].view(3, 7)
+    kv_cache = torch.randn(2, blocks, block, kv_heads, dim, generator=gen).to(dtype)
+    q = torch.randn(3, heads, dim, generator=gen)
+    got = paged_decode_cpu.paged_decode(q, kv_cache, table, seq_lens, dim**-0.5, 0.5, 2.0)
+    widened = torch.stack([kv_cache[0].float() * 0.5, kv_cache[1].float() * 2.0])
+    torch.testing.assert_close(got, reference(q, widened, table, seq_lens, dim**-0.5), atol=1e-5, rtol=1e-5)

@@ -23,7 +23,6 @@ def serve(*args: str, module: str = "pagedserve.cli") -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("flags", [
-    ["--kv-cache-dtype", "fp8"],
     ["--quantization", "awq"],
     ["-q", "gptq"],
     ["--speculative-config", '{"method": "ngram"}'],

@@ -21,6 +21,7 @@ from torch import nn
 
 from services.worker.layers.linear import default_weight_loader
 from services.worker.models import get_model_class
+from services.worker.quant.kv_scales import load_kv_scale
 from services.worker.stats_log import shard_progress
 from shared.config import ModelConfig
 
@@ -149,7 +150,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     loaded: dict[str, set] = {}
     unexpected = []
     for name, tensor in _iter_weights(path):
-        if _skipped(name, model):
+        if _skipped(name, model) or load_kv_scale(model, name, tensor):
             continue
         target, shard_id = _target(name, model)
         if target not in params and f"model.{target}" in params:  # e.g. OPT's "decoder.*" names

@@ -22,6 +22,8 @@ from services.worker.layers.attention import select_backend
 from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
+from services.worker.quant.kv_fp8 import check_kv_cache_dtype, kv_cache_torch_dtype
+from services.worker.quant.kv_scales import prepare_kv_scales
 from services.worker.request_checks import WorkerLimits
 from services.worker.request_table import RequestState, RequestTable
 from services.worker.stats_log import startup_phase
@@ -56,12 +58,15 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         with startup_phase("loading the model weights"):
             self.model = build_model(config.model, self.dtype, self.device)
-        self.backend = select_backend(self.device, self.dtype, config.compilation.attention_backend)
+        self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, self.dtype)
+        self.backend = select_backend(self.device, self.dtype, config.compilation.attention_backend, self.kv_dtype)
+        check_kv_cache_dtype(config.cache.kv_cache_dtype, self.backend.name, self.device)
+        prepare_kv_scales(self.model, self.backend, config, self.dtype, self.device, self.kv_dtype)
         self.sampler = Sampler()
         self.memory_profile: MemoryProfile | None = None  # set on CUDA by the profiling step
         with startup_phase("sizing and allocating the KV cache"):
             self.num_blocks = self._measure_num_blocks()
-            self.kv_caches = allocate_kv_cache(config, self.num_blocks, self.dtype, self.device)
+            self.kv_caches = allocate_kv_cache(config, self.num_blocks, self.kv_dtype, self.device)
         capturing = self.device.type == "cuda" and not config.compilation.enforce_eager
         with startup_phase("capturing CUDA graphs", logged=capturing):
             self.decode_graphs: DecodeGraphs | None = capture_decode_graphs(
@@ -72,13 +77,14 @@ class ModelRunner:
         limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len)
         self.table = RequestTable(limits, self.structured)
         self.last_stats: StepStats | None = None
-        log.info("model runner ready: %s on %s, %d KV blocks", self.dtype, self.device, self.num_blocks)
+        log.info("model runner ready: %s on %s, %d KV blocks of %s", self.dtype, self.device, self.num_blocks,
+                 self.kv_dtype)
 
     def _measure_num_blocks(self) -> int:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
-        per_block = kv_block_bytes(self.config, self.dtype)
+        per_block = kv_block_bytes(self.config, self.kv_dtype)
         if self.device.type == "cuda":
             self.memory_profile = profile_cuda_memory(self.model, self.backend, self.config, self.dtype, self.device)
             return self.memory_profile.kv_budget // per_block

@@ -50,7 +50,9 @@ class AttentionBackend(Protocol):
         """Precompute per-step tensors once; the result is shared by every layer."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Any, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Any, scale: float,
+        k_scale: float = 1.0, v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Write k/v ([T, Hkv, D]) into kv_cache at the slot mapping, then attend q ([T, H, D])
-        over each request's cached context. Returns [T, H, D]."""
+        over each request's cached context. Returns [T, H, D]. An fp8 kv_cache stores k / k_scale
+        and v / v_scale; a cache in q's dtype ignores the scales."""

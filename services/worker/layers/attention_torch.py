@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from kernels import paged_decode_cpu
 from services.worker.layers.attention_backend import CommonAttentionMetadata
+from services.worker.quant.kv_fp8 import read_cache, write_cache
 from services.worker.transfer import to_device
 
 
@@ -38,7 +39,7 @@ def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
 
 
-def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch.dtype) -> _Group:
+def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch.dtype, kernel: bool) -> _Group:
     qsl, device = common.query_start_loc, common.device
     seq_lens = common.seq_lens[lo:hi]
     q_lens = [qsl[i + 1] - qsl[i] for i in range(lo, hi)]
@@ -49,7 +50,7 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     seq = torch.tensor(seq_lens)
     q_len = torch.tensor(q_lens)
     key_pos = torch.arange(max_s)
-    if max_q == 1 and _decode_kernel(common.device, dtype):  # reads the cache in place
+    if max_q == 1 and kernel:  # reads the cache in place
         return _Group(token_slice, table, None, None, 1, seq)
     if max_q == 1:  # decodes: each query sees its whole context
         allowed = (key_pos[None, :] < seq[:, None])[:, None, None, :]
@@ -69,8 +70,10 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     return _Group(token_slice, to_device(table, device), to_device(mask, device), to_device(query_index, device), max_q)
 
 
-def _decode_kernel(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and paged_decode_cpu.available()
+def _decode_kernel(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """The C decode kernel: float32 queries over a float32 or fp8 cache."""
+    cache_ok = kv_dtype == torch.float32 or kv_dtype in paged_decode_cpu.FP8_DTYPES
+    return device.type == "cpu" and dtype == torch.float32 and cache_ok and paged_decode_cpu.available()
 
 
 _MAX_PADDING = 0.25  # share of padding a group may carry
@@ -92,26 +95,31 @@ def _similar_runs(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
 class TorchAttentionBackend:
     name = "torch"
 
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    def __init__(self, dtype: torch.dtype = torch.float32, kv_dtype: torch.dtype | None = None):
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # the cache's: the model's, or fp8
 
     def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         qsl, nd, n = common.query_start_loc, common.num_decodes, common.num_reqs
         q_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
         # decodes grouped by context length (what they read), prefill chunks by query length
         ranges = _similar_runs(common.seq_lens, 0, nd) + _similar_runs(q_lens, nd, n)
-        groups = [_build_group(common, lo, hi, self.dtype) for lo, hi in ranges]
+        kernel = _decode_kernel(common.device, self.dtype, self.kv_dtype)
+        groups = [_build_group(common, lo, hi, self.dtype, kernel) for lo, hi in ranges]
         return TorchAttentionMetadata(common.slot_mapping, groups)
 
-    def forward(self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:
-        num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    def forward(
+        self, q, k, v, kv_cache, meta: TorchAttentionMetadata, scale: float, k_scale: float = 1.0, v_scale: float = 1.0
+    ) -> torch.Tensor:
+        """k_scale / v_scale: an fp8 cache's per-layer scales (see services/worker/quant/kv_fp8.py)."""
+        write_cache(kv_cache[0], meta.slot_mapping, k, k_scale)
+        write_cache(kv_cache[1], meta.slot_mapping, v, v_scale)
+        scales = (k_scale, v_scale)
         if len(meta.groups) == 1:
-            return _attend(q, k, v, kv_cache, meta.groups[0], scale)
+            return _attend(q, k, v, kv_cache, meta.groups[0], scale, scales)
         out = torch.empty_like(q)
         for g in meta.groups:
-            out[g.token_slice] = _attend(q[g.token_slice], k, v, kv_cache, g, scale)
+            out[g.token_slice] = _attend(q[g.token_slice], k, v, kv_cache, g, scale, scales)
         return out
 
 
@@ -122,10 +130,10 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return blocks.view(batch, width * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
-def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float) -> torch.Tensor:
+def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float, kv_scales: tuple[float, float]) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     if g.seq_lens is not None:
-        return paged_decode_cpu.paged_decode(q, kv_cache, g.block_table, g.seq_lens, scale)
+        return paged_decode_cpu.paged_decode(q, kv_cache, g.block_table, g.seq_lens, scale, *kv_scales)
     if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
         # 4-D [1, H, T, D]: with a batch dimension CPU SDPA takes its fused (flash) kernel
         out = F.scaled_dot_product_attention(
@@ -134,7 +142,8 @@ def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float) -> torch.Tensor:
         )
         return out[0].transpose(0, 1)
     batch = g.block_table.shape[0]
-    keys, values = _gather(kv_cache[0], g.block_table), _gather(kv_cache[1], g.block_table)
+    keys = read_cache(_gather(kv_cache[0], g.block_table), kv_scales[0], q.dtype)
+    values = read_cache(_gather(kv_cache[1], g.block_table), kv_scales[1], q.dtype)
     if g.query_index is None:
         queries = q.view(batch, 1, num_heads, head_dim)
     else:

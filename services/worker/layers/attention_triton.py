@@ -126,21 +126,24 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,
         meta: TritonAttentionMetadata,
         scale: float,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Write k/v ([T, Hkv, D]) into kv_cache, then attend q ([T, H, D]); returns [T, H, D]."""
-        self._write(k, v, kv_cache, meta.slot_mapping)
+        """Write k/v ([T, Hkv, D]) into kv_cache, then attend q ([T, H, D]); returns [T, H, D].
+        An fp8 kv_cache stores k / k_scale and v / v_scale."""
+        self._write(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             self._decode(
                 q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                 max_seq_len=meta.decode_max_seq_len, num_splits=meta.decode_num_splits,
-                balance_splits=meta.decode_num_splits is not None, out=out[:nd],
+                balance_splits=meta.decode_num_splits is not None, out=out[:nd], k_scale=k_scale, v_scale=v_scale,
             )
         if meta.prefill_query_start_loc is not None:
             start = meta.prefill_token_start
             self._prefill(
                 q[start:], kv_cache, meta.block_tables[nd:], meta.seq_lens[nd:], meta.prefill_query_start_loc,
-                scale, max_query_len=meta.prefill_max_query_len, out=out[start:],
+                scale, max_query_len=meta.prefill_max_query_len, out=out[start:], k_scale=k_scale, v_scale=v_scale,
             )
         return out
