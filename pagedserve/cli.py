@@ -13,7 +13,8 @@ from pagedserve.bench.cli import BENCH_HELP, add_bench_parser
 def _make_test_model(args: argparse.Namespace) -> int:
     from pagedserve.test_model import make_test_model
 
-    path = make_test_model(args.out, arch=args.arch, size=args.size, seed=args.seed, chat_format=args.chat_format)
+    path = make_test_model(args.out, arch=args.arch, size=args.size, seed=args.seed, chat_format=args.chat_format,
+                           attention_scale=args.attention_scale)
     print(path)
     return 0
 
@@ -76,6 +77,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=ARCHS, default="llama")
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-scale", type=float, default=1.0,
+                   help="factor on the attention output projections (e.g. 0.05: greedy output loops)")
     p.add_argument("--chat-format", choices=CHAT_FORMATS, default="qwen",
                    help="the chat template's tool and reasoning markup: qwen (hermes) or llama3 (Llama 3.1 JSON)")
     p.set_defaults(func=_make_test_model)

@@ -36,6 +36,7 @@ from shared.processor.token_text import TokenText
 from shared.processor.tokenizer import load_tokenizer
 from shared.protocol import TokenLogprobs
 from shared.sampling_params import SamplingParams
+from shared.speculative import SpeculativeConfig
 
 PromptType = str | dict[str, Any]
 
@@ -61,9 +62,11 @@ class LLM:
         revision: str | None = None,
         scheduling_policy: str = "fcfs",
         kv_cache_dtype: str = "auto",
+        speculative_config: dict[str, Any] | None = None,
     ):
         """scheduling_policy: "fcfs", or "priority" (generate's priority list orders the requests:
-        lower values first, and the largest are preempted first)."""
+        lower values first, and the largest are preempted first). speculative_config: vLLM's, e.g.
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}."""
         if tensor_parallel_size != 1:
             raise ValueError("the offline LLM runs tensor_parallel_size=1; use `pagedserve serve` for more ranks")
         import torch
@@ -87,6 +90,7 @@ class LLM:
             parallel=ParallelConfig(),
             compilation=CompilationConfig(enforce_eager=enforce_eager),
             seed=seed,
+            speculative=SpeculativeConfig.parse(speculative_config),
         )
         self.tokenizer = load_tokenizer(model_config.path)
         facts = ModelFacts(model_config.vocab_size, model_config.max_model_len, model_config.generation_defaults)

@@ -63,6 +63,7 @@ def make_test_model(
     config_overrides: dict[str, Any] | None = None,
     max_shard_size: str | None = None,
     chat_format: str = "qwen",
+    attention_scale: float = 1.0,
 ) -> Path:
     """Write a random-weight checkpoint of `arch` with `size`'s shapes into out_dir (created).
 
@@ -71,7 +72,9 @@ def make_test_model(
     (SmolLM2-135M's shapes) or qwen2.5-1.5b (Qwen2.5-1.5B's shapes, applied to the given arch).
     config_overrides: extra HF config fields (e.g. OPT's do_layer_norm_before); max_shard_size:
     save sharded safetensors with an index; chat_format: qwen | llama3, the chat template and its
-    special tokens. The same arguments always give the same files.
+    special tokens; attention_scale: a factor on every attention output projection (a small one
+    makes each next token depend mostly on the current one, so greedy output soon loops: a
+    repetitive workload for speculative decoding). The same arguments always give the same files.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -91,6 +94,7 @@ def make_test_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, shape.dtype))
         _perturb_norms_and_biases(model)
+        _scale_attention_outputs(model, attention_scale)
     _save_quietly(model, out, max_shard_size)
     eos = [ids["<|endoftext|>"], *(ids[name] for name in END_OF_TURN[chat_format])]
     generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": eos}
@@ -165,6 +169,17 @@ def _hf_config(arch: str, size: str, shape: _Shape, eot: int):
         **extra,
         **common,
     )
+
+
+def _scale_attention_outputs(model, factor: float) -> None:
+    if factor == 1.0:
+        return
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".o_proj." in name or ".out_proj." in name:
+                param.mul_(factor)
 
 
 def _perturb_norms_and_biases(model) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.speculative import SpeculativeConfig
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("torch", "triton")  # PAGEDSERVE_ATTENTION_BACKEND
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto: the model's dtype; fp8 is fp8_e4m3
@@ -215,3 +217,11 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
+    speculative: SpeculativeConfig | None = None  # --speculative-config
+
+    def __post_init__(self) -> None:
+        if self.speculative is not None and self.scheduler.async_scheduling:
+            raise ValueError(
+                "--speculative-config does not combine with --async-scheduling yet (a step's proposals need "
+                "the previous step's tokens on the engine); drop one of them"
+            )

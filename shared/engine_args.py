@@ -27,6 +27,7 @@ from shared.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from shared.speculative import SpeculativeConfig
 
 DEFAULT_ENGINE_INPUT = "tcp://127.0.0.1:5570"
 DEFAULT_ENGINE_OUTPUT = "tcp://127.0.0.1:5571"
@@ -121,6 +122,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--attention-backend", None, "the kernel set: triton (default on CUDA) or torch (default on CPU)",
              choices=ATTENTION_BACKENDS)
     add_flag(parser, "--seed", 0, "random seed")
+    add_flag(parser, "--speculative-config", None, 'speculative decoding, as vLLM\'s JSON: {"method": "ngram", '
+             '"num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 1}', kind=str)
     add_flag(parser, "--disable-log-stats", False, "no periodic stats log lines from the engine")
     add_flag(parser, "--log-stats-interval", 10.0, "seconds between the engine's stats log lines")
 
@@ -147,6 +150,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, rank=rank),
         compilation=CompilationConfig(enforce_eager=args.enforce_eager, attention_backend=args.attention_backend),
         seed=args.seed,
+        speculative=SpeculativeConfig.parse(args.speculative_config),
     )
 
 

@@ -66,6 +66,9 @@ class CachedRequestData(msgspec.Struct, **_STRUCT):
     req_id: ReqId
     new_block_ids: list[Count]
     num_computed_tokens: Count
+    # speculative decoding rolled its KV back since the last plan: the worker keeps only its first
+    # num_kept_blocks blocks before adding new_block_ids (None: it keeps them all)
+    num_kept_blocks: Count | None = None
 
 
 class StepPlan(msgspec.Struct, tag=True, **_STRUCT):
@@ -74,6 +77,15 @@ class StepPlan(msgspec.Struct, tag=True, **_STRUCT):
     cached_requests: list[CachedRequestData]
     num_scheduled_tokens: dict[ReqId, Positive]  # req_id -> tokens to compute this step
     finished_req_ids: list[ReqId]  # the worker drops their state
+    # speculative decoding: tokens proposed for a decoding request, computed after its last token
+    # (counted in num_scheduled_tokens) and verified by sampling every position
+    spec_token_ids: dict[ReqId, TokenIds] = {}
+
+    def __post_init__(self) -> None:
+        for req_id, ids in self.spec_token_ids.items():
+            check_token_ids(f"spec_token_ids[{req_id!r}]", ids)
+            if ids.size + 1 > self.num_scheduled_tokens.get(req_id, 0):
+                raise ValueError(f"spec_token_ids[{req_id!r}] needs its tokens and one more scheduled")
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -93,7 +105,9 @@ class TokenLogprobs(msgspec.Struct, **_STRUCT):
 
 class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     step_id: Count
-    req_ids: list[ReqId]  # requests that sampled a token this step (finished their prompt)
+    # requests that sampled a token this step (finished their prompt); a request that verified
+    # proposed tokens appears once per token it got (the accepted ones, then one sampled), in order
+    req_ids: list[ReqId]
     sampled_token_ids: list[TokenId]
     logprobs: list[TokenLogprobs | None] = []
     # requests with prompt_logprobs: one entry per prompt token this step scored (token i+1 of

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from engine_outputs import assert_same_outputs, collect_outputs
 
 from services.engine.core import EngineCore
 from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -42,36 +43,17 @@ def generate(runner, async_scheduling: bool, num_blocks: int) -> tuple[dict, Eng
         for j in range(2):
             prompt = [(k * 31 + 17 * i + 5 * j) % 400 + 3 for k in range(9 + 7 * i + j)]
             engine.add_request(engine.make_request(f"{name}-{j}", prompt, params))
-    out: dict = {}
-    while engine.has_unfinished():
-        for d in engine.step():
-            got = out.setdefault(d.req_id, {"tokens": [], "logprobs": [], "prompt": [], "finish": None})
-            assert got["finish"] is None, f"{d.req_id} got output after it finished"
-            got["tokens"] += d.new_token_ids
-            got["logprobs"] += [(lp.token_ids, lp.logprobs, lp.rank) for lp in d.new_logprobs]
-            got["prompt"] += [(lp.token_ids, lp.logprobs) for lp in d.prompt_logprobs]
-            if d.finish_reason is not None:
-                got["finish"] = (d.finish_reason, d.stop_reason, d.error)
+    out = collect_outputs(engine)
     pool = engine.scheduler.kv.pool
     assert pool.num_free_blocks == num_blocks and not engine.in_flight and not engine.scheduler.placeholders
     return out, engine
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for rid in a:
-        assert (a[rid]["tokens"], a[rid]["finish"]) == (b[rid]["tokens"], b[rid]["finish"]), rid
-        for key in ("logprobs", "prompt"):
-            assert len(a[rid][key]) == len(b[rid][key]), rid
-            for x, y in zip(a[rid][key], b[rid][key]):
-                assert x[0] == y[0] and x[1] == pytest.approx(y[1], abs=1e-4), rid
 
 
 @pytest.mark.parametrize("num_blocks", [64, 12], ids=["roomy", "preempting"])
 def test_async_scheduling_gives_the_synchronous_output(runner, num_blocks):
     sync, _ = generate(runner, False, num_blocks)
     asyn, engine = generate(runner, True, num_blocks)
-    assert_same(asyn, sync)
+    assert_same_outputs(asyn, sync)
     assert all(o["finish"][0] in ("stop", "length") for o in asyn.values())
     assert len(asyn["prompt_logprobs-0"]["prompt"]) == 9 + 7 * 3 - 1  # every prompt token after the first
     assert {o["finish"][0] for r, o in asyn.items() if r.startswith("choice")} == {"stop"}

@@ -25,7 +25,6 @@ def serve(*args: str, module: str = "pagedserve.cli") -> subprocess.CompletedPro
 @pytest.mark.parametrize("flags", [
     ["--quantization", "awq"],
     ["-q", "gptq"],
-    ["--speculative-config", '{"method": "ngram"}'],
     ["--pipeline-parallel-size", "2"],
     ["--enable-lora"],
     ["--no-enable-chunked-prefill"],

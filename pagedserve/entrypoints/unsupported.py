@@ -10,7 +10,6 @@ import argparse
 # flag (and its short spellings) -> values that ask for what pagedserve does anyway
 UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("--quantization", "-q"): (),
-    ("--speculative-config",): (),
     ("--pipeline-parallel-size", "-pp"): ("1",),
     ("--lora-modules",): (),
     ("--max-loras",): (),

@@ -62,7 +62,7 @@ class EngineCore:
         _check_capacity(config, num_blocks)
         self.config = config
         self.pipeline: Pipeline = executor if hasattr(executor, "submit") else Deferred(executor)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id, config.speculative)
         # plans submitted whose results are not read yet (at most 2 with async scheduling)
         self.depth = 2 if config.scheduler.async_scheduling else 1
         self.in_flight: deque[StepPlan] = deque()

@@ -75,6 +75,18 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self._num_cached[request.req_id] = n_full
 
+    def trim(self, request: Request, num_tokens: int) -> int | None:
+        """Return the blocks past the first num_tokens tokens (speculative decoding's rejected
+        tokens) to the pool. Returns how many blocks the request keeps, None when none went.
+        Blocks past num_tokens were never indexed: they hold no full block of known tokens."""
+        blocks = self._blocks.get(request.req_id, [])
+        keep = -(-num_tokens // self.block_size)
+        if len(blocks) <= keep:
+            return None
+        self.pool.free(blocks[keep:][::-1])
+        del blocks[keep:]
+        return keep
+
     def free(self, request: Request) -> None:
         """Return a request's blocks, tail first, so its prefix stays cached longest."""
         blocks = self._blocks.pop(request.req_id, [])

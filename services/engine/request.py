@@ -71,6 +71,7 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         self.stop_reason: int | None = None
+        self.spec_token_ids: list[int] = []  # proposed tokens the step in flight verifies
         # prompt_logprobs: gathered chunk by chunk, delivered with the first token (then None)
         # (a resumption delivered them with its first token already)
         wants = sampling_params.prompt_logprobs is not None and not output_token_ids

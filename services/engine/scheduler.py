@@ -28,6 +28,7 @@ import numpy as np
 
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
+from services.engine.spec_decode import SpecDecoder
 from shared.config import CacheConfig, SchedulerConfig
 from shared.protocol import (
     CachedRequestData,
@@ -37,11 +38,18 @@ from shared.protocol import (
     StepResult,
     TokenLogprobs,
 )
+from shared.speculative import SpeculativeConfig
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, first_step_id: int = 0):
+    def __init__(
+        self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, first_step_id: int = 0,
+        speculative: SpeculativeConfig | None = None,
+    ):
         self.config = config
+        self.spec = SpecDecoder(speculative) if speculative is not None else None
+        # requests whose KV a verification rolled back: blocks the worker keeps, told with the next plan
+        self._kept_blocks: dict[str, int] = {}
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -110,6 +118,7 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.placeholders.pop(request.req_id, None)
+        self._kept_blocks.pop(request.req_id, None)
         self.kv.free(request)
         del self.requests[request.req_id]
         if request.req_id in self._known_to_worker:
@@ -145,6 +154,9 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(todo[request.req_id], budget)
+            if self.spec is not None and todo[request.req_id] == 1:
+                request.spec_token_ids = self.spec.propose(request, budget - 1, len(self.running))
+                num_new += len(request.spec_token_ids)
             while (blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = max(self.running, key=_priority_key) if self.priority else self.running[-1]
                 budget += scheduled.pop(victim.req_id, 0)
@@ -195,6 +207,8 @@ class Scheduler:
         self.kv.free(request)
         # a token in flight is discarded when it arrives: the recompute samples it again
         self.placeholders.pop(request.req_id, None)
+        self._kept_blocks.pop(request.req_id, None)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         if request.prompt_logprobs:  # not delivered yet: the recompute scores the prompt again
@@ -204,14 +218,15 @@ class Scheduler:
         self._enqueue(request, front=True)
 
     def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
-        new_reqs, cached = [], []
+        new_reqs, cached, spec = [], [], {}
         self._step_id += 1
         in_flight = self._in_flight[self._step_id] = {}
         for req_id, num_new in scheduled.items():
             request = self.requests[req_id]
             in_flight[req_id] = (request, request.num_preemptions)
+            kept = self._kept_blocks.pop(req_id, None)
             if req_id in self._known_to_worker:
-                cached.append(CachedRequestData(req_id, new_blocks[req_id], request.num_computed_tokens))
+                cached.append(CachedRequestData(req_id, new_blocks[req_id], request.num_computed_tokens, kept))
             else:
                 new_reqs.append(
                     NewRequestData(
@@ -226,10 +241,13 @@ class Scheduler:
                 )
                 self._known_to_worker.add(req_id)
             request.num_computed_tokens += num_new
+            if request.spec_token_ids:
+                spec[req_id] = np.asarray(request.spec_token_ids, dtype=np.int32)
             pending = self.placeholders.get(req_id, 0)
-            if request.num_computed_tokens == request.num_tokens + pending:  # it samples a token
+            # it samples a token (after the proposals it verifies, if any)
+            if request.num_computed_tokens - len(request.spec_token_ids) == request.num_tokens + pending:
                 self.placeholders[req_id] = pending + 1
-        plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids)
+        plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids, spec)
         self._finished_ids = []
         return plan
 
@@ -272,15 +290,29 @@ class Scheduler:
             request = current(req_id)
             if request is not None and request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(scored)
-        logprobs = result.logprobs or [None] * len(result.req_ids)
         stopped = set(result.stopped)
-        for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
+        for req_id, sampled in _tokens_by_request(result).items():
             request = current(req_id)
             if request is None or not self.placeholders.get(req_id):
                 continue  # finished, aborted or preempted since the step was planned
             self._fill_placeholder(req_id)
-            deltas.append(self._append(request, token, lp, req_id in stopped))
+            num_proposed = len(request.spec_token_ids)
+            deltas.append(self._append(request, sampled, req_id in stopped))
+            if num_proposed:
+                self._settle_proposals(request, num_proposed, len(sampled) - 1)
         return deltas
+
+    def _settle_proposals(self, request: Request, num_proposed: int, num_accepted: int) -> None:
+        """After a verification: the KV of the rejected proposals is void, and blocks that held
+        only those return to the pool (the worker learns with the request's next plan)."""
+        request.spec_token_ids = []
+        self.spec.record(num_proposed, num_accepted)
+        if request.status != RequestStatus.RUNNING:
+            return
+        request.num_computed_tokens = request.num_tokens - 1  # the last sampled token is computed next
+        kept = self.kv.trim(request, request.num_computed_tokens)
+        if kept is not None:
+            self._kept_blocks[request.req_id] = kept
 
     def _fill_placeholder(self, req_id: str) -> None:
         left = self.placeholders[req_id] - 1
@@ -289,12 +321,22 @@ class Scheduler:
         else:
             del self.placeholders[req_id]
 
-    def _append(self, request: Request, token: int, lp: TokenLogprobs | None, grammar_done: bool) -> RequestDelta:
-        request.append_token(token)
-        status = request.check_stop(grammar_done=grammar_done)
-        delta = RequestDelta(
-            request.req_id, [token], [lp] if lp is not None else [], num_cached_tokens=request.num_cached_tokens
-        )
+    def _append(
+        self, request: Request, sampled: list[tuple[int, TokenLogprobs | None]], grammar_done: bool
+    ) -> RequestDelta:
+        """Append a step's tokens one by one, up to the first that finishes the request (the rest
+        are dropped: never a token past a stop or max_tokens). grammar_done: the grammar completed
+        with the last one."""
+        tokens, logprobs, status = [], [], None
+        for i, (token, lp) in enumerate(sampled):
+            request.append_token(token)
+            tokens.append(token)
+            if lp is not None:
+                logprobs.append(lp)
+            status = request.check_stop(grammar_done=grammar_done and i == len(sampled) - 1)
+            if status is not None:
+                break
+        delta = RequestDelta(request.req_id, tokens, logprobs, num_cached_tokens=request.num_cached_tokens)
         if request.prompt_logprobs is not None:
             delta.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
         if status is not None:
@@ -310,6 +352,15 @@ class Scheduler:
         failed = [req_id for req_id, (request, _) in planned.items() if self.requests.get(req_id) is request]
         self.abort(failed)
         return failed
+
+
+def _tokens_by_request(result: StepResult) -> dict[str, list[tuple[int, TokenLogprobs | None]]]:
+    """Each request's (token, logprobs) in order: one, or a verification's several."""
+    logprobs = result.logprobs or [None] * len(result.req_ids)
+    out: dict[str, list[tuple[int, TokenLogprobs | None]]] = {}
+    for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
+        out.setdefault(req_id, []).append((token, lp))
+    return out
 
 
 def _priority_key(request: Request) -> tuple[int, float]:

@@ -21,7 +21,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn: CommonAttentionMetadata
-    logits_indices: torch.Tensor  # [S] last token of each request that samples this step
+    # [S + P] the last token of each request that samples this step; a request verifying k
+    # proposed tokens (speculative decoding) has k + 1 rows: its last token, then each proposal
+    logits_indices: torch.Tensor
     sampling_requests: list[RequestState]  # the S requests that sample, in row order
     # prompt_logprobs requests in a prefill chunk: (state, first row, its position, rows); row r
     # scores prompt token position + (r - first row) + 1
@@ -38,14 +40,15 @@ def flatten(scheduled: list[tuple[RequestState, int]], block_size: int, device: 
         start = state.num_computed_tokens
         p = np.arange(start, start + n)
         table = np.asarray(state.block_ids, dtype=np.int64)
-        ids.append(state.token_ids[start : start + n])
+        proposed = state.spec_token_ids  # computed after the last token
+        ids.append(state.token_ids[start : start + n] + proposed)
         pos.append(p)
         slots.append(table[p // bs] * bs + p % bs)
         qsl.append(qsl[-1] + n)
         seq_lens.append(start + n)
         tables.append(state.block_ids)
-        if start + n >= len(state.token_ids):
-            logits_idx.append(qsl[-1] - 1)
+        if start + n >= len(state.token_ids) + len(proposed):
+            logits_idx.extend(range(qsl[-1] - 1 - len(proposed), qsl[-1]))
             samplers.append(state)
         scored = min(start + n, state.prompt_len - 1) - start  # positions that predict a prompt token
         if state.sampling.params.prompt_logprobs is not None and scored > 0:

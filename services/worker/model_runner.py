@@ -7,6 +7,7 @@ step on CPU, runs the model eagerly.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -119,8 +120,10 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
         failed = self.table.take_failed()
         kept = [i for i, s in enumerate(states) if s.req_id not in failed]
-        states, tokens, logprobs = [states[i] for i in kept], [tokens[i] for i in kept], [logprobs[i] for i in kept]
-        self.table.advance(plan, states, tokens)
+        # one entry per token: a verification's accepted proposals, then its sampled token
+        req_ids = [states[i].req_id for i in kept for _ in tokens[i]]
+        tokens, logprobs = [t for i in kept for t in tokens[i]], [lp for i in kept for lp in logprobs[i]]
+        self.table.advance(plan)
         self.last_stats = StepStats(
             _phase(inputs.attn.num_decodes, inputs.attn.num_reqs),
             inputs.attn.num_reqs,
@@ -130,7 +133,7 @@ class ModelRunner:
         )
         return StepResult(
             plan.step_id,
-            [s.req_id for s in states],
+            req_ids,
             tokens,
             logprobs,
             {r: lp for r, lp in prompt_logprobs.items() if r not in failed},
@@ -151,6 +154,37 @@ class ModelRunner:
                     self.table.fail(req_id, message)
 
     def _sample(
+        self, logits: torch.Tensor, states: list[RequestState]
+    ) -> tuple[list[list[int]], list[list[TokenLogprobs | None]], list[str]]:
+        """Each request's tokens and logprobs, appended to its state, and the requests whose
+        grammar ended. Position by position: a request verifying proposed tokens samples its row
+        j after the tokens before it were appended (penalties, min_tokens, seeds and its grammar
+        see them), and goes on to row j + 1 only while its sampled tokens equal the proposals.
+        For a point-mass proposal that is rejection sampling: every token keeps the target's
+        distribution. Failed requests (grammar, nothing to sample) are failed in the table."""
+        first_rows = list(itertools.accumulate((1 + len(s.spec_token_ids) for s in states), initial=0))
+        tokens: list[list[int]] = [[] for _ in states]
+        logprobs: list[list[TokenLogprobs | None]] = [[] for _ in states]
+        stopped: list[str] = []
+        live, j = list(range(len(states))), 0
+        while live:
+            rows = logits if len(live) == logits.shape[0] else logits[[first_rows[i] + j for i in live]]
+            sampled, lps, ended = self._sample_rows(rows, [states[i] for i in live])
+            stopped += ended
+            verifying = []
+            for i, token, lp in zip(live, sampled, lps):
+                state = states[i]
+                if state.req_id in self.table.failed:
+                    continue
+                state.sampling.append(token)
+                tokens[i].append(token)
+                logprobs[i].append(lp)
+                if j < len(state.spec_token_ids) and token == state.spec_token_ids[j] and state.req_id not in ended:
+                    verifying.append(i)
+            live, j = verifying, j + 1
+        return tokens, logprobs, stopped
+
+    def _sample_rows(
         self, logits: torch.Tensor, states: list[RequestState]
     ) -> tuple[list[int], list[TokenLogprobs | None], list[str]]:
         """Tokens and logprobs of every row, and the requests whose grammar ended with their

@@ -53,6 +53,15 @@ def check_new_request(new: NewRequestData, limits: WorkerLimits) -> None:
             raise ValueError(f"{name} must be below the vocabulary size {vocab_size}, got {k}")
 
 
+def check_proposals(proposed: np.ndarray | None, num_tokens: int, num_computed: int, limits: WorkerLimits) -> None:
+    """Proposed tokens (speculative decoding) are token ids, verified right after the last token."""
+    if proposed is None:
+        return
+    check_in_vocab("spec_token_ids", proposed, limits.vocab_size)
+    if num_computed + 1 != num_tokens:
+        raise ValueError(f"proposed tokens must follow the last token: {num_computed} of {num_tokens} computed")
+
+
 def check_schedule(num_tokens: int, num_computed: int, num_blocks_held: int, n: int, limits: WorkerLimits) -> None:
     """n tokens scheduled after num_computed must exist, fit in the blocks the request holds and
     have positions below max_model_len."""

@@ -9,10 +9,16 @@ dropped, the reason kept for StepResult.failed, and the rest of the step goes on
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.worker.layers.sampler import SamplingState
-from services.worker.request_checks import WorkerLimits, check_block_ids, check_new_request, check_schedule
+from services.worker.request_checks import (
+    WorkerLimits,
+    check_block_ids,
+    check_new_request,
+    check_proposals,
+    check_schedule,
+)
 from services.worker.structured_output import StructuredOutputs
 from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 
@@ -28,6 +34,7 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingState  # holds the request's tokens (its grammar matcher: StructuredOutputs)
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens this step verifies
 
     @property
     def token_ids(self) -> list[int]:
@@ -88,6 +95,11 @@ class RequestTable:
         if state is None:
             raise ValueError(NO_STATE)
         check_block_ids(cached.new_block_ids, self.limits.num_blocks)
+        kept = cached.num_kept_blocks
+        if kept is not None:
+            if kept > len(state.block_ids):
+                raise ValueError(f"cannot keep {kept} of the request's {len(state.block_ids)} blocks")
+            del state.block_ids[kept:]  # speculative decoding rolled back
         state.block_ids.extend(cached.new_block_ids)
         state.num_computed_tokens = cached.num_computed_tokens
 
@@ -108,20 +120,25 @@ class RequestTable:
         torch attention backend groups requests of similar length to limit padding). A request
         it cannot run is failed."""
         order = sorted(
-            ((self.states[r], n) for r, n in plan.num_scheduled_tokens.items() if self._schedulable(r, n)),
+            ((self.states[r], n) for r, n in plan.num_scheduled_tokens.items() if self._schedulable(plan, r, n)),
             key=lambda sn: (sn[1] != 1, -sn[1], -sn[0].num_computed_tokens),
         )
         return order
 
-    def _schedulable(self, req_id: str, n: int) -> bool:
-        """False for a request refused earlier, or failed now for a count its state cannot take."""
+    def _schedulable(self, plan: StepPlan, req_id: str, n: int) -> bool:
+        """False for a request refused earlier, or failed now for a count (or proposed tokens) its
+        state cannot take."""
         state = self.states.get(req_id)
         if state is None:
             if req_id not in self.failed:
                 self.fail(req_id, NO_STATE)
             return False
+        proposed = plan.spec_token_ids.get(req_id)
+        state.spec_token_ids = [] if proposed is None else proposed.tolist()
+        num_tokens = len(state.token_ids) + len(state.spec_token_ids)
         try:
-            check_schedule(len(state.token_ids), state.num_computed_tokens, len(state.block_ids), n, self.limits)
+            check_proposals(proposed, len(state.token_ids), state.num_computed_tokens, self.limits)
+            check_schedule(num_tokens, state.num_computed_tokens, len(state.block_ids), n, self.limits)
         except ValueError as exc:
             self.fail(req_id, str(exc))
             return False
@@ -131,9 +148,15 @@ class RequestTable:
         failed, self.failed = self.failed, {}
         return failed
 
-    def advance(self, plan: StepPlan, sampled: list[RequestState], tokens: list[int]) -> None:
+    def advance(self, plan: StepPlan) -> None:
+        """The step's tokens are computed (its sampled tokens were appended as they were
+        sampled); of a verification's, those up to its last sampled token."""
         for req_id, n in plan.num_scheduled_tokens.items():
-            if req_id in self.states:
-                self.states[req_id].num_computed_tokens += n
-        for state, token in zip(sampled, tokens):
-            state.sampling.append(token)
+            state = self.states.get(req_id)
+            if state is None:
+                continue
+            if state.spec_token_ids:
+                state.num_computed_tokens = len(state.token_ids) - 1
+                state.spec_token_ids = []
+            else:
+                state.num_computed_tokens += n

@@ -17,29 +17,34 @@ BLOCK_SIZE, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 4, 2, 32
 # a fresh prompt and a one-token chunk.
 REQUESTS = [(1, 17), (1, 40), (20, 50), (9, 9), (1, 33)]
 NUM_DECODES = 2
+# speculative decoding's verify shapes: k + 1 query tokens after a cached context (crossing block
+# boundaries), beside plain decodes
+VERIFY_REQUESTS = [(1, 30), (1, 16), (4, 21), (6, 48), (2, 17), (5, 33)]
 
 
-def _metadata() -> CommonAttentionMetadata:
+def _metadata(requests: list[tuple[int, int]], num_decodes: int) -> CommonAttentionMetadata:
     perm = torch.randperm(20).tolist()
     block_tables, slots, qsl = [], [], [0]
-    for q_len, seq_len in REQUESTS:
+    for q_len, seq_len in requests:
         table = [perm.pop() for _ in range(-(-seq_len // BLOCK_SIZE))]
         block_tables.append(table)
         slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(seq_len - q_len, seq_len)]
         qsl.append(qsl[-1] + q_len)
     return CommonAttentionMetadata(
         query_start_loc=qsl,
-        seq_lens=[r[1] for r in REQUESTS],
+        seq_lens=[r[1] for r in requests],
         block_tables=block_tables,
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
-        num_decodes=NUM_DECODES,
+        num_decodes=num_decodes,
         block_size=BLOCK_SIZE,
         device=DEVICE,
     )
 
 
-def test_mixed_batch_matches_torch_backend():
-    common = _metadata()
+@pytest.mark.parametrize(("requests", "num_decodes"), [(REQUESTS, NUM_DECODES), (VERIFY_REQUESTS, 2)],
+                         ids=["mixed", "verify"])
+def test_mixed_batch_matches_torch_backend(requests, num_decodes):
+    common = _metadata(requests, num_decodes)
     num_tokens = common.query_start_loc[-1]
     cache = torch.randn(2, 20, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)  # holds cached prefixes
     q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM, device=DEVICE)
@@ -117,3 +122,4 @@ def test_graph_decode_metadata_with_padding_rows(num_splits):
     assert torch.equal(out[3:], torch.zeros_like(out[3:]))
     with pytest.raises(ValueError, match="rows everywhere"):
         backend.graph_decode_metadata(static_slots, static_tables[:3], static_lens, max_model_len, num_splits)
+

@@ -1,0 +1,67 @@
+"""Speculative decoding settings, given as vLLM's: --speculative-config '{"method": "ngram", ...}'
+or LLM(speculative_config={...}). Nothing here imports torch."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+SPEC_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """method "ngram": the engine proposes up to num_speculative_tokens tokens per decoding
+    request by prompt lookup (the tokens that followed the latest earlier occurrence of the
+    request's last n tokens, n from prompt_lookup_max down to prompt_lookup_min); the workers
+    verify them in one forward. disable_by_batch_size: no proposals while at least this many
+    requests run (the step is compute-bound; None: never off by batch size)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config method must be one of {SPEC_METHODS}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
+        if self.num_speculative_tokens > 32:
+            raise ValueError(f"speculative_config num_speculative_tokens must be at most 32, got {self.num_speculative_tokens}")
+        lo, hi = self.lookup_range
+        if lo > hi:
+            raise ValueError(f"speculative_config prompt_lookup_min ({lo}) must not exceed prompt_lookup_max ({hi})")
+
+    @property
+    def lookup_range(self) -> tuple[int, int]:
+        """(min, max) n-gram sizes: one given sets both, as in vLLM; neither: 1 to 5."""
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            return 1, 5
+        return (lo if lo is not None else hi), (hi if hi is not None else lo)
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """From a JSON object (the flag), a dict (LLM's keyword) or None; ValueError naming an
+        unknown key or a bad value."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"--speculative-config must be a JSON object: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {type(value).__name__}")  # noqa: TRY004
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unsupported key(s) {unknown}; supported: {sorted(known)}")
+        if "method" not in value:
+            raise ValueError('speculative_config needs a "method" (supported: ' + ", ".join(SPEC_METHODS) + ")")
+        return cls(**value)

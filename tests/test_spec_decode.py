@@ -1,0 +1,141 @@
+"""Speculative decoding (ngram) over the real model runner, in one process: every kind of request
+ends with the tokens, logprobs and finish reasons of non-speculative decoding, also with chunked
+prefill, prefix caching and a tiny KV pool that preempts; proposals are both accepted and
+rejected, blocks of rejected tokens go back to the pool at once, and none is left behind.
+
+The checkpoint's attention output projections are damped (make_test_model attention_scale), so
+its greedy output falls into loops that break now and then: prompt lookup has something to find.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from engine_outputs import assert_same_outputs, collect_outputs
+
+from services.engine.core import EngineCore
+from services.engine.request import Request
+from services.engine.scheduler import Scheduler
+from services.engine.spec_decode import NgramProposer
+from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from shared.protocol import StepResult
+from shared.sampling_params import SamplingParams, StructuredOutputsParams
+from shared.speculative import SpeculativeConfig
+
+PARAMS = {
+    "greedy": SamplingParams(temperature=0, max_tokens=60, ignore_eos=True),
+    "max_tokens": SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
+    "logprobs": SamplingParams(temperature=0, max_tokens=30, logprobs=3, stop_token_ids=list(range(0, 900, 37))),
+    "seeded": SamplingParams(temperature=1.0, seed=7, max_tokens=30, presence_penalty=0.3, top_k=20, ignore_eos=True),
+    "prompt_logprobs": SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=2, ignore_eos=True),
+    "choice": SamplingParams(
+        temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(choice=["yes yes yes", "no"])
+    ),
+    "min_tokens": SamplingParams(temperature=0, max_tokens=30, min_tokens=12, stop_token_ids=list(range(0, 900, 5))),
+    "penalty": SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, ignore_eos=True),
+}
+SPEC = SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1)
+
+
+@pytest.fixture(scope="module")
+def runner(model_dirs):
+    from services.worker.model_runner import ModelRunner
+
+    model = ModelConfig.from_pretrained(str(model_dirs("llama", attention_scale=0.005)), max_model_len=160)
+    return ModelRunner(EngineConfig(model, CacheConfig(kv_cache_memory=8 << 20, block_size=8)))
+
+
+def generate(runner, spec: SpeculativeConfig | None, num_blocks: int, budget: int = 48) -> tuple[dict, EngineCore]:
+    runner.reset()
+    config = dataclasses.replace(
+        runner.config, scheduler=SchedulerConfig(max_num_batched_tokens=budget), speculative=spec
+    )
+    engine = EngineCore(config, runner, num_blocks)
+    for i, (name, params) in enumerate(PARAMS.items()):
+        for j in range(2):  # the same prompt twice: the second hits the prefix cache
+            prompt = [(k * 31 + 17 * i) % 400 + 3 for k in range(9 + 7 * i)]
+            engine.add_request(engine.make_request(f"{name}-{j}", prompt, params))
+    block_size = config.cache.block_size
+
+    def rejected_blocks_returned(engine: EngineCore) -> None:
+        for request in engine.scheduler.running:
+            assert len(engine.scheduler.kv.block_ids(request.req_id)) <= -(-request.num_tokens // block_size)
+
+    out = collect_outputs(engine, rejected_blocks_returned)
+    assert engine.scheduler.kv.pool.num_free_blocks == num_blocks
+    return out, engine
+
+
+@pytest.mark.parametrize(("num_blocks", "budget"), [(128, 48), (24, 20)], ids=["roomy", "preempting"])
+def test_speculation_gives_the_same_outputs(runner, num_blocks, budget):
+    plain, base = generate(runner, None, num_blocks, budget)
+    spec, engine = generate(runner, SPEC, num_blocks, budget)
+    assert_same_outputs(spec, plain)
+    for name, params in PARAMS.items():
+        got = spec[f"{name}-0"]
+        assert len(got["tokens"]) <= params.max_tokens
+        assert got["finish"][0] in ("stop", "length"), (name, got["finish"])
+    counts = engine.scheduler.spec
+    assert 0 < counts.num_accepted_tokens < counts.num_draft_tokens  # some accepted, some rejected
+    assert counts.accepted_per_position[0] >= counts.accepted_per_position[-1] > 0
+    if num_blocks == 24:
+        assert engine.scheduler.num_preemptions > 0 and base.scheduler.num_preemptions > 0
+
+
+def test_ngram_proposer_finds_the_latest_match_and_follows_loops():
+    p = NgramProposer(1, 3)
+    assert p.propose([1, 2, 3, 9, 1, 2, 3, 4, 5, 1, 2, 3], 2) == [4, 5]  # latest match of [1, 2, 3]
+    assert p.propose([7, 8, 7, 8], 5) == [7, 8, 7, 8, 7]  # a loop continues with its period
+    assert p.propose([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert p.propose([5, 5], 3) == [5, 5, 5]
+    assert NgramProposer(2, 2).propose([1, 2, 9, 2], 3) == []  # a 1-gram match is below the minimum
+
+
+def test_speculative_config_is_checked_like_vllms():
+    assert SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 5}').num_speculative_tokens == 5
+    assert SpeculativeConfig.parse({"method": "ngram", "prompt_lookup_max": 4}).lookup_range == (4, 4)
+    for bad, match in (
+        ({"method": "medusa"}, "method must be one of"),
+        ({"num_speculative_tokens": 3}, "needs a \"method\""),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "positive integer"),
+        ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "must not exceed"),
+        ({"method": "ngram", "draft_tensor_parallel_size": 2}, "unsupported key"),
+        ("[1]", "JSON object"),
+        ("{", "JSON object"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SpeculativeConfig.parse(bad)
+
+
+def test_async_scheduling_with_speculation_is_refused(runner):
+    with pytest.raises(ValueError, match="does not combine with --async-scheduling"):
+        dataclasses.replace(runner.config, scheduler=SchedulerConfig(async_scheduling=True), speculative=SPEC)
+
+
+
+@pytest.mark.parametrize(("params", "proposed", "got", "kept", "finish"), [
+    (SamplingParams(temperature=0, max_tokens=50, stop_token_ids=[7]), [6, 7, 8, 5], [6, 7, 8, 5, 6], [6, 7], "stop"),
+    (SamplingParams(temperature=0, max_tokens=50, min_tokens=5, stop_token_ids=[7]), [6, 7, 8, 5], [6, 7, 9], [6, 7, 9],
+     None),
+    (SamplingParams(temperature=0, max_tokens=3), [6], [6, 7], [6, 7], "length"),
+], ids=["stop-id-inside-the-run", "min-tokens", "max-tokens"])
+def test_verification_results_end_at_a_stop_and_roll_back_rejected_tokens(params, proposed, got, kept, finish):
+    scheduler = Scheduler(SchedulerConfig(), CacheConfig(block_size=4), 16, speculative=SPEC)
+    scheduler.add_request(Request("r", [5, 6, 7, 8] * 3, params, (0,), 64))
+    plan = scheduler.schedule()
+    scheduler.update(plan, StepResult(plan.step_id, ["r"], [5]))  # the prompt's step samples 5
+    plan = scheduler.schedule()
+    assert plan.spec_token_ids["r"].tolist() == proposed  # what followed the latest [..., 8, 5]
+    assert plan.num_scheduled_tokens["r"] == 1 + len(proposed)
+    (delta,) = scheduler.update(plan, StepResult(plan.step_id, ["r"] * len(got), got))
+    assert delta.new_token_ids == kept and delta.finish_reason == finish
+    if finish is not None:
+        assert scheduler.kv.pool.num_free_blocks == 16
+        return
+    request = scheduler.requests["r"]  # 2 of 4 accepted: the rest's KV is void, its block freed
+    assert request.num_computed_tokens == request.num_tokens - 1 == 15
+    assert len(scheduler.kv.block_ids("r")) == 4 and scheduler.kv.pool.num_free_blocks == 12
+    nxt = scheduler.schedule()  # the worker is told to keep 4 blocks
+    assert nxt.cached_requests[0].num_kept_blocks == 4 and nxt.cached_requests[0].num_computed_tokens == 15
+    assert scheduler.spec.num_draft_tokens == 4 and scheduler.spec.num_accepted_tokens == 2
