@@ -10,7 +10,10 @@ its greedy output falls into loops that break now and then: prompt lookup has so
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import Counter
 
+import msgspec
 import pytest
 from engine_outputs import assert_same_outputs, collect_outputs
 
@@ -139,3 +142,65 @@ def test_verification_results_end_at_a_stop_and_roll_back_rejected_tokens(params
     nxt = scheduler.schedule()  # the worker is told to keep 4 blocks
     assert nxt.cached_requests[0].num_kept_blocks == 4 and nxt.cached_requests[0].num_computed_tokens == 15
     assert scheduler.spec.num_draft_tokens == 4 and scheduler.spec.num_accepted_tokens == 2
+
+
+# --- rejection sampling keeps the target distribution -------------------------------------
+
+SAMPLED = {
+    "top-k": SamplingParams(temperature=0.8, top_k=4, max_tokens=3, ignore_eos=True),
+    "top-p-min-p-penalties-bias": SamplingParams(
+        temperature=0.7, top_p=0.9, min_p=0.05, presence_penalty=0.2, frequency_penalty=0.1, repetition_penalty=1.05,
+        logit_bias={949: 0.5, 3: -0.5}, max_tokens=3, ignore_eos=True,
+    ),
+}
+NUM_SAMPLES = 400
+
+
+def sample_positions(runner, spec: SpeculativeConfig | None, prompt: list[int], params: SamplingParams):
+    """NUM_SAMPLES unseeded samples of the same prompt: the counts of output tokens 2 and 3 (the
+    ones speculation proposes), and the engine."""
+    runner.reset()
+    config = dataclasses.replace(runner.config, scheduler=SchedulerConfig(max_num_seqs=NUM_SAMPLES), speculative=spec)
+    engine = EngineCore(config, runner, 256)
+    for i in range(NUM_SAMPLES):
+        engine.add_request(engine.make_request(f"s{i}", prompt, params))
+    out = collect_outputs(engine)
+    return [Counter(o["tokens"][pos] for o in out.values()) for pos in (1, 2)], engine
+
+
+def homogeneous(a: Counter, b: Counter) -> bool:
+    """Chi-square test of homogeneity of two samples at the 0.1% level (rare cells pooled; the
+    quantile by the Wilson-Hilferty approximation)."""
+    total_a, total_b = sum(a.values()), sum(b.values())
+    common = [t for t in a.keys() | b.keys() if a[t] + b[t] >= 10]
+    cells = [(a[t], b[t]) for t in common] + [(total_a - sum(a[t] for t in common), total_b - sum(b[t] for t in common))]
+    cells = [c for c in cells if sum(c)]
+    stat = 0.0
+    for x, y in cells:
+        expected_a = (x + y) * total_a / (total_a + total_b)
+        expected_b = (x + y) - expected_a
+        stat += (x - expected_a) ** 2 / expected_a + (y - expected_b) ** 2 / expected_b
+    df = max(1, len(cells) - 1)
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+    return stat < critical
+
+
+@pytest.mark.parametrize("name", list(SAMPLED))
+def test_speculation_keeps_the_sampling_distribution(runner, name):
+    greedy, _ = generate_one(runner, [17, 256, 3, 98], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    prompt = [17, 256, 3, 98] + greedy  # the model's own greedy chain: proposals are often right
+    params = SAMPLED[name]
+    plain, _ = sample_positions(runner, None, prompt, params)
+    spec, engine = sample_positions(runner, SPEC, prompt, params)
+    counts = engine.scheduler.spec
+    assert 0 < counts.num_accepted_tokens < counts.num_draft_tokens
+    assert all(homogeneous(s, p) for s, p in zip(spec, plain)), (spec, plain)
+    hotter, _ = sample_positions(runner, SPEC, prompt, msgspec.structs.replace(params, temperature=3.0))
+    assert not all(homogeneous(h, p) for h, p in zip(hotter, plain))  # the test tells distributions apart
+
+
+def generate_one(runner, prompt: list[int], params: SamplingParams) -> tuple[list[int], EngineCore]:
+    runner.reset()
+    engine = EngineCore(runner.config, runner, 64)
+    engine.add_request(engine.make_request("one", prompt, params))
+    return collect_outputs(engine)["one"]["tokens"], engine
