@@ -89,7 +89,8 @@ def _replica(args: argparse.Namespace, sock_dir: str, replica: int, model: list[
     engine_port = args.engine_metrics_port + shift if args.engine_metrics_port else 0
     kids: list[Child] = [(f"engine{tag}", base + engine + ["--metrics-port", str(engine_port)], {})]
     dist = f"tcp://127.0.0.1:{free_port()}"
-    env = _replica_devices(replica, ranks) if args.data_parallel_size > 1 else {}
+    gpus = visible_gpus() if args.data_parallel_size > 1 else []
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus[replica * ranks : (replica + 1) * ranks])} if gpus else {}
     for rank in range(ranks):
         worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]
         port = args.worker_metrics_port + shift + rank if args.worker_metrics_port else 0
@@ -97,12 +98,20 @@ def _replica(args: argparse.Namespace, sock_dir: str, replica: int, model: list[
     return kids, inp, outp
 
 
-def _replica_devices(replica: int, ranks: int) -> dict[str, str]:
-    """CUDA_VISIBLE_DEVICES of a replica's workers: its own ``ranks`` GPUs of those visible to us
-    (worker rank r takes cuda:r of them). No effect on a machine without GPUs."""
+def visible_gpus() -> list[str]:
+    """The GPUs our children may use: CUDA_VISIBLE_DEVICES's list when set, else those
+    ``nvidia-smi -L`` lists; none on a machine without NVIDIA's tools. Each data-parallel replica
+    gets its own slice as its workers' CUDA_VISIBLE_DEVICES (worker rank r takes cuda:r of it)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = visible.split(",") if visible else [str(i) for i in range((replica + 1) * ranks)]
-    return {"CUDA_VISIBLE_DEVICES": ",".join(devices[replica * ranks : (replica + 1) * ranks])}
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU "))]
 
 
 def _children(args: argparse.Namespace, sock_dir: str) -> list[Child]:
@@ -212,6 +221,11 @@ def _check(args: argparse.Namespace) -> None:
     check_frontend_args(args)
     if args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
+    gpus = visible_gpus() if args.data_parallel_size > 1 else []
+    needed = args.data_parallel_size * args.tensor_parallel_size
+    if gpus and needed > len(gpus):  # else a replica would fall back to the CPU without a word
+        raise ValueError(f"--data-parallel-size {args.data_parallel_size} x --tensor-parallel-size "
+                         f"{args.tensor_parallel_size} needs {needed} GPUs; {len(gpus)} visible")
     engine_config_from_args(args, weights=False)
 
 

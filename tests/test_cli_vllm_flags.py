@@ -16,9 +16,9 @@ _FAST = ["--ready-timeout", "0", "--port", "1", "--engine-metrics-port", "0", "-
          "--frontend-metrics-port", "0"]
 
 
-def serve(*args: str, module: str = "pagedserve.cli") -> subprocess.CompletedProcess:
+def serve(*args: str, module: str = "pagedserve.cli", **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", module, *(["serve"] if module == "pagedserve.cli" else []), *args]
-    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
+    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING", **env)
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -66,11 +66,18 @@ def test_unsupported_flag_in_config_file_fails(tmp_path, model_dirs):
     (["--response-store-ttl", "-1"], "--response-store-ttl must be positive"),
     (["--max_model_len", "99999"], "max_model_len must be in [1,"),  # vLLM's underscore spelling
     (["--max_model_len=0"], "max_model_len must be in [1,"),
+    (["--data-parallel-size", "0"], "--data-parallel-size must be at least 1"),
 ])
 def test_bad_values_name_the_flag(flags, message, model_dirs):
     out = serve(str(model_dirs("llama")), *flags, *_FAST)
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
+
+
+def test_data_parallel_replicas_need_a_gpu_each_where_there_are_gpus(model_dirs):
+    out = serve(str(model_dirs("llama")), "-dp", "2", "-tp", "2", *_FAST, CUDA_VISIBLE_DEVICES="0,1,2")
+    assert out.returncode != 0
+    assert "--data-parallel-size 2 x --tensor-parallel-size 2 needs 4 GPUs; 3 visible" in out.stderr
 
 
 def test_model_given_bare_wins_over_the_config_files(tmp_path, model_dirs):

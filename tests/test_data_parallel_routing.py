@@ -1,16 +1,22 @@
 """The data-parallel router's choices (services/frontend/routing.py), on the loads replicas report:
 a shared prefix sticks to one replica unless it is much more loaded, new prefixes spread, a
 replica that is down gets nothing, round robin takes turns; and the router's block hashes are
-the ones the engine's prefix cache indexes."""
+the ones the engine's prefix cache indexes. Then what the frontend makes of its replicas' reports:
+the summed load /metrics exports, and which replicas are up."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request
+from services.frontend.engine_client import EngineClient
+from services.frontend.replicas import EngineReplicas
 from services.frontend.routing import AffinityRouter, ReplicaLoad, RoundRobinRouter, make_router
 from shared.block_hash import extend_block_hashes
+from shared.protocol import ModelInfo, Pong
 from shared.sampling_params import SamplingParams
 
 BS = 4
@@ -108,3 +114,30 @@ def test_router_hashes_are_the_prefix_cache_blocks():
     assert kv.allocate_slots(req, len(ids)) is not None
     hashes = extend_block_hashes([], ids, BS, len(ids) // BS)
     assert len(hashes) == 3 and all(kv.pool.lookup(h) is not None for h in hashes)
+
+
+# ----- the replicas' state as the frontend sees it (services/frontend/replicas.py) ---------------
+
+def _client(blocks: int, usage: float, running: int, *, heard_ago: float = 0.0, model: str = "m") -> EngineClient:
+    """An engine client (never started) as it stands after hearing from its engine."""
+    client = EngineClient("tcp://127.0.0.1:1", "tcp://127.0.0.1:2")
+    client.model_info = ModelInfo(model, "/m", 64, 100, [0], num_blocks=blocks, engine_id=f"{model}-{blocks}")
+    client.last_pong = Pong(0, running, 1, engine_id=f"{model}-{blocks}", kv_cache_usage=usage)
+    client.last_pong_time, client.last_heard = time.time(), time.monotonic() - heard_ago
+    return client
+
+
+def test_summed_report_weights_kv_use_by_blocks_and_leaves_out_a_silent_replica():
+    replicas = EngineReplicas([_client(100, 0.5, 2), _client(300, 0.0, 1), _client(50, 1.0, 9, heard_ago=60)],
+                              AffinityRouter())
+    assert [load.up for load in replicas.loads()] == [True, True, False]
+    pong, info = replicas.summed.last_pong, replicas.summed.model_info
+    assert (pong.num_running, pong.num_waiting, pong.kv_cache_usage) == (3, 2, 0.125)
+    assert info.num_blocks == 400
+    assert replicas.loads()[0].load == 3  # running + waiting as reported (no request of ours open)
+
+
+def test_a_replica_serving_another_model_gets_no_requests():
+    replicas = EngineReplicas([_client(100, 0.0, 0), _client(100, 0.0, 0, model="other")], RoundRobinRouter())
+    assert [load.up for load in replicas.loads()] == [True, False]
+    assert {replicas.clients.index(replicas.pick(list(range(40)))) for _ in range(4)} == {0}

@@ -22,13 +22,13 @@ from service_helpers import scrape, sse_events
 from pagedserve.serve import free_port
 
 
-def start_serve(model: str, port: int, *extra: str) -> subprocess.Popen:
+def start_serve(model: str, port: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [
         sys.executable, "-m", "pagedserve.cli", "serve", model, "--port", str(port), "--frontends", "2",
         "--max-model-len", "256", "--engine-metrics-port", str(free_port()), "--worker-metrics-port", str(free_port()),
         "--frontend-metrics-port", "0", "--ready-timeout", "120", *extra,
     ]
-    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING")
+    env = dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING", **(env or {}))
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -84,14 +84,15 @@ def test_serve_names_a_dead_child_and_exits_nonzero(model_dirs):
     """With two data-parallel replicas: each engine has its own metrics port, each replica's
     workers their own devices, and the frontends reach both."""
     port = free_port()
-    proc = start_serve(str(model_dirs("llama")), port, "--data-parallel-size", "2")
+    # two GPUs "visible" (on a CPU machine the workers just run on the CPU)
+    proc = start_serve(str(model_dirs("llama")), port, "--data-parallel-size", "2", env={"CUDA_VISIBLE_DEVICES": "3,5"})
     try:
         assert "2 engine replica(s)" in wait_line(proc, "serving")
         kids = children(proc)
         engines = [k for k in kids if " engine " in " ".join(k.cmdline()) + " "]
         workers = [k for k in kids if " worker " in " ".join(k.cmdline()) + " "]
         assert len(engines) == len(workers) == 2
-        assert sorted(w.environ()["CUDA_VISIBLE_DEVICES"] for w in workers) == ["0", "1"]
+        assert sorted(w.environ()["CUDA_VISIBLE_DEVICES"] for w in workers) == ["3", "5"]
         ports = {k.cmdline()[k.cmdline().index("--metrics-port") + 1] for k in engines}
         for engine_port in ports:  # both engines up, each with its own /metrics
             assert "pagedserve_engine_connected_frontends" in scrape(int(engine_port))

@@ -118,7 +118,8 @@ def _add_tokenizer_routes(app: FastAPI, state: FrontendState) -> None:
 def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
     @app.get("/health")
     async def health() -> Response:
-        """200 only when the engine's step loop answers a ping in time and has all its workers."""
+        """200 only when the engine's step loop answers a ping in time and has all its workers
+        (with data-parallel replicas: one of them, since any can take new requests)."""
         try:
             state.require_ready()
         except APIError as exc:
