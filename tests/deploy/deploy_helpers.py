@@ -39,6 +39,11 @@ FRONTEND_METRICS = {
     "pagedserve_frontend_prompt_tokens_total": "counter",
     "pagedserve_frontend_generation_tokens_total": "counter",
     "pagedserve_frontend_requests_in_flight": "gauge",
+    "pagedserve_frontend_replica_up": "gauge",
+    "pagedserve_frontend_replica_requests_running": "gauge",
+    "pagedserve_frontend_replica_requests_waiting": "gauge",
+    "pagedserve_frontend_replica_kv_cache_usage_ratio": "gauge",
+    "pagedserve_frontend_replica_routed_requests_total": "counter",
 }
 ENGINE_METRICS = {
     "pagedserve_engine_requests_running": "gauge",

@@ -158,6 +158,20 @@ tests:
         alertname: PagedserveWorkerDown
         exp_alerts: []
   - interval: 1m
+    input_series:
+      - series: 'pagedserve_frontend_replica_up{model_name="m", replica="0", instance="a"}'
+        values: '1x12'
+      - series: 'pagedserve_frontend_replica_up{model_name="m", replica="1", instance="a"}'
+        values: '1 1 0x10'
+    alert_rule_test:
+      - eval_time: 3m
+        alertname: PagedserveReplicaDown
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: PagedserveReplicaDown
+        exp_alerts:
+          - exp_labels: {severity: warning, instance: a, replica: "1"}
+  - interval: 1m
     input_series: []
     alert_rule_test:
       - eval_time: 5m
