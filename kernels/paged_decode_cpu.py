@@ -13,60 +13,22 @@ one ctypes call (ctypes releases the GIL).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from kernels import cpu_build
+
 SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
-CACHE_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "pagedserve" / "kernels"))
-# The parts of -ffast-math that let the compiler vectorize the reductions, not -ffast-math itself:
-# linked into a shared library it turns on flush-to-zero for the whole process that loads it.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
-         "-freciprocal-math", "-ffp-contract=fast", "-shared", "-fPIC"]
-
-
-def _cpu_flags() -> str:
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def _build() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
-    target = CACHE_DIR / f"paged_decode_cpu-{key}.so"
-    if target.is_file():
-        return target
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE_DIR)
-    os.close(fd)
-    try:
-        cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
-        os.replace(tmp, target)  # atomic: a concurrent builder never loads half a file
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("CPU paged decode kernel unavailable (%s); decode attention gathers K/V with torch", exc)
+    lib = cpu_build.load(SOURCE, "CPU paged decode kernel")
+    if lib is None:
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    f32 = ctypes.c_float
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.paged_decode.argtypes = [ptr] * 6 + [i64] * 7 + [f32, ptr, ptr, f32, f32]
     lib.paged_decode.restype = None
     return lib
@@ -74,12 +36,6 @@ def _library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return _library() is not None
-
-
-@cache
-def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
-    """Per process: a forked child gets the parent's cache but not its threads."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="paged-decode")
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -110,15 +66,14 @@ def paged_decode(
     q, table, seq_lens = q.contiguous(), table.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
     parts = max(1, min(torch.get_num_threads(), batch))
-    bounds = [batch * i // parts for i in range(parts + 1)]
-    scratch = torch.empty(parts, heads // kv_heads * int(seq_lens.max()) + 2 * dim, dtype=torch.float32)
+    scratch = torch.empty(batch, heads // kv_heads * int(seq_lens.max()) + 2 * dim, dtype=torch.float32)
     lut = _fp8_values(kv_cache.dtype).data_ptr() if fp8 else None
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (1.0, 1.0)
 
-    def run(i: int) -> None:
+    def run(lo: int, hi: int) -> None:
         lib.paged_decode(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), table.data_ptr(),
-                         seq_lens.data_ptr(), out.data_ptr(), bounds[i], bounds[i + 1], table.shape[1], heads,
-                         kv_heads, dim, block, scale, scratch[i].data_ptr(), lut, k_scale, v_scale)
+                         seq_lens.data_ptr(), out.data_ptr(), lo, hi, table.shape[1], heads,
+                         kv_heads, dim, block, scale, scratch[lo].data_ptr(), lut, k_scale, v_scale)
 
-    list(_pool(parts, os.getpid()).map(run, range(parts)))
+    cpu_build.run_split(batch, parts, run)
     return out

@@ -63,6 +63,7 @@ class LLM:
         scheduling_policy: str = "fcfs",
         kv_cache_dtype: str = "auto",
         speculative_config: dict[str, Any] | None = None,
+        quantization: str | None = None,
     ):
         """scheduling_policy: "fcfs", or "priority" (generate's priority list orders the requests:
         lower values first, and the largest are preempted first). speculative_config: vLLM's, e.g.
@@ -73,7 +74,9 @@ class LLM:
 
         from services.worker.model_runner import ModelRunner
 
-        model_config = ModelConfig.from_pretrained(model, dtype=dtype, max_model_len=max_model_len, revision=revision)
+        model_config = ModelConfig.from_pretrained(
+            model, dtype=dtype, max_model_len=max_model_len, revision=revision, quantization=quantization
+        )
         self.config = EngineConfig(
             model=model_config,
             cache=CacheConfig(

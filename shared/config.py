@@ -17,6 +17,7 @@ from shared.speculative import SpeculativeConfig
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("torch", "triton")  # PAGEDSERVE_ATTENTION_BACKEND
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto: the model's dtype; fp8 is fp8_e4m3
+QUANTIZATIONS = ("int8",)  # int8: weight-only, per-channel, quantized at load
 
 
 _CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -73,6 +74,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    quantization: str | None = None  # QUANTIZATIONS; None: the checkpoint's weights as they are
 
     @classmethod
     def from_pretrained(
@@ -84,10 +86,13 @@ class ModelConfig:
         served_name: str | None = None,
         revision: str | None = None,
         weights: bool = True,
+        quantization: str | None = None,
     ) -> ModelConfig:
         """weights=False fetches no weight files for a hub id (the engine needs only the config)."""
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         path = resolve_model_path(model, revision, weights)
         hf = _read_json(path / "config.json")
         if not hf:
@@ -127,6 +132,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             generation_defaults=defaults,
             hf_config=hf,
+            quantization=quantization,
         )
 
 

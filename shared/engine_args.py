@@ -20,6 +20,7 @@ from shared.config import (
 from shared.config import (
     ATTENTION_BACKENDS,
     KV_CACHE_DTYPES,
+    QUANTIZATIONS,
     CacheConfig,
     CompilationConfig,
     EngineConfig,
@@ -102,6 +103,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
              "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over --generation-config's",
              kind=str)
     add_flag(parser, "--dtype", None, "auto, float32, float16 or bfloat16 (default: float32 on CPU, auto on GPU)", kind=str)
+    add_flag(parser, "--quantization", None, "weight quantization: int8 (weight-only, per-channel, quantized at load)",
+             kind=str, aliases=("-q",), choices=QUANTIZATIONS)
     add_flag(parser, "--max-model-len", None, "longest prompt + output in tokens", kind=int)
     add_flag(parser, "--block-size", 16, "tokens per KV block")
     add_flag(parser, "--kv-cache-memory", 2 << 30, "bytes of KV cache on CPU")
@@ -139,7 +142,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         raise ValueError("a model is required (--model, or PAGEDSERVE_MODEL)")
     model = ModelConfig.from_pretrained(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, served_name=(args.served_model_name or [None])[0],
-        revision=args.revision, weights=weights,
+        revision=args.revision, weights=weights, quantization=args.quantization,
     )
     defaults = generation_defaults(model, args.generation_config, args.override_generation_config)
     model = dataclasses.replace(model, generation_defaults=defaults)

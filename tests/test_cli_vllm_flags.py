@@ -23,8 +23,6 @@ def serve(*args: str, module: str = "pagedserve.cli", **env: str) -> subprocess.
 
 
 @pytest.mark.parametrize("flags", [
-    ["--quantization", "awq"],
-    ["-q", "gptq"],
     ["--pipeline-parallel-size", "2"],
     ["--enable-lora"],
     ["--no-enable-chunked-prefill"],

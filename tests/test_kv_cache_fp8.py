@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from quant_helpers import quality
 from safetensors.torch import load_file, save_file
 
 from pagedserve import LLM, SamplingParams
@@ -53,29 +54,12 @@ def test_the_same_budget_holds_2x_the_blocks_of_bfloat16(llama):
     assert blocks[1] == 2 * blocks[0]
 
 
-def _quality(base, other) -> tuple[float, float]:
-    """Top-1 agreement and mean |logprob difference| of the same tokens, over every scored prompt
-    position (teacher-forced) and every generated step before the outputs part."""
-    agree, total, diffs = 0, 0, []
-    for a, b in zip(base, other):
-        steps = list(zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]))
-        for i, (ta, tb) in enumerate(zip(a.outputs[0].token_ids, b.outputs[0].token_ids)):
-            steps.append((a.outputs[0].logprobs[i], b.outputs[0].logprobs[i]))
-            if ta != tb:
-                break
-        for la, lb in steps:
-            total += 1
-            agree += max(la, key=lambda t: la[t].logprob) == max(lb, key=lambda t: lb[t].logprob)
-            diffs += [abs(la[t].logprob - lb[t].logprob) for t in set(la) & set(lb)]
-    return agree / total, sum(diffs) / len(diffs)
-
-
 @pytest.mark.parametrize(("name", "min_agreement", "max_mean_diff"), [("fp8", 0.75, 0.2), ("fp8_e5m2", 0.55, 0.35)])
 def test_quality_against_the_model_dtype_cache(runs, name, min_agreement, max_mean_diff):
     """Bounds measured on this random tiny model (sharper than real ones: 2 layers of weights
     drawn at 0.2 std): e4m3 agreed on 84% of top-1 tokens with a mean difference of 0.12, e5m2
     (one mantissa bit fewer) 68% and 0.23."""
-    agreement, mean_diff = _quality(runs["auto"][1], runs[name][1])
+    agreement, mean_diff = quality(runs["auto"][1], runs[name][1])
     assert agreement >= min_agreement and mean_diff <= max_mean_diff, (agreement, mean_diff)
 
 

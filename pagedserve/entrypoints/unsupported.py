@@ -9,7 +9,6 @@ import argparse
 
 # flag (and its short spellings) -> values that ask for what pagedserve does anyway
 UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("--quantization", "-q"): (),
     ("--pipeline-parallel-size", "-pp"): ("1",),
     ("--lora-modules",): (),
     ("--max-loras",): (),

@@ -22,6 +22,7 @@ from torch import nn
 from services.worker.layers.linear import default_weight_loader
 from services.worker.models import get_model_class
 from services.worker.quant.kv_scales import load_kv_scale
+from services.worker.quant.methods import apply_quantization
 from services.worker.stats_log import shard_progress
 from shared.config import ModelConfig
 
@@ -75,6 +76,7 @@ def build_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.dev
     finally:
         torch.set_default_dtype(previous)
     load_weights(model, model_config.path)
+    apply_quantization(model, model_config.quantization, torch.device(device))
     return model.requires_grad_(False).eval()
 
 

@@ -55,7 +55,11 @@ def divide(total: int, parts: int, what: str) -> int:
 
 
 class _Linear(nn.Module):
-    """y = x W^T + b over this rank's (local) weight [out_local, in_local]."""
+    """y = x W^T + b over this rank's (local) weight [out_local, in_local].
+
+    quant: set when the weight is quantized (services/worker/quant); it computes x W^T (+ b)."""
+
+    quant: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def __init__(self, in_local: int, out_local: int, bias: bool):
         super().__init__()
@@ -67,8 +71,11 @@ class _Linear(nn.Module):
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
         default_weight_loader(param, loaded_weight, shard_id)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias) if self.quant is None else self.quant(x, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(_Linear):
@@ -91,7 +98,7 @@ class ColumnParallelLinear(_Linear):
         default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * size, size), shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.bias)
         return tp_all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -163,6 +170,6 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = tp_all_reduce(F.linear(x, self.weight))
+            return self.matmul(x, self.bias)
+        y = tp_all_reduce(self.matmul(x, None))
         return y if self.bias is None else y + self.bias

@@ -1,0 +1,72 @@
+"""Small C kernels for the CPU: compiled on first use with the system C compiler into
+~/.cache/pagedserve/kernels (keyed by the source, the flags and this CPU's flags, since each is
+built for this CPU), loaded with ctypes, and run on a per-process thread pool (ctypes releases
+the GIL, so each thread's slice runs in parallel). Without a compiler, load() returns None and
+the caller keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+CACHE_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_CACHE", Path.home() / ".cache" / "pagedserve" / "kernels"))
+# The parts of -ffast-math that let the compiler vectorize the reductions, not -ffast-math itself:
+# linked into a shared library it turns on flush-to-zero for the whole process that loads it.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
+         "-freciprocal-math", "-ffp-contract=fast", "-shared", "-fPIC"]
+
+
+def _cpu_flags() -> str:
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _build(source: Path) -> Path:
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    target = CACHE_DIR / f"{source.stem}-{key}.so"
+    if target.is_file():
+        return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE_DIR)
+    os.close(fd)
+    try:
+        cc = os.environ.get("CC", "cc")
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)  # atomic: a concurrent builder never loads half a file
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+@cache
+def load(source: Path, what: str) -> ctypes.CDLL | None:
+    """The compiled library of `source` (once per process), or None, logged, when it cannot be built."""
+    try:
+        return ctypes.CDLL(str(_build(source)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("%s unavailable (%s); the torch path runs instead", what, exc)
+        return None
+
+
+@cache
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """Per process: a forked child gets the parent's cache but not its threads."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="cpu-kernel")
+
+
+def run_split(total: int, parts: int, run) -> None:
+    """run(lo, hi) over `parts` contiguous slices of range(total), in parallel."""
+    bounds = [total * i // parts for i in range(parts + 1)]
+    list(_pool(parts, os.getpid()).map(lambda i: run(bounds[i], bounds[i + 1]), range(parts)))
