@@ -1,11 +1,13 @@
 """Engine metrics: queue depths and saturation, KV usage, prefix cache, preemptions, rejections,
-step timings and each step's timeline (plan, worker compute and idle, transport)."""
+step timings and each step's timeline (plan, worker compute and idle, transport), and speculative
+decoding's proposals and acceptances (vLLM's spec_decode counters)."""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.engine.scheduler import Scheduler
+from services.engine.spec_decode import SpecDecoder
 from services.engine.timeline import STEP_PART_BUCKETS, StepTimeline
 from shared.metrics import LATENCY_BUCKETS, TOKEN_BUCKETS, CounterSync
 
@@ -62,6 +64,15 @@ class EngineMetrics:
         self.worker_wait = counter(
             "pagedserve_engine_worker_wait_seconds", "Time the engine spent idle, waiting for worker results."
         )
+        spec = "pagedserve_engine_spec_decode_"
+        self.spec_drafts = counter(spec + "num_drafts", "Verifications of proposed tokens (one per request and step).")
+        self.spec_draft_tokens = counter(spec + "num_draft_tokens", "Tokens proposed by speculative decoding.")
+        self.spec_accepted = counter(spec + "num_accepted_tokens", "Proposed tokens accepted.")
+        self._spec_per_pos = Counter(
+            spec + "num_accepted_tokens_per_pos", "Proposed tokens accepted, by position in the proposal (0: first).",
+            [*labels, "position"],
+        )
+        self._spec_positions: list[CounterSync] = []
         self.tokens_per_step = histogram(
             "pagedserve_engine_scheduled_tokens_per_step", "Tokens scheduled in one step.", TOKEN_BUCKETS
         )
@@ -117,3 +128,15 @@ class EngineMetrics:
         self.prefix_hits.set_total(scheduler.kv.prefix_hit_tokens)
         self.prefix_evictions.set_total(scheduler.kv.pool.num_evictions)
         self.preemptions.set_total(scheduler.num_preemptions)
+        if scheduler.spec is not None:
+            self._update_spec(scheduler.spec)
+
+    def _update_spec(self, spec: SpecDecoder) -> None:
+        self.spec_drafts.set_total(spec.num_drafts)
+        self.spec_draft_tokens.set_total(spec.num_draft_tokens)
+        self.spec_accepted.set_total(spec.num_accepted_tokens)
+        while len(self._spec_positions) < len(spec.accepted_per_position):
+            position = str(len(self._spec_positions))
+            self._spec_positions.append(CounterSync(self._spec_per_pos.labels(self._model_name, position)))
+        for sync, total in zip(self._spec_positions, spec.accepted_per_position):
+            sync.set_total(total)

@@ -70,6 +70,13 @@ WORKER_METRICS = {
     "pagedserve_worker_memory_used_bytes": "gauge",
 }
 ALL_METRICS = {**FRONTEND_METRICS, **ENGINE_METRICS, **WORKER_METRICS}
+# exported by an engine with --speculative-config (the deploy stack runs without)
+SPEC_DECODE_METRICS = {
+    "pagedserve_engine_spec_decode_num_drafts_total": "counter",
+    "pagedserve_engine_spec_decode_num_draft_tokens_total": "counter",
+    "pagedserve_engine_spec_decode_num_accepted_tokens_total": "counter",
+    "pagedserve_engine_spec_decode_num_accepted_tokens_per_pos_total": "counter",
+}
 
 # The CURVE key files each role needs (shared/auth.py), and nothing more.
 CURVE_FILES = {
