@@ -20,7 +20,7 @@ from engine_outputs import assert_same_outputs, collect_outputs
 from services.engine.core import EngineCore
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
-from services.engine.spec_decode import NgramProposer
+from services.engine.spec_decode import COMPUTE_BOUND_BATCH, NgramProposer, SpecDecoder
 from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shared.protocol import StepResult
 from shared.sampling_params import SamplingParams, StructuredOutputsParams
@@ -160,7 +160,7 @@ def sample_positions(runner, spec: SpeculativeConfig | None, prompt: list[int], 
     """NUM_SAMPLES unseeded samples of the same prompt: the counts of output tokens 2 and 3 (the
     ones speculation proposes), and the engine."""
     runner.reset()
-    config = dataclasses.replace(runner.config, scheduler=SchedulerConfig(max_num_seqs=NUM_SAMPLES), speculative=spec)
+    config = dataclasses.replace(runner.config, scheduler=SchedulerConfig(max_num_seqs=8), speculative=spec)
     engine = EngineCore(config, runner, 256)
     for i in range(NUM_SAMPLES):
         engine.add_request(engine.make_request(f"s{i}", prompt, params))
@@ -204,3 +204,18 @@ def generate_one(runner, prompt: list[int], params: SamplingParams) -> tuple[lis
     engine = EngineCore(runner.config, runner, 64)
     engine.add_request(engine.make_request("one", prompt, params))
     return collect_outputs(engine)["one"]["tokens"], engine
+
+
+def test_proposals_adapt_to_acceptance_and_turn_off_in_a_large_batch():
+    decoder = SpecDecoder(SpeculativeConfig(num_speculative_tokens=5))
+    looping = Request("r", [7, 8] * 20, SamplingParams(max_tokens=100), (0,), 512)
+    assert len(decoder.propose(looping, 64, num_running=1)) == 5  # no measurement yet: cheap at batch 1
+    assert len(decoder.propose(looping, 64, num_running=8)) == 2  # half the proposals expected to hold
+    assert decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH) == []
+    for _ in range(6):
+        decoder.record(looping, 5, 5)
+    assert len(decoder.propose(looping, 64, num_running=8)) == 5  # they keep being accepted
+    for _ in range(20):
+        decoder.record(looping, 5, 0)
+    assert decoder.propose(looping, 64, num_running=8) == []  # they keep failing
+    assert len(decoder.propose(looping, 64, num_running=1)) == 1  # at batch 1 one is still tried

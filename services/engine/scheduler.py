@@ -306,7 +306,7 @@ class Scheduler:
         """After a verification: the KV of the rejected proposals is void, and blocks that held
         only those return to the pool (the worker learns with the request's next plan)."""
         request.spec_token_ids = []
-        self.spec.record(num_proposed, num_accepted)
+        self.spec.record(request, num_proposed, num_accepted)
         if request.status != RequestStatus.RUNNING:
             return
         request.num_computed_tokens = request.num_tokens - 1  # the last sampled token is computed next

@@ -46,9 +46,22 @@ def _continue(arr: np.ndarray, start: int, k: int) -> list[int]:
     return [follow[i % len(follow)] for i in range(k)]
 
 
+# Running requests at which a step is taken to be compute-bound: past it, every proposed token
+# costs about as much as a decoded one.
+COMPUTE_BOUND_BATCH = 32
+DECAY = 0.8  # weight of a request's earlier verifications in its acceptance estimate
+
+
 class SpecDecoder:
     """Per-step proposals for the scheduler, and the counts behind the metrics (vLLM's drafts,
-    draft tokens, accepted tokens and accepted tokens per position)."""
+    draft tokens, accepted tokens and accepted tokens per position).
+
+    Adaptive k: a request's proposal j (from 1) is worth verifying when the chance that it is
+    accepted, alpha ** j, is at least what verifying it costs relative to the step's output,
+    num_running / COMPUTE_BOUND_BATCH. alpha is the request's measured per-token acceptance
+    (recent verifications weigh most; 1/2 before any), so a request whose proposals keep
+    failing stops proposing, and a large batch turns speculation down, then off.
+    """
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
@@ -67,10 +80,24 @@ class SpecDecoder:
         if limit is not None and num_running >= limit:
             return []
         k = min(self.config.num_speculative_tokens, room, request.max_tokens - request.num_output_tokens - 1)
-        return self.proposer.propose(request.token_ids, k)
+        return self.proposer.propose(request.token_ids, self._worth(request, k, num_running))
 
-    def record(self, num_proposed: int, num_accepted: int) -> None:
+    @staticmethod
+    def _worth(request: Request, k: int, num_running: int) -> int:
+        """How many of up to k proposals are worth verifying (see the class docstring)."""
+        cost = min(1.0, num_running / COMPUTE_BOUND_BATCH)
+        tested, accepted = request.spec_acceptance
+        alpha = (accepted + 1) / (tested + 2)
+        n = 0
+        while n < k and alpha ** (n + 1) >= cost:
+            n += 1
+        return n
+
+    def record(self, request: Request, num_proposed: int, num_accepted: int) -> None:
         """One verification: num_accepted of num_proposed tokens matched what was sampled."""
+        tested = num_accepted + (num_accepted < num_proposed)  # the first mismatch was tested too
+        old_tested, old_accepted = request.spec_acceptance
+        request.spec_acceptance = (DECAY * old_tested + tested, DECAY * old_accepted + num_accepted)
         self.num_drafts += 1
         self.num_draft_tokens += num_proposed
         self.num_accepted_tokens += num_accepted
