@@ -6,6 +6,7 @@ the summed load /metrics exports, and which replicas are up."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from services.engine.request import Request
 from services.frontend.engine_client import EngineClient
 from services.frontend.replicas import EngineReplicas
 from services.frontend.routing import AffinityRouter, ReplicaLoad, RoundRobinRouter, make_router
+from services.frontend.state import FrontendConfig
 from shared.block_hash import extend_block_hashes
 from shared.protocol import ModelInfo, Pong
 from shared.sampling_params import SamplingParams
@@ -141,3 +143,13 @@ def test_a_replica_serving_another_model_gets_no_requests():
     replicas = EngineReplicas([_client(100, 0.0, 0), _client(100, 0.0, 0, model="other")], RoundRobinRouter())
     assert [load.up for load in replicas.loads()] == [True, False]
     assert {replicas.clients.index(replicas.pick(list(range(40)))) for _ in range(4)} == {0}
+
+
+@pytest.mark.parametrize(("inputs", "outputs", "message"), [
+    (("tcp://a:1", "tcp://b:1"), ("tcp://a:2",), "--engine-input gives 2 address(es) and --engine-output 1"),
+    (("tcp://a:1", "tcp://a:1"), ("tcp://a:2", "tcp://b:2"), "--engine-input names an engine twice"),
+    ((), (), "--engine-input gives 0 address(es)"),
+])
+def test_engine_addresses_are_checked(inputs, outputs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FrontendConfig(engine_inputs=inputs, engine_outputs=outputs)

@@ -72,6 +72,9 @@ class FrontendConfig:
         if not self.engine_inputs or len(self.engine_inputs) != len(self.engine_outputs):
             raise ValueError(f"--engine-input gives {len(self.engine_inputs)} address(es) and --engine-output "
                              f"{len(self.engine_outputs)}: one of each per engine")
+        for flag, addrs in (("--engine-input", self.engine_inputs), ("--engine-output", self.engine_outputs)):
+            if len(set(addrs)) != len(addrs):  # one engine counted twice would double its load and blocks
+                raise ValueError(f"{flag} names an engine twice: {' '.join(addrs)}")
 
 
 class FrontendState:
