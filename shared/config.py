@@ -18,6 +18,27 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("torch", "triton")  # PAGEDSERVE_ATTENTION_BACKEND
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto: the model's dtype; fp8 is fp8_e4m3
 QUANTIZATIONS = ("int8",)  # int8: weight-only, per-channel, quantized at load
+CHECKPOINT_QUANTIZATIONS = ("compressed-tensors",)  # detected from config.json's quantization_config
+
+
+def _quantization(hf: dict[str, Any], requested: str | None) -> str | None:
+    """The quantization a model runs with: the checkpoint's (quantization_config.quant_method), or
+    the requested one for an unquantized checkpoint."""
+    if requested is not None and requested not in QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS}, got {requested!r}")
+    qconfig = hf.get("quantization_config")
+    if not qconfig:
+        if requested in CHECKPOINT_QUANTIZATIONS:
+            raise ValueError(f"quantization {requested} needs a checkpoint quantized so (config.json has no "
+                             "quantization_config)")
+        return requested
+    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+    if method not in CHECKPOINT_QUANTIZATIONS:
+        raise ValueError(f"the checkpoint is quantized with {method!r}, which is not supported; supported: "
+                         f"{CHECKPOINT_QUANTIZATIONS}")
+    if requested not in (None, method):
+        raise ValueError(f"quantization {requested} was asked for, but the checkpoint is quantized with {method}")
+    return method
 
 
 _CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -91,8 +112,6 @@ class ModelConfig:
         """weights=False fetches no weight files for a hub id (the engine needs only the config)."""
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if quantization is not None and quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         path = resolve_model_path(model, revision, weights)
         hf = _read_json(path / "config.json")
         if not hf:
@@ -132,7 +151,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             generation_defaults=defaults,
             hf_config=hf,
-            quantization=quantization,
+            quantization=_quantization(hf, quantization),
         )
 
 

@@ -19,6 +19,7 @@ from shared.config import (
 )
 from shared.config import (
     ATTENTION_BACKENDS,
+    CHECKPOINT_QUANTIZATIONS,
     KV_CACHE_DTYPES,
     QUANTIZATIONS,
     CacheConfig,
@@ -103,8 +104,9 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
              "(temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over --generation-config's",
              kind=str)
     add_flag(parser, "--dtype", None, "auto, float32, float16 or bfloat16 (default: float32 on CPU, auto on GPU)", kind=str)
-    add_flag(parser, "--quantization", None, "weight quantization: int8 (weight-only, per-channel, quantized at load)",
-             kind=str, aliases=("-q",), choices=QUANTIZATIONS)
+    add_flag(parser, "--quantization", None, "weight quantization: int8 (weight-only, per-channel, quantized at "
+             "load); a checkpoint's own (compressed-tensors) is detected from its config.json", kind=str,
+             aliases=("-q",), choices=QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS)
     add_flag(parser, "--max-model-len", None, "longest prompt + output in tokens", kind=int)
     add_flag(parser, "--block-size", 16, "tokens per KV block")
     add_flag(parser, "--kv-cache-memory", 2 << 30, "bytes of KV cache on CPU")

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
-from quant_helpers import quality
 from safetensors.torch import load_file, save_file
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.bench.quality import quality
 from services.worker.kv_cache import cache_bytes
 from shared.engine_args import add_model_args
 

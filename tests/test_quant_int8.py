@@ -7,10 +7,10 @@ import argparse
 
 import pytest
 import torch
-from quant_helpers import quality
 
 from kernels import int8_linear_cpu
 from pagedserve import LLM, SamplingParams
+from pagedserve.bench.quality import quality
 from services.worker.quant.int8 import quantize_per_channel
 from services.worker.quant.methods import linear_weight_bytes
 from shared.engine_args import add_model_args

@@ -21,8 +21,8 @@ from torch import nn
 
 from services.worker.layers.linear import default_weight_loader
 from services.worker.models import get_model_class
+from services.worker.quant import methods as quant
 from services.worker.quant.kv_scales import load_kv_scale
-from services.worker.quant.methods import apply_quantization
 from services.worker.stats_log import shard_progress
 from shared.config import ModelConfig
 
@@ -75,8 +75,9 @@ def build_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.dev
             model = cls(model_config)
     finally:
         torch.set_default_dtype(previous)
+    quant.before_loading(model, model_config, torch.device(device))
     load_weights(model, model_config.path)
-    apply_quantization(model, model_config.quantization, torch.device(device))
+    quant.after_loading(model, model_config)
     return model.requires_grad_(False).eval()
 
 
@@ -141,6 +142,8 @@ def _required_shards(params: dict[str, nn.Parameter], mapping: dict[str, tuple[s
 
 def _skipped(name: str, model: nn.Module) -> bool:
     if "rotary_emb." in name:  # inv_freq / cos / sin buffers some checkpoints carry
+        return True
+    if getattr(model, "skip_checkpoint_tensor", None) and model.skip_checkpoint_tensor(name):  # quantization's
         return True
     return name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False)
 

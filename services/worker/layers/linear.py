@@ -23,8 +23,8 @@ def copy_weight(dst: torch.Tensor, src: torch.Tensor) -> None:
     """Copy a checkpoint slice into a parameter (slice), checking the shape and kind first."""
     if dst.shape != src.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(dst.shape)}, checkpoint {tuple(src.shape)}")
-    if not src.is_floating_point():  # e.g. a quantized checkpoint's int8 weights: a cast would be garbage
-        raise ValueError(f"checkpoint tensor has dtype {src.dtype}; only floating-point weights are supported")
+    if not src.is_floating_point() and src.dtype != dst.dtype:  # quantized weights need a quantized layer
+        raise ValueError(f"checkpoint tensor has dtype {src.dtype}; this parameter takes floating-point weights")
     dst.copy_(src)
 
 

@@ -1,4 +1,6 @@
-"""Shared by the quantization tests: how close a quantized run's outputs are to the unquantized one's."""
+"""How close a quantized run's outputs are to the unquantized run's, on the same prompts (used by
+benchmarks/quant.py and the quantization tests). Both runs must ask for logprobs=1 and
+prompt_logprobs=1 with greedy sampling."""
 
 from __future__ import annotations
 
