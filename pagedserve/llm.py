@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedserve.llm_pooling import PoolingAPI
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from services.engine.core import EngineCore
 from shared.config import (
@@ -41,7 +42,7 @@ from shared.speculative import SpeculativeConfig
 PromptType = str | dict[str, Any]
 
 
-class LLM:
+class LLM(PoolingAPI):
     def __init__(
         self,
         model: str,
@@ -64,10 +65,12 @@ class LLM:
         kv_cache_dtype: str = "auto",
         speculative_config: dict[str, Any] | None = None,
         quantization: str | None = None,
+        runner: str = "auto",
     ):
         """scheduling_policy: "fcfs", or "priority" (generate's priority list orders the requests:
         lower values first, and the largest are preempted first). speculative_config: vLLM's, e.g.
-        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}."""
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}. runner: "generate",
+        "pooling" (embed() and score(); a decoder pools its last token), or "auto" (encoders pool)."""
         if tensor_parallel_size != 1:
             raise ValueError("the offline LLM runs tensor_parallel_size=1; use `pagedserve serve` for more ranks")
         import torch
@@ -75,7 +78,8 @@ class LLM:
         from services.worker.model_runner import ModelRunner
 
         model_config = ModelConfig.from_pretrained(
-            model, dtype=dtype, max_model_len=max_model_len, revision=revision, quantization=quantization
+            model, dtype=dtype, max_model_len=max_model_len, revision=revision, quantization=quantization,
+            runner=runner,
         )
         self.config = EngineConfig(
             model=model_config,

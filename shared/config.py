@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.pooling import PoolerConfig, resolve_pooler
 from shared.speculative import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -96,6 +97,12 @@ class ModelConfig:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
     quantization: str | None = None  # QUANTIZATIONS; None: the checkpoint's weights as they are
+    pooler: PoolerConfig | None = None  # a pooling model (embeddings, scores); None: it generates
+
+    @property
+    def task(self) -> str:
+        """What the model does: "generate", "embed" or "classify" (shared.pooling.TASKS)."""
+        return "generate" if self.pooler is None else self.pooler.task
 
     @classmethod
     def from_pretrained(
@@ -108,8 +115,10 @@ class ModelConfig:
         revision: str | None = None,
         weights: bool = True,
         quantization: str | None = None,
+        runner: str = "auto",
     ) -> ModelConfig:
-        """weights=False fetches no weight files for a hub id (the engine needs only the config)."""
+        """weights=False fetches no weight files for a hub id (the engine needs only the config).
+        runner: "generate", "pooling", or "auto" (encoders pool, decoders generate)."""
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         path = resolve_model_path(model, revision, weights)
@@ -127,9 +136,10 @@ class ModelConfig:
             hidden, heads, layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
             kv_heads = hf.get("num_key_value_heads") or heads
         head_dim = hf.get("head_dim") or hidden // heads
-        limit = hf.get("max_position_embeddings", 2048)
+        pooler = resolve_pooler(path, archs[0], runner)
+        limit = _position_limit(hf, archs[0])
         if max_model_len is None:
-            max_model_len = limit
+            max_model_len = min(limit, pooler.max_seq_length or limit) if pooler else limit
         elif max_model_len <= 0 or max_model_len > limit:
             raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got {max_model_len}")
         eos = gen.get("eos_token_id", hf.get("eos_token_id"))
@@ -152,7 +162,16 @@ class ModelConfig:
             generation_defaults=defaults,
             hf_config=hf,
             quantization=_quantization(hf, quantization),
+            pooler=pooler,
         )
+
+
+def _position_limit(hf: dict[str, Any], architecture: str) -> int:
+    """The longest input the position embeddings cover (XLM-RoBERTa's start after the padding id)."""
+    limit = hf.get("max_position_embeddings", 2048)
+    if architecture.startswith("XLMRoberta"):
+        limit -= int(hf.get("pad_token_id", 1)) + 1
+    return limit
 
 
 @dataclass(frozen=True)

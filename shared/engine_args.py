@@ -29,6 +29,7 @@ from shared.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from shared.pooling import RUNNERS
 from shared.speculative import SpeculativeConfig
 
 DEFAULT_ENGINE_INPUT = "tcp://127.0.0.1:5570"
@@ -108,6 +109,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
              "load); a checkpoint's own (compressed-tensors) is detected from its config.json", kind=str,
              aliases=("-q",), choices=QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS)
     add_flag(parser, "--max-model-len", None, "longest prompt + output in tokens", kind=int)
+    add_flag(parser, "--runner", "auto", "generate, pooling (embeddings, scores; a decoder pools its last token) "
+             "or auto (encoders pool, decoders generate)", choices=RUNNERS)
     add_flag(parser, "--block-size", 16, "tokens per KV block")
     add_flag(parser, "--kv-cache-memory", 2 << 30, "bytes of KV cache on CPU")
     add_flag(parser, "--gpu-memory-utilization", 0.9, "fraction of GPU memory to use")
@@ -145,6 +148,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
     model = ModelConfig.from_pretrained(
         args.model, dtype=args.dtype, max_model_len=args.max_model_len, served_name=(args.served_model_name or [None])[0],
         revision=args.revision, weights=weights, quantization=args.quantization,
+        runner=args.runner,
     )
     defaults = generation_defaults(model, args.generation_config, args.override_generation_config)
     model = dataclasses.replace(model, generation_defaults=defaults)

@@ -14,6 +14,7 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
+from shared.pooling import PoolingParams
 from shared.sampling_params import SamplingParams
 
 # Token id arrays (1-D int32) travel in their own zero-copy frames, not inside the msgpack body.
@@ -54,6 +55,7 @@ class NewRequestData(msgspec.Struct, **_STRUCT):
     eos_token_ids: list[TokenId]
     block_ids: list[Count]
     num_computed_tokens: Count  # tokens already in the cache (prefix-cache hits)
+    pooling: PoolingParams | None = None  # a pooling request: its prompt's pooled vector, no tokens
 
     def __post_init__(self) -> None:
         check_token_ids("prompt_token_ids", self.prompt_token_ids)
@@ -123,6 +125,8 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     received_at: Seconds = 0.0
     idle_s: Seconds = 0.0
     compute_s: Seconds = 0.0
+    # pooling requests that finished their prompt this step: their pooled vectors
+    pooled: dict[ReqId, list[float]] = {}
 
     def __post_init__(self) -> None:
         n = len(self.req_ids)
@@ -145,6 +149,7 @@ class RequestDelta(msgspec.Struct, **_STRUCT):
     # with the request's first token, if it asked for prompt_logprobs: prompt tokens 1.. in order
     prompt_logprobs: list[TokenLogprobs] = []
     error: str | None = None  # finish_reason "error": why the request failed (a client error)
+    pooled: list[float] | None = None  # a pooling request's result (it finishes with it)
 
 
 # ----- frontend <-> engine ------------------------------------------------------------------
@@ -159,6 +164,7 @@ class AddRequest(msgspec.Struct, tag=True, **_STRUCT):
     # a resumption (the frontend resubmits a request a restarted engine lost): the tokens it had
     # generated already; the engine continues after them and counts them against max_tokens
     output_token_ids: TokenIds | None = None
+    pooling: PoolingParams | None = None  # a pooling request (sampling_params is then unused)
 
     def __post_init__(self) -> None:
         check_token_ids("prompt_token_ids", self.prompt_token_ids)
@@ -228,6 +234,7 @@ class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
     # the engine's --max-num-queued-requests (0: not told): a request fanning out to more sequences
     # can never be admitted, so the frontend answers it 400 rather than a 503 retried in vain
     max_num_queued_requests: Count = 0
+    task: str = "generate"  # "generate", "embed" or "classify" (shared.pooling.TASKS)
 
 
 EngineMessage = Outputs | RequestFailed | Pong | ModelInfo

@@ -15,6 +15,7 @@ from typing import Protocol
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
 from shared.config import EngineConfig
+from shared.pooling import PoolingParams, check_pooling
 from shared.processor.stop import StopStringFactory
 from shared.protocol import RequestDelta, StepPlan, StepResult
 from shared.sampling_params import SamplingParams
@@ -79,10 +80,13 @@ class EngineCore:
         params: SamplingParams,
         output_token_ids: list[int] | None = None,
         priority: int = 0,
+        pooling: PoolingParams | None = None,
     ) -> Request:
         """Validate a request without admitting it (raises ValueError). output_token_ids: the
-        tokens a resumed request had generated already; it continues after them."""
+        tokens a resumed request had generated already; it continues after them. pooling: a
+        pooling request (the model must be a pooling model)."""
         m = self.config.model
+        check_pooling(self.config, len(prompt_token_ids), pooling)
         for what, ids in (("prompt", prompt_token_ids), ("output", output_token_ids or ())):
             bad = next((t for t in ids if not 0 <= t < m.vocab_size), None)
             if bad is not None:
@@ -91,6 +95,7 @@ class EngineCore:
             req_id, prompt_token_ids, params, m.eos_token_ids, m.max_model_len,
             output_token_ids=output_token_ids, priority=priority,
             stop_strings=self.stop_strings.checker(prompt_token_ids, params, output_token_ids or ()),
+            pooling=pooling,
         )
 
     def add_request(self, request: Request) -> None:

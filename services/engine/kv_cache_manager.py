@@ -30,7 +30,7 @@ class KVCacheManager:
         """Cached blocks holding a prefix of a request about to start. The last token is always
         left to compute, since the step needs its logits; a request that wants prompt logprobs
         computes its whole prompt until they are delivered."""
-        if not self.enable_caching or request.prompt_logprobs is not None:
+        if not self._caches(request) or request.prompt_logprobs is not None:
             return []
         hashes = self._block_hashes(request, request.num_tokens - 1)
         hits = []
@@ -56,9 +56,14 @@ class KVCacheManager:
         self.pool.touch(computed)
         added = computed + self.pool.get_new_blocks(need)
         self._blocks.setdefault(request.req_id, []).extend(added)
-        if self.enable_caching:
+        if self._caches(request):
             self._cache_full_blocks(request, total)
         return [b.block_id for b in added]
+
+    def _caches(self, request: Request) -> bool:
+        """Pooling requests neither hit nor fill the prefix cache: their pooling reads every
+        token's hidden state, and an encoder keeps no KV."""
+        return self.enable_caching and request.pooling is None
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         # Blocks are indexed as soon as their tokens are scheduled: within a step every layer

@@ -68,7 +68,7 @@ class EngineService:
         model_info = ModelInfo(
             m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),
             dict(m.generation_defaults), num_blocks, self.config.cache.block_size, self.engine_id,
-            self.config.scheduler.max_num_queued_requests,
+            self.config.scheduler.max_num_queued_requests, m.task,
         )
         self.frontends = FrontendHandler(self.core, self.metrics, self.outbox, model_info, self.frontend_table)
         log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)

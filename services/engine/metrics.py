@@ -56,6 +56,10 @@ class EngineMetrics:
         self.preemptions = counter(
             "pagedserve_engine_preemptions", "Requests preempted for recompute (KV blocks short, or the workers restarted)."
         )
+        self.pooled_requests = counter(
+            "pagedserve_engine_pooling_requests", "Pooling requests (embeddings, scores) finished with their vector."
+        )
+        self.pooled_tokens = counter("pagedserve_engine_pooling_tokens", "Input tokens of the pooling requests finished.")
         self.worker_restarts = Counter(
             "pagedserve_engine_worker_restarts",
             "Times the workers started afresh after a rank was lost or re-joined.",
@@ -128,6 +132,8 @@ class EngineMetrics:
         self.prefix_hits.set_total(scheduler.kv.prefix_hit_tokens)
         self.prefix_evictions.set_total(scheduler.kv.pool.num_evictions)
         self.preemptions.set_total(scheduler.num_preemptions)
+        self.pooled_requests.set_total(scheduler.num_pooled_requests)
+        self.pooled_tokens.set_total(scheduler.num_pooled_tokens)
         if scheduler.spec is not None:
             self._update_spec(scheduler.spec)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from shared.pooling import PoolingParams
 from shared.processor.stop import StopStrings
 from shared.sampling_params import SamplingParams
 
@@ -37,14 +38,19 @@ class Request:
         output_token_ids: list[int] | None = None,
         priority: int = 0,
         stop_strings: StopStrings | None = None,
+        pooling: PoolingParams | None = None,
     ):
         """output_token_ids: a resumption's tokens generated so far (recomputed with the prompt;
         they count against max_tokens and min_tokens). priority: lower is scheduled first under
         the priority policy. stop_strings: the check of the request's stop strings (None: it has
-        none, or this engine has no tokenizer and the processor checks them)."""
+        none, or this engine has no tokenizer and the processor checks them). pooling: a pooling
+        request, computed in one step and finished with its pooled vector (it generates nothing)."""
         if not prompt_token_ids:
             raise ValueError("prompt must contain at least one token")
-        if len(prompt_token_ids) >= max_model_len:
+        if pooling is not None and len(prompt_token_ids) > max_model_len:
+            raise ValueError(f"input is {len(prompt_token_ids)} tokens long; this model's max_model_len is "
+                             f"{max_model_len} (truncate_prompt_tokens truncates it)")
+        if pooling is None and len(prompt_token_ids) >= max_model_len:
             raise ValueError(
                 f"prompt is {len(prompt_token_ids)} tokens long; this model's max_model_len is {max_model_len}, "
                 "which must leave room for at least one generated token"
@@ -57,6 +63,9 @@ class Request:
         room = max_model_len - self.num_prompt_tokens
         limit = sampling_params.max_tokens
         self.max_tokens = room if limit is None else min(limit, room)
+        self.pooling = pooling
+        if pooling is not None:  # its one "output" is the pooled vector
+            self.max_tokens = 1
         if self.num_output_tokens >= self.max_tokens:
             raise ValueError(
                 f"a resumption with {self.num_output_tokens} generated tokens has no room left "

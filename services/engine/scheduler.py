@@ -63,6 +63,8 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._step_id = first_step_id  # the service starts it at random: a stale result never matches
         self.num_preemptions = 0
+        self.num_pooled_requests = 0  # pooling requests finished with their vector, and their tokens
+        self.num_pooled_tokens = 0
         self.priority = config.policy == "priority"
         # arrival to first schedule, of the requests started since the latest step (or since the
         # metrics took them)
@@ -176,6 +178,8 @@ class Scheduler:
             computed = self.kv.get_computed_blocks(request)
             num_computed = len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
+            if request.pooling is not None and num_new < request.num_tokens:
+                break  # a pooling request is computed whole, in one step
             blocks = self.kv.allocate_slots(request, num_new, computed)
             if blocks is None:
                 break
@@ -237,6 +241,7 @@ class Scheduler:
                         list(request.eos_token_ids),
                         self.kv.block_ids(req_id),
                         request.num_computed_tokens,
+                        request.pooling,
                     )
                 )
                 self._known_to_worker.add(req_id)
@@ -290,6 +295,7 @@ class Scheduler:
             request = current(req_id)
             if request is not None and request.prompt_logprobs is not None:
                 request.prompt_logprobs.extend(scored)
+        deltas += self._pooled(result.pooled, current)
         stopped = set(result.stopped)
         for req_id, sampled in _tokens_by_request(result).items():
             request = current(req_id)
@@ -313,6 +319,20 @@ class Scheduler:
         kept = self.kv.trim(request, request.num_computed_tokens)
         if kept is not None:
             self._kept_blocks[request.req_id] = kept
+
+    def _pooled(self, pooled: dict[str, list[float]], current) -> list[RequestDelta]:
+        """Pooling requests finish with their pooled vector (their blocks return to the pool)."""
+        deltas = []
+        for req_id, vector in pooled.items():
+            request = current(req_id)
+            if request is None or not self.placeholders.get(req_id):
+                continue  # aborted or preempted since the step was planned
+            self._fill_placeholder(req_id)
+            self._finish(request, RequestStatus.FINISHED_STOPPED)
+            self.num_pooled_requests += 1
+            self.num_pooled_tokens += request.num_prompt_tokens
+            deltas.append(RequestDelta(req_id, [], finish_reason="stop", pooled=vector))
+        return deltas
 
     def _fill_placeholder(self, req_id: str) -> None:
         left = self.placeholders[req_id] - 1

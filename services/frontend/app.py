@@ -16,6 +16,8 @@ from services.frontend.metrics import CONTENT_TYPE
 from services.frontend.middleware import FrontendMiddleware
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
+from services.frontend.pooling import create_embedding, create_rerank, create_score
+from services.frontend.pooling_requests import EmbeddingRequest, RerankRequest, ScoreRequest
 from services.frontend.response_store import ResponseStore
 from services.frontend.responses import create_response, not_found
 from services.frontend.responses_requests import ResponsesRequest
@@ -59,6 +61,18 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(state, body, request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await create_embedding(state, body, request)
+
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, request: Request) -> Response:
+        return await create_score(state, body, request)
+
+    @app.post("/v1/rerank")
+    async def rerank(body: RerankRequest, request: Request) -> Response:
+        return await create_rerank(state, body, request)
+
     store = ResponseStore(state.config.response_store_max_entries, state.config.response_store_ttl,
                           registry=state.metrics.registry, model=lambda: state.metrics.model)
 
@@ -83,7 +97,7 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
     async def models() -> ModelList:
         info = state.require_ready()
         cards = [
-            ModelCard(id=name, created=now(), root=info.model_path, max_model_len=info.max_model_len)
+            ModelCard(id=name, created=now(), root=info.model_path, max_model_len=info.max_model_len, task=info.task)
             for name in state.served_names()
         ]
         return ModelList(data=cards)

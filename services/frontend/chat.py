@@ -34,6 +34,7 @@ ENDPOINT = "/v1/chat/completions"
 async def create_chat_completion(state: FrontendState, body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     model = state.check_model(body.model)
+    state.check_endpoint(ENDPOINT)
     state.require_ready()
     state.check_limits(body)
     messages = body.template_messages()

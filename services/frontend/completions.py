@@ -49,6 +49,7 @@ async def _prompt_texts(state: FrontendState, prompt: str | list, ids: list[list
 async def create_completion(state: FrontendState, body: CompletionRequest, request: Request) -> Response:
     arrival = time.monotonic()
     model = state.check_model(body.model)
+    state.check_endpoint(ENDPOINT)
     state.require_ready()
     state.check_limits(body)
     prompts = await _prompt_ids(state, body.prompt)

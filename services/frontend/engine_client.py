@@ -33,6 +33,7 @@ import zmq.asyncio
 from services.frontend.open_requests import OpenRequests, StreamItem
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
+from shared.pooling import PoolingParams
 from shared.protocol import (
     HEARTBEAT_INTERVAL_S,
     AbortRequests,
@@ -186,11 +187,13 @@ class EngineClient:
         """Stop routing outputs of these requests; later ones are dropped."""
         self._requests.release(req_ids)
 
-    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
-        """Submit a registered request (its outputs go to its queue, also across engine restarts)."""
+    def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
+                    pooling: PoolingParams | None = None) -> None:
+        """Submit a registered request (its outputs go to its queue, also across engine restarts);
+        pooling: a pooling request's parameters."""
         ids = np.asarray(prompt_token_ids, dtype=np.int32)
         engine_id = self.model_info.engine_id if self.model_info is not None else None
-        self._outbox.put_nowait(self._requests.submit(req_id, ids, params, priority, engine_id))
+        self._outbox.put_nowait(self._requests.submit(req_id, ids, params, priority, engine_id, pooling))
 
     def abort(self, req_ids: list[str]) -> None:
         """Ask the engine to stop these requests. Synchronous, so safe in finally blocks."""

@@ -22,6 +22,7 @@ from typing import Any
 from services.frontend.engine_client import EngineClient
 from services.frontend.errors import APIError, engine_unavailable
 from services.frontend.request_metrics import RequestMetrics
+from shared.pooling import PoolingParams
 from shared.processor.outcome import Usage, request_finish_reason, usage
 from shared.processor.processor import RequestProcessor
 from shared.processor.sequence import Sequence
@@ -59,6 +60,7 @@ class Generation:
         resume_timeout: float = 30.0,
         metrics: RequestMetrics | None = None,
         priority: int = 0,
+        pooling: list[PoolingParams] | None = None,
     ):
         self.client = client
         self.prompts = prompts
@@ -66,6 +68,7 @@ class Generation:
         self.stall_timeout, self.ping_timeout = stall_timeout, ping_timeout
         self.resume_timeout = resume_timeout
         self.priority = priority  # the engine's scheduling priority (lower runs first)
+        self.pooling = pooling  # pooling requests: one PoolingParams per prompt
         self.metrics = metrics
         base = f"{client.request_prefix}-{next(self._counter)}"  # unique across frontends
         self.sequences = {seq.req_id: seq for seq in processor.sequences(base, prompts, params)}
@@ -86,7 +89,8 @@ class Generation:
             self.metrics.start()
         self._queue = self.client.register(list(self.sequences))
         for req_id, seq in self.sequences.items():
-            self.client.add_request(req_id, seq.prompt_token_ids, seq.params, self.priority)
+            pooling = self.pooling[seq.prompt_index] if self.pooling else None
+            self.client.add_request(req_id, seq.prompt_token_ids, seq.params, self.priority, pooling)
         if receive is not None:
             self._watcher = asyncio.create_task(self._watch_disconnect(receive))
 

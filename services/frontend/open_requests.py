@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
+from shared.pooling import PoolingParams
 from shared.protocol import AddRequest, RequestDelta, RequestFailed
 from shared.sampling_params import SamplingParams
 
@@ -34,6 +35,7 @@ class OpenRequest:
     engine_id: str | None = None  # the engine instance it was last submitted to
     live: bool = False  # submitted and still generating (not finished, failed or aborted)
     resumptions: int = 0
+    pooling: PoolingParams | None = None
 
 
 class OpenRequests:
@@ -62,14 +64,15 @@ class OpenRequests:
                 self._by_wire.pop(entry.wire_id, None)
 
     def submit(
-        self, req_id: str, prompt: np.ndarray, params: SamplingParams, priority: int, engine_id: str | None
+        self, req_id: str, prompt: np.ndarray, params: SamplingParams, priority: int, engine_id: str | None,
+        pooling: PoolingParams | None = None,
     ) -> AddRequest:
         """The AddRequest of a registered request's first submission."""
         entry = self._by_id[req_id]
-        entry.prompt, entry.params, entry.priority = prompt, params, priority
+        entry.prompt, entry.params, entry.priority, entry.pooling = prompt, params, priority, pooling
         entry.engine_id, entry.live, entry.wire_id = engine_id, True, req_id
         self._by_wire[req_id] = entry
-        return AddRequest(req_id, prompt, params, priority)
+        return AddRequest(req_id, prompt, params, priority, pooling=pooling)
 
     def stop(self, req_ids: list[str]) -> list[str]:
         """Mark these requests as no longer generating; their wire ids, to abort at the engine."""
@@ -129,5 +132,5 @@ class OpenRequests:
             entry.engine_id = engine_id
             self._by_wire[entry.wire_id] = entry
             tokens = np.asarray(entry.tokens, dtype=np.int32) if entry.tokens else None
-            adds.append(AddRequest(entry.wire_id, entry.prompt, entry.params, entry.priority, tokens))
+            adds.append(AddRequest(entry.wire_id, entry.prompt, entry.params, entry.priority, tokens, entry.pooling))
         return stale, adds

@@ -176,6 +176,7 @@ class ModelCard(BaseModel):
     owned_by: str = "pagedserve"
     root: str | None = None
     max_model_len: int
+    task: str = "generate"  # what the model does: generate, embed (embeddings) or classify (scores)
 
 
 class ModelList(BaseModel):

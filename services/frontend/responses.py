@@ -38,6 +38,7 @@ async def create_response(state: FrontendState, store: ResponseStore, body: Resp
                           request: Request) -> Response:
     arrival = time.monotonic()
     model = state.check_model(body.model)
+    state.check_endpoint(ENDPOINT)
     state.require_ready()
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:

@@ -15,6 +15,7 @@ from services.frontend.errors import bad_request, engine_unavailable, from_value
 from services.frontend.generation import Generation
 from services.frontend.limits import check_caps
 from services.frontend.metrics import FrontendMetrics
+from services.frontend.pooling_requests import check_task
 from services.frontend.replicas import EngineReplicas
 from services.frontend.request_log import log_request
 from services.frontend.request_metrics import RequestMetrics
@@ -23,6 +24,7 @@ from services.frontend.tokenization import Tokenization
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.frontend_args import RequestLimits
+from shared.pooling import PoolingParams
 from shared.processor.chat import ChatParsers, ChatPlan
 from shared.processor.processor import ModelFacts, RequestProcessor
 from shared.processor.token_text import TokenIdText, TokenText
@@ -168,6 +170,11 @@ class FrontendState:
             raise model_not_found(requested)
         return requested
 
+    def check_endpoint(self, endpoint: str, pooling: bool = False) -> None:
+        """400 when the model does not serve this endpoint (a generation endpoint of a pooling
+        model, or the reverse), naming the endpoints it serves."""
+        check_task(self.require_ready().task, endpoint, pooling)
+
     def check_prompt(self, ids: list[int], param: str) -> None:
         try:
             self._processor().check_prompt(ids, param)
@@ -234,7 +241,8 @@ class FrontendState:
         return self.tokens
 
     def generation(self, prompts: list[list[int]], params: SamplingParams, endpoint: str, arrival: float, *,
-                   priority: int = 0) -> Generation:
+                   priority: int = 0, pooling: list[PoolingParams] | None = None) -> Generation:
+        self.check_endpoint(endpoint, pooling is not None)
         if self.config.log_requests:
             log_request(endpoint, prompts, params, self.config.max_log_len)
         return Generation(
@@ -246,5 +254,6 @@ class FrontendState:
             ping_timeout=self.config.health_timeout,
             resume_timeout=self.config.resume_timeout,
             priority=priority,
+            pooling=pooling,
             metrics=RequestMetrics(self.metrics, endpoint, arrival),
         )

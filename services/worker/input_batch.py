@@ -28,13 +28,15 @@ class StepInputs:
     # prompt_logprobs requests in a prefill chunk: (state, first row, its position, rows); row r
     # scores prompt token position + (r - first row) + 1
     prompt_rows: list[tuple[RequestState, int, int, int]] = field(default_factory=list)
+    # pooling requests whose prompt this step completes: (state, first row, rows); they do not sample
+    pooling_rows: list[tuple[RequestState, int, int]] = field(default_factory=list)
 
 
 def flatten(scheduled: list[tuple[RequestState, int]], block_size: int, device: torch.device) -> StepInputs:
     """The step's inputs for (request, tokens to compute) pairs, in that order (decodes first)."""
     bs = block_size
     ids, pos, slots, qsl, seq_lens, tables, logits_idx, samplers = [], [], [], [0], [], [], [], []
-    prompt_rows = []
+    prompt_rows, pooling_rows = [], []
     num_decodes = sum(1 for _, n in scheduled if n == 1)
     for state, n in scheduled:
         start = state.num_computed_tokens
@@ -47,7 +49,10 @@ def flatten(scheduled: list[tuple[RequestState, int]], block_size: int, device: 
         qsl.append(qsl[-1] + n)
         seq_lens.append(start + n)
         tables.append(state.block_ids)
-        if start + n >= len(state.token_ids) + len(proposed):
+        if state.pooling is not None:
+            if start + n >= len(state.token_ids):
+                pooling_rows.append((state, qsl[-2], n))
+        elif start + n >= len(state.token_ids) + len(proposed):
             logits_idx.extend(range(qsl[-1] - 1 - len(proposed), qsl[-1]))
             samplers.append(state)
         scored = min(start + n, state.prompt_len - 1) - start  # positions that predict a prompt token
@@ -71,4 +76,5 @@ def flatten(scheduled: list[tuple[RequestState, int]], block_size: int, device: 
         logits_indices=tensor_to_device(logits_idx, torch.long, device),
         sampling_requests=samplers,
         prompt_rows=prompt_rows,
+        pooling_rows=pooling_rows,
     )

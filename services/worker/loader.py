@@ -141,7 +141,7 @@ def _required_shards(params: dict[str, nn.Parameter], mapping: dict[str, tuple[s
 
 
 def _skipped(name: str, model: nn.Module) -> bool:
-    if "rotary_emb." in name:  # inv_freq / cos / sin buffers some checkpoints carry
+    if "rotary_emb." in name or name.endswith("embeddings.position_ids"):  # buffers some checkpoints carry
         return True
     if getattr(model, "skip_checkpoint_tensor", None) and model.skip_checkpoint_tensor(name):  # quantization's
         return True

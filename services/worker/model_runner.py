@@ -20,9 +20,11 @@ from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.input_batch import StepInputs, flatten
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
 from services.worker.layers.attention import select_backend
+from services.worker.layers.encoder_attention import EncoderMetadata
 from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
+from services.worker.pooler import Pooler
 from services.worker.quant.kv_fp8 import check_kv_cache_dtype, kv_cache_torch_dtype
 from services.worker.quant.kv_scales import prepare_kv_scales
 from services.worker.request_checks import WorkerLimits
@@ -59,6 +61,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         with startup_phase("loading the model weights"):
             self.model = build_model(config.model, self.dtype, self.device)
+        self.encoder = getattr(self.model, "is_encoder", False)  # no KV cache, bidirectional attention
+        self.pooler = Pooler(config.model.pooler, self.model) if config.model.pooler else None
         self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.backend = select_backend(self.device, self.dtype, config.compilation.attention_backend, self.kv_dtype)
         check_kv_cache_dtype(config.cache.kv_cache_dtype, self.backend.name, self.device)
@@ -67,15 +71,16 @@ class ModelRunner:
         self.memory_profile: MemoryProfile | None = None  # set on CUDA by the profiling step
         with startup_phase("sizing and allocating the KV cache"):
             self.num_blocks = self._measure_num_blocks()
-            self.kv_caches = allocate_kv_cache(config, self.num_blocks, self.kv_dtype, self.device)
-        capturing = self.device.type == "cuda" and not config.compilation.enforce_eager
-        with startup_phase("capturing CUDA graphs", logged=capturing):
+            self.kv_caches = [] if self.encoder else allocate_kv_cache(config, self.num_blocks, self.kv_dtype, self.device)
+        capturing = self.device.type == "cuda" and not config.compilation.enforce_eager and not self.pooler
+        with startup_phase("capturing CUDA graphs", logged=capturing):  # a pooling model never decodes
             self.decode_graphs: DecodeGraphs | None = capture_decode_graphs(
                 config, self.device, self.backend, self.model, self.kv_caches
-            )
+            ) if self.pooler is None else None
         m = config.model
         self.structured = StructuredOutputs(m.path, m.vocab_size, list(m.eos_token_ids))
-        limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len)
+        limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len,
+                              pooling=self.pooler is not None)
         self.table = RequestTable(limits, self.structured)
         self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks of %s", self.dtype, self.device, self.num_blocks,
@@ -85,6 +90,8 @@ class ModelRunner:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
+        if self.encoder:  # no KV kept: blocks only count the scheduler's tokens
+            return self.config.scheduler.max_num_seqs * -(-self.config.model.max_model_len // cache.block_size)
         per_block = kv_block_bytes(self.config, self.kv_dtype)
         if self.device.type == "cuda":
             self.memory_profile = profile_cuda_memory(self.model, self.backend, self.config, self.dtype, self.device)
@@ -118,6 +125,7 @@ class ModelRunner:
         forward_done = time.perf_counter()
         tokens, logprobs, stopped = self._sample(logits, states) if states else ([], [], [])
         prompt_logprobs = self._prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
+        pooled = self.pooler.pool(hidden, inputs.pooling_rows) if inputs.pooling_rows else {}
         failed = self.table.take_failed()
         kept = [i for i, s in enumerate(states) if s.req_id not in failed]
         # one entry per token: a verification's accepted proposals, then its sampled token
@@ -139,6 +147,7 @@ class ModelRunner:
             {r: lp for r, lp in prompt_logprobs.items() if r not in failed},
             failed,
             [r for r in stopped if r not in failed],
+            pooled=pooled,
         )
 
     def _agree_on_refusals(self, plan: StepPlan) -> None:
@@ -231,7 +240,12 @@ class ModelRunner:
             hidden = self.decode_graphs.run(inputs)
             if hidden is not None:
                 return hidden
-        ctx = ForwardContext(self.backend, self.backend.build(inputs.attn), self.kv_caches)
+        if self.encoder:
+            segments = [state.pooling.segment_start for state, _, _ in inputs.pooling_rows]
+            meta = EncoderMetadata.build(inputs.attn.query_start_loc, segments, self.device)
+        else:
+            meta = self.backend.build(inputs.attn)
+        ctx = ForwardContext(self.backend, meta, self.kv_caches)
         with set_forward_context(ctx):
             return self.model(inputs.input_ids, inputs.positions)
 

@@ -24,6 +24,7 @@ class WorkerLimits:
     num_blocks: int
     block_size: int
     max_model_len: int  # positions the rotary / position tables cover
+    pooling: bool = False  # a pooling model: it takes pooling requests only, and they only it
 
 
 def check_in_vocab(name: str, ids: np.ndarray, vocab_size: int) -> None:
@@ -43,6 +44,8 @@ def check_new_request(new: NewRequestData, limits: WorkerLimits) -> None:
     if new.prompt_token_ids.size == 0:
         raise ValueError("prompt_token_ids must not be empty")
     check_block_ids(new.block_ids, limits.num_blocks)
+    if (new.pooling is not None) != limits.pooling:
+        raise ValueError("this worker's model pools" if limits.pooling else "this worker's model does not pool")
     num_tokens = new.prompt_token_ids.size + new.output_token_ids.size
     if not 0 <= new.num_computed_tokens < num_tokens:
         raise ValueError(f"num_computed_tokens must be in [0, {num_tokens}), got {new.num_computed_tokens}")

@@ -20,6 +20,7 @@ from services.worker.request_checks import (
     check_schedule,
 )
 from services.worker.structured_output import StructuredOutputs
+from shared.pooling import PoolingParams
 from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class RequestState:
     num_computed_tokens: int
     sampling: SamplingState  # holds the request's tokens (its grammar matcher: StructuredOutputs)
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens this step verifies
+    pooling: PoolingParams | None = None  # a pooling request: pooled once its prompt is computed
 
     @property
     def token_ids(self) -> list[int]:
@@ -112,7 +114,9 @@ class RequestTable:
                 raise ValueError("this worker does not support structured outputs")
             self.structured.add(new.req_id, new.sampling_params.structured_outputs, outputs)
         sampling = SamplingState.create(new.sampling_params, prompt, tuple(new.eos_token_ids), outputs)
-        self.states[new.req_id] = RequestState(new.req_id, list(new.block_ids), new.num_computed_tokens, sampling)
+        self.states[new.req_id] = RequestState(
+            new.req_id, list(new.block_ids), new.num_computed_tokens, sampling, pooling=new.pooling
+        )
 
     def runnable(self, plan: StepPlan) -> list[tuple[RequestState, int]]:
         """The plan's requests this table can run, with their token counts, in the step's row

@@ -24,6 +24,7 @@ class Sequence:
         self.logprobs: list[TokenLogprobs] = []
         self.prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 1.., with the first token
         self.finish_reason: str | None = None
+        self.pooled: list[float] | None = None  # a pooling request's vector, once finished
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # finish_reason "error": why (e.g. a grammar that does not compile)
         self.num_cached_tokens = 0
@@ -40,6 +41,8 @@ class Sequence:
         if self.finished:
             return False
         self.num_cached_tokens = delta.num_cached_tokens
+        if delta.pooled is not None:
+            self.pooled = delta.pooled
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None and delta.prompt_logprobs:
             self.prompt_logprobs = delta.prompt_logprobs
         self.token_ids.extend(delta.new_token_ids)

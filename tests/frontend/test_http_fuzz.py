@@ -22,7 +22,8 @@ ENGINE_FLAGS = ("--max-model-len", "48", "--kv-cache-memory", str(16 << 20))
 ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/health"), ("GET", "/version"),
              ("GET", "/metrics"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
-             ("DELETE", "/v1/responses/{response_id}")]
+             ("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/embeddings"), ("POST", "/v1/score"),
+             ("POST", "/v1/rerank")]
 FRONTEND_FLAGS = ("--max-n", "2", "--max-prompts-per-request", "2", "--max-request-body-bytes", str(1 << 20))
 
 

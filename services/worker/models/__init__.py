@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from services.worker.models.bert import BertForSequenceClassification, BertModel, XLMRobertaModel
 from services.worker.models.llama import GemmaForCausalLM, LlamaForCausalLM, MistralForCausalLM
 from services.worker.models.mixtral import MixtralForCausalLM
 from services.worker.models.opt import OPTForCausalLM
@@ -12,6 +13,9 @@ from services.worker.models.qwen3 import Qwen3ForCausalLM
 from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "BertModel": BertModel,
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "XLMRobertaModel": XLMRobertaModel,
     "GemmaForCausalLM": GemmaForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,

@@ -1,0 +1,123 @@
+"""The offline pooling API, vLLM's: LLM(model, runner="pooling").embed(prompts) and
+.score(query, documents). Pooling requests go through the same engine core as generation, each
+computed whole in one step; a cross-encoder scores (query, document) pairs, an embedding model
+the cosine of their embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, ScoringOutput, ScoringRequestOutput
+from shared.pooling import PoolingParams
+from shared.processor.pooling import PoolingInputs, cosine, pair_up, resolve_truncation
+from shared.sampling_params import SamplingParams
+
+PoolingPrompt = str | dict[str, Any]
+
+
+class PoolingAPI:
+    """Mixed into LLM (which sets config, tokenizer, engine and _ids)."""
+
+    def _pooling_inputs(self) -> PoolingInputs:
+        m = self.config.model
+        return PoolingInputs(self.tokenizer, m.vocab_size, m.max_model_len)
+
+    def embed(
+        self,
+        prompts: PoolingPrompt | Seq[PoolingPrompt],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (a str, or a dict with 'prompt' or 'prompt_token_ids');
+        pooling_params.dimensions cuts a matryoshka embedding."""
+        self._require_task("embed", "embed")
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        truncate = resolve_truncation(truncate_prompt_tokens, self.config.model.max_model_len)
+        inputs = self._pooling_inputs()
+        token_lists = [inputs.encode(_prompt_of(p), truncate, "prompt") for p in prompts]
+        params = pooling_params or PoolingParams()
+        vectors = self._pool([(ids, params) for ids in token_lists], use_tqdm)
+        return [
+            EmbeddingRequestOutput(rid, ids, EmbeddingOutput(vec))
+            for (rid, vec), ids in zip(vectors, token_lists)
+        ]
+
+    def score(
+        self,
+        data_1: str | Seq[str],
+        data_2: str | Seq[str],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """Scores of (query, document) pairs: one query against every document, or pair by pair.
+        A cross-encoder scores each pair together; an embedding model by cosine similarity."""
+        task = self.config.model.task
+        if task == "generate":
+            raise ValueError("score needs a pooling model (an embedding model or a cross-encoder)")
+        queries = [data_1] if isinstance(data_1, str) else list(data_1)
+        documents = [data_2] if isinstance(data_2, str) else list(data_2)
+        pairs = pair_up(queries, documents)
+        truncate = resolve_truncation(truncate_prompt_tokens, self.config.model.max_model_len)
+        inputs = self._pooling_inputs()
+        if task == "classify":
+            encoded = [inputs.encode_pair(q, d, truncate) for q, d in pairs]
+            results = self._pool([(ids, PoolingParams(segment_start=s)) for ids, s in encoded], use_tqdm)
+            return [ScoringRequestOutput(rid, ids, ScoringOutput(vec[0]))
+                    for (rid, vec), (ids, _) in zip(results, encoded)]
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each text embedded once
+        token_lists = [inputs.encode(t, truncate) for t in texts]
+        vectors = dict(zip(texts, (v for _, v in self._pool([(ids, PoolingParams()) for ids in token_lists],
+                                                               use_tqdm))))
+        return [ScoringRequestOutput(str(next(self._ids)), [], ScoringOutput(cosine(vectors[q], vectors[d])))
+                for q, d in pairs]
+
+    def _require_task(self, task: str, method: str) -> None:
+        if self.config.model.task != task:
+            what = "generates text" if self.config.model.task == "generate" else f"is a {self.config.model.task} model"
+            raise ValueError(f"{method}() needs an embedding model; this model {what} "
+                             "(LLM(model, runner='pooling') makes a decoder an embedding model)")
+
+    def _pool(self, requests: list[tuple[list[int], PoolingParams]], use_tqdm: bool) -> list[tuple[str, list[float]]]:
+        """Run pooling requests through the engine: (request id, pooled vector) in input order.
+        Every request is validated before any is admitted."""
+        ids = [str(next(self._ids)) for _ in requests]
+        made = [self.engine.make_request(rid, tokens, _POOLING_SAMPLING, pooling=params)
+                for rid, (tokens, params) in zip(ids, requests)]
+        for request in made:
+            self.engine.add_request(request)
+        results: dict[str, list[float]] = {}
+        bar = tqdm(total=len(made), desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    if delta.finish_reason is not None and delta.pooled is None:
+                        raise RuntimeError(f"request {delta.req_id} failed: {delta.error or delta.finish_reason}")
+                    if delta.pooled is not None:
+                        results[delta.req_id] = delta.pooled
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort([rid for rid in ids if rid not in results])
+            raise
+        finally:
+            bar.close()
+        return [(rid, results[rid]) for rid in ids]
+
+
+_POOLING_SAMPLING = SamplingParams(max_tokens=1)  # unused by a pooling request; the engine needs one
+
+
+def _prompt_of(prompt: PoolingPrompt) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")
