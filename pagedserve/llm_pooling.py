@@ -12,8 +12,7 @@ from tqdm.auto import tqdm
 
 from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, ScoringOutput, ScoringRequestOutput
 from shared.pooling import PoolingParams
-from shared.processor.pooling import PoolingInputs, cosine, pair_up, resolve_truncation
-from shared.sampling_params import SamplingParams
+from shared.processor.pooling import POOLING_SAMPLING, PoolingInputs, cosine, pair_up, resolve_truncation
 
 PoolingPrompt = str | dict[str, Any]
 
@@ -88,7 +87,7 @@ class PoolingAPI:
         """Run pooling requests through the engine: (request id, pooled vector) in input order.
         Every request is validated before any is admitted."""
         ids = [str(next(self._ids)) for _ in requests]
-        made = [self.engine.make_request(rid, tokens, _POOLING_SAMPLING, pooling=params)
+        made = [self.engine.make_request(rid, tokens, POOLING_SAMPLING, pooling=params)
                 for rid, (tokens, params) in zip(ids, requests)]
         for request in made:
             self.engine.add_request(request)
@@ -110,7 +109,6 @@ class PoolingAPI:
         return [(rid, results[rid]) for rid in ids]
 
 
-_POOLING_SAMPLING = SamplingParams(max_tokens=1)  # unused by a pooling request; the engine needs one
 
 
 def _prompt_of(prompt: PoolingPrompt) -> str | list[int]:

@@ -34,11 +34,8 @@ from services.frontend.pooling_requests import (
 from services.frontend.state import FrontendState
 from services.frontend.streaming import respond_whole
 from shared.pooling import PoolingParams
-from shared.processor.pooling import PoolingInputs, cosine, pair_up, resolve_truncation
+from shared.processor.pooling import POOLING_SAMPLING, PoolingInputs, cosine, pair_up, resolve_truncation
 from shared.processor.sequence import Sequence
-from shared.sampling_params import SamplingParams
-
-_POOLING_SAMPLING = SamplingParams(max_tokens=1)  # unused by a pooling request; the engine needs one
 
 
 class _Pooling:
@@ -67,7 +64,7 @@ class _Pooling:
             raise from_value_error(exc, set()) from None
 
     async def run(self, request: Request, ids: list[list[int]], pooling: list[PoolingParams], build) -> Response:
-        gen = self.state.generation(ids, _POOLING_SAMPLING, self.endpoint, self.arrival, pooling=pooling)
+        gen = self.state.generation(ids, POOLING_SAMPLING, self.endpoint, self.arrival, pooling=pooling)
         usage = PoolingUsage(prompt_tokens=sum(map(len, ids)), total_tokens=sum(map(len, ids)))
         return await respond_whole(gen, request, lambda seqs: build(seqs, usage))
 

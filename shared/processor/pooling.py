@@ -8,6 +8,10 @@ from __future__ import annotations
 import math
 
 from shared.processor.errors import InvalidRequest
+from shared.sampling_params import SamplingParams
+
+# what a pooling request carries for SamplingParams: unused (it samples nothing), the engine needs one
+POOLING_SAMPLING = SamplingParams(max_tokens=1)
 
 
 def resolve_truncation(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
