@@ -64,8 +64,8 @@ def _shaped(t: mi.Type) -> st.SearchStrategy:
         return st.lists(_shaped(t.item_type), max_size=3)
     if isinstance(t, mi.DictType):
         return st.dictionaries(_shaped(t.key_type), _shaped(t.value_type), max_size=3)
-    if isinstance(t, mi.UnionType):
-        return st.one_of([_shaped(u) for u in t.types])
+    if isinstance(t, mi.UnionType):  # None first: an optional field's simplest draw is absent
+        return st.one_of([_shaped(u) for u in sorted(t.types, key=lambda u: not isinstance(u, mi.NoneType))])
     if isinstance(t, mi.StructType):
         return struct_values(t)
     return ANYTHING
