@@ -113,6 +113,25 @@ def test_cross_encoder_scores_match_transformers(encoders):
     assert_all_blocks_free(llm)
 
 
+def test_decoder_embedding_checkpoint_without_lm_head(model_dirs, tmp_path):
+    """Qwen3-Embedding's layout: the decoder's weights with no "model." prefix and no LM head."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = model_dirs("qwen3")
+    shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in weights.items() if not k.startswith("lm_head.")},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = [{"prompt_token_ids": [5, 6, 7, 8]}]
+    bare = LLM(str(tmp_path), runner="pooling", max_model_len=256).embed(ids, use_tqdm=False)[0]
+    full = LLM(str(src), runner="pooling", max_model_len=256).embed(ids, use_tqdm=False)[0]
+    assert bare.outputs.embedding == full.outputs.embedding
+    with pytest.raises(ValueError, match="lm_head"):
+        LLM(str(tmp_path), max_model_len=256)  # generating needs the head
+
+
 def test_decoder_embedding_model_last_token(model_dirs):
     from transformers import AutoModel
 

@@ -140,6 +140,13 @@ def _required_shards(params: dict[str, nn.Parameter], mapping: dict[str, tuple[s
     return required
 
 
+def _unused(name: str, model: nn.Module) -> bool:
+    """A decoder run as an embedding model never computes logits: its checkpoint (e.g.
+    Qwen3-Embedding's) may have no LM head."""
+    config = getattr(model, "config", None)
+    return name.startswith("lm_head.") and getattr(config, "pooler", None) is not None
+
+
 def _skipped(name: str, model: nn.Module) -> bool:
     if "rotary_emb." in name or name.endswith("embeddings.position_ids"):  # buffers some checkpoints carry
         return True
@@ -175,7 +182,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     missing = [
         name if shards == {None} else f"{name} (shards {sorted(map(str, shards - loaded.get(name, set())))})"
         for name, shards in _required_shards(params, mapping).items()
-        if not shards <= loaded.get(name, set())
+        if not shards <= loaded.get(name, set()) and not _unused(name, model)
     ]
     if missing:
         raise ValueError(f"checkpoint {path} lacks weights the model needs: {', '.join(missing[:10])}")
