@@ -5,6 +5,7 @@ Speed itself is never asserted here (see benchmarks/); only that the script work
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -88,3 +89,18 @@ def test_a_dtype_agrees_with_itself(tiny_llama: Path) -> None:
     # teacher-forced scoring of float32's own greedy tokens: its top-1 at (nearly) every position
     info, _ = _run_benchmark(tiny_llama, "--skip-hf", "--compare-dtype", "float32", "--agreement-prompts", "4")
     assert info["dtypes"]["top1_agreement"] >= 0.95
+
+
+def test_spec_decode_script_reports_every_workload_and_concurrency(model_dirs, capsys) -> None:
+    """benchmarks/spec_decode.py on a tiny looping checkpoint: one row per workload and concurrency,
+    with the speculation counts (speed itself is not asserted)."""
+    spec = importlib.import_module("benchmarks.spec_decode")
+    model = str(model_dirs("llama", attention_scale=0.005))
+    spec.main(["--model", model, "--concurrency", "1", "2", "--input-len", "32", "--output-len", "24", "--repeats", "1",
+               "--device", "cpu"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = {(r["workload"], r["concurrency"]): r for r in report["rows"]}
+    assert set(rows) == {(w, c) for w in ("random", "repetitive") for c in (1, 2)}
+    for row in rows.values():
+        assert row["plain_tokens_per_s"] > 0 and row["spec_tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1
+    assert any(r["drafts"] > 0 and r["mean_acceptance_length"] > 1 for r in rows.values())
