@@ -219,3 +219,25 @@ def test_proposals_adapt_to_acceptance_and_turn_off_in_a_large_batch():
         decoder.record(looping, 5, 0)
     assert decoder.propose(looping, 64, num_running=8) == []  # they keep failing
     assert len(decoder.propose(looping, 64, num_running=1)) == 1  # at batch 1 one is still tried
+
+
+def test_bad_proposals_in_a_plan_fail_their_request_alone():
+    import numpy as np
+
+    from services.worker.request_checks import WorkerLimits
+    from services.worker.request_table import RequestTable
+    from shared.protocol import NewRequestData, StepPlan
+
+    table = RequestTable(WorkerLimits(vocab_size=100, num_blocks=8, block_size=4, max_model_len=64))
+    ids = np.array([1, 2, 3], dtype=np.int32)
+    for r in ("ok", "out-of-vocab", "mid-prompt"):
+        computed = 0 if r == "mid-prompt" else 2
+        table.apply(StepPlan(0, [NewRequestData(r, ids, ids[:0], SamplingParams(), [0], [0, 1], computed)], [], {}, []))
+    proposals = {"ok": [4, 5], "out-of-vocab": [4, 100], "mid-prompt": [4]}
+    plan = StepPlan(1, [], [], {r: 1 + len(p) for r, p in proposals.items()}, [],
+                    {r: np.array(p, dtype=np.int32) for r, p in proposals.items()})
+    assert [s.req_id for s, _ in table.runnable(plan)] == ["ok"]
+    assert "token ids in [0, 100)" in table.failed["out-of-vocab"]
+    assert "must follow the last token" in table.failed["mid-prompt"]
+    with pytest.raises(ValueError, match="needs its tokens and one more scheduled"):
+        StepPlan(2, [], [], {"ok": 2}, [], {"ok": np.array([4, 5], dtype=np.int32)})
