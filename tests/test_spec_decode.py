@@ -241,3 +241,23 @@ def test_bad_proposals_in_a_plan_fail_their_request_alone():
     assert "must follow the last token" in table.failed["mid-prompt"]
     with pytest.raises(ValueError, match="needs its tokens and one more scheduled"):
         StepPlan(2, [], [], {"ok": 2}, [], {"ok": np.array([4, 5], dtype=np.int32)})
+
+
+def test_llm_speculative_config_keeps_texts_with_n_and_stop_strings(model_dirs):
+    from pagedserve import LLM
+
+    path = str(model_dirs("llama", attention_scale=0.005))
+    llms = [LLM(path, max_model_len=160, kv_cache_memory=8 << 20, speculative_config=c)
+            for c in (None, {"method": "ngram", "num_speculative_tokens": 4})]
+    prompts = ["the cat sat on the mat, the cat sat on the mat", "hello"]
+    params = SamplingParams(temperature=0, max_tokens=48, n=2, ignore_eos=True)
+    plain, spec = (llm.generate(prompts, params, use_tqdm=False) for llm in llms)
+    text = plain[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a string the output reaches mid-way
+    stopped = msgspec.structs.replace(params, stop=[stop])
+    plain_stop, spec_stop = (llm.generate(prompts, stopped, use_tqdm=False) for llm in llms)
+    for a, b in ((plain, spec), (plain_stop, spec_stop)):
+        got = [[(c.text, c.token_ids, c.finish_reason) for c in o.outputs] for o in b]
+        assert got == [[(c.text, c.token_ids, c.finish_reason) for c in o.outputs] for o in a]
+    assert spec_stop[0].outputs[0].finish_reason == "stop" and stop not in spec_stop[0].outputs[0].text
+    assert llms[1].engine.scheduler.spec.num_accepted_tokens > 0
