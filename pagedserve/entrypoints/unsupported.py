@@ -33,7 +33,6 @@ UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("--middleware",): (),
     ("--otlp-traces-endpoint",): (),
     ("--task",): ("generate",),
-    ("--runner",): ("generate", "auto"),
     ("--ssl-cert-reqs",): ("0",),
 }
 
