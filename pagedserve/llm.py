@@ -58,6 +58,7 @@ class LLM(PoolingAPI):
         gpu_memory_utilization: float = 0.9,
         num_gpu_blocks_override: int | None = None,
         tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
         enforce_eager: bool = False,
         device: str | None = None,
         revision: str | None = None,
@@ -71,8 +72,9 @@ class LLM(PoolingAPI):
         lower values first, and the largest are preempted first). speculative_config: vLLM's, e.g.
         {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}. runner: "generate",
         "pooling" (embed() and score(); a decoder pools its last token), or "auto" (encoders pool)."""
-        if tensor_parallel_size != 1:
-            raise ValueError("the offline LLM runs tensor_parallel_size=1; use `pagedserve serve` for more ranks")
+        if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
+            raise ValueError("the offline LLM runs one rank (tensor_parallel_size=1, pipeline_parallel_size=1); "
+                             "use `pagedserve serve` for more ranks")
         import torch
 
         from services.worker.model_runner import ModelRunner

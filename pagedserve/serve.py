@@ -83,7 +83,7 @@ def _replica(args: argparse.Namespace, sock_dir: str, replica: int, model: list[
     base = _CLI
     tag = f"-{replica}" if args.data_parallel_size > 1 else ""
     inp, outp, wrk = (f"ipc://{sock_dir}/{name}{tag}" for name in ("input", "output", "workers"))
-    ranks = args.tensor_parallel_size
+    ranks = args.tensor_parallel_size * args.pipeline_parallel_size
     shift = replica * (1 + ranks)
     engine = ["engine", *model, "--frontend-input", inp, "--frontend-output", outp, "--worker-addr", wrk]
     engine_port = args.engine_metrics_port + shift if args.engine_metrics_port else 0
@@ -222,10 +222,11 @@ def _check(args: argparse.Namespace) -> None:
     if args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
     gpus = visible_gpus() if args.data_parallel_size > 1 else []
-    needed = args.data_parallel_size * args.tensor_parallel_size
+    needed = args.data_parallel_size * args.tensor_parallel_size * args.pipeline_parallel_size
     if gpus and needed > len(gpus):  # else a replica would fall back to the CPU without a word
         raise ValueError(f"--data-parallel-size {args.data_parallel_size} x --tensor-parallel-size "
-                         f"{args.tensor_parallel_size} needs {needed} GPUs; {len(gpus)} visible")
+                         f"{args.tensor_parallel_size} x --pipeline-parallel-size {args.pipeline_parallel_size} "
+                         f"needs {needed} GPUs; {len(gpus)} visible")
     engine_config_from_args(args, weights=False)
 
 

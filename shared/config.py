@@ -227,12 +227,31 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """A replica's ranks: pipeline stage s holds ranks s*T .. s*T+T-1 (T: tensor-parallel size);
+    ``rank`` is this worker's among all of them."""
+
     tensor_parallel_size: int = 1
     rank: int = 0
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size < 1 or not 0 <= self.rank < self.tensor_parallel_size:
-            raise ValueError("tensor_parallel_size must be >= 1 and rank within it")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside the replica's {self.world_size} rank(s)")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tensor_parallel_size
+
+    @property
+    def result_rank(self) -> int:
+        """The rank that answers the engine: the last stage's first tensor-parallel rank."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
 
 @dataclass(frozen=True)
@@ -269,3 +288,11 @@ class EngineConfig:
                 "--speculative-config does not combine with --async-scheduling yet (a step's proposals need "
                 "the previous step's tokens on the engine); drop one of them"
             )
+        if self.parallel.pipeline_parallel_size > self.model.num_layers:
+            raise ValueError(f"pipeline_parallel_size {self.parallel.pipeline_parallel_size} exceeds the model's "
+                             f"{self.model.num_layers} layers (each stage needs at least one)")
+        if self.parallel.pipeline_parallel_size > 1 and (
+            self.speculative or self.cache.kv_cache_dtype != "auto" or self.model.pooler
+        ):
+            raise ValueError("--pipeline-parallel-size > 1 does not combine with --speculative-config, an fp8 "
+                             "--kv-cache-dtype or a pooling model yet")

@@ -125,7 +125,9 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--max-num-queued-requests", 1024, "most requests waiting; past it the engine answers 503")
     add_flag(parser, "--max-queued-tokens", 1 << 20, "most tokens waiting; past it the engine answers 503")
     add_flag(parser, "--async-scheduling", False, "plan each step while the workers compute the previous one")
-    add_flag(parser, "--tensor-parallel-size", 1, "worker ranks", aliases=("-tp",))
+    add_flag(parser, "--tensor-parallel-size", 1, "worker ranks per pipeline stage", aliases=("-tp",))
+    add_flag(parser, "--pipeline-parallel-size", 1, "pipeline stages, each holding a share of the layers",
+             aliases=("-pp",))
     add_flag(parser, "--enforce-eager", False, "run every step eagerly on GPU (no CUDA graphs for decode)")
     add_flag(parser, "--attention-backend", None, "the kernel set: triton (default on CUDA) or torch (default on CPU)",
              choices=ATTENTION_BACKENDS)
@@ -156,7 +158,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         model=model,
         cache=_section(CacheConfig, args),
         scheduler=_section(SchedulerConfig, args, policy=args.scheduling_policy),
-        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, rank=rank),
+        parallel=ParallelConfig(args.tensor_parallel_size, rank, args.pipeline_parallel_size),
         compilation=CompilationConfig(enforce_eager=args.enforce_eager, attention_backend=args.attention_backend),
         seed=args.seed,
         speculative=SpeculativeConfig.parse(args.speculative_config),

@@ -23,7 +23,6 @@ def serve(*args: str, module: str = "pagedserve.cli", **env: str) -> subprocess.
 
 
 @pytest.mark.parametrize("flags", [
-    ["--pipeline-parallel-size", "2"],
     ["--enable-lora"],
     ["--no-enable-chunked-prefill"],
 ])
@@ -96,7 +95,7 @@ def test_config_file_errors(tmp_path):
 
 
 def test_noop_values_of_unsupported_flags_are_accepted(model_dirs):
-    """`--pipeline-parallel-size 1 --kv-cache-dtype auto` ask for what pagedserve does: the stack
+    """`--kv-cache-dtype auto` and `--load-format safetensors` ask for what pagedserve does: the stack
     starts (and, with --ready-timeout 0, stops at once with the timeout's message)."""
     out = serve("--enable-chunked-prefill", str(model_dirs("llama")), "--pipeline-parallel-size", "1",
                 "--kv-cache-dtype", "auto", "--load-format", "safetensors", "--disable-uvicorn-access-log", *_FAST,

@@ -74,7 +74,7 @@ def test_graphs_only_on_cuda_with_triton_one_rank_and_not_eager(config):
     assert "not CUDA" in graphs_unsupported(config, torch.device("cpu"), triton)
     assert "torch attention backend" in graphs_unsupported(config, cuda, SimpleNamespace(name="torch"))
     tp2 = dataclasses.replace(config, parallel=ParallelConfig(tensor_parallel_size=2))
-    assert "tensor parallel" in graphs_unsupported(tp2, cuda, triton)
+    assert "tensor and pipeline parallel" in graphs_unsupported(tp2, cuda, triton)
     with pytest.raises(ValueError, match="max_capture_size"):
         CompilationConfig(max_capture_size=0)
 

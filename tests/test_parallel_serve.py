@@ -1,5 +1,7 @@
-"""Parallel workers through the real stack: `pagedserve serve --tensor-parallel-size 2` (gloo on
-CPU) answers greedy requests with exactly the tokens one rank produces offline."""
+"""Parallel workers through the real stack (gloo on CPU): `pagedserve serve -tp 2 -pp 2`, and
+pipeline stages started as separate processes that meet at an address given by flags or by
+torchrun's variables, answer greedy requests with exactly the tokens one rank produces offline.
+A rank whose peers never come fails with a clear error within --dist-timeout."""
 
 from __future__ import annotations
 
@@ -43,10 +45,11 @@ def served_tokens(port: int) -> list[list[int]]:
     return got
 
 
-def test_serve_tensor_parallel_matches_one_rank(model_dirs, one_rank):
+def test_serve_tensor_x_pipeline_parallel_matches_one_rank(model_dirs, one_rank):
+    """Two pipeline stages of two tensor-parallel ranks each: four workers."""
     port = free_port()
-    proc = start_serve(str(model_dirs("llama")), port, "--tensor-parallel-size", "2", "--kv-cache-memory",
-                       str(8 << 20), "--return-tokens-as-token-ids")
+    proc = start_serve(str(model_dirs("llama")), port, "--tensor-parallel-size", "2", "--pipeline-parallel-size",
+                       "2", "--kv-cache-memory", str(8 << 20), "--return-tokens-as-token-ids")
     try:
         wait_line(proc, "serving", timeout_s=180)
         assert served_tokens(port) == one_rank
@@ -59,10 +62,11 @@ def test_serve_tensor_parallel_matches_one_rank(model_dirs, one_rank):
 
 # ----- ranks as separate processes, meeting at an address given by flags or environment -----------
 
-FLAGS = ("--max-model-len", "256", "--kv-cache-memory", str(8 << 20), "--tensor-parallel-size", "2")
+FLAGS = ("--max-model-len", "256", "--kv-cache-memory", str(8 << 20), "--pipeline-parallel-size", "2")
 
 
 def test_ranks_started_apart_rendezvous_by_flags_and_torchrun_variables(model_dirs, one_rank):
+    """Two pipeline stages as separate workers, as on two hosts."""
     model, dist = str(model_dirs("llama")), f"127.0.0.1:{free_port()}"
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     port = free_port()

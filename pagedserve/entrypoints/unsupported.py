@@ -1,6 +1,6 @@
 """vLLM flags that pagedserve does not implement. Each is known to the parser so that a launch
 script using one fails with a message saying so, never silently; a value that asks for what
-pagedserve does anyway (``--pipeline-parallel-size 1``, ``--load-format safetensors``) is accepted.
+pagedserve does anyway (``--load-format safetensors``) is accepted.
 A flag neither vLLM's nor ours gets argparse's own error."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import argparse
 
 # flag (and its short spellings) -> values that ask for what pagedserve does anyway
 UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("--pipeline-parallel-size", "-pp"): ("1",),
     ("--lora-modules",): (),
     ("--max-loras",): (),
     ("--max-lora-rank",): (),

@@ -82,8 +82,8 @@ def graphs_unsupported(config: EngineConfig, device: torch.device, backend: Atte
         return f"device {device} is not CUDA"
     if backend.name != "triton":
         return f"the {backend.name} attention backend is not graph-safe (use triton)"
-    if config.parallel.tensor_parallel_size > 1:
-        return "tensor parallel collectives are not captured yet"
+    if config.parallel.world_size > 1:
+        return "tensor and pipeline parallel communication is not captured yet"
     return None
 
 

@@ -1,35 +1,79 @@
-"""Tensor-parallel helpers over the default torch.distributed group.
+"""Tensor- and pipeline-parallel helpers over torch.distributed.
 
-Every worker process is one tensor-parallel rank, so the world group is the TP group. Without an
-initialized process group (one process, tests) the rank is 0, the size 1 and collectives are no-ops.
+A replica's ranks form pipeline stages of tensor-parallel groups: stage s holds ranks
+s*T .. s*T+T-1 (T ranks per stage). init_parallel_groups builds the groups once, after the
+process group exists; without it, the world is one tensor-parallel group (one stage). Without an
+initialized process group (one process, tests) every rank and stage is 0, every size 1 and
+collectives are no-ops.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 
+@dataclass(frozen=True)
+class _Groups:
+    tp_group: Any  # this stage's tensor-parallel ProcessGroup
+    pp_rank: int
+    pp_size: int
+
+
+_groups: _Groups | None = None  # set once per process by init_parallel_groups
+
+
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def init_parallel_groups(tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
+    """Split the world into pipeline stages of ``tensor_parallel_size`` ranks (every rank
+    creates every group, in the same order, as torch.distributed requires)."""
+    global _groups
+    if tensor_parallel_size * pipeline_parallel_size != dist.get_world_size():
+        raise ValueError(f"{tensor_parallel_size} x {pipeline_parallel_size} ranks, but the world has "
+                         f"{dist.get_world_size()}")
+    stage = dist.get_rank() // tensor_parallel_size
+    group = dist.group.WORLD
+    if pipeline_parallel_size > 1:
+        stages = [dist.new_group(list(range(s * tensor_parallel_size, (s + 1) * tensor_parallel_size)))
+                  for s in range(pipeline_parallel_size)]
+        group = stages[stage]
+    _groups = _Groups(group, stage, pipeline_parallel_size)
+
+
+def _tp_group() -> Any:
+    return _groups.tp_group if _groups is not None else None
+
+
 def tp_rank() -> int:
-    """This process's tensor-parallel rank."""
-    return dist.get_rank() if _initialized() else 0
+    """This process's tensor-parallel rank within its stage."""
+    return dist.get_rank(_tp_group()) if _initialized() else 0
 
 
 def tp_size() -> int:
-    """The tensor-parallel world size."""
-    return dist.get_world_size() if _initialized() else 1
+    """The tensor-parallel size (ranks per stage)."""
+    return dist.get_world_size(_tp_group()) if _initialized() else 1
+
+
+def pp_rank() -> int:
+    """This process's pipeline stage."""
+    return _groups.pp_rank if _groups is not None and _initialized() else 0
+
+
+def pp_size() -> int:
+    """The number of pipeline stages."""
+    return _groups.pp_size if _groups is not None and _initialized() else 1
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum x over the ranks, in place; returns x."""
+    """Sum x over the stage's ranks, in place; returns x."""
     if tp_size() > 1:
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_tp_group())
     return x
 
 
@@ -39,15 +83,14 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x.contiguous(), group=_tp_group())
     return torch.cat(parts, dim=dim)
 
 
-def tp_all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's obj (picklable), in rank order."""
-    size = tp_size()
-    if size == 1:
+def world_all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's obj (picklable), in rank order, over every stage."""
+    if not _initialized() or dist.get_world_size() == 1:
         return [obj]
-    gathered: list[Any] = [None] * size
+    gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered

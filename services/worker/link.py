@@ -3,7 +3,8 @@ the step loop that executes plans in order and answers each one.
 
 Plans arrive in order on one DEALER socket and run one after another; with async scheduling the
 engine sends the next plan before it has read the previous result, so a plan may already wait
-when a step ends. Rank 0 sends the results; any rank reports a step that failed.
+when a step ends. The result rank (the last pipeline stage's first tensor-parallel rank) sends the results; any
+rank reports a step that failed.
 """
 
 from __future__ import annotations
@@ -86,6 +87,6 @@ def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetr
         result.received_at, result.idle_s = received_at, start - idle_since
         idle_since = time.perf_counter()
         result.compute_s = idle_since - start
-        if rank == 0:
+        if runner.answers:
             queue.send(result)
         metrics.observe(runner.last_stats, len(result.failed))

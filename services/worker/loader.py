@@ -21,6 +21,7 @@ from torch import nn
 
 from services.worker.layers.linear import default_weight_loader
 from services.worker.models import get_model_class
+from services.worker.pipeline import on_another_stage
 from services.worker.quant import methods as quant
 from services.worker.quant.kv_scales import load_kv_scale
 from services.worker.stats_log import shard_progress
@@ -167,6 +168,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         target, shard_id = _target(name, model)
         if target not in params and f"model.{target}" in params:  # e.g. OPT's "decoder.*" names
             target = f"model.{target}"
+        if target not in params and on_another_stage(model, target):
+            target = getattr(model, "stage_aliases", {}).get(target)
+            if target is None:  # another pipeline stage loads it
+                continue
         if target not in params:
             unexpected.append(name)
             continue

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.worker.distributed import pp_rank, pp_size
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.kv_cache import allocate_kv_cache, cache_bytes
 from services.worker.layers.attention_backend import AttentionBackend, CommonAttentionMetadata
@@ -114,7 +115,13 @@ def profile_step(
     input_ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     with set_forward_context(ForwardContext(backend, backend.build(common), kv_caches)):
-        hidden = model(input_ids, positions)
+        if pp_rank() == 0:
+            hidden = model(input_ids, positions)
+        else:  # a later pipeline stage starts from the previous one's activations
+            zeros = torch.zeros(num_tokens, config.model.hidden_size, dtype=dtype, device=device)
+            hidden = model(input_ids, positions, (zeros, zeros))
+    if pp_rank() != pp_size() - 1:  # only the last stage computes logits and samples
+        return cache_bytes(kv_caches)
     rows = min(s.max_num_seqs, num_tokens)
     logits = model.compute_logits(hidden[torch.arange(rows, device=device) % num_tokens])
     del hidden

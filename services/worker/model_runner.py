@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
-from services.worker.distributed import tp_all_gather_object, tp_size
+from services.worker.distributed import world_all_gather_object
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.input_batch import StepInputs, flatten
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
@@ -24,6 +24,7 @@ from services.worker.layers.encoder_attention import EncoderMetadata
 from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
+from services.worker.pipeline import Outcome, StageLink
 from services.worker.pooler import Pooler
 from services.worker.quant.kv_fp8 import check_kv_cache_dtype, kv_cache_torch_dtype
 from services.worker.quant.kv_scales import prepare_kv_scales
@@ -82,6 +83,9 @@ class ModelRunner:
         limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len,
                               pooling=self.pooler is not None)
         self.table = RequestTable(limits, self.structured)
+        p = config.parallel
+        self.stage = StageLink(p, self.device) if p.pipeline_parallel_size > 1 else None
+        self.answers = p.rank == p.result_rank  # this rank's results go to the engine
         self.last_stats: StepStats | None = None
         log.info("model runner ready: %s on %s, %d KV blocks of %s", self.dtype, self.device, self.num_blocks,
                  self.kv_dtype)
@@ -103,6 +107,8 @@ class ModelRunner:
 
     def reset(self) -> None:
         """Forget every request (a new engine starts from scratch; the KV tensors stay)."""
+        while self.stage is not None and self.stage.pending:  # keep the outcome channel in step
+            self.stage.take()
         self.table.clear()
 
     @torch.inference_mode()
@@ -111,6 +117,8 @@ class ModelRunner:
         the result and reported in StepResult.failed; the others get their tokens."""
         self.last_stats = None  # until this step has run
         self.table.take_failed()  # left only by a step that raised: the engine failed all of its requests
+        if self.stage is not None and not self.stage.last:
+            self._take_outcomes(plan)
         self.table.apply(plan)
         self._agree_on_refusals(plan)
         start = time.perf_counter()
@@ -118,7 +126,19 @@ class ModelRunner:
         if not scheduled:  # nothing runnable: only refusals to report
             return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
         inputs = flatten(scheduled, self.table.block_size, self.device)
+        if self.stage is not None and not self.stage.last:
+            return self._pass_on(plan, inputs)
         hidden = self._forward(inputs)
+        states = inputs.sampling_requests
+        try:
+            return self._finish(plan, inputs, hidden, start)
+        except Exception:  # the earlier stages still wait for this step's outcome
+            if self.stage is not None and states:
+                self.stage.send_outcome(Outcome(plan.step_id, [], [], {s.req_id: "the step failed" for s in states}))
+            raise
+
+    def _finish(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor, start: float) -> StepResult:
+        """Sample, advance the table and build the step's result (the last pipeline stage)."""
         states = inputs.sampling_requests
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
         self._sync()
@@ -132,6 +152,8 @@ class ModelRunner:
         req_ids = [states[i].req_id for i in kept for _ in tokens[i]]
         tokens, logprobs = [t for i in kept for t in tokens[i]], [lp for i in kept for lp in logprobs[i]]
         self.table.advance(plan)
+        if self.stage is not None and states:
+            self.stage.send_outcome(Outcome(plan.step_id, req_ids, tokens, failed))
         self.last_stats = StepStats(
             _phase(inputs.attn.num_decodes, inputs.attn.num_reqs),
             inputs.attn.num_reqs,
@@ -150,14 +172,39 @@ class ModelRunner:
             pooled=pooled,
         )
 
+    def _pass_on(self, plan: StepPlan, inputs: StepInputs) -> StepResult:
+        """An earlier pipeline stage: send the activations on; the sampled tokens come later."""
+        self.stage.expect(plan.step_id, [s.req_id for s in inputs.sampling_requests])
+        try:
+            hidden, residual = self._forward(inputs)
+        except Exception:  # the next stage waits for this step: NaNs make the last stage fail its samplers
+            nan = torch.full((len(inputs.input_ids), self.config.model.hidden_size), float("nan"), dtype=self.dtype,
+                             device=self.device)
+            self.stage.send_activations(nan, nan)
+            raise
+        self.stage.send_activations(hidden, residual)
+        self.table.advance(plan)
+        return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
+
+    def _take_outcomes(self, plan: StepPlan) -> None:
+        """An earlier stage: the tokens (and failures) of the steps whose requests ``plan`` touches."""
+        for outcome in self.stage.outcomes_for(plan):
+            for req_id, token in zip(outcome.req_ids, outcome.tokens):
+                if req_id in self.table.states:
+                    self.table.states[req_id].sampling.append(token)
+            for req_id in outcome.failed:
+                self.table.drop(req_id)
+
     def _agree_on_refusals(self, plan: StepPlan) -> None:
-        """Tensor-parallel ranks must run the same batch. Refusing a new request is the same
-        decision on every rank, except a grammar's compile timeout (each rank measures its own
-        time): with constraints among the new requests, a request any rank refused is refused
-        on every rank."""
-        if tp_size() == 1 or not any(n.sampling_params.structured_outputs for n in plan.new_requests):
+        """Parallel ranks must run the same batch. Refusing a new request is the same decision
+        on every rank, except a grammar's compile timeout (each rank measures its own time):
+        with constraints among the new requests, a request any rank refused is refused on
+        every rank."""
+        if self.config.parallel.world_size == 1 or not any(
+            n.sampling_params.structured_outputs for n in plan.new_requests
+        ):
             return
-        for refused in tp_all_gather_object(self.table.failed):
+        for refused in world_all_gather_object(self.table.failed):
             for req_id, message in refused.items():
                 if req_id not in self.table.failed:
                     self.table.fail(req_id, message)
@@ -247,7 +294,11 @@ class ModelRunner:
             meta = self.backend.build(inputs.attn)
         ctx = ForwardContext(self.backend, meta, self.kv_caches)
         with set_forward_context(ctx):
-            return self.model(inputs.input_ids, inputs.positions)
+            if self.stage is None or self.stage.first:
+                return self.model(inputs.input_ids, inputs.positions)
+            hidden_size = self.config.model.hidden_size
+            intermediate = self.stage.recv_activations(len(inputs.input_ids), hidden_size, self.dtype)
+            return self.model(inputs.input_ids, inputs.positions, intermediate)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

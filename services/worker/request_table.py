@@ -60,7 +60,7 @@ class RequestTable:
 
     def apply(self, plan: StepPlan) -> None:
         for req_id in plan.finished_req_ids:
-            self._drop(req_id)
+            self.drop(req_id)
         for new in plan.new_requests:
             self._guarded(new.req_id, self._add, new)
         for cached in plan.cached_requests:
@@ -68,10 +68,11 @@ class RequestTable:
 
     def fail(self, req_id: str, message: str) -> None:
         """Drop a request's state; the engine learns why from the step's result."""
-        self._drop(req_id)
+        self.drop(req_id)
         self.failed[req_id] = message[:MAX_MESSAGE_CHARS]
 
-    def _drop(self, req_id: str) -> None:
+    def drop(self, req_id: str) -> None:
+        """Forget a request's state (no failure to report)."""
         self.states.pop(req_id, None)
         if self.structured is not None:
             self.structured.drop(req_id)
@@ -106,7 +107,7 @@ class RequestTable:
         state.num_computed_tokens = cached.num_computed_tokens
 
     def _add(self, new: NewRequestData) -> None:
-        self._drop(new.req_id)  # resumed after preemption: rebuilt from the plan
+        self.drop(new.req_id)  # resumed after preemption: rebuilt from the plan
         check_new_request(new, self.limits)
         prompt, outputs = new.prompt_token_ids.tolist(), new.output_token_ids.tolist()
         if new.sampling_params.structured_outputs is not None:

@@ -13,6 +13,7 @@ import uuid
 import torch
 import zmq
 
+from services.worker.distributed import init_parallel_groups
 from services.worker.heartbeat import start_heartbeat
 from services.worker.link import EngineLink, serve
 from services.worker.metrics import WorkerMetrics
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rdzv = resolve(args, args.tensor_parallel_size)
+    rdzv = resolve(args, args.tensor_parallel_size * args.pipeline_parallel_size)
     rank = rdzv.rank
     config = engine_config_from_args(args, rank=rank)
     security = client_security(args, "worker")  # before the weights load: a bad key fails at once
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     except RendezvousError as exc:
         log.error("%s", exc)
         return 1
+    if rdzv.world_size > 1:
+        init_parallel_groups(config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
     runner = ModelRunner(config, device)
     metrics = WorkerMetrics(config.model.name, rank, runner)
     serve_metrics(8002 + rdzv.local_rank if args.metrics_port is None else args.metrics_port, args.metrics_host)
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         monitor=zmq.EVENT_HANDSHAKE_SUCCEEDED, security=security,
     )
     ready = WorkerReady(
-        rank, config.parallel.tensor_parallel_size, runner.num_blocks, config.cache.block_size,
+        rank, config.parallel.world_size, runner.num_blocks, config.cache.block_size,
         config.model.max_model_len, uuid.uuid4().hex,
     )
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))

@@ -12,12 +12,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from services.worker.distributed import pp_rank, pp_size
 from services.worker.layers.activation import get_gated_act_fn
 from services.worker.layers.attention import Attention
 from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from services.worker.layers.layernorm import GemmaRMSNorm, RMSNorm
 from services.worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from services.worker.layers.rotary import RotaryEmbedding, rope_parameters
+from services.worker.pipeline import Intermediate, MissingLayer, stage_layers
 from shared.config import ModelConfig
 
 
@@ -97,25 +99,39 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm: input ids [T] -> hidden states [T, hidden_size]."""
+    """Embedding, decoder layers, final norm: input ids [T] -> hidden states [T, hidden_size].
+    A pipeline stage holds only its share of the layers (pipeline.py): an earlier stage returns
+    (hidden, residual) for the next, a later one starts from those."""
 
     def __init__(self, config: ModelConfig, arch: type[LlamaForCausalLM]):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        stages = pp_size()
+        self.stage_layers = stage_layers(config.num_layers, pp_rank(), stages)
+        self.first, self.last = self.stage_layers.start == 0, pp_rank() == stages - 1
+        hidden_size = config.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, hidden_size) if self.first else MissingLayer()
         self.embed_scale = arch.embed_scale(config)  # Gemma scales the embeddings by sqrt(hidden_size)
         # One cos/sin table shared by every layer.
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, rope_parameters(config.hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, arch) for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, self.rotary_emb, arch) if i in self.stage_layers else MissingLayer()
+            for i in range(config.num_layers)
         )
-        self.norm = arch.norm_cls(config.hidden_size, _rms_eps(config))
+        self.norm = arch.norm_cls(hidden_size, _rms_eps(config)) if self.last else MissingLayer()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        if self.embed_scale is not None:
-            hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
-        for layer in self.layers:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Intermediate | None = None
+    ) -> torch.Tensor | Intermediate:
+        if self.first:
+            hidden, residual = self.embed_tokens(input_ids), None
+            if self.embed_scale is not None:
+                hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
+        else:
+            hidden, residual = intermediate
+        for layer in self.layers[self.stage_layers.start : self.stage_layers.stop]:
             hidden, residual = layer(positions, hidden, residual)
+        if not self.last:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -135,6 +151,7 @@ class LlamaForCausalLM(nn.Module):
     tied_by_default: ClassVar[bool] = False  # when config.json does not say
     renamed_modules: ClassVar[dict[str, str]] = {}  # checkpoint module name -> ours
     expert_mapping: ClassVar[dict[str, tuple[str, object]]] = {}  # MoE: expert projection -> stacked parameter
+    stage_aliases: ClassVar[dict[str, str]] = {}  # a weight of another pipeline stage that this one loads too
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -147,9 +164,12 @@ class LlamaForCausalLM(nn.Module):
             )
         self.tie_word_embeddings = bool(config.hf_config.get("tie_word_embeddings", self.tied_by_default))
         self.model = LlamaModel(config, type(self))
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if self.tie_word_embeddings:
-            self.lm_head.tie(self.model.embed_tokens)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if self.model.last else MissingLayer()
+        if self.tie_word_embeddings and self.model.last:
+            if self.model.first:
+                self.lm_head.tie(self.model.embed_tokens)
+            else:  # the embedding lives on the first stage: this stage loads its own copy
+                self.stage_aliases = {"model.embed_tokens.weight": "lm_head.weight"}
 
     @staticmethod
     def sliding_window(hf_config: dict[str, Any]) -> int | None:
@@ -166,9 +186,12 @@ class LlamaForCausalLM(nn.Module):
         """The feed-forward block of one decoder layer (MoE models route some or all of them)."""
         return LlamaMLP(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions [T] -> hidden states [T, hidden_size]."""
-        return self.model(input_ids, positions)
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Intermediate | None = None
+    ) -> torch.Tensor | Intermediate:
+        """input_ids, positions [T] -> hidden states [T, hidden_size]; with pipeline stages, an
+        earlier stage's (hidden, residual) -> this stage's (the last stage's: hidden states)."""
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""

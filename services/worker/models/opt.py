@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from services.worker.distributed import pp_size
 from services.worker.layers.activation import get_act_fn
 from services.worker.layers.attention import Attention
 from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -126,6 +127,8 @@ class OPTForCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if pp_size() > 1:
+            raise ValueError("OPT models do not support pipeline parallelism yet (use tensor parallelism)")
         self.config = config
         self.tie_word_embeddings = bool(config.hf_config.get("tie_word_embeddings", True))  # OPT ties by default
         self.model = OPTModel(config)
