@@ -63,9 +63,12 @@ class EngineCore:
         _check_capacity(config, num_blocks)
         self.config = config
         self.pipeline: Pipeline = executor if hasattr(executor, "submit") else Deferred(executor)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id, config.speculative)
-        # plans submitted whose results are not read yet (at most 2 with async scheduling)
-        self.depth = 2 if config.scheduler.async_scheduling else 1
+        stages = config.parallel.pipeline_parallel_size
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id, config.speculative,
+                                   micro_batches=stages)
+        # plans submitted whose results are not read yet: at most 2 with async scheduling; with
+        # pipeline stages one per stage, each a disjoint set of requests, so every stage has work
+        self.depth = max(2 if config.scheduler.async_scheduling else 1, stages)
         self.in_flight: deque[StepPlan] = deque()
         self.last_num_tokens = 0  # tokens scheduled by the latest step collected
         self.last_plan_s = 0.0  # seconds the latest schedule() took

@@ -12,7 +12,9 @@ Steps may be planned before the previous step's tokens are known (async scheduli
 that samples in a step in flight counts that token as a placeholder, so the next step schedules
 its decode at once and the worker feeds its own sampled token in. When the result arrives the
 placeholder is filled in; a request that finished with it (EOS, a stop id) had one more step
-planned, whose token is discarded. A request whose placeholders already reach max_tokens is not
+planned, whose token is discarded. With pipeline stages (micro_batches) a request is in one
+step in flight at most: the steps in flight hold disjoint sets of requests, so an earlier stage
+computes one while later stages compute the others, as vLLM's virtual engines do. A request whose placeholders already reach max_tokens is not
 scheduled again, so max_tokens costs no extra step. No request needs its token on the engine
 before its next step: the worker advances grammars, penalties, min_tokens and seeded noise from
 its own copy of the tokens, and EOS, stop ids and stop strings are reconciled one step late.
@@ -45,11 +47,14 @@ class Scheduler:
     def __init__(
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, first_step_id: int = 0,
         speculative: SpeculativeConfig | None = None,
+        micro_batches: int = 1,
     ):
         self.config = config
         self.spec = SpecDecoder(speculative) if speculative is not None else None
         # requests whose KV a verification rolled back: blocks the worker keeps, told with the next plan
         self._kept_blocks: dict[str, int] = {}
+        # pipeline stages: the requests are split among this many steps in flight, disjoint
+        self.micro_batches = micro_batches
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -147,11 +152,12 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         preempted = False
 
-        todo = {r.req_id: self._num_to_compute(r) for r in self.running}
-        decodes = [r for r in self.running if todo[r.req_id] == 1]
-        prefills = [r for r in self.running if todo[r.req_id] > 1]
+        busy, most = self._micro_batch()
+        todo = {r.req_id: self._num_to_compute(r) for r in self.running if r.req_id not in busy}
+        decodes = [r for r in self.running if todo.get(r.req_id) == 1]
+        prefills = [r for r in self.running if todo.get(r.req_id, 0) > 1]
         for request in decodes + prefills:
-            if budget == 0:
+            if budget == 0 or len(scheduled) >= most:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -173,7 +179,8 @@ class Scheduler:
             new_blocks[request.req_id] = blocks
             budget -= num_new
 
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs
+               and len(scheduled) < most):
             request = self.waiting[0]
             computed = self.kv.get_computed_blocks(request)
             num_computed = len(computed) * self.kv.block_size
@@ -197,6 +204,15 @@ class Scheduler:
             budget -= num_new
 
         return self._make_plan(scheduled, new_blocks)
+
+    def _micro_batch(self) -> tuple[set[str], int]:
+        """The requests in steps in flight, and the most requests this step may take: with micro
+        batches, a request is in one step in flight at most and each step takes its share of
+        the requests (so every pipeline stage gets work); otherwise none and no limit."""
+        if self.micro_batches == 1:
+            return set(), self.config.max_num_seqs
+        busy = {r for step in self._in_flight.values() for r in step}
+        return busy, max(1, -(-(len(self.running) + len(self.waiting)) // self.micro_batches))
 
     def _num_to_compute(self, request: Request) -> int:
         """Tokens of a running request not computed yet, counting those in flight (0 when the

@@ -55,7 +55,8 @@ class StepTimes:
 
 
 class WorkerGroup:
-    """The engine core's pipeline: sends each plan to every rank, returns rank 0's result. With
+    """The engine core's pipeline: sends each plan to every rank, returns the result rank's
+    (the last pipeline stage's first tensor-parallel rank) result. With
     async scheduling a second plan is sent before the first one's result is read; each rank
     runs plans in order, and answers are kept by step id until collected."""
 
@@ -64,7 +65,8 @@ class WorkerGroup:
         security: Security | None = None,
     ):
         self.queue = RouterQueue(ctx, addr, WorkerToEngine, EngineToWorker, security=security)
-        self.world_size = config.parallel.tensor_parallel_size
+        self.world_size = config.parallel.world_size
+        self.result_rank = config.parallel.result_rank  # the last pipeline stage answers
         self.block_size, self.max_model_len = config.cache.block_size, config.model.max_model_len
         self.engine_id = engine_id
         self.timeout_s = timeout_s
@@ -121,7 +123,7 @@ class WorkerGroup:
         self.in_flight[plan.step_id] = StepTimes(sent=time.time())
 
     def collect(self, plan: StepPlan) -> StepResult:
-        """Rank 0's result of a submitted plan (WorkerError when a rank reports it failed,
+        """The result rank's answer to a submitted plan (WorkerError when a rank reports it failed,
         WorkerLost when a rank is lost or re-joins before it comes)."""
         times = self.in_flight.get(plan.step_id)
         if times is None:
@@ -145,7 +147,7 @@ class WorkerGroup:
         return msg
 
     def _take(self, identity: bytes, msg) -> None:
-        """Keep the answer to a step in flight (the first failure or rank 0's result); hand
+        """Keep the answer to a step in flight (the first failure or the result rank's result); hand
         anything else to the control handling."""
         if not isinstance(msg, (StepResult, WorkerFailed)):
             self._control(identity, msg)
@@ -154,8 +156,8 @@ class WorkerGroup:
 
     def _of_step(self, identity: bytes, msg: StepResult | WorkerFailed) -> bool:
         """True when msg answers a step in flight and comes from the registered identity of its
-        rank (results come from rank 0); anything else is stale or forged, and ignored."""
-        rank = msg.rank if isinstance(msg, WorkerFailed) else 0
+        rank (results come from the result rank); anything else is stale or forged, and ignored."""
+        rank = msg.rank if isinstance(msg, WorkerFailed) else self.result_rank
         if msg.step_id in self.in_flight and self.ranks.get(rank) == identity:
             return True
         log.warning(
