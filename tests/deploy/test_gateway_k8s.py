@@ -200,10 +200,13 @@ def test_lws_pool_routes_to_leaders_and_ranks_meet_there(docs, lws):
     env = {e["name"]: e for e in worker["env"]}
     leader = f"{name}-$(GROUP_INDEX).{name}"  # the group's leader, by LeaderWorkerSet's DNS name
     assert env["PAGEDSERVE_WORKER_ADDR"]["value"] == f"tcp://{leader}:5572"
-    assert env["PAGEDSERVE_DIST_INIT_ADDR"]["value"] == f"tcp://{leader}:29500"
+    assert env["PAGEDSERVE_DIST_INIT_ADDR"]["value"] == f"{leader}:29500"
     names = [e["name"] for e in worker["env"]]
     assert names.index("GROUP_INDEX") < names.index("PAGEDSERVE_WORKER_ADDR")  # $(...) needs it first
-    assert "worker-index" in env["PAGEDSERVE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert "worker-index" in env["PAGEDSERVE_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    for pod in pods.values():  # one rank per pod: as many nodes as pods
+        (rank,) = [c for c in pod["spec"]["containers"] if c["name"] == "worker"]
+        assert {e["name"]: e.get("value") for e in rank["env"]}["PAGEDSERVE_NNODES"] == str(size)
     leader_ports = {p["containerPort"] for c in pods["leader"]["spec"]["containers"] for p in c.get("ports", [])}
     assert {5572, 29500, 8000} <= leader_ports
 
