@@ -74,7 +74,7 @@ def test_bad_values_name_the_flag(flags, message, model_dirs):
 def test_data_parallel_replicas_need_a_gpu_each_where_there_are_gpus(model_dirs):
     out = serve(str(model_dirs("llama")), "-dp", "2", "-tp", "2", *_FAST, CUDA_VISIBLE_DEVICES="0,1,2")
     assert out.returncode != 0
-    assert "--data-parallel-size 2 x --tensor-parallel-size 2 needs 4 GPUs; 3 visible" in out.stderr
+    assert "--data-parallel-size 2 x --tensor-parallel-size 2 x --pipeline-parallel-size 1 needs 4 GPUs; 3 visible" in out.stderr
 
 
 def test_model_given_bare_wins_over_the_config_files(tmp_path, model_dirs):
