@@ -2,7 +2,8 @@
 
 from pagedserve.llm import LLM
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from shared.lora import LoRARequest
 from shared.sampling_params import SamplingParams, StructuredOutputsParams
 from shared.version import VERSION as __version__
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "LoRARequest", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]

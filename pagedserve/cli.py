@@ -16,6 +16,11 @@ def _make_test_model(args: argparse.Namespace) -> int:
     path = make_test_model(args.out, arch=args.arch, size=args.size, seed=args.seed, chat_format=args.chat_format,
                            attention_scale=args.attention_scale)
     print(path)
+    if args.lora_adapters:
+        from pagedserve.test_lora import make_test_adapters
+
+        for adapter in make_test_adapters(path, args.lora_adapters, seed=args.seed):
+            print(adapter)
     return 0
 
 
@@ -81,6 +86,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="factor on the attention output projections (e.g. 0.05: greedy output loops)")
     p.add_argument("--chat-format", choices=CHAT_FORMATS, default="qwen",
                    help="the chat template's tool and reasoning markup: qwen (hermes) or llama3 (Llama 3.1 JSON)")
+    p.add_argument("--lora-adapters", type=int, default=0,
+                   help="also write this many seeded PEFT LoRA adapters, into OUT/lora/adapter-<i>")
     p.set_defaults(func=_make_test_model)
 
     p = sub.add_parser("keys", help="write CURVE keypairs for the engine, frontends and workers into DIR")

@@ -25,10 +25,12 @@ from shared.config import (
     CacheConfig,
     CompilationConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
 )
+from shared.lora import LoRARequest, check_adapter
 from shared.processor.chat import ChatOutput, ChatParsers, ChatPlan
 from shared.processor.defaults import DEFAULT_MAX_TOKENS, REST_OF_CONTEXT
 from shared.processor.processor import ModelFacts, RequestProcessor
@@ -40,6 +42,7 @@ from shared.sampling_params import SamplingParams
 from shared.speculative import SpeculativeConfig
 
 PromptType = str | dict[str, Any]
+LoRAType = LoRARequest | Seq[LoRARequest | None] | None
 
 
 class LLM(PoolingAPI):
@@ -67,11 +70,17 @@ class LLM(PoolingAPI):
         speculative_config: dict[str, Any] | None = None,
         quantization: str | None = None,
         runner: str = "auto",
+        enable_lora: bool = False,
+        max_lora_rank: int = 16,
+        max_loras: int = 1,
+        max_cpu_loras: int | None = None,
     ):
         """scheduling_policy: "fcfs", or "priority" (generate's priority list orders the requests:
         lower values first, and the largest are preempted first). speculative_config: vLLM's, e.g.
         {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}. runner: "generate",
-        "pooling" (embed() and score(); a decoder pools its last token), or "auto" (encoders pool)."""
+        "pooling" (embed() and score(); a decoder pools its last token), or "auto" (encoders pool).
+        enable_lora: serve PEFT LoRA adapters (generate's and chat's lora_request), up to
+        max_lora_rank, at most max_loras different ones in a batch and max_cpu_loras kept loaded."""
         if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
             raise ValueError("the offline LLM runs one rank (tensor_parallel_size=1, pipeline_parallel_size=1); "
                              "use `pagedserve serve` for more ranks")
@@ -100,6 +109,7 @@ class LLM(PoolingAPI):
             compilation=CompilationConfig(enforce_eager=enforce_eager),
             seed=seed,
             speculative=SpeculativeConfig.parse(speculative_config),
+            lora=LoRAConfig(max_lora_rank, max_loras, max_cpu_loras) if enable_lora else None,
         )
         self.tokenizer = load_tokenizer(model_config.path)
         facts = ModelFacts(model_config.vocab_size, model_config.max_model_len, model_config.generation_defaults)
@@ -123,15 +133,18 @@ class LLM(PoolingAPI):
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: list[int] | None = None,
+        lora_request: LoRAType = None,
     ) -> list[RequestOutput]:
         """priority: one value per prompt, with scheduling_policy="priority" (lower runs first).
+        lora_request: the adapter every prompt runs with, or one (or None) per prompt.
         Fields a SamplingParams leaves unset take the model's generation_config defaults;
         max_tokens unset in both is 16."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         token_lists = [self._tokenize(p) for p in prompts]
         texts = [p if isinstance(p, str) else p.get("prompt") for p in prompts]
-        return self._run(texts, token_lists, sampling_params, use_tqdm, priority, DEFAULT_MAX_TOKENS)
+        return self._run(texts, token_lists, sampling_params, use_tqdm, priority, DEFAULT_MAX_TOKENS,
+                         lora_request=lora_request)
 
     def chat(
         self,
@@ -147,6 +160,7 @@ class LLM(PoolingAPI):
         chat_template_kwargs: dict[str, Any] | None = None,
         tool_parser: str | None = None,
         reasoning_parser: str | None = None,
+        lora_request: LoRAType = None,
     ) -> list[RequestOutput]:
         """Conversations rendered with the model's chat template; max_tokens unset (here and in
         the model's defaults) runs to the end of the context, as the server's chat does.
@@ -163,7 +177,7 @@ class LLM(PoolingAPI):
                                                   **plan.template_variables(chat_template_kwargs))
                        for conv, plan in zip(conversations, plans)]
         texts = [self.tokenizer.decode(ids) for ids in token_lists]
-        return self._run(texts, token_lists, sampling_params, use_tqdm, None, REST_OF_CONTEXT, plans)
+        return self._run(texts, token_lists, sampling_params, use_tqdm, None, REST_OF_CONTEXT, plans, lora_request)
 
     # ----- internals ----------------------------------------------------------------------------
 
@@ -177,13 +191,14 @@ class LLM(PoolingAPI):
         raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")
 
     def _run(self, texts, token_lists, sampling_params, use_tqdm, priority, default_max_tokens,
-             plans: list[ChatPlan] | None = None) -> list[RequestOutput]:
+             plans: list[ChatPlan] | None = None, lora_request: LoRAType = None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params_list = (
             [sampling_params] * len(token_lists) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
         )
         priorities = [0] * len(token_lists) if priority is None else list(priority)
+        loras = self._loras(lora_request, len(token_lists))
         for name, given in (("sampling_params", params_list), ("priority", priorities)):
             if len(given) != len(token_lists):
                 raise ValueError(f"got {len(given)} {name} for {len(token_lists)} prompts")
@@ -191,14 +206,15 @@ class LLM(PoolingAPI):
             raise ValueError('priority needs LLM(..., scheduling_policy="priority")')
         # Validate every request before admitting any, so a bad prompt leaves the engine untouched.
         outputs, sequences, requests = [], {}, []
-        for i, (text, ids, params, prio) in enumerate(zip(texts, token_lists, params_list, priorities)):
+        for i, (text, ids, params, prio, lora) in enumerate(zip(texts, token_lists, params_list, priorities, loras)):
             self.processor.check_prompt(ids)
             params = self.processor.sampling_params(params, [ids], default_max_tokens)
             if plans is not None:
                 params = plans[i].sampling_params(params)
             outputs.append(RequestOutput(str(next(self._ids)), text, ids))
             for seq in self.processor.sequences(outputs[-1].request_id, [ids], params):
-                requests.append(self.engine.make_request(seq.req_id, ids, seq.params, priority=prio))
+                requests.append(self.engine.make_request(seq.req_id, ids, seq.params, priority=prio,
+                                                         lora_request=lora))
                 sequences[seq.req_id] = (len(outputs) - 1, seq)
         for request in requests:
             self.engine.add_request(request)
@@ -214,6 +230,21 @@ class LLM(PoolingAPI):
             out.outputs.sort(key=lambda c: c.index)
             out.finished = True
         return outputs
+
+    def _loras(self, lora_request: LoRAType, count: int) -> list[LoRARequest | None]:
+        """One adapter (or None) per prompt, each checked against the model before any request is
+        admitted (ValueError: LoRA not enabled, too high a rank, modules the model lacks, bad files)."""
+        loras = [lora_request] * count if lora_request is None or isinstance(lora_request, LoRARequest) \
+            else list(lora_request)
+        if len(loras) != count:
+            raise ValueError(f"got {len(loras)} lora_request for {count} prompts")
+        for lora in dict.fromkeys(x for x in loras if x is not None):
+            if not isinstance(lora, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got {type(lora).__name__}")  # noqa: TRY004 (the API's ValueError)
+            if self.config.lora is None:
+                raise ValueError("lora_request needs LLM(..., enable_lora=True)")
+            check_adapter(lora.lora_path, self.config.model.hf_config, self.config.lora.max_lora_rank)
+        return loras
 
     def _drive(self, sequences: dict[str, tuple[int, Sequence]], num_prompts: int, use_tqdm: bool) -> None:
         bar = tqdm(total=num_prompts, desc="Processed prompts", unit="req", disable=not use_tqdm, dynamic_ncols=True)

@@ -18,9 +18,11 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
     return h.digest()
 
 
-def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[bytes]:
+def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int, num_blocks: int,
+                        seed: bytes | None = None) -> list[bytes]:
     """``hashes`` (the chain of the first blocks of ``token_ids``) extended in place to the first
-    ``num_blocks`` full blocks; returns it."""
+    ``num_blocks`` full blocks; returns it. seed: what the first block chains to (a LoRA
+    adapter's identity: the same tokens under another adapter have other KV); None for the base model."""
     for i in range(len(hashes), num_blocks):
-        hashes.append(hash_block(hashes[-1] if hashes else None, token_ids[i * block_size : (i + 1) * block_size]))
+        hashes.append(hash_block(hashes[-1] if hashes else seed, token_ids[i * block_size : (i + 1) * block_size]))
     return hashes

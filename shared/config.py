@@ -273,6 +273,27 @@ class CompilationConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's names): adapters up to max_lora_rank; at most max_loras different
+    adapters in one batch (the worker's device slots); max_cpu_loras adapters kept loaded in host
+    memory (None: max_loras)."""
+
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_lora_rank < 1 or self.max_loras < 1:
+            raise ValueError("max_lora_rank and max_loras must be at least 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+    @property
+    def cpu_capacity(self) -> int:
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -281,6 +302,7 @@ class EngineConfig:
     compilation: CompilationConfig = field(default_factory=CompilationConfig)
     seed: int = 0
     speculative: SpeculativeConfig | None = None  # --speculative-config
+    lora: LoRAConfig | None = None  # None: LoRA adapters are refused
 
     def __post_init__(self) -> None:
         if self.speculative is not None and self.scheduler.async_scheduling:

@@ -15,6 +15,7 @@ import numpy as np
 from msgspec import Meta
 
 from shared.pooling import PoolingParams
+from shared.lora import LoRARequest
 from shared.sampling_params import SamplingParams
 
 # Token id arrays (1-D int32) travel in their own zero-copy frames, not inside the msgpack body.
@@ -56,6 +57,7 @@ class NewRequestData(msgspec.Struct, **_STRUCT):
     block_ids: list[Count]
     num_computed_tokens: Count  # tokens already in the cache (prefix-cache hits)
     pooling: PoolingParams | None = None  # a pooling request: its prompt's pooled vector, no tokens
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
     def __post_init__(self) -> None:
         check_token_ids("prompt_token_ids", self.prompt_token_ids)
@@ -165,6 +167,7 @@ class AddRequest(msgspec.Struct, tag=True, **_STRUCT):
     # generated already; the engine continues after them and counts them against max_tokens
     output_token_ids: TokenIds | None = None
     pooling: PoolingParams | None = None  # a pooling request (sampling_params is then unused)
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
     def __post_init__(self) -> None:
         check_token_ids("prompt_token_ids", self.prompt_token_ids)

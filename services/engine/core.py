@@ -16,6 +16,7 @@ from services.engine.request import Request
 from services.engine.scheduler import Scheduler
 from shared.config import EngineConfig
 from shared.pooling import PoolingParams, check_pooling
+from shared.lora import LoRARequest
 from shared.processor.stop import StopStringFactory
 from shared.protocol import RequestDelta, StepPlan, StepResult
 from shared.sampling_params import SamplingParams
@@ -64,8 +65,9 @@ class EngineCore:
         self.config = config
         self.pipeline: Pipeline = executor if hasattr(executor, "submit") else Deferred(executor)
         stages = config.parallel.pipeline_parallel_size
+        max_loras = config.lora.max_loras if config.lora is not None else 0
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id, config.speculative,
-                                   micro_batches=stages)
+                                   micro_batches=stages, max_loras=max_loras)
         # plans submitted whose results are not read yet: at most 2 with async scheduling; with
         # pipeline stages one per stage, each a disjoint set of requests, so every stage has work
         self.depth = max(2 if config.scheduler.async_scheduling else 1, stages)
@@ -84,12 +86,17 @@ class EngineCore:
         output_token_ids: list[int] | None = None,
         priority: int = 0,
         pooling: PoolingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> Request:
         """Validate a request without admitting it (raises ValueError). output_token_ids: the
         tokens a resumed request had generated already; it continues after them. pooling: a
-        pooling request (the model must be a pooling model)."""
+        pooling request (the model must be a pooling model). lora_request: the adapter it runs
+        with (needs LoRA enabled)."""
         m = self.config.model
         check_pooling(self.config, len(prompt_token_ids), pooling)
+        if lora_request is not None and self.config.lora is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but LoRA is not enabled "
+                             "(enable_lora / --enable-lora)")
         for what, ids in (("prompt", prompt_token_ids), ("output", output_token_ids or ())):
             bad = next((t for t in ids if not 0 <= t < m.vocab_size), None)
             if bad is not None:
@@ -99,6 +106,7 @@ class EngineCore:
             output_token_ids=output_token_ids, priority=priority,
             stop_strings=self.stop_strings.checker(prompt_token_ids, params, output_token_ids or ()),
             pooling=pooling,
+            lora_request=lora_request,
         )
 
     def add_request(self, request: Request) -> None:

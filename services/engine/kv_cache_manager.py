@@ -24,7 +24,9 @@ class KVCacheManager:
     def _block_hashes(self, request: Request, num_tokens: int) -> list[bytes]:
         """Hashes of the request's full blocks among its first num_tokens tokens, extended lazily."""
         hashes = self._hashes.setdefault(request.req_id, [])
-        return extend_block_hashes(hashes, request.token_ids, self.block_size, num_tokens // self.block_size)
+        # an adapter's KV differs from the base model's for the same tokens: its chain starts apart
+        seed = None if request.lora_request is None else request.lora_request.hash_seed()
+        return extend_block_hashes(hashes, request.token_ids, self.block_size, num_tokens // self.block_size, seed)
 
     def get_computed_blocks(self, request: Request) -> list[Block]:
         """Cached blocks holding a prefix of a request about to start. The last token is always

@@ -6,6 +6,7 @@ import enum
 import time
 
 from shared.pooling import PoolingParams
+from shared.lora import LoRARequest
 from shared.processor.stop import StopStrings
 from shared.sampling_params import SamplingParams
 
@@ -39,6 +40,7 @@ class Request:
         priority: int = 0,
         stop_strings: StopStrings | None = None,
         pooling: PoolingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ):
         """output_token_ids: a resumption's tokens generated so far (recomputed with the prompt;
         they count against max_tokens and min_tokens). priority: lower is scheduled first under
@@ -73,6 +75,7 @@ class Request:
             )
         self.priority = priority
         self.stop_strings = stop_strings
+        self.lora_request = lora_request  # the adapter it runs with (None: the base model)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None  # when it first entered the running batch
         self.status = RequestStatus.WAITING

@@ -48,8 +48,11 @@ class Scheduler:
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, first_step_id: int = 0,
         speculative: SpeculativeConfig | None = None,
         micro_batches: int = 1,
+        max_loras: int = 0,
     ):
+        """max_loras: the most different LoRA adapters one step may run (the workers' adapter slots)."""
         self.config = config
+        self.max_loras = max_loras
         self.spec = SpecDecoder(speculative) if speculative is not None else None
         # requests whose KV a verification rolled back: blocks the worker keeps, told with the next plan
         self._kept_blocks: dict[str, int] = {}
@@ -179,9 +182,13 @@ class Scheduler:
             new_blocks[request.req_id] = blocks
             budget -= num_new
 
+        adapters = {r.lora_request for r in self.running if r.lora_request is not None}
         while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs
                and len(scheduled) < most):
             request = self.waiting[0]
+            lora = request.lora_request
+            if lora is not None and lora not in adapters and len(adapters) >= self.max_loras:
+                break  # every adapter slot is taken: it waits for one of them to finish
             computed = self.kv.get_computed_blocks(request)
             num_computed = len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
@@ -198,6 +205,8 @@ class Scheduler:
                 self.queue_times.append(request.first_scheduled_time - request.arrival_time)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if lora is not None:
+                adapters.add(lora)
             self._known_to_worker.discard(request.req_id)  # resent in full
             scheduled[request.req_id] = num_new
             new_blocks[request.req_id] = blocks
@@ -258,6 +267,7 @@ class Scheduler:
                         self.kv.block_ids(req_id),
                         request.num_computed_tokens,
                         request.pooling,
+                        request.lora_request,
                     )
                 )
                 self._known_to_worker.add(req_id)

@@ -24,6 +24,7 @@ class ForwardContext:
     backend: AttentionBackend
     attn_metadata: Any  # what backend.build() returned for this step
     kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+    lora: Any = None  # the step's LoRAMapping (services/worker/lora); None: every row runs the base model
 
 
 _current: ForwardContext | None = None
@@ -43,6 +44,11 @@ def get_forward_context() -> ForwardContext:
     if _current is None:
         raise RuntimeError("attention ran outside set_forward_context()")
     return _current
+
+
+def current_lora() -> Any:
+    """The running step's LoRA mapping, or None (outside a forward, or no adapter in the step)."""
+    return None if _current is None else _current.lora
 
 
 def use_triton_kernels() -> bool:

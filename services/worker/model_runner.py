@@ -23,6 +23,8 @@ from services.worker.layers.attention import select_backend
 from services.worker.layers.encoder_attention import EncoderMetadata
 from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
+from services.worker.lora.layer import LoRAMapping
+from services.worker.lora.manager import LoRAManager, prepare_adapters
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
 from services.worker.pipeline import Outcome, StageLink
 from services.worker.pooler import Pooler
@@ -64,6 +66,9 @@ class ModelRunner:
             self.model = build_model(config.model, self.dtype, self.device)
         self.encoder = getattr(self.model, "is_encoder", False)  # no KV cache, bidirectional attention
         self.pooler = Pooler(config.model.pooler, self.model) if config.model.pooler else None
+        self.lora = None if config.lora is None else LoRAManager(
+            self.model, config.lora, config.model.hf_config, self.dtype
+        )
         self.kv_dtype = kv_cache_torch_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.backend = select_backend(self.device, self.dtype, config.compilation.attention_backend, self.kv_dtype)
         check_kv_cache_dtype(config.cache.kv_cache_dtype, self.backend.name, self.device)
@@ -122,13 +127,13 @@ class ModelRunner:
         self.table.apply(plan)
         self._agree_on_refusals(plan)
         start = time.perf_counter()
-        scheduled = self.table.runnable(plan)
+        scheduled, lora = prepare_adapters(self.lora, self.table.runnable(plan), self.table.fail, self.device)
         if not scheduled:  # nothing runnable: only refusals to report
             return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
         inputs = flatten(scheduled, self.table.block_size, self.device)
         if self.stage is not None and not self.stage.last:
-            return self._pass_on(plan, inputs)
-        hidden = self._forward(inputs)
+            return self._pass_on(plan, inputs, lora)
+        hidden = self._forward(inputs, lora)
         states = inputs.sampling_requests
         try:
             return self._finish(plan, inputs, hidden, start)
@@ -172,11 +177,11 @@ class ModelRunner:
             pooled=pooled,
         )
 
-    def _pass_on(self, plan: StepPlan, inputs: StepInputs) -> StepResult:
+    def _pass_on(self, plan: StepPlan, inputs: StepInputs, lora: LoRAMapping | None = None) -> StepResult:
         """An earlier pipeline stage: send the activations on; the sampled tokens come later."""
         self.stage.expect(plan.step_id, [s.req_id for s in inputs.sampling_requests])
         try:
-            hidden, residual = self._forward(inputs)
+            hidden, residual = self._forward(inputs, lora)
         except Exception:  # the next stage waits for this step: NaNs make the last stage fail its samplers
             nan = torch.full((len(inputs.input_ids), self.config.model.hidden_size), float("nan"), dtype=self.dtype,
                              device=self.device)
@@ -281,9 +286,10 @@ class ModelRunner:
         vals = torch.cat([target_lp, top_lp], dim=1).tolist()
         return [TokenLogprobs(i, v, r) for i, v, r in zip(ids, vals, ranks.tolist())]
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states of the step's tokens: a decode graph's replay when one covers the step."""
-        if self.decode_graphs is not None:
+    def _forward(self, inputs: StepInputs, lora: LoRAMapping | None = None) -> torch.Tensor:
+        """Hidden states of the step's tokens: a decode graph's replay when one covers the step
+        (graphs run the base model only: a step with adapters runs eagerly)."""
+        if self.decode_graphs is not None and lora is None:
             hidden = self.decode_graphs.run(inputs)
             if hidden is not None:
                 return hidden
@@ -292,7 +298,7 @@ class ModelRunner:
             meta = EncoderMetadata.build(inputs.attn.query_start_loc, segments, self.device)
         else:
             meta = self.backend.build(inputs.attn)
-        ctx = ForwardContext(self.backend, meta, self.kv_caches)
+        ctx = ForwardContext(self.backend, meta, self.kv_caches, lora)
         with set_forward_context(ctx):
             if self.stage is None or self.stage.first:
                 return self.model(inputs.input_ids, inputs.positions)

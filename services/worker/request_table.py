@@ -21,6 +21,7 @@ from services.worker.request_checks import (
 )
 from services.worker.structured_output import StructuredOutputs
 from shared.pooling import PoolingParams
+from shared.lora import LoRARequest
 from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class RequestState:
     sampling: SamplingState  # holds the request's tokens (its grammar matcher: StructuredOutputs)
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens this step verifies
     pooling: PoolingParams | None = None  # a pooling request: pooled once its prompt is computed
+    lora_request: LoRARequest | None = None  # the adapter it runs with
 
     @property
     def token_ids(self) -> list[int]:
@@ -116,7 +118,8 @@ class RequestTable:
             self.structured.add(new.req_id, new.sampling_params.structured_outputs, outputs)
         sampling = SamplingState.create(new.sampling_params, prompt, tuple(new.eos_token_ids), outputs)
         self.states[new.req_id] = RequestState(
-            new.req_id, list(new.block_ids), new.num_computed_tokens, sampling, pooling=new.pooling
+            new.req_id, list(new.block_ids), new.num_computed_tokens, sampling, pooling=new.pooling,
+            lora_request=new.lora_request,
         )
 
     def runnable(self, plan: StepPlan) -> list[tuple[RequestState, int]]:

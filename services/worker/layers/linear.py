@@ -57,9 +57,12 @@ def divide(total: int, parts: int, what: str) -> int:
 class _Linear(nn.Module):
     """y = x W^T + b over this rank's (local) weight [out_local, in_local].
 
-    quant: set when the weight is quantized (services/worker/quant); it computes x W^T (+ b)."""
+    quant: set when the weight is quantized (services/worker/quant); it computes x W^T (+ b).
+    lora: set by the LoRA manager (services/worker/lora) when adapters are enabled; it adds each
+    row's adapter delta to the output (before a row-parallel all-reduce, which sums it too)."""
 
     quant: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    lora: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, in_local: int, out_local: int, bias: bool):
         super().__init__()
@@ -74,8 +77,15 @@ class _Linear(nn.Module):
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, self.weight, bias) if self.quant is None else self.quant(x, bias)
 
+    def output_shard(self, shard_id: object = None) -> tuple[int, int, int, int]:
+        """(offset in this rank's output, rows, first row in the full tensor, full rows) of an
+        output shard; a replicated layer keeps every row."""
+        rows = self.weight.shape[0]
+        return 0, rows, 0, rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        y = self.matmul(x, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class ReplicatedLinear(_Linear):
@@ -97,8 +107,12 @@ class ColumnParallelLinear(_Linear):
         check_shape(loaded_weight, size * self.tp_size, *param.shape[1:])
         default_weight_loader(param, loaded_weight.narrow(0, self.tp_rank * size, size), shard_id)
 
+    def output_shard(self, shard_id: object = None) -> tuple[int, int, int, int]:
+        size = self.weight.shape[0]
+        return 0, size, self.tp_rank * size, size * self.tp_size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.matmul(x, self.bias)
+        y = super().forward(x)
         return tp_all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -109,12 +123,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias)
         self.output_sizes = [divide(size, self.tp_size, "output size") for size in output_sizes]
 
-    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+    def output_shard(self, shard_id: object = None) -> tuple[int, int, int, int]:
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"shard id must be an index below {len(self.output_sizes)}, got {shard_id!r}")
-        size, offset = self.output_sizes[shard_id], sum(self.output_sizes[:shard_id])
-        check_shape(loaded_weight, size * self.tp_size, *param.shape[1:])
-        copy_weight(param.data.narrow(0, offset, size), loaded_weight.narrow(0, self.tp_rank * size, size))
+        size = self.output_sizes[shard_id]
+        return sum(self.output_sizes[:shard_id]), size, self.tp_rank * size, size * self.tp_size
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        _load_output_shard(self, param, loaded_weight, shard_id)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -141,17 +157,25 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.kv_head_start = self.tp_rank * total_num_kv_heads // size  # first KV head of this rank
         self.output_sizes = [num_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size]
 
-    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+    def output_shard(self, shard_id: object = None) -> tuple[int, int, int, int]:
         q_size, kv_size, _ = self.output_sizes
         if shard_id == "q":
-            offset, size, start, total = 0, q_size, self.tp_rank * q_size, self.total_num_heads
-        elif shard_id in ("k", "v"):
+            return 0, q_size, self.tp_rank * q_size, self.total_num_heads * self.head_size
+        if shard_id in ("k", "v"):
             offset = q_size if shard_id == "k" else q_size + kv_size
-            size, start, total = kv_size, self.kv_head_start * self.head_size, self.total_num_kv_heads
-        else:
-            raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
-        check_shape(loaded_weight, total * self.head_size, *param.shape[1:])
-        copy_weight(param.data.narrow(0, offset, size), loaded_weight.narrow(0, start, size))
+            return offset, kv_size, self.kv_head_start * self.head_size, self.total_num_kv_heads * self.head_size
+        raise ValueError(f"QKV shard id must be 'q', 'k' or 'v', got {shard_id!r}")
+
+    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_id: object = None) -> None:
+        _load_output_shard(self, param, loaded_weight, shard_id)
+
+
+def _load_output_shard(layer: ColumnParallelLinear, param: torch.Tensor, loaded_weight: torch.Tensor,
+                       shard_id: object) -> None:
+    """Copy this rank's rows of one output shard (q/k/v, gate/up) of a fused layer."""
+    offset, size, start, total = layer.output_shard(shard_id)
+    check_shape(loaded_weight, total, *param.shape[1:])
+    copy_weight(param.data.narrow(0, offset, size), loaded_weight.narrow(0, start, size))
 
 
 class RowParallelLinear(_Linear):
@@ -168,8 +192,14 @@ class RowParallelLinear(_Linear):
             loaded_weight = loaded_weight.narrow(1, self.tp_rank * size, size)
         default_weight_loader(param, loaded_weight, shard_id)
 
+    def input_shard(self) -> tuple[int, int]:
+        """(first input column in the full tensor, columns) of this rank's share."""
+        size = self.weight.shape[1]
+        return self.tp_rank * size, size
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return self.matmul(x, self.bias)
-        y = tp_all_reduce(self.matmul(x, None))
+            return super().forward(x)
+        y = self.matmul(x, None)
+        y = tp_all_reduce(y if self.lora is None else self.lora(x, y))
         return y if self.bias is None else y + self.bias
