@@ -6,4 +6,4 @@ from shared.lora import LoRARequest
 from shared.sampling_params import SamplingParams, StructuredOutputsParams
 from shared.version import VERSION as __version__
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "LoRARequest", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]
+__all__ = ["LLM", "CompletionOutput", "LoRARequest", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]
