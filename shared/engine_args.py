@@ -25,6 +25,7 @@ from shared.config import (
     CacheConfig,
     CompilationConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -134,6 +135,11 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--seed", 0, "random seed")
     add_flag(parser, "--speculative-config", None, 'speculative decoding, as vLLM\'s JSON: {"method": "ngram", '
              '"num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 1}', kind=str)
+    add_flag(parser, "--enable-lora", False, "serve LoRA adapters (--lora-modules, or loaded at run time)")
+    add_flag(parser, "--max-lora-rank", 16, "highest rank of a LoRA adapter")
+    add_flag(parser, "--max-loras", 1, "most different LoRA adapters in one batch (the workers' adapter slots)")
+    add_flag(parser, "--max-cpu-loras", None, "most LoRA adapters kept loaded in host memory (default: --max-loras)",
+             kind=int)
     add_flag(parser, "--disable-log-stats", False, "no periodic stats log lines from the engine")
     add_flag(parser, "--log-stats-interval", 10.0, "seconds between the engine's stats log lines")
 
@@ -162,6 +168,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         compilation=CompilationConfig(enforce_eager=args.enforce_eager, attention_backend=args.attention_backend),
         seed=args.seed,
         speculative=SpeculativeConfig.parse(args.speculative_config),
+        lora=LoRAConfig(args.max_lora_rank, args.max_loras, args.max_cpu_loras) if args.enable_lora else None,
     )
 
 

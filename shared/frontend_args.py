@@ -16,6 +16,7 @@ from pathlib import Path
 
 from shared.auth import add_auth_args
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT, add_flag, flag_names
+from shared.lora import parse_lora_modules
 from shared.sampling_params import MAX_LOGPROBS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -101,6 +102,8 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--ssl-ca-certs", None, "CA certificates file (to verify client certificates)", kind=str)
     add_flag(p, "--vllm-metric-names", False, "also export the engine's load on /metrics under vLLM's names "
              "(vllm:num_requests_waiting, ...), for routers and dashboards built for vLLM")
+    add_flag(p, "--lora-modules", None, "LoRA adapters served by name: name=path words or JSON objects "
+             '{"name": ..., "path": ...} (needs --enable-lora); a request picks one by its model', nargs="+")
     add_chat_parser_arguments(p)
 
 
@@ -150,6 +153,7 @@ def check_frontend_args(args: argparse.Namespace) -> str | None:
         raise ValueError(f"--response-store-max-entries must be at least 1, got {args.response_store_max_entries}")
     if not args.response_store_ttl > 0:
         raise ValueError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
+    parse_lora_modules(args.lora_modules)
     return load_chat_template(args.chat_template)
 
 

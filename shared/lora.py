@@ -157,3 +157,25 @@ def _check_tensors(folder: Path, header: dict[str, Any], rank: int, hf_config: d
     if halves:
         raise ValueError(f"adapter {folder}: modules with only one of lora_A and lora_B: {halves[:3]}")
     return {m: (ab["A"], ab["B"]) for m, ab in found.items()}
+
+
+def parse_lora_modules(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """vLLM's --lora-modules: `name=path` words, or JSON objects {"name": ..., "path": ...}."""
+    modules: dict[str, str] = {}
+    for value in values or ():
+        if value.lstrip().startswith("{"):
+            try:
+                item = json.loads(value)
+                name, path = item["name"], item["path"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"--lora-modules: {value!r} is not a JSON object with name and path ({exc})") from None
+        else:
+            name, sep, path = value.partition("=")
+            if not sep:
+                raise ValueError(f"--lora-modules takes name=path (or a JSON object), got {value!r}")
+        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+            raise ValueError(f"--lora-modules: {value!r} needs a non-empty name and path")
+        if name in modules:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    return tuple(modules.items())

@@ -222,6 +222,9 @@ class Pong(msgspec.Struct, tag=True, **_STRUCT):
     workers_ready: bool = True  # every worker rank is connected and alive
     # fraction of KV blocks in use (a Pong of an engine without the field decodes as 0)
     kv_cache_usage: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    # the LoRA adapters (names) of the running and of the waiting requests
+    running_loras: list[str] = []
+    waiting_loras: list[str] = []
 
 
 class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
@@ -238,6 +241,8 @@ class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
     # can never be admitted, so the frontend answers it 400 rather than a 503 retried in vain
     max_num_queued_requests: Count = 0
     task: str = "generate"  # "generate", "embed" or "classify" (shared.pooling.TASKS)
+    max_lora_rank: Count = 0  # the engine's --max-lora-rank; 0: LoRA adapters are not enabled
+    max_loras: Count = 0  # the engine's --max-loras: the most adapters in one batch
 
 
 EngineMessage = Outputs | RequestFailed | Pong | ModelInfo

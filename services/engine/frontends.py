@@ -138,7 +138,8 @@ class FrontendHandler:
         try:
             outputs = None if msg.output_token_ids is None else msg.output_token_ids.tolist()
             request = self.core.make_request(
-                msg.req_id, msg.prompt_token_ids.tolist(), msg.sampling_params, outputs, msg.priority, msg.pooling
+                msg.req_id, msg.prompt_token_ids.tolist(), msg.sampling_params, outputs, msg.priority, msg.pooling,
+                lora_request=msg.lora_request,
             )
             # a resumption was admitted once already (by the engine that lost it): never refused
             refusal = None if outputs is not None else self.core.scheduler.admission_error(request)

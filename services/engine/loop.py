@@ -69,6 +69,8 @@ class EngineService:
             m.name, m.path, m.max_model_len, m.vocab_size, list(m.eos_token_ids),
             dict(m.generation_defaults), num_blocks, self.config.cache.block_size, self.engine_id,
             self.config.scheduler.max_num_queued_requests, m.task,
+            self.config.lora.max_lora_rank if self.config.lora is not None else 0,
+            self.config.lora.max_loras if self.config.lora is not None else 0,
         )
         self.frontends = FrontendHandler(self.core, self.metrics, self.outbox, model_info, self.frontend_table)
         log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)
@@ -143,7 +145,9 @@ class EngineService:
         """The engine's state: requests taken but not applied yet count as waiting."""
         s = self.core.scheduler
         taken = sum(isinstance(msg, AddRequest) for _, msg in self.deferred)
-        return Pong(ping.ping_id, s.num_running, s.num_waiting + taken, self.engine_id, ready, s.kv.usage)
+        running, waiting = s.adapter_names()
+        return Pong(ping.ping_id, s.num_running, s.num_waiting + taken, self.engine_id, ready, s.kv.usage,
+                    running, waiting)
 
     def _answer_pings(self) -> None:
         """While a step runs: take what the frontends sent, answer their Pings now, apply the rest later."""

@@ -146,6 +146,10 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    def adapter_names(self) -> tuple[list[str], list[str]]:
+        """The LoRA adapters of the running requests, and of the waiting ones (sorted names)."""
+        return _adapters(self.running), _adapters(self.waiting)
+
     # ----- scheduling --------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
@@ -407,6 +411,10 @@ def _tokens_by_request(result: StepResult) -> dict[str, list[tuple[int, TokenLog
     for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
         out.setdefault(req_id, []).append((token, lp))
     return out
+
+
+def _adapters(requests) -> list[str]:
+    return sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None})
 
 
 def _priority_key(request: Request) -> tuple[int, float]:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from services.frontend.chat import create_chat_completion
 from services.frontend.completions import create_completion
 from services.frontend.errors import APIError, bad_request, engine_unavailable, install_error_handlers
+from services.frontend.lora_routes import add_lora_routes, runtime_updating_allowed
 from services.frontend.metrics import CONTENT_TYPE
 from services.frontend.middleware import FrontendMiddleware
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
@@ -47,6 +48,8 @@ def build_app(config: FrontendConfig) -> FastAPI:
     _add_openai_routes(app, state)
     _add_tokenizer_routes(app, state)
     _add_ops_routes(app, state)
+    if runtime_updating_allowed():
+        add_lora_routes(app, state)
     if config.enable_ui:
         add_ui_routes(app)
     return app
@@ -96,10 +99,12 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
     @app.get("/v1/models")
     async def models() -> ModelList:
         info = state.require_ready()
-        cards = [
-            ModelCard(id=name, created=now(), root=info.model_path, max_model_len=info.max_model_len, task=info.task)
-            for name in state.served_names()
-        ]
+        names = state.served_names()
+        cards = [ModelCard(id=name, created=now(), root=info.model_path, max_model_len=info.max_model_len,
+                           task=info.task) for name in names]
+        cards += [ModelCard(id=name, created=now(), root=lora.lora_path, parent=names[0],
+                            max_model_len=info.max_model_len, task=info.task)
+                  for name, lora in state.loras.adapters.items()]
         return ModelList(data=cards)
 
 

@@ -43,7 +43,7 @@ async def create_chat_completion(state: FrontendState, body: ChatCompletionReque
                                   template_kwargs=plan.template_variables(body.chat_template_kwargs))
     state.check_prompt(ids, "messages")
     params = state.sampling_params(body, None, [ids], "messages", plan)  # chat: up to the context length unless asked
-    gen = state.generation([ids], params, ENDPOINT, arrival, priority=body.priority)
+    gen = state.generation([ids], params, ENDPOINT, arrival, priority=body.priority, model=model)
     outputs = {seq.index: plan.output(seq, state.tokenizer) for seq in gen.ordered()}
     reasoning = state.chat_parsers.reasoning_parser is not None
     if body.stream:

@@ -57,7 +57,7 @@ async def create_completion(state: FrontendState, body: CompletionRequest, reque
         state.check_prompt(ids, "prompt")
     params = state.sampling_params(body, DEFAULT_MAX_TOKENS, prompts, "prompt")
     echo = await _prompt_texts(state, body.prompt, prompts) if body.echo else None
-    gen = state.generation(prompts, params, ENDPOINT, arrival, priority=body.priority)
+    gen = state.generation(prompts, params, ENDPOINT, arrival, priority=body.priority, model=model)
     if body.stream:
         return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, echo, updates))
     return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, echo, seqs))

@@ -34,6 +34,7 @@ from services.frontend.open_requests import OpenRequests, StreamItem
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
 from shared.pooling import PoolingParams
+from shared.lora import LoRARequest
 from shared.protocol import (
     HEARTBEAT_INTERVAL_S,
     AbortRequests,
@@ -188,12 +189,12 @@ class EngineClient:
         self._requests.release(req_ids)
 
     def add_request(self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
-                    pooling: PoolingParams | None = None) -> None:
+                    pooling: PoolingParams | None = None, lora_request: LoRARequest | None = None) -> None:
         """Submit a registered request (its outputs go to its queue, also across engine restarts);
-        pooling: a pooling request's parameters."""
+        pooling: a pooling request's parameters; lora_request: the adapter it runs with."""
         ids = np.asarray(prompt_token_ids, dtype=np.int32)
         engine_id = self.model_info.engine_id if self.model_info is not None else None
-        self._outbox.put_nowait(self._requests.submit(req_id, ids, params, priority, engine_id, pooling))
+        self._outbox.put_nowait(self._requests.submit(req_id, ids, params, priority, engine_id, pooling, lora_request))
 
     def abort(self, req_ids: list[str]) -> None:
         """Ask the engine to stop these requests. Synchronous, so safe in finally blocks."""

@@ -12,8 +12,9 @@ sent it (the engine client pings every second, and on every /health probe):
 - ``pagedserve_frontend_cache_config_info{block_size, num_gpu_blocks}`` (value 1), from the
   engine's ModelInfo;
 - ``pagedserve_frontend_lora_requests_info{max_lora, running_lora_adapters,
-  waiting_lora_adapters}``: pagedserve serves no LoRA adapters yet, so max_lora is "0" and the
-  lists are empty; its value, as vLLM's, is the Unix time of the report.
+  waiting_lora_adapters}``: the engine's --max-loras ("0" without --enable-lora) and the adapters
+  of its running and waiting requests, comma-separated names; its value, as vLLM's, is the Unix
+  time of the report.
 
 With ``vllm_names`` the same series are also exported under vLLM's names
 (``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc`` (a
@@ -40,7 +41,6 @@ CACHE_INFO = ("pagedserve_frontend_cache_config_info", "vllm:cache_config_info",
               "The engine's KV cache: block size (tokens) and number of blocks (value 1)")
 LORA_INFO = ("pagedserve_frontend_lora_requests_info", "vllm:lora_requests_info",
              "LoRA adapters: the most at once, those running and waiting (value: time of the report)")
-MAX_LORA = 0  # no adapters are served yet
 
 
 class EngineReports(Protocol):
@@ -68,8 +68,9 @@ class EngineGauges:
         if info is not None:
             labels = {"model_name": model, "block_size": str(info.block_size), "num_gpu_blocks": str(info.num_blocks)}
             yield from self._family(CACHE_INFO, labels, 1.0)
-        lora = {"model_name": model, "max_lora": str(MAX_LORA), "running_lora_adapters": "",
-                "waiting_lora_adapters": ""}
+        lora = {"model_name": model, "max_lora": str(info.max_loras if info is not None else 0),
+                "running_lora_adapters": ",".join(pong.running_loras),
+                "waiting_lora_adapters": ",".join(pong.waiting_loras)}
         yield from self._family(LORA_INFO, lora, self.source.last_pong_time or time.time())
 
     def _family(self, names: tuple[str, str, str], labels: dict[str, str], value: float) -> Iterator[Metric]:

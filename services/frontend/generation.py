@@ -23,6 +23,7 @@ from services.frontend.engine_client import EngineClient
 from services.frontend.errors import APIError, engine_unavailable
 from services.frontend.request_metrics import RequestMetrics
 from shared.pooling import PoolingParams
+from shared.lora import LoRARequest
 from shared.processor.outcome import Usage, request_finish_reason, usage
 from shared.processor.processor import RequestProcessor
 from shared.processor.sequence import Sequence
@@ -61,6 +62,7 @@ class Generation:
         metrics: RequestMetrics | None = None,
         priority: int = 0,
         pooling: list[PoolingParams] | None = None,
+        lora_request: LoRARequest | None = None,
     ):
         self.client = client
         self.prompts = prompts
@@ -69,6 +71,7 @@ class Generation:
         self.resume_timeout = resume_timeout
         self.priority = priority  # the engine's scheduling priority (lower runs first)
         self.pooling = pooling  # pooling requests: one PoolingParams per prompt
+        self.lora_request = lora_request  # the adapter the request's `model` names
         self.metrics = metrics
         base = f"{client.request_prefix}-{next(self._counter)}"  # unique across frontends
         self.sequences = {seq.req_id: seq for seq in processor.sequences(base, prompts, params)}
@@ -90,7 +93,8 @@ class Generation:
         self._queue = self.client.register(list(self.sequences))
         for req_id, seq in self.sequences.items():
             pooling = self.pooling[seq.prompt_index] if self.pooling else None
-            self.client.add_request(req_id, seq.prompt_token_ids, seq.params, self.priority, pooling)
+            self.client.add_request(req_id, seq.prompt_token_ids, seq.params, self.priority, pooling,
+                                    self.lora_request)
         if receive is not None:
             self._watcher = asyncio.create_task(self._watch_disconnect(receive))
 

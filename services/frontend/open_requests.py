@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from shared.pooling import PoolingParams
+from shared.lora import LoRARequest
 from shared.protocol import AddRequest, RequestDelta, RequestFailed
 from shared.sampling_params import SamplingParams
 
@@ -30,6 +31,7 @@ class OpenRequest:
     prompt: np.ndarray | None = None
     params: SamplingParams | None = None
     priority: int = 0
+    lora_request: LoRARequest | None = None
     tokens: list[int] = field(default_factory=list)  # generated so far, as the engine reported them
     wire_id: str = ""
     engine_id: str | None = None  # the engine instance it was last submitted to
@@ -66,13 +68,15 @@ class OpenRequests:
     def submit(
         self, req_id: str, prompt: np.ndarray, params: SamplingParams, priority: int, engine_id: str | None,
         pooling: PoolingParams | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AddRequest:
         """The AddRequest of a registered request's first submission."""
         entry = self._by_id[req_id]
         entry.prompt, entry.params, entry.priority, entry.pooling = prompt, params, priority, pooling
+        entry.lora_request = lora_request
         entry.engine_id, entry.live, entry.wire_id = engine_id, True, req_id
         self._by_wire[req_id] = entry
-        return AddRequest(req_id, prompt, params, priority, pooling=pooling)
+        return AddRequest(req_id, prompt, params, priority, pooling=pooling, lora_request=lora_request)
 
     def stop(self, req_ids: list[str]) -> list[str]:
         """Mark these requests as no longer generating; their wire ids, to abort at the engine."""
@@ -132,5 +136,6 @@ class OpenRequests:
             entry.engine_id = engine_id
             self._by_wire[entry.wire_id] = entry
             tokens = np.asarray(entry.tokens, dtype=np.int32) if entry.tokens else None
-            adds.append(AddRequest(entry.wire_id, entry.prompt, entry.params, entry.priority, tokens, entry.pooling))
+            adds.append(AddRequest(entry.wire_id, entry.prompt, entry.params, entry.priority, tokens, entry.pooling,
+                                   entry.lora_request))
         return stale, adds

@@ -175,6 +175,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "pagedserve"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int
     task: str = "generate"  # what the model does: generate, embed (embeddings) or classify (scores)
 

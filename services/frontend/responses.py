@@ -62,7 +62,7 @@ async def create_response(state: FrontendState, store: ResponseStore, body: Resp
     ids = await state.encode_chat(messages, True, template_kwargs=plan.template_variables(chat.chat_template_kwargs))
     state.check_prompt(ids, "input")
     params = state.sampling_params(chat, None, [ids], "input", plan)
-    gen = state.generation([ids], params, ENDPOINT, arrival)
+    gen = state.generation([ids], params, ENDPOINT, arrival, model=model)
     output = plan.output(gen.ordered()[0], state.tokenizer)
     run = _Run(state, store, body, model, gen, output, history + body.input_messages())
     if body.stream:

@@ -29,6 +29,7 @@ from services.frontend.state import FrontendConfig
 from shared import frontend_args as server_flags
 from shared.auth import client_security
 from shared.frontend_args import add_arguments
+from shared.lora import parse_lora_modules
 
 if TYPE_CHECKING:
     from services.frontend.replicas import EngineReplicas
@@ -110,6 +111,7 @@ def frontend_config(args: argparse.Namespace) -> FrontendConfig:
         log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
         vllm_metric_names=args.vllm_metric_names,
+        lora_modules=parse_lora_modules(args.lora_modules),
     )
 
 

@@ -14,6 +14,7 @@ from services.frontend.engine_client import EngineClient
 from services.frontend.errors import bad_request, engine_unavailable, from_value_error, model_not_found
 from services.frontend.generation import Generation
 from services.frontend.limits import check_caps
+from services.frontend.lora_adapters import LoRAAdapters
 from services.frontend.metrics import FrontendMetrics
 from services.frontend.pooling_requests import check_task
 from services.frontend.replicas import EngineReplicas
@@ -69,6 +70,7 @@ class FrontendConfig:
     log_requests: bool = False  # log each request as it arrives
     max_log_len: int | None = None  # most prompt ids in a logged request
     vllm_metric_names: bool = False  # also export the engine's load under vLLM's names (engine_gauges.py)
+    lora_modules: tuple[tuple[str, str], ...] = ()  # --lora-modules: (name, adapter folder)
 
     def __post_init__(self) -> None:
         if not self.engine_inputs or len(self.engine_inputs) != len(self.engine_outputs):
@@ -97,6 +99,7 @@ class FrontendState:
         self.tokens: Tokenization | None = None  # the tokenizer's work, once it is loaded
         self.processor: RequestProcessor | None = None  # shared with the offline LLM (shared.processor)
         self.setup_error: str | None = None
+        self.loras = LoRAAdapters(config.lora_modules)
         self.chat_parsers = ChatParsers(config.tool_call_parser, config.reasoning_parser,
                                         config.enable_auto_tool_choice)
         self._setup: asyncio.Task | None = None
@@ -120,6 +123,12 @@ class FrontendState:
         except Exception as exc:  # a bad path must not kill the process: report it on every request
             self.setup_error = f"could not load the tokenizer from {path!r}: {exc}"
             log.exception("%s", self.setup_error)
+            return
+        try:
+            self.loras.setup(info, self.served_names())
+        except ValueError as exc:  # a bad --lora-modules: reported on every request, as a bad tokenizer
+            self.setup_error = f"--lora-modules: {exc}"
+            log.error("%s", self.setup_error)
             return
         defaults = {k: v for k, v in info.generation_defaults.items() if k in _SAMPLING_FIELDS}
         self.processor = RequestProcessor(tokenizer, ModelFacts(info.vocab_size, info.max_model_len, defaults))
@@ -166,7 +175,7 @@ class FrontendState:
         names = self.served_names()
         if requested is None:
             return names[0]
-        if requested not in names:
+        if requested not in names and self.loras.get(requested) is None:
             raise model_not_found(requested)
         return requested
 
@@ -241,7 +250,9 @@ class FrontendState:
         return self.tokens
 
     def generation(self, prompts: list[list[int]], params: SamplingParams, endpoint: str, arrival: float, *,
-                   priority: int = 0, pooling: list[PoolingParams] | None = None) -> Generation:
+                   priority: int = 0, pooling: list[PoolingParams] | None = None,
+                   model: str | None = None) -> Generation:
+        """model: the checked model name, which picks a LoRA adapter when it names one."""
         self.check_endpoint(endpoint, pooling is not None)
         if self.config.log_requests:
             log_request(endpoint, prompts, params, self.config.max_log_len)
@@ -255,5 +266,6 @@ class FrontendState:
             resume_timeout=self.config.resume_timeout,
             priority=priority,
             pooling=pooling,
+            lora_request=None if model is None else self.loras.get(model),
             metrics=RequestMetrics(self.metrics, endpoint, arrival),
         )

@@ -38,6 +38,13 @@ class WorkerMetrics:
             "pagedserve_worker_failed_requests", "Requests the worker failed alone, the rest of their step served.",
             names,
         ).labels(**labels)
+        if runner.lora is not None:  # read from the adapter manager at each scrape
+            loads = Gauge("pagedserve_worker_lora_adapter_loads", "LoRA adapters read from disk into host memory "
+                          "(a count since start: an adapter evicted from --max-cpu-loras and used again is read again).",
+                          names)
+            loads.labels(**labels).set_function(lambda: runner.lora.num_loads)
+            slots = Gauge("pagedserve_worker_lora_adapters_active", "LoRA adapters in this rank's device slots.", names)
+            slots.labels(**labels).set_function(lambda: len(runner.lora.slots))
         memory = Gauge("pagedserve_worker_memory_used_bytes", "Device memory in use (CPU: peak RSS).", names)
         memory.labels(**labels).set_function(self._memory_used)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,3 +134,10 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def metric_labels(page: str, name: str) -> dict[str, str]:
+    """The labels of the one sample of ``name`` on a metrics page."""
+    lines = [ln for ln in page.splitlines() if ln.startswith(name + "{")]
+    assert len(lines) == 1, (name, lines)
+    return dict(re.findall(r'(\w+)="([^"]*)"', lines[0].split("}")[0]))

@@ -4,7 +4,6 @@ names and, with --vllm-metric-names, under vLLM's too. Real processes over real 
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -13,7 +12,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 from e2e_stack import ENGINE_FLAGS, Stack
-from frontend_helpers import metric_value
+from frontend_helpers import metric_labels, metric_value
 
 from shared.protocol import EngineMessage, FrontendMessage, Hello, ModelInfo
 from shared.transport import DealerQueue
@@ -54,13 +53,6 @@ def gw(make_stack) -> Stack:
     return st
 
 
-def _labels(page: str, name: str) -> dict[str, str]:
-    """The labels of the one sample of ``name`` on a metrics page."""
-    lines = [ln for ln in page.splitlines() if ln.startswith(name + "{")]
-    assert len(lines) == 1, (name, lines)
-    return dict(re.findall(r'(\w+)="([^"]*)"', lines[0].split("}")[0]))
-
-
 def _model_info(st: Stack) -> ModelInfo:
     """The engine's ModelInfo, asked for directly (a Hello)."""
     import zmq
@@ -96,10 +88,10 @@ def test_idle_engine_and_cache_info(gw):
     _wait(lambda: all(_load(gw.metrics(f), OURS) == (0, 0, 0) for f in FRONTENDS), 10, "idle load never shown")
     for fid in FRONTENDS:
         page = gw.metrics(fid)
-        cache = _labels(page, OURS["cache"])
+        cache = metric_labels(page, OURS["cache"])
         assert cache["block_size"] == str(info.block_size) and cache["num_gpu_blocks"] == str(info.num_blocks)
         assert info.num_blocks > 0
-        lora = _labels(page, OURS["lora"])
+        lora = metric_labels(page, OURS["lora"])
         assert (lora["max_lora"], lora["running_lora_adapters"], lora["waiting_lora_adapters"]) == ("0", "", "")
         assert metric_value(page, OURS["lora"]) > 1e9  # the report's Unix time, as vLLM's
         assert f'model_name="{cache["model_name"]}"' in page and cache["model_name"] != "unknown"
@@ -112,8 +104,8 @@ def test_vllm_names_only_when_asked(gw):
         assert f"# TYPE {VLLM[key]} gauge" in theirs, key
     drop = {"model_name"}
     for key in ("cache", "lora"):
-        vllm = {k: v for k, v in _labels(theirs, VLLM[key]).items() if k not in drop}
-        assert vllm == {k: v for k, v in _labels(theirs, OURS[key]).items() if k not in drop}
+        vllm = {k: v for k, v in metric_labels(theirs, VLLM[key]).items() if k not in drop}
+        assert vllm == {k: v for k, v in metric_labels(theirs, OURS[key]).items() if k not in drop}
     assert _load(theirs, VLLM) == _load(theirs, OURS)
 
 
@@ -159,7 +151,7 @@ def test_load_and_kv_use_follow_the_engine(gw):
             _wait(lambda f=fid: _same_as_engine(gw, f), 30, f"{fid} never showed the engine's load")
         theirs = gw.metrics("fe-vllm")
         assert _load(theirs, VLLM)[:2] == _load(theirs, OURS)[:2] and _load(theirs, VLLM)[1] == 1
-        blocks = int(_labels(gw.metrics("fe-ours"), OURS["cache"])["num_gpu_blocks"])
+        blocks = int(metric_labels(gw.metrics("fe-ours"), OURS["cache"])["num_gpu_blocks"])
         seen = next(filter(None, (_kv_between(gw) for _ in range(QUEUED))), None)
         assert seen is not None, "the queue moved during every KV check"
         before, engine, after = seen
