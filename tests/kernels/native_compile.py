@@ -41,6 +41,7 @@ from kernels import (
     activation,
     fused_moe,
     kv_cache_write,
+    lora,
     paged_attention_decode,
     paged_attention_prefill,
     rms_norm,
@@ -174,6 +175,18 @@ def _moe(shape, dtype, num_tokens):
     fused_moe.fused_moe(x, w13, w2, torch.full(ids.shape, 1.0 / top_k), ids)
 
 
+# LoRA layer shapes: (in, out, slots x fused rank) of qwen2.5-1.5b's qkv (3 x rank 16) and down
+# projections (rank 64, the widest tile).
+LORA_SHAPES = {"qkv r16": (1536, 2048, 48), "down r64": (8960, 1536, 64), "gate_up r64": (1536, 17920, 128)}
+
+
+def _lora(shape, dtype):
+    k, n, rank = shape
+    x, y = torch.zeros(5, k, dtype=dtype), torch.zeros(5, n, dtype=dtype)
+    a, b = torch.zeros(4, rank, k, dtype=dtype), torch.zeros(4, n, rank, dtype=dtype)
+    lora.lora_delta(x, y, a, b, torch.tensor([0, -1, 3, 3, 1], dtype=torch.int32))
+
+
 def cases():
     """(kernel family, case name, thunk running the wrapper once) over the variants we ship.
 
@@ -198,6 +211,8 @@ def cases():
         for name, shape in MOE_SHAPES.items():
             for num_tokens in (4, 512):  # decode-sized and prefill-sized: BLOCK_M 16 and 64
                 yield "fused_moe", f"{name} {dname} T{num_tokens}", partial(_moe, shape, dtype, num_tokens)
+        for name, shape in LORA_SHAPES.items():
+            yield "lora", f"{name} {dname}", partial(_lora, shape, dtype)
         for inter in (1536, 8960, 14336):
             x = torch.zeros(3, 2 * inter, dtype=dtype)
             yield "silu_and_mul", f"inter{inter} {dname}", partial(activation.silu_and_mul, x)

@@ -26,6 +26,8 @@ KERNELS = {
     "_rotary_kernel",
     "_rms_norm_kernel",
     "_silu_and_mul_kernel",
+    "_lora_shrink_kernel",
+    "_lora_expand_kernel",
 }
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 # ptxas may keep a word or two on the stack at 8 warps; real spills are hundreds of bytes.

@@ -5,6 +5,10 @@ Slot s holds A [S, n*R, in_local] and B [S, out_local, n*R] for a layer fused fr
 where an adapter has a lower rank or does not target it. Shards follow the base layer: a
 column-parallel layer keeps its output rows of B, a row-parallel one its input columns of A
 (its partial deltas are summed by the layer's all-reduce, with the base output).
+
+
+The torch path runs one shrink and one expand matmul per adapter in the step; with the Triton
+kernel set (kernels/lora.py) one launch pair serves every adapter, each token reading its slot.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.forward_context import current_lora
+from services.worker.forward_context import current_lora, use_triton_kernels
 from services.worker.layers.linear import RowParallelLinear, _Linear
 from services.worker.lora.adapter import Parts
 
@@ -24,6 +28,7 @@ class LoRAMapping:
     are contiguous (one request, or neighbours), else their indices on the device."""
 
     rows_by_slot: list[tuple[int, slice | torch.Tensor]]
+    token_slots: torch.Tensor  # [T] int32 on the device: each row's slot, -1 for the base model (Triton path)
 
 
 def lora_delta_torch(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -70,4 +75,8 @@ class LoRALayer:
         mapping = current_lora()
         if mapping is None:
             return y
+        if use_triton_kernels():  # the step's kernel set: one launch pair for every adapter
+            from kernels.lora import lora_delta
+
+            return lora_delta(x.contiguous(), y, self.a, self.b, mapping.token_slots)
         return lora_delta_torch(x, y, self.a, self.b, mapping)

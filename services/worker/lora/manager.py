@@ -111,7 +111,7 @@ def _mapping(scheduled: Scheduled, slots: dict[LoRARequest, int], refused: dict[
              fail: Callable[[str, str], None], device: torch.device) -> tuple[Scheduled, LoRAMapping | None]:
     kept: Scheduled = []
     rows: dict[int, list[int]] = {}
-    row = 0
+    token_slots: list[int] = []
     for state, n in scheduled:
         lora = state.lora_request
         if lora in refused:
@@ -119,11 +119,12 @@ def _mapping(scheduled: Scheduled, slots: dict[LoRARequest, int], refused: dict[
             continue
         kept.append((state, n))
         if lora is not None:
-            rows.setdefault(slots[lora], []).extend(range(row, row + n))
-        row += n
+            rows.setdefault(slots[lora], []).extend(range(len(token_slots), len(token_slots) + n))
+        token_slots += [-1 if lora is None else slots[lora]] * n
     if not rows:
         return kept, None
-    return kept, LoRAMapping([(s, _rows(r, device)) for s, r in rows.items()])
+    slot_tensor = torch.tensor(token_slots, dtype=torch.int32, device=device)
+    return kept, LoRAMapping([(s, _rows(r, device)) for s, r in rows.items()], slot_tensor)
 
 
 def _kind(module: str) -> str:
