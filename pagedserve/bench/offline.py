@@ -55,13 +55,14 @@ def _params(output_len: int, greedy: bool):
     return SamplingParams(temperature=0.0 if greedy else 1.0, top_p=1.0, max_tokens=output_len, ignore_eos=True)
 
 
-def generate(llm, requests: list[SampleRequest], greedy: bool = False, use_tqdm: bool = False) -> tuple[list, Timing]:
+def generate(llm, requests: list[SampleRequest], greedy: bool = False, use_tqdm: bool = False,
+             lora_request=None) -> tuple[list, Timing]:
     """Every request in one LLM.generate call, EOS ignored so each yields exactly output_len tokens;
-    the outputs and the time it took."""
+    the outputs and the time it took. lora_request: as LLM.generate's (one, or one per request)."""
     prompts = [_prompt(r) for r in requests]
     params = [_params(r.output_len, greedy) for r in requests]
     with timed() as t:
-        outs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        outs = llm.generate(prompts, params, use_tqdm=use_tqdm, lora_request=lora_request)
     return outs, t
 
 
