@@ -14,8 +14,8 @@ import msgspec
 import numpy as np
 from msgspec import Meta
 
-from shared.pooling import PoolingParams
 from shared.lora import LoRARequest
+from shared.pooling import PoolingParams
 from shared.sampling_params import SamplingParams
 
 # Token id arrays (1-D int32) travel in their own zero-copy frames, not inside the msgpack body.

@@ -15,8 +15,8 @@ from typing import Protocol
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
 from shared.config import EngineConfig
-from shared.pooling import PoolingParams, check_pooling
 from shared.lora import LoRARequest
+from shared.pooling import PoolingParams, check_pooling
 from shared.processor.stop import StopStringFactory
 from shared.protocol import RequestDelta, StepPlan, StepResult
 from shared.sampling_params import SamplingParams

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 import time
 
-from shared.pooling import PoolingParams
 from shared.lora import LoRARequest
+from shared.pooling import PoolingParams
 from shared.processor.stop import StopStrings
 from shared.sampling_params import SamplingParams
 

@@ -33,8 +33,8 @@ import zmq.asyncio
 from services.frontend.open_requests import OpenRequests, StreamItem
 from shared.auth import CurveClient
 from shared.engine_args import DEFAULT_ENGINE_INPUT, DEFAULT_ENGINE_OUTPUT
-from shared.pooling import PoolingParams
 from shared.lora import LoRARequest
+from shared.pooling import PoolingParams
 from shared.protocol import (
     HEARTBEAT_INTERVAL_S,
     AbortRequests,
@@ -194,7 +194,8 @@ class EngineClient:
         pooling: a pooling request's parameters; lora_request: the adapter it runs with."""
         ids = np.asarray(prompt_token_ids, dtype=np.int32)
         engine_id = self.model_info.engine_id if self.model_info is not None else None
-        self._outbox.put_nowait(self._requests.submit(req_id, ids, params, priority, engine_id, pooling, lora_request))
+        add = self._requests.submit(req_id, ids, params, priority, engine_id, pooling, lora_request)
+        self._outbox.put_nowait(add)
 
     def abort(self, req_ids: list[str]) -> None:
         """Ask the engine to stop these requests. Synchronous, so safe in finally blocks."""

@@ -22,8 +22,8 @@ from typing import Any
 from services.frontend.engine_client import EngineClient
 from services.frontend.errors import APIError, engine_unavailable
 from services.frontend.request_metrics import RequestMetrics
-from shared.pooling import PoolingParams
 from shared.lora import LoRARequest
+from shared.pooling import PoolingParams
 from shared.processor.outcome import Usage, request_finish_reason, usage
 from shared.processor.processor import RequestProcessor
 from shared.processor.sequence import Sequence

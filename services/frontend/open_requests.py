@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
-from shared.pooling import PoolingParams
 from shared.lora import LoRARequest
+from shared.pooling import PoolingParams
 from shared.protocol import AddRequest, RequestDelta, RequestFailed
 from shared.sampling_params import SamplingParams
 

@@ -20,8 +20,8 @@ from services.worker.request_checks import (
     check_schedule,
 )
 from services.worker.structured_output import StructuredOutputs
-from shared.pooling import PoolingParams
 from shared.lora import LoRARequest
+from shared.pooling import PoolingParams
 from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 
 log = logging.getLogger(__name__)
