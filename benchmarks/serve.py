@@ -40,12 +40,13 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
-def launch(model_dir: str, port: int, args) -> subprocess.Popen:
+def launch(model_dir: str, port: int, args, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`pagedserve serve DIR` with the load's flags (and ``extra`` serve flags), once healthy."""
     cmd = [sys.executable, "-m", "pagedserve.cli", "serve", model_dir, "--port", str(port),
            "--frontends", str(args.frontends), "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--engine-metrics-port", str(args.engine_metrics_port), "--worker-metrics-port", str(args.worker_metrics_port),
-           "--frontend-metrics-port", "0"]
+           "--frontend-metrics-port", "0", *extra]
     proc = subprocess.Popen(cmd, env=dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING"))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

@@ -146,6 +146,9 @@ def test_engine_serves_requests_like_offline(stack):
     worker = scrape(ports[1])
     assert worker["pagedserve_worker_kv_blocks"] == info.num_blocks
     assert worker["pagedserve_worker_tokens_per_step_count"] >= 8
+    # busy time covers every step's forward and sampling (and the bookkeeping around them)
+    computed = worker["pagedserve_worker_forward_seconds_sum"] + worker["pagedserve_worker_sampling_seconds_sum"]
+    assert worker["pagedserve_worker_busy_seconds_total"] >= computed > 0
     client.close()
 
 

@@ -76,7 +76,7 @@ def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetr
             return 1 if msg.rejected else 0
         if not isinstance(msg, StepPlan):
             continue
-        received_at, start = time.time(), time.perf_counter()
+        received_at, start, waited = time.time(), time.perf_counter(), runner.stage_wait_s
         try:
             result = runner.execute(msg)
         except Exception as exc:  # report, keep the process alive for the engine to decide
@@ -89,4 +89,5 @@ def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetr
         result.compute_s = idle_since - start
         if runner.answers:
             queue.send(result)
-        metrics.observe(runner.last_stats, len(result.failed))
+        # busy: the step's compute, less the time it sat receiving from other pipeline stages
+        metrics.observe(runner.last_stats, len(result.failed), result.compute_s - (runner.stage_wait_s - waited))

@@ -34,6 +34,10 @@ class WorkerMetrics:
         Gauge("pagedserve_worker_kv_blocks", "KV cache blocks allocated on this rank.", names).labels(
             **labels
         ).set(runner.num_blocks)
+        self.busy = Counter(
+            "pagedserve_worker_busy_seconds", "Seconds spent computing steps (not waiting for plans or activations).",
+            names,
+        ).labels(**labels)
         self.failed = Counter(
             "pagedserve_worker_failed_requests", "Requests the worker failed alone, the rest of their step served.",
             names,
@@ -53,8 +57,9 @@ class WorkerMetrics:
             return float(torch.cuda.memory_allocated(self.runner.device))
         return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
-    def observe(self, stats: StepStats | None, num_failed: int = 0) -> None:
+    def observe(self, stats: StepStats | None, num_failed: int = 0, busy_s: float = 0.0) -> None:
         self.failed.inc(num_failed)
+        self.busy.inc(max(busy_s, 0.0))
         if stats is None:
             return
         self.forward.labels(**self.labels, phase=stats.phase).observe(stats.forward_s)

@@ -116,6 +116,11 @@ class ModelRunner:
             self.stage.take()
         self.table.clear()
 
+    @property
+    def stage_wait_s(self) -> float:
+        """Seconds spent so far blocked receiving from other pipeline stages (0 without stages)."""
+        return self.stage.wait_s if self.stage is not None else 0.0
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step. A request whose own inputs, grammar or sampling go wrong is left out of

@@ -13,6 +13,7 @@ requests that sampled in it (outcomes arrive in step order).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -84,6 +85,12 @@ class StageLink:
         self.device = device
         self.sends: list[tuple[dist.Work, torch.Tensor]] = []  # buffers live until their send completes
         self.pending: deque[_Pending] = deque()
+        self.wait_s = 0.0  # time blocked receiving from the neighbouring stages: the bubble, not compute
+
+    def _recv(self, tensor: torch.Tensor, src: int, tag: int) -> None:
+        start = time.perf_counter()
+        dist.recv(tensor, src, tag=tag)
+        self.wait_s += time.perf_counter() - start
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
@@ -96,7 +103,7 @@ class StageLink:
     def recv_activations(self, num_tokens: int, hidden_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         out = tuple(torch.empty(num_tokens, hidden_size, dtype=dtype, device=self.device) for _ in range(2))
         for tensor in out:
-            dist.recv(tensor, self.prev, tag=_ACTIVATIONS)
+            self._recv(tensor, self.prev, _ACTIVATIONS)
         return out
 
     def send_outcome(self, outcome: Outcome) -> None:
@@ -108,9 +115,9 @@ class StageLink:
 
     def _recv_outcome(self) -> Outcome:
         size = torch.empty(1, dtype=torch.int64, device=self.device)
-        dist.recv(size, self.source, tag=_OUTCOME)
+        self._recv(size, self.source, _OUTCOME)
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        dist.recv(payload, self.source, tag=_OUTCOME)
+        self._recv(payload, self.source, _OUTCOME)
         return msgspec.msgpack.decode(payload.cpu().numpy().tobytes(), type=Outcome)
 
     def expect(self, step_id: int, req_ids: list[str]) -> None:
