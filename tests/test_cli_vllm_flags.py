@@ -23,7 +23,7 @@ def serve(*args: str, module: str = "pagedserve.cli", **env: str) -> subprocess.
 
 
 @pytest.mark.parametrize("flags", [
-    ["--enable-lora"],
+    ["--enable-sleep-mode"],
     ["--no-enable-chunked-prefill"],
 ])
 def test_unsupported_vllm_flags_fail_saying_so(flags, model_dirs):
@@ -33,8 +33,8 @@ def test_unsupported_vllm_flags_fail_saying_so(flags, model_dirs):
 
 
 def test_unsupported_switch_before_the_model_names_the_switch(model_dirs):
-    out = serve("--enable-lora", str(model_dirs("llama")), *_FAST)
-    assert out.returncode == 2 and "--enable-lora is a vLLM flag that pagedserve does not support yet" in out.stderr
+    out = serve("--enable-sleep-mode", str(model_dirs("llama")), *_FAST)
+    assert out.returncode == 2 and "--enable-sleep-mode is a vLLM flag that pagedserve does not support yet" in out.stderr
 
 
 def test_unknown_flag_gets_argparse_error(model_dirs):
@@ -45,9 +45,9 @@ def test_unknown_flag_gets_argparse_error(model_dirs):
 
 def test_unsupported_flag_in_config_file_fails(tmp_path, model_dirs):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {model_dirs('llama')}\nenable_lora: true\n")
+    cfg.write_text(f"model: {model_dirs('llama')}\nenable_sleep_mode: true\n")
     out = serve("--config", str(cfg), *_FAST)
-    assert out.returncode == 2 and "--enable-lora is a vLLM flag that pagedserve does not support yet" in out.stderr
+    assert out.returncode == 2 and "--enable-sleep-mode is a vLLM flag that pagedserve does not support yet" in out.stderr
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -9,11 +9,7 @@ import argparse
 
 # flag (and its short spellings) -> values that ask for what pagedserve does anyway
 UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("--lora-modules",): (),
-    ("--max-loras",): (),
-    ("--max-lora-rank",): (),
     ("--lora-dtype",): (),
-    ("--max-cpu-loras",): (),
     ("--cpu-offload-gb",): ("0",),
     ("--swap-space",): (),
     ("--load-format",): ("auto", "safetensors"),
@@ -37,7 +33,6 @@ UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
 
 # on/off switches -> whether giving it asks for what pagedserve does anyway
 UNSUPPORTED_SWITCHES: dict[str, bool] = {
-    "--enable-lora": False,
     "--enable-expert-parallel": False,
     "--enable-sleep-mode": False,
     "--headless": False,
