@@ -31,19 +31,18 @@ import numpy as np
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
 from services.engine.spec_decode import SpecDecoder
+from services.engine.step_update import StepUpdate
 from shared.config import CacheConfig, SchedulerConfig
 from shared.protocol import (
     CachedRequestData,
     NewRequestData,
     RequestDelta,
     StepPlan,
-    StepResult,
-    TokenLogprobs,
 )
 from shared.speculative import SpeculativeConfig
 
 
-class Scheduler:
+class Scheduler(StepUpdate):
     def __init__(
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, first_step_id: int = 0,
         speculative: SpeculativeConfig | None = None,
@@ -301,116 +300,6 @@ class Scheduler:
         self._finished_ids = []
         self._in_flight.clear()  # those steps' results never come
         self.placeholders.clear()
-
-    # ----- results ------------------------------------------------------------------------------
-
-    def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:
-        """Fill in the sampled tokens and finish requests that hit a stop condition. Only the
-        requests the step computed count, each in the run it was planned for: a token of a
-        request that finished, was aborted or preempted since is discarded."""
-        planned = self._in_flight.pop(plan.step_id, {})
-
-        def current(req_id: str, same_run: bool = True) -> Request | None:
-            request, preemptions = planned.get(req_id, (None, 0))
-            if request is None or self.requests.get(req_id) is not request:
-                return None
-            return request if not same_run or request.num_preemptions == preemptions else None
-
-        deltas = []
-        for req_id, message in result.failed.items():
-            if (request := current(req_id, same_run=False)) is not None:
-                self._finish(request, RequestStatus.FINISHED_ERROR)
-                deltas.append(RequestDelta(req_id, [], finish_reason="error", error=message))
-        for req_id, scored in result.prompt_logprobs.items():
-            request = current(req_id)
-            if request is not None and request.prompt_logprobs is not None:
-                request.prompt_logprobs.extend(scored)
-        deltas += self._pooled(result.pooled, current)
-        stopped = set(result.stopped)
-        for req_id, sampled in _tokens_by_request(result).items():
-            request = current(req_id)
-            if request is None or not self.placeholders.get(req_id):
-                continue  # finished, aborted or preempted since the step was planned
-            self._fill_placeholder(req_id)
-            num_proposed = len(request.spec_token_ids)
-            deltas.append(self._append(request, sampled, req_id in stopped))
-            if num_proposed:
-                self._settle_proposals(request, num_proposed, len(sampled) - 1)
-        return deltas
-
-    def _settle_proposals(self, request: Request, num_proposed: int, num_accepted: int) -> None:
-        """After a verification: the KV of the rejected proposals is void, and blocks that held
-        only those return to the pool (the worker learns with the request's next plan)."""
-        request.spec_token_ids = []
-        self.spec.record(request, num_proposed, num_accepted)
-        if request.status != RequestStatus.RUNNING:
-            return
-        request.num_computed_tokens = request.num_tokens - 1  # the last sampled token is computed next
-        kept = self.kv.trim(request, request.num_computed_tokens)
-        if kept is not None:
-            self._kept_blocks[request.req_id] = kept
-
-    def _pooled(self, pooled: dict[str, list[float]], current) -> list[RequestDelta]:
-        """Pooling requests finish with their pooled vector (their blocks return to the pool)."""
-        deltas = []
-        for req_id, vector in pooled.items():
-            request = current(req_id)
-            if request is None or not self.placeholders.get(req_id):
-                continue  # aborted or preempted since the step was planned
-            self._fill_placeholder(req_id)
-            self._finish(request, RequestStatus.FINISHED_STOPPED)
-            self.num_pooled_requests += 1
-            self.num_pooled_tokens += request.num_prompt_tokens
-            deltas.append(RequestDelta(req_id, [], finish_reason="stop", pooled=vector))
-        return deltas
-
-    def _fill_placeholder(self, req_id: str) -> None:
-        left = self.placeholders[req_id] - 1
-        if left:
-            self.placeholders[req_id] = left
-        else:
-            del self.placeholders[req_id]
-
-    def _append(
-        self, request: Request, sampled: list[tuple[int, TokenLogprobs | None]], grammar_done: bool
-    ) -> RequestDelta:
-        """Append a step's tokens one by one, up to the first that finishes the request (the rest
-        are dropped: never a token past a stop or max_tokens). grammar_done: the grammar completed
-        with the last one."""
-        tokens, logprobs, status = [], [], None
-        for i, (token, lp) in enumerate(sampled):
-            request.append_token(token)
-            tokens.append(token)
-            if lp is not None:
-                logprobs.append(lp)
-            status = request.check_stop(grammar_done=grammar_done and i == len(sampled) - 1)
-            if status is not None:
-                break
-        delta = RequestDelta(request.req_id, tokens, logprobs, num_cached_tokens=request.num_cached_tokens)
-        if request.prompt_logprobs is not None:
-            delta.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None
-        if status is not None:
-            self._finish(request, status)
-            delta.finish_reason = status.value
-            delta.stop_reason = request.stop_reason
-        return delta
-
-    def fail_step(self, step_id: int) -> list[str]:
-        """The step failed in the worker: abort the requests it computed (their blocks return
-        to the pool, the worker drops them with the next plan). Returns their ids."""
-        planned = self._in_flight.pop(step_id, {})
-        failed = [req_id for req_id, (request, _) in planned.items() if self.requests.get(req_id) is request]
-        self.abort(failed)
-        return failed
-
-
-def _tokens_by_request(result: StepResult) -> dict[str, list[tuple[int, TokenLogprobs | None]]]:
-    """Each request's (token, logprobs) in order: one, or a verification's several."""
-    logprobs = result.logprobs or [None] * len(result.req_ids)
-    out: dict[str, list[tuple[int, TokenLogprobs | None]]] = {}
-    for req_id, token, lp in zip(result.req_ids, result.sampled_token_ids, logprobs):
-        out.setdefault(req_id, []).append((token, lp))
-    return out
 
 
 def _adapters(requests) -> list[str]:
