@@ -46,6 +46,9 @@ def make_encoder_model(out_dir: str | Path, arch: str = "bert", seed: int = 0, m
         for name, param in model.named_parameters():  # LayerNorms and biases away from 1 and 0
             if param.ndim == 1:
                 param.data.add_(torch.randn_like(param) * 0.1)
+        if arch == "bert-cross-encoder":  # the init's 0.02 head gives every pair the same score to ~1e-5
+            model.bert.pooler.dense.weight.data.normal_(0.0, 0.5)
+            model.classifier.weight.data.normal_(0.0, 1.0)
     _save_quietly(model, out, None)
     return out
 

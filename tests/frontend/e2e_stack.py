@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from frontend_helpers import Proc, metric_value
+from frontend_helpers import Proc, metric_value, wait_until
 
 from pagedserve.serve import free_port
 from shared.protocol import EngineMessage, FrontendMessage, Ping, Pong
@@ -125,3 +127,17 @@ class Stack:
     def close(self) -> None:
         for proc in reversed(self.procs):  # frontends first (Goodbye), then engine, then worker
             proc.close()
+
+
+@contextmanager
+def running_stack(model: Path | str, logs: Path, frontend_id: str,
+                  engine_flags: tuple[str, ...] = ENGINE_FLAGS) -> Iterator[Stack]:
+    """A worker, an engine and one frontend, answering /health; all closed on exit."""
+    st = Stack(Path(model), logs, engine_flags=engine_flags)
+    try:
+        st.start_worker()
+        st.start_engine()
+        wait_until(f"{st.base}/health", st.start_frontend(frontend_id), timeout=180)
+        yield st
+    finally:
+        st.close()

@@ -12,8 +12,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from e2e_stack import Stack
-from frontend_helpers import wait_until
+from e2e_stack import running_stack
 
 from pagedserve.llm import LLM
 
@@ -25,17 +24,11 @@ TEXTS = ["hello world", "The quick brown fox jumps over the lazy dog. " * 5, "a"
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Iterator[str]:
-    st = Stack(MINILM, tmp_path_factory.mktemp("pooling-logs"), engine_flags=("--max-num-batched-tokens", "512"))
-    try:
-        st.start_worker()
-        st.start_engine()
-        proc = st.start_frontend("fe-pool")
-        wait_until(f"{st.base}/health", proc, timeout=180)
+    with running_stack(MINILM, tmp_path_factory.mktemp("pooling-logs"), "fe-pool",
+                       engine_flags=("--max-num-batched-tokens", "512")) as st:
         yield st.base
         assert st.engine_metric("pagedserve_engine_pooling_requests_total") >= len(TEXTS)
         assert st.engine_metric("pagedserve_engine_pooling_tokens_total") > 0
-    finally:
-        st.close()
 
 
 @pytest.fixture(scope="module")
