@@ -152,7 +152,9 @@ def stack(model_dirs, tmp_path_factory) -> Iterator[LocalStack]:
             _mount_secrets(services[name], compose["secrets"], logs / f"secrets-{name}")
         for name in ("engine", "worker"):
             env = _localize(service_environment(services[name]), st.ports, hf_home, logs / f"secrets-{name}")
-            extra = {"PAGEDSERVE_METRICS_HOST": "127.0.0.1"}
+            # ngram speculation on, as a deployment may set it: its dashboard panel gets live data
+            extra = {"PAGEDSERVE_METRICS_HOST": "127.0.0.1",
+                     "PAGEDSERVE_SPECULATIVE_CONFIG": '{"method": "ngram", "num_speculative_tokens": 3}'}
             if name == "worker":
                 extra["OMP_NUM_THREADS"] = "1"
             _start_service(st, name, services[name], _process_env(env, **extra))
