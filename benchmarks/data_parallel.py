@@ -34,6 +34,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.serve import scrape
 from pagedserve.bench.datasets import prefix_repetition_requests
 from pagedserve.bench.metrics import summarize
 from pagedserve.bench.serve import request_body, run_load
@@ -42,17 +43,6 @@ from pagedserve.serve import demo_model, free_port
 ROUTINGS = ("affinity", "round_robin")
 HIT, QUERIED = "pagedserve_engine_prefix_cache_hit_tokens_total", "pagedserve_engine_prefix_cache_queried_tokens_total"
 SERVED = "pagedserve_engine_request_queue_time_seconds_count"
-
-
-def scrape(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    totals: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            totals[s.name] = totals.get(s.name, 0.0) + s.value
-    return totals
 
 
 class Stack:
