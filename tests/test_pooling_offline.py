@@ -79,6 +79,19 @@ def test_minilm_score_dimensions_and_truncation(minilm):
     assert_all_blocks_free(minilm)
 
 
+def test_huge_text_refused_or_cut_before_tokenizing(minilm):
+    huge = "word " * 2_000_000  # 10 MB: the tokenizer would spend seconds on it
+    with pytest.raises(ValueError, match="is 10000000 characters long"):
+        minilm.embed(huge, use_tqdm=False)
+    with pytest.raises(ValueError, match="characters long"):
+        minilm.score(huge, ["a document"], use_tqdm=False)
+    cut = minilm.embed(huge, truncate_prompt_tokens=32, use_tqdm=False)[0]
+    short = minilm.embed("word " * 40, truncate_prompt_tokens=32, use_tqdm=False)[0]
+    assert cut.prompt_token_ids == short.prompt_token_ids and len(cut.prompt_token_ids) == 32
+    assert cosines(cut.outputs.embedding, short.outputs.embedding) > 0.9999
+    assert_all_blocks_free(minilm)
+
+
 @pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
 def test_random_encoders_match_transformers(encoders, arch):
     from transformers import AutoModel, AutoTokenizer

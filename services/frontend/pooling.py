@@ -76,7 +76,7 @@ class _Pooling:
             return await self.run(request, [ids for ids, _ in encoded], pooling,
                                   lambda seqs, usage: build([s.pooled[0] for s in seqs], usage))
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))  # each text embedded once
-        ids = await self.encode(lambda t: self.inputs.encode(t, self.truncate), texts)
+        ids = await self.encode(lambda t: self.inputs.encode(t, self.truncate, "documents"), texts)
 
         def scores(seqs: list[Sequence], usage: PoolingUsage) -> Response:
             vectors = dict(zip(texts, (s.pooled for s in seqs)))

@@ -13,6 +13,13 @@ from shared.sampling_params import SamplingParams
 # what a pooling request carries for SamplingParams: unused (it samples nothing), the engine needs one
 POOLING_SAMPLING = SamplingParams(max_tokens=1)
 
+# Characters a text may have per token of the context (or of truncate_prompt_tokens). Tokenizing
+# costs time in proportion to the text, and an embedding tokenizer (WordPiece) folds its input --
+# it drops whitespace and spells an over-long word as one [UNK] -- so no exact bound on the tokens
+# of a text exists before tokenizing it. Real text runs at about 4 characters a token: a text over
+# this cap is refused, or, when truncation is asked for, cut to the cap before tokenizing.
+MAX_CHARS_PER_TOKEN = 64
+
 
 def resolve_truncation(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
     """The number of tokens to keep (-1: max_model_len), or None to refuse longer inputs."""
@@ -36,6 +43,7 @@ class PoolingInputs:
         """A text (tokenized with the model's special tokens) or token ids; truncate keeps the
         first tokens of a text (the tokenizer's side) or the last ones of token ids (as vLLM)."""
         if isinstance(prompt, str):
+            prompt = self.cap_text(prompt, truncate, param)
             kwargs = {"truncation": True, "max_length": truncate} if truncate else {}
             ids = self.tokenizer(prompt, add_special_tokens=True, **kwargs)["input_ids"]
         else:
@@ -45,11 +53,25 @@ class PoolingInputs:
 
     def encode_pair(self, query: str, document: str, truncate: int | None, param: str = "documents") -> tuple[list[int], int]:
         """A cross-encoder's input: (token ids, first token of the document's segment)."""
+        query, document = self.cap_text(query, truncate, param), self.cap_text(document, truncate, param)
         kwargs = {"truncation": True, "max_length": truncate} if truncate else {}
         enc = self.tokenizer(query, document, add_special_tokens=True, **kwargs)
         ids, types = enc["input_ids"], enc.get("token_type_ids")
         self.check(ids, param)
         return ids, next((i for i, t in enumerate(types or ()) if t), 0)
+
+    def cap_text(self, text: str, truncate: int | None, param: str) -> str:
+        """The text, cut to MAX_CHARS_PER_TOKEN characters a token when truncation is asked for;
+        InvalidRequest, before any tokenizing, for a longer one when it is not."""
+        limit = (truncate or self.max_model_len) * MAX_CHARS_PER_TOKEN
+        if len(text) <= limit:
+            return text
+        if truncate:
+            return text[:limit]
+        raise InvalidRequest(
+            f"This model's maximum context length is {self.max_model_len} tokens, and a text of more than {limit} "
+            f"characters cannot fit it; your {param} is {len(text)} characters long. Shorten it, or set "
+            "truncate_prompt_tokens.", param, "context_length_exceeded")
 
     def check(self, ids: list[int], param: str) -> None:
         if not ids:

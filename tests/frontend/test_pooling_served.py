@@ -104,6 +104,8 @@ def test_score_and_rerank(base):
     ("/v1/embeddings", {"input": "x", "dimensions": 385}, None),
     ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format"),
     ("/v1/embeddings", {"input": "word " * 300}, "input"),
+    ("/v1/embeddings", {"input": ["ok", "word " * 2_000_000]}, "input"),  # refused before tokenizing
+    ("/v1/rerank", {"query": "a", "documents": ["b", "c" * 10**7]}, "documents"),
     ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 10**6}, "truncate_prompt_tokens"),
     ("/v1/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
     ("/v1/score", {"text_1": [], "text_2": "c"}, "text_1"),
