@@ -66,7 +66,7 @@ def paged_decode(
     q, table, seq_lens = q.contiguous(), table.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
     parts = max(1, min(torch.get_num_threads(), batch))
-    scratch = torch.empty(batch, heads // kv_heads * int(seq_lens.max()) + 2 * dim, dtype=torch.float32)
+    scratch = torch.empty(batch, int(seq_lens.max()) + 2 * dim, dtype=torch.float32)
     lut = _fp8_values(kv_cache.dtype).data_ptr() if fp8 else None
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (1.0, 1.0)
 
