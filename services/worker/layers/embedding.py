@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import f32_linear_cpu
 from services.worker.distributed import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 from services.worker.layers.linear import make_param
 
@@ -53,5 +54,5 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> float32 logits [N, vocab_size] over the full vocabulary."""
-        logits = tp_all_gather(F.linear(hidden, self.weight), dim=-1)
+        logits = tp_all_gather(f32_linear_cpu.linear(hidden, self.weight), dim=-1)
         return logits[..., : self.num_embeddings].float()

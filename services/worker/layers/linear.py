@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels import f32_linear_cpu
 from services.worker.distributed import tp_all_gather, tp_all_reduce, tp_rank, tp_size
 
 WeightLoader = Callable[..., None]
@@ -75,7 +75,7 @@ class _Linear(nn.Module):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, self.weight, bias) if self.quant is None else self.quant(x, bias)
+        return f32_linear_cpu.linear(x, self.weight, bias) if self.quant is None else self.quant(x, bias)
 
     def output_shard(self, shard_id: object = None) -> tuple[int, int, int, int]:
         """(offset in this rank's output, rows, first row in the full tensor, full rows) of an

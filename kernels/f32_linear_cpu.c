@@ -1,0 +1,54 @@
+/* float32 linear for a few rows on the CPU (decode): y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
+ * A decode step multiplies a handful of rows by every weight, once: it is bound by streaming the
+ * weights from memory, and BLAS sgemm, tuned for large matrices, loses time at these shapes. Here
+ * each block of 4 weight rows is read from memory once and used for every row of x, 3 rows at a
+ * time: 3 x 4 dot products run side by side, so each vector loaded serves 3 or 4 of them, and the
+ * block after next is prefetched meanwhile. Built and called by f32_linear_cpu.py; its torch
+ * reference is F.linear.
+ *
+ * x [M, K]; w [N, K]; bias [N] or NULL; y [M, N]; K a multiple of 8. Output columns n in
+ * [n_lo, n_hi) are computed (callers split them over threads).
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* y[m0 : m0 + MR, n0 : n0 + NR]; inlined with constant MR <= 3, NR <= 4, so the MR x NR
+ * accumulators stay in registers. */
+static inline __attribute__((always_inline)) void tile(const float *x, const float *w, const float *bias, float *y,
+                                                       int64_t K, int64_t N, int64_t m0, int64_t n0, int MR, int NR) {
+    v8 acc[3][4];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) acc[i][j] = (v8){0};
+    const float *xr = x + m0 * K, *wr = w + n0 * K;
+    for (int64_t k = 0; k < K; k += 8) {
+        v8 wv[4], xv[3];
+        for (int j = 0; j < NR; j++) wv[j] = load8(wr + j * K + k);
+        for (int j = 0; j < NR; j++) __builtin_prefetch(wr + (2 * NR + j) * K + k, 0, 1);
+        for (int i = 0; i < MR; i++) xv[i] = load8(xr + i * K + k);
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < NR; j++) acc[i][j] += xv[i] * wv[j];
+    }
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) y[(m0 + i) * N + n0 + j] = hsum8(acc[i][j]) + (bias ? bias[n0 + j] : 0.0f);
+}
+
+/* Every row of x against weight rows [n, n + NR). */
+#define ALL_ROWS(NR)                                                                   \
+    do {                                                                               \
+        int64_t m = 0;                                                                 \
+        for (; m + 3 <= M; m += 3) tile(x, w, bias, y, K, N, m, n, 3, NR);             \
+        if (M - m == 2) tile(x, w, bias, y, K, N, m, n, 2, NR);                        \
+        else if (M - m == 1) tile(x, w, bias, y, K, N, m, n, 1, NR);                   \
+    } while (0)
+
+void f32_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                int64_t n_lo, int64_t n_hi) {
+    int64_t n = n_lo;
+    for (; n + 4 <= n_hi; n += 4) ALL_ROWS(4);
+    for (; n < n_hi; n++) ALL_ROWS(1);
+}

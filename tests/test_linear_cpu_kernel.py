@@ -1,0 +1,57 @@
+"""The CPU float32 linear kernel (kernels/f32_linear_cpu.c) against F.linear, where the layers use
+it, and the fallback when no C compiler is there."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import f32_linear_cpu
+from services.worker.layers.linear import ReplicatedLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not f32_linear_cpu.available(), reason="no C compiler")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 16])
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 64), (13, 576), (1030, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_matches_f_linear(rows, n, k, bias):
+    """Every tile shape: 3, 2 or 1 rows at a time, 4 or 1 weight rows, split over the threads."""
+    torch.manual_seed(rows * 1000 + n + k)
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    b = torch.randn(n) if bias else None
+    out = f32_linear_cpu.f32_linear(x, w, b)
+    assert out.shape == (rows, n)
+    torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_layers_take_the_kernel_for_few_rows_only():
+    layer = ReplicatedLinear(64, 24, bias=True)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    with torch.inference_mode():
+        for rows in (1, f32_linear_cpu.MAX_ROWS, f32_linear_cpu.MAX_ROWS + 1):
+            x = torch.randn(2, rows, 64)  # leading dims flatten into rows
+            assert f32_linear_cpu.usable(x[0], layer.weight) == (rows <= f32_linear_cpu.MAX_ROWS)
+            torch.testing.assert_close(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
+        x = torch.randn(3, 60)
+        assert not f32_linear_cpu.usable(x, torch.randn(5, 60))  # K not a multiple of 8
+        assert not f32_linear_cpu.usable(x.to(torch.bfloat16), torch.randn(5, 60, dtype=torch.bfloat16))
+
+
+def test_without_a_compiler_f_linear_runs(tmp_path):
+    code = ("import torch; from kernels import f32_linear_cpu as k; assert not k.available();"
+            "x, w = torch.randn(2, 8), torch.randn(3, 8);"
+            "assert torch.equal(k.linear(x, w), torch.nn.functional.linear(x, w))")
+    env = {**os.environ, "CC": "false", "PAGEDSERVE_KERNEL_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "CPU float32 linear kernel unavailable" in proc.stderr
