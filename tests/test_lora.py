@@ -14,6 +14,7 @@ import torch
 
 from pagedserve import LLM, LoRARequest, SamplingParams
 from pagedserve.test_lora import make_test_adapter, make_test_adapters
+from services.worker.lora.layer import LoRAMapping, lora_delta_torch
 from shared.lora import WEIGHTS_FILE
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41, 42], [100, 7, 300, 12, 55, 66, 77, 88, 99, 3, 4, 5, 6]]
@@ -158,3 +159,21 @@ def test_adapter_failing_in_the_worker_fails_alone(llama_lora, tmp_path):
     outs = _run(llm, [PROMPTS[0], PROMPTS[0], PROMPTS[0]], [None, nan, a])
     assert outs[1].outputs[0].finish_reason == "error" and "NaN" in outs[1].outputs[0].error
     assert [outs[i].outputs[0].finish_reason for i in (0, 2)] == ["length", "length"]
+
+
+@pytest.mark.parametrize(("slots", "gathers"), [
+    ([0, 0, -1, 1, 1, 1], False),  # each adapter's rows are one run: used in place
+    ([2, -1, 0, 0, 2, -1, 1, 0], True),  # scattered (a mixed decode batch): gathered once, grouped by slot
+])
+def test_torch_path_groups_rows_by_adapter(slots, gathers):
+    torch.manual_seed(0)
+    x, y = torch.randn(len(slots), 12), torch.randn(len(slots), 10)
+    a, b = torch.randn(3, 4, 12), torch.randn(3, 10, 4)
+    mapping = LoRAMapping.from_slots(slots, torch.device("cpu"))
+    assert (mapping.perm is not None) == gathers
+    expected = y.clone()
+    for row, slot in enumerate(slots):
+        if slot >= 0:
+            expected[row] += b[slot] @ (a[slot] @ x[row])
+    torch.testing.assert_close(lora_delta_torch(x, y, a, b, mapping), expected)
+    assert LoRAMapping.from_slots([-1, -1], torch.device("cpu")) is None

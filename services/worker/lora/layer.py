@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from services.worker.forward_context import current_lora, use_triton_kernels
@@ -24,23 +25,51 @@ from services.worker.lora.adapter import Parts
 
 @dataclass
 class LoRAMapping:
-    """A step's rows per adapter slot, for slots with rows: (slot, rows), rows a slice when they
-    are contiguous (one request, or neighbours), else their indices on the device."""
+    """A step's adapter rows, grouped by slot once per step and reused by every LoRA layer.
 
-    rows_by_slot: list[tuple[int, slice | torch.Tensor]]
+    segments: (slot, start, end), one per slot with rows. With perm None each slot's rows are one
+    contiguous run of the batch and start:end index the batch itself (no copy); otherwise perm
+    holds the adapter rows sorted by slot (stably) and start:end index that order: each layer
+    gathers its input rows once, runs one dense matmul pair per slot, and adds back once.
+    """
+
+    segments: list[tuple[int, int, int]]
+    perm: torch.Tensor | None  # [rows using an adapter] int64 on the device, or None (see above)
     token_slots: torch.Tensor  # [T] int32 on the device: each row's slot, -1 for the base model (Triton path)
+
+    @classmethod
+    def from_slots(cls, token_slots: list[int], device: torch.device) -> LoRAMapping | None:
+        """The mapping of a step whose row t runs slot token_slots[t] (-1: the base model); None
+        when no row uses an adapter."""
+        slots = np.asarray(token_slots, dtype=np.int64)
+        rows = np.flatnonzero(slots >= 0)
+        if rows.size == 0:
+            return None
+        order = rows[np.argsort(slots[rows], kind="stable")]
+        starts = np.flatnonzero(np.diff(slots[order], prepend=-1))  # where each slot's run begins
+        ends = np.append(starts[1:], order.size)
+        used = slots[order[starts]].tolist()
+        token_tensor = torch.tensor(token_slots, dtype=torch.int32, device=device)
+        first, last = order[starts], order[ends - 1]
+        if np.all(last - first == ends - 1 - starts):  # each slot's rows are one run of the batch
+            return cls(list(zip(used, first.tolist(), (last + 1).tolist())), None, token_tensor)
+        perm = torch.from_numpy(order).to(device)
+        return cls(list(zip(used, starts.tolist(), ends.tolist())), perm, token_tensor)
 
 
 def lora_delta_torch(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                      mapping: LoRAMapping) -> torch.Tensor:
     """y[rows of slot s] += x[rows] A[s]^T B[s]^T for every slot with rows (in place): one
-    shrink and one expand matmul per adapter in the step."""
-    for slot, rows in mapping.rows_by_slot:
-        if isinstance(rows, slice):
-            y[rows] += (x[rows] @ a[slot].t()) @ b[slot].t()
-        else:
-            y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot].t())
-    return y
+    shrink and one expand matmul per adapter in the step, on contiguous rows."""
+    if mapping.perm is None:
+        for slot, start, end in mapping.segments:
+            y[start:end].addmm_(x[start:end] @ a[slot].t(), b[slot].t())
+        return y
+    xs = x.index_select(0, mapping.perm)
+    delta = y.new_empty(xs.shape[0], y.shape[1])
+    for slot, start, end in mapping.segments:
+        torch.mm(xs[start:end] @ a[slot].t(), b[slot].t(), out=delta[start:end])
+    return y.index_add_(0, mapping.perm, delta)
 
 
 class LoRALayer:

@@ -110,7 +110,6 @@ def prepare_adapters(manager: LoRAManager | None, scheduled: Scheduled, fail: Ca
 def _mapping(scheduled: Scheduled, slots: dict[LoRARequest, int], refused: dict[LoRARequest, str],
              fail: Callable[[str, str], None], device: torch.device) -> tuple[Scheduled, LoRAMapping | None]:
     kept: Scheduled = []
-    rows: dict[int, list[int]] = {}
     token_slots: list[int] = []
     for state, n in scheduled:
         lora = state.lora_request
@@ -118,21 +117,10 @@ def _mapping(scheduled: Scheduled, slots: dict[LoRARequest, int], refused: dict[
             fail(state.req_id, refused[lora])
             continue
         kept.append((state, n))
-        if lora is not None:
-            rows.setdefault(slots[lora], []).extend(range(len(token_slots), len(token_slots) + n))
         token_slots += [-1 if lora is None else slots[lora]] * n
-    if not rows:
-        return kept, None
-    slot_tensor = torch.tensor(token_slots, dtype=torch.int32, device=device)
-    return kept, LoRAMapping([(s, _rows(r, device)) for s, r in rows.items()], slot_tensor)
+    return kept, LoRAMapping.from_slots(token_slots, device)
 
 
 def _kind(module: str) -> str:
     """A layer's module without its decoder layer: model.layers.3.mlp.down_proj -> mlp.down_proj."""
     return re.sub(r"^.*\.layers\.\d+\.", "", module)
-
-
-def _rows(rows: list[int], device: torch.device) -> slice | torch.Tensor:
-    if rows[-1] - rows[0] + 1 == len(rows):
-        return slice(rows[0], rows[-1] + 1)
-    return torch.tensor(rows, dtype=torch.long, device=device)
