@@ -17,11 +17,12 @@ from services.frontend.engine_client import EngineClient
 from services.frontend.replicas import EngineReplicas
 from services.frontend.routing import AffinityRouter, ReplicaLoad, RoundRobinRouter, make_router
 from services.frontend.state import FrontendConfig
-from shared.block_hash import extend_block_hashes
+from shared.lora import LoRARequest
 from shared.protocol import ModelInfo, Pong
 from shared.sampling_params import SamplingParams
 
 BS = 4
+ADAPTER_A, ADAPTER_B = LoRARequest("a", 1, "/adapters/a"), LoRARequest("b", 2, "/adapters/b")
 IDLE = [ReplicaLoad(True, 0), ReplicaLoad(True, 0)]
 
 
@@ -108,14 +109,47 @@ def test_round_robin_takes_turns_and_skips_a_replica_that_is_down():
         make_router("random")
 
 
-def test_router_hashes_are_the_prefix_cache_blocks():
-    """What the router hashes is what the engine's prefix cache looks up: one definition."""
+@pytest.mark.parametrize("lora", [None, ADAPTER_A])
+def test_router_hashes_are_the_prefix_cache_blocks(lora):
+    """What the router hashes is what the engine's prefix cache looks up: one definition, with
+    the adapter's seed for a LoRA request (and another adapter's blocks are not its own)."""
     kv = KVCacheManager(num_blocks=16, block_size=BS)
     ids = prompt(2, 0)
-    req = Request("r", ids, SamplingParams(max_tokens=1), eos_token_ids=(), max_model_len=64)
+    req = Request("r", ids, SamplingParams(max_tokens=1), eos_token_ids=(), max_model_len=64,
+                  lora_request=lora)
     assert kv.allocate_slots(req, len(ids)) is not None
-    hashes = extend_block_hashes([], ids, BS, len(ids) // BS)
-    assert len(hashes) == 3 and all(kv.pool.lookup(h) is not None for h in hashes)
+    for seed, found in ((_seed(lora), True), (_seed(ADAPTER_B if lora is None else None), False)):
+        router = AffinityRouter()
+        router.pick(ids, BS, IDLE, seed)
+        hashes = list(router._seen)  # the block hashes the router remembers for this request
+        assert len(hashes) == 3 and [kv.pool.lookup(h) is not None for h in hashes] == [found] * 3
+
+
+def test_an_adapter_request_follows_its_adapter_not_the_base_model():
+    """The same prompt under an adapter goes to the replica that ran it under that adapter (whose
+    prefix cache holds its KV), not to one that ran it on the base model or under another adapter."""
+    router = AffinityRouter(load_slack=4)
+    p = prompt(8, 0)
+    home, _ = router.pick(p, BS, IDLE)  # the base model's blocks
+    other = 1 - home
+    home_busier = [ReplicaLoad(True, 2 if i == home else 0) for i in range(2)]
+    other_busier = [ReplicaLoad(True, 2 if i == other else 0) for i in range(2)]
+    assert router.pick(p, BS, home_busier, _seed(ADAPTER_A)) == (other, "load")  # no base-model blocks used
+    assert router.pick(prompt(8, 1), BS, other_busier, _seed(ADAPTER_A)) == (other, "affinity")
+    assert router.pick(prompt(8, 2), BS, home_busier) == (home, "affinity")
+    assert router.pick(p, BS, other_busier, _seed(ADAPTER_B))[1] == "load"  # another adapter: new blocks
+    # the frontend's replica set hashes with the request's adapter
+    replicas = EngineReplicas([_client(100, 0.0, 0), _client(100, 0.0, 0)], AffinityRouter())
+    p = prompt(8, 0, blocks=10)  # two blocks of the engine's 16
+    first = replicas.pick(p, ADAPTER_A)
+    assert replicas.pick(p, ADAPTER_A) is first
+    replicas.pick(p)  # the base model: no blocks of its own on either replica yet
+    assert replicas.routed[replicas.clients.index(first), "affinity"] == 1
+    assert sum(n for (_, reason), n in replicas.routed.items() if reason == "load") == 2
+
+
+def _seed(lora: LoRARequest | None) -> bytes | None:
+    return None if lora is None else lora.hash_seed()
 
 
 # ----- the replicas' state as the frontend sees it (services/frontend/replicas.py) ---------------

@@ -29,6 +29,7 @@ import msgspec
 
 from services.frontend.engine_client import EngineClient
 from services.frontend.routing import AffinityRouter, ReplicaLoad, RoundRobinRouter
+from shared.lora import LoRARequest
 from shared.protocol import ModelInfo, Pong
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,13 @@ class EngineReplicas:
         pongs = [p for p in await asyncio.gather(*(c.ping(timeout) for c in self.clients)) if p is not None]
         return next((p for p in pongs if p.workers_ready), pongs[0] if pongs else None)
 
-    def pick(self, prompt: list[int]) -> EngineClient:
-        """The replica's client that a request with this (first) prompt goes to."""
+    def pick(self, prompt: list[int], lora: LoRARequest | None = None) -> EngineClient:
+        """The replica's client that a request with this (first) prompt, under this adapter, goes to."""
         if len(self.clients) == 1:
             return self.clients[0]
         info = self.model_info
-        index, reason = self.router.pick(prompt, info.block_size if info else 16, self.loads())
+        seed = None if lora is None else lora.hash_seed()
+        index, reason = self.router.pick(prompt, info.block_size if info else 16, self.loads(), seed)
         self.routed[index, reason] += 1
         return self.clients[index]
 

@@ -3,7 +3,9 @@
 Two strategies (``--data-parallel-routing``):
 
 - ``affinity`` (the default): prefix affinity, then load. The prompt's first full blocks are hashed
-  as the engine's prefix cache hashes them (shared/block_hash.py); the router remembers which
+  as the engine's prefix cache hashes them (shared/block_hash.py), chained to the request's LoRA
+  adapter as the engine chains them (so a prompt under an adapter goes where that adapter's KV
+  for it is, never to a replica holding only the base model's); the router remembers which
   replicas it recently sent each block hash to (a bounded LRU), so a request goes to the replica
   holding the longest run of its first blocks, and its KV is found in that engine's prefix cache.
   It goes elsewhere only when that replica is much more loaded than the least loaded one: more
@@ -46,8 +48,9 @@ class RoundRobinRouter:
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, prompt: Sequence[int], block_size: int, replicas: list[ReplicaLoad]) -> tuple[int, str]:
-        """(replica index, reason)."""
+    def pick(self, prompt: Sequence[int], block_size: int, replicas: list[ReplicaLoad],
+             seed: bytes | None = None) -> tuple[int, str]:
+        """(replica index, reason); seed: unused (see AffinityRouter.pick)."""
         n = len(replicas)
         order = [(self._next + k) % n for k in range(n)]
         chosen = next((i for i in order if replicas[i].up), order[0])
@@ -68,14 +71,17 @@ class AffinityRouter:
         self._seen: OrderedDict[bytes, set[int]] = OrderedDict()  # block hash -> replicas sent it, LRU
         self._turn = 0  # breaks ties between equally loaded replicas, so new prefixes spread
 
-    def pick(self, prompt: Sequence[int], block_size: int, replicas: list[ReplicaLoad]) -> tuple[int, str]:
-        """(replica index, "affinity" or "load")."""
+    def pick(self, prompt: Sequence[int], block_size: int, replicas: list[ReplicaLoad],
+             seed: bytes | None = None) -> tuple[int, str]:
+        """(replica index, "affinity" or "load"). seed: the request's LoRA adapter's hash seed
+        (LoRARequest.hash_seed()), None for the base model."""
         n = len(replicas)
         candidates = [i for i in range(n) if replicas[i].up] or list(range(n))
         least = min(replicas[i].load for i in candidates)
         bound = least + max(self.load_slack, least)
         eligible = [i for i in candidates if replicas[i].load <= bound]
-        hashes = extend_block_hashes([], prompt, block_size, min(len(prompt) // block_size, self.max_blocks))
+        num_blocks = min(len(prompt) // block_size, self.max_blocks)
+        hashes = extend_block_hashes([], prompt, block_size, num_blocks, seed)
         depth = self._depths(hashes, eligible)
 
         def rank(i: int) -> tuple:

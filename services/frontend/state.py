@@ -256,8 +256,9 @@ class FrontendState:
         self.check_endpoint(endpoint, pooling is not None)
         if self.config.log_requests:
             log_request(endpoint, prompts, params, self.config.max_log_len)
+        lora = None if model is None else self.loras.get(model)
         return Generation(
-            self.engines.pick(prompts[0]),  # the whole request goes to one replica
+            self.engines.pick(prompts[0], lora),  # the whole request goes to one replica
             self._processor(),
             prompts,
             params,
@@ -266,6 +267,6 @@ class FrontendState:
             resume_timeout=self.config.resume_timeout,
             priority=priority,
             pooling=pooling,
-            lora_request=None if model is None else self.loras.get(model),
+            lora_request=lora,
             metrics=RequestMetrics(self.metrics, endpoint, arrival),
         )
