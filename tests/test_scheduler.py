@@ -6,9 +6,11 @@ import random
 
 import pytest
 
+from services.engine.adapter_slots import MAX_PASSES
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
 from shared.config import CacheConfig, SchedulerConfig
+from shared.lora import LoRARequest
 from shared.protocol import StepPlan, StepResult
 from shared.sampling_params import SamplingParams
 
@@ -192,3 +194,59 @@ def test_prefix_cache_evictions_are_counted_across_a_worker_restart():
     assert evicted > 0
     s.restart_workers(12)
     assert s.kv.pool.num_evictions == evicted
+
+
+# ----- adapter slots (--max-loras): no head-of-line blocking, no starvation -----------------------
+
+ADAPTER_A, ADAPTER_B = LoRARequest("a", 1, "/adapters/a"), LoRARequest("b", 2, "/adapters/b")
+
+
+def lora_request(rid: str, lora: LoRARequest | None, max_tokens: int = 20) -> Request:
+    return Request(rid, [3, 4, 5, 6], SamplingParams(max_tokens=max_tokens, ignore_eos=True), (EOS,),
+                   max_model_len=256, lora_request=lora)
+
+
+def lora_step(s: Scheduler, w: TokenCounter) -> set[str]:
+    """One step; the requests it ran (never more adapters than slots)."""
+    plan = s.schedule()
+    ran = set(plan.num_scheduled_tokens)
+    assert len({s.requests[r].lora_request for r in ran} - {None}) <= s.max_loras
+    s.update(plan, w.execute(plan))
+    return ran
+
+
+def test_a_request_waiting_for_an_adapter_slot_does_not_block_the_queue():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), CacheConfig(block_size=4), 64,
+                  max_loras=1)
+    w = TokenCounter()
+    s.add_request(lora_request("a1", ADAPTER_A))
+    lora_step(s, w)
+    for rid, lora in (("b", ADAPTER_B), ("base", None), ("a2", ADAPTER_A)):
+        s.add_request(lora_request(rid, lora))
+    assert lora_step(s, w) == {"a1", "base", "a2"}  # b's adapter has no slot; those behind it start
+    assert [r.req_id for r in s.waiting] == ["b"]
+    steps = [lora_step(s, w) for _ in range(60) if s.has_unfinished()]
+    first_b = next(i for i, ran in enumerate(steps) if "b" in ran)
+    assert not any(r.startswith("a") for r in steps[first_b])  # it starts once adapter a is done
+    assert not s.has_unfinished() and s.kv.pool.num_free_blocks == 64
+
+
+def test_a_passed_over_request_is_not_starved_by_a_busy_adapter():
+    """Adapter a never idles (a new request for it every step): after b has been passed over
+    MAX_PASSES times, a's new requests wait, a drains, and b starts; the base model's go on."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), CacheConfig(block_size=4), 64,
+                  max_loras=1)
+    w = TokenCounter()
+    s.add_request(lora_request("a-0", ADAPTER_A, max_tokens=4))
+    lora_step(s, w)
+    s.add_request(lora_request("b", ADAPTER_B, max_tokens=4))
+    steps = []
+    for i in range(MAX_PASSES + 20):
+        s.add_request(lora_request(f"a{i}", ADAPTER_A, max_tokens=4))
+        s.add_request(lora_request(f"base{i}", None, max_tokens=4))
+        steps.append(lora_step(s, w))
+        if "b" in steps[-1]:
+            break
+    assert "b" in steps[-1] and len(steps) > MAX_PASSES
+    assert any(r.startswith("a") for r in steps[MAX_PASSES - 2])  # a kept running while b waited its turns
+    assert all(any(r.startswith("base") for r in ran) for ran in steps[MAX_PASSES:])  # the base model went on

@@ -76,6 +76,7 @@ class Request:
         self.priority = priority
         self.stop_strings = stop_strings
         self.lora_request = lora_request  # the adapter it runs with (None: the base model)
+        self.adapter_passes = 0  # steps it waited for an adapter slot (services/engine/adapter_slots.py)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None  # when it first entered the running batch
         self.status = RequestStatus.WAITING

@@ -28,6 +28,7 @@ from collections import deque
 
 import numpy as np
 
+from services.engine.adapter_slots import AdapterSlots
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
 from services.engine.spec_decode import SpecDecoder
@@ -185,13 +186,13 @@ class Scheduler(StepUpdate):
             new_blocks[request.req_id] = blocks
             budget -= num_new
 
-        adapters = {r.lora_request for r in self.running if r.lora_request is not None}
-        while (self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs
-               and len(scheduled) < most):
-            request = self.waiting[0]
-            lora = request.lora_request
-            if lora is not None and lora not in adapters and len(adapters) >= self.max_loras:
-                break  # every adapter slot is taken: it waits for one of them to finish
+        slots, index = AdapterSlots(self.max_loras, self.running), 0
+        while (index < len(self.waiting) and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs and len(scheduled) < most):
+            request = self.waiting[index]
+            if not slots.admits(request):
+                index += 1  # no adapter slot for it now: the requests behind it go on
+                continue
             computed = self.kv.get_computed_blocks(request)
             num_computed = len(computed) * self.kv.block_size
             num_new = min(request.num_tokens - num_computed, budget)
@@ -200,7 +201,7 @@ class Scheduler(StepUpdate):
             blocks = self.kv.allocate_slots(request, num_new, computed)
             if blocks is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             request.num_computed_tokens = num_computed
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_computed
@@ -208,8 +209,7 @@ class Scheduler(StepUpdate):
                 self.queue_times.append(request.first_scheduled_time - request.arrival_time)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            if lora is not None:
-                adapters.add(lora)
+            slots.started(request)
             self._known_to_worker.discard(request.req_id)  # resent in full
             scheduled[request.req_id] = num_new
             new_blocks[request.req_id] = blocks
