@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -108,16 +110,51 @@ def test_bad_adapters_get_400_and_serving_carries_on(lora_base, model_path, adap
     assert _complete(lora_base, "ada").status_code == 200  # still serving
 
 
-def test_lora_info_gauge_tells_the_running_adapter(lora_stack):
-    """The gateway's LoRA gauge: max_lora is the engine's --max-loras, and a request running
-    under an adapter shows its name while it runs."""
-    body = {"model": "ada", "prompt": PROMPT, "max_tokens": 900, "ignore_eos": True, "stream": True}
-    seen = set()
-    with httpx.stream("POST", f"{lora_stack.base}/v1/completions", json=body, timeout=120) as stream:
+def test_lora_info_gauge_tells_running_and_waiting_adapters(lora_stack, adapters):
+    """The gateway's LoRA gauge under a mixed load: max_lora is the engine's --max-loras (2); with
+    the base model and three adapters streaming at once, two adapters run, the third waits (and
+    does not hold up the base model); when the streams end, none is left running or waiting."""
+    base = lora_stack.base
+    for name, path in (("mixb", adapters[1]), ("mixc", adapters[0])):  # the same folder under another name
+        r = httpx.post(f"{base}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+        assert r.status_code == 200, r.text
+    models = ["ada", "mixb", "mixc", httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]]
+    stop = threading.Event()
+    streamed: dict[str, int] = {}
+
+    def stream(model: str) -> None:
+        body = {"model": model, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as response:
+            for _ in response.iter_lines():
+                streamed[model] = streamed.get(model, 0) + 1
+                if stop.is_set():
+                    return  # closing the stream aborts the request
+
+    def gauge() -> tuple[str, list[str], list[str]]:
+        info = metric_labels(lora_stack.metrics("fe-lora"), "pagedserve_frontend_lora_requests_info")
+        return info["max_lora"], _names(info["running_lora_adapters"]), _names(info["waiting_lora_adapters"])
+
+    seen = []
+    with ThreadPoolExecutor(len(models)) as pool:
+        futures = [pool.submit(stream, m) for m in models]
         deadline = time.monotonic() + 60
-        for _ in stream.iter_lines():
-            info = metric_labels(lora_stack.metrics("fe-lora"), "pagedserve_frontend_lora_requests_info")
-            seen.add((info["max_lora"], info["running_lora_adapters"]))
-            if ("2", "ada") in seen or time.monotonic() > deadline:
-                break
-    assert ("2", "ada") in seen
+        while time.monotonic() < deadline and not (seen and len(seen[-1][1]) == 2 and len(seen[-1][2]) == 1):
+            seen.append(gauge())
+            time.sleep(0.2)
+        stop.set()
+        for f in futures:
+            f.result()
+    max_lora, running, waiting = seen[-1]
+    assert max_lora == "2" and len(running) == 2 and len(waiting) == 1, seen
+    assert sorted(running + waiting) == ["ada", "mixb", "mixc"]
+    assert streamed[models[3]] > 1  # the base model streamed meanwhile
+    deadline = time.monotonic() + 30
+    while gauge()[1:] != ([], []) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert gauge() == ("2", [], [])
+    for name in ("mixb", "mixc"):
+        assert httpx.post(f"{base}/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+
+
+def _names(label: str) -> list[str]:
+    return sorted(n for n in label.split(",") if n)
