@@ -61,6 +61,7 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inverse_frequencies(head_dim, params))
         # [max_position, D]: cos in the first D/2 columns, sin in the rest (the kernel's layout)
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        self._looked_up: tuple | None = None  # (positions, dtype, cos, sin) of the last lookup
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -69,8 +70,17 @@ class RotaryEmbedding(nn.Module):
             from kernels.rotary import rotary_embedding
 
             return rotary_embedding(positions, q, k, self.cos_sin_cache)
-        cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)  # [T, 1, D/2] each
+        cos, sin = self._cos_sin(positions, q.dtype)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D/2] cos and sin at positions, looked up once per forward: every layer shares this
+        module and passes the same positions tensor (a new one each step, never written in place)."""
+        last = self._looked_up
+        if last is None or last[0] is not positions or last[1] != dtype:
+            cos, sin = self.cos_sin_cache[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+            last = self._looked_up = (positions, dtype, cos, sin)
+        return last[2], last[3]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x.unflatten(-1, (-1, self.head_dim))
