@@ -21,6 +21,10 @@ def _make_test_model(args: argparse.Namespace) -> int:
 
         for adapter in make_test_adapters(path, args.lora_adapters, seed=args.seed):
             print(adapter)
+    if args.quantize:
+        from pagedserve.test_quant_model import quantize_checkpoint
+
+        print(quantize_checkpoint(path, f"{str(path).rstrip('/')}-{args.quantize}", args.quantize))
     return 0
 
 
@@ -76,6 +80,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     # names only: torch loads when a model is made
     from pagedserve.test_model import ARCHS, CHAT_FORMATS, SIZES
+    from pagedserve.test_quant_model import SCHEMES
 
     p = sub.add_parser("make-test-model", help="write a seeded random-weight checkpoint of a real architecture")
     p.add_argument("out")
@@ -88,6 +93,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="the chat template's tool and reasoning markup: qwen (hermes) or llama3 (Llama 3.1 JSON)")
     p.add_argument("--lora-adapters", type=int, default=0,
                    help="also write this many seeded PEFT LoRA adapters, into OUT/lora/adapter-<i>")
+    p.add_argument("--quantize", choices=SCHEMES, default=None,
+                   help="also write OUT-<scheme>: the checkpoint quantized in that documented format")
     p.set_defaults(func=_make_test_model)
 
     p = sub.add_parser("keys", help="write CURVE keypairs for the engine, frontends and workers into DIR")

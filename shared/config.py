@@ -19,7 +19,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("torch", "triton")  # PAGEDSERVE_ATTENTION_BACKEND
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto: the model's dtype; fp8 is fp8_e4m3
 QUANTIZATIONS = ("int8",)  # int8: weight-only, per-channel, quantized at load
-CHECKPOINT_QUANTIZATIONS = ("compressed-tensors",)  # detected from config.json's quantization_config
+CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "gptq", "awq")  # detected from config.json's quantization_config
 
 
 def _quantization(hf: dict[str, Any], requested: str | None) -> str | None:

@@ -107,7 +107,7 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
              kind=str)
     add_flag(parser, "--dtype", None, "auto, float32, float16 or bfloat16 (default: float32 on CPU, auto on GPU)", kind=str)
     add_flag(parser, "--quantization", None, "weight quantization: int8 (weight-only, per-channel, quantized at "
-             "load); a checkpoint's own (compressed-tensors) is detected from its config.json", kind=str,
+             "load); a checkpoint's own (compressed-tensors, gptq, awq) is detected from its config.json", kind=str,
              aliases=("-q",), choices=QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS)
     add_flag(parser, "--max-model-len", None, "longest prompt + output in tokens", kind=int)
     add_flag(parser, "--runner", "auto", "generate, pooling (embeddings, scores; a decoder pools its last token) "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from kernels import (
     fused_moe,
     kv_cache_write,
     lora,
+    packed_int_linear,
     paged_attention_decode,
     paged_attention_prefill,
     rms_norm,
@@ -187,6 +189,20 @@ def _lora(shape, dtype):
     lora.lora_delta(x, y, a, b, torch.tensor([0, -1, 3, 3, 1], dtype=torch.int32))
 
 
+# Grouped-int (GPTQ / AWQ) GEMM shape: (in, out) of llama-8b's qkv projection (other shapes whose
+# sizes are multiples of 16 specialize to the same binaries).
+PACKED_INT_SHAPES = {"llama-8b qkv": (4096, 6144)}
+
+
+def _packed_int(shape, dtype, bits, num_tokens):
+    k, n = shape
+    words = torch.zeros(k // (32 // bits), n, dtype=torch.int32)
+    zeros, scales = torch.zeros(k // 128, n, dtype=torch.int32), torch.ones(k // 128, n)
+    g_idx = torch.arange(k, dtype=torch.int32) // 128
+    packed_int_linear.packed_int_linear_triton(torch.zeros(num_tokens, k, dtype=dtype), words, zeros, scales, g_idx,
+                                               bits)
+
+
 def cases():
     """(kernel family, case name, thunk running the wrapper once) over the variants we ship.
 
@@ -213,6 +229,9 @@ def cases():
                 yield "fused_moe", f"{name} {dname} T{num_tokens}", partial(_moe, shape, dtype, num_tokens)
         for name, shape in LORA_SHAPES.items():
             yield "lora", f"{name} {dname}", partial(_lora, shape, dtype)
+        for (name, shape), bits, num_tokens in itertools.product(PACKED_INT_SHAPES.items(), (4, 8), (4, 512)):
+            yield "packed_int_linear", f"{name} {dname} w{bits} T{num_tokens}", partial(
+                _packed_int, shape, dtype, bits, num_tokens)
         for inter in (1536, 8960, 14336):
             x = torch.zeros(3, 2 * inter, dtype=dtype)
             yield "silu_and_mul", f"inter{inter} {dname}", partial(activation.silu_and_mul, x)

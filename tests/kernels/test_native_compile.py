@@ -28,6 +28,7 @@ KERNELS = {
     "_silu_and_mul_kernel",
     "_lora_shrink_kernel",
     "_lora_expand_kernel",
+    "_packed_int_linear_kernel",
 }
 MAX_SHARED = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 # ptxas may keep a word or two on the stack at 8 warps; real spills are hundreds of bytes.
