@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-SPEC_METHODS = ("ngram",)
+SPEC_METHODS = ("ngram", "suffix")
 
 
 @dataclass(frozen=True)
@@ -16,17 +16,29 @@ class SpeculativeConfig:
     request by prompt lookup (the tokens that followed the latest earlier occurrence of the
     request's last n tokens, n from prompt_lookup_max down to prompt_lookup_min); the workers
     verify them in one forward. disable_by_batch_size: no proposals while at least this many
-    requests run (the step is compute-bound; None: never off by batch size)."""
+    requests run (the step is compute-bound; None: never off by batch size).
+
+    method "suffix": suffix decoding (services/engine/suffix_decode.py) over a suffix tree of
+    the request's tokens and one of the latest suffix_decoding_max_cached_requests outputs (0:
+    none), at most suffix_decoding_max_tree_depth tokens deep (matched and proposed together),
+    at most suffix_decoding_max_spec_factor proposed tokens per matched one, each only while the
+    continuation's empirical probability is at least suffix_decoding_min_token_prob. vLLM's
+    names and defaults; num_speculative_tokens defaults to the tree depth (at most 32)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     disable_by_batch_size: int | None = None
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 10000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
             raise ValueError(f"speculative_config method must be one of {SPEC_METHODS}, got {self.method!r}")
+        self._check_suffix()
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -36,6 +48,20 @@ class SpeculativeConfig:
         lo, hi = self.lookup_range
         if lo > hi:
             raise ValueError(f"speculative_config prompt_lookup_min ({lo}) must not exceed prompt_lookup_max ({hi})")
+
+    def _check_suffix(self) -> None:
+        depth, cached = self.suffix_decoding_max_tree_depth, self.suffix_decoding_max_cached_requests
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 1024:
+            raise ValueError(f"speculative_config suffix_decoding_max_tree_depth must be an integer in [1, 1024], got {depth!r}")
+        if isinstance(cached, bool) or not isinstance(cached, int) or cached < 0:
+            raise ValueError(
+                f"speculative_config suffix_decoding_max_cached_requests must be a non-negative integer, got {cached!r}"
+            )
+        for name, low, high in (("suffix_decoding_max_spec_factor", 0.0, 1024.0),
+                                ("suffix_decoding_min_token_prob", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"speculative_config {name} must be a number in [{low:g}, {high:g}], got {value!r}")
 
     @property
     def lookup_range(self) -> tuple[int, int]:
@@ -64,4 +90,7 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: unsupported key(s) {unknown}; supported: {sorted(known)}")
         if "method" not in value:
             raise ValueError('speculative_config needs a "method" (supported: ' + ", ".join(SPEC_METHODS) + ")")
+        if value["method"] == "suffix" and "num_speculative_tokens" not in value:
+            depth = value.get("suffix_decoding_max_tree_depth", 24)
+            value = {**value, "num_speculative_tokens": min(32, depth) if isinstance(depth, int) else 24}
         return cls(**value)

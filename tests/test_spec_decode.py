@@ -39,6 +39,7 @@ PARAMS = {
     "penalty": SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3, ignore_eos=True),
 }
 SPEC = SpeculativeConfig(method="ngram", num_speculative_tokens=4, prompt_lookup_max=3, prompt_lookup_min=1)
+SPECS = {"ngram": SPEC, "suffix": SpeculativeConfig(method="suffix", num_speculative_tokens=4)}
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +71,24 @@ def generate(runner, spec: SpeculativeConfig | None, num_blocks: int, budget: in
     return out, engine
 
 
+@pytest.fixture(scope="module")
+def plain_runs(runner):
+    """Non-speculative runs by (num_blocks, budget), made once for every method."""
+    runs: dict = {}
+
+    def get(num_blocks: int, budget: int) -> tuple[dict, EngineCore]:
+        if (num_blocks, budget) not in runs:
+            runs[num_blocks, budget] = generate(runner, None, num_blocks, budget)
+        return runs[num_blocks, budget]
+
+    return get
+
+
+@pytest.mark.parametrize("method", list(SPECS))
 @pytest.mark.parametrize(("num_blocks", "budget"), [(128, 48), (24, 20)], ids=["roomy", "preempting"])
-def test_speculation_gives_the_same_outputs(runner, num_blocks, budget):
-    plain, base = generate(runner, None, num_blocks, budget)
-    spec, engine = generate(runner, SPEC, num_blocks, budget)
+def test_speculation_gives_the_same_outputs(runner, plain_runs, num_blocks, budget, method):
+    plain, base = plain_runs(num_blocks, budget)
+    spec, engine = generate(runner, SPECS[method], num_blocks, budget)
     assert_same_outputs(spec, plain)
     for name, params in PARAMS.items():
         got = spec[f"{name}-0"]
@@ -84,6 +99,8 @@ def test_speculation_gives_the_same_outputs(runner, num_blocks, budget):
     assert counts.accepted_per_position[0] >= counts.accepted_per_position[-1] > 0
     if num_blocks == 24:
         assert engine.scheduler.num_preemptions > 0 and base.scheduler.num_preemptions > 0
+    if method == "suffix":  # every request's tree went with it; the outputs stayed for later requests
+        assert counts.proposer.trees == {} and len(counts.proposer.cached) == len(PARAMS) * 2
 
 
 def test_ngram_proposer_finds_the_latest_match_and_follows_loops():
@@ -248,16 +265,17 @@ def test_llm_speculative_config_keeps_texts_with_n_and_stop_strings(model_dirs):
 
     path = str(model_dirs("llama", attention_scale=0.005))
     llms = [LLM(path, max_model_len=160, kv_cache_memory=8 << 20, speculative_config=c)
-            for c in (None, {"method": "ngram", "num_speculative_tokens": 4})]
+            for c in (None, {"method": "ngram", "num_speculative_tokens": 4}, {"method": "suffix"})]
     prompts = ["the cat sat on the mat, the cat sat on the mat", "hello"]
     params = SamplingParams(temperature=0, max_tokens=48, n=2, ignore_eos=True)
-    plain, spec = (llm.generate(prompts, params, use_tqdm=False) for llm in llms)
+    plain, *specs = (llm.generate(prompts, params, use_tqdm=False) for llm in llms)
     text = plain[0].outputs[0].text
     stop = text[len(text) // 2 : len(text) // 2 + 2]  # a string the output reaches mid-way
     stopped = msgspec.structs.replace(params, stop=[stop])
-    plain_stop, spec_stop = (llm.generate(prompts, stopped, use_tqdm=False) for llm in llms)
-    for a, b in ((plain, spec), (plain_stop, spec_stop)):
+    plain_stop, *specs_stop = (llm.generate(prompts, stopped, use_tqdm=False) for llm in llms)
+    for a, b in [(plain, spec) for spec in specs] + [(plain_stop, spec) for spec in specs_stop]:
         got = [[(c.text, c.token_ids, c.finish_reason) for c in o.outputs] for o in b]
         assert got == [[(c.text, c.token_ids, c.finish_reason) for c in o.outputs] for o in a]
-    assert spec_stop[0].outputs[0].finish_reason == "stop" and stop not in spec_stop[0].outputs[0].text
-    assert llms[1].engine.scheduler.spec.num_accepted_tokens > 0
+    for llm, spec_stop in zip(llms[1:], specs_stop):
+        assert spec_stop[0].outputs[0].finish_reason == "stop" and stop not in spec_stop[0].outputs[0].text
+        assert llm.engine.scheduler.spec.num_accepted_tokens > 0

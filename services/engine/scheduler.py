@@ -130,6 +130,8 @@ class Scheduler(StepUpdate):
         self.placeholders.pop(request.req_id, None)
         self._kept_blocks.pop(request.req_id, None)
         self.kv.free(request)
+        if self.spec is not None:
+            self.spec.release(request)
         del self.requests[request.req_id]
         if request.req_id in self._known_to_worker:
             self._known_to_worker.discard(request.req_id)

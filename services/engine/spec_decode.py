@@ -5,7 +5,8 @@ them after the request's last token, the workers compute all of them in one forw
 every position, and the result holds the proposed tokens that matched what was sampled, then
 one sampled token. Sampling each position from the target's own distribution and keeping a
 proposal only where it equals the sample is rejection sampling for a point-mass proposal, so
-every sampling parameter keeps its distribution. No torch here: the ngram proposer is numpy.
+every sampling parameter keeps its distribution. No torch here: the ngram proposer is numpy, the
+suffix one (suffix_decode.py) plain Python.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from services.engine.request import Request
+from services.engine.suffix_decode import SuffixProposer
 from shared.speculative import SpeculativeConfig
 
 
@@ -38,6 +40,12 @@ class NgramProposer:
             if ok.size:
                 return _continue(arr, int(ok[-1]) + 1, k)
         return []
+
+    def propose_for(self, request: Request, k: int) -> list[int]:
+        return self.propose(request.token_ids, k)
+
+    def release(self, request: Request) -> None:
+        """Nothing is kept per request."""
 
 
 def _continue(arr: np.ndarray, start: int, k: int) -> list[int]:
@@ -65,7 +73,7 @@ class SpecDecoder:
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
-        self.proposer = NgramProposer(*config.lookup_range)
+        self.proposer = SuffixProposer(config) if config.method == "suffix" else NgramProposer(*config.lookup_range)
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -80,7 +88,11 @@ class SpecDecoder:
         if limit is not None and num_running >= limit:
             return []
         k = min(self.config.num_speculative_tokens, room, request.max_tokens - request.num_output_tokens - 1)
-        return self.proposer.propose(request.token_ids, self._worth(request, k, num_running))
+        return self.proposer.propose_for(request, self._worth(request, k, num_running))
+
+    def release(self, request: Request) -> None:
+        """The request left the scheduler (finished, failed or aborted)."""
+        self.proposer.release(request)
 
     @staticmethod
     def _worth(request: Request, k: int, num_running: int) -> int:
