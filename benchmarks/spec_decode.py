@@ -1,25 +1,36 @@
-"""Speculative decoding (ngram) against plain decoding, on the same prompts in one invocation.
+"""Speculative decoding (each --methods entry) against plain decoding, on the same prompts in one
+invocation.
 
-    python benchmarks/spec_decode.py [--concurrency 1 4 16 64] [--output-len 32] [--repeats 2]
+    python benchmarks/spec_decode.py [--methods ngram suffix] [--concurrency 1 4 16 64] \\
+        [--output-len 32] [--repeats 2]
 
 Builds (or reuses) the random-weight smol135 checkpoint of benchmarks/throughput.py and drives the
 offline engine core (the scheduler and model runner `LLM` uses) with at most C requests running,
-for each concurrency C, 2*C prompts per run (at least 4). Plain and speculative runs alternate,
-repeated, so machine noise hits both alike; each figure is the best of the repeats.
+for each concurrency C, 2*C prompts per run (at least 4). Plain and speculative runs alternate
+(plain, then each method), repeated, so machine noise hits all alike; each figure is the best of
+the repeats.
 
 Workloads:
-  random      prompts of random token ids;
-  repetitive  a random 16-token span repeated to the prompt's length: the output loops (a
-              random-weight smol135 falls into repeating its context), so prompt lookup finds
-              the continuation, as when a prompt holds a text and asks for it back.
-Reported per workload and concurrency: output tokens/s of each mode, the ratio, the acceptance rate
-(accepted / proposed tokens) and the mean acceptance length (1 + accepted per verification).
+  random      the control, where proposals should fail: prompts of random token ids, and output
+              *sampled* at temperature 1 with a seed per request (the same in every mode). A
+              random-weight model's next-token distribution is close to uniform over the whole
+              vocabulary, so the output does not repeat itself or the prompt (its repeat rate, the
+              share of output tokens whose bigram occurred before in the request, is reported):
+              nothing a proposer finds is likely to be accepted. Greedy output would not do: a
+              random-weight smol135 falls into loops from random prompts too.
+  repetitive  greedy output from a random 16-token span repeated to the prompt's length: the
+              output loops (the model repeats its context), so what the request holds predicts it,
+              as when a prompt holds a text and asks for it back.
+Reported per workload, concurrency and method: output tokens/s of plain and speculative decoding,
+their ratio, the acceptance rate (accepted / proposed tokens), the mean acceptance length (1 +
+accepted per verification) and the number of verifications; a table, then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import random
 import sys
@@ -32,7 +43,9 @@ from benchmarks.throughput import DEFAULT_CACHE, resolve_model
 from services.engine.core import EngineCore
 from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shared.sampling_params import SamplingParams
-from shared.speculative import SpeculativeConfig
+from shared.speculative import SPEC_METHODS, SpeculativeConfig
+
+WORKLOADS = ("random", "repetitive")
 
 
 def prompts(workload: str, num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -47,21 +60,30 @@ def prompts(workload: str, num: int, length: int, vocab: int, seed: int) -> list
     return out
 
 
-def run(runner, spec: SpeculativeConfig | None, batch: list[list[int]], concurrency: int, output_len: int) -> dict:
-    """One run to the end: output tokens/s and the speculation counts."""
+def sampling(workload: str, output_len: int, index: int) -> SamplingParams:
+    if workload == "random":
+        return SamplingParams(temperature=1.0, seed=1000 + index, max_tokens=output_len, ignore_eos=True)
+    return SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+
+def run(runner, spec: SpeculativeConfig | None, workload: str, batch: list[list[int]], concurrency: int,
+        output_len: int) -> dict:
+    """One run to the end: output tokens/s, the speculation counts and the outputs."""
     runner.reset()
     config = dataclasses.replace(
         runner.config, scheduler=SchedulerConfig(max_num_seqs=concurrency), speculative=spec
     )
     engine = EngineCore(config, runner, runner.num_blocks)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     for i, p in enumerate(batch):
-        engine.add_request(engine.make_request(str(i), p, params))
-    tokens, start = 0, time.perf_counter()
+        engine.add_request(engine.make_request(str(i), p, sampling(workload, output_len, i)))
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
+    start = time.perf_counter()
     while engine.has_unfinished():
-        tokens += sum(len(d.new_token_ids) for d in engine.step())
+        for d in engine.step():
+            outputs[d.req_id] += d.new_token_ids
     elapsed = time.perf_counter() - start
-    result = {"tokens_per_s": tokens / elapsed}
+    result = {"tokens_per_s": sum(map(len, outputs.values())) / elapsed,
+              "outputs": [outputs[str(i)] for i in range(len(batch))]}
     counts = engine.scheduler.spec
     if counts is not None:
         result["acceptance_rate"] = counts.num_accepted_tokens / max(1, counts.num_draft_tokens)
@@ -70,10 +92,57 @@ def run(runner, spec: SpeculativeConfig | None, batch: list[list[int]], concurre
     return result
 
 
+def repeat_rate(batch: list[list[int]], outputs: list[list[int]]) -> float:
+    """Share of output tokens whose bigram (previous token, token) occurred before in the request."""
+    repeats = total = 0
+    for prompt, out in zip(batch, outputs):
+        seq = prompt + out
+        seen = set(itertools.pairwise(prompt))
+        for i in range(len(prompt), len(seq)):
+            pair = (seq[i - 1], seq[i])
+            repeats += pair in seen
+            total += 1
+            seen.add(pair)
+    return repeats / max(1, total)
+
+
+def measure(runner, specs: dict[str, SpeculativeConfig], workload: str, c: int, args, vocab: int) -> list[dict]:
+    """Rows of one workload and concurrency: plain and every method, interleaved, repeated."""
+    batch = prompts(workload, max(4, 2 * c), args.input_len, vocab, seed=c)
+    run(runner, None, workload, batch[:1], 1, 4)  # warm-up
+    plain, by_method = [], {m: [] for m in specs}
+    for _ in range(args.repeats):
+        plain.append(run(runner, None, workload, batch, c, args.output_len))
+        for method, spec in specs.items():
+            by_method[method].append(run(runner, spec, workload, batch, c, args.output_len))
+    best_plain = max(r["tokens_per_s"] for r in plain)
+    rows = []
+    for method, results in by_method.items():
+        best = max(results, key=lambda r: r["tokens_per_s"])
+        rows.append({"workload": workload, "concurrency": c, "method": method,
+                     "plain_tokens_per_s": round(best_plain, 1), "spec_tokens_per_s": round(best["tokens_per_s"], 1),
+                     "ratio": round(best["tokens_per_s"] / best_plain, 3),
+                     "acceptance_rate": round(best["acceptance_rate"], 3),
+                     "mean_acceptance_length": round(best["mean_acceptance_length"], 2), "drafts": best["drafts"],
+                     "output_repeat_rate": round(repeat_rate(batch, plain[0]["outputs"]), 3)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("workload", "C", "method", "plain tok/s", "spec tok/s", "ratio", "accept", "mean len", "drafts", "repeats")
+    keys = ("workload", "concurrency", "method", "plain_tokens_per_s", "spec_tokens_per_s", "ratio",
+            "acceptance_rate", "mean_acceptance_length", "drafts", "output_repeat_rate")
+    lines = [[str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join(fmt.format(*line) for line in [list(head), *lines])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=["ngram", "suffix"], choices=SPEC_METHODS)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--workloads", nargs="+", default=["random", "repetitive"], choices=["random", "repetitive"])
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
@@ -91,27 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     max_len = args.input_len + args.output_len + 8
     model = ModelConfig.from_pretrained(str(model_dir), max_model_len=max_len)
     runner = ModelRunner(EngineConfig(model, CacheConfig(kv_cache_memory=1 << 30)), device)
-    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=args.num_speculative_tokens)
+    specs = {m: SpeculativeConfig(method=m, num_speculative_tokens=args.num_speculative_tokens) for m in args.methods}
     rows = []
     for workload in args.workloads:
         for c in args.concurrency:
-            batch = prompts(workload, max(4, 2 * c), args.input_len, model.vocab_size, seed=c)
-            run(runner, None, batch[:1], 1, 4)  # warm-up
-            plain, specs = [], []
-            for _ in range(args.repeats):
-                plain.append(run(runner, None, batch, c, args.output_len))
-                specs.append(run(runner, spec, batch, c, args.output_len))
-            best_plain = max(r["tokens_per_s"] for r in plain)
-            best = max(specs, key=lambda r: r["tokens_per_s"])
-            row = {"workload": workload, "concurrency": c, "plain_tokens_per_s": round(best_plain, 1),
-                   "spec_tokens_per_s": round(best["tokens_per_s"], 1),
-                   "ratio": round(best["tokens_per_s"] / best_plain, 3),
-                   "acceptance_rate": round(best["acceptance_rate"], 3),
-                   "mean_acceptance_length": round(best["mean_acceptance_length"], 2), "drafts": best["drafts"]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for row in measure(runner, specs, workload, c, args, model.vocab_size):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(table(rows))
     print(json.dumps({"device": device, "model": args.model or "smol135 (random weights)", "input_len": args.input_len,
-                      "output_len": args.output_len, "repeats": args.repeats, "rows": rows}))
+                      "output_len": args.output_len, "repeats": args.repeats, "methods": args.methods, "rows": rows}))
 
 
 if __name__ == "__main__":
