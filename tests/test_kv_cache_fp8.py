@@ -108,3 +108,13 @@ def test_a_bad_kv_cache_dtype_is_refused(llama):
     assert parser.parse_args(["--kv-cache-dtype", "fp8_e5m2"]).kv_cache_dtype == "fp8_e5m2"
     with pytest.raises(argparse.ArgumentError, match="invalid choice"):
         parser.parse_args(["--kv-cache-dtype", "fp16"])
+
+
+def test_a_prompt_prefilled_alone_gives_what_it_gives_in_a_batch(runs):
+    """A lone fresh prompt attends over its keys as the fp8 cache holds them, as batched ones do."""
+    llm, batched = runs["fp8"]
+    for prompt, together in zip(PROMPTS[:2], batched):
+        alone = llm.generate([prompt], SCORED, use_tqdm=False)[0]
+        assert alone.outputs[0].token_ids == together.outputs[0].token_ids
+        for a, b in zip(alone.outputs[0].logprobs, together.outputs[0].logprobs):
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kernels import paged_decode_cpu
 from services.worker.layers.attention_backend import CommonAttentionMetadata
-from services.worker.quant.kv_fp8 import read_cache, write_cache
+from services.worker.quant.kv_fp8 import dequantize, is_fp8, quantize, read_cache, write_cache
 from services.worker.transfer import to_device
 
 
@@ -135,10 +135,13 @@ def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float, kv_scales: tuple
     if g.seq_lens is not None:
         return paged_decode_cpu.paged_decode(q, kv_cache, g.block_table, g.seq_lens, scale, *kv_scales)
     if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
+        k, v = k_new[g.token_slice], v_new[g.token_slice]
+        if is_fp8(kv_cache.dtype):  # as the cache holds them, so batching never changes a result
+            k, v = (dequantize(quantize(t, s, kv_cache.dtype), s, q.dtype) for t, s in zip((k, v), kv_scales))
         # 4-D [1, H, T, D]: with a batch dimension CPU SDPA takes its fused (flash) kernel
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], k_new[g.token_slice].transpose(0, 1)[None],
-            v_new[g.token_slice].transpose(0, 1)[None], is_causal=True, scale=scale, enable_gqa=True,
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=scale,
+            enable_gqa=True,
         )
         return out[0].transpose(0, 1)
     batch = g.block_table.shape[0]
