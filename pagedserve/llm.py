@@ -19,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pagedserve.llm_pooling import PoolingAPI
+from pagedserve.llm_ranks import LLMLifecycle, make_executor
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from services.engine.core import EngineCore
 from shared.config import (
@@ -45,7 +46,7 @@ PromptType = str | dict[str, Any]
 LoRAType = LoRARequest | Seq[LoRARequest | None] | None
 
 
-class LLM(PoolingAPI):
+class LLM(PoolingAPI, LLMLifecycle):
     def __init__(
         self,
         model: str,
@@ -81,13 +82,6 @@ class LLM(PoolingAPI):
         "pooling" (embed() and score(); a decoder pools its last token), or "auto" (encoders pool).
         enable_lora: serve PEFT LoRA adapters (generate's and chat's lora_request), up to
         max_lora_rank, at most max_loras different ones in a batch and max_cpu_loras kept loaded."""
-        if tensor_parallel_size != 1 or pipeline_parallel_size != 1:
-            raise ValueError("the offline LLM runs one rank (tensor_parallel_size=1, pipeline_parallel_size=1); "
-                             "use `pagedserve serve` for more ranks")
-        import torch
-
-        from services.worker.model_runner import ModelRunner
-
         model_config = ModelConfig.from_pretrained(
             model, dtype=dtype, max_model_len=max_model_len, revision=revision, quantization=quantization,
             runner=runner,
@@ -105,7 +99,7 @@ class LLM(PoolingAPI):
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=scheduling_policy
             ),
-            parallel=ParallelConfig(),
+            parallel=ParallelConfig(tensor_parallel_size, 0, pipeline_parallel_size),
             compilation=CompilationConfig(enforce_eager=enforce_eager),
             seed=seed,
             speculative=SpeculativeConfig.parse(speculative_config),
@@ -114,8 +108,7 @@ class LLM(PoolingAPI):
         self.tokenizer = load_tokenizer(model_config.path)
         facts = ModelFacts(model_config.vocab_size, model_config.max_model_len, model_config.generation_defaults)
         self.processor = RequestProcessor(self.tokenizer, facts)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.runner = ModelRunner(self.config, device)
+        self.runner = make_executor(self.config, device)  # with several ranks, their processes
         self.engine = EngineCore(self.config, self.runner, self.runner.num_blocks)
         self._ids = itertools.count()
 

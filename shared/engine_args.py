@@ -36,6 +36,7 @@ from shared.speculative import SpeculativeConfig
 DEFAULT_ENGINE_INPUT = "tcp://127.0.0.1:5570"
 DEFAULT_ENGINE_OUTPUT = "tcp://127.0.0.1:5571"
 DEFAULT_WORKER_ADDR = "tcp://127.0.0.1:5572"
+DEFAULT_DIST_TIMEOUT_S = 600.0  # --dist-timeout: the ranks joining their group, and every collective after
 
 
 def env_name(flag: str) -> str:

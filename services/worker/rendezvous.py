@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from shared.engine_args import add_flag
+from shared.engine_args import DEFAULT_DIST_TIMEOUT_S, add_flag
 
 DEFAULT_PORT = 29500
 
@@ -44,7 +44,8 @@ def add_rendezvous_args(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--nnodes", None, "hosts the replica's ranks span (default: $LWS_GROUP_SIZE, else 1)", kind=int)
     add_flag(parser, "--node-rank", None, "this host's index among them (default: $LWS_WORKER_INDEX, else 0)",
              kind=int)
-    add_flag(parser, "--dist-timeout", 600.0, "seconds to wait for every rank to join before failing")
+    add_flag(parser, "--dist-timeout", DEFAULT_DIST_TIMEOUT_S, "seconds to wait for every rank to join before "
+             "failing, and for a collective (a rank that stopped answering) before exiting")
 
 
 def _int(value: str | None, name: str) -> int | None:
