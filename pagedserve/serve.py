@@ -2,8 +2,9 @@
 one port; with --data-parallel-size, several engine+worker replicas behind the same frontends —
 as child processes. Waits until it answers, prints where it listens, and on Ctrl-C or
 SIGTERM drains in order: the frontends first (they stop accepting and let open requests finish
-within --shutdown-timeout), then the engine and the workers. If a child dies, names it and exits
-non-zero."""
+within --shutdown-timeout), then the engine and the workers. Once serving, a replica whose engine
+or worker dies is restarted while the others serve (supervisor.py); a child that dies during
+start-up, or a frontend at any time, stops the stack: serve names it and exits non-zero."""
 
 from __future__ import annotations
 
@@ -21,8 +22,15 @@ import urllib.request
 from pathlib import Path
 
 from pagedserve.entrypoints.unsupported import add_unsupported_flags
+from pagedserve.supervisor import Child, Supervisor
 from shared.auth import add_auth_args
-from shared.engine_args import add_flag, add_model_args, engine_config_from_args, flag_names
+from shared.engine_args import (
+    DEFAULT_DIST_TIMEOUT_S,
+    add_flag,
+    add_model_args,
+    engine_config_from_args,
+    flag_names,
+)
 from shared.frontend_args import (
     HTTP_FLAG_NAMES,
     add_http_arguments,
@@ -72,10 +80,6 @@ def _forward(args: argparse.Namespace, names: tuple[str, ...] = _MODEL_FLAGS) ->
     return out
 
 
-# A child: its name, its command, and the environment variables it gets beyond ours.
-Child = tuple[str, list[str], dict[str, str]]
-
-
 def _replica(args: argparse.Namespace, sock_dir: str, replica: int, model: list[str]) -> tuple[list[Child], str, str]:
     """Data-parallel replica ``replica``'s engine and workers, and the engine's input and output
     addresses. Each replica has its own sockets, its metrics ports right after the previous
@@ -92,7 +96,8 @@ def _replica(args: argparse.Namespace, sock_dir: str, replica: int, model: list[
     gpus = visible_gpus() if args.data_parallel_size > 1 else []
     env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus[replica * ranks : (replica + 1) * ranks])} if gpus else {}
     for rank in range(ranks):
-        worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist]
+        worker = ["worker", *model, "--worker-addr", wrk, "--rank", str(rank), "--dist-init-addr", dist,
+                  "--dist-timeout", str(args.dist_timeout)]
         port = args.worker_metrics_port + shift + rank if args.worker_metrics_port else 0
         kids.append((f"worker{tag}-{rank}", base + worker + ["--metrics-port", str(port)], env))
     return kids, inp, outp
@@ -200,6 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "KV cache; the frontends route each request by prefix affinity and load (--data-parallel-routing)",
              aliases=("-dp",))
     add_routing_arguments(parser)
+    add_flag(parser, "--dist-timeout", DEFAULT_DIST_TIMEOUT_S, "seconds the workers of a replica wait for each other "
+             "(joining, and in a collective) before a rank exits and the replica's workers restart")
     add_flag(parser, "--frontends", 1, "frontend processes", aliases=("--api-server-count", "-asc"))
     add_flag(parser, "--api-key", None, "require this Bearer token on /v1/*", kind=str)
     add_flag(parser, "--ready-timeout", 600.0, "seconds to wait for the stack to answer")
@@ -221,6 +228,8 @@ def _check(args: argparse.Namespace) -> None:
     check_frontend_args(args)
     if args.data_parallel_size < 1:
         raise ValueError(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
+    if args.dist_timeout <= 0:
+        raise ValueError("--dist-timeout must be positive")
     gpus = visible_gpus() if args.data_parallel_size > 1 else []
     needed = args.data_parallel_size * args.tensor_parallel_size * args.pipeline_parallel_size
     if gpus and needed > len(gpus):  # else a replica would fall back to the CPU without a word
@@ -246,8 +255,9 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     sock_dir = tempfile.mkdtemp(prefix="pagedserve-")
     # Their own session: Ctrl-C in a terminal reaches only us, and we stop them in order.
-    procs = {name: subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **env} if env else None)
-             for name, cmd, env in _children(args, sock_dir)}
+    supervisor = Supervisor(_children(args, sock_dir), lambda cmd, env: subprocess.Popen(
+        cmd, start_new_session=True, env={**os.environ, **env} if env else None))
+    procs = supervisor.procs  # the supervisor replaces a child it restarts here
     try:
         ready_files = [_ready_file(sock_dir, i) for i in range(args.frontends)]
         scheme = "https" if args.ssl_certfile else "http"
@@ -258,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
                   f"({args.frontends} frontend(s), {args.data_parallel_size} engine replica(s))", flush=True)
         while dead is None and not stopping:
             time.sleep(0.5)
-            dead = next((n for n, p in procs.items() if p.poll() is not None), None)
+            dead = supervisor.check()  # restarts a replica's engine or workers; a dead frontend stops us
         if dead is not None and not stopping:
             print(f"pagedserve: {dead} exited with code {procs[dead].returncode}; stopping the stack", file=sys.stderr)
             return 1

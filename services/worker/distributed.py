@@ -94,3 +94,9 @@ def world_all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def group_failed(exc: BaseException) -> bool:
+    """True when exc says the process group itself broke (a peer died, or a collective outlived
+    the group's timeout, --dist-timeout): its ranks can no longer run steps together."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo" in str(exc).lower())

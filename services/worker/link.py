@@ -4,17 +4,20 @@ the step loop that executes plans in order and answers each one.
 Plans arrive in order on one DEALER socket and run one after another; with async scheduling the
 engine sends the next plan before it has read the previous result, so a plan may already wait
 when a step ends. The result rank (the last pipeline stage's first tensor-parallel rank) sends the results; any
-rank reports a step that failed.
+rank reports a step that failed; a rank whose process group broke (a peer died or stopped past
+--dist-timeout) exits instead, so its supervisor starts the group anew.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from services.worker.distributed import group_failed
 from services.worker.metrics import WorkerMetrics
 from services.worker.model_runner import ModelRunner
 from shared.protocol import Shutdown, StepPlan, WorkerAccepted, WorkerFailed, WorkerReady
@@ -81,6 +84,10 @@ def serve(runner: ModelRunner, queue: EngineLink, rank: int, metrics: WorkerMetr
             result = runner.execute(msg)
         except Exception as exc:  # report, keep the process alive for the engine to decide
             log.exception("step %d failed", msg.step_id)
+            if group_failed(exc):  # no step can run here any more: exit, so the group starts anew
+                log.error("the ranks' process group failed; exiting so the supervisor restarts the group")
+                logging.shutdown()
+                os._exit(1)
             queue.send(WorkerFailed(rank, msg.step_id, f"{type(exc).__name__}: {exc}"))
             idle_since = time.perf_counter()
             continue
