@@ -128,6 +128,8 @@ class RankProcesses:
                                        "(PAGEDSERVE_RANK_START_TIMEOUT)") from None
 
     def submit(self, plan: StepPlan) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError("this LLM has been shut down (shutdown(), or the end of its with block)")
         _check_alive(self.procs, self.sock_dir)
         self.group.poll()  # heartbeats received since the last step
         self.group.submit(plan)

@@ -68,6 +68,9 @@ def test_ranks_give_one_ranks_tokens_and_logprobs(llama, one_rank, tp, pp, close
             llm.generate([{"prompt_token_ids": PROMPTS[0]}], PARAMS, use_tqdm=False)
         del llm  # no gc.collect(): nothing holds the rank processes in a reference cycle
     assert _gone_within(pids, 10) == []
+    if close == "with":
+        with pytest.raises(RuntimeError, match="this LLM has been shut down"):
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], PARAMS, use_tqdm=False)
     for ours, ref in zip(got, one_rank):
         out, expected = ours.outputs[0], ref.outputs[0]
         assert out.token_ids == expected.token_ids
