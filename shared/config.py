@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.draft_model import draft_model_config
 from shared.pooling import PoolerConfig, resolve_pooler
 from shared.speculative import SpeculativeConfig
 
@@ -318,3 +319,4 @@ class EngineConfig:
         ):
             raise ValueError("--pipeline-parallel-size > 1 does not combine with --speculative-config, an fp8 "
                              "--kv-cache-dtype or a pooling model yet")
+        draft_model_config(self, weights=False)  # a draft model that cannot serve this target fails here

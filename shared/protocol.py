@@ -129,8 +129,13 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     compute_s: Seconds = 0.0
     # pooling requests that finished their prompt this step: their pooled vectors
     pooled: dict[ReqId, list[float]] = {}
+    # speculative decoding with a draft model: the tokens the workers' draft proposes to follow
+    # each sampling request's tokens, for the engine to schedule with its next step
+    draft_token_ids: dict[ReqId, TokenIds] = {}
 
     def __post_init__(self) -> None:
+        for req_id, ids in self.draft_token_ids.items():
+            check_token_ids(f"draft_token_ids[{req_id!r}]", ids)
         n = len(self.req_ids)
         if len(self.sampled_token_ids) != n or (self.logprobs and len(self.logprobs) != n):
             raise ValueError("a step result needs one sampled token (and logprobs entry) per request")

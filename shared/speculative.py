@@ -1,5 +1,6 @@
 """Speculative decoding settings, given as vLLM's: --speculative-config '{"method": "ngram", ...}'
-or LLM(speculative_config={...}). Nothing here imports torch."""
+or LLM(speculative_config={...}). Nothing here imports torch (shared/draft_model.py reads a draft
+model's config)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-SPEC_METHODS = ("ngram", "suffix")
+SPEC_METHODS = ("ngram", "suffix", "draft_model")
+_NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
+_DRAFT_KEYS = ("model", "draft_tensor_parallel_size", "revision")
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,11 @@ class SpeculativeConfig:
     none), at most suffix_decoding_max_tree_depth tokens deep (matched and proposed together),
     at most suffix_decoding_max_spec_factor proposed tokens per matched one, each only while the
     continuation's empirical probability is at least suffix_decoding_min_token_prob. vLLM's
-    names and defaults; num_speculative_tokens defaults to the tree depth (at most 32)."""
+    names and defaults; num_speculative_tokens defaults to the tree depth (at most 32).
+
+    method "draft_model": `model` (a directory or hub id, revision at `revision`) is a smaller
+    checkpoint with the target's vocabulary; it runs on the workers beside the target
+    (draft_tensor_parallel_size 1: unsharded) and proposes the next tokens of each request."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -34,12 +41,17 @@ class SpeculativeConfig:
     suffix_decoding_max_cached_requests: int = 10000
     suffix_decoding_max_spec_factor: float = 1.0
     suffix_decoding_min_token_prob: float = 0.1
+    model: str | None = None
+    draft_tensor_parallel_size: int | None = None
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
             raise ValueError(f"speculative_config method must be one of {SPEC_METHODS}, got {self.method!r}")
         self._check_suffix()
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
+        self._check_method_keys()
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size",
+                     "draft_tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"speculative_config {name} must be a positive integer, got {value!r}")
@@ -62,6 +74,20 @@ class SpeculativeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
                 raise ValueError(f"speculative_config {name} must be a number in [{low:g}, {high:g}], got {value!r}")
+
+    def _check_method_keys(self) -> None:
+        """Each method's own keys, and none of the other's."""
+        unused = _NGRAM_KEYS if self.method == "draft_model" else _DRAFT_KEYS
+        given = [name for name in unused if getattr(self, name) is not None]
+        if given:
+            raise ValueError(f"speculative_config {given}: not used by method {self.method!r}")
+        if self.method != "draft_model":
+            return
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError('speculative_config method "draft_model" needs a "model" (the draft checkpoint)')
+        if self.draft_tensor_parallel_size not in (None, 1):
+            raise ValueError("speculative_config draft_tensor_parallel_size must be 1 (the draft runs unsharded), "
+                             f"got {self.draft_tensor_parallel_size!r}")
 
     @property
     def lookup_range(self) -> tuple[int, int]:

@@ -36,10 +36,11 @@ from shared.transport import DealerQueue
 
 
 @contextlib.contextmanager
-def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128, engine_log: Path | None = None):
-    """An engine (with engine_flags) and one worker as processes: yields (model, input address,
-    output address, processes, (engine metrics port, worker metrics port)). engine_log: a file
-    for the engine's output (default: the test's own)."""
+def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128, engine_log: Path | None = None,
+                 worker_flags: tuple[str, ...] = ()):
+    """An engine (with engine_flags) and one worker (with worker_flags) as processes: yields (model,
+    input address, output address, processes, (engine metrics port, worker metrics port)).
+    engine_log: a file for the engine's output (default: the test's own)."""
     inp, out, wrk = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     engine_metrics, worker_metrics = free_port(), free_port()
     common = ["--model", model, "--max-model-len", str(max_model_len), "--kv-cache-memory", str(8 << 20)]
@@ -52,7 +53,8 @@ def engine_stack(model: str, *engine_flags: str, max_model_len: int = 128, engin
                 cli + engine + ["--metrics-port", str(engine_metrics), *engine_flags], env=env, stdout=log, stderr=log
             ),
             subprocess.Popen(
-                cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics)], env=env
+                cli + ["worker", *common, "--worker-addr", wrk, "--metrics-port", str(worker_metrics), *worker_flags],
+                env=env,
             ),
         ]
         try:

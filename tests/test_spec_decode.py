@@ -120,7 +120,7 @@ def test_speculative_config_is_checked_like_vllms():
         ({"num_speculative_tokens": 3}, "needs a \"method\""),
         ({"method": "ngram", "num_speculative_tokens": 0}, "positive integer"),
         ({"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}, "must not exceed"),
-        ({"method": "ngram", "draft_tensor_parallel_size": 2}, "unsupported key"),
+        ({"method": "ngram", "speculative_token_tree": "[(0,)]"}, "unsupported key"),
         ("[1]", "JSON object"),
         ("{", "JSON object"),
     ):

@@ -85,6 +85,7 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: int | None = None
         self.spec_token_ids: list[int] = []  # proposed tokens the step in flight verifies
+        self.draft_token_ids: list[int] = []  # the workers' draft model's proposals after its last token
         self.spec_acceptance = (0.0, 0.0)  # proposals tested and accepted, earlier ones decayed
         # prompt_logprobs: gathered chunk by chunk, delivered with the first token (then None)
         # (a resumption delivered them with its first token already)

@@ -7,6 +7,8 @@ one sampled token. Sampling each position from the target's own distribution and
 proposal only where it equals the sample is rejection sampling for a point-mass proposal, so
 every sampling parameter keeps its distribution. No torch here: the ngram proposer is numpy, the
 suffix one (suffix_decode.py) plain Python.
+With method draft_model the proposals come from the workers' draft model instead, returned with
+the previous step's result (Request.draft_token_ids); the same adaptive k trims them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ class NgramProposer:
         """Nothing is kept per request."""
 
 
+class DraftModelProposer:
+    """method draft_model: what the workers' draft model proposed after the request's tokens,
+    returned with the previous step's result (Request.draft_token_ids)."""
+
+    def propose_for(self, request: Request, k: int) -> list[int]:
+        return request.draft_token_ids[:k]
+
+    def release(self, request: Request) -> None:
+        """Nothing is kept here: the proposals live on the request."""
+
+
 def _continue(arr: np.ndarray, start: int, k: int) -> list[int]:
     """k tokens from arr[start:], wrapping around with period len(arr) - start."""
     follow = arr[start:].tolist()
@@ -73,7 +86,8 @@ class SpecDecoder:
 
     def __init__(self, config: SpeculativeConfig):
         self.config = config
-        self.proposer = SuffixProposer(config) if config.method == "suffix" else NgramProposer(*config.lookup_range)
+        self.proposer = (SuffixProposer(config) if config.method == "suffix" else DraftModelProposer()
+                         if config.method == "draft_model" else NgramProposer(*config.lookup_range))
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0

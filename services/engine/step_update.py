@@ -42,6 +42,8 @@ class StepUpdate:
             self._fill_placeholder(req_id)
             num_proposed = len(request.spec_token_ids)
             deltas.append(self._append(request, sampled, req_id in stopped))
+            drafted = result.draft_token_ids.get(req_id)
+            request.draft_token_ids = [] if drafted is None else drafted.tolist()
             if num_proposed:
                 self._settle_proposals(request, num_proposed, len(sampled) - 1)
         return deltas

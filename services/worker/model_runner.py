@@ -16,6 +16,7 @@ import torch
 
 from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from services.worker.distributed import world_all_gather_object
+from services.worker.draft_runner import DraftRunner
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.input_batch import StepInputs, flatten
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
@@ -75,9 +76,12 @@ class ModelRunner:
         prepare_kv_scales(self.model, self.backend, config, self.dtype, self.device, self.kv_dtype)
         self.sampler = Sampler()
         self.memory_profile: MemoryProfile | None = None  # set on CUDA by the profiling step
+        self.draft = DraftRunner.create(config, self.dtype, self.device, self.backend)  # draft_model speculation
         with startup_phase("sizing and allocating the KV cache"):
             self.num_blocks = self._measure_num_blocks()
             self.kv_caches = [] if self.encoder else allocate_kv_cache(config, self.num_blocks, self.kv_dtype, self.device)
+            if self.draft is not None:
+                self.draft.allocate(self.num_blocks)
         capturing = self.device.type == "cuda" and not config.compilation.enforce_eager and not self.pooler
         with startup_phase("capturing CUDA graphs", logged=capturing):  # a pooling model never decodes
             self.decode_graphs: DecodeGraphs | None = capture_decode_graphs(
@@ -101,14 +105,16 @@ class ModelRunner:
             return cache.num_gpu_blocks_override
         if self.encoder:  # no KV kept: blocks only count the scheduler's tokens
             return self.config.scheduler.max_num_seqs * -(-self.config.model.max_model_len // cache.block_size)
-        per_block = kv_block_bytes(self.config, self.kv_dtype)
+        # a draft model keeps its KV beside the target's in every block, and a few scratch blocks
+        per_block = kv_block_bytes(self.config, self.kv_dtype) + (self.draft.block_bytes if self.draft else 0)
+        reserved = self.draft.scratch_bytes if self.draft else 0
         if self.device.type == "cuda":
             self.memory_profile = profile_cuda_memory(self.model, self.backend, self.config, self.dtype, self.device)
-            return self.memory_profile.kv_budget // per_block
+            return max(0, self.memory_profile.kv_budget - reserved) // per_block
         # On CPU the budget is a ceiling: no more than every running sequence at full length needs.
         bs, m = cache.block_size, self.config.model
         most = self.config.scheduler.max_num_seqs * -(-m.max_model_len // bs)
-        return min(most, int(cache.kv_cache_memory // per_block))
+        return min(most, int(max(0, cache.kv_cache_memory - reserved) // per_block))
 
     def reset(self) -> None:
         """Forget every request (a new engine starts from scratch; the KV tensors stay)."""
@@ -158,6 +164,7 @@ class ModelRunner:
         pooled = self.pooler.pool(hidden, inputs.pooling_rows) if inputs.pooling_rows else {}
         failed = self.table.take_failed()
         kept = [i for i, s in enumerate(states) if s.req_id not in failed]
+        drafts = self.draft.propose(plan, self.table, {states[i].req_id for i in kept}) if self.draft else {}
         # one entry per token: a verification's accepted proposals, then its sampled token
         req_ids = [states[i].req_id for i in kept for _ in tokens[i]]
         tokens, logprobs = [t for i in kept for t in tokens[i]], [lp for i in kept for lp in logprobs[i]]
@@ -180,6 +187,7 @@ class ModelRunner:
             failed,
             [r for r in stopped if r not in failed],
             pooled=pooled,
+            draft_token_ids=drafts,
         )
 
     def _pass_on(self, plan: StepPlan, inputs: StepInputs, lora: LoRAMapping | None = None) -> StepResult:
@@ -235,7 +243,7 @@ class ModelRunner:
         live, j = list(range(len(states))), 0
         while live:
             rows = logits if len(live) == logits.shape[0] else logits[[first_rows[i] + j for i in live]]
-            sampled, lps, ended = self._sample_rows(rows, [states[i] for i in live])
+            sampled, lps, ended = self._sample_rows(rows, [states[i] for i in live], j)
             stopped += ended
             verifying = []
             for i, token, lp in zip(live, sampled, lps):
@@ -251,14 +259,16 @@ class ModelRunner:
         return tokens, logprobs, stopped
 
     def _sample_rows(
-        self, logits: torch.Tensor, states: list[RequestState]
+        self, logits: torch.Tensor, states: list[RequestState], j: int = 0
     ) -> tuple[list[int], list[TokenLogprobs | None], list[str]]:
-        """Tokens and logprobs of every row, and the requests whose grammar ended with their
-        token. Rows that fail (their grammar, or nothing left to sample) are failed in the table."""
+        """Tokens and logprobs of every row (at verification position j), and the requests whose
+        grammar ended with their token. Rows that fail (their grammar, or nothing left to sample)
+        are failed in the table. A draft model's proposals are rejection-sampled (rejection_sampler.py)."""
         for req_id, message in self.structured.apply(logits, [s.req_id for s in states]).items():
             self.table.fail(req_id, message)
         meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
-        out = self.sampler(logits, meta)
+        chosen = self.draft.distributions.choose(logits, meta, states, j) if self.draft else None
+        out = self.sampler(logits, meta, chosen)
         tokens = out.sampled_token_ids.tolist()
         for state, token in zip(states, tokens):
             if token == NO_TOKEN:

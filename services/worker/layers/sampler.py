@@ -32,6 +32,7 @@ __all__ = [
     "apply_penalties",
     "apply_top_k_top_p",
     "process_logits",
+    "random_probs",
     "random_sample",
 ]
 
@@ -50,7 +51,11 @@ class Sampler:
     """Stateless; per-request state lives in ``SamplingState`` and per-step tensors in
     ``SamplingMetadata``."""
 
-    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, meta: SamplingMetadata, chosen: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """chosen: [B] long, a token already chosen for a row (speculative decoding's rejection
+        sampling), -1 where the row samples as usual; its logprobs are the chosen token's."""
         logits = logits.to(torch.float32)
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
@@ -66,6 +71,8 @@ class Sampler:
             sampled = _sample_random(logits, meta)
             if not meta.all_random:
                 sampled = torch.where(meta.greedy_mask, greedy_ids, sampled)
+        if chosen is not None:
+            sampled = torch.where(chosen >= 0, chosen, sampled)
         if raw_logprobs is None:
             out = SamplerOutput(sampled, None, None, None)
         else:
@@ -171,14 +178,19 @@ def random_sample(probs: torch.Tensor, seeds: dict[int, int]) -> torch.Tensor:
     return probs.div_(q).argmax(dim=-1)
 
 
-def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+def random_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution a random row draws from, given its processed logits (process_logits):
+    temperature, then min_p, top_k and top_p, then softmax. [B, V] float32."""
     if meta.temperature is not None:
         logits = logits / meta.temperature.unsqueeze(1)
     if meta.min_p is not None:
         logits = apply_min_p(logits, meta.min_p)
     logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-    probs = logits.softmax(dim=-1, dtype=torch.float32)
-    return random_sample(probs, meta.seeds)
+    return logits.softmax(dim=-1, dtype=torch.float32)
+
+
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    return random_sample(random_probs(logits, meta), meta.seeds)
 
 
 def _gather_logprobs(raw_logprobs: torch.Tensor, sampled: torch.Tensor, k: int) -> SamplerOutput:

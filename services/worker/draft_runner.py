@@ -1,0 +1,207 @@
+"""The draft model of speculative decoding (method draft_model), run by the worker after each step.
+
+The draft keeps its own paged KV cache under the target's block ids: one engine-side allocation,
+a second set of (smaller) KV tensors. After the target has sampled, the draft computes what the
+target computed this step that is still valid (a prefill chunk; a decode's last token, its
+accepted proposals and the token just sampled), so its KV is valid wherever the target's is; a
+prefix-cache hit or a request resent after preemption or a worker restart starts from the same
+num_computed_tokens as the target. Then, for each request that sampled, it drafts up to k tokens
+one at a time, with the request's own sampling parameters; the engine schedules them with the
+request's next step, where the target verifies them. The KV of drafted tokens sits past the
+request's real tokens and is written over next step. Positions past the request's blocks (the
+token just sampled, the drafts) go to scratch blocks after the shared ones, a few per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import msgspec
+import numpy as np
+import torch
+
+from services.worker.forward_context import ForwardContext, set_forward_context
+from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
+from services.worker.layers.attention_backend import AttentionBackend, CommonAttentionMetadata
+from services.worker.layers.sampler import (
+    SamplingMetadata,
+    SamplingState,
+    process_logits,
+    random_probs,
+    random_sample,
+)
+from services.worker.loader import build_model
+from services.worker.rejection_sampler import DraftDistributions, rejection_sampled
+from services.worker.request_table import RequestState, RequestTable
+from services.worker.transfer import tensor_to_device, to_device
+from shared.config import EngineConfig
+from shared.draft_model import draft_model_config
+from shared.protocol import StepPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Row:
+    """One request's part of a draft step: its tokens from `start` to `end` (exclusive), and the
+    drafting state of a request that sampled."""
+
+    state: RequestState
+    start: int
+    end: int
+    table: list[int]  # its blocks, then its scratch blocks
+    sampling: SamplingState | None = None  # a copy the drafts are appended to (None: it drafts nothing)
+    drafts: list[int] = dataclasses.field(default_factory=list)
+    q: list[torch.Tensor] = dataclasses.field(default_factory=list)  # each draft's q (rejection-sampled rows)
+    room: int = 0  # drafts it may still make
+
+
+class DraftRunner:
+    """Loads the draft, sizes and holds its KV cache, and drafts after each step (see the module)."""
+
+    def __init__(self, config: EngineConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend):
+        model_config = draft_model_config(config)
+        self.config = dataclasses.replace(config, model=model_config, speculative=None, lora=None)
+        self.k = config.speculative.num_speculative_tokens
+        self.dtype, self.device, self.backend = dtype, device, backend
+        self.model = build_model(model_config, dtype, device)
+        bs = config.cache.block_size
+        self.scratch_per_row = -(-self.k // bs) + 1  # covers k positions past a row's blocks
+        self.num_scratch = config.scheduler.max_num_seqs * self.scratch_per_row
+        self.block_bytes = kv_block_bytes(self.config, dtype)  # beside each target block
+        self.scratch_bytes = self.num_scratch * self.block_bytes
+        self.kv_caches: list[torch.Tensor] = []
+        self.distributions = DraftDistributions()  # q of the latest drafts, for the verifying step
+        log.info("draft model %s: %d layers, %d tokens drafted per step", model_config.path,
+                 model_config.num_layers, self.k)
+
+    @classmethod
+    def create(cls, config: EngineConfig, dtype: torch.dtype, device: torch.device,
+               backend: AttentionBackend) -> DraftRunner | None:
+        """A DraftRunner when the engine speculates with a draft model, else None."""
+        spec = config.speculative
+        return cls(config, dtype, device, backend) if spec is not None and spec.method == "draft_model" else None
+
+    def allocate(self, num_blocks: int) -> None:
+        """The draft's KV: the target's num_blocks block ids, then the scratch blocks."""
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_cache(self.config, num_blocks + self.num_scratch, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
+        """Catch up on the step's tokens and draft for the requests in `samplers` (those that
+        sampled this step, their tokens appended). Call before the table advances. Drafts are
+        only proposals: if drafting fails the step goes on without them (the target verifies
+        every proposal, so a draft KV left stale costs acceptance, never correctness)."""
+        self.distributions.latest = {}
+        try:
+            return self._propose(plan, table, samplers)
+        except Exception:
+            log.exception("the draft model failed; this step proposes nothing")
+            self.distributions.latest = {}
+            return {}
+
+    def _propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
+        rows = self._rows(plan, table, samplers)
+        if not rows:
+            return {}
+        hidden = self._forward(rows, [(r.start, r.end) for r in rows])
+        last = np.cumsum([r.end - r.start for r in rows]) - 1
+        live = [i for i, r in enumerate(rows) if r.room > 0]
+        hidden = hidden[torch.as_tensor(last[live], device=self.device)]
+        while live:
+            self._draft([rows[i] for i in live], self.model.compute_logits(hidden))
+            live = [i for i in live if rows[i].room > 0]
+            if not live:
+                break
+            fed = [rows[i] for i in live]  # each row's latest draft, at the position after its tokens
+            hidden = self._forward(fed, [(r.end + len(r.drafts) - 1, r.end + len(r.drafts)) for r in fed])
+        self.distributions.latest = {r.state.req_id: (r.drafts, torch.stack(r.q)) for r in rows if r.q}
+        return {r.state.req_id: np.asarray(r.drafts, dtype=np.int32) for r in rows if r.drafts}
+
+    def _rows(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> list[_Row]:
+        rows = []
+        max_len = self.config.model.max_model_len
+        for req_id, n in plan.num_scheduled_tokens.items():
+            state = table.states.get(req_id)
+            if state is None or state.pooling is not None:
+                continue  # failed this step, or nothing to draft for
+            start = state.num_computed_tokens
+            end = len(state.token_ids) if req_id in samplers else start + n
+            row = _Row(state, start, end, state.block_ids + self._scratch(len(rows)))
+            if req_id in samplers:
+                s = state.sampling
+                params = s.params if s.params.logprobs is None else msgspec.structs.replace(s.params, logprobs=None)
+                row.sampling = SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
+                row.room = min(self.k, max_len - end)  # a draft's position stays below max_model_len
+            rows.append(row)
+        return rows
+
+    def _scratch(self, index: int) -> list[int]:
+        first = self.num_blocks + index * self.scratch_per_row
+        return list(range(first, first + self.scratch_per_row))
+
+    def _forward(self, rows: list[_Row], spans: list[tuple[int, int]]) -> torch.Tensor:
+        """The draft's hidden states of rows' tokens at positions [lo, hi), one span per row
+        (single-token spans are ordered first, as the backends expect)."""
+        order = sorted(range(len(rows)), key=lambda i: spans[i][1] - spans[i][0] != 1)
+        if order != list(range(len(rows))):
+            hidden = self._forward([rows[i] for i in order], [spans[i] for i in order])
+            return _unpermute(hidden, order, [spans[i][1] - spans[i][0] for i in order])
+        bs = self.config.cache.block_size
+        ids, pos, slots, qsl = [], [], [], [0]
+        for row, (lo, hi) in zip(rows, spans):
+            p = np.arange(lo, hi)
+            tokens = row.state.token_ids if row.sampling is None else row.sampling.token_ids
+            ids.extend(tokens[lo:hi])
+            pos.append(p)
+            slots.append(np.asarray(row.table, dtype=np.int64)[p // bs] * bs + p % bs)
+            qsl.append(qsl[-1] + hi - lo)
+        common = CommonAttentionMetadata(
+            query_start_loc=qsl,
+            seq_lens=[hi for _, hi in spans],
+            block_tables=[r.table for r in rows],
+            slot_mapping=to_device(torch.from_numpy(np.concatenate(slots)), self.device),
+            num_decodes=sum(1 for lo, hi in spans if hi - lo == 1),
+            block_size=bs,
+            device=self.device,
+        )
+        ctx = ForwardContext(self.backend, self.backend.build(common), self.kv_caches)
+        with set_forward_context(ctx):
+            positions = to_device(torch.from_numpy(np.concatenate(pos)), self.device)
+            return self.model(tensor_to_device(ids, torch.long, self.device), positions)
+
+    def _draft(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """One draft token per row, drawn from the row's processed distribution q as the target
+        would sample (penalties, min_tokens and seeds see the drafts before it; a seeded row uses
+        the noise the target will use at that position). q is kept for rejection-sampled rows; a
+        row with nothing to sample stops drafting."""
+        meta = SamplingMetadata.build([r.sampling for r in rows], logits.shape[-1], self.device)
+        logits = process_logits(logits.float(), meta)
+        best, tokens = logits.max(dim=-1)
+        usable = best.isfinite().tolist()
+        if not meta.all_greedy:
+            probs = random_probs(logits, meta)
+            keep = [i for i, r in enumerate(rows) if rejection_sampled(r.sampling.params)]
+            q = probs[keep].clone() if keep else None  # random_sample divides probs in place
+            drawn = random_sample(probs, meta.seeds)
+            tokens = drawn if meta.all_random else torch.where(meta.greedy_mask, tokens, drawn)
+            for i, qi in zip(keep, q if q is not None else []):
+                rows[i].q.append(qi)
+        for row, token, ok in zip(rows, tokens.tolist(), usable):
+            if not ok:
+                row.room = 0
+                del row.q[len(row.drafts):]
+                continue
+            row.sampling.append(token)
+            row.drafts.append(token)
+            row.room -= 1
+
+
+def _unpermute(hidden: torch.Tensor, order: list[int], lengths: list[int]) -> torch.Tensor:
+    """Rows' hidden states back in their original order (hidden is laid out in `order`)."""
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    where = {row: (int(s), n) for row, s, n in zip(order, starts, lengths)}
+    index = [i for row in range(len(order)) for i in range(where[row][0], where[row][0] + where[row][1])]
+    return hidden[torch.as_tensor(index, device=hidden.device)]

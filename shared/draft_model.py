@@ -1,0 +1,42 @@
+"""The draft model of speculative decoding (method draft_model): its config, checked against the
+target's at startup so a mismatch fails before any request. Nothing here imports torch."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.config import EngineConfig, ModelConfig
+
+
+def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfig | None:
+    """The draft's ModelConfig (None unless the method is draft_model): the target's dtype and
+    max_model_len. ValueError when the draft cannot serve this target: another vocabulary, fewer
+    positions than the target's max_model_len, a pooling model, or an engine setup it does not
+    run with yet (tensor or pipeline parallelism, a pooling target)."""
+    from shared.config import ModelConfig
+
+    spec = config.speculative
+    if spec is None or spec.method != "draft_model":
+        return None
+    if config.parallel.world_size > 1:
+        raise ValueError("speculative_config method draft_model runs on one worker rank only for now "
+                         "(tensor_parallel_size and pipeline_parallel_size 1)")
+    if config.cache.kv_cache_dtype != "auto":
+        raise ValueError("speculative_config method draft_model does not combine with an fp8 --kv-cache-dtype yet")
+    if config.model.pooler is not None:
+        raise ValueError("speculative decoding needs a generating model, not a pooling one")
+    target = config.model
+    try:
+        draft = ModelConfig.from_pretrained(spec.model, dtype=target.dtype, revision=spec.revision, weights=weights,
+                                            runner="generate")
+    except ValueError as exc:
+        raise ValueError(f"speculative_config model {spec.model!r}: {exc}") from None
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"the draft model {spec.model!r} has a vocabulary of {draft.vocab_size} tokens, the target "
+                         f"{target.vocab_size}: a draft model must share the target's tokenizer")
+    if draft.max_model_len < target.max_model_len:
+        raise ValueError(f"the draft model {spec.model!r} covers {draft.max_model_len} positions, fewer than the "
+                         f"target's max_model_len {target.max_model_len}: lower --max-model-len")
+    return dataclasses.replace(draft, max_model_len=target.max_model_len)
