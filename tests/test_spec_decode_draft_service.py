@@ -29,5 +29,5 @@ def stack(model, tmp_path_factory):
     draft = make_draft_model(model, tmp_path_factory.mktemp("draft"), 2)
     spec = ("--speculative-config", json.dumps({"method": "draft_model", "model": str(draft),
                                                 "num_speculative_tokens": 4}))
-    with engine_stack(model, *spec, "--worker-timeout", "2", worker_flags=spec) as started:
+    with engine_stack(model, *spec, "--worker-timeout", "5", worker_flags=spec) as started:
         yield started
