@@ -1,7 +1,7 @@
 """Speculative decoding (each --methods entry) against plain decoding, on the same prompts in one
 invocation.
 
-    python benchmarks/spec_decode.py [--methods ngram suffix] [--concurrency 1 4 16 64] \\
+    python benchmarks/spec_decode.py [--methods ngram suffix draft_model] [--concurrency 1 4 16 64] \\
         [--output-len 32] [--repeats 2]
 
 Builds (or reuses) the random-weight smol135 checkpoint of benchmarks/throughput.py and drives the
@@ -9,6 +9,8 @@ offline engine core (the scheduler and model runner `LLM` uses) with at most C r
 for each concurrency C, 2*C prompts per run (at least 4). Plain and speculative runs alternate
 (plain, then each method), repeated, so machine noise hits all alike; each figure is the best of
 the repeats.
+draft_model drafts with the checkpoint's first --draft-layers (2) layers: its own copy of them,
+with its own KV cache, run by a second model runner (plain decoding runs on the first).
 
 Workloads:
   random      the control, where proposals should fail: prompts of random token ids, and output
@@ -106,15 +108,18 @@ def repeat_rate(batch: list[list[int]], outputs: list[list[int]]) -> float:
     return repeats / max(1, total)
 
 
-def measure(runner, specs: dict[str, SpeculativeConfig], workload: str, c: int, args, vocab: int) -> list[dict]:
-    """Rows of one workload and concurrency: plain and every method, interleaved, repeated."""
+def measure(runner, specs: dict[str, SpeculativeConfig], workload: str, c: int, args, vocab: int,
+            runners: dict | None = None) -> list[dict]:
+    """Rows of one workload and concurrency: plain and every method, interleaved, repeated.
+    runners: a method's own model runner (draft_model's holds the draft), else `runner`."""
     batch = prompts(workload, max(4, 2 * c), args.input_len, vocab, seed=c)
     run(runner, None, workload, batch[:1], 1, 4)  # warm-up
     plain, by_method = [], {m: [] for m in specs}
     for _ in range(args.repeats):
         plain.append(run(runner, None, workload, batch, c, args.output_len))
         for method, spec in specs.items():
-            by_method[method].append(run(runner, spec, workload, batch, c, args.output_len))
+            by_method[method].append(run((runners or {}).get(method, runner), spec, workload, batch, c,
+                                         args.output_len))
     best_plain = max(r["tokens_per_s"] for r in plain)
     rows = []
     for method, results in by_method.items():
@@ -126,6 +131,20 @@ def measure(runner, specs: dict[str, SpeculativeConfig], workload: str, c: int, 
                      "mean_acceptance_length": round(best["mean_acceptance_length"], 2), "drafts": best["drafts"],
                      "output_repeat_rate": round(repeat_rate(batch, plain[0]["outputs"]), 3)})
     return rows
+
+
+def spec_config(method: str, args, model_dir: Path) -> SpeculativeConfig:
+    """draft_model drafts with the checkpoint's first --draft-layers layers (built once, cached
+    beside it): random-weight models of different seeds would agree on nothing."""
+    k = args.num_speculative_tokens
+    if method != "draft_model":
+        return SpeculativeConfig(method=method, num_speculative_tokens=k)
+    from pagedserve.test_draft_model import make_draft_model
+
+    draft = args.cache_dir / f"{model_dir.name}-draft-{args.draft_layers}-layers"
+    if not (draft / "config.json").is_file():
+        make_draft_model(model_dir, draft, args.draft_layers)
+    return SpeculativeConfig(method=method, num_speculative_tokens=k, model=str(draft))
 
 
 def table(rows: list[dict]) -> str:
@@ -147,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--draft-layers", type=int, default=2, help="draft_model: the checkpoint's first N layers")
     p.add_argument("--model", default=None, help="a checkpoint directory (default: the smol135 demo checkpoint)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -160,11 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     max_len = args.input_len + args.output_len + 8
     model = ModelConfig.from_pretrained(str(model_dir), max_model_len=max_len)
     runner = ModelRunner(EngineConfig(model, CacheConfig(kv_cache_memory=1 << 30)), device)
-    specs = {m: SpeculativeConfig(method=m, num_speculative_tokens=args.num_speculative_tokens) for m in args.methods}
+    specs = {m: spec_config(m, args, model_dir) for m in args.methods}
+    runners = {"draft_model": ModelRunner(dataclasses.replace(runner.config, speculative=specs["draft_model"]), device)
+               } if "draft_model" in specs else {}
     rows = []
     for workload in args.workloads:
         for c in args.concurrency:
-            for row in measure(runner, specs, workload, c, args, model.vocab_size):
+            for row in measure(runner, specs, workload, c, args, model.vocab_size, runners):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(table(rows))
