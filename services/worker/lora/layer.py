@@ -30,7 +30,7 @@ class LoRAMapping:
     segments: (slot, start, end), one per slot with rows. With perm None each slot's rows are one
     contiguous run of the batch and start:end index the batch itself (no copy); otherwise perm
     holds the adapter rows sorted by slot (stably) and start:end index that order: each layer
-    gathers its input rows once, runs one dense matmul pair per slot, and adds back once.
+    gathers its rows once, runs one dense matmul pair per slot, and copies them back once.
     """
 
     segments: list[tuple[int, int, int]]
@@ -65,11 +65,11 @@ def lora_delta_torch(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch
         for slot, start, end in mapping.segments:
             y[start:end].addmm_(x[start:end] @ a[slot].t(), b[slot].t())
         return y
-    xs = x.index_select(0, mapping.perm)
-    delta = y.new_empty(xs.shape[0], y.shape[1])
+    # gather, add per slot, copy back: rows are unique, and index_add_ is a slow scatter on CPU
+    xs, ys = x.index_select(0, mapping.perm), y.index_select(0, mapping.perm)
     for slot, start, end in mapping.segments:
-        torch.mm(xs[start:end] @ a[slot].t(), b[slot].t(), out=delta[start:end])
-    return y.index_add_(0, mapping.perm, delta)
+        ys[start:end].addmm_(xs[start:end] @ a[slot].t(), b[slot].t())
+    return y.index_copy_(0, mapping.perm, ys)
 
 
 class LoRALayer:
