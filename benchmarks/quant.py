@@ -5,7 +5,10 @@ generated tokens/s, and output quality, per scheme.
     python benchmarks/quant.py --model DIR --repeats 5
 
 Schemes: float32 (the baseline), int8 weights (quantization="int8"), fp8 KV (kv_cache_dtype fp8
-and fp8_e5m2). Every scheme's LLM is loaded once; the timed rounds then alternate between them
+and fp8_e5m2), and pre-quantized copies of the model (written once beside it): compressed-tensors
+W8A8 int8 and FP8 (dynamic per-token activations), GPTQ 4-bit (plain and act-order), GPTQ 8-bit and
+AWQ 4-bit. On CPU the FP8, GPTQ and AWQ weights are dequantized at load, so their rows measure
+quality, not memory or speed. Every scheme's LLM is loaded once; the timed rounds then alternate between them
 (A, B, C, D, A, B, ...) --repeats times and report the median, so load on a shared machine hits
 them alike. tokens/s is measured at concurrency 1 (one request decoding --output-len tokens) and at
 --concurrency requests at once. Quality: top-1 agreement and mean |logprob difference| against
@@ -37,6 +40,15 @@ SCHEMES = {
     "fp8_kv": {"kv_cache_dtype": "fp8"},
     "fp8_e5m2_kv": {"kv_cache_dtype": "fp8_e5m2"},
 }
+# pre-quantized checkpoints: the float model written in each format (pagedserve/test_quant_model.py)
+CHECKPOINT_SCHEMES = {
+    "ct_w8a8": "compressed-tensors-w8a8",
+    "ct_fp8": "compressed-tensors-fp8",
+    "gptq_w4": "gptq",
+    "gptq_w4_act_order": "gptq-act-order",
+    "gptq_w8": "gptq-8bit",
+    "awq_w4": "awq",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--demo-size", default="smol135", help="make_test_model size when --model is not given")
     p.add_argument("--arch", default="llama", help="make_test_model architecture when --model is not given")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where demo checkpoints are kept")
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    names = [*SCHEMES, *CHECKPOINT_SCHEMES]
+    p.add_argument("--schemes", nargs="+", default=names, choices=names)
     p.add_argument("--kv-cache-memory", type=int, default=64 << 20, help="the KV budget every scheme gets (bytes)")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
@@ -80,13 +93,29 @@ def _memory(llm: LLM, args: argparse.Namespace) -> dict:
     }
 
 
+def _checkpoint(model: Path, name: str) -> tuple[str, dict]:
+    """(model path, LLM keywords) of a scheme: a pre-quantized copy of the model is written once."""
+    if name not in CHECKPOINT_SCHEMES:
+        return str(model), SCHEMES[name]
+    target = model.parent / f"{model.name}-{CHECKPOINT_SCHEMES[name]}"
+    if not (target / "config.json").is_file():
+        from pagedserve.test_quant_model import quantize_checkpoint
+
+        print(f"writing {target} ...", file=sys.stderr)
+        quantize_checkpoint(model, target, CHECKPOINT_SCHEMES[name])
+    return str(target), {}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    model = str(resolve_model(args))
+    model = resolve_model(args)
     schemes = ["float32", *[s for s in args.schemes if s != "float32"]]
     # max_model_len fits the workload and max_num_seqs is large, so the budget alone sizes the KV pool
-    llms = {name: LLM(model, dtype="float32", kv_cache_memory=args.kv_cache_memory, max_num_seqs=1024,
-                      max_model_len=args.input_len + max(args.output_len, 16), **SCHEMES[name]) for name in schemes}
+    llms = {}
+    for name in schemes:
+        path, kwargs = _checkpoint(model, name)
+        llms[name] = LLM(path, dtype="float32", kv_cache_memory=args.kv_cache_memory, max_num_seqs=1024,
+                         max_model_len=args.input_len + max(args.output_len, 16), **kwargs)
     vocab = llms["float32"].config.model.vocab_size
     results = {name: _memory(llm, args) for name, llm in llms.items()}
     scored = SamplingParams(max_tokens=16, temperature=0, logprobs=1, prompt_logprobs=1)
@@ -117,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r[f"tokens_per_s_c{args.concurrency}"] / base[f"tokens_per_s_c{args.concurrency}"], 3),
         }
         print(f"{name:>12}: {json.dumps(r)}", flush=True)
-    report = {"benchmark": "quant", "model": model, "repeats": args.repeats, "schemes": results}
+    report = {"benchmark": "quant", "model": str(model), "repeats": args.repeats, "schemes": results}
     print(json.dumps(report))
     return report
 
