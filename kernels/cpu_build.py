@@ -60,6 +60,25 @@ def load(source: Path, what: str) -> ctypes.CDLL | None:
         return None
 
 
+_threads: int | None = None
+
+
+def threads() -> int:
+    """How many threads the kernels split their work over: set_threads', else torch's count."""
+    if _threads is not None:
+        return _threads
+    import torch
+
+    return torch.get_num_threads()
+
+
+def set_threads(count: int | None) -> None:
+    """Fix the kernels' thread count (None: follow torch's), so that torch's own count can
+    change from step to step without changing theirs."""
+    global _threads
+    _threads = count
+
+
 @cache
 def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
     """Per process: a forked child gets the parent's cache but not its threads."""

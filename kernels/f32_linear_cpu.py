@@ -55,7 +55,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     def run(lo: int, hi: int) -> None:
         lib.f32_linear(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows.shape[0], k, n, lo, hi)
 
-    parts = max(1, min(torch.get_num_threads(), n // 4))
+    parts = max(1, min(cpu_build.threads(), n // 4))
     cpu_build.run_split(n, parts, run)
     return out.view(*x.shape[:-1], n)
 

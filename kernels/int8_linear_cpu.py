@@ -53,5 +53,5 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
         lib.int8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), bias_ptr, out.data_ptr(),
                         rows.shape[0], k, n, lo, hi)
 
-    cpu_build.run_split(n, max(1, min(torch.get_num_threads(), n)), run)
+    cpu_build.run_split(n, max(1, min(cpu_build.threads(), n)), run)
     return out.view(*x.shape[:-1], n)

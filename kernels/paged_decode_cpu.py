@@ -65,7 +65,7 @@ def paged_decode(
     assert int(seq_lens.max()) <= table.shape[1] * block
     q, table, seq_lens = q.contiguous(), table.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
-    parts = max(1, min(torch.get_num_threads(), batch))
+    parts = max(1, min(cpu_build.threads(), batch))
     scratch = torch.empty(batch, int(seq_lens.max()) + 2 * dim, dtype=torch.float32)
     lut = _fp8_values(kv_cache.dtype).data_ptr() if fp8 else None
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (1.0, 1.0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker import step_threads
 from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from services.worker.distributed import world_all_gather_object
 from services.worker.draft_runner import DraftRunner
@@ -142,6 +143,7 @@ class ModelRunner:
         if not scheduled:  # nothing runnable: only refusals to report
             return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
         inputs = flatten(scheduled, self.table.block_size, self.device)
+        step_threads.set_for_step(self.device, self.dtype, len(inputs.input_ids))
         if self.stage is not None and not self.stage.last:
             return self._pass_on(plan, inputs, lora)
         hidden = self._forward(inputs, lora)
