@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import f32_linear_cpu
+from kernels import cpu_build, f32_linear_cpu
+from services.worker import step_threads
 from services.worker.layers.linear import ReplicatedLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +56,15 @@ def test_without_a_compiler_f_linear_runs(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "CPU float32 linear kernel unavailable" in proc.stderr
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread only")
+def test_decode_sized_steps_run_torch_on_one_thread_and_restore_it():
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
+    with step_threads.for_step(cpu, torch.float32, f32_linear_cpu.MAX_ROWS):
+        assert torch.get_num_threads() == 1
+        assert cpu_build.threads() == before  # the kernels keep every thread
+    assert torch.get_num_threads() == before and cpu_build.threads() == before
+    for tokens, dtype in ((f32_linear_cpu.MAX_ROWS + 1, torch.float32), (1, torch.bfloat16)):
+        with step_threads.for_step(cpu, dtype, tokens):
+            assert torch.get_num_threads() == before

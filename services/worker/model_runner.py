@@ -143,7 +143,11 @@ class ModelRunner:
         if not scheduled:  # nothing runnable: only refusals to report
             return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
         inputs = flatten(scheduled, self.table.block_size, self.device)
-        step_threads.set_for_step(self.device, self.dtype, len(inputs.input_ids))
+        with step_threads.for_step(self.device, self.dtype, len(inputs.input_ids)):
+            return self._run(plan, inputs, lora, start)
+
+    def _run(self, plan: StepPlan, inputs: StepInputs, lora: LoRAMapping | None, start: float) -> StepResult:
+        """The step's forward, and on the last pipeline stage its sampling and result."""
         if self.stage is not None and not self.stage.last:
             return self._pass_on(plan, inputs, lora)
         hidden = self._forward(inputs, lora)

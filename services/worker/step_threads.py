@@ -10,21 +10,27 @@ steps run torch on one thread, and larger steps (prefill, where BLAS does the ma
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from kernels import cpu_build, f32_linear_cpu
 
-_full: int | None = None  # torch's thread count before the first step: the kernels' from then on
 
-
-def set_for_step(device: torch.device, dtype: torch.dtype, num_tokens: int) -> None:
-    """Set torch's thread count for a step of num_tokens tokens (CPU, float32 only)."""
-    global _full
-    if device.type != "cpu" or dtype != torch.float32 or not f32_linear_cpu.available():
+@contextmanager
+def for_step(device: torch.device, dtype: torch.dtype, num_tokens: int) -> Iterator[None]:
+    """torch's thread count for a step of num_tokens tokens (CPU, float32 only), restored after
+    it, so that the caller's own torch work (an offline user's) keeps its threads."""
+    before = torch.get_num_threads()
+    wanted = 1 if num_tokens <= f32_linear_cpu.MAX_ROWS else before
+    if device.type != "cpu" or dtype != torch.float32 or wanted == before or not f32_linear_cpu.available():
+        yield
         return
-    if _full is None:
-        _full = torch.get_num_threads()
-        cpu_build.set_threads(_full)
-    wanted = 1 if num_tokens <= f32_linear_cpu.MAX_ROWS else _full
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
+    cpu_build.set_threads(before)  # the kernels keep every thread
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        cpu_build.set_threads(None)
