@@ -3,8 +3,10 @@
 `linear` is what the model's linear layers and LM head call: it runs the kernel (f32_linear_cpu.c)
 for float32 CPU inputs of at most MAX_ROWS rows, and F.linear otherwise. Measured over smol135's
 weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core AMD EPYC where torch's
-sgemm is MKL's), the kernel ran 1.1-2.2x faster than F.linear at 1 to 16 rows and slower from 32
-rows on, where BLAS's blocking wins. Without a C compiler, F.linear runs everywhere.
+sgemm is MKL's), the kernel ran 1.1-2.2x faster than F.linear at 4 to 16 rows, between 0.7x and
+1.1x at one row (both read the weights at the memory's speed there; run to run noise), and
+slower from about 32 rows on, where BLAS's blocking wins. It keeps its own threads when torch
+runs one (services/worker/step_threads.py). Without a C compiler, F.linear runs everywhere.
 """
 
 from __future__ import annotations
