@@ -111,3 +111,22 @@ def test_spec_decode_script_reports_every_workload_and_concurrency(model_dirs, c
         control, copying = rows["random", c, "ngram"]["output_repeat_rate"], rows["repetitive", c, "ngram"]["output_repeat_rate"]
         assert control < 0.2 and control < copying
     assert out[-1 - len(rows) - 1].split()[:3] == ["workload", "C", "method"]  # the table, one line per row
+
+
+@pytest.mark.parametrize("script", [
+    ["linear_cpu.py", "--rows", "1", "5", "--rounds", "1", "--layers", "1"],
+    ["decode_attention_cpu.py", "--baseline-rev", "HEAD", "--batch", "3", "--context", "40", "--layers", "2",
+     "--rounds", "1"],
+])
+def test_cpu_kernel_benchmarks_agree_with_their_references(script: list[str]) -> None:
+    """Both compare a C kernel with a reference in one run; the outputs must agree."""
+    from kernels import f32_linear_cpu
+
+    if not f32_linear_cpu.available():
+        pytest.skip("no C compiler")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:]], check=False,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    diffs = [r["max_abs_diff"] for r in info["results"].values()] if "results" in info else [info["max_abs_diff"]]
+    assert max(diffs) < 1e-4, info

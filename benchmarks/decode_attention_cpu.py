@@ -1,0 +1,95 @@
+"""The CPU paged decode attention kernel (kernels/paged_decode_cpu.c) against its version at a git
+revision, on one decode step of a smol135-shaped model.
+
+    python benchmarks/decode_attention_cpu.py --baseline-rev HEAD~1 [--batch 16] [--context 256]
+
+Both sources are compiled the same way (kernels/cpu_build.py) and called with the same arguments,
+split over the threads as kernels/paged_decode_cpu.py does, alternating round by round; every layer has
+its own cache, as in a real step, so the keys and values come from memory. Prints the median time
+of each for all layers, their ratio, the bytes of cache read per second, and the largest difference
+between their outputs, then one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch
+
+from kernels import cpu_build, paged_decode_cpu
+
+
+def library_at(rev: str, folder: Path):
+    source = folder / "paged_decode_cpu.c"
+    source.write_bytes(subprocess.run(["git", "show", f"{rev}:kernels/paged_decode_cpu.c"], cwd=REPO_ROOT,
+                                      check=True, capture_output=True).stdout)
+    return cpu_build.load(source, f"paged decode kernel at {rev}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline-rev", required=True)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=256, help="tokens of context per request")
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    heads, kv_heads, dim, block = 9, 3, 64, 16  # smol135
+    torch.manual_seed(0)
+    blocks_per_seq = -(-args.context // block)
+    caches = [torch.randn(2, args.batch * blocks_per_seq + 1, block, kv_heads, dim) for _ in range(args.layers)]
+    table = (torch.randperm(args.batch * blocks_per_seq) + 1).view(args.batch, blocks_per_seq).long()
+    seq_lens = torch.full((args.batch,), args.context, dtype=torch.long)
+    q = torch.randn(args.batch, heads, dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"current": paged_decode_cpu._library(), "baseline": library_at(args.baseline_rev, Path(tmp))}
+        for lib in libs.values():
+            lib.paged_decode.argtypes = paged_decode_cpu._library().paged_decode.argtypes
+
+        # scratch for either version: the older one kept every query head's scores
+        scratch = torch.empty(args.batch, heads // kv_heads * args.context + 2 * dim)
+
+        def step(name: str) -> list[torch.Tensor]:
+            outs = []
+            for cache in caches:
+                out = torch.empty_like(q)
+
+                def run(lo: int, hi: int, cache=cache, out=out) -> None:
+                    libs[name].paged_decode(q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(),
+                                            seq_lens.data_ptr(), out.data_ptr(), lo, hi, table.shape[1], heads,
+                                            kv_heads, dim, block, dim**-0.5, scratch[lo].data_ptr(), None, 1.0, 1.0)
+
+                cpu_build.run_split(args.batch, max(1, min(cpu_build.threads(), args.batch)), run)
+                outs.append(out)
+            return outs
+
+        times: dict[str, list[float]] = {name: [] for name in libs}
+        outs = {}
+        for _ in range(args.rounds):
+            for name in libs:
+                start = time.perf_counter()
+                outs[name] = step(name)
+                times[name].append(time.perf_counter() - start)
+    diff = max((a - b).abs().max().item() for a, b in zip(outs["current"], outs["baseline"]))
+    cur, base = statistics.median(times["current"]), statistics.median(times["baseline"])
+    nbytes = 2 * args.layers * args.batch * args.context * kv_heads * dim * 4
+    print(f"{args.layers} layers, {args.batch} requests x {args.context} tokens: current {cur * 1e3:.1f} ms "
+          f"({nbytes / cur / 1e9:.1f} GB/s), {args.baseline_rev} {base * 1e3:.1f} ms ({nbytes / base / 1e9:.1f} GB/s), "
+          f"ratio {base / cur:.2f}, max abs diff {diff:.1e}")
+    print(json.dumps({"benchmark": "decode_attention_cpu", "baseline_rev": args.baseline_rev, "current_ms": cur * 1e3,
+                      "baseline_ms": base * 1e3, "ratio": base / cur, "max_abs_diff": diff}))
+
+
+if __name__ == "__main__":
+    main()
