@@ -90,13 +90,27 @@ def load_results(results_dir: Path) -> dict[str, dict[int, dict]]:
     return found
 
 
-def summary(res: dict) -> dict:
+def true_output_lens(rows: dict[str, dict]) -> list[int | None]:
+    """Per request (same prompts and lengths on every server, --ignore-eos): the output tokens it
+    asked for, as the fewest any server reported for it. The client takes a server's own count only
+    from a usage chunk without choices; llama-server puts usage beside the last choice, so its
+    count falls back to re-tokenizing the text, where it spells special tokens as '<|extra_N|>'
+    strings: several tokens each. Needs --save-detailed (per-request output_lens)."""
+    lists = [r["output_lens"] for r in rows.values() if r.get("output_lens")]
+    if not lists:
+        return []
+    return [min((lens[i] for lens in lists if i < len(lens) and lens[i]), default=None)
+            for i in range(max(map(len, lists)))]
+
+
+def summary(res: dict, lens: list[int | None]) -> dict:
     """The figures the table shows, from one `vllm bench serve` result (none when nothing completed:
-    the client reports zeros then)."""
+    the client reports zeros then). With per-request data, output tok/s and TPOT are computed from
+    the true output lengths (true_output_lens), not the client's counts."""
     if not res.get("completed"):
         return {"completed": 0, "failed": res.get("failed", 0), "duration_s": res.get("duration"), "output_tok_s": None,
                 "mean_ttft_ms": None, "p99_ttft_ms": None, "mean_tpot_ms": None, "p99_tpot_ms": None}
-    return {
+    out = {
         "completed": res.get("completed"),
         "failed": res.get("failed", 0),
         "duration_s": res.get("duration"),
@@ -106,6 +120,13 @@ def summary(res: dict) -> dict:
         "mean_tpot_ms": res.get("mean_tpot_ms"),
         "p99_tpot_ms": res.get("p99_tpot_ms"),
     }
+    done = [i for i, err in enumerate(res.get("errors") or []) if not err and i < len(lens) and lens[i]]
+    if done and res.get("ttfts") and res.get("latencies"):
+        tpots = [(res["latencies"][i] - res["ttfts"][i]) / (lens[i] - 1) * 1e3 for i in done if lens[i] > 1]
+        out["output_tok_s"] = sum(lens[i] for i in done) / res["duration"]
+        out["mean_tpot_ms"] = sum(tpots) / len(tpots) if tpots else None
+        out["p99_tpot_ms"] = sorted(tpots)[int(0.99 * (len(tpots) - 1))] if tpots else None
+    return out
 
 
 def ratios(table: dict[str, dict[int, dict]]) -> dict[int, dict]:
@@ -163,7 +184,12 @@ def report(results_dir: str, json_out: str | None) -> None:
     raw = load_results(Path(results_dir))
     if not raw:
         raise SystemExit(f"no result files (SERVER-cN.json) in {results_dir}")
-    table = {server: {c: summary(r) for c, r in rows.items()} for server, rows in raw.items()}
+    by_conc: dict[int, dict[str, dict]] = {}
+    for server, rows in raw.items():
+        for conc, res in rows.items():
+            by_conc.setdefault(conc, {})[server] = res
+    lens = {conc: true_output_lens(rows) for conc, rows in by_conc.items()}
+    table = {server: {c: summary(r, lens[c]) for c, r in rows.items()} for server, rows in raw.items()}
     rat = ratios(table)
     print(render(table, rat))
     probes = probe_texts(Path(results_dir))

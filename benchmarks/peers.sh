@@ -236,7 +236,7 @@ bench() {  # name concurrency prompts
     --endpoint /v1/completions --model "$MODEL_NAME" --tokenizer "$CKPT" --dataset-name random \
     --random-input-len 256 --random-output-len 128 --random-range-ratio 0.5 --ignore-eos --temperature 0 \
     --num-prompts "$n" --num-warmups "${NUM_WARMUPS:-$conc}" --max-concurrency "$conc" --seed 0 --percentile-metrics ttft,tpot,itl \
-    --metric-percentiles 50,99 --save-result --result-dir "$RUN_DIR" --result-filename "$name-c$conc.json" \
+    --metric-percentiles 50,99 --save-result --save-detailed --result-dir "$RUN_DIR" --result-filename "$name-c$conc.json" \
     >"$RUN_DIR/$name-c$conc.bench.log" 2>&1 &
   CLIENT_PID=$!
   local rc=0
