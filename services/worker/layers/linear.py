@@ -67,6 +67,7 @@ class _Linear(nn.Module):
     def __init__(self, in_local: int, out_local: int, bias: bool):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.in_local, self.out_local = in_local, out_local  # a packed quantized weight has other shapes
         self.weight = make_param(out_local, in_local, weight_loader=self.weight_loader)
         bias_param = make_param(out_local, weight_loader=self.weight_loader) if bias else None
         self.register_parameter("bias", bias_param)

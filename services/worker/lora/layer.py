@@ -78,9 +78,9 @@ class LoRALayer:
     def __init__(self, layer: _Linear, shard_ids: list[object], max_rank: int, num_slots: int, dtype: torch.dtype):
         """dtype: the model's compute dtype (a quantized layer's weight is int8)."""
         self.layer, self.shard_ids, self.rank = layer, shard_ids, max_rank
-        out_local, in_local = layer.weight.shape
+        out_local, in_local = layer.out_local, layer.in_local
         total = len(shard_ids) * max_rank
-        kw = {"dtype": dtype, "device": layer.weight.device}
+        kw = {"dtype": dtype, "device": next(layer.parameters()).device}
         self.a = torch.zeros(num_slots, total, in_local, **kw)
         self.b = torch.zeros(num_slots, out_local, total, **kw)
 
