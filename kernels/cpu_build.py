@@ -64,7 +64,7 @@ _threads: int | None = None
 
 
 def threads() -> int:
-    """How many threads the kernels split their work over: set_threads', else torch's count."""
+    """How many threads the kernels split their work over: the count set_threads gave, else torch's."""
     if _threads is not None:
         return _threads
     import torch
