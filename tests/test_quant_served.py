@@ -5,6 +5,8 @@ quantization the checkpoint cannot run stops serve at startup, naming it."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import urllib.request
 
 from test_serve import start_serve, wait_line
@@ -33,8 +35,12 @@ def test_fp8_kv_and_int8_weights_serve_the_offline_tokens(model_dirs):
         model = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"]
         served = [_complete(port, model, prompt) for prompt in PROMPTS]
     finally:
-        proc.kill()
-        proc.wait(30)
+        proc.send_signal(signal.SIGTERM)  # serve stops its children; a SIGKILL would orphan them
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
     llm = LLM(path, kv_cache_dtype="fp8", quantization="int8", max_model_len=256)
     offline = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                            SamplingParams(max_tokens=8, temperature=0, logprobs=1), use_tqdm=False)
