@@ -60,6 +60,15 @@ def load(source: Path, what: str) -> ctypes.CDLL | None:
         return None
 
 
+def load_function(source: Path, what: str, name: str, argtypes: list) -> ctypes.CDLL | None:
+    """load(), with the argument types of its function `name` (which returns nothing) declared."""
+    lib = load(source, what)
+    if lib is not None:
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
 _threads: int | None = None
 
 

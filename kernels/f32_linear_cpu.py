@@ -26,12 +26,8 @@ MAX_ROWS = 16
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.load(SOURCE, "CPU float32 linear kernel")
-    if lib is None:
-        return None
-    lib.f32_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-    lib.f32_linear.restype = None
-    return lib
+    argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    return cpu_build.load_function(SOURCE, "CPU float32 linear kernel", "f32_linear", argtypes)
 
 
 def available() -> bool:

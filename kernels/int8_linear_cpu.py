@@ -22,12 +22,8 @@ MAX_ROWS = 16  # past this many rows of x the dequantize + F.linear path is fast
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.load(SOURCE, "CPU int8 linear kernel")
-    if lib is None:
-        return None
-    lib.int8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
-    lib.int8_linear.restype = None
-    return lib
+    argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+    return cpu_build.load_function(SOURCE, "CPU int8 linear kernel", "int8_linear", argtypes)
 
 
 def available() -> bool:

@@ -25,13 +25,9 @@ SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.load(SOURCE, "CPU paged decode kernel")
-    if lib is None:
-        return None
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.paged_decode.argtypes = [ptr] * 6 + [i64] * 7 + [f32, ptr, ptr, f32, f32]
-    lib.paged_decode.restype = None
-    return lib
+    argtypes = [ptr] * 6 + [i64] * 7 + [f32, ptr, ptr, f32, f32]
+    return cpu_build.load_function(SOURCE, "CPU paged decode kernel", "paged_decode", argtypes)
 
 
 def available() -> bool:
