@@ -3,9 +3,10 @@ revision, on one decode step of a smol135-shaped model.
 
     python benchmarks/decode_attention_cpu.py --baseline-rev HEAD~1 [--batch 16] [--context 256]
 
-Both sources are compiled the same way (kernels/cpu_build.py) and called with the same arguments,
-split over the threads as kernels/paged_decode_cpu.py does, alternating round by round; every layer has
-its own cache, as in a real step, so the keys and values come from memory. Prints the median time
+Both sources are compiled the same way (kernels/cpu_build.py) and called as their revision's
+paged_decode_cpu.py called them: one call that threads itself, or (before the kernels ran OpenMP)
+the batch split over a Python thread pool, one ctypes call per slice. They alternate round by round;
+every layer has its own cache, as in a real step, so the keys and values come from memory. Prints the median time
 of each for all layers, their ratio, the bytes of cache read per second, and the largest difference
 between their outputs, then one JSON object.
 """
@@ -13,12 +14,14 @@ between their outputs, then one JSON object.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +34,11 @@ from kernels import cpu_build, paged_decode_cpu
 
 
 def library_at(rev: str, folder: Path):
+    """The kernel at `rev`, and whether the caller splits the batch (its C function takes b_lo, b_hi)."""
     source = folder / "paged_decode_cpu.c"
     source.write_bytes(subprocess.run(["git", "show", f"{rev}:kernels/paged_decode_cpu.c"], cwd=REPO_ROOT,
                                       check=True, capture_output=True).stdout)
-    return cpu_build.load(source, f"paged decode kernel at {rev}")
+    return cpu_build.load(source, f"paged decode kernel at {rev}"), "b_lo" in source.read_text()
 
 
 def main() -> None:
@@ -52,26 +56,37 @@ def main() -> None:
     table = (torch.randperm(args.batch * blocks_per_seq) + 1).view(args.batch, blocks_per_seq).long()
     seq_lens = torch.full((args.batch,), args.context, dtype=torch.long)
     q = torch.randn(args.batch, heads, dim)
-    with tempfile.TemporaryDirectory() as tmp:
-        libs = {"current": paged_decode_cpu._library(), "baseline": library_at(args.baseline_rev, Path(tmp))}
-        for lib in libs.values():
-            lib.paged_decode.argtypes = paged_decode_cpu._library().paged_decode.argtypes
+    threads = cpu_build.threads()
+    pool = ThreadPoolExecutor(threads)
+    # scratch for every version: per thread now, per slice before (older ones kept every head's scores)
+    scratch = torch.empty(max(args.batch, threads), heads // kv_heads * args.context + 2 * dim)
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    split_argtypes = [ptr] * 6 + [i64] * 7 + [f32, ptr, ptr, f32, f32]
 
-        # scratch for either version: the older one kept every query head's scores
-        scratch = torch.empty(args.batch, heads // kv_heads * args.context + 2 * dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"current": (paged_decode_cpu._library(), False), "baseline": library_at(args.baseline_rev, Path(tmp))}
+        for lib, split in libs.values():
+            lib.paged_decode.argtypes = split_argtypes if split else paged_decode_cpu._library().paged_decode.argtypes
+
+        def layer(name: str, cache: torch.Tensor, out: torch.Tensor) -> None:
+            lib, split = libs[name]
+            head = (q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(), seq_lens.data_ptr(),
+                    out.data_ptr())
+            if not split:
+                lib.paged_decode(*head, args.batch, table.shape[1], heads, kv_heads, dim, block, dim**-0.5,
+                                 scratch.data_ptr(), scratch.shape[1], None, 1.0, 1.0, threads)
+                return
+            parts = max(1, min(threads, args.batch))
+            bounds = [args.batch * i // parts for i in range(parts + 1)]
+            list(pool.map(lambda i: lib.paged_decode(*head, bounds[i], bounds[i + 1], table.shape[1], heads, kv_heads,
+                                                     dim, block, dim**-0.5, scratch[bounds[i]].data_ptr(), None, 1.0,
+                                                     1.0), range(parts)))
 
         def step(name: str) -> list[torch.Tensor]:
             outs = []
             for cache in caches:
-                out = torch.empty_like(q)
-
-                def run(lo: int, hi: int, cache=cache, out=out) -> None:
-                    libs[name].paged_decode(q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(),
-                                            seq_lens.data_ptr(), out.data_ptr(), lo, hi, table.shape[1], heads,
-                                            kv_heads, dim, block, dim**-0.5, scratch[lo].data_ptr(), None, 1.0, 1.0)
-
-                cpu_build.run_split(args.batch, max(1, min(cpu_build.threads(), args.batch)), run)
-                outs.append(out)
+                outs.append(torch.empty_like(q))
+                layer(name, cache, outs[-1])
             return outs
 
         times: dict[str, list[float]] = {name: [] for name in libs}

@@ -1,8 +1,11 @@
 """Small C kernels for the CPU: compiled on first use with the system C compiler into
 ~/.cache/pagedserve/kernels (keyed by the source, the flags and this CPU's flags, since each is
-built for this CPU), loaded with ctypes, and run on a per-process thread pool (ctypes releases
-the GIL, so each thread's slice runs in parallel). Without a compiler, load() returns None and
-the caller keeps its torch path.
+built for this CPU) and loaded with ctypes. Each kernel splits its work over threads() OpenMP
+threads inside one call (ctypes releases the GIL). Built with -fopenmp, a kernel shares the OpenMP
+runtime torch has already loaded (same soname), so both use one pool of threads, which wait for the
+next parallel region spinning briefly: a decode step's hundreds of kernel calls cost microseconds
+each, where a Python thread pool cost ~100 us per call. A compiler without OpenMP builds the kernels
+single-threaded; without a compiler, load() returns None and the caller keeps its torch path.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -24,6 +26,7 @@ CACHE_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_CACHE", Path.home() / ".cache
 # linked into a shared library it turns on flush-to-zero for the whole process that loads it.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
          "-freciprocal-math", "-ffp-contract=fast", "-shared", "-fPIC"]
+OPENMP = ["-fopenmp"]
 
 
 def _cpu_flags() -> str:
@@ -34,7 +37,7 @@ def _cpu_flags() -> str:
 
 
 def _build(source: Path) -> Path:
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS + OPENMP).encode() + _cpu_flags().encode()).hexdigest()[:16]
     target = CACHE_DIR / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
@@ -43,7 +46,12 @@ def _build(source: Path) -> Path:
     os.close(fd)
     try:
         cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120)
+        try:
+            subprocess.run([cc, *FLAGS, *OPENMP, "-o", tmp, str(source), "-lm"], check=True, capture_output=True,
+                           timeout=120)
+        except subprocess.CalledProcessError:
+            log.warning("%s: no OpenMP in %s; the kernel runs on one thread", source.name, cc)
+            subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent builder never loads half a file
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -87,14 +95,3 @@ def set_threads(count: int | None) -> None:
     global _threads
     _threads = count
 
-
-@cache
-def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
-    """Per process: a forked child gets the parent's cache but not its threads."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="cpu-kernel")
-
-
-def run_split(total: int, parts: int, run) -> None:
-    """run(lo, hi) over `parts` contiguous slices of range(total), in parallel."""
-    bounds = [total * i // parts for i in range(parts + 1)]
-    list(_pool(parts, os.getpid()).map(lambda i: run(bounds[i], bounds[i + 1]), range(parts)))

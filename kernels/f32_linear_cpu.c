@@ -6,8 +6,8 @@
  * block after next is prefetched meanwhile. Built and called by f32_linear_cpu.py; its torch
  * reference is F.linear.
  *
- * x [M, K]; w [N, K]; bias [N] or NULL; y [M, N]; K a multiple of 8. Output columns n in
- * [n_lo, n_hi) are computed (callers split them over threads).
+ * x [M, K]; w [N, K]; bias [N] or NULL; y [M, N]; K a multiple of 8. The blocks of output columns
+ * are split over `threads` OpenMP threads.
  */
 #include <stdint.h>
 #include <string.h>
@@ -47,8 +47,8 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
     } while (0)
 
 void f32_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
-                int64_t n_lo, int64_t n_hi) {
-    int64_t n = n_lo;
-    for (; n + 4 <= n_hi; n += 4) ALL_ROWS(4);
-    for (; n < n_hi; n++) ALL_ROWS(1);
+                int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N - N % 4; n += 4) ALL_ROWS(4);
+    for (int64_t n = N - N % 4; n < N; n++) ALL_ROWS(1);
 }

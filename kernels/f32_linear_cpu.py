@@ -26,7 +26,7 @@ MAX_ROWS = 16
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
     return cpu_build.load_function(SOURCE, "CPU float32 linear kernel", "f32_linear", argtypes)
 
 
@@ -49,12 +49,8 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
-
-    def run(lo: int, hi: int) -> None:
-        lib.f32_linear(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows.shape[0], k, n, lo, hi)
-
-    parts = max(1, min(cpu_build.threads(), n // 4))
-    cpu_build.run_split(n, parts, run)
+    threads = max(1, min(cpu_build.threads(), n // 4))
+    lib.f32_linear(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows.shape[0], k, n, threads)
     return out.view(*x.shape[:-1], n)
 
 

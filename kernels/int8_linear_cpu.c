@@ -4,15 +4,16 @@
  * x (it stays in L1 between them). Built and called by int8_linear_cpu.py; its torch reference
  * dequantizes the weight and runs F.linear.
  *
- * x [M, K] float32; w [N, K] int8; scale [N]; bias [N] or NULL; y [M, N]. Output columns
- * n in [n_lo, n_hi) are computed (callers split them over threads).
+ * x [M, K] float32; w [N, K] int8; scale [N]; bias [N] or NULL; y [M, N]. The output columns are
+ * split over `threads` OpenMP threads.
  */
 #include <stdint.h>
 #include <stddef.h>
 
 void int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int64_t M,
-                 int64_t K, int64_t N, int64_t n_lo, int64_t n_hi) {
-    for (int64_t n = n_lo; n < n_hi; n++) {
+                 int64_t K, int64_t N, int64_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
         const int8_t *wr = w + n * K;
         const float s = scale[n], b = bias ? bias[n] : 0.0f;
         for (int64_t m = 0; m < M; m++) {

@@ -22,7 +22,7 @@ MAX_ROWS = 16  # past this many rows of x the dequantize + F.linear path is fast
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+    argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
     return cpu_build.load_function(SOURCE, "CPU int8 linear kernel", "int8_linear", argtypes)
 
 
@@ -44,10 +44,6 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     rows = x.reshape(-1, k).contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     bias_ptr = None if bias is None else bias.data_ptr()
-
-    def run(lo: int, hi: int) -> None:
-        lib.int8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), bias_ptr, out.data_ptr(),
-                        rows.shape[0], k, n, lo, hi)
-
-    cpu_build.run_split(n, max(1, min(cpu_build.threads(), n)), run)
+    lib.int8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), bias_ptr, out.data_ptr(),
+                    rows.shape[0], k, n, max(1, min(cpu_build.threads(), n)))
     return out.view(*x.shape[:-1], n)
