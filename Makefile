@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 serve: install
 	$(VENV)/bin/pagedserve serve $(if $(MODEL),$(MODEL),--demo) $(SERVE_ARGS)
