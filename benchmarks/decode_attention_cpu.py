@@ -4,7 +4,7 @@ revision, on one decode step of a smol135-shaped model.
     python benchmarks/decode_attention_cpu.py --baseline-rev HEAD~1 [--batch 16] [--context 256]
 
 Both sources are compiled the same way (kernels/cpu_build.py) and called as their revision's
-paged_decode_cpu.py called them: one call that threads itself, or (before the kernels ran OpenMP)
+paged_decode_cpu.py called them: one call that threads itself, or (before kernels/cpu_pool.h)
 the batch split over a Python thread pool, one ctypes call per slice. They alternate round by round;
 every layer has its own cache, as in a real step, so the keys and values come from memory. Prints the median time
 of each for all layers, their ratio, the bytes of cache read per second, and the largest difference
@@ -58,8 +58,8 @@ def main() -> None:
     q = torch.randn(args.batch, heads, dim)
     threads = cpu_build.threads()
     pool = ThreadPoolExecutor(threads)
-    # scratch for every version: per thread now, per slice before (older ones kept every head's scores)
-    scratch = torch.empty(max(args.batch, threads), heads // kv_heads * args.context + 2 * dim)
+    # the scratch of a version whose caller split the batch, per slice (older ones kept every head's scores)
+    scratch = torch.empty(args.batch, heads // kv_heads * args.context + 2 * dim)
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     split_argtypes = [ptr] * 6 + [i64] * 7 + [f32, ptr, ptr, f32, f32]
 
@@ -73,8 +73,8 @@ def main() -> None:
             head = (q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(), seq_lens.data_ptr(),
                     out.data_ptr())
             if not split:
-                lib.paged_decode(*head, args.batch, table.shape[1], heads, kv_heads, dim, block, dim**-0.5,
-                                 scratch.data_ptr(), scratch.shape[1], None, 1.0, 1.0, threads)
+                lib.paged_decode(*head, args.batch, table.shape[1], heads, kv_heads, dim, block, dim**-0.5, None, 1.0,
+                                 1.0, threads)
                 return
             parts = max(1, min(threads, args.batch))
             bounds = [args.batch * i // parts for i in range(parts + 1)]

@@ -1,11 +1,10 @@
 """Small C kernels for the CPU: compiled on first use with the system C compiler into
 ~/.cache/pagedserve/kernels (keyed by the source, the flags and this CPU's flags, since each is
-built for this CPU) and loaded with ctypes. Each kernel splits its work over threads() OpenMP
-threads inside one call (ctypes releases the GIL). Built with -fopenmp, a kernel shares the OpenMP
-runtime torch has already loaded (same soname), so both use one pool of threads, which wait for the
-next parallel region spinning briefly: a decode step's hundreds of kernel calls cost microseconds
-each, where a Python thread pool cost ~100 us per call. A compiler without OpenMP builds the kernels
-single-threaded; without a compiler, load() returns None and the caller keeps its torch path.
+built for this CPU) and loaded with ctypes. Each kernel splits its work over threads() threads
+inside one call (ctypes releases the GIL), on the pool of kernels/cpu_pool.h: a decode step's
+hundreds of kernel calls cost microseconds each, where a Python thread pool cost ~100 us per call,
+and a thread the OS has not scheduled never holds a call up, as OpenMP's barrier did on a busy
+machine. Without a compiler, load() returns None and the caller keeps its torch path.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ CACHE_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_CACHE", Path.home() / ".cache
 # linked into a shared library it turns on flush-to-zero for the whole process that loads it.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
          "-freciprocal-math", "-ffp-contract=fast", "-shared", "-fPIC"]
-OPENMP = ["-fopenmp"]
+HEADERS = ["cpu_pool.h"]  # included by the kernels: part of each build's key
 
 
 def _cpu_flags() -> str:
@@ -37,7 +36,8 @@ def _cpu_flags() -> str:
 
 
 def _build(source: Path) -> Path:
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS + OPENMP).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    headers = b"".join((Path(__file__).with_name(name)).read_bytes() for name in HEADERS)
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     target = CACHE_DIR / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
@@ -46,12 +46,8 @@ def _build(source: Path) -> Path:
     os.close(fd)
     try:
         cc = os.environ.get("CC", "cc")
-        try:
-            subprocess.run([cc, *FLAGS, *OPENMP, "-o", tmp, str(source), "-lm"], check=True, capture_output=True,
-                           timeout=120)
-        except subprocess.CalledProcessError:
-            log.warning("%s: no OpenMP in %s; the kernel runs on one thread", source.name, cc)
-            subprocess.run([cc, *FLAGS, "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *FLAGS, "-I", str(Path(__file__).parent), "-o", tmp, str(source), "-lm", "-lpthread"],
+                       check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent builder never loads half a file
     finally:
         Path(tmp).unlink(missing_ok=True)

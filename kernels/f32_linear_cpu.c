@@ -6,11 +6,13 @@
  * block after next is prefetched meanwhile. Built and called by f32_linear_cpu.py; its torch
  * reference is F.linear.
  *
- * x [M, K]; w [N, K]; bias [N] or NULL; y [M, N]; K a multiple of 8. The blocks of output columns
- * are split over `threads` OpenMP threads.
+ * x [M, K]; w [N, K]; bias [N] or NULL; y [M, N]; K a multiple of 8. The output columns are split
+ * over `threads` threads (cpu_pool.h).
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_pool.h"
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -46,9 +48,25 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
         else if (M - m == 1) tile(x, w, bias, y, K, N, m, n, 1, NR);                   \
     } while (0)
 
+struct args {
+    const float *x, *w, *bias;
+    float *y;
+    int64_t M, K, N;
+};
+
+/* Output columns [lo, hi): blocks of 4 weight rows, then single rows. */
+static void columns(void *ctx, int64_t lo, int64_t hi) {
+    const struct args *a = ctx;
+    const float *x = a->x, *w = a->w, *bias = a->bias;
+    float *y = a->y;
+    const int64_t M = a->M, K = a->K, N = a->N;
+    int64_t n = lo;
+    for (; n + 4 <= hi; n += 4) ALL_ROWS(4);
+    for (; n < hi; n++) ALL_ROWS(1);
+}
+
 void f32_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
                 int64_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N - N % 4; n += 4) ALL_ROWS(4);
-    for (int64_t n = N - N % 4; n < N; n++) ALL_ROWS(1);
+    struct args a = {x, w, bias, y, M, K, N};
+    parallel_for(N, pool_chunk(N, threads, 4), threads, columns, &a);
 }

@@ -4,8 +4,8 @@
  * is the gather + SDPA path of services/worker/layers/attention_torch.py.
  *
  * q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; tables [B, W] block ids;
- * seq_lens [B]; out [B, H, D]. The requests and KV heads are split over `threads` OpenMP threads;
- * scratch holds scratch_stride (>= max_seq_len + 2 * D) floats per thread.
+ * seq_lens [B]; out [B, H, D]. The requests and their KV heads are split over `threads` threads
+ * (cpu_pool.h).
  * The cache holds float32, or with lut (256 floats: each fp8 byte's value) fp8 bytes; each row is
  * then widened through the table, and keys and values are scaled by k_scale and v_scale (1 for a
  * float32 cache).
@@ -16,11 +16,11 @@
  * block, with no division per key.
  */
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include "cpu_pool.h"
 
 typedef float v8 __attribute__((vector_size(32)));
 
@@ -28,14 +28,6 @@ static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 static inline float hsum8(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-static inline int64_t thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
 }
 
 /* Row s of one KV head: in place for a float32 cache, else widened into buf. */
@@ -116,31 +108,48 @@ static void softmax(float *sc, int64_t S, float v_scale) {
     for (int64_t s = 0; s < S; s++) sc[s] *= norm;
 }
 
-void paged_decode(const float *q, const void *k_cache, const void *v_cache, const int64_t *tables,
-                  const int64_t *seq_lens, float *out, int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
-                  int64_t bs, float scale, float *scratch, int64_t scratch_stride, const float *lut, float k_scale,
-                  float v_scale, int64_t threads) {
-    const int64_t G = H / Hkv, row = Hkv * D;
-    scale *= k_scale;
-    /* one work item per request and KV head, so that one long request still uses every thread */
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads)
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-            float *buf = scratch + thread_id() * scratch_stride, *scores = buf + 2 * D;
-            const int64_t S = seq_lens[b], head = kvh * D;
-            const int64_t *table = tables + b * W;
-            /* the G query heads of one KV head in turn: its rows stay in cache for the next head */
-            for (int64_t h = kvh * G; h < (kvh + 1) * G; h++) {
-                const float *qh = q + (b * H + h) * D;
-                float *oh = out + (b * H + h) * D;
-                if (D == 64) scores_64(qh, k_cache, lut, table, S, bs, row, head, scale, buf, scores);
-                else if (D == 128) scores_128(qh, k_cache, lut, table, S, bs, row, head, scale, buf, scores);
-                else scores_any(qh, k_cache, lut, table, S, bs, row, head, D, scale, buf, scores);
-                softmax(scores, S, v_scale);
-                if (D == 64) values_64(scores, v_cache, lut, table, S, bs, row, head, buf, oh);
-                else if (D == 128) values_128(scores, v_cache, lut, table, S, bs, row, head, buf, oh);
-                else values_any(scores, v_cache, lut, table, S, bs, row, head, D, buf, oh);
-            }
+struct args {
+    const float *q;
+    const void *k_cache, *v_cache;
+    const int64_t *tables, *seq_lens;
+    float *out;
+    int64_t W, H, Hkv, D, bs;
+    float scale, v_scale;
+    const float *lut;
+};
+
+/* Work items [lo, hi): item i is request i / Hkv and its KV head i % Hkv, with the G query heads
+ * that read it in turn (the head's rows stay in cache for the next). */
+static void items(void *ctx, int64_t lo, int64_t hi) {
+    const struct args *a = ctx;
+    const int64_t D = a->D, G = a->H / a->Hkv, row = a->Hkv * D, bs = a->bs;
+    int64_t longest = 0;
+    for (int64_t i = lo; i < hi; i++) longest = a->seq_lens[i / a->Hkv] > longest ? a->seq_lens[i / a->Hkv] : longest;
+    float *buf = malloc((size_t)(longest + 2 * D) * sizeof(float)), *scores = buf + 2 * D;
+    if (!buf) abort();
+    for (int64_t i = lo; i < hi; i++) {
+        const int64_t b = i / a->Hkv, head = (i % a->Hkv) * D, S = a->seq_lens[b];
+        const int64_t *table = a->tables + b * a->W;
+        const void *kc = a->k_cache, *vc = a->v_cache;
+        const float *lut = a->lut;
+        for (int64_t h = (i % a->Hkv) * G; h < (i % a->Hkv + 1) * G; h++) {
+            const float *qh = a->q + (b * a->H + h) * D;
+            float *oh = a->out + (b * a->H + h) * D;
+            if (D == 64) scores_64(qh, kc, lut, table, S, bs, row, head, a->scale, buf, scores);
+            else if (D == 128) scores_128(qh, kc, lut, table, S, bs, row, head, a->scale, buf, scores);
+            else scores_any(qh, kc, lut, table, S, bs, row, head, D, a->scale, buf, scores);
+            softmax(scores, S, a->v_scale);
+            if (D == 64) values_64(scores, vc, lut, table, S, bs, row, head, buf, oh);
+            else if (D == 128) values_128(scores, vc, lut, table, S, bs, row, head, buf, oh);
+            else values_any(scores, vc, lut, table, S, bs, row, head, D, buf, oh);
         }
     }
+    free(buf);
+}
+
+void paged_decode(const float *q, const void *k_cache, const void *v_cache, const int64_t *tables,
+                  const int64_t *seq_lens, float *out, int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
+                  int64_t bs, float scale, const float *lut, float k_scale, float v_scale, int64_t threads) {
+    struct args a = {q, k_cache, v_cache, tables, seq_lens, out, W, H, Hkv, D, bs, scale * k_scale, v_scale, lut};
+    parallel_for(B * Hkv, pool_chunk(B * Hkv, threads, 1), threads, items, &a);
 }

@@ -7,7 +7,7 @@ step. paged_decode_cpu.c reads the blocks in place, once, each KV head for all t
 share it. It is compiled on first use with the system C compiler into ~/.cache/pagedserve/kernels
 (keyed by the source and this CPU's flags, since it is built for this CPU); without a compiler the
 backend keeps its torch path. Threads: the kernel splits the requests and KV heads over
-cpu_build.threads() OpenMP threads itself, in one ctypes call.
+cpu_build.threads() threads itself (kernels/cpu_pool.h), in one ctypes call.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
 @cache
 def _library() -> ctypes.CDLL | None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    argtypes = [ptr] * 6 + [i64] * 6 + [f32, ptr, i64, ptr, f32, f32, i64]
+    argtypes = [ptr] * 6 + [i64] * 6 + [f32, ptr, f32, f32, i64]
     return cpu_build.load_function(SOURCE, "CPU paged decode kernel", "paged_decode", argtypes)
 
 
@@ -61,12 +61,9 @@ def paged_decode(
     assert int(seq_lens.max()) <= table.shape[1] * block
     q, table, seq_lens = q.contiguous(), table.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
-    threads = cpu_build.threads()
-    stride = int(seq_lens.max()) + 2 * dim
-    scratch = torch.empty(threads, stride, dtype=torch.float32)
     lut = _fp8_values(kv_cache.dtype).data_ptr() if fp8 else None
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (1.0, 1.0)
     lib.paged_decode(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), table.data_ptr(),
                      seq_lens.data_ptr(), out.data_ptr(), batch, table.shape[1], heads, kv_heads, dim, block,
-                     scale, scratch.data_ptr(), stride, lut, k_scale, v_scale, threads)
+                     scale, lut, k_scale, v_scale, cpu_build.threads())
     return out

@@ -33,6 +33,27 @@ def test_kernel_matches_f_linear(rows, n, k, bias):
     torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
+def test_kernel_threads_in_threads_and_in_a_forked_child():
+    """Many threads' shares of one call (kernels/cpu_pool.h), and a child forked after the pool
+    started, which has no pool threads (as the offline ranks' fork server does): right answers,
+    and no hang on the parent's lock."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 64), torch.randn(4099, 64)
+    want = F.linear(x, w)
+    cpu_build.set_threads(8)
+    try:
+        torch.testing.assert_close(f32_linear_cpu.f32_linear(x, w), want, atol=1e-4, rtol=1e-5)
+        pid = os.fork()
+        if pid == 0:  # the child reports through its exit status
+            ok = torch.allclose(f32_linear_cpu.f32_linear(x, w), want, atol=1e-4, rtol=1e-5)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        torch.testing.assert_close(f32_linear_cpu.f32_linear(x, w), want, atol=1e-4, rtol=1e-5)
+    finally:
+        cpu_build.set_threads(None)
+
+
 def test_layers_take_the_kernel_for_few_rows_only():
     layer = ReplicatedLinear(64, 24, bias=True)
     torch.nn.init.normal_(layer.weight)
