@@ -1,9 +1,13 @@
 """Weight-only int8 linear on the CPU for small batches (decode), a C kernel beside its torch reference.
 
-Measured at SmolLM2-135M's shapes over a whole model's weights (so they come from memory, as in
-decode): the C kernel ran 1.3-1.6x faster than float32 F.linear at one row, while dequantizing per
-matmul and torch's _weight_int8pack_mm were 10-40x slower (benchmarks/quant.py reports the model
-figure). Larger batches are compute-bound: the caller dequantizes and runs F.linear instead.
+`linear` is what Int8Weights (services/worker/quant/int8.py) calls on the CPU: the kernel
+(int8_linear_cpu.c) for float32 inputs of at most MAX_ROWS rows, else the reference (dequantize the
+weight, then F.linear). Measured over smol135's weight shapes streamed from memory
+(benchmarks/linear_cpu.py --int8, one thread, on a 2-core AMD EPYC): the kernel ran about 2.3x
+faster than the float32 kernel at one row and 1.5x at 16, and faster than dequantize + F.linear up
+to about 100 rows (dequantizing writes every weight in float32 per call; past that BLAS's blocking
+wins). Torch's _weight_int8pack_mm measured 10-40x slower than float32. Like the float32 kernel it
+keeps its threads in decode-sized steps (services/worker/step_threads.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from kernels import cpu_build
 
 SOURCE = Path(__file__).with_name("int8_linear_cpu.c")
-MAX_ROWS = 16  # past this many rows of x the dequantize + F.linear path is faster
+MAX_ROWS = 64  # past this many rows of x the dequantize + F.linear path is as fast
 
 
 @cache
@@ -30,20 +34,33 @@ def available() -> bool:
     return _library() is not None
 
 
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the kernel takes this call: float32 on the CPU, few rows, whole vectors of K."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.int8 and weight.dim() == 2
+            and weight.shape[1] % 8 == 0 and x.numel() // weight.shape[1] <= MAX_ROWS and available())
+
+
 def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Torch reference: dequantize the weight (int8 [N, K] times scale [N]) and run F.linear."""
     return torch.nn.functional.linear(x, (weight.to(scale.dtype) * scale[:, None]).to(x.dtype), bias)
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] float32 times int8 weight [N, K] with per-row float32 scale [N] (+ bias [N])."""
+    """x [..., K] float32 times int8 weight [N, K] with per-row float32 scale [N] (+ bias [N]); see usable()."""
     lib = _library()
     assert lib is not None and x.dtype == scale.dtype == torch.float32 and weight.dtype == torch.int8
-    assert weight.is_contiguous() and scale.is_contiguous() and (bias is None or bias.is_contiguous())
     n, k = weight.shape
+    assert k % 8 == 0 and scale.shape == (n,) and (bias is None or bias.shape == (n,))
+    weight, scale = weight.contiguous(), scale.contiguous()
+    bias = None if bias is None else bias.contiguous()
     rows = x.reshape(-1, k).contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     bias_ptr = None if bias is None else bias.data_ptr()
     lib.int8_linear(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), bias_ptr, out.data_ptr(),
-                    rows.shape[0], k, n, max(1, min(cpu_build.threads(), n)))
+                    rows.shape[0], k, n, max(1, min(cpu_build.threads(), n // 4)))
     return out.view(*x.shape[:-1], n)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The int8 matmul on the CPU: through the C kernel where it is faster, else the reference."""
+    return int8_linear(x, weight, scale, bias) if usable(x, weight) else int8_linear_ref(x, weight, scale, bias)

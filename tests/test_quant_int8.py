@@ -8,10 +8,11 @@ import argparse
 import pytest
 import torch
 
-from kernels import int8_linear_cpu
+from kernels import cpu_build, f32_linear_cpu, int8_linear_cpu
 from pagedserve import LLM, SamplingParams
 from pagedserve.bench.quality import quality
-from services.worker.quant.int8 import quantize_per_channel
+from services.worker import step_threads
+from services.worker.quant.int8 import Int8Weights, quantize_per_channel
 from services.worker.quant.methods import linear_weight_bytes
 from shared.engine_args import add_model_args
 
@@ -28,13 +29,44 @@ def test_per_channel_quantization_round_trips_within_half_a_step():
 
 
 @pytest.mark.skipif(not int8_linear_cpu.available(), reason="no C compiler")
-@pytest.mark.parametrize(("rows", "bias"), [(1, False), (5, True), (16, True)])
-def test_cpu_kernel_matches_the_reference(rows, bias):
-    weight, scale = quantize_per_channel(torch.randn(130, 200))
-    x = torch.randn(rows, 200)
-    b = torch.randn(130) if bias else None
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 16])
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 64), (130, 200), (1030, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_kernel_matches_the_reference(rows, n, k, bias):
+    """Every tile shape: 3, 2 or 1 rows at a time, 4 or 1 weight rows, split over the threads."""
+    torch.manual_seed(rows * 1000 + n + k)
+    weight, scale = quantize_per_channel(torch.randn(n, k))
+    x = torch.randn(rows, k)
+    b = torch.randn(n) if bias else None
+    assert int8_linear_cpu.usable(x, weight)
     got = int8_linear_cpu.int8_linear(x, weight, scale, b)
-    torch.testing.assert_close(got, int8_linear_cpu.int8_linear_ref(x, weight, scale, b), atol=1e-4, rtol=1e-4)
+    assert got.shape == (rows, n)
+    torch.testing.assert_close(got, int8_linear_cpu.int8_linear_ref(x, weight, scale, b), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.skipif(not int8_linear_cpu.available(), reason="no C compiler")
+def test_the_layer_takes_the_kernel_for_few_rows_and_torch_past_them():
+    weight, scale = quantize_per_channel(torch.randn(24, 64))
+    layer, b = Int8Weights(weight, scale), torch.randn(24)
+    for rows in (1, int8_linear_cpu.MAX_ROWS, int8_linear_cpu.MAX_ROWS + 1):
+        x = torch.randn(rows, 64)
+        assert int8_linear_cpu.usable(x, weight) == (rows <= int8_linear_cpu.MAX_ROWS)
+        torch.testing.assert_close(layer(x, b), int8_linear_cpu.int8_linear_ref(x, weight, scale, b), atol=1e-4,
+                                   rtol=1e-5)
+    odd, odd_scale = quantize_per_channel(torch.randn(5, 60))  # K not a multiple of 8: the reference runs
+    x = torch.randn(2, 60)
+    assert not int8_linear_cpu.usable(x, odd)
+    torch.testing.assert_close(Int8Weights(odd, odd_scale)(x, None), int8_linear_cpu.int8_linear_ref(x, odd, odd_scale, None))
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not int8_linear_cpu.available(), reason="one thread or no compiler")
+def test_decode_sized_int8_steps_keep_the_kernel_on_every_thread():
+    """An int8 model computes in float32, so its decode-sized steps run torch on one thread, and
+    every such step's matmuls go through the kernel, which keeps all the threads."""
+    cpu, before = torch.device("cpu"), torch.get_num_threads()
+    assert int8_linear_cpu.MAX_ROWS >= f32_linear_cpu.MAX_ROWS  # no decode-sized matmul left to one-thread torch
+    with step_threads.for_step(cpu, torch.float32, f32_linear_cpu.MAX_ROWS):
+        assert torch.get_num_threads() == 1 and cpu_build.threads() == before
 
 
 @pytest.fixture(scope="module")

@@ -34,10 +34,7 @@ class Int8Weights:
             from kernels.int8_linear import int8_linear_triton
 
             return int8_linear_triton(x, self.weight, self.scale, bias)
-        rows = x.numel() // x.shape[-1]
-        if x.dtype == torch.float32 and rows <= int8_linear_cpu.MAX_ROWS and int8_linear_cpu.available():
-            return int8_linear_cpu.int8_linear(x, self.weight, self.scale, bias)
-        return int8_linear_cpu.int8_linear_ref(x, self.weight, self.scale, bias)
+        return int8_linear_cpu.linear(x, self.weight, self.scale, bias)
 
 
 def quantize_layer(layer: nn.Module) -> None:
