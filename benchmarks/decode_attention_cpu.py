@@ -73,7 +73,7 @@ def main() -> None:
             head = (q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(), seq_lens.data_ptr(),
                     out.data_ptr())
             if not split:
-                lib.paged_decode(*head, args.batch, table.shape[1], heads, kv_heads, dim, block, dim**-0.5, None, 1.0,
+                lib.paged_decode(*head, args.batch, table.shape[1], heads, kv_heads, dim, block, dim**-0.5, 0, 1.0,
                                  1.0, threads)
                 return
             parts = max(1, min(threads, args.batch))

@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
 @cache
 def _library() -> ctypes.CDLL | None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    argtypes = [ptr] * 6 + [i64] * 6 + [f32, ptr, f32, f32, i64]
+    argtypes = [ptr] * 6 + [i64] * 6 + [f32, i64, f32, f32, i64]
     return cpu_build.load_function(SOURCE, "CPU paged decode kernel", "paged_decode", argtypes)
 
 
@@ -35,12 +35,7 @@ def available() -> bool:
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-@cache
-def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
-    """The float32 value of each of the 256 bytes of an fp8 dtype."""
-    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+FORMATS = {torch.float32: 0, torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}  # the kernel's `fmt` codes
 
 
 def paged_decode(
@@ -61,9 +56,8 @@ def paged_decode(
     assert int(seq_lens.max()) <= table.shape[1] * block
     q, table, seq_lens = q.contiguous(), table.contiguous(), seq_lens.contiguous()
     out = torch.empty_like(q)
-    lut = _fp8_values(kv_cache.dtype).data_ptr() if fp8 else None
     k_scale, v_scale = (k_scale, v_scale) if fp8 else (1.0, 1.0)
     lib.paged_decode(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), table.data_ptr(),
                      seq_lens.data_ptr(), out.data_ptr(), batch, table.shape[1], heads, kv_heads, dim, block,
-                     scale, lut, k_scale, v_scale, cpu_build.threads())
+                     scale, FORMATS[kv_cache.dtype], k_scale, v_scale, cpu_build.threads())
     return out

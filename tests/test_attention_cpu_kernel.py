@@ -87,10 +87,15 @@ def test_loading_the_kernel_leaves_subnormal_floats_alone():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
-def test_kernel_reads_an_fp8_cache_times_its_scales(dtype):
-    gen = torch.Generator().manual_seed(7)
-    block, blocks, heads, kv_heads, dim = 16, 30, 9, 3, 64
+FP8 = pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+DIMS = pytest.mark.parametrize("dim", [64, 128, 40])  # the fixed-size loops and the any-dim loop
+
+
+@FP8
+@DIMS
+def test_kernel_reads_an_fp8_cache_times_its_scales(dtype, dim):
+    gen = torch.Generator().manual_seed(7 + dim)
+    block, blocks, heads, kv_heads = 16, 30, 9, 3
     seq_lens = torch.tensor([1, 40, 100])
     table = torch.randperm(blocks, generator=gen)[:21].view(3, 7)
     kv_cache = torch.randn(2, blocks, block, kv_heads, dim, generator=gen).to(dtype)
@@ -98,3 +103,21 @@ def test_kernel_reads_an_fp8_cache_times_its_scales(dtype):
     got = paged_decode_cpu.paged_decode(q, kv_cache, table, seq_lens, dim**-0.5, 0.5, 2.0)
     widened = torch.stack([kv_cache[0].float() * 0.5, kv_cache[1].float() * 2.0])
     torch.testing.assert_close(got, reference(q, widened, table, seq_lens, dim**-0.5), atol=1e-5, rtol=1e-5)
+
+
+@FP8
+@DIMS
+def test_every_fp8_byte_widens_exactly_as_torch_does(dtype, dim):
+    """One cached token gets all the attention, so each output head is its value row exactly as the
+    kernel widened it: all 256 bytes against torch's .float(), except NaN and infinity, which a
+    saturating cache write never stores."""
+    kv_heads = -(-256 // dim)
+    values = (torch.arange(kv_heads * dim) % 256).to(torch.uint8).view(dtype).view(kv_heads, dim)
+    kv_cache = torch.zeros(2, 1, 16, kv_heads, dim, dtype=dtype)
+    kv_cache[1, 0, 0] = values
+    q = torch.randn(1, kv_heads, dim)
+    got = paged_decode_cpu.paged_decode(q, kv_cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), 0.1)
+    want = values.float()
+    finite = want.isfinite()
+    assert finite.sum() >= 248  # e5m2: 2 infinities and 6 NaNs of 256 bytes
+    assert torch.equal(got[0][finite], want[finite])
