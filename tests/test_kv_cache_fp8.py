@@ -10,9 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from kernels import kv_write_cpu
 from pagedserve import LLM, SamplingParams
 from pagedserve.bench.quality import quality
 from services.worker.kv_cache import cache_bytes
+from services.worker.quant.kv_fp8 import quantize, write_cache
 from shared.engine_args import add_model_args
 
 BUDGET = 1 << 20
@@ -118,3 +120,27 @@ def test_a_prompt_prefilled_alone_gives_what_it_gives_in_a_batch(runs):
         assert alone.outputs[0].token_ids == together.outputs[0].token_ids
         for a, b in zip(alone.outputs[0].logprobs, together.outputs[0].logprobs):
             assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+
+
+@pytest.mark.skipif(not kv_write_cpu.usable(torch.empty(1, 1, 1, 8, dtype=torch.float8_e4m3fn), torch.empty(1)),
+                    reason="no C compiler")
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_the_cpu_write_stores_the_bytes_torch_does(dtype):
+    """Every finite fp8 value, the midpoints between neighbours (ties round to even) and just
+    either side of them, subnormals, zeros of both signs, values past the largest (saturated) and
+    random ones, divided by a scale that is not a power of two."""
+    scale = 0.37
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    grid = grid[grid.isfinite()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, mids, mids.nextafter(grid[1:]), mids.nextafter(grid[:-1]), torch.tensor([-0.0, 1e6, -1e6]),
+                        torch.randn(2000) * 30, torch.randn(500) * 1e-3])
+    x = values * scale
+    x = torch.cat([x, x.new_zeros(-len(x) % 64)]).view(-1, 2, 32)  # tokens of 2 heads x 32
+    cache = torch.zeros(x.shape[0] + 3, 1, 2, 32, dtype=dtype)
+    slots = torch.randperm(cache.shape[0])[: x.shape[0]]
+    write_cache(cache, slots, x, scale)
+    want = quantize(x, scale, dtype).view(torch.uint8)
+    assert torch.equal(cache.view(torch.uint8).view(-1, 2, 32)[slots], want)
+    with pytest.raises(IndexError, match="out of range"):
+        write_cache(cache, torch.tensor([cache.shape[0]]), x[:1], scale)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import kv_write_cpu
+
 FP8_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
@@ -47,6 +49,9 @@ def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale
     heads, dim = x.shape[1], x.shape[2]
     if not is_fp8(cache.dtype):
         cache.view(-1, heads, dim).index_copy_(0, slots, x)
+        return
+    if kv_write_cpu.usable(cache, x):
+        kv_write_cpu.write(cache, slots, x, scale)
         return
     # index_copy_ has no fp8 kernel on CPU: copy the bytes
     quantized = quantize(x, scale, cache.dtype).view(torch.uint8)
