@@ -114,7 +114,7 @@ def test_spec_decode_script_reports_every_workload_and_concurrency(model_dirs, c
 
 
 @pytest.mark.parametrize("script", [
-    ["linear_cpu.py", "--rows", "1", "5", "--rounds", "1", "--layers", "1"],
+    ["linear_cpu.py", "--rows", "1", "5", "--rounds", "1", "--layers", "1", "--int8"],
     ["decode_attention_cpu.py", "--baseline-rev", "HEAD", "--batch", "3", "--context", "40", "--layers", "2",
      "--rounds", "1"],
 ])
