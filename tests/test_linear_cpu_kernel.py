@@ -1,5 +1,6 @@
 """The CPU float32 linear kernel (kernels/f32_linear_cpu.c) against F.linear, where the layers use
-it, and the fallback when no C compiler is there."""
+it, and the fallback when no C compiler is there; both linear kernels (float32, int8) on many
+threads and in a forked child."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_build, f32_linear_cpu
+from kernels import cpu_build, f32_linear_cpu, int8_linear_cpu
 from services.worker import step_threads
 from services.worker.layers.linear import ReplicatedLinear
+from services.worker.quant.int8 import quantize_per_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not f32_linear_cpu.available(), reason="no C compiler")
@@ -33,23 +35,34 @@ def test_kernel_matches_f_linear(rows, n, k, bias):
     torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
 
 
-def test_kernel_threads_in_threads_and_in_a_forked_child():
+def _float32_call(w: torch.Tensor):
+    return (lambda x: f32_linear_cpu.f32_linear(x, w)), (lambda x: F.linear(x, w))
+
+
+def _int8_call(w: torch.Tensor):
+    q, scale = quantize_per_channel(w)
+    return (lambda x: int8_linear_cpu.int8_linear(x, q, scale, None)), (lambda x: int8_linear_cpu.int8_linear_ref(x, q, scale, None))
+
+
+@pytest.mark.parametrize("calls", [_float32_call, _int8_call], ids=["float32", "int8"])
+def test_kernel_threads_in_threads_and_in_a_forked_child(calls):
     """Many threads' shares of one call (kernels/cpu_pool.h), and a child forked after the pool
     started, which has no pool threads (as the offline ranks' fork server does): right answers,
     and no hang on the parent's lock."""
     torch.manual_seed(0)
-    x, w = torch.randn(3, 64), torch.randn(4099, 64)
-    want = F.linear(x, w)
+    x = torch.randn(3, 64)
+    kernel, reference = calls(torch.randn(4099, 64))
+    want = reference(x)
     cpu_build.set_threads(8)
     try:
-        torch.testing.assert_close(f32_linear_cpu.f32_linear(x, w), want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(kernel(x), want, atol=1e-4, rtol=1e-5)
         pid = os.fork()
         if pid == 0:  # the child reports through its exit status
-            ok = torch.allclose(f32_linear_cpu.f32_linear(x, w), want, atol=1e-4, rtol=1e-5)
+            ok = torch.allclose(kernel(x), want, atol=1e-4, rtol=1e-5)
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        torch.testing.assert_close(f32_linear_cpu.f32_linear(x, w), want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(kernel(x), want, atol=1e-4, rtol=1e-5)
     finally:
         cpu_build.set_threads(None)
 
