@@ -57,13 +57,24 @@ def make_stack(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         st.close()
 
 
-@pytest.fixture(scope="module")
-def stack(make_stack: StackFactory) -> Stack:
-    """One real engine + worker for the module's tests that leave it running."""
-    st = make_stack()
+@pytest.fixture(scope="session")
+def backend(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One real engine + worker (ENGINE_FLAGS) for every module that leaves them running: starting
+    a worker costs more than the tests of most modules."""
+    st = Stack(model_path, tmp_path_factory.mktemp("backend-logs"))
     st.start_worker()
     st.start_engine()
-    return st
+    yield st
+    st.close()
+
+
+@pytest.fixture(scope="module")
+def stack(backend: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The shared engine and worker, with this module's own frontends (stopped at module end)."""
+    backend.check_running()  # an earlier module that took it down fails here, not obscurely later
+    st = backend.sharing(tmp_path_factory.mktemp("stack-logs"))
+    yield st
+    st.close()
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,20 @@ class Stack:
         while self.engine_load().num_running == 0:
             assert time.monotonic() < deadline, "the request never started running"
 
+    def sharing(self, logs: Path, api_key: str | None = None) -> Stack:
+        """A Stack on this one's engine and worker, with a port of its own and no processes yet:
+        closing it stops only the frontends started through it."""
+        st = Stack(self.model, logs, api_key, self.engine_flags)
+        st.inp, st.out, st.wrk = self.inp, self.out, self.wrk
+        st.engine, st.engine_name = self.engine, self.engine_name
+        st.metrics_ports = {self.engine_name: self.metrics_ports[self.engine_name]}
+        return st
+
+    def check_running(self) -> None:
+        """Fail, with its log, if any process of this stack has exited."""
+        for proc in self.procs:
+            assert proc.popen.poll() is None, f"{proc.log_path.name} exited:\n{proc.log()[-3000:]}"
+
     def close(self) -> None:
         for proc in reversed(self.procs):  # frontends first (Goodbye), then engine, then worker
             proc.close()

@@ -22,10 +22,9 @@ CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", 
 
 
 @pytest.fixture(scope="module")
-def keyed(model_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    stack = Stack(model_path, tmp_path_factory.mktemp("page-logs"), api_key=KEY)
-    stack.start_worker()
-    stack.start_engine()
+def keyed(backend: Stack, tmp_path_factory: pytest.TempPathFactory):
+    backend.check_running()
+    stack = backend.sharing(tmp_path_factory.mktemp("page-logs"), api_key=KEY)
     proc = stack.start_frontend("fe-page")
     wait_until(f"{stack.base}/health", proc, timeout=120)
     yield stack
@@ -72,7 +71,8 @@ def test_a_browser_chats_streams_and_stops(keyed: Stack, tmp_path: Path):
         page.press("#input", "Enter")
         expect(page.locator("#speed")).to_contain_text("tokens in", timeout=60_000)
         answer = page.text_content(".msg.assistant")
-        assert answer and "Error" not in answer
+        # the page appends "Error: ..." on a line of its own; the random model may say "Error" itself
+        assert answer and not re.search(r"(^|\n)Error: ", answer), answer
         speed = page.text_content("#speed")
         assert 1 <= int(speed.split(" tokens in ")[0]) <= 12 and speed.endswith("tokens/s"), speed
         page.screenshot(path=str(artifacts / "chat_page.png"))

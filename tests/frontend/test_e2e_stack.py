@@ -20,20 +20,19 @@ from frontend_helpers import GREEDY, metric_value, wait_until
 pytestmark = pytest.mark.timeout(300)
 
 API_KEY = "e2e-key"
-MAX_MODEL_LEN = 1024
-ENGINE_FLAGS = ["--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", str(16 << 20)]
+MAX_MODEL_LEN = 1024  # e2e_stack.ENGINE_FLAGS
 
 
 @pytest.fixture(scope="module")
-def stack(model_dirs, tmp_path_factory) -> Iterator[Stack]:
-    st = Stack(model_dirs("llama"), tmp_path_factory.mktemp("e2e-logs"), API_KEY, tuple(ENGINE_FLAGS))
+def stack(backend, tmp_path_factory) -> Iterator[Stack]:
+    """Two keyed frontends on the session's engine and worker."""
+    backend.check_running()
+    st = backend.sharing(tmp_path_factory.mktemp("e2e-logs"), API_KEY)
     try:
-        st.start_worker()
-        engine = st.start_engine()
         fronts = {fid: st.start_frontend(fid) for fid in ("fe-a", "fe-b")}
         for fid, proc in fronts.items():
             st.wait_frontend_ready(fid, proc)
-        wait_until(f"{st.base}/health", engine, timeout=60)
+        wait_until(f"{st.base}/health", fronts["fe-a"], timeout=60)
         yield st
     finally:
         st.close()
