@@ -57,7 +57,9 @@ pytestmark = pytest.mark.timeout(300)
 
 NGINX = find_binary("nginx")
 PROMETHEUS = find_binary("prometheus")
-LOAD_SECONDS = 12.0  # load before the queries run (the dashboards' rate windows are 15s here)
+# Seconds of load at most before the queries run: until then, the fixture waits for every dashboard
+# panel to have data (a rate needs two scrapes in its 15s window), not a fixed time.
+LOAD_SECONDS = 45.0
 COMPOSE_PORTS = (5570, 5571, 5572, 8001, 8002)  # engine sockets, engine and worker /metrics
 
 
@@ -367,9 +369,12 @@ def prometheus(stack, model_name, tmp_path_factory) -> Iterator[Prometheus]:
     try:
         wait_http(f"http://127.0.0.1:{port}/-/ready", [proc], timeout=60)
         load = Load(stack.base, model_name)
-        time.sleep(LOAD_SECONDS)  # queries below run while the load goes on
+        prom = Prometheus(f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + LOAD_SECONDS  # queries below run while the load goes on
+        while any(_panel_failures(prom, d) for d in DASHBOARDS) and time.monotonic() < deadline:
+            time.sleep(1.0)
         assert sum(v for k, v in load.statuses.items() if k == 200) > 5, load.statuses
-        yield Prometheus(f"http://127.0.0.1:{port}")
+        yield prom
     finally:
         if load is not None:
             load.close()
@@ -406,8 +411,8 @@ def _diagnose(prometheus: Prometheus, expr: str) -> str:
     return f"missing series {absent}" if absent else "series exist, but the expression selects nothing"
 
 
-@pytest.mark.parametrize("dashboard", DASHBOARDS, ids=lambda p: p.stem)
-def test_every_dashboard_panel_returns_data(prometheus, dashboard):
+def _panel_failures(prometheus: Prometheus, dashboard: Path) -> list[str]:
+    """The dashboard's panel queries that fail, come back empty, or hold only NaN."""
     failures = []
     for where, expr in dashboard_targets(dashboard):
         promql = grafana_to_promql(expr)
@@ -418,6 +423,12 @@ def test_every_dashboard_panel_returns_data(prometheus, dashboard):
             failures.append(f"{where}: empty ({_diagnose(prometheus, promql)})\n    {promql}")
         elif all(r["value"][1] == "NaN" for r in result):
             failures.append(f"{where}: only NaN (a rate of a series that did not move?)\n    {promql}")
+    return failures
+
+
+@pytest.mark.parametrize("dashboard", DASHBOARDS, ids=lambda p: p.stem)
+def test_every_dashboard_panel_returns_data(prometheus, dashboard):
+    failures = _panel_failures(prometheus, dashboard)
     assert not failures, f"{len(failures)} empty or failing panel queries:\n" + "\n".join(failures)
 
 
