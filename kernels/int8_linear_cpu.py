@@ -2,12 +2,13 @@
 
 `linear` is what Int8Weights (services/worker/quant/int8.py) calls on the CPU: the kernel
 (int8_linear_cpu.c) for float32 inputs of at most MAX_ROWS rows, else the reference (dequantize the
-weight, then F.linear). Measured over smol135's weight shapes streamed from memory
-(benchmarks/linear_cpu.py --int8, one thread, on a 2-core AMD EPYC): the kernel ran about 2.3x
-faster than the float32 kernel at one row and 1.5x at 16, and faster than dequantize + F.linear up
-to about 100 rows (dequantizing writes every weight in float32 per call; past that BLAS's blocking
-wins). Torch's _weight_int8pack_mm measured 10-40x slower than float32. Like the float32 kernel it
-keeps its threads in decode-sized steps (services/worker/step_threads.py).
+weight, then F.linear). Over smol135's weight shapes streamed from memory, on a 2-core AMD EPYC
+shared with other work (load ~9, so noisy): `benchmarks/linear_cpu.py --int8 --rows 1 2 4 8 16
+--rounds 7` measured the kernel 1.3-2.3x faster than the float32 kernel at 1 to 16 rows; on one
+thread (OMP_NUM_THREADS=1) about 2.3x at one row and 1.5x at 16, and faster than dequantize +
+F.linear up to about 100 rows (dequantizing writes every weight in float32 per call; past that BLAS's blocking wins),
+hence MAX_ROWS 64. Torch's _weight_int8pack_mm measured 10-40x slower than float32. Like the
+float32 kernel it keeps its threads in decode-sized steps (services/worker/step_threads.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """torch's thread count per step on the CPU.
 
-A decode-sized float32 step (at most f32_linear_cpu.MAX_ROWS tokens) runs its matmuls and its
-attention in the C kernels (kernels/), which split their work over their own threads. What is left
+A decode-sized float32 step (at most f32_linear_cpu.MAX_ROWS tokens) runs its matmuls (float32 or
+int8 weights: int8_linear_cpu.MAX_ROWS is no smaller) and its attention in the C kernels
+(kernels/), which split their work over their own threads. What is left
 to torch is hundreds of tiny ops per step (norms, rotary, residual adds, views, sampling), for
 each of which waking and joining OpenMP threads costs more than the op itself, and whose spinning
 threads take cycles from the kernels' threads and from the frontend and engine processes. So such
