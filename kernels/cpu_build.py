@@ -25,7 +25,8 @@ CACHE_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_CACHE", Path.home() / ".cache
 # linked into a shared library it turns on flush-to-zero for the whole process that loads it.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math",
          "-freciprocal-math", "-ffp-contract=fast", "-shared", "-fPIC"]
-HEADERS = ["cpu_pool.h"]  # included by the kernels: part of each build's key
+# the kernels' sources include each other and these headers: all are part of each build's key
+SOURCES = ("*.h", "*.c")
 
 
 def _cpu_flags() -> str:
@@ -36,8 +37,9 @@ def _cpu_flags() -> str:
 
 
 def _build(source: Path) -> Path:
-    headers = b"".join((Path(__file__).with_name(name)).read_bytes() for name in HEADERS)
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
+    kernels = sorted(path for pattern in SOURCES for path in Path(__file__).parent.glob(pattern))
+    text = source.read_bytes() + b"".join(path.read_bytes() for path in kernels)
+    key = hashlib.sha256(text + " ".join(FLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     target = CACHE_DIR / f"{source.stem}-{key}.so"
     if target.is_file():
         return target

@@ -10,14 +10,9 @@
  * over `threads` threads (cpu_pool.h).
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "cpu_pool.h"
-
-typedef float v8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+#include "simd.h"
 
 /* y[m0 : m0 + MR, n0 : n0 + NR]; inlined with constant MR <= 3, NR <= 4, so the MR x NR
  * accumulators stay in registers. */
@@ -48,15 +43,15 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
         else if (M - m == 1) tile(x, w, bias, y, K, N, m, n, 1, NR);                   \
     } while (0)
 
-struct args {
+struct linear_args {
     const float *x, *w, *bias;
     float *y;
     int64_t M, K, N;
 };
 
 /* Output columns [lo, hi): blocks of 4 weight rows, then single rows. */
-static void columns(void *ctx, int64_t lo, int64_t hi) {
-    const struct args *a = ctx;
+static void linear_columns(void *ctx, int64_t lo, int64_t hi) {
+    const struct linear_args *a = ctx;
     const float *x = a->x, *w = a->w, *bias = a->bias;
     float *y = a->y;
     const int64_t M = a->M, K = a->K, N = a->N;
@@ -67,6 +62,6 @@ static void columns(void *ctx, int64_t lo, int64_t hi) {
 
 void f32_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
                 int64_t threads) {
-    struct args a = {x, w, bias, y, M, K, N};
-    parallel_for(N, pool_chunk(N, threads, 4), threads, columns, &a);
+    struct linear_args a = {x, w, bias, y, M, K, N};
+    parallel_for(N, pool_chunk(N, threads, 4), threads, linear_columns, &a);
 }

@@ -23,15 +23,9 @@
 #include <string.h>
 
 #include "cpu_pool.h"
+#include "simd.h"
 
-typedef float v8 __attribute__((vector_size(32)));
 typedef uint32_t u8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-static inline float hsum8(v8 v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
 
 /* Cache formats: float32, or fp8 bytes widened on the fly. An fp8 byte's sign, exponent and
  * mantissa bits are moved to float32's positions (sign-extended to 32 bits, shifted left so that
@@ -158,7 +152,7 @@ static void softmax(float *sc, int64_t S, float v_scale) {
     for (int64_t s = 0; s < S; s++) sc[s] *= norm;
 }
 
-struct args {
+struct decode_args {
     const float *q;
     const void *k_cache, *v_cache;
     const int64_t *tables, *seq_lens;
@@ -171,8 +165,8 @@ struct args {
 
 /* Work items [lo, hi): item i is request i / Hkv and its KV head i % Hkv, with the G query heads
  * that read it in turn (the head's rows stay in cache for the next). */
-static void items(void *ctx, int64_t lo, int64_t hi) {
-    const struct args *a = ctx;
+static void decode_items(void *ctx, int64_t lo, int64_t hi) {
+    const struct decode_args *a = ctx;
     const int64_t D = a->D, G = a->H / a->Hkv, row = a->Hkv * D, bs = a->bs;
     int64_t longest = 0;
     for (int64_t i = lo; i < hi; i++) longest = a->seq_lens[i / a->Hkv] > longest ? a->seq_lens[i / a->Hkv] : longest;
@@ -195,7 +189,7 @@ void paged_decode(const float *q, const void *k_cache, const void *v_cache, cons
                   const int64_t *seq_lens, float *out, int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
                   int64_t bs, float scale, int64_t fmt, float k_scale, float v_scale, int64_t threads) {
     const int dims = D == 64 ? 0 : D == 128 ? 1 : 2;
-    struct args a = {q,  k_cache, v_cache, tables, seq_lens, out, W, H, Hkv, D, bs, scale * k_scale, v_scale,
-                     SCORES[dims][fmt], VALUES[dims][fmt]};
-    parallel_for(B * Hkv, pool_chunk(B * Hkv, threads, 1), threads, items, &a);
+    struct decode_args a = {q,  k_cache, v_cache, tables, seq_lens, out, W, H, Hkv, D, bs, scale * k_scale, v_scale,
+                            SCORES[dims][fmt], VALUES[dims][fmt]};
+    parallel_for(B * Hkv, pool_chunk(B * Hkv, threads, 1), threads, decode_items, &a);
 }

@@ -102,9 +102,11 @@ class TorchAttentionBackend:
     def build(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         qsl, nd, n = common.query_start_loc, common.num_decodes, common.num_reqs
         q_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
-        # decodes grouped by context length (what they read), prefill chunks by query length
-        ranges = _similar_runs(common.seq_lens, 0, nd) + _similar_runs(q_lens, nd, n)
+        # decodes grouped by context length (what SDPA reads padded), prefill chunks by query length
         kernel = _decode_kernel(common.device, self.dtype, self.kv_dtype)
+        # the C kernel reads each request's own length in place: padding costs it nothing
+        decodes = [(0, nd)] if kernel and nd else _similar_runs(common.seq_lens, 0, nd)
+        ranges = decodes + _similar_runs(q_lens, nd, n)
         groups = [_build_group(common, lo, hi, self.dtype, kernel) for lo, hi in ranges]
         return TorchAttentionMetadata(common.slot_mapping, groups)
 

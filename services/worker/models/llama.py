@@ -19,6 +19,7 @@ from services.worker.layers.embedding import ParallelLMHead, VocabParallelEmbedd
 from services.worker.layers.layernorm import GemmaRMSNorm, RMSNorm
 from services.worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from services.worker.layers.rotary import RotaryEmbedding, rope_parameters
+from services.worker.models import llama_decode_cpu
 from services.worker.pipeline import Intermediate, MissingLayer, stage_layers
 from shared.config import ModelConfig
 
@@ -128,8 +129,12 @@ class LlamaModel(nn.Module):
                 hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         else:
             hidden, residual = intermediate
-        for layer in self.layers[self.stage_layers.start : self.stage_layers.stop]:
-            hidden, residual = layer(positions, hidden, residual)
+        fused = llama_decode_cpu.run(self, positions, hidden) if residual is None else None
+        if fused is not None:  # a float32 CPU decode step: every layer in one C call
+            hidden, residual = fused
+        else:
+            for layer in self.layers[self.stage_layers.start : self.stage_layers.stop]:
+                hidden, residual = layer(positions, hidden, residual)
         if not self.last:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)

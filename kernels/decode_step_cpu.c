@@ -1,0 +1,105 @@
+/* Every decoder layer of a Llama-family model for one float32 decode step on the CPU, in one call.
+ *
+ * At a few rows a decode step's time beyond reading the weights is dispatch: each layer runs about
+ * thirty torch ops and five kernel calls from Python, tens of microseconds each. Here the whole
+ * stack of layers is one C call that runs the same kernels (f32_linear_cpu.c for the projections,
+ * paged_decode_cpu.c for attention, on the cpu_pool.h threads) with the small ops between them
+ * (RMSNorm with the residual add, rotary, the KV cache write, SiLU-and-mul) inline. Built and
+ * called by decode_step_cpu.py; its reference is the model's own forward (services/worker/models/
+ * llama.py), which every other step runs.
+ *
+ * Per layer: x, residual = norm(hidden + residual) (the first layer: norm(hidden), hidden);
+ * q, k, v = x Wqkv^T (+ b); rotate q, k; write k, v at their slots; attend over the paged cache;
+ * hidden = attn Wo^T (+ b); x, residual = norm(hidden + residual); hidden = down(silu(gate) * up).
+ * The final norm and the LM head stay with the caller.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "f32_linear_cpu.c"
+#include "paged_decode_cpu.c"
+
+/* One layer's parameters (biases may be NULL) and its KV cache [num_blocks, block_size, Hkv, D]. */
+struct layer {
+    const float *input_norm, *post_norm;
+    const float *qkv_w, *qkv_b, *o_w, *o_b, *gate_up_w, *gate_up_b, *down_w, *down_b;
+    float *k_cache, *v_cache;
+};
+
+struct shape {
+    int64_t hidden, heads, kv_heads, head_dim, inter, block_size, table_width;
+    float eps, scale;
+};
+
+/* x <- norm(x (+ residual)) * w row by row; with residual, residual <- x + residual first (the
+ * sum is what the next layer adds to). */
+static void add_norm(float *x, float *residual, const float *w, int64_t T, int64_t H, float eps, float *out) {
+    for (int64_t t = 0; t < T; t++) {
+        float *xr = x + t * H, *o = out + t * H, *r = residual + t * H;
+        if (residual) {
+            for (int64_t d = 0; d < H; d++) r[d] += xr[d];
+            xr = r;
+        }
+        float sq = 0.0f;
+        for (int64_t d = 0; d < H; d++) sq += xr[d] * xr[d];
+        const float inv = 1.0f / sqrtf(sq / (float)H + eps);
+        for (int64_t d = 0; d < H; d++) o[d] = xr[d] * inv * w[d];
+    }
+}
+
+/* Heads of D in row t of x (stride floats apart), rotated neox style in place at positions[t];
+ * cos_sin rows hold D / 2 cosines then D / 2 sines. */
+static void rotate(float *x, int64_t stride, int64_t heads, int64_t D, const int64_t *positions,
+                   const float *cos_sin, int64_t T) {
+    const int64_t half = D / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *cos = cos_sin + positions[t] * D, *sin = cos + half;
+        for (int64_t h = 0; h < heads; h++) {
+            float *a = x + t * stride + h * D, *b = a + half;
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = a[i], x2 = b[i];
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+/* hidden [T, H] (in: the embeddings; out: the last layer's output) and residual [T, H] (out: the
+ * residual stream to add before the final norm); positions, slots, seq_lens [T]; tables [T, W];
+ * scratch: T * (H + (Hq + 2 Hkv) D + 2 Hq D + 3 I) floats. */
+void decode_layers(const struct layer *layers, int64_t num_layers, const struct shape *s, const float *cos_sin,
+                   int64_t T, const int64_t *positions, const int64_t *slots, const int64_t *tables,
+                   const int64_t *seq_lens, float *hidden, float *residual, float *scratch, int64_t threads) {
+    const int64_t H = s->hidden, D = s->head_dim, Hq = s->heads, Hkv = s->kv_heads, I = s->inter;
+    const int64_t qkv_n = (Hq + 2 * Hkv) * D, row = Hkv * D;
+    float *x = scratch, *qkv = x + T * H, *q = qkv + T * qkv_n, *attn = q + T * Hq * D;
+    float *gate_up = attn + T * Hq * D, *act = gate_up + T * 2 * I;
+    memcpy(residual, hidden, (size_t)(T * H) * sizeof(float));
+    for (int64_t l = 0; l < num_layers; l++) {
+        const struct layer *L = layers + l;
+        add_norm(hidden, l ? residual : NULL, L->input_norm, T, H, s->eps, x);
+        f32_linear(x, L->qkv_w, L->qkv_b, qkv, T, H, qkv_n, threads);
+        rotate(qkv, qkv_n, Hq, D, positions, cos_sin, T);
+        rotate(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T);
+        for (int64_t t = 0; t < T; t++) {
+            if (slots[t] < 0) continue; /* a padding token has no slot */
+            memcpy(L->k_cache + slots[t] * row, qkv + t * qkv_n + Hq * D, (size_t)row * sizeof(float));
+            memcpy(L->v_cache + slots[t] * row, qkv + t * qkv_n + (Hq + Hkv) * D, (size_t)row * sizeof(float));
+        }
+        /* queries at qkv row starts, qkv_n floats apart: copied to [T, Hq, D] for the kernel */
+        for (int64_t t = 0; t < T; t++) memcpy(q + t * Hq * D, qkv + t * qkv_n, (size_t)(Hq * D) * sizeof(float));
+        paged_decode(q, L->k_cache, L->v_cache, tables, seq_lens, attn, T, s->table_width, Hq, Hkv, D, s->block_size,
+                     s->scale, F32, 1.0f, 1.0f, threads);
+        f32_linear(attn, L->o_w, L->o_b, hidden, T, Hq * D, H, threads);
+        add_norm(hidden, residual, L->post_norm, T, H, s->eps, x);
+        f32_linear(x, L->gate_up_w, L->gate_up_b, gate_up, T, H, 2 * I, threads);
+        for (int64_t t = 0; t < T; t++) {
+            const float *g = gate_up + t * 2 * I, *u = g + I;
+            float *a = act + t * I;
+            for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        f32_linear(act, L->down_w, L->down_b, hidden, T, I, H, threads);
+    }
+}

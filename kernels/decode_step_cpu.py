@@ -1,0 +1,104 @@
+"""One float32 CPU decode step through every decoder layer of a Llama-family model in one C call
+(decode_step_cpu.c); services/worker/models/llama_decode_cpu.py decides when a step takes it.
+
+`DecodeLayers` holds the layers' parameter pointers (and the tensors, so they stay alive) and runs
+a step: the embeddings in, (hidden, residual) out, as the model's layer loop returns them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from kernels import cpu_build
+
+SOURCE = Path(__file__).with_name("decode_step_cpu.c")
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b",
+        "k_cache", "v_cache")]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "hidden", "heads", "kv_heads", "head_dim", "inter", "block_size", "table_width")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    argtypes = [ptr, i64, ptr, ptr, i64] + [ptr] * 7 + [i64]
+    return cpu_build.load_function(SOURCE, "CPU decode step kernel", "decode_layers", argtypes)
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+@dataclass
+class LayerParams:
+    """One decoder layer's float32 CPU tensors, contiguous (biases may be None)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    gate_up_w: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeLayers:
+    """The layers of one model, with their shapes; run() takes one step's inputs."""
+
+    def __init__(self, layers: list[LayerParams], heads: int, kv_heads: int, head_dim: int, eps: float,
+                 scale: float, cos_sin: torch.Tensor):
+        self.params, self.cos_sin = layers, cos_sin
+        self.hidden, self.inter = layers[0].qkv_w.shape[1], layers[0].down_w.shape[1]
+        self.heads, self.kv_heads, self.head_dim, self.eps, self.scale = heads, kv_heads, head_dim, eps, scale
+        self.table = (_Layer * len(layers))()
+        for entry, p in zip(self.table, layers):
+            for name in LayerParams.__dataclass_fields__:
+                setattr(entry, name, _ptr(getattr(p, name)))
+        self.caches: list[torch.Tensor] | None = None
+
+    def _bind(self, kv_caches: list[torch.Tensor]) -> None:
+        """Point each layer at its cache (again when the caches were reallocated)."""
+        if self.caches is not None and all(a is b for a, b in zip(self.caches, kv_caches)):
+            return
+        for entry, cache_ in zip(self.table, kv_caches):
+            entry.k_cache, entry.v_cache = cache_[0].data_ptr(), cache_[1].data_ptr()
+        self.caches = list(kv_caches)
+
+    def run(self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+            seq_lens: torch.Tensor, kv_caches: list[torch.Tensor], threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer. The caller has
+        checked the inputs against the caches (llama_decode_cpu.py): positions inside cos_sin,
+        slots and block ids inside the cache, seq_lens within the table."""
+        self._bind(kv_caches)
+        tokens = hidden.shape[0]
+        block_size = kv_caches[0].shape[2]
+        shape = _Shape(self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, block_size, tables.shape[1],
+                       self.eps, self.scale)
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        scratch = torch.empty(tokens * (self.hidden + qkv + 2 * self.heads * self.head_dim + 3 * self.inter))
+        hidden = hidden.contiguous().clone()
+        residual = torch.empty_like(hidden)
+        _library().decode_layers(self.table, len(self.params), ctypes.byref(shape), self.cos_sin.data_ptr(), tokens,
+                                 positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),
+                                 hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(), threads)
+        return hidden, residual

@@ -1,0 +1,95 @@
+"""When a Llama-family model's decode step runs as one C call (kernels/decode_step_cpu.py).
+
+The model qualifies once: float32 on the CPU, one tensor- and pipeline-parallel rank, RMSNorm,
+plain rotary q/k (no per-head norms), a SiLU-gated MLP, no quantized weights, no LoRA, dimensions
+the float32 kernel takes. A step qualifies when every request decodes one token, at most
+f32_linear_cpu.MAX_ROWS of them, over a float32 cache read by the torch backend's C decode kernel.
+Every other model and step runs the layers' own torch forward, which this must equal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kernels import cpu_build, decode_step_cpu, f32_linear_cpu
+from services.worker.forward_context import get_forward_context
+from services.worker.layers.activation import SiluAndMul
+from services.worker.layers.layernorm import RMSNorm
+
+if TYPE_CHECKING:
+    from services.worker.models.llama import LlamaModel
+
+
+def _layers(model: LlamaModel) -> decode_step_cpu.DecodeLayers | None:
+    """The model's layers for the C step, or None when the model does not qualify."""
+    from services.worker.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
+
+    if not (model.first and model.last and decode_step_cpu.available()):
+        return None
+    params, attn = [], None
+    for layer in model.layers:
+        if type(layer) is not LlamaDecoderLayer or not isinstance(layer.mlp, LlamaMLP):
+            return None
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if (type(attn).norm_qk is not LlamaAttention.norm_qk or type(mlp.act_fn) is not SiluAndMul
+                or any(type(n) is not RMSNorm or n.eps != norms[0].eps for n in norms)
+                or any(lin.quant is not None or lin.lora is not None or lin.tp_size != 1 for lin in linears)):
+            return None
+        tensors = [n.weight for n in norms] + [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
+        if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return None
+        if any(lin.weight.shape[1] % 8 for lin in linears):
+            return None
+        params.append(decode_step_cpu.LayerParams(
+            norms[0].weight, norms[1].weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
+            attn.o_proj.bias, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight,
+            mlp.down_proj.bias))
+    if attn is None:
+        return None
+    rotary = model.rotary_emb
+    heads, kv_heads = attn.qkv_proj.num_heads, attn.qkv_proj.num_kv_heads
+    return decode_step_cpu.DecodeLayers(params, heads, kv_heads, attn.attn.head_dim, model.layers[0].input_layernorm.eps,
+                                        attn.attn.scale, rotary.cos_sin_cache)
+
+
+def run(model: LlamaModel, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(hidden, residual) after every layer through the C step, or None when this model or step
+    does not qualify (the caller then runs the layers)."""
+    layers = getattr(model, "_decode_layers", False)
+    if layers is False:
+        layers = model._decode_layers = _layers(model)
+    if layers is None or torch.is_grad_enabled() or hidden.dtype != torch.float32 or hidden.dim() != 2:
+        return None
+    ctx = get_forward_context()
+    meta, tokens = ctx.attn_metadata, hidden.shape[0]
+    groups = getattr(meta, "groups", None)
+    if (ctx.lora is not None or not groups or len(groups) != 1 or groups[0].seq_lens is None
+            or tokens > f32_linear_cpu.MAX_ROWS or len(groups[0].seq_lens) != tokens):
+        return None
+    caches = [ctx.kv_caches[i] for i in range(len(model.layers))]
+    if any(c.dtype != torch.float32 for c in caches):
+        return None
+    group, slots = groups[0], meta.slot_mapping
+    table = group.block_table.contiguous()
+    _check(positions, slots, table, group.seq_lens, caches[0], len(layers.cos_sin))
+    return layers.run(hidden, positions.contiguous(), slots.contiguous(), table, group.seq_lens.contiguous(), caches,
+                      cpu_build.threads())
+
+
+def _check(positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor,
+           cache: torch.Tensor, max_position: int) -> None:
+    """What the C step reads and writes unchecked, checked once per step: a bad index would reach
+    outside the caches or the rotary table."""
+    num_blocks, block_size = cache.shape[1], cache.shape[2]
+    if not (positions.dtype == slots.dtype == table.dtype == seq_lens.dtype == torch.int64):
+        raise ValueError("decode step indices must be int64")
+    if int(positions.min()) < 0 or int(positions.max()) >= max_position:
+        raise IndexError(f"positions outside [0, {max_position})")
+    if int(slots.max()) >= num_blocks * block_size or int(table.min()) < 0 or int(table.max()) >= num_blocks:
+        raise IndexError("a slot or block id lies outside the KV cache")
+    if int(seq_lens.max()) > table.shape[1] * block_size:
+        raise IndexError("a context is longer than its block table")

@@ -1,0 +1,75 @@
+"""The float32 CPU decode step as one C call (kernels/decode_step_cpu.c, chosen by
+services/worker/models/llama_decode_cpu.py) against the layers' own torch forward: the same
+tokens and logprobs, which models and steps take it, and indices it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import decode_step_cpu
+from pagedserve import LLM, SamplingParams
+from services.worker.loader import build_model
+from services.worker.models import llama_decode_cpu
+from shared.config import ModelConfig
+
+pytestmark = pytest.mark.skipif(not decode_step_cpu.available(), reason="no C compiler")
+
+PROMPTS = [[5, 9, 31, 2, 77], [8] * 21, list(range(40, 73))]
+
+
+def _generate(path, monkeypatch, fused: bool) -> tuple[list, int]:
+    calls = []
+    run = llama_decode_cpu.run
+
+    def counted(*args):
+        out = run(*args) if fused else None
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(llama_decode_cpu, "run", counted)
+    llm = LLM(str(path), dtype="float32", max_num_seqs=4, block_size=8)
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    del llm
+    return [o.outputs[0] for o in outs], sum(calls)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_c_step_matches_the_layers(model_dirs, monkeypatch, arch):
+    """Three requests of different lengths (contexts across several blocks) decode together:
+    every decode step runs in C, with the tokens and logprobs the torch layers give."""
+    path = model_dirs(arch)
+    fused, fused_steps = _generate(path, monkeypatch, fused=True)
+    plain, plain_steps = _generate(path, monkeypatch, fused=False)
+    assert fused_steps >= 11 and plain_steps == 0
+    for a, b in zip(fused, plain):
+        assert a.token_ids == b.token_ids
+        for ea, eb in zip(a.logprobs, b.logprobs):
+            assert ea.keys() == eb.keys()
+            for token in ea:
+                assert ea[token].logprob == pytest.approx(eb[token].logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize(("arch", "qualifies"), [("llama", True), ("mistral", True), ("qwen3", False),
+                                                 ("gemma", False)])
+def test_which_models_take_the_c_step(model_dirs, arch, qualifies):
+    """Per-head q/k norms (Qwen3) and Gemma's norms and GELU are not in the C step."""
+    config = ModelConfig.from_pretrained(str(model_dirs(arch)))
+    model = build_model(config, torch.float32, "cpu")
+    assert (llama_decode_cpu._layers(model.model) is not None) is qualifies
+
+
+def test_indices_outside_the_cache_are_refused():
+    cache = torch.zeros(2, 4, 8, 1, 8)  # 4 blocks of 8 slots
+    table, seq_lens = torch.tensor([[1, 2]]), torch.tensor([9])
+    ok = (torch.tensor([8]), torch.tensor([17]), table, seq_lens, cache, 64)
+    llama_decode_cpu._check(*ok)
+    with pytest.raises(IndexError, match="positions"):
+        llama_decode_cpu._check(torch.tensor([64]), *ok[1:])
+    with pytest.raises(IndexError, match="KV cache"):
+        llama_decode_cpu._check(ok[0], torch.tensor([32]), *ok[2:])
+    with pytest.raises(IndexError, match="KV cache"):
+        llama_decode_cpu._check(ok[0], ok[1], torch.tensor([[1, 4]]), *ok[3:])
+    with pytest.raises(IndexError, match="block table"):
+        llama_decode_cpu._check(ok[0], ok[1], table, torch.tensor([17]), *ok[4:])
