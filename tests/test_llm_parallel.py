@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -117,12 +118,24 @@ if sys.argv[2] == "kill":
 """
 
 
+@pytest.fixture(scope="module")
+def interpreters(llama) -> Iterator[dict[str, subprocess.Popen]]:
+    """One interpreter per ending, started together: each spends seconds on imports on a core of its own."""
+    procs = {end: subprocess.Popen([sys.executable, "-c", SCRIPT, llama, end], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for end in ("exit", "kill")}
+    yield procs
+    for proc in procs.values():
+        proc.kill()
+        proc.communicate()
+
+
 @pytest.mark.parametrize("end", ["exit", "kill"])
-def test_no_rank_outlives_its_interpreter(llama, end):
+def test_no_rank_outlives_its_interpreter(interpreters, end):
     """The interpreter exits without shutting the LLM down, or is killed: its ranks go too."""
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, llama, end], capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
-    assert proc.returncode == (0 if end == "exit" else -9), proc.stderr[-3000:]
-    pids = [int(p) for p in proc.stdout.split()]
+    proc = interpreters[end]
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == (0 if end == "exit" else -9), stderr[-3000:]
+    pids = [int(p) for p in stdout.split()]
     assert len(pids) == 2
     assert _gone_within(pids, 10) == []
