@@ -97,13 +97,22 @@ def test_the_layout_dequantizes_close_to_the_weights(checkpoints, scheme):
     assert "model.embed_tokens.weight" in packed and packed["model.embed_tokens.weight"].dtype == weight.dtype
 
 
+@pytest.fixture(scope="module")
+def quantized_outputs(checkpoints) -> dict[str, tuple[str | None, list]]:
+    """Each quantized checkpoint's quantization as loaded, and its greedy outputs, decoded once in
+    this process (one rank)."""
+    outputs = {}
+    for scheme, (_, quantized, _) in checkpoints.items():
+        llm = LLM(str(quantized), kv_cache_memory=1 << 20)
+        outputs[scheme] = llm.config.model.quantization, llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    return outputs
+
+
 @pytest.mark.parametrize("scheme", list(CASES))
-def test_decodes_like_the_reference_dequantized_weights(checkpoints, scheme):
-    _, quantized, reference = checkpoints[scheme]
-    llm = LLM(str(quantized), kv_cache_memory=1 << 20)
-    assert llm.config.model.quantization == scheme.split("-")[0]
-    got = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    want = LLM(str(reference), kv_cache_memory=1 << 20).generate(PROMPTS, GREEDY, use_tqdm=False)
+def test_decodes_like_the_reference_dequantized_weights(checkpoints, quantized_outputs, scheme):
+    quantization, got = quantized_outputs[scheme]
+    assert quantization == scheme.split("-")[0]
+    want = LLM(str(checkpoints[scheme][2]), kv_cache_memory=1 << 20).generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     for a, b in zip(got, want):
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
@@ -137,12 +146,11 @@ def _tp_rank(rank: int, world: int, tmp: str, paths: dict[str, str]) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_give_the_tokens_of_one_process(checkpoints, tmp_path):
+def test_two_ranks_give_the_tokens_of_one_process(checkpoints, quantized_outputs, tmp_path):
     """Column-parallel layers split the codes, zeros and scales by output rows; row-parallel ones
     split the codes and g_idx by input columns and keep every group (act-order and AWQ's groups)."""
     paths = {scheme: str(checkpoints[scheme][1]) for scheme in ("gptq-act-order", "awq")}
-    expected = {scheme: [o.outputs[0].token_ids for o in LLM(path, kv_cache_memory=1 << 20).generate(
-        PROMPTS, GREEDY, use_tqdm=False)] for scheme, path in paths.items()}
+    expected = {scheme: [o.outputs[0].token_ids for o in quantized_outputs[scheme][1]] for scheme in paths}
     run_ranks(_tp_rank, 2, str(tmp_path), paths)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
