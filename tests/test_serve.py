@@ -57,27 +57,17 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
         return exc.code, json.load(exc)
 
 
-def test_serve_starts_answers_and_stops_cleanly(model_dirs):
-    port = free_port()
-    proc = start_serve(str(model_dirs("llama")), port, "--max-n", "2")
-    try:
-        line = wait_line(proc, "serving")
-        assert f"http://127.0.0.1:{port}/v1" in line
-        kids = children(proc)
-        assert len(kids) >= 4  # engine, worker, two frontends
-        model = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"]
-        status, out = _post(port, {"model": model, "prompt": "hello", "max_tokens": 4, "ignore_eos": True})
-        assert status == 200 and out["usage"]["completion_tokens"] == 4
-        for _ in range(6):  # serve passed its request limits on to every frontend (they share the port)
-            status, out = _post(port, {"model": model, "prompt": "hello", "max_tokens": 2, "n": 3})
-            assert status == 400 and out["error"]["param"] == "n", out
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        _, alive = psutil.wait_procs(kids, timeout=15)
-        assert not alive
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def check_serving(proc: subprocess.Popen, port: int, line: str) -> None:
+    """serve announced its address, runs its children and answers, and passed its request limits
+    (--max-n 2) on to every frontend (they share the port)."""
+    assert f"http://127.0.0.1:{port}/v1" in line
+    assert len(children(proc)) >= 4  # engine, worker, two frontends
+    model = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"]
+    status, out = _post(port, {"model": model, "prompt": "hello", "max_tokens": 4, "ignore_eos": True})
+    assert status == 200 and out["usage"]["completion_tokens"] == 4
+    for _ in range(6):
+        status, out = _post(port, {"model": model, "prompt": "hello", "max_tokens": 2, "n": 3})
+        assert status == 400 and out["error"]["param"] == "n", out
 
 
 def serving(port: int) -> bool:
@@ -88,12 +78,13 @@ def serving(port: int) -> bool:
 
 
 def sigterm_mid_stream(model: str, shutdown_timeout: str) -> list[str]:
-    """Serve, open a long stream, SIGTERM serve once tokens flow: the stream's events, after
-    checking that the frontends stopped taking requests and that serve and its children exited 0."""
+    """Serve (check_serving), open a long stream, SIGTERM serve once tokens flow: the stream's
+    events, after checking that the frontends stopped taking requests and that serve and its
+    children exited 0."""
     port = free_port()
-    proc = start_serve(model, port, "--max-model-len", "1024", "--shutdown-timeout", shutdown_timeout)
+    proc = start_serve(model, port, "--max-model-len", "1024", "--shutdown-timeout", shutdown_timeout, "--max-n", "2")
     try:
-        wait_line(proc, "serving")
+        check_serving(proc, port, wait_line(proc, "serving"))
         kids = children(proc)
         started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
