@@ -18,21 +18,23 @@ pytestmark = pytest.mark.skipif(not decode_step_cpu.available(), reason="no C co
 PROMPTS = [[5, 9, 31, 2, 77], [8] * 21, list(range(40, 73))]
 
 
-def _generate(path, monkeypatch, fused: bool) -> tuple[list, int]:
-    calls = []
+def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, **kwargs) -> tuple[list, list[int]]:
+    """The completions, and the tokens of each step the C path ran."""
+    steps = []
     run = llama_decode_cpu.run
 
-    def counted(*args):
-        out = run(*args) if fused else None
-        calls.append(out is not None)
+    def counted(model, positions, hidden):
+        out = run(model, positions, hidden) if fused else None
+        if out is not None:
+            steps.append(hidden.shape[0])
         return out
 
     monkeypatch.setattr(llama_decode_cpu, "run", counted)
-    llm = LLM(str(path), dtype="float32", max_num_seqs=4, block_size=8)
-    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    llm = LLM(str(path), dtype="float32", max_num_seqs=4, block_size=8, **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     del llm
-    return [o.outputs[0] for o in outs], sum(calls)
+    return [o.outputs[0] for o in outs], steps
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -42,8 +44,23 @@ def test_c_step_matches_the_layers(model_dirs, monkeypatch, arch):
     path = model_dirs(arch)
     fused, fused_steps = _generate(path, monkeypatch, fused=True)
     plain, plain_steps = _generate(path, monkeypatch, fused=False)
-    assert fused_steps >= 11 and plain_steps == 0
-    for a, b in zip(fused, plain):
+    assert len(fused_steps) >= 11 and not plain_steps
+    _same(fused, plain)
+
+
+def test_speculative_verification_takes_the_c_step(model_dirs, monkeypatch):
+    """ngram proposals verified several tokens per request in one C step (each token attending up
+    to itself), with the tokens and logprobs of plain decoding through the layers."""
+    path, prompts = model_dirs("llama", attention_scale=0.005), [[5, 6] * 10]  # its output loops after a while
+    spec = {"method": "ngram", "num_speculative_tokens": 4}
+    fused, fused_steps = _generate(path, monkeypatch, True, prompts, 48, speculative_config=spec)
+    plain, _ = _generate(path, monkeypatch, False, prompts, 48)
+    assert max(fused_steps) > 1  # a verify step: one request, several tokens
+    _same(fused, plain)
+
+
+def _same(fused: list, plain: list) -> None:
+    for a, b in zip(fused, plain, strict=True):
         assert a.token_ids == b.token_ids
         for ea, eb in zip(a.logprobs, b.logprobs):
             assert ea.keys() == eb.keys()

@@ -26,7 +26,7 @@ class _Group:
     mask: torch.Tensor | None  # [B, 1, Q, W * block_size] additive; None = plain causal, no context
     query_index: torch.Tensor | None  # [T_group] row in the padded [B * Q] query layout
     max_q: int
-    seq_lens: torch.Tensor | None = None  # [B] int64 for decodes the CPU kernel runs (kernels/paged_decode_cpu.py)
+    seq_lens: torch.Tensor | None = None  # [T] int64: each query row's context, where the CPU kernel runs
 
 
 @dataclass
@@ -50,8 +50,11 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     seq = torch.tensor(seq_lens)
     q_len = torch.tensor(q_lens)
     key_pos = torch.arange(max_s)
-    if max_q == 1 and kernel:  # reads the cache in place
-        return _Group(token_slice, table, None, None, 1, seq)
+    if kernel:  # reads the cache in place, one row per query token (see _KERNEL_MAX_QUERY)
+        if max_q > 1:
+            table = table.repeat_interleave(q_len, dim=0)
+            seq = torch.tensor([s - q + i + 1 for s, q in zip(seq_lens, q_lens) for i in range(q)])
+        return _Group(token_slice, table.contiguous(), None, None, max_q, seq)
     if max_q == 1:  # decodes: each query sees its whole context
         allowed = (key_pos[None, :] < seq[:, None])[:, None, None, :]
         return _Group(token_slice, to_device(table, device), to_device(_additive(allowed, dtype), device), None, 1)
@@ -77,6 +80,10 @@ def _decode_kernel(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dty
 
 
 _MAX_PADDING = 0.25  # share of padding a group may carry
+# The C kernel takes a request's query tokens as rows of their own, each with the context up to
+# itself (the step's keys are written first): right for speculative verification and short chunks,
+# which it reads the context for once per token; longer chunks go to SDPA over the gathered context.
+_KERNEL_MAX_QUERY = 16
 
 
 def _similar_runs(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -104,10 +111,12 @@ class TorchAttentionBackend:
         q_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
         # decodes grouped by context length (what SDPA reads padded), prefill chunks by query length
         kernel = _decode_kernel(common.device, self.dtype, self.kv_dtype)
+        if kernel and n and max(q_lens) <= _KERNEL_MAX_QUERY:  # one kernel call for the whole batch
+            return TorchAttentionMetadata(common.slot_mapping, [_build_group(common, 0, n, self.dtype, True)])
         # the C kernel reads each request's own length in place: padding costs it nothing
         decodes = [(0, nd)] if kernel and nd else _similar_runs(common.seq_lens, 0, nd)
         ranges = decodes + _similar_runs(q_lens, nd, n)
-        groups = [_build_group(common, lo, hi, self.dtype, kernel) for lo, hi in ranges]
+        groups = [_build_group(common, lo, hi, self.dtype, kernel and hi <= nd) for lo, hi in ranges]
         return TorchAttentionMetadata(common.slot_mapping, groups)
 
     def forward(
