@@ -94,3 +94,28 @@ void int8_linear(const float *x, const int8_t *w, const float *scale, const floa
     struct args a = {x, w, scale, bias, y, M, K, N};
     parallel_for(N, pool_chunk(N, threads, 4), threads, columns, &a);
 }
+
+/* The weight dequantized, out[n, k] = w[n, k] * scale[n] (what F.linear runs on past a few rows of
+ * x): one pass over the weights on the kernels' threads, where torch's convert-then-scale makes two. */
+struct dequantize_args {
+    const int8_t *w;
+    const float *scale;
+    float *out;
+    int64_t K;
+};
+
+static void dequantize_rows(void *ctx, int64_t lo, int64_t hi) {
+    const struct dequantize_args *a = ctx;
+    for (int64_t n = lo; n < hi; n++) {
+        const v8 s = (v8){0} + a->scale[n];
+        for (int64_t k = 0; k < a->K; k += 8) {
+            const v8 v = widen8(a->w + n * a->K + k) * s;
+            memcpy(a->out + n * a->K + k, &v, sizeof v);
+        }
+    }
+}
+
+void int8_dequantize(const int8_t *w, const float *scale, float *out, int64_t N, int64_t K, int64_t threads) {
+    struct dequantize_args a = {w, scale, out, K};
+    parallel_for(N, pool_chunk(N, threads, 1), threads, dequantize_rows, &a);
+}

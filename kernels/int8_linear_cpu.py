@@ -1,14 +1,16 @@
 """Weight-only int8 linear on the CPU for small batches (decode), a C kernel beside its torch reference.
 
 `linear` is what Int8Weights (services/worker/quant/int8.py) calls on the CPU: the kernel
-(int8_linear_cpu.c) for float32 inputs of at most MAX_ROWS rows, else the reference (dequantize the
-weight, then F.linear). Over smol135's weight shapes streamed from memory, on a 2-core AMD EPYC
-shared with other work (load ~9, so noisy): `benchmarks/linear_cpu.py --int8 --rows 1 2 4 8 16
---rounds 7` measured the kernel 1.3-2.3x faster than the float32 kernel at 1 to 16 rows; on one
-thread (OMP_NUM_THREADS=1) about 2.3x at one row and 1.5x at 16, and faster than dequantize +
-F.linear up to about 100 rows (dequantizing writes every weight in float32 per call; past that BLAS's blocking wins),
-hence MAX_ROWS 64. Torch's _weight_int8pack_mm measured 10-40x slower than float32. Like the
-float32 kernel it keeps its threads in decode-sized steps (services/worker/step_threads.py).
+(int8_linear_cpu.c) for float32 inputs of at most MAX_ROWS rows, else F.linear over the weight
+dequantized by the same library (`dequantize`: one pass on the kernels' threads, where torch's
+int8 -> float32 conversion then scaling took ~30x longer on a 3072 x 576 weight, ad hoc on a busy
+machine). Over smol135's weight shapes streamed from memory, on a 2-core AMD EPYC shared with
+other work (load ~9, so noisy): `benchmarks/linear_cpu.py --int8 --rows 1 2 4 8 16 --rounds 7`
+measured the kernel 1.3-2.3x faster than the float32 kernel at 1 to 16 rows, and with
+OMP_NUM_THREADS=1 `--rows 16 32 64 128 --rounds 3` 2.2x, 2.3x, 1.2x and 0.94x as fast as the
+dequantized F.linear: past about 100 rows BLAS's blocking wins, hence MAX_ROWS 64. Torch's
+_weight_int8pack_mm measured 10-40x slower than float32. Like the float32 kernel it keeps its
+threads in decode-sized steps (services/worker/step_threads.py).
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ MAX_ROWS = 64  # past this many rows of x the dequantize + F.linear path is as f
 @cache
 def _library() -> ctypes.CDLL | None:
     argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4
-    return cpu_build.load_function(SOURCE, "CPU int8 linear kernel", "int8_linear", argtypes)
+    lib = cpu_build.load_function(SOURCE, "CPU int8 linear kernel", "int8_linear", argtypes)
+    if lib is not None:
+        lib.int8_dequantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        lib.int8_dequantize.restype = None
+    return lib
 
 
 def available() -> bool:
@@ -43,7 +49,24 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def int8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Torch reference: dequantize the weight (int8 [N, K] times scale [N]) and run F.linear."""
-    return torch.nn.functional.linear(x, (weight.to(scale.dtype) * scale[:, None]).to(x.dtype), bias)
+    return torch.nn.functional.linear(x, _dequantize_ref(weight, scale).to(x.dtype), bias)
+
+
+def _dequantize_ref(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return weight.to(scale.dtype) * scale[:, None]
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 weight [N, K] times scale [N] in float32, as the reference computes it (the same
+    product per element), in one pass through the kernel's library where it can."""
+    n, k = weight.shape
+    if not (weight.device.type == "cpu" and weight.dtype == torch.int8 and scale.dtype == torch.float32
+            and k % 8 == 0 and available()):
+        return _dequantize_ref(weight, scale)
+    weight, scale = weight.contiguous(), scale.contiguous()
+    out = torch.empty(n, k, dtype=torch.float32)
+    _library().int8_dequantize(weight.data_ptr(), scale.data_ptr(), out.data_ptr(), n, k, max(1, min(cpu_build.threads(), n)))
+    return out
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -63,5 +86,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The int8 matmul on the CPU: through the C kernel where it is faster, else the reference."""
-    return int8_linear(x, weight, scale, bias) if usable(x, weight) else int8_linear_ref(x, weight, scale, bias)
+    """The int8 matmul on the CPU: through the C kernel where it is faster, else F.linear over the
+    dequantized weight."""
+    if usable(x, weight):
+        return int8_linear(x, weight, scale, bias)
+    return torch.nn.functional.linear(x, dequantize(weight, scale).to(x.dtype), bias)

@@ -53,6 +53,7 @@ def test_the_layer_takes_the_kernel_for_few_rows_and_torch_past_them():
         assert int8_linear_cpu.usable(x, weight) == (rows <= int8_linear_cpu.MAX_ROWS)
         torch.testing.assert_close(layer(x, b), int8_linear_cpu.int8_linear_ref(x, weight, scale, b), atol=1e-4,
                                    rtol=1e-5)
+    assert torch.equal(int8_linear_cpu.dequantize(weight, scale), weight.float() * scale[:, None])  # past MAX_ROWS
     odd, odd_scale = quantize_per_channel(torch.randn(5, 60))  # K not a multiple of 8: the reference runs
     x = torch.randn(2, 60)
     assert not int8_linear_cpu.usable(x, odd)
