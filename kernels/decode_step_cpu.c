@@ -3,6 +3,7 @@
  * At a few rows a decode step's time beyond reading the weights is dispatch: each layer runs about
  * thirty torch ops and five kernel calls from Python, tens of microseconds each. Here the whole
  * stack of layers is one C call that runs the same kernels (f32_linear_cpu.c for the projections,
+ * int8_linear_cpu.c for int8 ones,
  * paged_decode_cpu.c for attention, on the cpu_pool.h threads) with the small ops between them
  * (RMSNorm with the residual add, rotary, the KV cache write, SiLU-and-mul) inline. Built and
  * called by decode_step_cpu.py; its reference is the model's own forward (services/worker/models/
@@ -18,14 +19,31 @@
 #include <string.h>
 
 #include "f32_linear_cpu.c"
+#include "int8_linear_cpu.c"
 #include "paged_decode_cpu.c"
 
-/* One layer's parameters (biases may be NULL) and its KV cache [num_blocks, block_size, Hkv, D]. */
+/* One layer's parameters (biases may be NULL) and its KV cache [num_blocks, block_size, Hkv, D].
+ * A projection's weight is float32, or int8 with per-row scales (its _s; NULL for float32). */
 struct layer {
     const float *input_norm, *post_norm;
-    const float *qkv_w, *qkv_b, *o_w, *o_b, *gate_up_w, *gate_up_b, *down_w, *down_b;
+    const void *qkv_w;
+    const float *qkv_b;
+    const void *o_w;
+    const float *o_b;
+    const void *gate_up_w;
+    const float *gate_up_b;
+    const void *down_w;
+    const float *down_b;
     float *k_cache, *v_cache;
+    const float *qkv_s, *o_s, *gate_up_s, *down_s;
 };
+
+/* y = x w^T (+ b) through the float32 or the int8 kernel. */
+static void project(const float *x, const void *w, const float *w_scale, const float *b, float *y, int64_t M,
+                    int64_t K, int64_t N, int64_t threads) {
+    if (w_scale) int8_linear(x, w, w_scale, b, y, M, K, N, threads);
+    else f32_linear(x, w, b, y, M, K, N, threads);
+}
 
 struct shape {
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, table_width;
@@ -80,7 +98,7 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
     for (int64_t l = 0; l < num_layers; l++) {
         const struct layer *L = layers + l;
         add_norm(hidden, l ? residual : NULL, L->input_norm, T, H, s->eps, x);
-        f32_linear(x, L->qkv_w, L->qkv_b, qkv, T, H, qkv_n, threads);
+        project(x, L->qkv_w, L->qkv_s, L->qkv_b, qkv, T, H, qkv_n, threads);
         rotate(qkv, qkv_n, Hq, D, positions, cos_sin, T);
         rotate(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T);
         for (int64_t t = 0; t < T; t++) {
@@ -92,14 +110,14 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
         for (int64_t t = 0; t < T; t++) memcpy(q + t * Hq * D, qkv + t * qkv_n, (size_t)(Hq * D) * sizeof(float));
         paged_decode(q, L->k_cache, L->v_cache, tables, seq_lens, attn, T, s->table_width, Hq, Hkv, D, s->block_size,
                      s->scale, F32, 1.0f, 1.0f, threads);
-        f32_linear(attn, L->o_w, L->o_b, hidden, T, Hq * D, H, threads);
+        project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads);
         add_norm(hidden, residual, L->post_norm, T, H, s->eps, x);
-        f32_linear(x, L->gate_up_w, L->gate_up_b, gate_up, T, H, 2 * I, threads);
+        project(x, L->gate_up_w, L->gate_up_s, L->gate_up_b, gate_up, T, H, 2 * I, threads);
         for (int64_t t = 0; t < T; t++) {
             const float *g = gate_up + t * 2 * I, *u = g + I;
             float *a = act + t * I;
             for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
         }
-        f32_linear(act, L->down_w, L->down_b, hidden, T, I, H, threads);
+        project(act, L->down_w, L->down_s, L->down_b, hidden, T, I, H, threads);
     }
 }

@@ -22,7 +22,7 @@ SOURCE = Path(__file__).with_name("decode_step_cpu.c")
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b",
-        "k_cache", "v_cache")]
+        "k_cache", "v_cache", "qkv_s", "o_s", "gate_up_s", "down_s")]
 
 
 class _Shape(ctypes.Structure):
@@ -44,7 +44,8 @@ def available() -> bool:
 
 @dataclass
 class LayerParams:
-    """One decoder layer's float32 CPU tensors, contiguous (biases may be None)."""
+    """One decoder layer's CPU tensors, contiguous: float32, except int8 projection weights with
+    their float32 per-row scales (_s; None for a float32 weight). Biases may be None."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -56,6 +57,10 @@ class LayerParams:
     gate_up_b: torch.Tensor | None
     down_w: torch.Tensor
     down_b: torch.Tensor | None
+    qkv_s: torch.Tensor | None = None
+    o_s: torch.Tensor | None = None
+    gate_up_s: torch.Tensor | None = None
+    down_s: torch.Tensor | None = None
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

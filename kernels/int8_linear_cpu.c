@@ -14,14 +14,12 @@
 #include <string.h>
 
 #include "cpu_pool.h"
+#include "simd.h"
 
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
-typedef float v8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 /* 8 int8 -> 8 float32. GCC 12 scalarizes __builtin_convertvector from 8 int8 to 8 float (byte by
  * byte): with AVX2 it is one sign-extending load and one conversion. */
 static inline v8 widen8(const int8_t *p) {
@@ -34,11 +32,10 @@ static inline v8 widen8(const int8_t *p) {
     return __builtin_convertvector(q, v8);
 #endif
 }
-static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* y[m0 : m0 + MR, n0 : n0 + NR]; inlined with constant MR <= 3, NR <= 4, so the MR x NR
  * accumulators stay in registers. */
-static inline __attribute__((always_inline)) void tile(const float *x, const int8_t *w, const float *scale,
+static inline __attribute__((always_inline)) void tile_q8(const float *x, const int8_t *w, const float *scale,
                                                        const float *bias, float *y, int64_t K, int64_t N,
                                                        int64_t m0, int64_t n0, int MR, int NR) {
     v8 acc[3][4];
@@ -61,15 +58,15 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
 }
 
 /* Every row of x against weight rows [n, n + NR). */
-#define ALL_ROWS(NR)                                                                   \
+#define ALL_ROWS_Q8(NR)                                                                \
     do {                                                                               \
         int64_t m = 0;                                                                 \
-        for (; m + 3 <= M; m += 3) tile(x, w, scale, bias, y, K, N, m, n, 3, NR);      \
-        if (M - m == 2) tile(x, w, scale, bias, y, K, N, m, n, 2, NR);                 \
-        else if (M - m == 1) tile(x, w, scale, bias, y, K, N, m, n, 1, NR);            \
+        for (; m + 3 <= M; m += 3) tile_q8(x, w, scale, bias, y, K, N, m, n, 3, NR);   \
+        if (M - m == 2) tile_q8(x, w, scale, bias, y, K, N, m, n, 2, NR);              \
+        else if (M - m == 1) tile_q8(x, w, scale, bias, y, K, N, m, n, 1, NR);         \
     } while (0)
 
-struct args {
+struct q8_args {
     const float *x;
     const int8_t *w;
     const float *scale, *bias;
@@ -78,21 +75,21 @@ struct args {
 };
 
 /* Output columns [lo, hi): blocks of 4 weight rows, then single rows. */
-static void columns(void *ctx, int64_t lo, int64_t hi) {
-    const struct args *a = ctx;
+static void q8_columns(void *ctx, int64_t lo, int64_t hi) {
+    const struct q8_args *a = ctx;
     const float *x = a->x, *scale = a->scale, *bias = a->bias;
     const int8_t *w = a->w;
     float *y = a->y;
     const int64_t M = a->M, K = a->K, N = a->N;
     int64_t n = lo;
-    for (; n + 4 <= hi; n += 4) ALL_ROWS(4);
-    for (; n < hi; n++) ALL_ROWS(1);
+    for (; n + 4 <= hi; n += 4) ALL_ROWS_Q8(4);
+    for (; n < hi; n++) ALL_ROWS_Q8(1);
 }
 
 void int8_linear(const float *x, const int8_t *w, const float *scale, const float *bias, float *y, int64_t M,
                  int64_t K, int64_t N, int64_t threads) {
-    struct args a = {x, w, scale, bias, y, M, K, N};
-    parallel_for(N, pool_chunk(N, threads, 4), threads, columns, &a);
+    struct q8_args a = {x, w, scale, bias, y, M, K, N};
+    parallel_for(N, pool_chunk(N, threads, 4), threads, q8_columns, &a);
 }
 
 /* The weight dequantized, out[n, k] = w[n, k] * scale[n] (what F.linear runs on past a few rows of

@@ -37,13 +37,15 @@ def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, **
     return [o.outputs[0] for o in outs], steps
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_c_step_matches_the_layers(model_dirs, monkeypatch, arch):
+@pytest.mark.parametrize(("arch", "kwargs"), [("llama", {}), ("qwen2", {}), ("llama", {"quantization": "int8"})],
+                         ids=["llama", "qwen2", "llama-int8"])
+def test_c_step_matches_the_layers(model_dirs, monkeypatch, arch, kwargs):
     """Three requests of different lengths (contexts across several blocks) decode together:
-    every decode step runs in C, with the tokens and logprobs the torch layers give."""
+    every decode step runs in C, with the tokens and logprobs the torch layers give (int8
+    weights: through the int8 kernel in both)."""
     path = model_dirs(arch)
-    fused, fused_steps = _generate(path, monkeypatch, fused=True)
-    plain, plain_steps = _generate(path, monkeypatch, fused=False)
+    fused, fused_steps = _generate(path, monkeypatch, fused=True, **kwargs)
+    plain, plain_steps = _generate(path, monkeypatch, fused=False, **kwargs)
     assert len(fused_steps) >= 11 and not plain_steps
     _same(fused, plain)
 

@@ -1,15 +1,15 @@
 """When a Llama-family model's decode step runs as one C call (kernels/decode_step_cpu.py).
 
 The model qualifies once: float32 on the CPU, one tensor- and pipeline-parallel rank, RMSNorm,
-plain rotary q/k (no per-head norms), a SiLU-gated MLP, no quantized weights, no LoRA, dimensions
-the float32 kernel takes. A step qualifies when every request decodes one token, at most
-f32_linear_cpu.MAX_ROWS of them, over a float32 cache read by the torch backend's C decode kernel.
+plain rotary q/k (no per-head norms), a SiLU-gated MLP, float32 or int8 weight-only (W8A16)
+projections, no LoRA, dimensions the linear kernels take. A step qualifies when every request
+decodes one token, at most f32_linear_cpu.MAX_ROWS of them, over a float32 cache read by the torch backend's C decode kernel.
 Every other model and step runs the layers' own torch forward, which this must equal.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -17,9 +17,25 @@ from kernels import cpu_build, decode_step_cpu, f32_linear_cpu
 from services.worker.forward_context import get_forward_context
 from services.worker.layers.activation import SiluAndMul
 from services.worker.layers.layernorm import RMSNorm
+from services.worker.quant.int8 import Int8Weights
 
 if TYPE_CHECKING:
     from services.worker.models.llama import LlamaModel
+
+
+class _Weight(NamedTuple):
+    weight: torch.Tensor  # float32, or int8 with scale
+    scale: torch.Tensor | None
+
+
+def _weight(lin) -> _Weight | None:
+    """A projection's weight as the C step takes it: float32, or int8 weight-only (W8A16, not
+    with quantized activations); None for any other kind."""
+    if lin.quant is None:
+        return _Weight(lin.weight, None)
+    if type(lin.quant) is Int8Weights and lin.quant.weight.dtype == torch.int8 and lin.quant.weight.is_contiguous():
+        return _Weight(lin.quant.weight, lin.quant.scale)
+    return None
 
 
 def _layers(model: LlamaModel) -> decode_step_cpu.DecodeLayers | None:
@@ -37,17 +53,22 @@ def _layers(model: LlamaModel) -> decode_step_cpu.DecodeLayers | None:
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         if (type(attn).norm_qk is not LlamaAttention.norm_qk or type(mlp.act_fn) is not SiluAndMul
                 or any(type(n) is not RMSNorm or n.eps != norms[0].eps for n in norms)
-                or any(lin.quant is not None or lin.lora is not None or lin.tp_size != 1 for lin in linears)):
+                or any(lin.lora is not None or lin.tp_size != 1 for lin in linears)):
             return None
-        tensors = [n.weight for n in norms] + [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
+        weights = [_weight(lin) for lin in linears]
+        if any(w is None for w in weights):
+            return None
+        biases = [lin.bias for lin in linears]
+        tensors = [n.weight for n in norms] + [t for t in biases if t is not None]
+        tensors += [w.weight if w.scale is None else w.scale for w in weights]
         if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
             return None
-        if any(lin.weight.shape[1] % 8 for lin in linears):
+        if any(w.weight.shape[1] % 8 for w in weights):
             return None
+        (qkv, o, gate_up, down), (qkv_b, o_b, gate_up_b, down_b) = weights, biases
         params.append(decode_step_cpu.LayerParams(
-            norms[0].weight, norms[1].weight, attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight,
-            attn.o_proj.bias, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight,
-            mlp.down_proj.bias))
+            norms[0].weight, norms[1].weight, qkv.weight, qkv_b, o.weight, o_b, gate_up.weight, gate_up_b, down.weight,
+            down_b, qkv.scale, o.scale, gate_up.scale, down.scale))
     if attn is None:
         return None
     rotary = model.rotary_emb
