@@ -49,7 +49,7 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
     bias = None if bias is None else bias.contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
-    threads = max(1, min(cpu_build.threads(), n // 4))
+    threads = max(1, min(cpu_build.threads(), n // 3))
     lib.f32_linear(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows.shape[0], k, n, threads)
     return out.view(*x.shape[:-1], n)
 
