@@ -5,7 +5,8 @@
  * stack of layers is one C call that runs the same kernels (f32_linear_cpu.c for the projections,
  * int8_linear_cpu.c for int8 ones,
  * paged_decode_cpu.c for attention, on the cpu_pool.h threads) with the small ops between them
- * (RMSNorm with the residual add, rotary, the KV cache write, SiLU-and-mul) inline. Built and
+ * (RMSNorm with the residual add, rotary, the KV cache write (float32, or fp8 quantized as
+ * kv_write_cpu.c does), SiLU-and-mul) inline. Built and
  * called by decode_step_cpu.py; its reference is the model's own forward (services/worker/models/
  * llama.py), which every other step runs.
  *
@@ -20,6 +21,7 @@
 
 #include "f32_linear_cpu.c"
 #include "int8_linear_cpu.c"
+#include "kv_write_cpu.c"
 #include "paged_decode_cpu.c"
 
 /* One layer's parameters (biases may be NULL) and its KV cache [num_blocks, block_size, Hkv, D].
@@ -34,9 +36,16 @@ struct layer {
     const float *gate_up_b;
     const void *down_w;
     const float *down_b;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
     const float *qkv_s, *o_s, *gate_up_s, *down_s;
+    float k_scale, v_scale; /* an fp8 cache's (1 for float32) */
 };
+
+/* Row t's keys or values (row floats) into slot `slot` of a float32 or fp8 (kv_fmt) cache. */
+static void write_kv(void *cache, int64_t slot, const float *src, int64_t row, float scale, int64_t kv_fmt) {
+    if (kv_fmt == F32) memcpy((float *)cache + slot * row, src, (size_t)row * sizeof(float));
+    else quantize_row(src, (uint8_t *)cache + slot * row, row, scale, (int)kv_fmt);
+}
 
 /* y = x w^T (+ b) through the float32 or the int8 kernel. */
 static void project(const float *x, const void *w, const float *w_scale, const float *b, float *y, int64_t M,
@@ -48,6 +57,7 @@ static void project(const float *x, const void *w, const float *w_scale, const f
 struct shape {
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, table_width;
     float eps, scale;
+    int64_t kv_fmt; /* the caches' format, as paged_decode's fmt */
 };
 
 /* x <- norm(x (+ residual)) * w row by row; with residual, residual <- x + residual first (the
@@ -103,13 +113,13 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
         rotate(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T);
         for (int64_t t = 0; t < T; t++) {
             if (slots[t] < 0) continue; /* a padding token has no slot */
-            memcpy(L->k_cache + slots[t] * row, qkv + t * qkv_n + Hq * D, (size_t)row * sizeof(float));
-            memcpy(L->v_cache + slots[t] * row, qkv + t * qkv_n + (Hq + Hkv) * D, (size_t)row * sizeof(float));
+            write_kv(L->k_cache, slots[t], qkv + t * qkv_n + Hq * D, row, L->k_scale, s->kv_fmt);
+            write_kv(L->v_cache, slots[t], qkv + t * qkv_n + (Hq + Hkv) * D, row, L->v_scale, s->kv_fmt);
         }
         /* queries at qkv row starts, qkv_n floats apart: copied to [T, Hq, D] for the kernel */
         for (int64_t t = 0; t < T; t++) memcpy(q + t * Hq * D, qkv + t * qkv_n, (size_t)(Hq * D) * sizeof(float));
         paged_decode(q, L->k_cache, L->v_cache, tables, seq_lens, attn, T, s->table_width, Hq, Hkv, D, s->block_size,
-                     s->scale, F32, 1.0f, 1.0f, threads);
+                     s->scale, s->kv_fmt, L->k_scale, L->v_scale, threads);
         project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads);
         add_norm(hidden, residual, L->post_norm, T, H, s->eps, x);
         project(x, L->gate_up_w, L->gate_up_s, L->gate_up_b, gate_up, T, H, 2 * I, threads);

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_build
+from kernels import cpu_build, paged_decode_cpu
 
 SOURCE = Path(__file__).with_name("decode_step_cpu.c")
 
@@ -22,13 +22,14 @@ SOURCE = Path(__file__).with_name("decode_step_cpu.c")
 class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b",
-        "k_cache", "v_cache", "qkv_s", "o_s", "gate_up_s", "down_s")]
+        "k_cache", "v_cache", "qkv_s", "o_s", "gate_up_s", "down_s")] + [
+        ("k_scale", ctypes.c_float), ("v_scale", ctypes.c_float)]
 
 
 class _Shape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
         "hidden", "heads", "kv_heads", "head_dim", "inter", "block_size", "table_width")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("kv_fmt", ctypes.c_int64)]
 
 
 @cache
@@ -80,25 +81,31 @@ class DecodeLayers:
             for name in LayerParams.__dataclass_fields__:
                 setattr(entry, name, _ptr(getattr(p, name)))
         self.caches: list[torch.Tensor] | None = None
+        self.kv_scales: list[tuple[float, float]] | None = None
 
-    def _bind(self, kv_caches: list[torch.Tensor]) -> None:
-        """Point each layer at its cache (again when the caches were reallocated)."""
-        if self.caches is not None and all(a is b for a, b in zip(self.caches, kv_caches)):
-            return
-        for entry, cache_ in zip(self.table, kv_caches):
-            entry.k_cache, entry.v_cache = cache_[0].data_ptr(), cache_[1].data_ptr()
-        self.caches = list(kv_caches)
+    def _bind(self, kv_caches: list[torch.Tensor], kv_scales: list[tuple[float, float]]) -> None:
+        """Point each layer at its cache and its scales (again when either changed)."""
+        if self.caches is None or any(a is not b for a, b in zip(self.caches, kv_caches)):
+            for entry, cache_ in zip(self.table, kv_caches):
+                entry.k_cache, entry.v_cache = cache_[0].data_ptr(), cache_[1].data_ptr()
+            self.caches = list(kv_caches)
+        if kv_scales != self.kv_scales:
+            for entry, (k_scale, v_scale) in zip(self.table, kv_scales):
+                entry.k_scale, entry.v_scale = k_scale, v_scale
+            self.kv_scales = list(kv_scales)
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-            seq_lens: torch.Tensor, kv_caches: list[torch.Tensor], threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer. The caller has
-        checked the inputs against the caches (llama_decode_cpu.py): positions inside cos_sin,
-        slots and block ids inside the cache, seq_lens within the table."""
-        self._bind(kv_caches)
+            seq_lens: torch.Tensor, kv_caches: list[torch.Tensor], kv_scales: list[tuple[float, float]],
+            threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer. kv_caches: all
+        float32 or all one fp8 dtype, with each layer's (k_scale, v_scale) (1 for float32). The
+        caller has checked the inputs against the caches (llama_decode_cpu.py): positions inside
+        cos_sin, slots and block ids inside the cache, seq_lens within the table."""
+        self._bind(kv_caches, kv_scales)
         tokens = hidden.shape[0]
         block_size = kv_caches[0].shape[2]
         shape = _Shape(self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, block_size, tables.shape[1],
-                       self.eps, self.scale)
+                       self.eps, self.scale, paged_decode_cpu.FORMATS[kv_caches[0].dtype])
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
         scratch = torch.empty(tokens * (self.hidden + qkv + 2 * self.heads * self.head_dim + 3 * self.inter))
         hidden = hidden.contiguous().clone()

@@ -37,12 +37,14 @@ def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, **
     return [o.outputs[0] for o in outs], steps
 
 
-@pytest.mark.parametrize(("arch", "kwargs"), [("llama", {}), ("qwen2", {}), ("llama", {"quantization": "int8"})],
-                         ids=["llama", "qwen2", "llama-int8"])
+@pytest.mark.parametrize(("arch", "kwargs"), [
+    ("llama", {}), ("qwen2", {}), ("llama", {"quantization": "int8"}), ("llama", {"kv_cache_dtype": "fp8"}),
+    ("qwen2", {"kv_cache_dtype": "fp8_e5m2"}),
+], ids=["llama", "qwen2", "llama-int8", "llama-fp8", "qwen2-fp8_e5m2"])
 def test_c_step_matches_the_layers(model_dirs, monkeypatch, arch, kwargs):
     """Three requests of different lengths (contexts across several blocks) decode together:
     every decode step runs in C, with the tokens and logprobs the torch layers give (int8
-    weights: through the int8 kernel in both)."""
+    weights: through the int8 kernel in both; an fp8 cache: the same bytes written and read)."""
     path = model_dirs(arch)
     fused, fused_steps = _generate(path, monkeypatch, fused=True, **kwargs)
     plain, plain_steps = _generate(path, monkeypatch, fused=False, **kwargs)

@@ -3,7 +3,8 @@
 The model qualifies once: float32 on the CPU, one tensor- and pipeline-parallel rank, RMSNorm,
 plain rotary q/k (no per-head norms), a SiLU-gated MLP, float32 or int8 weight-only (W8A16)
 projections, no LoRA, dimensions the linear kernels take. A step qualifies when every request
-decodes one token, at most f32_linear_cpu.MAX_ROWS of them, over a float32 cache read by the torch backend's C decode kernel.
+decodes one token, at most f32_linear_cpu.MAX_ROWS of them, over a float32 or fp8 cache read by
+the torch backend's C decode kernel.
 Every other model and step runs the layers' own torch forward, which this must equal.
 """
 
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from kernels import cpu_build, decode_step_cpu, f32_linear_cpu
+from kernels import cpu_build, decode_step_cpu, f32_linear_cpu, paged_decode_cpu
 from services.worker.forward_context import get_forward_context
 from services.worker.layers.activation import SiluAndMul
 from services.worker.layers.layernorm import RMSNorm
@@ -92,13 +93,16 @@ def run(model: LlamaModel, positions: torch.Tensor, hidden: torch.Tensor) -> tup
             or tokens > f32_linear_cpu.MAX_ROWS or len(groups[0].seq_lens) != tokens):
         return None
     caches = [ctx.kv_caches[i] for i in range(len(model.layers))]
-    if any(c.dtype != torch.float32 for c in caches):
+    if caches[0].dtype not in paged_decode_cpu.FORMATS or any(c.dtype != caches[0].dtype for c in caches):
         return None
+    fp8 = caches[0].dtype != torch.float32
+    attns = [layer.self_attn.attn for layer in model.layers]
+    kv_scales = [(a.k_scale, a.v_scale) if fp8 else (1.0, 1.0) for a in attns]  # measured after load
     group, slots = groups[0], meta.slot_mapping
     table = group.block_table.contiguous()
     _check(positions, slots, table, group.seq_lens, caches[0], len(layers.cos_sin))
     return layers.run(hidden, positions.contiguous(), slots.contiguous(), table, group.seq_lens.contiguous(), caches,
-                      cpu_build.threads())
+                      kv_scales, cpu_build.threads())
 
 
 def _check(positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor,
