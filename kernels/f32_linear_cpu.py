@@ -1,11 +1,11 @@
 """float32 linear on the CPU for a few rows (decode), a C kernel beside torch's F.linear.
 
 `linear` is what the model's linear layers and LM head call: it runs the kernel (f32_linear_cpu.c)
-for float32 CPU inputs of at most MAX_ROWS rows, and F.linear otherwise. Measured over smol135's
+for float32 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for more, and F.linear otherwise. Measured over smol135's
 weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core AMD EPYC where torch's
 sgemm is MKL's), the kernel ran 1.1-2.2x faster than F.linear at 4 to 16 rows, between 0.7x and
 1.1x at one row (both read the weights at the memory's speed there; run to run noise), and
-slower from about 32 rows on, where BLAS's blocking wins. It keeps its own threads when torch
+slower from about 32 rows on, where BLAS's blocking wins (oneDNN's, faster than MKL's here). It keeps its own threads when torch
 runs one (services/worker/step_threads.py). Without a C compiler, F.linear runs everywhere.
 """
 
@@ -54,6 +54,26 @@ def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     return out.view(*x.shape[:-1], n)
 
 
+@cache
+def _onednn() -> bool:
+    """Whether this torch has oneDNN's linear op (private: torch's CPU compiler backend calls it)
+    and it computes a matmul right."""
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8), torch.ones(3, 8), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.equal(out, torch.full((2, 3), 8.0))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the C kernel where it is faster."""
-    return f32_linear(x, weight, bias) if usable(x, weight) else F.linear(x, weight, bias)
+    """F.linear, through the fastest float32 CPU path: the C kernel for a few rows; oneDNN's
+    matmul for more, which ran 1.0-1.9x MKL's sgemm (F.linear's) at prefill shapes on this AMD CPU
+    (MKL takes a generic code path on non-Intel CPUs); F.linear elsewhere."""
+    if usable(x, weight):
+        return f32_linear(x, weight, bias)
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+            and not torch.is_grad_enabled() and _onednn()):
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
