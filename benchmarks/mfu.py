@@ -39,8 +39,12 @@ def mfu(params: int, tokens: int, elapsed_s: float, peak_gflops: float) -> float
 
 
 def measure_gemm_peak(size: int, reps: int, warmup: int = 2, device: str = "cpu", dtype: str = "float32") -> float:
-    """Best GFLOP/s of a square matmul on this machine: float32 on the CPU, the run's dtype on CUDA."""
+    """Best GFLOP/s of a square matmul on this machine: float32 on the CPU, the run's dtype on CUDA.
+    On the CPU the best of torch.mm (MKL) and oneDNN's matmul, the one the engine runs for prefill
+    (kernels/f32_linear_cpu.py), so that MFU is against the fastest GEMM the machine offers."""
     import torch
+
+    from kernels import f32_linear_cpu
 
     gen = torch.Generator().manual_seed(0)
     kind = getattr(torch, dtype)
@@ -48,13 +52,17 @@ def measure_gemm_peak(size: int, reps: int, warmup: int = 2, device: str = "cpu"
     b = torch.randn(size, size, generator=gen).to(device, kind)
     out = torch.empty(size, size, device=device, dtype=kind)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        torch.mm(a, b, out=out)
+    kernels = [lambda: torch.mm(a, b, out=out)]
+    if device == "cpu" and dtype == "float32" and f32_linear_cpu._onednn():
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync()
-        best = min(best, time.perf_counter() - start)
+    for kernel in kernels:
+        for _ in range(warmup):
+            kernel()
+        for _ in range(reps):
+            sync()
+            start = time.perf_counter()
+            kernel()
+            sync()
+            best = min(best, time.perf_counter() - start)
     return 2.0 * size**3 / best / 1e9
