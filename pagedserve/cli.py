@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from pagedserve import lifeline
 from pagedserve.bench.cli import BENCH_HELP, add_bench_parser
 
 
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 
         argv = ["serve", *expand_config_file(argv[1:], _subparser(parser, "serve"))]
     args = parser.parse_args(argv)
+    lifeline.watch()  # a child of `pagedserve serve` ends with it
     try:
         return args.func(args)
     except ValueError as exc:

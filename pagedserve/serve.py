@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pagedserve import lifeline
 from pagedserve.entrypoints.unsupported import add_unsupported_flags
 from pagedserve.supervisor import Child, Supervisor
 from shared.auth import add_auth_args
@@ -254,9 +255,11 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     sock_dir = tempfile.mkdtemp(prefix="pagedserve-")
+    lifeline_fd, _keep_open = lifeline.open_pipe()  # the children end when this process does
     # Their own session: Ctrl-C in a terminal reaches only us, and we stop them in order.
     supervisor = Supervisor(_children(args, sock_dir), lambda cmd, env: subprocess.Popen(
-        cmd, start_new_session=True, env={**os.environ, **env} if env else None))
+        cmd, start_new_session=True, pass_fds=(lifeline_fd,),
+        env={**os.environ, **(env or {}), **lifeline.child_env(lifeline_fd)}))
     procs = supervisor.procs  # the supervisor replaces a child it restarts here
     try:
         ready_files = [_ready_file(sock_dir, i) for i in range(args.frontends)]
