@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_build
+from kernels import cpu_build, f32_linear_cpu
 
 SOURCE = Path(__file__).with_name("int8_linear_cpu.c")
 MAX_ROWS = 64  # past this many rows of x the dequantize + F.linear path is as fast
@@ -86,8 +86,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The int8 matmul on the CPU: through the C kernel where it is faster, else F.linear over the
-    dequantized weight."""
+    """The int8 matmul on the CPU: through the C kernel where it is faster, else the float32 path
+    (f32_linear_cpu.linear: oneDNN's matmul at prefill sizes) over the dequantized weight."""
     if usable(x, weight):
         return int8_linear(x, weight, scale, bias)
-    return torch.nn.functional.linear(x, dequantize(weight, scale).to(x.dtype), bias)
+    return f32_linear_cpu.linear(x, dequantize(weight, scale).to(x.dtype), bias)
