@@ -148,7 +148,9 @@ class EagerReplayGraphs(DecodeGraphs):
 @pytest.mark.parametrize("splits", [1, 3])
 def test_padded_decode_path_gives_the_eager_tokens(model_dirs, monkeypatch, splits):
     monkeypatch.setenv("PAGEDSERVE_ATTENTION_BACKEND", "triton")  # interpreted on CPU (tests/conftest.py)
-    llm = LLM(str(model_dirs("llama")), max_num_seqs=8, enable_prefix_caching=False, enforce_eager=True)
+    # a short context: the interpreted kernels walk every block a captured batch may read
+    llm = LLM(str(model_dirs("llama")), max_num_seqs=8, max_model_len=64, enable_prefix_caching=False,
+              enforce_eager=True)
     runner = llm.runner
     assert runner.decode_graphs is None and runner.backend.name == "triton"
     vocab = llm.config.model.vocab_size
