@@ -226,8 +226,10 @@ def generate_one(runner, prompt: list[int], params: SamplingParams) -> tuple[lis
 def test_proposals_adapt_to_acceptance_and_turn_off_in_a_large_batch():
     decoder = SpecDecoder(SpeculativeConfig(num_speculative_tokens=5))
     looping = Request("r", [7, 8] * 20, SamplingParams(max_tokens=100), (0,), 512)
-    assert len(decoder.propose(looping, 64, num_running=1)) == 5  # no measurement yet: cheap at batch 1
-    assert len(decoder.propose(looping, 64, num_running=8)) == 2  # half the proposals expected to hold
+    # no measurement yet (alpha 1/2): at batch 1 a proposal costs 1/16 of a step, 1/2 ** 4 of one holds
+    assert len(decoder.propose(looping, 64, num_running=1)) == 4
+    # half the proposals expected to hold, against a quarter of a step's cost each
+    assert len(decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH // 4)) == 2
     assert decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH) == []
     for _ in range(6):
         decoder.record(looping, 5, 5)
