@@ -5,7 +5,7 @@
  * counter, and the call returns once every chunk is done. A pool thread that the OS has not
  * scheduled yet (the machine is busy) claims nothing, and the caller does its share instead: a
  * fork-join runtime's barrier (OpenMP's) would wait for it, which on a loaded 2-core machine made
- * a decode step 10x slower. Pool threads spin briefly between calls (a decode step makes hundreds,
+ * a decode step about 6x slower. Pool threads spin briefly between calls (a decode step makes hundreds,
  * microseconds apart), then sleep on a futex. Correctness never depends on them: in a child after
  * fork(), which has no pool threads, the caller runs every chunk.
  *

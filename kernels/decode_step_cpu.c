@@ -3,12 +3,11 @@
  * At a few rows a decode step's time beyond reading the weights is dispatch: each layer runs about
  * thirty torch ops and five kernel calls from Python, tens of microseconds each. Here the whole
  * stack of layers is one C call that runs the same kernels (f32_linear_cpu.c for the projections,
- * int8_linear_cpu.c for int8 ones,
- * paged_decode_cpu.c for attention, on the cpu_pool.h threads) with the small ops between them
- * (RMSNorm with the residual add, rotary, the KV cache write (float32, or fp8 quantized as
- * kv_write_cpu.c does), SiLU-and-mul) inline. Built and
- * called by decode_step_cpu.py; its reference is the model's own forward (services/worker/models/
- * llama.py), which every other step runs.
+ * int8_linear_cpu.c for int8 ones, paged_decode_cpu.c for attention, on the cpu_pool.h threads)
+ * with the small ops between them inline: RMSNorm with the residual add, rotary, the KV cache write
+ * (float32, or fp8 quantized as kv_write_cpu.c does) and SiLU-and-mul. Built and called by
+ * decode_step_cpu.py; its reference is the model's own forward (services/worker/models/llama.py),
+ * which every other step runs.
  *
  * Per layer: x, residual = norm(hidden + residual) (the first layer: norm(hidden), hidden);
  * q, k, v = x Wqkv^T (+ b); rotate q, k; write k, v at their slots; attend over the paged cache;

@@ -10,11 +10,14 @@ them in order), so without this a SIGKILLed serve would leave them running.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import stat
 import threading
 import time
 
+log = logging.getLogger(__name__)
 ENV = "PAGEDSERVE_LIFELINE_FD"
 GRACE_S = 30.0
 
@@ -31,9 +34,18 @@ def child_env(read_fd: int) -> dict[str, str]:
 def watch() -> None:
     """In a child: start the watch if serve passed a lifeline (a no-op otherwise). The variable is
     removed, so this process's own children do not take the descriptor for theirs."""
-    fd = os.environ.pop(ENV, None)
-    if fd is not None:
-        threading.Thread(target=_wait, args=(int(fd),), daemon=True, name="lifeline").start()
+    value = os.environ.pop(ENV, None)
+    if value is None:
+        return
+    try:  # only serve sets it; anything but an open pipe is ignored, not a reason to stop
+        fd = int(value)
+        is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except (ValueError, OverflowError, OSError):
+        is_pipe = False
+    if not is_pipe:
+        log.warning("%s=%r is not an open pipe; ignored", ENV, value)
+        return
+    threading.Thread(target=_wait, args=(fd,), daemon=True, name="lifeline").start()
 
 
 def _wait(fd: int) -> None:

@@ -2,9 +2,9 @@
 
 The model qualifies once: float32 on the CPU, one tensor- and pipeline-parallel rank, RMSNorm,
 plain rotary q/k (no per-head norms), a SiLU-gated MLP, float32 or int8 weight-only (W8A16)
-projections, no LoRA, dimensions the linear kernels take. A step qualifies when every request
-decodes one token, at most f32_linear_cpu.MAX_ROWS of them, over a float32 or fp8 cache read by
-the torch backend's C decode kernel.
+projections, no LoRA, dimensions the linear kernels take. A step qualifies when the torch
+backend's C attention kernel reads it whole (decodes, speculative verification, chunks of a few
+tokens; a float32 or fp8 cache), at most f32_linear_cpu.MAX_ROWS tokens in all.
 Every other model and step runs the layers' own torch forward, which this must equal.
 """
 
