@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_build
+from kernels import cpu_build, paged_decode_cpu
 
 SOURCE = Path(__file__).with_name("kv_write_cpu.c")
-FORMATS = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}  # the kernel's `fmt` codes
+FORMATS = {dtype: code for dtype, code in paged_decode_cpu.FORMATS.items() if code}  # the fp8 `fmt` codes
 
 
 @cache
