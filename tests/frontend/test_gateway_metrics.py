@@ -8,10 +8,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
-from e2e_stack import ENGINE_FLAGS, Stack
+from e2e_stack import Stack
 from frontend_helpers import metric_labels, metric_value
 
 from shared.protocol import EngineMessage, FrontendMessage, Hello, ModelInfo
@@ -38,13 +39,22 @@ ENGINE = {
 }
 FRONTENDS = ("fe-ours", "fe-vllm")
 QUEUED = 5  # requests sent at once: one runs, the others wait
+# Each request runs this long, so the one running stays the same through a KV check (2.5 s): the
+# tiny model decodes its 1024-token limit in about a second.
+MAX_LEN = 32768
+
+
+@pytest.fixture(scope="module")
+def model_path(model_dirs) -> Path:
+    """The tiny llama with room for MAX_LEN positions."""
+    return model_dirs("llama", config_overrides={"max_position_embeddings": MAX_LEN})
 
 
 @pytest.fixture(scope="module")
 def gw(make_stack) -> Stack:
     """One request runs at a time, so the others wait in the engine's queue."""
     st: Stack = make_stack()
-    st.engine_flags = (*ENGINE_FLAGS, "--max-num-seqs", "1")
+    st.engine_flags = ("--max-model-len", str(MAX_LEN), "--kv-cache-memory", str(64 << 20), "--max-num-seqs", "1")
     st.start_worker()
     st.start_engine()
     procs = {"fe-ours": st.start_frontend("fe-ours"), "fe-vllm": st.start_frontend("fe-vllm", "--vllm-metric-names")}
@@ -111,7 +121,7 @@ def test_vllm_names_only_when_asked(gw):
 
 def _stream(st: Stack, model: str, stop: threading.Event, errors: list) -> None:
     """One long generation, held open until ``stop`` (closing it aborts the request)."""
-    body = {"model": model, "prompt": "count:", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    body = {"model": model, "prompt": "count:", "max_tokens": MAX_LEN - 16, "ignore_eos": True, "stream": True}
     try:
         with httpx.stream("POST", f"{st.base}/v1/completions", json=body, timeout=60) as resp:
             assert resp.status_code == 200, resp.read()
