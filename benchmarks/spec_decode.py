@@ -144,7 +144,7 @@ def spec_config(method: str, args, model_dir: Path) -> SpeculativeConfig:
     draft = args.cache_dir / f"{model_dir.name}-draft-{args.draft_layers}-layers"
     if not (draft / "config.json").is_file():
         make_draft_model(model_dir, draft, args.draft_layers)
-    return SpeculativeConfig(method=method, num_speculative_tokens=k, model=str(draft))
+    return SpeculativeConfig(method=method, num_speculative_tokens=k, model=str(draft), draft_cost=args.draft_cost)
 
 
 def table(rows: list[dict]) -> str:
@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--draft-layers", type=int, default=2, help="draft_model: the checkpoint's first N layers")
+    p.add_argument("--draft-cost", type=float, default=None,
+                   help="draft_model: speculative_config's draft_cost (default: estimated; 0 drafts whenever it pays off "
+                        "to verify, which measures what drafting costs)")
     p.add_argument("--model", default=None, help="a checkpoint directory (default: the smol135 demo checkpoint)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -40,3 +40,34 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
         raise ValueError(f"the draft model {spec.model!r} covers {draft.max_model_len} positions, fewer than the "
                          f"target's max_model_len {target.max_model_len}: lower --max-model-len")
     return dataclasses.replace(draft, max_model_len=target.max_model_len)
+
+
+# A draft step's cost beyond reading its weights, as a fraction of a target decode step: sampling
+# over the whole vocabulary and the layers run one by one (the target's decode step on CPU is one
+# C call). Measured on smol135 with its 2-layer draft at one stream (benchmarks/spec_decode.py).
+DRAFT_STEP_OVERHEAD = 0.25
+
+
+def draft_cost(config: EngineConfig) -> float:
+    """What drafting one token costs a request, as a fraction of a target decode step (0 unless
+    the method is draft_model): speculative_config's draft_cost if given, else the weights the
+    draft reads per token (its layers and its LM head, the target's vocabulary) over the
+    target's, plus DRAFT_STEP_OVERHEAD. Decoding at small batches is bound by reading weights,
+    so their ratio is what a draft forward costs against a target one."""
+    spec = config.speculative
+    if spec is None or spec.method != "draft_model":
+        return 0.0
+    if spec.draft_cost is not None:
+        return spec.draft_cost
+    draft = draft_model_config(config, weights=False)
+    return _weights_per_token(draft) / _weights_per_token(config.model) + DRAFT_STEP_OVERHEAD
+
+
+def _weights_per_token(model: ModelConfig) -> int:
+    """Weights a decode step reads per token: each layer's attention and gated MLP (the experts
+    a token is routed to, for a mixture of experts), and the LM head."""
+    hf, h = model.hf_config, model.hidden_size
+    attention = h * model.head_dim * 2 * (model.num_heads + model.num_kv_heads)
+    experts = hf.get("num_experts_per_tok") or 1
+    mlp = 3 * h * (hf.get("moe_intermediate_size") or hf.get("intermediate_size") or 4 * h) * experts
+    return model.num_layers * (attention + mlp) + model.vocab_size * h

@@ -84,12 +84,15 @@ class StepPlan(msgspec.Struct, tag=True, **_STRUCT):
     # speculative decoding: tokens proposed for a decoding request, computed after its last token
     # (counted in num_scheduled_tokens) and verified by sampling every position
     spec_token_ids: dict[ReqId, TokenIds] = {}
+    num_draft_tokens: dict[ReqId, Positive] = {}  # draft_model: tokens to draft after this step (absent: none)
 
     def __post_init__(self) -> None:
         for req_id, ids in self.spec_token_ids.items():
             check_token_ids(f"spec_token_ids[{req_id!r}]", ids)
             if ids.size + 1 > self.num_scheduled_tokens.get(req_id, 0):
                 raise ValueError(f"spec_token_ids[{req_id!r}] needs its tokens and one more scheduled")
+        if not self.num_draft_tokens.keys() <= self.num_scheduled_tokens.keys():
+            raise ValueError("num_draft_tokens names a request this step does not schedule")
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -225,11 +228,9 @@ class Pong(msgspec.Struct, tag=True, **_STRUCT):
     num_waiting: Count = 0
     engine_id: str = ""  # changes when the engine restarts
     workers_ready: bool = True  # every worker rank is connected and alive
-    # fraction of KV blocks in use (a Pong of an engine without the field decodes as 0)
-    kv_cache_usage: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
-    # the LoRA adapters (names) of the running and of the waiting requests
-    running_loras: list[str] = []
-    waiting_loras: list[str] = []
+    kv_cache_usage: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0  # KV blocks in use (0 from an engine without it)
+    running_loras: list[str] = []  # the LoRA adapters (names) of the running requests
+    waiting_loras: list[str] = []  # and of the waiting ones
 
 
 class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):

@@ -10,7 +10,7 @@ from typing import Any
 
 SPEC_METHODS = ("ngram", "suffix", "draft_model")
 _NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
-_DRAFT_KEYS = ("model", "draft_tensor_parallel_size", "revision")
+_DRAFT_KEYS = ("model", "draft_tensor_parallel_size", "revision", "draft_cost")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class SpeculativeConfig:
 
     method "draft_model": `model` (a directory or hub id, revision at `revision`) is a smaller
     checkpoint with the target's vocabulary; it runs on the workers beside the target
-    (draft_tensor_parallel_size 1: unsharded) and proposes the next tokens of each request."""
+    (draft_tensor_parallel_size 1: unsharded) and proposes the next tokens of each request.
+    draft_cost (pagedserve's own): what drafting one token costs, as a fraction of a target
+    decode step, for the adaptive rule; default: estimated from the two checkpoints."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -44,6 +46,7 @@ class SpeculativeConfig:
     model: str | None = None
     draft_tensor_parallel_size: int | None = None
     revision: str | None = None
+    draft_cost: float | None = None  # drafting one token, in target decode steps (None: estimated)
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -85,6 +88,9 @@ class SpeculativeConfig:
             return
         if not isinstance(self.model, str) or not self.model:
             raise ValueError('speculative_config method "draft_model" needs a "model" (the draft checkpoint)')
+        cost = self.draft_cost
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= 1e3):
+            raise ValueError(f"speculative_config draft_cost must be a number in [0, 1000], got {cost!r}")
         if self.draft_tensor_parallel_size not in (None, 1):
             raise ValueError("speculative_config draft_tensor_parallel_size must be 1 (the draft runs unsharded), "
                              f"got {self.draft_tensor_parallel_size!r}")

@@ -38,8 +38,10 @@ def draft(target, tmp_path_factory) -> str:
     return str(make_draft_model(target, tmp_path_factory.mktemp("draft"), 2))
 
 
-def draft_spec(model: str, k: int = 4) -> SpeculativeConfig:
-    return SpeculativeConfig(method="draft_model", model=model, num_speculative_tokens=k)
+def draft_spec(model: str, k: int = 4, cost: float | None = 0.0) -> SpeculativeConfig:
+    """cost 0: drafting is taken as free, so the tests of the draft's mechanism (its KV, its q)
+    draft whenever proposals hold (a draft equal to the target would never pay)."""
+    return SpeculativeConfig(method="draft_model", model=model, num_speculative_tokens=k, draft_cost=cost)
 
 
 def make_runner(target: str, spec: SpeculativeConfig | None, kv_cache_memory: int = 8 << 20):
@@ -149,7 +151,7 @@ def test_llm_draft_model_keeps_texts_with_n_and_stop_strings(target, draft):
     from pagedserve import LLM
 
     llms = [LLM(target, max_model_len=160, kv_cache_memory=8 << 20, speculative_config=c)
-            for c in (None, {"method": "draft_model", "model": draft, "num_speculative_tokens": 3})]
+            for c in (None, {"method": "draft_model", "model": draft, "num_speculative_tokens": 3, "draft_cost": 0})]
     prompts = ["the cat sat on the mat, the cat sat on the mat", "hello"]
     params = SamplingParams(temperature=0, max_tokens=24, n=2, ignore_eos=True)
     plain = llms[0].generate(prompts, params, use_tqdm=False)

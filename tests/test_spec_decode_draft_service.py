@@ -28,6 +28,6 @@ def stack(model, tmp_path_factory):
 
     draft = make_draft_model(model, tmp_path_factory.mktemp("draft"), 2)
     spec = ("--speculative-config", json.dumps({"method": "draft_model", "model": str(draft),
-                                                "num_speculative_tokens": 4}))
+                                                "num_speculative_tokens": 4, "draft_cost": 0}))
     with engine_stack(model, *spec, "--worker-timeout", "5", worker_flags=spec) as started:
         yield started

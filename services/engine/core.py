@@ -15,6 +15,7 @@ from typing import Protocol
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
 from shared.config import EngineConfig
+from shared.draft_model import draft_cost
 from shared.lora import LoRARequest
 from shared.pooling import PoolingParams, check_pooling
 from shared.processor.stop import StopStringFactory
@@ -67,7 +68,7 @@ class EngineCore:
         stages = config.parallel.pipeline_parallel_size
         max_loras = config.lora.max_loras if config.lora is not None else 0
         self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, first_step_id, config.speculative,
-                                   micro_batches=stages, max_loras=max_loras)
+                                   micro_batches=stages, max_loras=max_loras, draft_cost=draft_cost(config))
         # plans submitted whose results are not read yet: at most 2 with async scheduling; with
         # pipeline stages one per stage, each a disjoint set of requests, so every stage has work
         self.depth = max(2 if config.scheduler.async_scheduling else 1, stages)

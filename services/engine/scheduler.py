@@ -46,14 +46,12 @@ from shared.speculative import SpeculativeConfig
 class Scheduler(StepUpdate):
     def __init__(
         self, config: SchedulerConfig, cache_config: CacheConfig, num_blocks: int, first_step_id: int = 0,
-        speculative: SpeculativeConfig | None = None,
-        micro_batches: int = 1,
-        max_loras: int = 0,
+        speculative: SpeculativeConfig | None = None, micro_batches: int = 1, max_loras: int = 0, draft_cost: float = 0.0,
     ):
         """max_loras: the most different LoRA adapters one step may run (the workers' adapter slots)."""
         self.config = config
         self.max_loras = max_loras
-        self.spec = SpecDecoder(speculative) if speculative is not None else None
+        self.spec = SpecDecoder(speculative, draft_cost) if speculative is not None else None
         # requests whose KV a verification rolled back: blocks the worker keeps, told with the next plan
         self._kept_blocks: dict[str, int] = {}
         # pipeline stages: the requests are split among this many steps in flight, disjoint
@@ -252,7 +250,7 @@ class Scheduler(StepUpdate):
         self._enqueue(request, front=True)
 
     def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
-        new_reqs, cached, spec = [], [], {}
+        new_reqs, cached, spec, drafts = [], [], {}, {}
         self._step_id += 1
         in_flight = self._in_flight[self._step_id] = {}
         for req_id, num_new in scheduled.items():
@@ -283,7 +281,9 @@ class Scheduler(StepUpdate):
             # it samples a token (after the proposals it verifies, if any)
             if request.num_computed_tokens - len(request.spec_token_ids) == request.num_tokens + pending:
                 self.placeholders[req_id] = pending + 1
-        plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids, spec)
+                if self.spec is not None and (n := self.spec.num_to_draft(request, len(self.running))):
+                    drafts[req_id] = n
+        plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids, spec, drafts)
         self._finished_ids = []
         return plan
 

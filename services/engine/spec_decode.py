@@ -8,7 +8,9 @@ proposal only where it equals the sample is rejection sampling for a point-mass 
 every sampling parameter keeps its distribution. No torch here: the ngram proposer is numpy, the
 suffix one (suffix_decode.py) plain Python.
 With method draft_model the proposals come from the workers' draft model instead, returned with
-the previous step's result (Request.draft_token_ids); the same adaptive k trims them.
+the previous step's result (Request.draft_token_ids); each plan tells the workers how many to
+draft per request (`num_to_draft`: the adaptive k with the draft's cost added, so a request
+whose drafts do not pay drafts nothing and costs no draft forward), and the adaptive k trims them.
 """
 
 from __future__ import annotations
@@ -86,8 +88,11 @@ class SpecDecoder:
     failing stops proposing, and a large batch turns speculation down, then off.
     """
 
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, draft_cost: float = 0.0):
+        """draft_cost: what drafting one token costs a request, as a fraction of a decode step
+        (method draft_model; shared/draft_model.py draft_cost)."""
         self.config = config
+        self.draft_cost = draft_cost
         self.proposer = (SuffixProposer(config) if config.method == "suffix" else DraftModelProposer()
                          if config.method == "draft_model" else NgramProposer(*config.lookup_range))
         self.num_drafts = 0
@@ -106,14 +111,27 @@ class SpecDecoder:
         k = min(self.config.num_speculative_tokens, room, request.max_tokens - request.num_output_tokens - 1)
         return self.proposer.propose_for(request, self._worth(request, k, num_running))
 
+    def num_to_draft(self, request: Request, num_running: int) -> int:
+        """Method draft_model: how many tokens the workers' draft should propose after this step
+        for a request that samples in it. Drafting is paid now whether or not the proposals are
+        verified, so its cost joins the verification's; the proposals then drafted are trimmed
+        again by `propose` with the acceptance measured meanwhile."""
+        limit = self.config.disable_by_batch_size
+        if self.config.method != "draft_model" or (limit is not None and num_running >= limit):
+            return 0
+        # after this step's token, the next step's sampled token must still fit after the drafts
+        k = min(self.config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 2)
+        return self._worth(request, k, num_running, self.draft_cost)
+
     def release(self, request: Request) -> None:
         """The request left the scheduler (finished, failed or aborted)."""
         self.proposer.release(request)
 
     @staticmethod
-    def _worth(request: Request, k: int, num_running: int) -> int:
-        """How many of up to k proposals are worth verifying (see the class docstring)."""
-        cost = min(1.0, num_running / COMPUTE_BOUND_BATCH)
+    def _worth(request: Request, k: int, num_running: int, extra_cost: float = 0.0) -> int:
+        """How many of up to k proposals are worth verifying (see the class docstring), each
+        costing extra_cost more (drafting it)."""
+        cost = min(1.0, num_running / COMPUTE_BOUND_BATCH) + extra_cost
         tested, accepted = request.spec_acceptance
         alpha = (accepted + 1) / (tested + 2)
         n = 0

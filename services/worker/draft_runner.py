@@ -1,15 +1,17 @@
 """The draft model of speculative decoding (method draft_model), run by the worker after each step.
 
 The draft keeps its own paged KV cache under the target's block ids: one engine-side allocation,
-a second set of (smaller) KV tensors. After the target has sampled, the draft computes what the
-target computed this step that is still valid (a prefill chunk; a decode's last token, its
-accepted proposals and the token just sampled), so its KV is valid wherever the target's is; a
-prefix-cache hit or a request resent after preemption or a worker restart starts from the same
-num_computed_tokens as the target. Then, for each request that sampled, it drafts up to k tokens
-one at a time, with the request's own sampling parameters; the engine schedules them with the
-request's next step, where the target verifies them. The KV of drafted tokens sits past the
-request's real tokens and is written over next step. Positions past the request's blocks (the
-token just sampled, the drafts) go to scratch blocks after the shared ones, a few per row.
+a second set of (smaller) KV tensors. The engine says per request how many tokens to draft after
+a step (StepPlan.num_draft_tokens); a request that drafts nothing costs no draft forward. One that
+drafts first catches up: the draft computes the request's tokens from where its KV stopped being
+valid (RequestState.num_draft_computed, 0 for a new or resent request whatever the target's
+prefix-cache hit: writing the same tokens' KV into a shared block again is harmless) to its last
+token. Then it drafts the tokens one at a time, with the request's own sampling parameters; the
+engine schedules them with the request's next step, where the target verifies them. The KV of
+drafted tokens sits past the request's real tokens and is written over when it next drafts.
+Positions past the request's blocks (the token just sampled, the drafts) go to scratch blocks
+after the shared ones, a few per row, so the token just sampled is computed again next time.
+Drafts are only proposals: the target verifies each, so correctness never depends on them.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class DraftRunner:
         self.scratch_bytes = self.num_scratch * self.block_bytes
         self.kv_caches: list[torch.Tensor] = []
         self.distributions = DraftDistributions()  # q of the latest drafts, for the verifying step
+        self.num_forwards = 0  # draft forward passes run (catch-ups and drafting steps)
         log.info("draft model %s: %d layers, %d tokens drafted per step", model_config.path,
                  model_config.num_layers, self.k)
 
@@ -90,7 +93,7 @@ class DraftRunner:
 
     @torch.inference_mode()
     def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
-        """Catch up on the step's tokens and draft for the requests in `samplers` (those that
+        """Draft plan.num_draft_tokens tokens for each of the requests in `samplers` (those that
         sampled this step, their tokens appended). Call before the table advances. Drafts are
         only proposals: if drafting fails the step goes on without them (the target verifies
         every proposal, so a draft KV left stale costs acceptance, never correctness)."""
@@ -117,25 +120,27 @@ class DraftRunner:
                 break
             fed = [rows[i] for i in live]  # each row's latest draft, at the position after its tokens
             hidden = self._forward(fed, [(r.end + len(r.drafts) - 1, r.end + len(r.drafts)) for r in fed])
+        for row in rows:  # the last token's position may be a scratch block's: it is computed again
+            row.state.num_draft_computed = row.end - 1
         self.distributions.latest = {r.state.req_id: (r.drafts, torch.stack(r.q)) for r in rows if r.q}
         return {r.state.req_id: np.asarray(r.drafts, dtype=np.int32) for r in rows if r.drafts}
 
     def _rows(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> list[_Row]:
+        """One row per request that drafts: its tokens the draft has not computed, and its room."""
         rows = []
         max_len = self.config.model.max_model_len
-        for req_id, n in plan.num_scheduled_tokens.items():
+        for req_id, n in plan.num_draft_tokens.items():
             state = table.states.get(req_id)
-            if state is None or state.pooling is not None:
-                continue  # failed this step, or nothing to draft for
-            start = state.num_computed_tokens
-            end = len(state.token_ids) if req_id in samplers else start + n
-            row = _Row(state, start, end, state.block_ids + self._scratch(len(rows)))
-            if req_id in samplers:
-                s = state.sampling
-                params = s.params if s.params.logprobs is None else msgspec.structs.replace(s.params, logprobs=None)
-                row.sampling = SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
-                row.room = min(self.k, max_len - end)  # a draft's position stays below max_model_len
-            rows.append(row)
+            if state is None or req_id not in samplers or state.pooling is not None:
+                continue  # failed this step, did not sample, or nothing to draft for
+            end = len(state.token_ids)
+            row = _Row(state, min(state.num_draft_computed, end - 1), end, state.block_ids + self._scratch(len(rows)))
+            s = state.sampling
+            params = s.params if s.params.logprobs is None else msgspec.structs.replace(s.params, logprobs=None)
+            row.sampling = SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
+            row.room = min(n, self.k, max_len - end)  # a draft's position stays below max_model_len
+            if row.room > 0:
+                rows.append(row)
         return rows
 
     def _scratch(self, index: int) -> list[int]:
@@ -149,6 +154,7 @@ class DraftRunner:
         if order != list(range(len(rows))):
             hidden = self._forward([rows[i] for i in order], [spans[i] for i in order])
             return _unpermute(hidden, order, [spans[i][1] - spans[i][0] for i in order])
+        self.num_forwards += 1
         bs = self.config.cache.block_size
         ids, pos, slots, qsl = [], [], [], [0]
         for row, (lo, hi) in zip(rows, spans):

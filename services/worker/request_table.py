@@ -39,6 +39,7 @@ class RequestState:
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens this step verifies
     pooling: PoolingParams | None = None  # a pooling request: pooled once its prompt is computed
     lora_request: LoRARequest | None = None  # the adapter it runs with
+    num_draft_computed: int = 0  # tokens whose KV the draft model holds (services/worker/draft_runner.py)
 
     @property
     def token_ids(self) -> list[int]:
