@@ -46,17 +46,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class _Row:
-    """One request's part of a draft step: its tokens from `start` to `end` (exclusive), and the
-    drafting state of a request that sampled."""
+    """One drafting request's part of a draft step: its tokens from `start` to `end` (exclusive)
+    that the draft computes first, then its drafts."""
 
     state: RequestState
     start: int
     end: int
     table: list[int]  # its blocks, then its scratch blocks
-    sampling: SamplingState | None = None  # a copy the drafts are appended to (None: it drafts nothing)
+    sampling: SamplingState  # a copy the drafts are appended to
+    room: int  # drafts it may still make
     drafts: list[int] = dataclasses.field(default_factory=list)
     q: list[torch.Tensor] = dataclasses.field(default_factory=list)  # each draft's q (rejection-sampled rows)
-    room: int = 0  # drafts it may still make
 
 
 class DraftRunner:
@@ -133,14 +133,14 @@ class DraftRunner:
             state = table.states.get(req_id)
             if state is None or req_id not in samplers or state.pooling is not None:
                 continue  # failed this step, did not sample, or nothing to draft for
-            end = len(state.token_ids)
-            row = _Row(state, min(state.num_draft_computed, end - 1), end, state.block_ids + self._scratch(len(rows)))
-            s = state.sampling
+            end, s = len(state.token_ids), state.sampling
+            room = min(n, self.k, max_len - end)  # a draft's position stays below max_model_len
+            if room <= 0:
+                continue
             params = s.params if s.params.logprobs is None else msgspec.structs.replace(s.params, logprobs=None)
-            row.sampling = SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
-            row.room = min(n, self.k, max_len - end)  # a draft's position stays below max_model_len
-            if row.room > 0:
-                rows.append(row)
+            sampling = SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
+            start = min(state.num_draft_computed, end - 1)
+            rows.append(_Row(state, start, end, state.block_ids + self._scratch(len(rows)), sampling, room))
         return rows
 
     def _scratch(self, index: int) -> list[int]:
@@ -159,8 +159,7 @@ class DraftRunner:
         ids, pos, slots, qsl = [], [], [], [0]
         for row, (lo, hi) in zip(rows, spans):
             p = np.arange(lo, hi)
-            tokens = row.state.token_ids if row.sampling is None else row.sampling.token_ids
-            ids.extend(tokens[lo:hi])
+            ids.extend(row.sampling.token_ids[lo:hi])
             pos.append(p)
             slots.append(np.asarray(row.table, dtype=np.int64)[p // bs] * bs + p % bs)
             qsl.append(qsl[-1] + hi - lo)
