@@ -4,7 +4,7 @@
 
 Multiplies x [rows, K] by every linear weight of a smol135-shaped model (30 layers of q/k/v, o,
 gate/up and down projections, 134 M parameters, so the weights come from memory as in decode),
-with the float32 kernel and with F.linear, and with --int8 also with the int8 kernel (W8A16,
+with the float32 kernel, with F.linear and with oneDNN's matmul (where torch has it), and with --int8 also with the int8 kernel (W8A16,
 per-row scales) and the path past its MAX_ROWS (dequantize, then F.linear), the paths alternating
 round by round; prints the median time of each and the ratios per row count, then one JSON object.
 """
@@ -36,6 +36,8 @@ def _paths(int8: bool) -> dict:
     """name -> fn(x, weight index) over float32 weights `w` and int8 (weight, scale) pairs `q`."""
     paths = {"kernel": lambda x, w, q: f32_linear_cpu.f32_linear(x, w),
              "torch": lambda x, w, q: F.linear(x, w)}
+    if f32_linear_cpu._onednn():  # what f32_linear_cpu.linear runs past the kernel's MAX_ROWS
+        paths["onednn"] = lambda x, w, q: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     if int8:
         paths["int8"] = lambda x, w, q: int8_linear_cpu.int8_linear(x, *q, None)
         paths["int8_torch"] = lambda x, w, q: F.linear(x, int8_linear_cpu.dequantize(*q))
@@ -82,6 +84,9 @@ def main() -> None:
             result = {f"{name}_ms": round(v, 2) for name, v in ms.items()}
             result["ratio"] = round(ms["torch"] / ms["kernel"], 3)  # F.linear time / kernel time
             line = f"rows {rows:3d}: kernel {ms['kernel']:7.1f} ms  F.linear {ms['torch']:7.1f} ms  ratio {result['ratio']:.2f}"
+            if "onednn" in ms:
+                result["onednn_ratio"] = round(ms["onednn"] / ms["kernel"], 3)  # oneDNN time / kernel time
+                line += f"  oneDNN {ms['onednn']:7.1f} ms  ratio {result['onednn_ratio']:.2f}"
             if args.int8:
                 result["int8_vs_kernel"] = round(ms["kernel"] / ms["int8"], 3)
                 result["int8_vs_int8_torch"] = round(ms["int8_torch"] / ms["int8"], 3)

@@ -188,3 +188,27 @@ def test_a_resumption_continues_an_undisturbed_greedy_run(stack):
     client.tx.send(resumed)
     assert client.collect({"resumed"})["resumed"] == ("length", tokens[4:])
     client.close()
+
+
+def test_sigterm_stops_an_engine_still_waiting_for_its_workers(model_dirs):
+    """An engine whose workers never come stops on SIGTERM at once, not after the handshake's
+    timeout (minutes)."""
+    port = free_port()
+    addrs = [f"tcp://127.0.0.1:{free_port()}" for _ in range(3)]
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "pagedserve.cli", "engine", "--model", str(model_dirs("llama")), "--max-model-len", "128",
+         "--frontend-input", addrs[0], "--frontend-output", addrs[1], "--worker-addr", addrs[2],
+         "--metrics-port", str(port)], env=dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # /metrics answers before the engine waits for workers
+            with contextlib.suppress(OSError):
+                scrape(port)
+                break
+            assert engine.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(0.5)
+        engine.terminate()
+        assert engine.wait(10) == 0
+    finally:
+        stop_processes([engine])

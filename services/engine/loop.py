@@ -59,7 +59,9 @@ class EngineService:
 
     def start(self, handshake_timeout_s: float = 600.0) -> None:
         self.io.start()
-        num_blocks = self.workers.handshake(handshake_timeout_s)
+        num_blocks = self.workers.handshake(handshake_timeout_s, self.stopping)
+        if num_blocks is None:  # told to stop before every worker reported: run() returns at once
+            return
         self.metrics.workers.set(len(self.workers.ranks))
         # Step ids start at random, so a result a worker computed for a previous engine instance
         # (still queued on its socket when this one started) can never pass for one of ours.

@@ -13,6 +13,7 @@ WorkerAccepted tells each worker to drop what it held.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,15 +93,19 @@ class WorkerGroup:
         """The KV capacity every rank can hold: the smallest pool wins."""
         return min(self.reports[rank].num_blocks for rank in self.ranks)
 
-    def handshake(self, timeout_s: float) -> int:
-        """Wait until every rank has reported; returns the group's KV capacity in blocks."""
+    def handshake(self, timeout_s: float, stopping: threading.Event | None = None) -> int | None:
+        """Wait until every rank has reported; returns the group's KV capacity in blocks, or None
+        as soon as `stopping` is set (the engine was told to stop while it waited)."""
         deadline = time.monotonic() + timeout_s
         while not self.complete:
+            if stopping is not None and stopping.is_set():
+                return None
             left = deadline - time.monotonic()
-            got = self.queue.recv(timeout_ms=max(1, int(left * 1000))) if left > 0 else None
-            if got is None:
+            if left <= 0:
                 raise WorkerError(f"only {len(self.ranks)} of {self.world_size} workers reported in {timeout_s:.0f}s")
-            self._control(*got)
+            got = self.queue.recv(timeout_ms=max(1, int(min(left, 0.2) * 1000)))
+            if got is not None:
+                self._control(*got)
         self.started = True
         return self.num_blocks()
 
