@@ -42,10 +42,11 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     return dataclasses.replace(draft, max_model_len=target.max_model_len)
 
 
-# A draft step's cost beyond reading its weights, as a fraction of a target decode step: sampling
-# over the whole vocabulary and the layers run one by one (the target's decode step on CPU is one
-# C call). Measured on smol135 with its 2-layer draft at one stream (benchmarks/spec_decode.py).
-DRAFT_STEP_OVERHEAD = 0.25
+# A draft step's cost beyond reading its weights, as a fraction of a target decode step (its
+# sampling and per-layer Python). Measured on CPU with smol135 and its 2-layer draft (weights
+# ratio 0.26), drafting one token a step on random prompts: the draft took 0.29 of a plain decode
+# step at one stream and 0.31 at four (a timer around DraftRunner.propose, benchmarks/spec_decode.py's runs).
+DRAFT_STEP_OVERHEAD = 0.05
 
 
 def draft_cost(config: EngineConfig) -> float:
