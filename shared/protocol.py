@@ -243,8 +243,7 @@ class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
     num_blocks: Count = 0
     block_size: Positive = 16
     engine_id: str = ""  # a fresh id per engine process: frontends tell a restarted engine apart
-    # the engine's --max-num-queued-requests (0: not told): a request fanning out to more sequences
-    # can never be admitted, so the frontend answers it 400 rather than a 503 retried in vain
+    # the engine's --max-num-queued-requests (0: not told): a wider n fan-out gets 400, not a vain 503
     max_num_queued_requests: Count = 0
     task: str = "generate"  # "generate", "embed" or "classify" (shared.pooling.TASKS)
     max_lora_rank: Count = 0  # the engine's --max-lora-rank; 0: LoRA adapters are not enabled
