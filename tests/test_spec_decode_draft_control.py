@@ -102,6 +102,21 @@ def test_drafting_resumes_after_a_gap_with_the_draft_kv_caught_up(target):
     assert spec.num_accepted_tokens == spec.num_draft_tokens
 
 
+def test_a_new_request_drafts_once_until_its_first_proposals_are_verified():
+    from services.engine.request import Request
+    from services.engine.spec_decode import SpecDecoder
+
+    decoder = SpecDecoder(draft_spec("draft", cost=0.25), draft_cost=0.25)
+    request = Request("r", [7, 8] * 10, SamplingParams(max_tokens=50), (0,), 512)
+    assert decoder.num_to_draft(request, num_running=1) == 1  # 1/2 >= 1/16 + 1/4 > 1/4
+    request.spec_token_ids = [5]  # verified in the step being planned
+    assert decoder.num_to_draft(request, num_running=1) == 0
+    decoder.record(request, 1, 1)
+    assert decoder.num_to_draft(request, num_running=1) == 2  # 2/3 accepted now: 4/9 > 5/16 too
+    request.max_tokens = request.num_output_tokens + 2  # room for this step's token and the next one
+    assert decoder.num_to_draft(request, num_running=1) == 0
+
+
 def test_num_draft_tokens_and_draft_cost_are_checked(target, draft):
     from shared.protocol import EngineToWorker, StepPlan
     from shared.transport import Codec

@@ -119,6 +119,8 @@ class SpecDecoder:
         limit = self.config.disable_by_batch_size
         if self.config.method != "draft_model" or (limit is not None and num_running >= limit):
             return 0
+        if request.spec_token_ids and request.spec_acceptance == (0.0, 0.0):
+            return 0  # its first proposals are verified in this step: wait for how they fare
         # after this step's token, the next step's sampled token must still fit after the drafts
         k = min(self.config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 2)
         return self._worth(request, k, num_running, self.draft_cost)
