@@ -19,7 +19,7 @@ from engine_outputs import assert_same_outputs, collect_outputs
 from test_spec_decode import PARAMS, SAMPLED, generate, homogeneous
 
 from services.engine.core import EngineCore
-from shared.config import CacheConfig, EngineConfig, ModelConfig
+from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shared.sampling_params import SamplingParams
 from shared.speculative import SpeculativeConfig
 
@@ -44,12 +44,13 @@ def draft_spec(model: str, k: int = 4, cost: float | None = 0.0) -> SpeculativeC
     return SpeculativeConfig(method="draft_model", model=model, num_speculative_tokens=k, draft_cost=cost)
 
 
-def make_runner(target: str, spec: SpeculativeConfig | None, kv_cache_memory: int = 8 << 20):
+def make_runner(target: str, spec: SpeculativeConfig | None, kv_cache_memory: int = 8 << 20,
+                scheduler: SchedulerConfig | None = None):
     from services.worker.model_runner import ModelRunner
 
     model = ModelConfig.from_pretrained(target, max_model_len=160)
     cache = CacheConfig(kv_cache_memory=kv_cache_memory, block_size=8)
-    return ModelRunner(EngineConfig(model, cache, speculative=spec))
+    return ModelRunner(EngineConfig(model, cache, scheduler or SchedulerConfig(), speculative=spec))
 
 
 @pytest.fixture(scope="module")

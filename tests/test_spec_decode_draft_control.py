@@ -102,6 +102,25 @@ def test_drafting_resumes_after_a_gap_with_the_draft_kv_caught_up(target):
     assert spec.num_accepted_tokens == spec.num_draft_tokens
 
 
+def test_a_long_prompt_catches_the_draft_up_in_chunks(target):
+    """A request's first draft computes its whole prompt: in forwards of at most the step's token
+    budget, each chunk's KV right, so a draft equal to the target has every proposal accepted."""
+    runner = make_runner(target, draft_spec(target), scheduler=SchedulerConfig(max_num_batched_tokens=16))
+    sizes, forward = [], runner.draft._forward
+
+    def counted(rows, spans):
+        sizes.append(sum(hi - lo for lo, hi in spans))
+        return forward(rows, spans)
+
+    runner.draft._forward = counted
+    prompt = [(7 * i + 3) % 250 + 3 for i in range(60)]
+    tokens, engine, _ = run_one(runner, prompt)
+    spec = engine.scheduler.spec
+    assert max(sizes) == 16 and sum(sizes) >= len(prompt)
+    assert spec.num_draft_tokens > 8 and spec.num_accepted_tokens == spec.num_draft_tokens
+    assert tokens == run_one(make_runner(target, None), prompt)[0]
+
+
 def test_a_new_request_drafts_once_until_its_first_proposals_are_verified():
     from services.engine.request import Request
     from services.engine.spec_decode import SpecDecoder

@@ -109,6 +109,7 @@ class DraftRunner:
         rows = self._rows(plan, table, samplers)
         if not rows:
             return {}
+        self._catch_up(rows)
         hidden = self._forward(rows, [(r.start, r.end) for r in rows])
         last = np.cumsum([r.end - r.start for r in rows]) - 1
         live = [i for i, r in enumerate(rows) if r.room > 0]
@@ -124,6 +125,19 @@ class DraftRunner:
             row.state.num_draft_computed = row.end - 1
         self.distributions.latest = {r.state.req_id: (r.drafts, torch.stack(r.q)) for r in rows if r.q}
         return {r.state.req_id: np.asarray(r.drafts, dtype=np.int32) for r in rows if r.drafts}
+
+    def _catch_up(self, rows: list[_Row]) -> None:
+        """Compute the rows' earlier tokens in forwards of at most the step's token budget, the
+        longest row first, until what is left fits one forward: a long prompt's first draft never
+        runs as one forward over the whole prompt."""
+        budget = self.config.scheduler.max_num_batched_tokens
+        while sum(r.end - r.start for r in rows) > budget:
+            row = max(rows, key=lambda r: r.end - r.start)
+            if row.end - row.start == 1:
+                return
+            hi = min(row.end - 1, row.start + budget)
+            self._forward([row], [(row.start, hi)])
+            row.start = hi
 
     def _rows(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> list[_Row]:
         """One row per request that drafts: its tokens the draft has not computed, and its room."""
