@@ -258,14 +258,14 @@ bench() {  # name concurrency prompts
 offline_bench() {  # name: the engine's own `bench throughput`, writing NAME-offline.json and .log
   local name="$1" cmd
   case "$name" in
-    pagedserve) cmd=("$PROJECT_PY" -m pagedserve.cli bench throughput) ;;
+    pagedserve) cmd=("$PROJECT_PY" -m pagedserve.cli bench throughput --disable-tqdm) ;;
     vllm) cmd=(env VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}" "$VLLM_VENV/bin/vllm" bench throughput) ;;
     *) log "$name has no offline engine: skipped"; return ;;
   esac
   log "$name: bench throughput, $NUM_PROMPTS_OFFLINE prompts"
   timeout "$BENCH_TIMEOUT" "${cmd[@]}" --model "$CKPT" --dtype float32 --max-model-len 2048 --dataset-name random \
     --random-input-len 256 --random-output-len 128 --random-range-ratio 0.5 --num-prompts "$NUM_PROMPTS_OFFLINE" \
-    --disable-tqdm --output-json "$RUN_DIR/$name-offline.json" >"$RUN_DIR/$name-offline.log" 2>&1 &
+    --output-json "$RUN_DIR/$name-offline.json" >"$RUN_DIR/$name-offline.log" 2>&1 &
   CLIENT_PID=$!
   local rc=0
   wait "$CLIENT_PID" || rc=$?
