@@ -14,7 +14,8 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     """The draft's ModelConfig (None unless the method is draft_model): the target's dtype and
     max_model_len. ValueError when the draft cannot serve this target: another vocabulary, fewer
     positions than the target's max_model_len, a pooling model, or an engine setup it does not
-    run with yet (tensor or pipeline parallelism, a pooling target)."""
+    run with yet (tensor or pipeline parallelism, a pooling target). Beside an fp8 KV cache the
+    draft keeps its own in the model's dtype."""
     from shared.config import ModelConfig
 
     spec = config.speculative
@@ -23,8 +24,6 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     if config.parallel.world_size > 1:
         raise ValueError("speculative_config method draft_model runs on one worker rank only for now "
                          "(tensor_parallel_size and pipeline_parallel_size 1)")
-    if config.cache.kv_cache_dtype != "auto":
-        raise ValueError("speculative_config method draft_model does not combine with an fp8 --kv-cache-dtype yet")
     if config.model.pooler is not None:
         raise ValueError("speculative decoding needs a generating model, not a pooling one")
     target = config.model

@@ -11,10 +11,11 @@ import msgspec
 import numpy as np
 import pytest
 import test_spec_decode_draft as base
+import torch
 from engine_outputs import collect_outputs
 
 from services.engine.core import EngineCore
-from shared.config import EngineConfig, ModelConfig, SchedulerConfig
+from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shared.sampling_params import SamplingParams
 from shared.speculative import SpeculativeConfig
 
@@ -119,6 +120,25 @@ def test_a_long_prompt_catches_the_draft_up_in_chunks(target):
     assert max(sizes) == 16 and sum(sizes) >= len(prompt)
     assert spec.num_draft_tokens > 8 and spec.num_accepted_tokens == spec.num_draft_tokens
     assert tokens == run_one(make_runner(target, None), prompt)[0]
+
+
+def test_a_draft_beside_an_fp8_cache(target):
+    """The target's KV in fp8, the draft's in the model's dtype (read by a backend of its own):
+    a draft equal to the target still has its proposals accepted, and the output is plain
+    decoding's with the same fp8 cache."""
+    from services.worker.model_runner import ModelRunner
+
+    def fp8_runner(spec: SpeculativeConfig | None) -> ModelRunner:
+        model = ModelConfig.from_pretrained(target, max_model_len=160)
+        cache = CacheConfig(kv_cache_memory=8 << 20, block_size=8, kv_cache_dtype="fp8")
+        return ModelRunner(EngineConfig(model, cache, speculative=spec))
+
+    runner = fp8_runner(draft_spec(target))
+    assert runner.kv_caches[0].dtype != runner.draft.kv_caches[0].dtype == torch.float32
+    prompt = [17, 256, 3, 98, 5] * 3
+    tokens, engine, _ = run_one(runner, prompt)
+    assert engine.scheduler.spec.num_accepted_tokens > 8
+    assert tokens == run_one(fp8_runner(None), prompt)[0]
 
 
 def test_a_new_request_drafts_once_until_its_first_proposals_are_verified():

@@ -25,6 +25,7 @@ import torch
 
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
+from services.worker.layers.attention import select_backend
 from services.worker.layers.attention_backend import AttentionBackend, CommonAttentionMetadata
 from services.worker.layers.sampler import (
     SamplingMetadata,
@@ -64,8 +65,13 @@ class DraftRunner:
 
     def __init__(self, config: EngineConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend):
         model_config = draft_model_config(config)
-        self.config = dataclasses.replace(config, model=model_config, speculative=None, lora=None)
+        # the draft's KV is in the model's dtype, also beside a target's fp8 cache (and then read
+        # by a backend of its own, without the target's fp8 scaling)
+        cache = dataclasses.replace(config.cache, kv_cache_dtype="auto")
+        self.config = dataclasses.replace(config, model=model_config, cache=cache, speculative=None, lora=None)
         self.k = config.speculative.num_speculative_tokens
+        if config.cache.kv_cache_dtype != "auto":
+            backend = select_backend(device, dtype, config.compilation.attention_backend)
         self.dtype, self.device, self.backend = dtype, device, backend
         self.model = build_model(model_config, dtype, device)
         bs = config.cache.block_size
