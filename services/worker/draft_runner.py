@@ -118,9 +118,9 @@ class DraftRunner:
         self._catch_up(rows)
         hidden = self._forward(rows, [(r.start, r.end) for r in rows])
         last = np.cumsum([r.end - r.start for r in rows]) - 1
-        live = [i for i, r in enumerate(rows) if r.room > 0]
-        hidden = hidden[torch.as_tensor(last[live], device=self.device)]
-        while live:
+        hidden = hidden[torch.as_tensor(last, device=self.device)]
+        live = list(range(len(rows)))  # every row has room for a draft (_rows)
+        while True:
             self._draft([rows[i] for i in live], self.model.compute_logits(hidden))
             live = [i for i in live if rows[i].room > 0]
             if not live:
