@@ -314,9 +314,7 @@ class EngineConfig:
         if self.parallel.pipeline_parallel_size > self.model.num_layers:
             raise ValueError(f"pipeline_parallel_size {self.parallel.pipeline_parallel_size} exceeds the model's "
                              f"{self.model.num_layers} layers (each stage needs at least one)")
-        if self.parallel.pipeline_parallel_size > 1 and (
-            self.speculative or self.cache.kv_cache_dtype != "auto" or self.model.pooler
-        ):
-            raise ValueError("--pipeline-parallel-size > 1 does not combine with --speculative-config, an fp8 "
-                             "--kv-cache-dtype or a pooling model yet")
+        if self.parallel.pipeline_parallel_size > 1 and (self.cache.kv_cache_dtype != "auto" or self.model.pooler):
+            raise ValueError("--pipeline-parallel-size > 1 does not combine with an fp8 --kv-cache-dtype or a "
+                             "pooling model yet")
         draft_model_config(self, weights=False)  # a draft model that cannot serve this target fails here

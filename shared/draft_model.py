@@ -13,17 +13,21 @@ if TYPE_CHECKING:
 def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfig | None:
     """The draft's ModelConfig (None unless the method is draft_model): the target's dtype and
     max_model_len. ValueError when the draft cannot serve this target: another vocabulary, fewer
-    positions than the target's max_model_len, a pooling model, or an engine setup it does not
-    run with yet (tensor or pipeline parallelism, a pooling target). Beside an fp8 KV cache the
+    positions than the target's max_model_len, a pooling model or target, attention heads the
+    tensor-parallel ranks cannot share, or a draft_tensor_parallel_size other than the target's.
+    The draft is sharded like the target over each stage's tensor-parallel ranks (every rank then
+    computes the same logits, so they all draft and accept the same tokens) and runs whole on the
+    last pipeline stage, where the sampled tokens it drafts from are. Beside an fp8 KV cache the
     draft keeps its own in the model's dtype."""
     from shared.config import ModelConfig
 
     spec = config.speculative
     if spec is None or spec.method != "draft_model":
         return None
-    if config.parallel.world_size > 1:
-        raise ValueError("speculative_config method draft_model runs on one worker rank only for now "
-                         "(tensor_parallel_size and pipeline_parallel_size 1)")
+    tp = config.parallel.tensor_parallel_size
+    if spec.draft_tensor_parallel_size not in (None, tp):
+        raise ValueError(f"speculative_config draft_tensor_parallel_size must equal tensor_parallel_size ({tp}): the "
+                         f"draft model is sharded like the target, got {spec.draft_tensor_parallel_size}")
     if config.model.pooler is not None:
         raise ValueError("speculative decoding needs a generating model, not a pooling one")
     target = config.model
@@ -38,6 +42,9 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     if draft.max_model_len < target.max_model_len:
         raise ValueError(f"the draft model {spec.model!r} covers {draft.max_model_len} positions, fewer than the "
                          f"target's max_model_len {target.max_model_len}: lower --max-model-len")
+    if draft.num_heads % tp or (draft.num_kv_heads % tp and tp % draft.num_kv_heads):
+        raise ValueError(f"the draft model {spec.model!r} has {draft.num_heads} attention heads and "
+                         f"{draft.num_kv_heads} KV heads, which tensor_parallel_size {tp} cannot share evenly")
     return dataclasses.replace(draft, max_model_len=target.max_model_len)
 
 

@@ -29,8 +29,10 @@ class SpeculativeConfig:
     names and defaults; num_speculative_tokens defaults to the tree depth (at most 32).
 
     method "draft_model": `model` (a directory or hub id, revision at `revision`) is a smaller
-    checkpoint with the target's vocabulary; it runs on the workers beside the target
-    (draft_tensor_parallel_size 1: unsharded) and proposes the next tokens of each request.
+    checkpoint with the target's vocabulary; it runs on the workers beside the target, sharded
+    like it over the tensor-parallel ranks (draft_tensor_parallel_size: the target's
+    tensor_parallel_size, as vLLM requires) and on the last pipeline stage, and proposes the
+    next tokens of each request.
     draft_cost (pagedserve's own): what drafting one token costs, as a fraction of a target
     decode step, for the adaptive rule; default: estimated from the two checkpoints."""
 
@@ -91,9 +93,6 @@ class SpeculativeConfig:
         cost = self.draft_cost
         if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= 1e3):
             raise ValueError(f"speculative_config draft_cost must be a number in [0, 1000], got {cost!r}")
-        if self.draft_tensor_parallel_size not in (None, 1):
-            raise ValueError("speculative_config draft_tensor_parallel_size must be 1 (the draft runs unsharded), "
-                             f"got {self.draft_tensor_parallel_size!r}")
 
     @property
     def lookup_range(self) -> tuple[int, int]:

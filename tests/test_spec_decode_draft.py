@@ -133,7 +133,7 @@ def test_draft_model_config_is_checked(target, draft, tmp_path):
     (other_vocab / "config.json").write_text(json.dumps({**config, "vocab_size": 2048}))
     for spec, match in (
         ({"method": "draft_model", "num_speculative_tokens": 3}, 'needs a "model"'),
-        ({"method": "draft_model", "model": draft, "draft_tensor_parallel_size": 2}, "must be 1"),
+        ({"method": "draft_model", "model": draft, "draft_tensor_parallel_size": 0}, "positive integer"),
         ({"method": "draft_model", "model": draft, "prompt_lookup_max": 3}, "not used by method"),
         ({"method": "ngram", "model": draft}, "not used by method"),
     ):
@@ -143,6 +143,9 @@ def test_draft_model_config_is_checked(target, draft, tmp_path):
                        (str(tmp_path / "missing"), "no config.json|not a directory")):
         with pytest.raises(ValueError, match=match):
             EngineConfig(model, speculative=draft_spec(bad))
+    sharded = SpeculativeConfig.parse({"method": "draft_model", "model": draft, "draft_tensor_parallel_size": 2})
+    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size must equal tensor_parallel_size \(1\)"):
+        EngineConfig(model, speculative=sharded)
     parsed = SpeculativeConfig.parse(json.dumps({"method": "draft_model", "model": draft,
                                                  "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}))
     assert EngineConfig(model, speculative=parsed).speculative.model == draft

@@ -9,6 +9,8 @@ collectives are no-ops.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,21 @@ def init_parallel_groups(tensor_parallel_size: int, pipeline_parallel_size: int)
                   for s in range(pipeline_parallel_size)]
         group = stages[stage]
     _groups = _Groups(group, stage, pipeline_parallel_size)
+
+
+@contextmanager
+def whole_model() -> Iterator[None]:
+    """Inside, pp_rank() is 0 and pp_size() 1 (the tensor-parallel group stays this stage's): a
+    model built here holds every layer, as the draft model beside the last stage's share of the
+    target does. For construction only: a model reads its stage when it is built."""
+    global _groups
+    saved = _groups
+    if saved is not None:
+        _groups = _Groups(saved.tp_group, 0, 1)
+    try:
+        yield
+    finally:
+        _groups = saved
 
 
 def _tp_group() -> Any:

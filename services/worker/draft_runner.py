@@ -12,6 +12,9 @@ drafted tokens sits past the request's real tokens and is written over when it n
 Positions past the request's blocks (the token just sampled, the drafts) go to scratch blocks
 after the shared ones, a few per row, so the token just sampled is computed again next time.
 Drafts are only proposals: the target verifies each, so correctness never depends on them.
+Under tensor parallelism the draft is sharded like the target: every rank computes the same
+logits and, from the same random state, draws the same drafts. Under pipeline parallelism it runs
+whole on the last stage, which samples (the earlier stages build no draft).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import msgspec
 import numpy as np
 import torch
 
+from services.worker.distributed import whole_model
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
 from services.worker.layers.attention import select_backend
@@ -68,12 +72,16 @@ class DraftRunner:
         # the draft's KV is in the model's dtype, also beside a target's fp8 cache (and then read
         # by a backend of its own, without the target's fp8 scaling)
         cache = dataclasses.replace(config.cache, kv_cache_dtype="auto")
-        self.config = dataclasses.replace(config, model=model_config, cache=cache, speculative=None, lora=None)
+        p = config.parallel  # the draft: every layer on this stage, sharded over its tensor-parallel ranks
+        parallel = dataclasses.replace(p, rank=p.rank % p.tensor_parallel_size, pipeline_parallel_size=1)
+        self.config = dataclasses.replace(config, model=model_config, cache=cache, parallel=parallel,
+                                          speculative=None, lora=None)
         self.k = config.speculative.num_speculative_tokens
         if config.cache.kv_cache_dtype != "auto":
             backend = select_backend(device, dtype, config.compilation.attention_backend)
         self.dtype, self.device, self.backend = dtype, device, backend
-        self.model = build_model(model_config, dtype, device)
+        with whole_model():
+            self.model = build_model(model_config, dtype, device)
         bs = config.cache.block_size
         self.scratch_per_row = -(-self.k // bs) + 1  # covers k positions past a row's blocks
         self.num_scratch = config.scheduler.max_num_seqs * self.scratch_per_row
@@ -88,9 +96,12 @@ class DraftRunner:
     @classmethod
     def create(cls, config: EngineConfig, dtype: torch.dtype, device: torch.device,
                backend: AttentionBackend) -> DraftRunner | None:
-        """A DraftRunner when the engine speculates with a draft model, else None."""
-        spec = config.speculative
-        return cls(config, dtype, device, backend) if spec is not None and spec.method == "draft_model" else None
+        """A DraftRunner when the engine speculates with a draft model and this rank is on the
+        last pipeline stage (which samples, so it holds the tokens to draft from), else None."""
+        spec, p = config.speculative, config.parallel
+        if spec is None or spec.method != "draft_model" or p.pp_rank != p.pipeline_parallel_size - 1:
+            return None
+        return cls(config, dtype, device, backend)
 
     def allocate(self, num_blocks: int) -> None:
         """The draft's KV: the target's num_blocks block ids, then the scratch blocks."""
