@@ -46,18 +46,30 @@ def served_tokens(port: int) -> list[list[int]]:
 
 
 def test_serve_tensor_x_pipeline_parallel_matches_one_rank(model_dirs, one_rank):
-    """Two pipeline stages of two tensor-parallel ranks each: four workers."""
-    port = free_port()
-    proc = start_serve(str(model_dirs("llama")), port, "--tensor-parallel-size", "2", "--pipeline-parallel-size",
-                       "2", "--kv-cache-memory", str(8 << 20), "--return-tokens-as-token-ids")
+    """Two pipeline stages of two tensor-parallel ranks each: four workers, speculating with a
+    draft model (the model itself: sharded over the last stage's two ranks, every proposal is
+    accepted) and giving one rank's tokens without speculation."""
+    port, metrics_port, model = free_port(), free_port(), str(model_dirs("llama"))
+    spec = {"method": "draft_model", "model": model, "num_speculative_tokens": 3, "draft_cost": 0}
+    proc = start_serve(model, port, "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+                       "--kv-cache-memory", str(8 << 20), "--return-tokens-as-token-ids",
+                       "--speculative-config", json.dumps(spec), "--engine-metrics-port", str(metrics_port))
     try:
         wait_line(proc, "serving", timeout_s=180)
         assert served_tokens(port) == one_rank
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        drafted, accepted = (_counter(text, f"pagedserve_engine_spec_decode_num_{name}_tokens_total")
+                             for name in ("draft", "accepted"))
+        assert accepted == drafted > 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _counter(metrics: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name))
 
 
 # ----- ranks as separate processes, meeting at an address given by flags or environment -----------
