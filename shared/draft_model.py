@@ -14,20 +14,22 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     """The draft's ModelConfig (None unless the method is draft_model): the target's dtype and
     max_model_len. ValueError when the draft cannot serve this target: another vocabulary, fewer
     positions than the target's max_model_len, a pooling model or target, attention heads the
-    tensor-parallel ranks cannot share, or a draft_tensor_parallel_size other than the target's.
-    The draft is sharded like the target over each stage's tensor-parallel ranks (every rank then
-    computes the same logits, so they all draft and accept the same tokens) and runs whole on the
-    last pipeline stage, where the sampled tokens it drafts from are. Beside an fp8 KV cache the
-    draft keeps its own in the model's dtype."""
+    tensor-parallel ranks cannot share, or a draft_tensor_parallel_size other than 1 or the
+    target's. The draft is sharded like the target over each stage's tensor-parallel ranks (the
+    default, as in vLLM), or with draft_tensor_parallel_size 1 runs whole on each of them (every
+    rank computes the same logits either way, so they all draft and accept the same tokens); it
+    runs on the last pipeline stage, where the sampled tokens it drafts from are. Beside an fp8
+    KV cache the draft keeps its own in the model's dtype."""
     from shared.config import ModelConfig
 
     spec = config.speculative
     if spec is None or spec.method != "draft_model":
         return None
     tp = config.parallel.tensor_parallel_size
-    if spec.draft_tensor_parallel_size not in (None, tp):
-        raise ValueError(f"speculative_config draft_tensor_parallel_size must equal tensor_parallel_size ({tp}): the "
-                         f"draft model is sharded like the target, got {spec.draft_tensor_parallel_size}")
+    if spec.draft_tensor_parallel_size not in (None, 1, tp):
+        raise ValueError(f"speculative_config draft_tensor_parallel_size must be 1 (the draft whole on every rank) or "
+                         f"tensor_parallel_size ({tp}), got {spec.draft_tensor_parallel_size}")
+    tp = 1 if spec.draft_tensor_parallel_size == 1 else tp  # the ranks that share the draft's heads
     if config.model.pooler is not None:
         raise ValueError("speculative decoding needs a generating model, not a pooling one")
     target = config.model

@@ -30,9 +30,9 @@ class SpeculativeConfig:
 
     method "draft_model": `model` (a directory or hub id, revision at `revision`) is a smaller
     checkpoint with the target's vocabulary; it runs on the workers beside the target, sharded
-    like it over the tensor-parallel ranks (draft_tensor_parallel_size: the target's
-    tensor_parallel_size, as vLLM requires) and on the last pipeline stage, and proposes the
-    next tokens of each request.
+    like it over the tensor-parallel ranks (draft_tensor_parallel_size unset or the target's
+    tensor_parallel_size) or whole on each of them (draft_tensor_parallel_size 1), on the last
+    pipeline stage, and proposes the next tokens of each request.
     draft_cost (pagedserve's own): what drafting one token costs, as a fraction of a target
     decode step, for the adaptive rule; default: estimated from the two checkpoints."""
 

@@ -144,7 +144,7 @@ def test_draft_model_config_is_checked(target, draft, tmp_path):
         with pytest.raises(ValueError, match=match):
             EngineConfig(model, speculative=draft_spec(bad))
     sharded = SpeculativeConfig.parse({"method": "draft_model", "model": draft, "draft_tensor_parallel_size": 2})
-    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size must equal tensor_parallel_size \(1\)"):
+    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size must be 1 .* or tensor_parallel_size \(1\)"):
         EngineConfig(model, speculative=sharded)
     parsed = SpeculativeConfig.parse(json.dumps({"method": "draft_model", "model": draft,
                                                  "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}))

@@ -4,12 +4,12 @@ gets the outputs of one rank without speculation, with `max_tokens` exact and ev
 the pool. ngram over two pipeline stages of two tensor-parallel ranks has proposals both accepted
 and rejected (rolled back on every stage). draft_model, sharded like the target over the TP ranks
 and whole on the last pipeline stage, with a draft equal to the target has every proposal
-accepted: its sharded weights and KV are right, and the ranks drafted alike. Each rank counts its
-share of the draft's KV in its budget. Combinations that cannot run are refused at startup."""
+accepted: its sharded weights and KV are right, and the ranks drafted alike; so does a draft
+whole on each TP rank (draft_tensor_parallel_size 1). Each rank counts its share of the draft's KV
+in its budget. Combinations that cannot run are refused at startup."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 
@@ -25,17 +25,19 @@ from shared.speculative import SpeculativeConfig
 K = 4
 MEMORY = 8 << 20
 SETUP = {"max_model_len": 160, "kv_cache_memory": MEMORY, "block_size": 8, "max_num_batched_tokens": 48}
-CASES = {  # name: (tensor_parallel_size, pipeline_parallel_size, method)
-    "tp2-draft_model": (2, 1, "draft_model"),
-    "pp2-draft_model": (1, 2, "draft_model"),
-    "pp2-ngram": (1, 2, "ngram"),
-    "tp2-suffix": (2, 1, "suffix"),
+CASES = {  # name: (tensor_parallel_size, pipeline_parallel_size, method, draft_tensor_parallel_size)
+    "tp2-draft_model": (2, 1, "draft_model", None),
+    "tp2-draft_model-whole": (2, 1, "draft_model", 1),
+    "pp2-draft_model": (1, 2, "draft_model", None),
+    "pp2-ngram": (1, 2, "ngram", None),
+    "tp2-suffix": (2, 1, "suffix", None),
 }
 
 
-def spec_config(method: str, draft_dir: str) -> dict:
+def spec_config(method: str, draft_dir: str, draft_tp: int | None = None) -> dict:
     if method == "draft_model":  # draft_cost 0: it drafts whenever proposals hold
-        return {"method": method, "model": draft_dir, "num_speculative_tokens": K, "draft_cost": 0}
+        return {"method": method, "model": draft_dir, "num_speculative_tokens": K, "draft_cost": 0,
+                "draft_tensor_parallel_size": draft_tp}
     if method == "suffix":
         return {"method": method, "num_speculative_tokens": K}
     return {"method": method, "num_speculative_tokens": K, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -54,13 +56,13 @@ def one_rank(target) -> dict:
     return run_requests(llm.engine, llm.runner.num_blocks, copies=1)
 
 
-@pytest.mark.parametrize(("tp", "pp", "method"), list(CASES.values()), ids=list(CASES))
-def test_speculation_over_ranks_gives_one_ranks_outputs(target, one_rank, tp, pp, method, monkeypatch):
+@pytest.mark.parametrize(("tp", "pp", "method", "draft_tp"), list(CASES.values()), ids=list(CASES))
+def test_speculation_over_ranks_gives_one_ranks_outputs(target, one_rank, tp, pp, method, draft_tp, monkeypatch):
     twin = method == "draft_model"  # the draft is the target itself
     if twin:  # a grammar is not applied to drafts: that request runs unconstrained, alike on every rank
         monkeypatch.setitem(PARAMS, "choice", SamplingParams(temperature=0, max_tokens=20))
     with LLM(target, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-             speculative_config=spec_config(method, target), **SETUP) as llm:
+             speculative_config=spec_config(method, target, draft_tp), **SETUP) as llm:
         got = run_requests(llm.engine, llm.runner.num_blocks, copies=1)
         counts, num_blocks = llm.engine.scheduler.spec, llm.runner.num_blocks
     compared = {r: o for r, o in one_rank.items() if not (twin and r.startswith("choice"))}
@@ -70,35 +72,36 @@ def test_speculation_over_ranks_gives_one_ranks_outputs(target, one_rank, tp, pp
             assert len(got[f"{name}-0"]["tokens"]) == params.max_tokens, name
     if twin:
         assert counts.num_draft_tokens > 20 and counts.num_accepted_tokens == counts.num_draft_tokens
-        assert num_blocks == expected_num_blocks(target, tp, pp)
+        assert num_blocks == expected_num_blocks(target, tp, pp, draft_tp or tp)
     else:
         assert 0 < counts.num_accepted_tokens < counts.num_draft_tokens  # some accepted, some rejected
 
 
-def expected_num_blocks(target: str, tp: int, pp: int) -> int:
-    """The KV blocks of the tightest rank (the last stage's, beside the whole draft): the budget
-    less the draft's scratch blocks, over its share of a target block and of a draft block
-    (float32; the draft is the target)."""
+def expected_num_blocks(target: str, tp: int, pp: int, draft_tp: int) -> int:
+    """The KV blocks of the tightest rank (the last stage's, beside the draft with all its layers):
+    the budget less the draft's scratch blocks, over its share of a target block and of a draft
+    block (float32; the draft is the target, over draft_tp ranks)."""
     model = ModelConfig.from_pretrained(target, max_model_len=SETUP["max_model_len"])
 
-    def block_bytes(stages: int) -> int:
-        kv_heads = max(1, model.num_kv_heads // tp)
+    def block_bytes(stages: int, ranks: int) -> int:
+        kv_heads = max(1, model.num_kv_heads // ranks)
         return 2 * (model.num_layers // stages) * SETUP["block_size"] * kv_heads * model.head_dim * 4
 
-    scratch = 128 * (-(-K // SETUP["block_size"]) + 1) * block_bytes(1)  # max_num_seqs rows of scratch
-    return (MEMORY - scratch) // (block_bytes(pp) + block_bytes(1))
+    scratch = 128 * (-(-K // SETUP["block_size"]) + 1) * block_bytes(1, draft_tp)  # max_num_seqs rows
+    return (MEMORY - scratch) // (block_bytes(pp, tp) + block_bytes(1, draft_tp))
 
 
-def test_draft_model_parallel_combinations_that_cannot_run_are_refused(target, tmp_path):
+def test_draft_model_parallel_combinations_are_checked_at_startup(target, tmp_path):
     model = ModelConfig.from_pretrained(target, max_model_len=SETUP["max_model_len"])
     tp2 = ParallelConfig(tensor_parallel_size=2)
-    replicated = SpeculativeConfig.parse({**spec_config("draft_model", target), "draft_tensor_parallel_size": 1})
-    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size must equal tensor_parallel_size \(2\)"):
-        EngineConfig(model, parallel=tp2, speculative=replicated)
+    four = SpeculativeConfig.parse(spec_config("draft_model", target, 4))
+    with pytest.raises(ValueError, match=r"draft_tensor_parallel_size must be 1 .* or tensor_parallel_size \(2\), got 4"):
+        EngineConfig(model, parallel=tp2, speculative=four)
     odd = shutil.copytree(target, tmp_path / "three-kv-heads")
     config = json.loads((odd / "config.json").read_text())
     (odd / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3, "num_attention_heads": 6}))
     with pytest.raises(ValueError, match="6 attention heads and 3 KV heads, which tensor_parallel_size 2 cannot"):
         EngineConfig(model, parallel=tp2, speculative=SpeculativeConfig.parse(spec_config("draft_model", str(odd))))
-    sharded = dataclasses.replace(replicated, draft_tensor_parallel_size=2)
-    assert EngineConfig(model, parallel=tp2, speculative=sharded).speculative.draft_tensor_parallel_size == 2
+    for draft_tp in (1, 2):  # whole on every rank: any heads; sharded: the target's size
+        spec = SpeculativeConfig.parse(spec_config("draft_model", str(odd) if draft_tp == 1 else target, draft_tp))
+        assert EngineConfig(model, parallel=tp2, speculative=spec).speculative.draft_tensor_parallel_size == draft_tp

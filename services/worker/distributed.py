@@ -23,6 +23,7 @@ class _Groups:
     tp_group: Any  # this stage's tensor-parallel ProcessGroup
     pp_rank: int
     pp_size: int
+    tp_alone: bool = False  # inside whole_model(sharded=False): tensor-parallel rank 0 of 1
 
 
 _groups: _Groups | None = None  # set once per process by init_parallel_groups
@@ -49,14 +50,16 @@ def init_parallel_groups(tensor_parallel_size: int, pipeline_parallel_size: int)
 
 
 @contextmanager
-def whole_model() -> Iterator[None]:
-    """Inside, pp_rank() is 0 and pp_size() 1 (the tensor-parallel group stays this stage's): a
-    model built here holds every layer, as the draft model beside the last stage's share of the
-    target does. For construction only: a model reads its stage when it is built."""
+def whole_model(sharded: bool = True) -> Iterator[None]:
+    """Inside, pp_rank() is 0 and pp_size() 1: a model built here holds every layer, as the draft
+    model beside the last stage's share of the target does. sharded: its weights are split over
+    the stage's tensor-parallel ranks; otherwise tp_rank() is 0 and tp_size() 1 too, and the
+    model, whole on this rank, never calls a collective. For construction only: a model reads
+    its stage and its share when it is built."""
     global _groups
     saved = _groups
     if saved is not None:
-        _groups = _Groups(saved.tp_group, 0, 1)
+        _groups = _Groups(saved.tp_group, 0, 1, tp_alone=not sharded)
     try:
         yield
     finally:
@@ -67,14 +70,18 @@ def _tp_group() -> Any:
     return _groups.tp_group if _groups is not None else None
 
 
+def _tp_alone() -> bool:
+    return not _initialized() or (_groups is not None and _groups.tp_alone)
+
+
 def tp_rank() -> int:
     """This process's tensor-parallel rank within its stage."""
-    return dist.get_rank(_tp_group()) if _initialized() else 0
+    return 0 if _tp_alone() else dist.get_rank(_tp_group())
 
 
 def tp_size() -> int:
     """The tensor-parallel size (ranks per stage)."""
-    return dist.get_world_size(_tp_group()) if _initialized() else 1
+    return 1 if _tp_alone() else dist.get_world_size(_tp_group())
 
 
 def pp_rank() -> int:

@@ -12,9 +12,10 @@ drafted tokens sits past the request's real tokens and is written over when it n
 Positions past the request's blocks (the token just sampled, the drafts) go to scratch blocks
 after the shared ones, a few per row, so the token just sampled is computed again next time.
 Drafts are only proposals: the target verifies each, so correctness never depends on them.
-Under tensor parallelism the draft is sharded like the target: every rank computes the same
-logits and, from the same random state, draws the same drafts. Under pipeline parallelism it runs
-whole on the last stage, which samples (the earlier stages build no draft).
+Under tensor parallelism the draft is sharded like the target, or with draft_tensor_parallel_size
+1 whole on every rank (no collectives, the whole draft's KV on each): either way every rank
+computes the same logits and, from the same random state, draws the same drafts. Under pipeline
+parallelism it runs whole on the last stage, which samples (the earlier stages build no draft).
 """
 
 from __future__ import annotations
@@ -72,15 +73,18 @@ class DraftRunner:
         # the draft's KV is in the model's dtype, also beside a target's fp8 cache (and then read
         # by a backend of its own, without the target's fp8 scaling)
         cache = dataclasses.replace(config.cache, kv_cache_dtype="auto")
-        p = config.parallel  # the draft: every layer on this stage, sharded over its tensor-parallel ranks
-        parallel = dataclasses.replace(p, rank=p.rank % p.tensor_parallel_size, pipeline_parallel_size=1)
+        # the draft: every layer on this stage, sharded over its tensor-parallel ranks, or whole on
+        # each of them with draft_tensor_parallel_size 1
+        p, sharded = config.parallel, config.speculative.draft_tensor_parallel_size != 1
+        tp = p.tensor_parallel_size if sharded else 1
+        parallel = dataclasses.replace(p, tensor_parallel_size=tp, rank=p.rank % tp, pipeline_parallel_size=1)
         self.config = dataclasses.replace(config, model=model_config, cache=cache, parallel=parallel,
                                           speculative=None, lora=None)
         self.k = config.speculative.num_speculative_tokens
         if config.cache.kv_cache_dtype != "auto":
             backend = select_backend(device, dtype, config.compilation.attention_backend)
         self.dtype, self.device, self.backend = dtype, device, backend
-        with whole_model():
+        with whole_model(sharded):
             self.model = build_model(model_config, dtype, device)
         bs = config.cache.block_size
         self.scratch_per_row = -(-self.k // bs) + 1  # covers k positions past a row's blocks

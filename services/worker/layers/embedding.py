@@ -54,5 +54,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, D] -> float32 logits [N, vocab_size] over the full vocabulary."""
-        logits = tp_all_gather(f32_linear_cpu.linear(hidden, self.weight), dim=-1)
+        logits = f32_linear_cpu.linear(hidden, self.weight)
+        if self.tp_size > 1:  # a model built whole on one rank of several gathers nothing
+            logits = tp_all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings].float()

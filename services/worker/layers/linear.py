@@ -114,7 +114,7 @@ class ColumnParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
-        return tp_all_gather(y, dim=-1) if self.gather_output else y
+        return tp_all_gather(y, dim=-1) if self.gather_output and self.tp_size > 1 else y
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
