@@ -1,12 +1,12 @@
 """Speculative decoding over several ranks (offline LLM, gloo on CPU): every kind of request of
 test_spec_decode.py (greedy, seeded, logprobs, penalties, min_tokens, a grammar, prompt logprobs)
 gets the outputs of one rank without speculation, with `max_tokens` exact and every block back in
-the pool. ngram over two pipeline stages of two tensor-parallel ranks has proposals both accepted
-and rejected (rolled back on every stage). draft_model, sharded like the target over the TP ranks
-and whole on the last pipeline stage, with a draft equal to the target has every proposal
-accepted: its sharded weights and KV are right, and the ranks drafted alike; so does a draft
-whole on each TP rank (draft_tensor_parallel_size 1). Each rank counts its share of the draft's KV
-in its budget. Combinations that cannot run are refused at startup."""
+the pool. ngram over two pipeline stages (with preemption, chunked prefill and prefix-cache hits)
+has proposals both accepted and rejected (rolled back on every stage). draft_model, sharded like the target over the TP ranks and whole on the last
+pipeline stage, with a draft equal to the target has every proposal accepted: its sharded weights
+and KV are right, and the ranks drafted alike; so does a draft whole on each TP rank
+(draft_tensor_parallel_size 1). Each rank counts its share of the draft's KV in its budget.
+Combinations that cannot run are refused at startup."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ from shared.speculative import SpeculativeConfig
 K = 4
 MEMORY = 8 << 20
 SETUP = {"max_model_len": 160, "kv_cache_memory": MEMORY, "block_size": 8, "max_num_batched_tokens": 48}
-CASES = {  # name: (tensor_parallel_size, pipeline_parallel_size, method, draft_tensor_parallel_size)
-    "tp2-draft_model": (2, 1, "draft_model", None),
-    "tp2-draft_model-whole": (2, 1, "draft_model", 1),
-    "pp2-draft_model": (1, 2, "draft_model", None),
-    "pp2-ngram": (1, 2, "ngram", None),
-    "tp2-suffix": (2, 1, "suffix", None),
+# a pool that preempts, prompts chunked, each prompt twice (the second hits the prefix cache)
+PREEMPTING = {**SETUP, "num_gpu_blocks_override": 24, "max_num_batched_tokens": 20}
+CASES = {  # name: (tensor_parallel_size, pipeline_parallel_size, method, draft_tensor_parallel_size, preempting)
+    "tp2-draft_model": (2, 1, "draft_model", None, False),
+    "tp2-draft_model-whole": (2, 1, "draft_model", 1, False),
+    "pp2-draft_model": (1, 2, "draft_model", None, False),
+    "pp2-ngram-preempting": (1, 2, "ngram", None, True),
 }
 
 
@@ -38,8 +39,6 @@ def spec_config(method: str, draft_dir: str, draft_tp: int | None = None) -> dic
     if method == "draft_model":  # draft_cost 0: it drafts whenever proposals hold
         return {"method": method, "model": draft_dir, "num_speculative_tokens": K, "draft_cost": 0,
                 "draft_tensor_parallel_size": draft_tp}
-    if method == "suffix":
-        return {"method": method, "num_speculative_tokens": K}
     return {"method": method, "num_speculative_tokens": K, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
 
@@ -49,23 +48,36 @@ def target(model_dirs) -> str:
     return str(model_dirs("llama", attention_scale=0.005, config_overrides={"num_hidden_layers": 4}))
 
 
+def generate(llm: LLM, preempting: bool) -> dict:
+    return run_requests(llm.engine, llm.runner.num_blocks, copies=2 if preempting else 1)
+
+
 @pytest.fixture(scope="module")
-def one_rank(target) -> dict:
-    """One rank without speculation."""
-    llm = LLM(target, **SETUP)
-    return run_requests(llm.engine, llm.runner.num_blocks, copies=1)
+def one_rank(target):
+    """One rank's outputs without speculation, by setup (made once each)."""
+    runs: dict[bool, dict] = {}
+
+    def get(preempting: bool) -> dict:
+        if preempting not in runs:
+            runs[preempting] = generate(LLM(target, **(PREEMPTING if preempting else SETUP)), preempting)
+        return runs[preempting]
+
+    return get
 
 
-@pytest.mark.parametrize(("tp", "pp", "method", "draft_tp"), list(CASES.values()), ids=list(CASES))
-def test_speculation_over_ranks_gives_one_ranks_outputs(target, one_rank, tp, pp, method, draft_tp, monkeypatch):
+@pytest.mark.parametrize(("tp", "pp", "method", "draft_tp", "preempting"), list(CASES.values()), ids=list(CASES))
+def test_speculation_over_ranks_gives_one_ranks_outputs(target, one_rank, tp, pp, method, draft_tp, preempting,
+                                                        monkeypatch):
+    expected = one_rank(preempting)  # (before PARAMS changes)
     twin = method == "draft_model"  # the draft is the target itself
     if twin:  # a grammar is not applied to drafts: that request runs unconstrained, alike on every rank
         monkeypatch.setitem(PARAMS, "choice", SamplingParams(temperature=0, max_tokens=20))
     with LLM(target, tensor_parallel_size=tp, pipeline_parallel_size=pp,
-             speculative_config=spec_config(method, target, draft_tp), **SETUP) as llm:
-        got = run_requests(llm.engine, llm.runner.num_blocks, copies=1)
+             speculative_config=spec_config(method, target, draft_tp), **(PREEMPTING if preempting else SETUP)) as llm:
+        got = generate(llm, preempting)
         counts, num_blocks = llm.engine.scheduler.spec, llm.runner.num_blocks
-    compared = {r: o for r, o in one_rank.items() if not (twin and r.startswith("choice"))}
+        assert llm.engine.scheduler.num_preemptions > 0 or not preempting
+    compared = {r: o for r, o in expected.items() if not (twin and r.startswith("choice"))}
     assert_same_outputs({r: got[r] for r in compared}, compared)
     for name, params in PARAMS.items():
         if params.ignore_eos:
