@@ -1,8 +1,9 @@
 """Speculative decoding over several ranks (offline LLM, gloo on CPU): every kind of request of
 test_spec_decode.py (greedy, seeded, logprobs, penalties, min_tokens, a grammar, prompt logprobs)
 gets the outputs of one rank without speculation, with `max_tokens` exact and every block back in
-the pool. ngram over two pipeline stages (with preemption, chunked prefill and prefix-cache hits)
-has proposals both accepted and rejected (rolled back on every stage). draft_model, sharded like the target over the TP ranks and whole on the last
+the pool. ngram over two tensor-parallel ranks, and over two pipeline stages with preemption,
+chunked prefill and prefix-cache hits, has proposals both accepted and rejected (rolled back on
+every stage). draft_model, sharded like the target over the TP ranks and whole on the last
 pipeline stage, with a draft equal to the target has every proposal accepted: its sharded weights
 and KV are right, and the ranks drafted alike; so does a draft whole on each TP rank
 (draft_tensor_parallel_size 1). Each rank counts its share of the draft's KV in its budget.
@@ -31,6 +32,7 @@ CASES = {  # name: (tensor_parallel_size, pipeline_parallel_size, method, draft_
     "tp2-draft_model": (2, 1, "draft_model", None, False),
     "tp2-draft_model-whole": (2, 1, "draft_model", 1, False),
     "pp2-draft_model": (1, 2, "draft_model", None, False),
+    "tp2-ngram": (2, 1, "ngram", None, False),
     "pp2-ngram-preempting": (1, 2, "ngram", None, True),
 }
 
