@@ -53,6 +53,17 @@ static void project(const float *x, const void *w, const float *w_scale, const f
     else f32_linear(x, w, b, y, M, K, N, threads);
 }
 
+/* a[i] = silu(g[i]) * g[I + i] for i < I: one row of the gated MLP's activation. */
+static void silu_and_mul(const float *g, float *a, int64_t I) {
+    const float *u = g + I;
+    int64_t i = 0;
+    for (; i + 8 <= I; i += 8) {
+        const v8 x = load8(g + i);
+        store8(a + i, x / (1.0f + exp8(-x)) * load8(u + i));
+    }
+    for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 struct shape {
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, table_width;
     float eps, scale;
@@ -122,11 +133,7 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
         project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads);
         add_norm(hidden, residual, L->post_norm, T, H, s->eps, x);
         project(x, L->gate_up_w, L->gate_up_s, L->gate_up_b, gate_up, T, H, 2 * I, threads);
-        for (int64_t t = 0; t < T; t++) {
-            const float *g = gate_up + t * 2 * I, *u = g + I;
-            float *a = act + t * I;
-            for (int64_t i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        }
+        for (int64_t t = 0; t < T; t++) silu_and_mul(gate_up + t * 2 * I, act + t * I, I);
         project(act, L->down_w, L->down_s, L->down_b, hidden, T, I, H, threads);
     }
 }

@@ -1,12 +1,13 @@
-"""float32 linear on the CPU for a few rows (decode), a C kernel beside torch's F.linear.
+"""float32 linear on the CPU for decode-sized batches, a C kernel beside torch's F.linear.
 
 `linear` is what the model's linear layers and LM head call: it runs the kernel (f32_linear_cpu.c)
-for float32 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for more, and F.linear otherwise. Measured over smol135's
-weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core AMD EPYC where torch's
-sgemm is MKL's), the kernel ran 1.1-2.2x faster than F.linear at 4 to 16 rows, between 0.7x and
-1.1x at one row (both read the weights at the memory's speed there; run to run noise), and
-slower from about 32 rows on, where BLAS's blocking wins (oneDNN's, faster than MKL's here). It keeps its own threads when torch
-runs one (services/worker/step_threads.py). Without a C compiler, F.linear runs everywhere.
+for float32 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for more, and F.linear otherwise.
+Measured over smol135's weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core
+AMD EPYC where torch's sgemm is MKL's), the kernel's dot products ran 1.1-2.2x faster than F.linear
+at 4 to 16 rows, and its packed panels (from 16 rows) 1.1-1.2x oneDNN's matmul at 64 and 128
+rows; oneDNN's blocking wins from a few hundred rows. MAX_ROWS is int8_linear_cpu's, so that a
+decode step of either kind of weights runs whole in the C kernels. It keeps its own threads when
+torch runs one (services/worker/step_threads.py). Without a C compiler, F.linear runs everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from kernels import cpu_build
 
 SOURCE = Path(__file__).with_name("f32_linear_cpu.c")
-MAX_ROWS = 16
+MAX_ROWS = 64
 
 
 @cache

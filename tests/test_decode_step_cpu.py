@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not decode_step_cpu.available(), reason="no C co
 PROMPTS = [[5, 9, 31, 2, 77], [8] * 21, list(range(40, 73))]
 
 
-def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, **kwargs) -> tuple[list, list[int]]:
+def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, max_num_seqs=4,
+              **kwargs) -> tuple[list, list[int]]:
     """The completions, and the tokens of each step the C path ran."""
     steps = []
     run = llama_decode_cpu.run
@@ -30,7 +31,7 @@ def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, **
         return out
 
     monkeypatch.setattr(llama_decode_cpu, "run", counted)
-    llm = LLM(str(path), dtype="float32", max_num_seqs=4, block_size=8, **kwargs)
+    llm = LLM(str(path), dtype="float32", max_num_seqs=max_num_seqs, block_size=8, **kwargs)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     del llm
@@ -49,6 +50,17 @@ def test_c_step_matches_the_layers(model_dirs, monkeypatch, arch, kwargs):
     fused, fused_steps = _generate(path, monkeypatch, fused=True, **kwargs)
     plain, plain_steps = _generate(path, monkeypatch, fused=False, **kwargs)
     assert len(fused_steps) >= 11 and not plain_steps
+    _same(fused, plain)
+
+
+def test_c_step_on_packed_panels_matches_the_layers(model_dirs, monkeypatch):
+    """40 requests decoding together: steps of more than 16 tokens, where the linear kernel runs
+    its packed panels (kernels/f32_linear_cpu.c), still in one C call and with the layers'
+    tokens and logprobs."""
+    path, prompts = model_dirs("llama"), [[3 + i, 7 * i % 50 + 1, 11] for i in range(40)]
+    fused, fused_steps = _generate(path, monkeypatch, True, prompts, 6, max_num_seqs=40)
+    plain, _ = _generate(path, monkeypatch, False, prompts, 6, max_num_seqs=40)
+    assert max(fused_steps) == 40
     _same(fused, plain)
 
 

@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not f32_linear_cpu.available(), reason="no C compiler")
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 16])
-@pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 64), (13, 576), (1030, 96)])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 23, 64])
+@pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 64), (13, 576), (1030, 96), (37, 520)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_matches_f_linear(rows, n, k, bias):
-    """Every tile shape: 3, 2 or 1 rows at a time, 4 or 1 weight rows, split over the threads."""
+    """Every tile shape of both paths: dot products (4 to 1 rows by 3 or 1 weight rows) and packed
+    panels (6 to 1 rows by 16 weight rows, K in panels of 256 and a shorter last one), split over
+    the threads."""
     torch.manual_seed(rows * 1000 + n + k)
     x, w = torch.randn(rows, k), torch.randn(n, k)
     b = torch.randn(n) if bias else None
