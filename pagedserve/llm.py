@@ -75,13 +75,15 @@ class LLM(PoolingAPI, LLMLifecycle):
         max_lora_rank: int = 16,
         max_loras: int = 1,
         max_cpu_loras: int | None = None,
+        async_scheduling: bool = False,
     ):
         """scheduling_policy: "fcfs", or "priority" (generate's priority list orders the requests:
         lower values first, and the largest are preempted first). speculative_config: vLLM's, e.g.
         {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4}. runner: "generate",
         "pooling" (embed() and score(); a decoder pools its last token), or "auto" (encoders pool).
         enable_lora: serve PEFT LoRA adapters (generate's and chat's lora_request), up to
-        max_lora_rank, at most max_loras different ones in a batch and max_cpu_loras kept loaded."""
+        max_lora_rank, at most max_loras different ones in a batch and max_cpu_loras kept loaded.
+        async_scheduling: plan each step before the previous one's tokens are read (vLLM's flag)."""
         model_config = ModelConfig.from_pretrained(
             model, dtype=dtype, max_model_len=max_model_len, revision=revision, quantization=quantization,
             runner=runner,
@@ -96,9 +98,8 @@ class LLM(PoolingAPI, LLMLifecycle):
                 num_gpu_blocks_override=num_gpu_blocks_override,
                 kv_cache_dtype=kv_cache_dtype,
             ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=scheduling_policy
-            ),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      policy=scheduling_policy, async_scheduling=async_scheduling),
             parallel=ParallelConfig(tensor_parallel_size, 0, pipeline_parallel_size),
             compilation=CompilationConfig(enforce_eager=enforce_eager),
             seed=seed,

@@ -306,11 +306,6 @@ class EngineConfig:
     lora: LoRAConfig | None = None  # None: LoRA adapters are refused
 
     def __post_init__(self) -> None:
-        if self.speculative is not None and self.scheduler.async_scheduling:
-            raise ValueError(
-                "--speculative-config does not combine with --async-scheduling yet (a step's proposals need "
-                "the previous step's tokens on the engine); drop one of them"
-            )
         if self.parallel.pipeline_parallel_size > self.model.num_layers:
             raise ValueError(f"pipeline_parallel_size {self.parallel.pipeline_parallel_size} exceeds the model's "
                              f"{self.model.num_layers} layers (each stage needs at least one)")

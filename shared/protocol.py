@@ -82,9 +82,10 @@ class StepPlan(msgspec.Struct, tag=True, **_STRUCT):
     num_scheduled_tokens: dict[ReqId, Positive]  # req_id -> tokens to compute this step
     finished_req_ids: list[ReqId]  # the worker drops their state
     # speculative decoding: tokens proposed for a decoding request, computed after its last token
-    # (counted in num_scheduled_tokens) and verified by sampling every position
+    # (counted in num_scheduled_tokens) and verified by sampling every position; with proposals on
+    # the workers (async scheduling) none, and a decoding request's count past 1 is slots for theirs
     spec_token_ids: dict[ReqId, TokenIds] = {}
-    num_draft_tokens: dict[ReqId, Positive] = {}  # draft_model: tokens to draft after this step (absent: none)
+    num_draft_tokens: dict[ReqId, Positive] = {}  # tokens the workers propose after this step (absent: none)
 
     def __post_init__(self) -> None:
         for req_id, ids in self.spec_token_ids.items():
@@ -130,17 +131,16 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     received_at: Seconds = 0.0
     idle_s: Seconds = 0.0
     compute_s: Seconds = 0.0
-    # pooling requests that finished their prompt this step: their pooled vectors
-    pooled: dict[ReqId, list[float]] = {}
-    # speculative decoding with a draft model: the tokens the workers' draft proposes to follow
-    # each sampling request's tokens, for the engine to schedule with its next step
+    pooled: dict[ReqId, list[float]] = {}  # pooling requests that finished their prompt this step
+    # speculative decoding with a draft model, proposals on the engine: the tokens the workers' draft
+    # proposes to follow each sampling request's tokens, for the engine to schedule with its next step
     draft_token_ids: dict[ReqId, TokenIds] = {}
+    num_proposed: dict[ReqId, Positive] = {}  # proposals made on the workers (async scheduling) it verified
 
     def __post_init__(self) -> None:
         for req_id, ids in self.draft_token_ids.items():
             check_token_ids(f"draft_token_ids[{req_id!r}]", ids)
-        n = len(self.req_ids)
-        if len(self.sampled_token_ids) != n or (self.logprobs and len(self.logprobs) != n):
+        if len(self.sampled_token_ids) != (n := len(self.req_ids)) or (self.logprobs and len(self.logprobs) != n):
             raise ValueError("a step result needs one sampled token (and logprobs entry) per request")
 
 

@@ -136,12 +136,6 @@ def test_speculative_config_is_checked_like_vllms():
             SpeculativeConfig.parse(bad)
 
 
-def test_async_scheduling_with_speculation_is_refused(runner):
-    with pytest.raises(ValueError, match="does not combine with --async-scheduling"):
-        dataclasses.replace(runner.config, scheduler=SchedulerConfig(async_scheduling=True), speculative=SPEC)
-
-
-
 @pytest.mark.parametrize(("params", "proposed", "got", "kept", "finish"), [
     (SamplingParams(temperature=0, max_tokens=50, stop_token_ids=[7]), [6, 7, 8, 5], [6, 7, 8, 5, 6], [6, 7], "stop"),
     (SamplingParams(temperature=0, max_tokens=50, min_tokens=5, stop_token_ids=[7]), [6, 7, 8, 5], [6, 7, 9], [6, 7, 9],

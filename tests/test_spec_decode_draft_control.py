@@ -148,8 +148,7 @@ def test_a_new_request_drafts_once_until_its_first_proposals_are_verified():
     decoder = SpecDecoder(draft_spec("draft", cost=0.25), draft_cost=0.25)
     request = Request("r", [7, 8] * 10, SamplingParams(max_tokens=50), (0,), 512)
     assert decoder.num_to_draft(request, num_running=1) == 1  # 1/2 >= 1/16 + 1/4 > 1/4
-    request.spec_token_ids = [5]  # verified in the step being planned
-    assert decoder.num_to_draft(request, num_running=1) == 0
+    assert decoder.num_to_draft(request, num_running=1, num_slots=1) == 0  # one verified in the step planned
     decoder.record(request, 1, 1)
     assert decoder.num_to_draft(request, num_running=1) == 2  # 2/3 accepted now: 4/9 > 5/16 too
     request.max_tokens = request.num_output_tokens + 2  # room for this step's token and the next one

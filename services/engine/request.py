@@ -86,6 +86,7 @@ class Request:
         self.stop_reason: int | None = None
         self.spec_token_ids: list[int] = []  # proposed tokens the step in flight verifies
         self.draft_token_ids: list[int] = []  # the workers' draft model's proposals after its last token
+        self.num_drafting = 0  # tokens the workers propose after its latest sampling step (StepPlan.num_draft_tokens)
         self.spec_acceptance = (0.0, 0.0)  # proposals tested and accepted, earlier ones decayed
         # prompt_logprobs: gathered chunk by chunk, delivered with the first token (then None)
         # (a resumption delivered them with its first token already)

@@ -12,12 +12,12 @@ Steps may be planned before the previous step's tokens are known (async scheduli
 that samples in a step in flight counts that token as a placeholder, so the next step schedules
 its decode at once and the worker feeds its own sampled token in. When the result arrives the
 placeholder is filled in; a request that finished with it (EOS, a stop id) had one more step
-planned, whose token is discarded. With pipeline stages (micro_batches) a request is in one
-step in flight at most: the steps in flight hold disjoint sets of requests, so an earlier stage
-computes one while later stages compute the others, as vLLM's virtual engines do. A request whose placeholders already reach max_tokens is not
-scheduled again, so max_tokens costs no extra step. No request needs its token on the engine
-before its next step: the worker advances grammars, penalties, min_tokens and seeded noise from
-its own copy of the tokens, and EOS, stop ids and stop strings are reconciled one step late.
+planned, whose token is discarded. With pipeline stages (micro_batches) a request is in one step
+in flight at most: the steps in flight hold disjoint sets of requests, so every stage has work, as
+vLLM's virtual engines do. A request whose placeholders reach max_tokens is not scheduled again.
+No request needs its token on the engine before its next step: the worker advances grammars,
+penalties, min_tokens, seeded noise and speculative proposals (spec_decode.py) from its own copy
+of the tokens; EOS, stop ids, stop strings and accepted proposals are reconciled one step late.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Scheduler(StepUpdate):
         """max_loras: the most different LoRA adapters one step may run (the workers' adapter slots)."""
         self.config = config
         self.max_loras = max_loras
-        self.spec = SpecDecoder(speculative, draft_cost) if speculative is not None else None
+        self.spec = None if speculative is None else SpecDecoder(speculative, draft_cost, config.async_scheduling)
         # requests whose KV a verification rolled back: blocks the worker keeps, told with the next plan
         self._kept_blocks: dict[str, int] = {}
         # pipeline stages: the requests are split among this many steps in flight, disjoint
@@ -63,8 +63,8 @@ class Scheduler(StepUpdate):
         # tokens sampled in steps in flight, not known yet, by request id
         self.placeholders: dict[str, int] = {}
         # per step in flight: the requests it computes, as (request, its preemption count when
-        # planned), so a result is applied only to the same request in the same run
-        self._in_flight: dict[int, dict[str, tuple[Request, int]]] = {}
+        # planned, proposals it verifies), so a result is applied only to the same request in the same run
+        self._in_flight: dict[int, dict[str, tuple[Request, int, int]]] = {}
         self._known_to_worker: set[str] = set()
         self._finished_ids: list[str] = []
         self._step_id = first_step_id  # the service starts it at random: a stale result never matches
@@ -156,6 +156,7 @@ class Scheduler(StepUpdate):
         budget = self.config.max_num_batched_tokens
         self.queue_times = []
         scheduled: dict[str, int] = {}
+        verifies: dict[str, int] = {}  # per decoding request: the proposals it verifies after its last token
         new_blocks: dict[str, list[int]] = {}
         preempted = False
 
@@ -170,8 +171,8 @@ class Scheduler(StepUpdate):
                 continue  # preempted earlier in this loop
             num_new = min(todo[request.req_id], budget)
             if self.spec is not None and todo[request.req_id] == 1:
-                request.spec_token_ids = self.spec.propose(request, budget - 1, len(self.running))
-                num_new += len(request.spec_token_ids)
+                verifies[request.req_id] = self.spec.verify(request, budget - 1, len(self.running), self.placeholders)
+                num_new += verifies[request.req_id]
             while (blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = max(self.running, key=_priority_key) if self.priority else self.running[-1]
                 budget += scheduled.pop(victim.req_id, 0)
@@ -215,7 +216,7 @@ class Scheduler(StepUpdate):
             new_blocks[request.req_id] = blocks
             budget -= num_new
 
-        return self._make_plan(scheduled, new_blocks)
+        return self._make_plan(scheduled, new_blocks, verifies)
 
     def _micro_batch(self) -> tuple[set[str], int]:
         """The requests in steps in flight, and the most requests this step may take: with micro
@@ -240,7 +241,7 @@ class Scheduler(StepUpdate):
         # a token in flight is discarded when it arrives: the recompute samples it again
         self.placeholders.pop(request.req_id, None)
         self._kept_blocks.pop(request.req_id, None)
-        request.spec_token_ids = []
+        request.spec_token_ids, request.num_drafting = [], 0  # the worker's proposals go with its state
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         if request.prompt_logprobs:  # not delivered yet: the recompute scores the prompt again
@@ -249,13 +250,13 @@ class Scheduler(StepUpdate):
         self.num_preemptions += 1
         self._enqueue(request, front=True)
 
-    def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> StepPlan:
+    def _make_plan(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]], verifies: dict[str, int]) -> StepPlan:
         new_reqs, cached, spec, drafts = [], [], {}, {}
         self._step_id += 1
         in_flight = self._in_flight[self._step_id] = {}
         for req_id, num_new in scheduled.items():
-            request = self.requests[req_id]
-            in_flight[req_id] = (request, request.num_preemptions)
+            request, num_slots = self.requests[req_id], verifies.get(req_id, 0)
+            in_flight[req_id] = (request, request.num_preemptions, num_slots)
             kept = self._kept_blocks.pop(req_id, None)
             if req_id in self._known_to_worker:
                 cached.append(CachedRequestData(req_id, new_blocks[req_id], request.num_computed_tokens, kept))
@@ -278,20 +279,19 @@ class Scheduler(StepUpdate):
             if request.spec_token_ids:
                 spec[req_id] = np.asarray(request.spec_token_ids, dtype=np.int32)
             pending = self.placeholders.get(req_id, 0)
-            # it samples a token (after the proposals it verifies, if any)
-            if request.num_computed_tokens - len(request.spec_token_ids) == request.num_tokens + pending:
-                self.placeholders[req_id] = pending + 1
-                if self.spec is not None and (n := self.spec.num_to_draft(request, len(self.running))):
-                    drafts[req_id] = n
+            # it samples a token (after any proposals it verifies, counted as accepted until its result)
+            if request.num_computed_tokens - num_slots == request.num_tokens + pending:
+                self.placeholders[req_id] = pending + 1 + num_slots
+                if self.spec is not None and self.spec.num_to_draft(request, len(self.running), pending, num_slots):
+                    drafts[req_id] = request.num_drafting
         plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids, spec, drafts)
         self._finished_ids = []
         return plan
 
     def restart_workers(self, num_blocks: int) -> None:
         """The workers' KV cache and request state are gone (a worker was lost or re-joined):
-        preempt every running request for recompute, keeping arrival order and the tokens
-        generated so far, and start over with an empty pool of num_blocks (no prefix-cache
-        entry would point at valid KV any more)."""
+        preempt every running request for recompute, keeping arrival order and its tokens so far,
+        and start over with an empty pool of num_blocks (no prefix cache entry points at valid KV)."""
         for request in reversed(self.running):
             self._preempt(request)
         old = self.kv

@@ -11,6 +11,10 @@ With method draft_model the proposals come from the workers' draft model instead
 the previous step's result (Request.draft_token_ids); each plan tells the workers how many to
 draft per request (`num_to_draft`: the adaptive k with the draft's cost added, so a request
 whose drafts do not pay drafts nothing and costs no draft forward), and the adaptive k trims them.
+With async scheduling (`on_workers`) a request's next step is planned before this step's tokens
+reach the engine, so every method proposes on the workers (services/worker/proposals.py): the
+plan says how many to propose (`num_to_draft`), the request's next step reserves that many slots
+(`num_slots`), and the worker verifies what it proposed in them.
 """
 
 from __future__ import annotations
@@ -88,13 +92,16 @@ class SpecDecoder:
     failing stops proposing, and a large batch turns speculation down, then off.
     """
 
-    def __init__(self, config: SpeculativeConfig, draft_cost: float = 0.0):
+    def __init__(self, config: SpeculativeConfig, draft_cost: float = 0.0, on_workers: bool = False):
         """draft_cost: what drafting one token costs a request, as a fraction of a decode step
-        (method draft_model; shared/draft_model.py draft_cost)."""
+        (method draft_model; shared/draft_model.py draft_cost). on_workers: every method proposes
+        on the workers (async scheduling)."""
         self.config = config
         self.draft_cost = draft_cost
-        self.proposer = (SuffixProposer(config) if config.method == "suffix" else DraftModelProposer()
-                         if config.method == "draft_model" else NgramProposer(*config.lookup_range))
+        self.on_workers = on_workers
+        self.proposer = (None if on_workers else SuffixProposer(config) if config.method == "suffix"
+                         else DraftModelProposer() if config.method == "draft_model"
+                         else NgramProposer(*config.lookup_range))
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
@@ -111,23 +118,42 @@ class SpecDecoder:
         k = min(self.config.num_speculative_tokens, room, request.max_tokens - request.num_output_tokens - 1)
         return self.proposer.propose_for(request, self._worth(request, k, num_running))
 
-    def num_to_draft(self, request: Request, num_running: int) -> int:
-        """Method draft_model: how many tokens the workers' draft should propose after this step
-        for a request that samples in it. Drafting is paid now whether or not the proposals are
-        verified, so its cost joins the verification's; the proposals then drafted are trimmed
-        again by `propose` with the acceptance measured meanwhile."""
+    def verify(self, request: Request, room: int, num_running: int, placeholders: dict[str, int]) -> int:
+        """How many proposed tokens a decoding request verifies in the step being planned, after
+        its last token: the engine's proposals (`propose`, set in Request.spec_token_ids), or
+        with proposals on the workers, as many of those made after its latest step
+        (Request.num_drafting) as `room` allows and max_tokens leaves room for, its tokens in
+        steps in flight (placeholders) counted as if every proposal were accepted."""
+        if not self.on_workers:
+            request.spec_token_ids = self.propose(request, room, num_running)
+            return len(request.spec_token_ids)
+        left = request.max_tokens - request.num_output_tokens - placeholders.get(request.req_id, 0) - 1
+        return max(0, min(request.num_drafting, room, left))
+
+    def num_to_draft(self, request: Request, num_running: int, pending: int = 0, num_slots: int = 0) -> int:
+        """How many tokens the workers should propose after this step for a request that samples
+        in it (method draft_model, or any method on the workers). pending: its tokens in steps in
+        flight before this one; num_slots: the proposals this step verifies. Drafting is paid now
+        whether or not the proposals are verified, so its cost joins the verification's; the
+        engine's proposals then drafted are trimmed again by `propose` with the acceptance
+        measured meanwhile. Sets Request.num_drafting to it."""
+        request.num_drafting = self._num_to_draft(request, num_running, pending, num_slots)
+        return request.num_drafting
+
+    def _num_to_draft(self, request: Request, num_running: int, pending: int, num_slots: int) -> int:
         limit = self.config.disable_by_batch_size
-        if self.config.method != "draft_model" or (limit is not None and num_running >= limit):
+        if not (self.on_workers or self.config.method == "draft_model") or (limit is not None and num_running >= limit):
             return 0
-        if request.spec_token_ids and request.spec_acceptance == (0.0, 0.0):
+        if num_slots and request.spec_acceptance == (0.0, 0.0):
             return 0  # its first proposals are verified in this step: wait for how they fare
         # after this step's token, the next step's sampled token must still fit after the drafts
-        k = min(self.config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - 2)
+        k = min(self.config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - pending - 2)
         return self._worth(request, k, num_running, self.draft_cost)
 
     def release(self, request: Request) -> None:
         """The request left the scheduler (finished, failed or aborted)."""
-        self.proposer.release(request)
+        if self.proposer is not None:
+            self.proposer.release(request)
 
     @staticmethod
     def _worth(request: Request, k: int, num_running: int, extra_cost: float = 0.0) -> int:

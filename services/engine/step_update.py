@@ -19,7 +19,7 @@ class StepUpdate:
         planned = self._in_flight.pop(plan.step_id, {})
 
         def current(req_id: str, same_run: bool = True) -> Request | None:
-            request, preemptions = planned.get(req_id, (None, 0))
+            request, preemptions, _ = planned.get(req_id, (None, 0, 0))
             if request is None or self.requests.get(req_id) is not request:
                 return None
             return request if not same_run or request.num_preemptions == preemptions else None
@@ -39,23 +39,27 @@ class StepUpdate:
             request = current(req_id)
             if request is None or not self.placeholders.get(req_id):
                 continue  # finished, aborted or preempted since the step was planned
-            self._fill_placeholder(req_id)
-            num_proposed = len(request.spec_token_ids)
+            num_slots = planned[req_id][2]
+            self._fill_placeholder(req_id, 1 + num_slots)
+            # the engine's proposals, or as many as the worker says it made
+            num_proposed = len(request.spec_token_ids) or result.num_proposed.get(req_id, 0)
             deltas.append(self._append(request, sampled, req_id in stopped))
             drafted = result.draft_token_ids.get(req_id)
             request.draft_token_ids = [] if drafted is None else drafted.tolist()
-            if num_proposed:
-                self._settle_proposals(request, num_proposed, len(sampled) - 1)
+            if num_slots:
+                self._settle_proposals(request, num_slots, num_proposed, min(len(sampled) - 1, num_proposed))
         return deltas
 
-    def _settle_proposals(self, request: Request, num_proposed: int, num_accepted: int) -> None:
-        """After a verification: the KV of the rejected proposals is void, and blocks that held
-        only those return to the pool (the worker learns with the request's next plan)."""
+    def _settle_proposals(self, request: Request, num_slots: int, num_proposed: int, num_accepted: int) -> None:
+        """After a verification in num_slots slots: the KV of the slots past the accepted
+        proposals is void, and blocks that held only those return to the pool (the worker learns
+        with the request's next plan; a step in flight writes below the count kept)."""
         request.spec_token_ids = []
-        self.spec.record(request, num_proposed, num_accepted)
+        if num_proposed:
+            self.spec.record(request, num_proposed, num_accepted)
         if request.status != RequestStatus.RUNNING:
             return
-        request.num_computed_tokens = request.num_tokens - 1  # the last sampled token is computed next
+        request.num_computed_tokens -= num_slots - num_accepted  # the last sampled token is computed next
         kept = self.kv.trim(request, request.num_computed_tokens)
         if kept is not None:
             self._kept_blocks[request.req_id] = kept
@@ -74,8 +78,8 @@ class StepUpdate:
             deltas.append(RequestDelta(req_id, [], finish_reason="stop", pooled=vector))
         return deltas
 
-    def _fill_placeholder(self, req_id: str) -> None:
-        left = self.placeholders[req_id] - 1
+    def _fill_placeholder(self, req_id: str, num_tokens: int = 1) -> None:
+        left = self.placeholders[req_id] - num_tokens
         if left:
             self.placeholders[req_id] = left
         else:
@@ -109,7 +113,7 @@ class StepUpdate:
         """The step failed in the worker: abort the requests it computed (their blocks return
         to the pool, the worker drops them with the next plan). Returns their ids."""
         planned = self._in_flight.pop(step_id, {})
-        failed = [req_id for req_id, (request, _) in planned.items() if self.requests.get(req_id) is request]
+        failed = [req_id for req_id, (request, *_) in planned.items() if self.requests.get(req_id) is request]
         self.abort(failed)
         return failed
 

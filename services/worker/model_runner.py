@@ -30,6 +30,7 @@ from services.worker.lora.manager import LoRAManager, prepare_adapters
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
 from services.worker.pipeline import Outcome, StageLink
 from services.worker.pooler import Pooler
+from services.worker.proposals import WorkerProposer
 from services.worker.quant.kv_fp8 import check_kv_cache_dtype, kv_cache_torch_dtype
 from services.worker.quant.kv_scales import prepare_kv_scales
 from services.worker.request_checks import WorkerLimits
@@ -92,7 +93,8 @@ class ModelRunner:
         self.structured = StructuredOutputs(m.path, m.vocab_size, list(m.eos_token_ids))
         limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len,
                               pooling=self.pooler is not None)
-        self.table = RequestTable(limits, self.structured)
+        self.proposer = WorkerProposer(config, self.draft)  # speculative proposals made here
+        self.table = RequestTable(limits, self.structured, self.proposer if self.proposer.keeps else None)
         p = config.parallel
         self.stage = StageLink(p, self.device) if p.pipeline_parallel_size > 1 else None
         self.answers = p.rank == p.result_rank  # this rank's results go to the engine
@@ -170,7 +172,8 @@ class ModelRunner:
         pooled = self.pooler.pool(hidden, inputs.pooling_rows) if inputs.pooling_rows else {}
         failed = self.table.take_failed()
         kept = [i for i, s in enumerate(states) if s.req_id not in failed]
-        drafts = self.draft.propose(plan, self.table, {states[i].req_id for i in kept}) if self.draft else {}
+        drafts = self.proposer.propose(plan, self.table, {states[i].req_id for i in kept})
+        verified = self.proposer.verified([states[i] for i in kept])
         # one entry per token: a verification's accepted proposals, then its sampled token
         req_ids = [states[i].req_id for i in kept for _ in tokens[i]]
         tokens, logprobs = [t for i in kept for t in tokens[i]], [lp for i in kept for lp in logprobs[i]]
@@ -185,15 +188,9 @@ class ModelRunner:
             time.perf_counter() - forward_done,
         )
         return StepResult(
-            plan.step_id,
-            req_ids,
-            tokens,
-            logprobs,
-            {r: lp for r, lp in prompt_logprobs.items() if r not in failed},
-            failed,
-            [r for r in stopped if r not in failed],
-            pooled=pooled,
-            draft_token_ids=drafts,
+            plan.step_id, req_ids, tokens, logprobs, {r: lp for r, lp in prompt_logprobs.items() if r not in failed},
+            failed, [r for r in stopped if r not in failed], pooled=pooled, draft_token_ids=drafts,
+            num_proposed=verified,
         )
 
     def _pass_on(self, plan: StepPlan, inputs: StepInputs, lora: LoRAMapping | None = None) -> StepResult:

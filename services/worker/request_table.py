@@ -40,11 +40,22 @@ class RequestState:
     pooling: PoolingParams | None = None  # a pooling request: pooled once its prompt is computed
     lora_request: LoRARequest | None = None  # the adapter it runs with
     num_draft_computed: int = 0  # tokens whose KV the draft model holds (services/worker/draft_runner.py)
+    # proposals made here after its latest step, for its next step to verify (services/worker/proposals.py)
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_scheduled: int = 0  # tokens it computes this step (its plan count less proposal slots left unused)
 
     @property
     def token_ids(self) -> list[int]:
         """The prompt then the outputs (the sampling state's list, not a copy)."""
         return self.sampling.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.sampling.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.sampling.token_ids[self.sampling.prompt_len :]
 
     @property
     def prompt_len(self) -> int:
@@ -54,10 +65,14 @@ class RequestState:
 class RequestTable:
     """The worker's view of every request in flight, updated from step-plan deltas."""
 
-    def __init__(self, limits: WorkerLimits, structured: StructuredOutputs | None = None):
+    def __init__(self, limits: WorkerLimits, structured: StructuredOutputs | None = None, proposer=None):
+        """proposer: with proposals made on the worker (async scheduling), its WorkerProposer: a
+        decoding request's scheduled tokens past its last one are slots for its proposals, and
+        the proposer hears of each request that leaves."""
         self.limits = limits  # every plan entry is checked against the worker's ranges
         self.block_size = limits.block_size
         self.structured = structured
+        self.proposer = proposer
         self.states: dict[str, RequestState] = {}
         self.failed: dict[str, str] = {}  # requests refused since the last take_failed()
 
@@ -76,9 +91,11 @@ class RequestTable:
 
     def drop(self, req_id: str) -> None:
         """Forget a request's state (no failure to report)."""
-        self.states.pop(req_id, None)
+        state = self.states.pop(req_id, None)
         if self.structured is not None:
             self.structured.drop(req_id)
+        if self.proposer is not None:
+            self.proposer.release(req_id, state)
 
     def clear(self) -> None:
         """Forget every request (and the failures not yet reported)."""
@@ -107,7 +124,9 @@ class RequestTable:
                 raise ValueError(f"cannot keep {kept} of the request's {len(state.block_ids)} blocks")
             del state.block_ids[kept:]  # speculative decoding rolled back
         state.block_ids.extend(cached.new_block_ids)
-        state.num_computed_tokens = cached.num_computed_tokens
+        # with proposals here the engine counts those of steps it has no result of as accepted
+        own = state.num_computed_tokens if self.proposer is not None else cached.num_computed_tokens
+        state.num_computed_tokens = min(own, cached.num_computed_tokens)
 
     def _add(self, new: NewRequestData) -> None:
         self.drop(new.req_id)  # resumed after preemption: rebuilt from the plan
@@ -129,29 +148,33 @@ class RequestTable:
         torch attention backend groups requests of similar length to limit padding). A request
         it cannot run is failed."""
         order = sorted(
-            ((self.states[r], n) for r, n in plan.num_scheduled_tokens.items() if self._schedulable(plan, r, n)),
+            ((s, s.num_scheduled) for r, n in plan.num_scheduled_tokens.items() if (s := self._schedulable(plan, r, n))),
             key=lambda sn: (sn[1] != 1, -sn[1], -sn[0].num_computed_tokens),
         )
         return order
 
-    def _schedulable(self, plan: StepPlan, req_id: str, n: int) -> bool:
-        """False for a request refused earlier, or failed now for a count (or proposed tokens) its
-        state cannot take."""
+    def _schedulable(self, plan: StepPlan, req_id: str, n: int) -> RequestState | None:
+        """The request's state, its num_scheduled and proposals set; None for a request refused
+        earlier, or failed now for a count (or proposed tokens) its state cannot take."""
         state = self.states.get(req_id)
         if state is None:
             if req_id not in self.failed:
                 self.fail(req_id, NO_STATE)
-            return False
+            return None
         proposed = plan.spec_token_ids.get(req_id)
         state.spec_token_ids = [] if proposed is None else proposed.tolist()
+        if self.proposer is not None and proposed is None and state.num_computed_tokens == state.num_tokens - 1:
+            state.spec_token_ids = state.draft_token_ids[: n - 1]  # its own, in the slots the engine reserved
+            n = min(n, 1 + len(state.spec_token_ids))
+        state.draft_token_ids, state.num_scheduled = [], n
         num_tokens = len(state.token_ids) + len(state.spec_token_ids)
         try:
             check_proposals(proposed, len(state.token_ids), state.num_computed_tokens, self.limits)
             check_schedule(num_tokens, state.num_computed_tokens, len(state.block_ids), n, self.limits)
         except ValueError as exc:
             self.fail(req_id, str(exc))
-            return False
-        return True
+            return None
+        return state
 
     def take_failed(self) -> dict[str, str]:
         failed, self.failed = self.failed, {}
@@ -168,4 +191,4 @@ class RequestTable:
                 state.num_computed_tokens = len(state.token_ids) - 1
                 state.spec_token_ids = []
             else:
-                state.num_computed_tokens += n
+                state.num_computed_tokens += min(n, state.num_scheduled)

@@ -1,0 +1,81 @@
+"""Speculative proposals made on the worker after a step, for the request's next step to verify.
+
+With async scheduling the engine plans a request's next step before this step's tokens reach it,
+so it cannot propose from them. The worker, which has them, proposes instead, for every method:
+the draft model (draft_runner.py), prompt lookup and suffix decoding (the engine's own proposers,
+run over the worker's copy of the tokens). Each plan says how many tokens to propose per request
+(StepPlan.num_draft_tokens, the engine's adaptive rule); the proposals stay with the request
+(RequestState.draft_token_ids), the engine reserves that many slots in its next step, and the
+worker verifies in them what it proposed (request_table.py). The result says how many it verified
+(StepResult.num_proposed), the engine learns how many were accepted one step late.
+
+Without async scheduling only the draft model proposes here, and its proposals go back to the
+engine (StepResult.draft_token_ids), which schedules them. Suffix decoding's tree over recent
+outputs lives here in the first case: its outputs are those of the requests this worker dropped
+(finished, failed, or resent after preemption). Every rank proposes the same: the same plans over
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.engine.spec_decode import NgramProposer
+from services.engine.suffix_decode import SuffixProposer
+from services.worker.draft_runner import DraftRunner
+from services.worker.request_table import RequestState, RequestTable
+from shared.config import EngineConfig
+from shared.protocol import StepPlan
+
+
+class WorkerProposer:
+    """Runs the proposer of the configured method after each step (see the module)."""
+
+    def __init__(self, config: EngineConfig, draft: DraftRunner | None):
+        """draft: the draft model's runner (method draft_model). Without speculative decoding
+        this proposes nothing."""
+        spec = config.speculative
+        # proposals stay here, in the requests' state
+        self.keeps = spec is not None and config.scheduler.async_scheduling
+        self.draft = draft
+        self.lookup = None if draft is not None or not self.keeps else (
+            SuffixProposer(spec) if spec.method == "suffix" else NgramProposer(*spec.lookup_range))
+        self.k = spec.num_speculative_tokens if spec is not None else 0
+        self.max_model_len = config.model.max_model_len
+
+    def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
+        """Propose plan.num_draft_tokens tokens for each of `samplers` (the requests that sampled
+        this step, their tokens appended; call before the table advances). Returns the proposals
+        for the engine ({} when they stay here)."""
+        if self.draft is not None:
+            proposals = self.draft.propose(plan, table, samplers)
+        elif self.lookup is None or not plan.num_draft_tokens:
+            return {}
+        else:
+            proposals = {}
+            for req_id, n in plan.num_draft_tokens.items():
+                state = table.states.get(req_id)
+                if state is None or req_id not in samplers:
+                    continue
+                # a proposal's position stays below max_model_len
+                tokens = self.lookup.propose_for(state, min(n, self.k, self.max_model_len - state.num_tokens))
+                if tokens:
+                    proposals[req_id] = np.asarray(tokens, dtype=np.int32)
+        if not self.keeps:
+            return proposals
+        for req_id, tokens in proposals.items():
+            table.states[req_id].draft_token_ids = tokens.tolist()
+        return {}
+
+    def verified(self, states: list[RequestState]) -> dict[str, int]:
+        """How many of the proposals made here each request verifies this step, when they stay
+        here (call before the table advances)."""
+        return {s.req_id: len(s.spec_token_ids) for s in states if s.spec_token_ids} if self.keeps else {}
+
+    def release(self, req_id: str, state: RequestState | None) -> None:
+        """A request's state left the table: suffix decoding drops its tree, its output joins
+        the tree of recent outputs."""
+        if isinstance(self.lookup, SuffixProposer):
+            if state is not None:
+                self.lookup.release(state)
+            self.lookup.trees.pop(req_id, None)
