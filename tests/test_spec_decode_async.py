@@ -45,20 +45,25 @@ def make_runner(model: str, spec: SpeculativeConfig | None, async_scheduling: bo
 
 
 @pytest.fixture(scope="module")
-def plain(model):
+def plain_runner(model):
+    return make_runner(model, None, False)
+
+
+@pytest.fixture(scope="module")
+def plain(plain_runner):
     """Synchronous non-speculative outputs per setup."""
-    runner = make_runner(model, None, False)
-    return {name: generate(runner, None, *setup)[0] for name, setup in SETUPS.items()}
+    return {name: generate(plain_runner, None, *setup)[0] for name, setup in SETUPS.items()}
 
 
-def generate_async(runner, num_blocks: int, budget: int, abort: tuple[str, ...] = ()) -> tuple[dict, EngineCore]:
+def generate_async(runner, num_blocks: int, budget: int, abort: tuple[str, ...] = (),
+                   config: EngineConfig | None = None) -> tuple[dict, EngineCore]:
     """test_spec_decode.generate's requests with async scheduling: after every step no request
     holds blocks past its known tokens and those its steps in flight may still write (rejected
     proposals' blocks went back); at the end every block is back. abort: requests aborted once
-    they have output, with steps in flight."""
+    they have output, with steps in flight. config: the engine's (default: the runner's)."""
     runner.reset()
     scheduler = SchedulerConfig(max_num_batched_tokens=budget, async_scheduling=True)
-    engine = EngineCore(dataclasses.replace(runner.config, scheduler=scheduler), runner, num_blocks)
+    engine = EngineCore(dataclasses.replace(config or runner.config, scheduler=scheduler), runner, num_blocks)
     for i, (name, params) in enumerate(PARAMS.items()):
         for j in range(2):  # the same prompt twice: the second hits the prefix cache
             engine.add_request(engine.make_request(f"{name}-{j}", [(k * 31 + 17 * i) % 400 + 3 for k in range(9 + 7 * i)],
@@ -110,6 +115,14 @@ def test_async_speculation_gives_the_plain_outputs(runners, plain, method, setup
         runner = engine.pipeline.executor
         assert runner.proposer.lookup.trees.keys() <= runner.table.states.keys()
         assert len(runner.proposer.lookup.cached) >= len(PARAMS) * 2 - len(runner.table.states)
+
+
+def test_a_worker_started_without_speculation_still_gives_the_plain_outputs(plain_runner, plain):
+    """The engine reserves slots for proposals this worker never makes: it computes the one token."""
+    engine_config = dataclasses.replace(plain_runner.config, speculative=NGRAM)
+    out, engine = generate_async(plain_runner, *SETUPS["roomy"], config=engine_config)
+    assert_same_outputs(out, plain["roomy"])
+    assert engine.scheduler.spec.num_draft_tokens == 0
 
 
 def test_aborts_with_steps_in_flight_free_every_block(runners, plain):

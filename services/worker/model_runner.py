@@ -94,7 +94,7 @@ class ModelRunner:
         limits = WorkerLimits(m.vocab_size, self.num_blocks, config.cache.block_size, m.max_model_len,
                               pooling=self.pooler is not None)
         self.proposer = WorkerProposer(config, self.draft)  # speculative proposals made here
-        self.table = RequestTable(limits, self.structured, self.proposer if self.proposer.keeps else None)
+        self.table = RequestTable(limits, self.structured, self.proposer)
         p = config.parallel
         self.stage = StageLink(p, self.device) if p.pipeline_parallel_size > 1 else None
         self.answers = p.rank == p.result_rank  # this rank's results go to the engine

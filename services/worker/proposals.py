@@ -7,13 +7,15 @@ run over the worker's copy of the tokens). Each plan says how many tokens to pro
 (StepPlan.num_draft_tokens, the engine's adaptive rule); the proposals stay with the request
 (RequestState.draft_token_ids), the engine reserves that many slots in its next step, and the
 worker verifies in them what it proposed (request_table.py). The result says how many it verified
-(StepResult.num_proposed), the engine learns how many were accepted one step late.
+(StepResult.num_proposed); the engine learns how many were accepted one step late.
 
-Without async scheduling only the draft model proposes here, and its proposals go back to the
-engine (StepResult.draft_token_ids), which schedules them. Suffix decoding's tree over recent
-outputs lives here in the first case: its outputs are those of the requests this worker dropped
-(finished, failed, or resent after preemption). Every rank proposes the same: the same plans over
-the same tokens.
+Without async scheduling the engine proposes by prompt lookup and suffix decoding itself, and the
+draft model's proposals go back to it (StepResult.draft_token_ids) to be scheduled. A worker
+started without --async-scheduling beside an engine with it still gives the right tokens (it
+verifies in the slots the draft's proposals, and none of prompt lookup's or suffix decoding's).
+Suffix decoding's tree of recent outputs lives here with async scheduling: the outputs of the
+requests this worker dropped (finished, failed, or resent after preemption). Every rank proposes
+the same: the same plans over the same tokens.
 """
 
 from __future__ import annotations
@@ -34,19 +36,19 @@ class WorkerProposer:
     def __init__(self, config: EngineConfig, draft: DraftRunner | None):
         """draft: the draft model's runner (method draft_model). Without speculative decoding
         this proposes nothing."""
-        spec = config.speculative
-        # proposals stay here, in the requests' state
-        self.keeps = spec is not None and config.scheduler.async_scheduling
+        spec, on_engine = config.speculative, not config.scheduler.async_scheduling
         self.draft = draft
-        self.lookup = None if draft is not None or not self.keeps else (
+        # prompt lookup and suffix decoding propose here only with async scheduling
+        self.lookup = None if draft is not None or spec is None or on_engine else (
             SuffixProposer(spec) if spec.method == "suffix" else NgramProposer(*spec.lookup_range))
+        self.returns = draft is not None and on_engine  # the draft's proposals go back to the engine
         self.k = spec.num_speculative_tokens if spec is not None else 0
         self.max_model_len = config.model.max_model_len
 
     def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
         """Propose plan.num_draft_tokens tokens for each of `samplers` (the requests that sampled
-        this step, their tokens appended; call before the table advances). Returns the proposals
-        for the engine ({} when they stay here)."""
+        this step, their tokens appended; call before the table advances) and keep them with
+        the requests. Returns the proposals for the engine ({} unless they go back to it)."""
         if self.draft is not None:
             proposals = self.draft.propose(plan, table, samplers)
         elif self.lookup is None or not plan.num_draft_tokens:
@@ -61,16 +63,14 @@ class WorkerProposer:
                 tokens = self.lookup.propose_for(state, min(n, self.k, self.max_model_len - state.num_tokens))
                 if tokens:
                     proposals[req_id] = np.asarray(tokens, dtype=np.int32)
-        if not self.keeps:
-            return proposals
         for req_id, tokens in proposals.items():
             table.states[req_id].draft_token_ids = tokens.tolist()
-        return {}
+        return proposals if self.returns else {}
 
-    def verified(self, states: list[RequestState]) -> dict[str, int]:
-        """How many of the proposals made here each request verifies this step, when they stay
-        here (call before the table advances)."""
-        return {s.req_id: len(s.spec_token_ids) for s in states if s.spec_token_ids} if self.keeps else {}
+    @staticmethod
+    def verified(states: list[RequestState]) -> dict[str, int]:
+        """How many proposals each request verifies this step (call before the table advances)."""
+        return {s.req_id: len(s.spec_token_ids) for s in states if s.spec_token_ids}
 
     def release(self, req_id: str, state: RequestState | None) -> None:
         """A request's state left the table: suffix decoding drops its tree, its output joins

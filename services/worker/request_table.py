@@ -66,9 +66,10 @@ class RequestTable:
     """The worker's view of every request in flight, updated from step-plan deltas."""
 
     def __init__(self, limits: WorkerLimits, structured: StructuredOutputs | None = None, proposer=None):
-        """proposer: with proposals made on the worker (async scheduling), its WorkerProposer: a
-        decoding request's scheduled tokens past its last one are slots for its proposals, and
-        the proposer hears of each request that leaves."""
+        """proposer: the worker's speculative proposer (proposals.py), told of each request that
+        leaves. A decoding request scheduled for more than its last token without proposals in
+        the plan verifies in those slots what the worker proposed after its latest step (async
+        scheduling), if anything."""
         self.limits = limits  # every plan entry is checked against the worker's ranges
         self.block_size = limits.block_size
         self.structured = structured
@@ -124,9 +125,8 @@ class RequestTable:
                 raise ValueError(f"cannot keep {kept} of the request's {len(state.block_ids)} blocks")
             del state.block_ids[kept:]  # speculative decoding rolled back
         state.block_ids.extend(cached.new_block_ids)
-        # with proposals here the engine counts those of steps it has no result of as accepted
-        own = state.num_computed_tokens if self.proposer is not None else cached.num_computed_tokens
-        state.num_computed_tokens = min(own, cached.num_computed_tokens)
+        # the engine counts the proposals of steps it has no result of as accepted: the worker knows
+        state.num_computed_tokens = min(state.num_computed_tokens, cached.num_computed_tokens)
 
     def _add(self, new: NewRequestData) -> None:
         self.drop(new.req_id)  # resumed after preemption: rebuilt from the plan
@@ -163,7 +163,7 @@ class RequestTable:
             return None
         proposed = plan.spec_token_ids.get(req_id)
         state.spec_token_ids = [] if proposed is None else proposed.tolist()
-        if self.proposer is not None and proposed is None and state.num_computed_tokens == state.num_tokens - 1:
+        if proposed is None and state.num_computed_tokens == state.num_tokens - 1:
             state.spec_token_ids = state.draft_token_ids[: n - 1]  # its own, in the slots the engine reserved
             n = min(n, 1 + len(state.spec_token_ids))
         state.draft_token_ids, state.num_scheduled = [], n
