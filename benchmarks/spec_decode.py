@@ -2,7 +2,7 @@
 invocation.
 
     python benchmarks/spec_decode.py [--methods ngram suffix draft_model] [--concurrency 1 4 16 64] \\
-        [--output-len 32] [--repeats 2]
+        [--output-len 32] [--repeats 2] [--async-scheduling]
 
 Builds (or reuses) the random-weight smol135 checkpoint of benchmarks/throughput.py and drives the
 offline engine core (the scheduler and model runner `LLM` uses) with at most C requests running,
@@ -11,6 +11,10 @@ for each concurrency C, 2*C prompts per run (at least 4). Plain and speculative 
 the repeats.
 draft_model drafts with the checkpoint's first --draft-layers (2) layers: its own copy of them,
 with its own KV cache, run by a second model runner (plain decoding runs on the first).
+--async-scheduling: every run (plain and each method) is made with async scheduling off and on,
+interleaved; with it on the workers propose (a model runner of their own per method). Offline the
+step planned ahead runs after the current one (no overlap, as no worker process computes
+meanwhile): the figure is what the one-step-late proposals cost or gain, not the overlap's gain.
 
 Workloads:
   random      the control, where proposals should fail: prompts of random token ids, and output
@@ -23,9 +27,11 @@ Workloads:
   repetitive  greedy output from a random 16-token span repeated to the prompt's length: the
               output loops (the model repeats its context), so what the request holds predicts it,
               as when a prompt holds a text and asks for it back.
-Reported per workload, concurrency and method: output tokens/s of plain and speculative decoding,
-their ratio, the acceptance rate (accepted / proposed tokens), the mean acceptance length (1 +
-accepted per verification) and the number of verifications; a table, then one JSON line.
+Reported per workload, concurrency, method and async scheduling: output tokens/s of plain and
+speculative decoding, their ratio, the acceptance rate (accepted / proposed tokens), the mean
+acceptance length (1 + accepted per verification) and the number of verifications (with async
+scheduling on also the speculative tokens/s over the same method's with it off); a table, then one
+JSON line.
 """
 
 from __future__ import annotations
@@ -69,12 +75,11 @@ def sampling(workload: str, output_len: int, index: int) -> SamplingParams:
 
 
 def run(runner, spec: SpeculativeConfig | None, workload: str, batch: list[list[int]], concurrency: int,
-        output_len: int) -> dict:
+        output_len: int, async_scheduling: bool = False) -> dict:
     """One run to the end: output tokens/s, the speculation counts and the outputs."""
     runner.reset()
-    config = dataclasses.replace(
-        runner.config, scheduler=SchedulerConfig(max_num_seqs=concurrency), speculative=spec
-    )
+    scheduler = SchedulerConfig(max_num_seqs=concurrency, async_scheduling=async_scheduling)
+    config = dataclasses.replace(runner.config, scheduler=scheduler, speculative=spec)
     engine = EngineCore(config, runner, runner.num_blocks)
     for i, p in enumerate(batch):
         engine.add_request(engine.make_request(str(i), p, sampling(workload, output_len, i)))
@@ -108,28 +113,33 @@ def repeat_rate(batch: list[list[int]], outputs: list[list[int]]) -> float:
     return repeats / max(1, total)
 
 
-def measure(runner, specs: dict[str, SpeculativeConfig], workload: str, c: int, args, vocab: int,
-            runners: dict | None = None) -> list[dict]:
-    """Rows of one workload and concurrency: plain and every method, interleaved, repeated.
-    runners: a method's own model runner (draft_model's holds the draft), else `runner`."""
+def measure(runners, specs: dict[str, SpeculativeConfig], workload: str, c: int, args, vocab: int) -> list[dict]:
+    """Rows of one workload and concurrency: plain and every method, without and (with
+    --async-scheduling) with async scheduling, interleaved, repeated. runners(method, async): the
+    model runner for a method (None: plain decoding)."""
     batch = prompts(workload, max(4, 2 * c), args.input_len, vocab, seed=c)
-    run(runner, None, workload, batch[:1], 1, 4)  # warm-up
-    plain, by_method = [], {m: [] for m in specs}
+    run(runners(None, False), None, workload, batch[:1], 1, 4)  # warm-up
+    modes = (False, True) if args.async_scheduling else (False,)
+    plain = {a: [] for a in modes}
+    by_method = {(m, a): [] for a in modes for m in specs}
     for _ in range(args.repeats):
-        plain.append(run(runner, None, workload, batch, c, args.output_len))
-        for method, spec in specs.items():
-            by_method[method].append(run((runners or {}).get(method, runner), spec, workload, batch, c,
-                                         args.output_len))
-    best_plain = max(r["tokens_per_s"] for r in plain)
+        for a in modes:
+            plain[a].append(run(runners(None, a), None, workload, batch, c, args.output_len, a))
+            for method, spec in specs.items():
+                by_method[method, a].append(run(runners(method, a), spec, workload, batch, c, args.output_len, a))
     rows = []
-    for method, results in by_method.items():
+    for (method, a), results in by_method.items():
+        best_plain = max(r["tokens_per_s"] for r in plain[a])
         best = max(results, key=lambda r: r["tokens_per_s"])
-        rows.append({"workload": workload, "concurrency": c, "method": method,
-                     "plain_tokens_per_s": round(best_plain, 1), "spec_tokens_per_s": round(best["tokens_per_s"], 1),
-                     "ratio": round(best["tokens_per_s"] / best_plain, 3),
-                     "acceptance_rate": round(best["acceptance_rate"], 3),
-                     "mean_acceptance_length": round(best["mean_acceptance_length"], 2), "drafts": best["drafts"],
-                     "output_repeat_rate": round(repeat_rate(batch, plain[0]["outputs"]), 3)})
+        row = {"workload": workload, "concurrency": c, "method": method, "async_scheduling": a,
+               "plain_tokens_per_s": round(best_plain, 1), "spec_tokens_per_s": round(best["tokens_per_s"], 1),
+               "ratio": round(best["tokens_per_s"] / best_plain, 3),
+               "acceptance_rate": round(best["acceptance_rate"], 3),
+               "mean_acceptance_length": round(best["mean_acceptance_length"], 2), "drafts": best["drafts"],
+               "output_repeat_rate": round(repeat_rate(batch, plain[False][0]["outputs"]), 3)}
+        if a:
+            row["vs_sync"] = round(best["tokens_per_s"] / max(r["tokens_per_s"] for r in by_method[method, False]), 3)
+        rows.append(row)
     return rows
 
 
@@ -148,10 +158,11 @@ def spec_config(method: str, args, model_dir: Path) -> SpeculativeConfig:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("workload", "C", "method", "plain tok/s", "spec tok/s", "ratio", "accept", "mean len", "drafts", "repeats")
-    keys = ("workload", "concurrency", "method", "plain_tokens_per_s", "spec_tokens_per_s", "ratio",
-            "acceptance_rate", "mean_acceptance_length", "drafts", "output_repeat_rate")
-    lines = [[str(r[k]) for k in keys] for r in rows]
+    head = ("workload", "C", "method", "async", "plain tok/s", "spec tok/s", "ratio", "accept", "mean len", "drafts",
+            "repeats", "vs sync")
+    keys = ("workload", "concurrency", "method", "async_scheduling", "plain_tokens_per_s", "spec_tokens_per_s", "ratio",
+            "acceptance_rate", "mean_acceptance_length", "drafts", "output_repeat_rate", "vs_sync")
+    lines = [[str(r.get(k, "")) for k in keys] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     return "\n".join(fmt.format(*line) for line in [list(head), *lines])
@@ -173,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="a checkpoint directory (default: the smol135 demo checkpoint)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="also run plain and every method with async scheduling, interleaved with the runs without")
     args = p.parse_args(argv)
     import torch
 
@@ -182,19 +195,31 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     max_len = args.input_len + args.output_len + 8
     model = ModelConfig.from_pretrained(str(model_dir), max_model_len=max_len)
-    runner = ModelRunner(EngineConfig(model, CacheConfig(kv_cache_memory=1 << 30)), device)
+    plain = ModelRunner(EngineConfig(model, CacheConfig(kv_cache_memory=1 << 30)), device)
     specs = {m: spec_config(m, args, model_dir) for m in args.methods}
-    runners = {"draft_model": ModelRunner(dataclasses.replace(runner.config, speculative=specs["draft_model"]), device)
-               } if "draft_model" in specs else {}
+    made: dict = {}
+
+    def runners(method: str | None, async_scheduling: bool) -> ModelRunner:
+        """Plain decoding and the engine's proposals run on the plain runner; a draft model, or
+        proposals on the workers (async scheduling), on a runner of their own."""
+        if method is None or (method != "draft_model" and not async_scheduling):
+            return plain
+        if (method, async_scheduling) not in made:
+            scheduler = SchedulerConfig(async_scheduling=async_scheduling)
+            config = dataclasses.replace(plain.config, scheduler=scheduler, speculative=specs[method])
+            made[method, async_scheduling] = ModelRunner(config, device)
+        return made[method, async_scheduling]
+
     rows = []
     for workload in args.workloads:
         for c in args.concurrency:
-            for row in measure(runner, specs, workload, c, args, model.vocab_size, runners):
+            for row in measure(runners, specs, workload, c, args, model.vocab_size):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(table(rows))
     print(json.dumps({"device": device, "model": args.model or "smol135 (random weights)", "input_len": args.input_len,
-                      "output_len": args.output_len, "repeats": args.repeats, "methods": args.methods, "rows": rows}))
+                      "output_len": args.output_len, "repeats": args.repeats, "methods": args.methods,
+                      "async_scheduling": args.async_scheduling, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -92,24 +92,28 @@ def test_a_dtype_agrees_with_itself(tiny_llama: Path) -> None:
 
 
 def test_spec_decode_script_reports_every_workload_and_concurrency(model_dirs, capsys) -> None:
-    """benchmarks/spec_decode.py on a tiny looping checkpoint: one row per workload and concurrency,
-    with the speculation counts (speed itself is not asserted)."""
+    """benchmarks/spec_decode.py on a tiny looping checkpoint: one row per workload, concurrency,
+    method and async scheduling off and on, with the speculation counts (speed itself is not
+    asserted)."""
     spec = importlib.import_module("benchmarks.spec_decode")
     model = str(model_dirs("llama", attention_scale=0.005))
     spec.main(["--model", model, "--concurrency", "1", "2", "--input-len", "32", "--output-len", "24", "--repeats", "1",
-               "--device", "cpu"])
+               "--device", "cpu", "--async-scheduling"])
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
-    rows = {(r["workload"], r["concurrency"], r["method"]): r for r in report["rows"]}
-    assert set(rows) == {(w, c, m) for w in ("random", "repetitive") for c in (1, 2) for m in ("ngram", "suffix")}
-    for row in rows.values():
+    rows = {(r["workload"], r["concurrency"], r["method"], r["async_scheduling"]): r for r in report["rows"]}
+    assert set(rows) == {(w, c, m, a) for w in ("random", "repetitive") for c in (1, 2) for m in ("ngram", "suffix")
+                         for a in (False, True)}
+    for (*_, a), row in rows.items():
         assert row["plain_tokens_per_s"] > 0 and row["spec_tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1
+        assert ("vs_sync" in row) == a
     for m in ("ngram", "suffix"):
-        assert any(r["drafts"] > 0 and r["mean_acceptance_length"] > 1 for k, r in rows.items() if k[2] == m)
+        for a in (False, True):
+            assert any(r["drafts"] > 0 and r["mean_acceptance_length"] > 1 for k, r in rows.items() if k[2:] == (m, a))
     # the control's sampled output hardly repeats itself, far less than the repetitive workload's greedy output
     for c in (1, 2):
-        control, copying = rows["random", c, "ngram"]["output_repeat_rate"], rows["repetitive", c, "ngram"]["output_repeat_rate"]
-        assert control < 0.2 and control < copying
+        control = rows["random", c, "ngram", False]["output_repeat_rate"]
+        assert control < 0.2 and control < rows["repetitive", c, "ngram", False]["output_repeat_rate"]
     assert out[-1 - len(rows) - 1].split()[:3] == ["workload", "C", "method"]  # the table, one line per row
 
 
