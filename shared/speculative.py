@@ -125,3 +125,12 @@ class SpeculativeConfig:
             depth = value.get("suffix_decoding_max_tree_depth", 24)
             value = {**value, "num_speculative_tokens": min(32, depth) if isinstance(depth, int) else 24}
         return cls(**value)
+
+
+def proposals_on_workers(async_scheduling: bool, pipeline_parallel_size: int) -> bool:
+    """Whether the workers make every method's proposals and keep them for the request's next
+    step (services/worker/proposals.py): with async scheduling, whose next step is planned before
+    this step's tokens reach the engine. Not over pipeline stages: there a request is in one step
+    in flight at most, so the engine proposes as without async scheduling, and every stage gets
+    the proposals with the plan."""
+    return async_scheduling and pipeline_parallel_size == 1

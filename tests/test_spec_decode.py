@@ -70,8 +70,8 @@ def run_requests(engine: EngineCore, num_blocks: int, copies: int = 2) -> dict:
     block_size = engine.config.cache.block_size
 
     def rejected_blocks_returned(engine: EngineCore) -> None:
-        for request in engine.scheduler.running:  # proposals still held are in a step in flight (pipeline stages)
-            held = request.num_tokens + len(request.spec_token_ids)
+        for request in engine.scheduler.running:  # blocks beyond its tokens are for steps in flight
+            held = request.num_tokens + engine.scheduler.placeholders.get(request.req_id, 0)
             assert len(engine.scheduler.kv.block_ids(request.req_id)) <= -(-held // block_size)
 
     out = collect_outputs(engine, rejected_blocks_returned)

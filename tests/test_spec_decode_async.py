@@ -14,7 +14,7 @@ import dataclasses
 import msgspec
 import pytest
 from engine_outputs import assert_same_outputs, collect_outputs
-from test_spec_decode import PARAMS, generate
+from test_spec_decode import PARAMS, generate, run_requests
 
 from services.engine.core import EngineCore
 from services.engine.request import Request
@@ -219,3 +219,28 @@ def test_a_large_batch_turns_speculation_off():
         plans = [s.schedule() for _ in range(2)]
         assert bool(plans[0].num_draft_tokens) == proposing
         assert max(plans[1].num_scheduled_tokens.values()) == (5 if proposing else 1)
+
+
+
+def test_async_speculation_over_tensor_parallel_ranks_gives_one_ranks_outputs(model, plain):
+    """Each rank proposes alike from its own copy of the tokens."""
+    from pagedserve import LLM
+
+    setup = {"max_model_len": 160, "kv_cache_memory": 8 << 20, "block_size": 8, "max_num_batched_tokens": 48}
+    with LLM(model, tensor_parallel_size=2, async_scheduling=True, speculative_config=dataclasses.asdict(NGRAM), **setup) as llm:
+        got = run_requests(llm.engine, llm.runner.num_blocks, copies=1)
+        counts = llm.engine.scheduler.spec
+    assert_same_outputs(got, {r: o for r, o in plain["roomy"].items() if r.endswith("-0")})
+    assert counts.on_workers and 0 < counts.num_accepted_tokens < counts.num_draft_tokens
+
+
+def test_over_pipeline_stages_the_engine_proposes():
+    """A request is in one step in flight at most there, so its proposals can be made where its
+    tokens are known, and every stage gets them with the plan."""
+    s = Scheduler(SchedulerConfig(async_scheduling=True), CacheConfig(block_size=4), 16, speculative=NGRAM,
+                  micro_batches=2)
+    s.add_request(Request("r", [5, 6, 7, 8] * 3, SamplingParams(temperature=0, max_tokens=50), (0,), 64))
+    p1 = s.schedule()
+    assert not s.spec.on_workers and not p1.num_draft_tokens and not s.schedule().num_scheduled_tokens
+    s.update(p1, StepResult(p1.step_id, ["r"], [5]))
+    assert s.schedule().spec_token_ids["r"].tolist() == [6, 7, 8, 5]  # what followed the latest [..., 8, 5]

@@ -40,7 +40,7 @@ from shared.protocol import (
     RequestDelta,
     StepPlan,
 )
-from shared.speculative import SpeculativeConfig
+from shared.speculative import SpeculativeConfig, proposals_on_workers
 
 
 class Scheduler(StepUpdate):
@@ -51,9 +51,9 @@ class Scheduler(StepUpdate):
         """max_loras: the most different LoRA adapters one step may run (the workers' adapter slots)."""
         self.config = config
         self.max_loras = max_loras
-        self.spec = None if speculative is None else SpecDecoder(speculative, draft_cost, config.async_scheduling)
-        # requests whose KV a verification rolled back: blocks the worker keeps, told with the next plan
-        self._kept_blocks: dict[str, int] = {}
+        on_workers = proposals_on_workers(config.async_scheduling, micro_batches)
+        self.spec = None if speculative is None else SpecDecoder(speculative, draft_cost, on_workers)
+        self._kept_blocks: dict[str, int] = {}  # rolled back by a verification: blocks kept, told with the next plan
         # pipeline stages: the requests are split among this many steps in flight, disjoint
         self.micro_batches = micro_batches
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)

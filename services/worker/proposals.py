@@ -9,13 +9,14 @@ run over the worker's copy of the tokens). Each plan says how many tokens to pro
 worker verifies in them what it proposed (request_table.py). The result says how many it verified
 (StepResult.num_proposed); the engine learns how many were accepted one step late.
 
-Without async scheduling the engine proposes by prompt lookup and suffix decoding itself, and the
-draft model's proposals go back to it (StepResult.draft_token_ids) to be scheduled. A worker
-started without --async-scheduling beside an engine with it still gives the right tokens (it
-verifies in the slots the draft's proposals, and none of prompt lookup's or suffix decoding's).
-Suffix decoding's tree of recent outputs lives here with async scheduling: the outputs of the
-requests this worker dropped (finished, failed, or resent after preemption). Every rank proposes
-the same: the same plans over the same tokens.
+Without async scheduling, or over pipeline stages (shared/speculative.py proposals_on_workers),
+the engine proposes by prompt lookup and suffix decoding itself, and the draft model's proposals
+go back to it (StepResult.draft_token_ids) to be scheduled. A worker started without
+--async-scheduling beside an engine with it still gives the right tokens (it verifies the draft's
+proposals in the slots, and none of prompt lookup's or suffix decoding's). Suffix decoding's tree
+of recent outputs lives here with async scheduling: the outputs of the requests this worker
+dropped (finished, failed, or resent after preemption). Every rank proposes the same: the same
+plans over the same tokens, and the same random draws.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from services.worker.draft_runner import DraftRunner
 from services.worker.request_table import RequestState, RequestTable
 from shared.config import EngineConfig
 from shared.protocol import StepPlan
+from shared.speculative import proposals_on_workers
 
 
 class WorkerProposer:
@@ -36,13 +38,17 @@ class WorkerProposer:
     def __init__(self, config: EngineConfig, draft: DraftRunner | None):
         """draft: the draft model's runner (method draft_model). Without speculative decoding
         this proposes nothing."""
-        spec, on_engine = config.speculative, not config.scheduler.async_scheduling
+        spec = config.speculative
+        on_engine = not proposals_on_workers(config.scheduler.async_scheduling, config.parallel.pipeline_parallel_size)
         self.draft = draft
         # prompt lookup and suffix decoding propose here only with async scheduling
         self.lookup = None if draft is not None or spec is None or on_engine else (
             SuffixProposer(spec) if spec.method == "suffix" else NgramProposer(*spec.lookup_range))
         self.returns = draft is not None and on_engine  # the draft's proposals go back to the engine
         self.k = spec.num_speculative_tokens if spec is not None else 0
+        # every token of a request reaches this rank as it is sampled (over pipeline stages, the
+        # earlier ones learn a step's tokens with a later plan)
+        self.one_stage = config.parallel.pipeline_parallel_size == 1
         self.max_model_len = config.model.max_model_len
 
     def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:

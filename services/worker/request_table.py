@@ -125,8 +125,11 @@ class RequestTable:
                 raise ValueError(f"cannot keep {kept} of the request's {len(state.block_ids)} blocks")
             del state.block_ids[kept:]  # speculative decoding rolled back
         state.block_ids.extend(cached.new_block_ids)
-        # the engine counts the proposals of steps it has no result of as accepted: the worker knows
-        state.num_computed_tokens = min(state.num_computed_tokens, cached.num_computed_tokens)
+        # the engine counts the proposals of steps it has no result of as accepted: where this rank
+        # has every token as sampled (one pipeline stage), it knows better
+        knows = self.proposer is not None and self.proposer.one_stage
+        state.num_computed_tokens = min(state.num_computed_tokens if knows else cached.num_computed_tokens,
+                                        cached.num_computed_tokens)
 
     def _add(self, new: NewRequestData) -> None:
         self.drop(new.req_id)  # resumed after preemption: rebuilt from the plan
