@@ -162,6 +162,7 @@ def table(rows: list[dict]) -> str:
             "repeats", "vs sync")
     keys = ("workload", "concurrency", "method", "async_scheduling", "plain_tokens_per_s", "spec_tokens_per_s", "ratio",
             "acceptance_rate", "mean_acceptance_length", "drafts", "output_repeat_rate", "vs_sync")
+    head, keys = zip(*[(h, k) for h, k in zip(head, keys) if any(k in r for r in rows)])  # the columns rows have
     lines = [[str(r.get(k, "")) for k in keys] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)
