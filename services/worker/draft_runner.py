@@ -12,10 +12,13 @@ drafted tokens sits past the request's real tokens and is written over when it n
 Positions past the request's blocks (the token just sampled, the drafts) go to scratch blocks
 after the shared ones, a few per row, so the token just sampled is computed again next time.
 Drafts are only proposals: the target verifies each, so correctness never depends on them.
-Under tensor parallelism the draft is sharded like the target, or with draft_tensor_parallel_size
-1 whole on every rank (no collectives, the whole draft's KV on each): either way every rank
-computes the same logits and, from the same random state, draws the same drafts. Under pipeline
-parallelism it runs whole on the last stage, which samples (the earlier stages build no draft).
+Under tensor parallelism the draft is sharded like the target (its logits gathered, so the same
+on every rank), or with draft_tensor_parallel_size 1 whole on every rank (no collectives, the
+whole draft's KV on each; the ranks compute the same logits as long as their kernels are
+deterministic, as on CPU and on GPUs of one kind); from the same random state every rank then
+draws the same drafts. Every rank verifies the engine's proposals (the result rank's drafts), so
+only an unseeded random request's rejection sampling reads a rank's own q. Under pipeline
+parallelism the draft runs whole on the last stage, which samples (the earlier stages build none).
 """
 
 from __future__ import annotations
