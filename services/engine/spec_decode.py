@@ -14,7 +14,7 @@ whose drafts do not pay drafts nothing and costs no draft forward), and the adap
 With async scheduling (`on_workers`) a request's next step is planned before this step's tokens
 reach the engine, so every method proposes on the workers (services/worker/proposals.py): the
 plan says how many to propose (`num_to_draft`), the request's next step reserves that many slots
-(`num_slots`), and the worker verifies what it proposed in them.
+(`verify`), and the worker verifies what it proposed in them.
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ class ModelRunner:
         while self.stage is not None and self.stage.pending:  # keep the outcome channel in step
             self.stage.take()
         self.table.clear()
+        self.proposer.reset()
 
     @property
     def stage_wait_s(self) -> float:

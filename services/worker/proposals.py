@@ -38,18 +38,24 @@ class WorkerProposer:
     def __init__(self, config: EngineConfig, draft: DraftRunner | None):
         """draft: the draft model's runner (method draft_model). Without speculative decoding
         this proposes nothing."""
-        spec = config.speculative
+        spec = self.spec = config.speculative
         on_engine = not proposals_on_workers(config.scheduler.async_scheduling, config.parallel.pipeline_parallel_size)
         self.draft = draft
         # prompt lookup and suffix decoding propose here only with async scheduling
-        self.lookup = None if draft is not None or spec is None or on_engine else (
-            SuffixProposer(spec) if spec.method == "suffix" else NgramProposer(*spec.lookup_range))
+        self.proposes = draft is None and spec is not None and not on_engine
+        self.reset()
         self.returns = draft is not None and on_engine  # the draft's proposals go back to the engine
         self.k = spec.num_speculative_tokens if spec is not None else 0
         # every token of a request reaches this rank as it is sampled (over pipeline stages, the
         # earlier ones learn a step's tokens with a later plan)
         self.one_stage = config.parallel.pipeline_parallel_size == 1
         self.max_model_len = config.model.max_model_len
+
+    def reset(self) -> None:
+        """Forget what was learnt from earlier requests (a new engine starts from scratch)."""
+        spec = self.spec
+        self.lookup = None if not self.proposes else (
+            SuffixProposer(spec) if spec.method == "suffix" else NgramProposer(*spec.lookup_range))
 
     def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
         """Propose plan.num_draft_tokens tokens for each of `samplers` (the requests that sampled
