@@ -18,7 +18,8 @@ class SpeculativeConfig:
     """method "ngram": the engine proposes up to num_speculative_tokens tokens per decoding
     request by prompt lookup (the tokens that followed the latest earlier occurrence of the
     request's last n tokens, n from prompt_lookup_max down to prompt_lookup_min); the workers
-    verify them in one forward. disable_by_batch_size: no proposals while at least this many
+    verify them in one forward. With async scheduling every method proposes on the workers
+    (proposals_on_workers below). disable_by_batch_size: no proposals while at least this many
     requests run (the step is compute-bound; None: never off by batch size).
 
     method "suffix": suffix decoding (services/engine/suffix_decode.py) over a suffix tree of
