@@ -74,9 +74,10 @@ def _continue(arr: np.ndarray, start: int, k: int) -> list[int]:
 
 
 # Running requests at which a step is taken to be compute-bound: past it, every proposed token
-# costs about as much as a decoded one. On CPU a decode step of up to 16 tokens runs in one C call
-# (kernels/decode_step_cpu.c) and a larger one through the layers: at 16 streams, ngram verifying
-# ~4.7 tokens a request (99% accepted) ran 0.93x plain decoding (benchmarks/spec_decode.py).
+# costs about as much as a decoded one. Measured when a CPU decode step of up to 16 tokens ran in
+# one C call (kernels/decode_step_cpu.c) and a larger one through the layers: at 16 streams, ngram
+# verifying ~4.7 tokens a request (99% accepted) ran 0.93x plain decoding (benchmarks/spec_decode.py).
+# The one-call step now takes up to 64 tokens, which makes verification cheaper; not re-measured.
 COMPUTE_BOUND_BATCH = 16
 DECAY = 0.8  # weight of a request's earlier verifications in its acceptance estimate
 
