@@ -4,10 +4,12 @@
 for float32 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for more, and F.linear otherwise.
 Measured over smol135's weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core
 AMD EPYC where torch's sgemm is MKL's), the kernel's dot products ran 1.1-2.2x faster than F.linear
-at 4 to 16 rows, and its packed panels (from 16 rows) 1.1-1.2x oneDNN's matmul at 64 and 128
-rows; oneDNN's blocking wins from a few hundred rows. MAX_ROWS is int8_linear_cpu's, so that a
-decode step of either kind of weights runs whole in the C kernels. It keeps its own threads when
-torch runs one (services/worker/step_threads.py). Without a C compiler, F.linear runs everywhere.
+at 4 to 16 rows, and its packed panels (from 16 rows) 1.0-1.5x oneDNN's matmul at 32 to 128 rows in
+most runs (once 0.75x at 64: the machine's run-to-run noise); the one-call decode step built on them
+ran 1.5x the layers through oneDNN at 48 rows. oneDNN's blocking wins from a few hundred rows.
+MAX_ROWS is int8_linear_cpu's, so that a decode step of either kind of weights runs whole in the C
+kernels. It keeps its own threads when torch runs one (services/worker/step_threads.py). Without a
+C compiler, F.linear runs everywhere.
 """
 
 from __future__ import annotations
