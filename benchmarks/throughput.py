@@ -131,7 +131,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def resolve_model(args: argparse.Namespace) -> Path:
     """The --model directory, or a cached random-weight demo checkpoint built on first use."""
     if args.model:
-        from shared.config import resolve_model_path
+        from shared.checkpoint import resolve_model_path
 
         return resolve_model_path(args.model)
     target = args.cache_dir / f"{args.arch}-{args.demo_size}"

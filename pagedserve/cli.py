@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("PAGEDSERVE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    parser = build_parser(argv[0] if argv else None)
-    if argv and argv[0] == "serve":  # vLLM's --config FILE.yaml: the file's flags, then the command line's
-        from pagedserve.entrypoints.config_file import expand_config_file
+    try:  # a PAGEDSERVE_* variable that does not convert fails while the flags are built
+        parser = build_parser(argv[0] if argv else None)
+        if argv and argv[0] == "serve":  # vLLM's --config FILE.yaml: the file's flags, then the command line's
+            from pagedserve.entrypoints.config_file import expand_config_file
 
-        argv = ["serve", *expand_config_file(argv[1:], _subparser(parser, "serve"))]
-    args = parser.parse_args(argv)
-    lifeline.watch()  # a child of `pagedserve serve` ends with it
-    try:
+            argv = ["serve", *expand_config_file(argv[1:], _subparser(parser, "serve"))]
+        args = parser.parse_args(argv)
+        lifeline.watch()  # a child of `pagedserve serve` ends with it
         return args.func(args)
     except ValueError as exc:
         print(f"pagedserve: error: {exc}", file=sys.stderr)

@@ -104,7 +104,7 @@ class LLM(PoolingAPI, LLMLifecycle):
             compilation=CompilationConfig(enforce_eager=enforce_eager),
             seed=seed,
             speculative=SpeculativeConfig.parse(speculative_config),
-            lora=LoRAConfig(max_lora_rank, max_loras, max_cpu_loras) if enable_lora else None,
+            lora=LoRAConfig.if_enabled(enable_lora, max_lora_rank, max_loras, max_cpu_loras),
         )
         self.tokenizer = load_tokenizer(model_config.path)
         facts = ModelFacts(model_config.vocab_size, model_config.max_model_len, model_config.generation_defaults)

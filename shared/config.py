@@ -6,12 +6,18 @@ and constructor arguments, never by mutating these objects. Nothing here imports
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from shared.checkpoint import (
+    GENERATION_DEFAULTS,
+    checkpoint_quantization,
+    position_limit,
+    read_json,
+    resolve_model_path,
+)
+from shared.config_checks import check_bool, check_bool_fields
 from shared.draft_model import draft_model_config
 from shared.pooling import PoolerConfig, resolve_pooler
 from shared.speculative import SpeculativeConfig
@@ -19,65 +25,6 @@ from shared.speculative import SpeculativeConfig
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ATTENTION_BACKENDS = ("torch", "triton")  # PAGEDSERVE_ATTENTION_BACKEND
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # auto: the model's dtype; fp8 is fp8_e4m3
-QUANTIZATIONS = ("int8",)  # int8: weight-only, per-channel, quantized at load
-CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "gptq", "awq")  # detected from config.json's quantization_config
-
-
-def _quantization(hf: dict[str, Any], requested: str | None) -> str | None:
-    """The quantization a model runs with: the checkpoint's (quantization_config.quant_method), or
-    the requested one for an unquantized checkpoint."""
-    if requested is not None and requested not in QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS + CHECKPOINT_QUANTIZATIONS}, got {requested!r}")
-    qconfig = hf.get("quantization_config")
-    if not qconfig:
-        if requested in CHECKPOINT_QUANTIZATIONS:
-            raise ValueError(f"quantization {requested} needs a checkpoint quantized so (config.json has no "
-                             "quantization_config)")
-        return requested
-    method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
-    if method not in CHECKPOINT_QUANTIZATIONS:
-        raise ValueError(f"the checkpoint is quantized with {method!r}, which is not supported; supported: "
-                         f"{CHECKPOINT_QUANTIZATIONS}")
-    if requested not in (None, method):
-        raise ValueError(f"quantization {requested} was asked for, but the checkpoint is quantized with {method}")
-    return method
-
-
-_CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-
-
-def resolve_model_path(model: str, revision: str | None = None, weights: bool = True) -> Path:
-    """A local directory as is; otherwise a Hugging Face hub id fetched through huggingface_hub
-    (with weights=False, only the config, generation config and tokenizer files)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    if path.exists() or model.startswith((".", "/")):
-        raise ValueError(f"model path {model!r} is not a directory")
-    from huggingface_hub import snapshot_download
-
-    patterns = _CONFIG_FILES + (["*.safetensors"] if weights else [])
-    try:
-        return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # network down, unknown repo, gated model
-        raise ValueError(f"could not load model {model!r}: not a local directory and the hub said: {exc}") from exc
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-# generation_config.json keys that become request defaults, mapped to SamplingParams names.
-_GENERATION_DEFAULTS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_tokens",
-}
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """The Hugging Face config normalized once into the fields the engine and worker use."""
@@ -123,10 +70,10 @@ class ModelConfig:
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         path = resolve_model_path(model, revision, weights)
-        hf = _read_json(path / "config.json")
+        hf = read_json(path / "config.json")
         if not hf:
             raise ValueError(f"{path} has no config.json")
-        gen = _read_json(path / "generation_config.json")
+        gen = read_json(path / "generation_config.json")
         archs = hf.get("architectures") or []
         if not archs:
             raise ValueError(f"{path}/config.json names no architecture")
@@ -138,14 +85,14 @@ class ModelConfig:
             kv_heads = hf.get("num_key_value_heads") or heads
         head_dim = hf.get("head_dim") or hidden // heads
         pooler = resolve_pooler(path, archs[0], runner)
-        limit = _position_limit(hf, archs[0])
+        limit = position_limit(hf, archs[0])
         if max_model_len is None:
             max_model_len = min(limit, pooler.max_seq_length or limit) if pooler else limit
         elif max_model_len <= 0 or max_model_len > limit:
             raise ValueError(f"max_model_len must be in [1, {limit}] for this model, got {max_model_len}")
         eos = gen.get("eos_token_id", hf.get("eos_token_id"))
         eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        defaults = {ours: gen[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if gen.get(theirs) is not None}
+        defaults = {ours: gen[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if gen.get(theirs) is not None}
         return cls(
             path=str(path),
             name=served_name or model,
@@ -162,17 +109,9 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             generation_defaults=defaults,
             hf_config=hf,
-            quantization=_quantization(hf, quantization),
+            quantization=checkpoint_quantization(hf, quantization),
             pooler=pooler,
         )
-
-
-def _position_limit(hf: dict[str, Any], architecture: str) -> int:
-    """The longest input the position embeddings cover (XLM-RoBERTa's start after the padding id)."""
-    limit = hf.get("max_position_embeddings", 2048)
-    if architecture.startswith("XLMRoberta"):
-        limit -= int(hf.get("pad_token_id", 1)) + 1
-    return limit
 
 
 @dataclass(frozen=True)
@@ -185,6 +124,7 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
+        check_bool_fields(self)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1) or self.block_size > 256:
@@ -216,6 +156,7 @@ class SchedulerConfig:
     async_scheduling: bool = False
 
     def __post_init__(self) -> None:
+        check_bool_fields(self)
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
         if self.max_num_batched_tokens < 1:
@@ -236,6 +177,7 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        check_bool_fields(self)
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError("tensor_parallel_size and pipeline_parallel_size must be >= 1")
         if not 0 <= self.rank < self.world_size:
@@ -267,6 +209,7 @@ class CompilationConfig:
     attention_backend: str | None = field(default_factory=lambda: os.environ.get("PAGEDSERVE_ATTENTION_BACKEND") or None)
 
     def __post_init__(self) -> None:
+        check_bool_fields(self)
         if self.max_capture_size < 1:
             raise ValueError("max_capture_size must be at least 1")
         if self.attention_backend not in (None, *ATTENTION_BACKENDS):
@@ -284,10 +227,17 @@ class LoRAConfig:
     max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
+        check_bool_fields(self)
         if self.max_lora_rank < 1 or self.max_loras < 1:
             raise ValueError("max_lora_rank and max_loras must be at least 1")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+    @classmethod
+    def if_enabled(cls, enable_lora: bool, *args: int | None) -> LoRAConfig | None:
+        """LoRAConfig(*args) with vLLM's enable_lora on, else None (LoRA adapters refused)."""
+        check_bool("enable_lora", enable_lora)
+        return cls(*args) if enable_lora else None
 
     @property
     def cpu_capacity(self) -> int:
@@ -306,6 +256,7 @@ class EngineConfig:
     lora: LoRAConfig | None = None  # None: LoRA adapters are refused
 
     def __post_init__(self) -> None:
+        check_bool_fields(self)
         if self.parallel.pipeline_parallel_size > self.model.num_layers:
             raise ValueError(f"pipeline_parallel_size {self.parallel.pipeline_parallel_size} exceeds the model's "
                              f"{self.model.num_layers} layers (each stage needs at least one)")

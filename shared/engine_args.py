@@ -14,14 +14,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.config import (
-    _GENERATION_DEFAULTS as GENERATION_KEYS,  # generation_config key -> SamplingParams name
+from shared.checkpoint import (
+    CHECKPOINT_QUANTIZATIONS,
+    QUANTIZATIONS,
+)
+from shared.checkpoint import (
+    GENERATION_DEFAULTS as GENERATION_KEYS,  # generation_config key -> SamplingParams name
 )
 from shared.config import (
     ATTENTION_BACKENDS,
-    CHECKPOINT_QUANTIZATIONS,
     KV_CACHE_DTYPES,
-    QUANTIZATIONS,
     CacheConfig,
     CompilationConfig,
     EngineConfig,
@@ -44,20 +46,31 @@ def env_name(flag: str) -> str:
     return "PAGEDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
 
 
+_SWITCH_VALUES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+                  "off": False}
+
+
 def _convert(value: str, default, kind: type | None):
     if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
+        return _SWITCH_VALUES[value.strip().lower()]  # a KeyError: neither on nor off
     convert = kind or (type(default) if default is not None else str)
     return convert(value)
 
 
 def _env(flag: str, default, kind: type | None = None, nargs: str | None = None):
-    value = os.environ.get(env_name(flag))
+    """ValueError naming the variable when its value does not convert (a switch takes 1/0,
+    true/false, yes/no or on/off), so a service refuses to start rather than guess."""
+    name = env_name(flag)
+    value = os.environ.get(name)
     if value is None:
         return default
-    if nargs in ("+", "*"):  # a list flag: comma-separated in its variable
-        return [_convert(item, None, kind) for item in value.split(",") if item]
-    return _convert(value, default, kind)
+    try:
+        if nargs in ("+", "*"):  # a list flag: comma-separated in its variable
+            return [_convert(item, None, kind) for item in value.split(",") if item]
+        return _convert(value, default, kind)
+    except (KeyError, ValueError):
+        expected = "1/0, true/false, yes/no or on/off" if isinstance(default, bool) else f"a valid {flag}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
 
 
 def add_flag(
@@ -172,7 +185,7 @@ def engine_config_from_args(args: argparse.Namespace, rank: int = 0, weights: bo
         compilation=CompilationConfig(enforce_eager=args.enforce_eager, attention_backend=args.attention_backend),
         seed=args.seed,
         speculative=SpeculativeConfig.parse(args.speculative_config),
-        lora=LoRAConfig(args.max_lora_rank, args.max_loras, args.max_cpu_loras) if args.enable_lora else None,
+        lora=LoRAConfig.if_enabled(args.enable_lora, args.max_lora_rank, args.max_loras, args.max_cpu_loras),
     )
 
 

@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
+from shared.config_checks import check_bool_fields
+
 SPEC_METHODS = ("ngram", "suffix", "draft_model")
 _NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
 _DRAFT_KEYS = ("model", "draft_tensor_parallel_size", "revision", "draft_cost")
@@ -52,6 +54,7 @@ class SpeculativeConfig:
     draft_cost: float | None = None  # drafting one token, in target decode steps (None: estimated)
 
     def __post_init__(self) -> None:
+        check_bool_fields(self)
         if self.method not in SPEC_METHODS:
             raise ValueError(f"speculative_config method must be one of {SPEC_METHODS}, got {self.method!r}")
         self._check_suffix()

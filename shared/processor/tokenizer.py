@@ -15,7 +15,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     """The checkpoint's tokenizer, from a local directory or a hub id (tokenizer files only).
     tokenizer.json loads through PreTrainedTokenizerFast directly, since transformers' Auto
     classes import torch, which the frontend image does not carry."""
-    from shared.config import resolve_model_path
+    from shared.checkpoint import resolve_model_path
 
     path = str(resolve_model_path(model, weights=False))
     if (Path(path) / "tokenizer.json").is_file():
