@@ -242,6 +242,22 @@ def test_proposals_adapt_to_acceptance_and_turn_off_in_a_large_batch():
     assert len(decoder.propose(looping, 64, num_running=1)) == 1  # at batch 1 one is still tried
 
 
+def test_over_pipeline_stages_the_adaptive_rule_counts_one_steps_share():
+    """With two micro batches in flight a step computes half the running requests: 16 running
+    are a step of 8, where a proposal still pays (1/2 ** 1 >= 8/16); without, a step of 16 is
+    compute-bound and none is made."""
+    for micro_batches, proposals in ((1, 0), (2, 1)):
+        s = Scheduler(SchedulerConfig(), CacheConfig(block_size=4), 256, speculative=SPEC, micro_batches=micro_batches)
+        for i in range(COMPUTE_BOUND_BATCH):
+            s.add_request(Request(f"r{i}", [5, 6, 7, 8] * 3, SamplingParams(temperature=0, max_tokens=50), (0,), 64))
+        first, *_ = (s.schedule() for _ in range(micro_batches))  # the prompts, a micro batch's share per step
+        ids = list(first.num_scheduled_tokens)
+        s.update(first, StepResult(first.step_id, ids, [5] * len(ids)))
+        plan = s.schedule()
+        assert len(s.running) == COMPUTE_BOUND_BATCH and len(plan.cached_requests) == len(ids)
+        assert [len(plan.spec_token_ids.get(r, ())) for r in ids] == [proposals] * len(ids)
+
+
 def test_bad_proposals_in_a_plan_fail_their_request_alone():
     import numpy as np
 

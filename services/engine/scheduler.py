@@ -52,7 +52,7 @@ class Scheduler(StepUpdate):
         self.config = config
         self.max_loras = max_loras
         on_workers = proposals_on_workers(config.async_scheduling, micro_batches)
-        self.spec = None if speculative is None else SpecDecoder(speculative, draft_cost, on_workers)
+        self.spec = None if speculative is None else SpecDecoder(speculative, draft_cost, on_workers, micro_batches)
         self._kept_blocks: dict[str, int] = {}  # rolled back by a verification: blocks kept, told with the next plan
         # pipeline stages: the requests are split among this many steps in flight, disjoint
         self.micro_batches = micro_batches

@@ -88,18 +88,23 @@ class SpecDecoder:
 
     Adaptive k: a request's proposal j (from 1) is worth verifying when the chance that it is
     accepted, alpha ** j, is at least what verifying it costs relative to the step's output,
-    num_running / COMPUTE_BOUND_BATCH. alpha is the request's measured per-token acceptance
+    step_batch / COMPUTE_BOUND_BATCH. alpha is the request's measured per-token acceptance
     (recent verifications weigh most; 1/2 before any), so a request whose proposals keep
-    failing stops proposing, and a large batch turns speculation down, then off.
+    failing stops proposing, and a large batch turns speculation down, then off. step_batch is
+    the requests one step computes: the running ones, split among the micro batches in flight
+    over pipeline stages (each stage computes one step's share at a time).
     """
 
-    def __init__(self, config: SpeculativeConfig, draft_cost: float = 0.0, on_workers: bool = False):
+    def __init__(self, config: SpeculativeConfig, draft_cost: float = 0.0, on_workers: bool = False,
+                 micro_batches: int = 1):
         """draft_cost: what drafting one token costs a request, as a fraction of a decode step
         (method draft_model; shared/draft_model.py draft_cost). on_workers: every method proposes
-        on the workers (async scheduling)."""
+        on the workers (async scheduling). micro_batches: steps in flight that share the running
+        requests (pipeline stages)."""
         self.config = config
         self.draft_cost = draft_cost
         self.on_workers = on_workers
+        self.micro_batches = micro_batches
         self.proposer = (None if on_workers else SuffixProposer(config) if config.method == "suffix"
                          else DraftModelProposer() if config.method == "draft_model"
                          else NgramProposer(*config.lookup_range))
@@ -156,11 +161,11 @@ class SpecDecoder:
         if self.proposer is not None:
             self.proposer.release(request)
 
-    @staticmethod
-    def _worth(request: Request, k: int, num_running: int, extra_cost: float = 0.0) -> int:
+    def _worth(self, request: Request, k: int, num_running: int, extra_cost: float = 0.0) -> int:
         """How many of up to k proposals are worth verifying (see the class docstring), each
         costing extra_cost more (drafting it)."""
-        cost = min(1.0, num_running / COMPUTE_BOUND_BATCH) + extra_cost
+        step_batch = -(-num_running // self.micro_batches)
+        cost = min(1.0, step_batch / COMPUTE_BOUND_BATCH) + extra_cost
         tested, accepted = request.spec_acceptance
         alpha = (accepted + 1) / (tested + 2)
         n = 0
