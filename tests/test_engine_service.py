@@ -102,6 +102,8 @@ class Client:
             msg = self.rx.recv(timeout_ms=1000)
             if isinstance(msg, Outputs):
                 for d in msg.deltas:
+                    if d.req_id not in tokens:
+                        continue  # another request's (e.g. one a killed engine served)
                     tokens[d.req_id] += d.new_token_ids
                     if d.finish_reason:
                         done[d.req_id] = d.finish_reason

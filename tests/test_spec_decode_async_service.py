@@ -2,7 +2,8 @@
 decoding, whose trees then live on the worker): greedy output, stop ids and max_tokens equal the
 offline non-speculative run, proposals are counted on the engine's /metrics, an abort mid-stream
 and finished requests free every block, and a request whose worker is killed mid-run resumes on
-a new worker with the same tokens."""
+a new worker with the same tokens, as does one whose engine is killed mid-run and resubmitted
+(as a frontend does) to a new engine the worker re-joins."""
 
 from __future__ import annotations
 
@@ -108,3 +109,29 @@ def test_a_killed_worker_is_replaced_and_the_request_resumes_token_for_token(sta
                 replaced = True
     assert replaced and finish == "length"
     assert tokens == expected[1]
+
+
+def test_a_restarted_engine_continues_a_resubmitted_request_token_for_token(stack, expected):
+    """The frontend's part (tests/test_recovery.py) is played here: the tokens received before
+    the engine died go back with the request, and the new engine continues after them."""
+    _, inp, out, procs, ports = stack
+    tokens: list[int] = []
+    with Client(inp, out) as client:
+        client.hello()
+        send(client, "interrupted", PROMPTS[1], GREEDY)
+        deadline = time.monotonic() + 120
+        while len(tokens) < 10 and time.monotonic() < deadline:
+            client.beat()
+            msg = client.rx.recv(timeout_ms=1000)
+            tokens += [t for d in (msg.deltas if isinstance(msg, Outputs) else []) for t in d.new_token_ids]
+        assert 10 <= len(tokens) < 60  # mid-run: a new engine takes over
+        procs[0].kill()
+        procs[0].wait(10)
+        procs[0] = subprocess.Popen(procs[0].args, env=dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING"))
+        client.hello()  # the new engine, once the worker has joined it
+        client.tx.send(AddRequest("resubmitted", np.array(PROMPTS[1], dtype=np.int32), GREEDY,
+                                  output_token_ids=np.array(tokens, dtype=np.int32)))
+        finish, rest = client.collect({"resubmitted"}, timeout_s=180)["resubmitted"]
+    assert finish == "length"
+    assert tokens + rest == expected[1]
+    assert scrape(ports[0])["pagedserve_engine_spec_decode_num_accepted_tokens_total"] > 0  # the new engine speculated
