@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 
 
 def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfig | None:
-    """The draft's ModelConfig (None unless the method is draft_model): the target's dtype and
-    max_model_len. ValueError when the draft cannot serve this target: another vocabulary, fewer
+    """The draft's ModelConfig (None unless the method is draft_model; an EAGLE head's for eagle
+    and eagle3, shared/eagle.py): the target's dtype and max_model_len. ValueError when the draft cannot serve this target: another vocabulary, fewer
     positions than the target's max_model_len, a pooling model or target, attention heads the
     tensor-parallel ranks cannot share, or a draft_tensor_parallel_size other than 1 or the
     target's. The draft is sharded like the target over each stage's tensor-parallel ranks (the
@@ -21,10 +21,13 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     runs on the last pipeline stage, where the sampled tokens it drafts from are. Beside an fp8
     KV cache the draft keeps its own in the model's dtype."""
     from shared.config import ModelConfig
+    from shared.eagle import eagle_head_config
 
     spec = config.speculative
-    if spec is None or spec.method != "draft_model":
+    if spec is None or not spec.model_drafts:
         return None
+    if spec.method != "draft_model":
+        return eagle_head_config(config, weights)
     tp = config.parallel.tensor_parallel_size
     if spec.draft_tensor_parallel_size not in (None, 1, tp):
         raise ValueError(f"speculative_config draft_tensor_parallel_size must be 1 (the draft whole on every rank) or "
@@ -59,12 +62,12 @@ DRAFT_STEP_OVERHEAD = 0.05
 
 def draft_cost(config: EngineConfig) -> float:
     """What drafting one token costs a request, as a fraction of a target decode step (0 unless
-    the method is draft_model): speculative_config's draft_cost if given, else the weights the
+    a model drafts: draft_model, eagle, eagle3): speculative_config's draft_cost if given, else the weights the
     draft reads per token (its layers and its LM head, the target's vocabulary) over the
     target's, plus DRAFT_STEP_OVERHEAD. Decoding at small batches is bound by reading weights,
     so their ratio is what a draft forward costs against a target one."""
     spec = config.speculative
-    if spec is None or spec.method != "draft_model":
+    if spec is None or not spec.model_drafts:
         return 0.0
     if spec.draft_cost is not None:
         return spec.draft_cost
@@ -74,9 +77,10 @@ def draft_cost(config: EngineConfig) -> float:
 
 def _weights_per_token(model: ModelConfig) -> int:
     """Weights a decode step reads per token: each layer's attention and gated MLP (the experts
-    a token is routed to, for a mixture of experts), and the LM head."""
+    a token is routed to, for a mixture of experts), and the LM head (an EAGLE-3 head's over its
+    draft vocabulary)."""
     hf, h = model.hf_config, model.hidden_size
     attention = h * model.head_dim * 2 * (model.num_heads + model.num_kv_heads)
     experts = hf.get("num_experts_per_tok") or 1
     mlp = 3 * h * (hf.get("moe_intermediate_size") or hf.get("intermediate_size") or 4 * h) * experts
-    return model.num_layers * (attention + mlp) + model.vocab_size * h
+    return model.num_layers * (attention + mlp) + (hf.get("draft_vocab_size") or model.vocab_size) * h

@@ -151,7 +151,7 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
              '"num_speculative_tokens": 3, "prompt_lookup_max": 5, "prompt_lookup_min": 1}, or {"method": "suffix", '
              '"suffix_decoding_max_tree_depth": 24, "suffix_decoding_max_cached_requests": 10000, ...}, or '
              '{"method": "draft_model", "model": DRAFT_DIR, "num_speculative_tokens": 3} (a smaller model, same '
-             'vocabulary)', kind=str)
+             'vocabulary), or {"method": "eagle" or "eagle3", "model": HEAD_DIR, ...} (an EAGLE head)', kind=str)
     add_flag(parser, "--enable-lora", False, "serve LoRA adapters (--lora-modules, or loaded at run time)")
     add_flag(parser, "--max-lora-rank", 16, "highest rank of a LoRA adapter")
     add_flag(parser, "--max-loras", 1, "most different LoRA adapters in one batch (the workers' adapter slots)")

@@ -10,7 +10,8 @@ from typing import Any
 
 from shared.config_checks import check_bool_fields
 
-SPEC_METHODS = ("ngram", "suffix", "draft_model")
+SPEC_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3")
+MODEL_METHODS = ("draft_model", "eagle", "eagle3")  # a model on the workers drafts (shared/draft_model.py)
 _NGRAM_KEYS = ("prompt_lookup_max", "prompt_lookup_min")
 _DRAFT_KEYS = ("model", "draft_tensor_parallel_size", "revision", "draft_cost")
 
@@ -37,7 +38,11 @@ class SpeculativeConfig:
     tensor_parallel_size) or whole on each of them (draft_tensor_parallel_size 1), on the last
     pipeline stage, and proposes the next tokens of each request.
     draft_cost (pagedserve's own): what drafting one token costs, as a fraction of a target
-    decode step, for the adaptive rule; default: estimated from the two checkpoints."""
+    decode step, for the adaptive rule; default: estimated from the two checkpoints.
+
+    methods "eagle" and "eagle3": `model` is an EAGLE-1/2 or EAGLE-3 draft head for a Llama-family
+    target (shared/eagle.py, services/worker/eagle_runner.py), run on the workers as draft_model
+    is, from the target's hidden states; the same keys as draft_model."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 3
@@ -86,17 +91,22 @@ class SpeculativeConfig:
 
     def _check_method_keys(self) -> None:
         """Each method's own keys, and none of the other's."""
-        unused = _NGRAM_KEYS if self.method == "draft_model" else _DRAFT_KEYS
+        unused = _NGRAM_KEYS if self.model_drafts else _DRAFT_KEYS
         given = [name for name in unused if getattr(self, name) is not None]
         if given:
             raise ValueError(f"speculative_config {given}: not used by method {self.method!r}")
-        if self.method != "draft_model":
+        if not self.model_drafts:
             return
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError('speculative_config method "draft_model" needs a "model" (the draft checkpoint)')
+            raise ValueError(f'speculative_config method "{self.method}" needs a "model" (the draft checkpoint)')
         cost = self.draft_cost
         if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= 1e3):
             raise ValueError(f"speculative_config draft_cost must be a number in [0, 1000], got {cost!r}")
+
+    @property
+    def model_drafts(self) -> bool:
+        """Whether a model drafts on the workers (draft_model, eagle, eagle3)."""
+        return self.method in MODEL_METHODS
 
     @property
     def lookup_range(self) -> tuple[int, int]:

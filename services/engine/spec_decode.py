@@ -7,7 +7,7 @@ one sampled token. Sampling each position from the target's own distribution and
 proposal only where it equals the sample is rejection sampling for a point-mass proposal, so
 every sampling parameter keeps its distribution. No torch here: the ngram proposer is numpy, the
 suffix one (suffix_decode.py) plain Python.
-With method draft_model the proposals come from the workers' draft model instead, returned with
+With method draft_model (or eagle, eagle3) the proposals come from the workers' draft model instead, returned with
 the previous step's result (Request.draft_token_ids); each plan tells the workers how many to
 draft per request (`num_to_draft`: the adaptive k with the draft's cost added, so a request
 whose drafts do not pay drafts nothing and costs no draft forward), and the adaptive k trims them.
@@ -106,7 +106,7 @@ class SpecDecoder:
         self.on_workers = on_workers
         self.micro_batches = micro_batches
         self.proposer = (None if on_workers else SuffixProposer(config) if config.method == "suffix"
-                         else DraftModelProposer() if config.method == "draft_model"
+                         else DraftModelProposer() if config.model_drafts
                          else NgramProposer(*config.lookup_range))
         self.num_drafts = 0
         self.num_draft_tokens = 0
@@ -148,7 +148,7 @@ class SpecDecoder:
 
     def _num_to_draft(self, request: Request, num_running: int, pending: int, num_slots: int) -> int:
         limit = self.config.disable_by_batch_size
-        if not (self.on_workers or self.config.method == "draft_model") or (limit is not None and num_running >= limit):
+        if not (self.on_workers or self.config.model_drafts) or (limit is not None and num_running >= limit):
             return 0
         if num_slots and request.spec_acceptance == (0.0, 0.0):
             return 0  # its first proposals are verified in this step: wait for how they fare

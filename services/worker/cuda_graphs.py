@@ -84,6 +84,8 @@ def graphs_unsupported(config: EngineConfig, device: torch.device, backend: Atte
         return f"the {backend.name} attention backend is not graph-safe (use triton)"
     if config.parallel.world_size > 1:
         return "tensor and pipeline parallel communication is not captured yet"
+    if config.speculative is not None and config.speculative.method == "eagle3":
+        return "an EAGLE-3 head reads the target's intermediate hidden states, which a graph does not keep"
     return None
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import ClassVar
 
 import msgspec
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 
 from services.worker.distributed import whole_model
 from services.worker.forward_context import ForwardContext, set_forward_context
+from services.worker.input_batch import StepInputs
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
 from services.worker.layers.attention import select_backend
 from services.worker.layers.attention_backend import AttentionBackend, CommonAttentionMetadata
@@ -46,7 +48,7 @@ from services.worker.loader import build_model
 from services.worker.rejection_sampler import DraftDistributions, rejection_sampled
 from services.worker.request_table import RequestState, RequestTable
 from services.worker.transfer import tensor_to_device, to_device
-from shared.config import EngineConfig
+from shared.config import EngineConfig, ModelConfig, ParallelConfig
 from shared.draft_model import draft_model_config
 from shared.protocol import StepPlan
 
@@ -71,24 +73,33 @@ class _Row:
 class DraftRunner:
     """Loads the draft, sizes and holds its KV cache, and drafts after each step (see the module)."""
 
+    shift: ClassVar[int] = 0  # at position p the draft reads token p + shift (an EAGLE head: 1)
+
     def __init__(self, config: EngineConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend):
         model_config = draft_model_config(config)
-        # the draft's KV is in the model's dtype, also beside a target's fp8 cache (and then read
-        # by a backend of its own, without the target's fp8 scaling)
-        cache = dataclasses.replace(config.cache, kv_cache_dtype="auto")
         # the draft: every layer on this stage, sharded over its tensor-parallel ranks, or whole on
         # each of them with draft_tensor_parallel_size 1
         p, sharded = config.parallel, config.speculative.draft_tensor_parallel_size != 1
         tp = p.tensor_parallel_size if sharded else 1
         parallel = dataclasses.replace(p, tensor_parallel_size=tp, rank=p.rank % tp, pipeline_parallel_size=1)
+        self._setup(config, model_config, parallel, dtype, device, backend)
+        with whole_model(sharded):
+            self.model = build_model(model_config, dtype, device)
+        log.info("draft model %s: %d layers, %d tokens drafted per step", model_config.path,
+                 model_config.num_layers, self.k)
+
+    def _setup(self, config: EngineConfig, model_config: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype,
+               device: torch.device, backend: AttentionBackend) -> None:
+        """The draft's own config, attention backend, KV sizes and scratch blocks."""
+        # the draft's KV is in the model's dtype, also beside a target's fp8 cache (and then read
+        # by a backend of its own, without the target's fp8 scaling)
+        cache = dataclasses.replace(config.cache, kv_cache_dtype="auto")
         self.config = dataclasses.replace(config, model=model_config, cache=cache, parallel=parallel,
                                           speculative=None, lora=None)
         self.k = config.speculative.num_speculative_tokens
         if config.cache.kv_cache_dtype != "auto":
             backend = select_backend(device, dtype, config.compilation.attention_backend)
         self.dtype, self.device, self.backend = dtype, device, backend
-        with whole_model(sharded):
-            self.model = build_model(model_config, dtype, device)
         bs = config.cache.block_size
         self.scratch_per_row = -(-self.k // bs) + 1  # covers k positions past a row's blocks
         self.num_scratch = config.scheduler.max_num_seqs * self.scratch_per_row
@@ -97,8 +108,6 @@ class DraftRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.distributions = DraftDistributions()  # q of the latest drafts, for the verifying step
         self.num_forwards = 0  # draft forward passes run (catch-ups and drafting steps)
-        log.info("draft model %s: %d layers, %d tokens drafted per step", model_config.path,
-                 model_config.num_layers, self.k)
 
     @classmethod
     def create(cls, config: EngineConfig, dtype: torch.dtype, device: torch.device,
@@ -116,20 +125,23 @@ class DraftRunner:
         self.kv_caches = allocate_kv_cache(self.config, num_blocks + self.num_scratch, self.dtype, self.device)
 
     @torch.inference_mode()
-    def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
+    def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str], inputs: StepInputs,
+                hidden: torch.Tensor) -> dict[str, np.ndarray]:
         """Draft plan.num_draft_tokens tokens for each of the requests in `samplers` (those that
-        sampled this step, their tokens appended). Call before the table advances. Drafts are
+        sampled this step, their tokens appended). Call before the table advances; inputs and
+        hidden: the step's and the target's output (an EAGLE head drafts from them). Drafts are
         only proposals: if drafting fails the step goes on without them (the target verifies
         every proposal, so a draft KV left stale costs acceptance, never correctness)."""
         self.distributions.latest = {}
         try:
-            return self._propose(plan, table, samplers)
+            return self._propose(plan, table, samplers, inputs, hidden)
         except Exception:
             log.exception("the draft model failed; this step proposes nothing")
             self.distributions.latest = {}
             return {}
 
-    def _propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
+    def _propose(self, plan: StepPlan, table: RequestTable, samplers: set[str], inputs: StepInputs,
+                 hidden: torch.Tensor) -> dict[str, np.ndarray]:
         rows = self._rows(plan, table, samplers)
         if not rows:
             return {}
@@ -147,6 +159,10 @@ class DraftRunner:
             hidden = self._forward(fed, [(r.end + len(r.drafts) - 1, r.end + len(r.drafts)) for r in fed])
         for row in rows:  # the last token's position may be a scratch block's: it is computed again
             row.state.num_draft_computed = row.end - 1
+        return self._proposals(rows)
+
+    def _proposals(self, rows: list[_Row]) -> dict[str, np.ndarray]:
+        """The rows' drafts, their q kept for the verifying step."""
         self.distributions.latest = {r.state.req_id: (r.drafts, torch.stack(r.q)) for r in rows if r.q}
         return {r.state.req_id: np.asarray(r.drafts, dtype=np.int32) for r in rows if r.drafts}
 
@@ -171,33 +187,38 @@ class DraftRunner:
             state = table.states.get(req_id)
             if state is None or req_id not in samplers or state.pooling is not None:
                 continue  # failed this step, did not sample, or nothing to draft for
-            end, s = len(state.token_ids), state.sampling
+            end = len(state.token_ids)
             room = min(n, self.k, max_len - end)  # a draft's position stays below max_model_len
             if room <= 0:
                 continue
-            params = s.params if s.params.logprobs is None else msgspec.structs.replace(s.params, logprobs=None)
-            sampling = SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
             start = min(state.num_draft_computed, end - 1)
-            rows.append(_Row(state, start, end, state.block_ids + self._scratch(len(rows)), sampling, room))
+            blocks = state.block_ids + self._scratch(len(rows))
+            rows.append(_Row(state, start, end, blocks, _drafting(state.sampling), room))
         return rows
 
     def _scratch(self, index: int) -> list[int]:
         first = self.num_blocks + index * self.scratch_per_row
         return list(range(first, first + self.scratch_per_row))
 
-    def _forward(self, rows: list[_Row], spans: list[tuple[int, int]]) -> torch.Tensor:
-        """The draft's hidden states of rows' tokens at positions [lo, hi), one span per row
-        (single-token spans are ordered first, as the backends expect)."""
-        order = sorted(range(len(rows)), key=lambda i: spans[i][1] - spans[i][0] != 1)
+    def _forward(self, rows: list[_Row], spans: list[tuple[int, int]], hidden: torch.Tensor | None = None):
+        """The draft's output for rows' tokens at positions [lo, hi), one span per row (single-token
+        spans are ordered first, as the backends expect); hidden: an EAGLE head's input states,
+        one per position, laid out as the spans."""
+        lengths = [hi - lo for lo, hi in spans]
+        order = sorted(range(len(rows)), key=lambda i: lengths[i] != 1)
         if order != list(range(len(rows))):
-            hidden = self._forward([rows[i] for i in order], [spans[i] for i in order])
-            return _unpermute(hidden, order, [spans[i][1] - spans[i][0] for i in order])
+            index = _reordered(order, lengths, self.device)
+            out = self._forward([rows[i] for i in order], [spans[i] for i in order],
+                                None if hidden is None else hidden[index])
+            back = torch.empty_like(index)
+            back[index] = torch.arange(len(index), device=self.device)
+            return tuple(t[back] for t in out) if isinstance(out, tuple) else out[back]
         self.num_forwards += 1
         bs = self.config.cache.block_size
         ids, pos, slots, qsl = [], [], [], [0]
         for row, (lo, hi) in zip(rows, spans):
             p = np.arange(lo, hi)
-            ids.extend(row.sampling.token_ids[lo:hi])
+            ids.extend(row.sampling.token_ids[lo + self.shift : hi + self.shift])
             pos.append(p)
             slots.append(np.asarray(row.table, dtype=np.int64)[p // bs] * bs + p % bs)
             qsl.append(qsl[-1] + hi - lo)
@@ -206,14 +227,15 @@ class DraftRunner:
             seq_lens=[hi for _, hi in spans],
             block_tables=[r.table for r in rows],
             slot_mapping=to_device(torch.from_numpy(np.concatenate(slots)), self.device),
-            num_decodes=sum(1 for lo, hi in spans if hi - lo == 1),
+            num_decodes=sum(1 for n in lengths if n == 1),
             block_size=bs,
             device=self.device,
         )
         ctx = ForwardContext(self.backend, self.backend.build(common), self.kv_caches)
         with set_forward_context(ctx):
             positions = to_device(torch.from_numpy(np.concatenate(pos)), self.device)
-            return self.model(tensor_to_device(ids, torch.long, self.device), positions)
+            input_ids = tensor_to_device(ids, torch.long, self.device)
+            return self.model(input_ids, positions) if hidden is None else self.model(input_ids, positions, hidden)
 
     def _draft(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """One draft token per row, drawn from the row's processed distribution q as the target
@@ -242,9 +264,14 @@ class DraftRunner:
             row.room -= 1
 
 
-def _unpermute(hidden: torch.Tensor, order: list[int], lengths: list[int]) -> torch.Tensor:
-    """Rows' hidden states back in their original order (hidden is laid out in `order`)."""
+def _drafting(s: SamplingState) -> SamplingState:
+    """A copy of a request's sampling state for its drafts to be appended to (without logprobs)."""
+    params = s.params if s.params.logprobs is None else msgspec.structs.replace(s.params, logprobs=None)
+    return SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
+
+
+def _reordered(order: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:
+    """Where each position of the spans laid out in `order` sits in their original layout."""
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    where = {row: (int(s), n) for row, s, n in zip(order, starts, lengths)}
-    index = [i for row in range(len(order)) for i in range(where[row][0], where[row][0] + where[row][1])]
-    return hidden[torch.as_tensor(index, device=hidden.device)]
+    index = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in order])
+    return torch.as_tensor(index, device=device)

@@ -30,6 +30,7 @@ class StepInputs:
     prompt_rows: list[tuple[RequestState, int, int, int]] = field(default_factory=list)
     # pooling requests whose prompt this step completes: (state, first row, rows); they do not sample
     pooling_rows: list[tuple[RequestState, int, int]] = field(default_factory=list)
+    requests: list[RequestState] = field(default_factory=list)  # every request of the step, in row order
 
 
 def flatten(scheduled: list[tuple[RequestState, int]], block_size: int, device: torch.device) -> StepInputs:
@@ -77,4 +78,5 @@ def flatten(scheduled: list[tuple[RequestState, int]], block_size: int, device: 
         sampling_requests=samplers,
         prompt_rows=prompt_rows,
         pooling_rows=pooling_rows,
+        requests=[state for state, _ in scheduled],
     )

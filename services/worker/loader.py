@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,17 +70,25 @@ def build_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.dev
     if torch.device(device).type == "cpu" and not native_cpu_dtype(dtype):
         log.warning("%s has no native support on this CPU (%s): its GEMMs are emulated, slower than float32",
                     dtype, torch.backends.cpu.get_cpu_capability())
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters are created empty, in place, with no cast afterwards
-    try:
-        with torch.device(device):
-            model = cls(model_config)
-    finally:
-        torch.set_default_dtype(previous)
+    with building(dtype, device):
+        model = cls(model_config)
     quant.before_loading(model, model_config, torch.device(device))
     load_weights(model, model_config.path)
     quant.after_loading(model, model_config)
     return model.requires_grad_(False).eval()
+
+
+@contextmanager
+def building(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Modules constructed inside get their parameters created empty in dtype on device, in
+    place, with no cast afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

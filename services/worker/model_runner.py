@@ -17,7 +17,7 @@ import torch
 from services.worker import step_threads
 from services.worker.cuda_graphs import DecodeGraphs, capture_decode_graphs
 from services.worker.distributed import world_all_gather_object
-from services.worker.draft_runner import DraftRunner
+from services.worker.eagle_runner import create_drafter
 from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.input_batch import StepInputs, flatten
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
@@ -78,7 +78,7 @@ class ModelRunner:
         prepare_kv_scales(self.model, self.backend, config, self.dtype, self.device, self.kv_dtype)
         self.sampler = Sampler()
         self.memory_profile: MemoryProfile | None = None  # set on CUDA by the profiling step
-        self.draft = DraftRunner.create(config, self.dtype, self.device, self.backend)  # draft_model speculation
+        self.draft = create_drafter(config, self.dtype, self.device, self.backend, self.model)  # a draft model or head
         with startup_phase("sizing and allocating the KV cache"):
             self.num_blocks = self._measure_num_blocks()
             self.kv_caches = [] if self.encoder else allocate_kv_cache(config, self.num_blocks, self.kv_dtype, self.device)
@@ -173,7 +173,7 @@ class ModelRunner:
         pooled = self.pooler.pool(hidden, inputs.pooling_rows) if inputs.pooling_rows else {}
         failed = self.table.take_failed()
         kept = [i for i, s in enumerate(states) if s.req_id not in failed]
-        drafts = self.proposer.propose(plan, self.table, {states[i].req_id for i in kept})
+        drafts = self.proposer.propose(plan, self.table, {states[i].req_id for i in kept}, inputs, hidden)
         verified = self.proposer.verified([states[i] for i in kept])
         # one entry per token: a verification's accepted proposals, then its sampled token
         req_ids = [states[i].req_id for i in kept for _ in tokens[i]]

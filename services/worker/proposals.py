@@ -2,7 +2,7 @@
 
 With async scheduling the engine plans a request's next step before this step's tokens reach it,
 so it cannot propose from them. The worker, which has them, proposes instead, for every method:
-the draft model (draft_runner.py), prompt lookup and suffix decoding (the engine's own proposers,
+the draft model (draft_runner.py; an EAGLE head, eagle_runner.py), prompt lookup and suffix decoding (the engine's own proposers,
 run over the worker's copy of the tokens). Each plan says how many tokens to propose per request
 (StepPlan.num_draft_tokens, the engine's adaptive rule); the proposals stay with the request
 (RequestState.draft_token_ids), the engine reserves that many slots in its next step, and the
@@ -22,10 +22,12 @@ plans over the same tokens, and the same random draws.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from services.engine.spec_decode import NgramProposer
 from services.engine.suffix_decode import SuffixProposer
 from services.worker.draft_runner import DraftRunner
+from services.worker.input_batch import StepInputs
 from services.worker.request_table import RequestState, RequestTable
 from shared.config import EngineConfig
 from shared.protocol import StepPlan
@@ -57,12 +59,14 @@ class WorkerProposer:
         self.lookup = None if not self.proposes else (
             SuffixProposer(spec) if spec.method == "suffix" else NgramProposer(*spec.lookup_range))
 
-    def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str]) -> dict[str, np.ndarray]:
+    def propose(self, plan: StepPlan, table: RequestTable, samplers: set[str], inputs: StepInputs,
+                hidden: torch.Tensor) -> dict[str, np.ndarray]:
         """Propose plan.num_draft_tokens tokens for each of `samplers` (the requests that sampled
         this step, their tokens appended; call before the table advances) and keep them with
-        the requests. Returns the proposals for the engine ({} unless they go back to it)."""
+        the requests; inputs and hidden: the step's, and the target's output (an EAGLE head
+        drafts from them). Returns the proposals for the engine ({} unless they go back to it)."""
         if self.draft is not None:
-            proposals = self.draft.propose(plan, table, samplers)
+            proposals = self.draft.propose(plan, table, samplers, inputs, hidden)
         elif self.lookup is None or not plan.num_draft_tokens:
             return {}
         else:

@@ -119,6 +119,8 @@ class LlamaModel(nn.Module):
             for i in range(config.num_layers)
         )
         self.norm = arch.norm_cls(hidden_size, _rms_eps(config)) if self.last else MissingLayer()
+        self.aux_layers: tuple[int, ...] = ()  # layers whose input hidden states an EAGLE-3 head reads
+        self.aux_hidden: list[torch.Tensor] = []  # theirs in the latest forward, in aux_layers' order
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Intermediate | None = None
@@ -129,12 +131,16 @@ class LlamaModel(nn.Module):
                 hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         else:
             hidden, residual = intermediate
-        fused = llama_decode_cpu.run(self, positions, hidden) if residual is None else None
+        fused = llama_decode_cpu.run(self, positions, hidden) if residual is None and not self.aux_layers else None
         if fused is not None:  # a float32 CPU decode step: every layer in one C call
             hidden, residual = fused
         else:
-            for layer in self.layers[self.stage_layers.start : self.stage_layers.stop]:
-                hidden, residual = layer(positions, hidden, residual)
+            aux = {}
+            for i in self.stage_layers:
+                if i in self.aux_layers:  # the residual stream entering layer i
+                    aux[i] = hidden if residual is None else hidden + residual
+                hidden, residual = self.layers[i](positions, hidden, residual)
+            self.aux_hidden = [aux[i] for i in self.aux_layers]
         if not self.last:
             return hidden, residual
         hidden, _ = self.norm(hidden, residual)
@@ -201,6 +207,11 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden_size] -> float32 logits [N, vocab_size]."""
         return self.lm_head(hidden)
+
+    def set_aux_hidden_layers(self, layers: tuple[int, ...]) -> None:
+        """Keep, after each forward, the hidden states entering these layers (model.aux_hidden,
+        for an EAGLE-3 head); the fused CPU decode step, which keeps none, is then not used."""
+        self.model.aux_layers = tuple(layers)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -1,0 +1,141 @@
+"""An EAGLE draft head (speculative_config method "eagle" or "eagle3") run by the worker after each
+step, on the draft model's machinery (draft_runner.py): its own paged KV cache under the target's
+block ids plus scratch blocks, drafting with each request's sampling parameters, the drafts'
+q kept for rejection sampling. What it can run on is in shared/eagle.py (one worker rank, a
+Llama-family target, no async scheduling; an EAGLE-3 target's decode steps run without CUDA graphs).
+
+A head's position p reads token p + 1 and the target's hidden state of position p (EAGLE-1: the
+last layer's after the final norm; EAGLE-3: the three aux layers' inputs, through fc). The target's
+hidden states exist only in the step that computed them, so after every step the head runs over
+all of the step's positions whose next token is known (a prefill chunk's, and a verification's up
+to its last accepted token; not a rejected proposal's): its KV then follows the target's. Then the
+requests the plan asks drafts of draft: the first from the head's output at their last position,
+each next one from the draft just made with the head's own output state fed back (as vLLM does).
+Positions past a request's blocks go to scratch blocks and are computed again next step. A prefix-
+cache hit skips the target's forward over the cached tokens and so the head's: their head KV is
+the one written by the request that computed them (the same tokens, but for the block's last
+position the next token may differ), which costs acceptance, never correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from services.worker.draft_runner import DraftRunner, _drafting, _Row
+from services.worker.input_batch import StepInputs
+from services.worker.layers.attention_backend import AttentionBackend
+from services.worker.loader import building, checkpoint_files, load_weights
+from services.worker.models.eagle import Eagle3Head, EagleHead
+from services.worker.request_table import RequestTable
+from shared.config import EngineConfig, ModelConfig
+from shared.draft_model import draft_model_config
+from shared.eagle import EAGLE_METHODS, aux_layer_ids
+from shared.protocol import StepPlan
+
+log = logging.getLogger(__name__)
+
+
+def create_drafter(config: EngineConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend,
+                   target: nn.Module) -> DraftRunner | None:
+    """The runner of the model that drafts on this rank: an EAGLE head's, a draft model's
+    (DraftRunner.create), or None."""
+    spec = config.speculative
+    if spec is not None and spec.method in EAGLE_METHODS:
+        return EagleRunner(config, dtype, device, backend, target)
+    return DraftRunner.create(config, dtype, device, backend)
+
+
+class EagleRunner(DraftRunner):
+    """Loads an EAGLE head beside the target and drafts with it after each step (see the module)."""
+
+    shift = 1
+
+    def __init__(self, config: EngineConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend,
+                 target: nn.Module):
+        head_config = draft_model_config(config)
+        self._setup(config, head_config, config.parallel, dtype, device, backend)
+        self.target = target
+        self.model = build_head(head_config, config.speculative.method, target, dtype, device)
+        if isinstance(self.model, Eagle3Head):
+            target.set_aux_hidden_layers(aux_layer_ids(head_config.hf_config, config.model.num_layers))
+        log.info("%s head %s: %d tokens drafted per step", config.speculative.method, head_config.path, self.k)
+
+    def _propose(self, plan: StepPlan, table: RequestTable, samplers: set[str], inputs: StepInputs,
+                 hidden: torch.Tensor) -> dict[str, np.ndarray]:
+        rows, index = self._step_rows(plan, table, samplers, inputs)
+        if not rows:
+            return {}
+        if isinstance(self.model, Eagle3Head):
+            hidden = torch.cat(self.target.model.aux_hidden, dim=-1)
+        out, fed = self._forward(rows, [(r.start, r.end) for r in rows], self.model.combine(hidden[index]))
+        last = np.cumsum([r.end - r.start for r in rows]) - 1
+        drafting = [i for i, r in enumerate(rows) if r.room > 0]
+        if not drafting:
+            return {}
+        at = torch.as_tensor(last[drafting], device=self.device)
+        live, out, fed = [rows[i] for i in drafting], out[at], fed[at]
+        while True:
+            self._draft(live, self.model.compute_logits(out))
+            kept = [i for i, r in enumerate(live) if r.room > 0]
+            if not kept:
+                break
+            live = [live[i] for i in kept]  # each row's latest draft, read at the position before it
+            spans = [(r.end + len(r.drafts) - 1, r.end + len(r.drafts)) for r in live]
+            out, fed = self._forward(live, spans, fed[torch.as_tensor(kept, device=self.device)])
+        return self._proposals([rows[i] for i in drafting])
+
+    def _step_rows(self, plan: StepPlan, table: RequestTable, samplers: set[str],
+                   inputs: StepInputs) -> tuple[list[_Row], torch.Tensor]:
+        """One row per request of the step still in the table: the positions the target computed
+        whose next token is known, from `start` to `end` (exclusive); room for drafts if the plan
+        asks some of it. And where their target hidden states are among the step's rows."""
+        rows, index = [], []
+        max_len = self.config.model.max_model_len
+        first = inputs.attn.query_start_loc
+        for i, state in enumerate(inputs.requests):
+            if table.states.get(state.req_id) is not state or state.req_id in table.failed:
+                continue
+            start = state.num_computed_tokens  # the table has not advanced yet
+            end = min(start + first[i + 1] - first[i], state.num_tokens - 1)
+            if end <= start:
+                continue
+            room = 0
+            if state.req_id in samplers and end == state.num_tokens - 1:
+                room = min(plan.num_draft_tokens.get(state.req_id, 0), self.k, max_len - state.num_tokens)
+            sampling = _drafting(state.sampling) if room > 0 else state.sampling
+            rows.append(_Row(state, start, end, state.block_ids + self._scratch(len(rows)), sampling, max(room, 0)))
+            index.extend(range(first[i], first[i] + end - start))
+        return rows, torch.as_tensor(index, dtype=torch.long, device=self.device)
+
+
+def build_head(config: ModelConfig, method: str, target: nn.Module, dtype: torch.dtype,
+               device: torch.device) -> EagleHead | Eagle3Head:
+    """The head at config.path, its weights loaded; ValueError for a checkpoint that is not one."""
+    names = set()
+    for file in checkpoint_files(config.path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names.update(f.keys())
+    if "fc.weight" not in names:
+        raise ValueError(f"the {method} head {config.path} has no fc.weight: not an EAGLE checkpoint")
+    own_embedding = "embed_tokens.weight" in names
+    with building(dtype, device):
+        if method == "eagle3":
+            width = config.hf_config.get("target_hidden_size") or config.hidden_size
+            head = Eagle3Head(config, target, own_embedding, width)
+        else:
+            head = EagleHead(config, target, own_embedding, "fc.bias" in names,
+                             "layers.0.input_layernorm.weight" in names)
+    try:
+        load_weights(head, config.path)
+    except ValueError as exc:
+        raise ValueError(f"the {method} head {config.path}: {exc}") from None
+    if isinstance(head, Eagle3Head):
+        ids = torch.arange(head.d2t.numel(), device=head.d2t.device) + head.d2t
+        if ids.min() < 0 or ids.max() >= config.vocab_size or ids.unique().numel() != ids.numel():
+            raise ValueError(f"the eagle3 head {config.path}: d2t must map each draft token to its own target token")
+    return head.requires_grad_(False).eval()

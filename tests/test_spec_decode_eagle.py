@@ -1,0 +1,166 @@
+"""Speculative decoding with EAGLE and EAGLE-3 heads (pagedserve/test_eagle.py writes them in the
+real checkpoint formats) over the real model runner, in one process. Random heads: every kind of
+request ends with the outputs of non-speculative decoding, with chunked prefill, prefix caching
+and a pool small enough to preempt, and every block returns. Probe heads, whose drafts follow
+from the target's hidden states: each draft is the token the wiring predicts (the last layer's
+state after the final norm for EAGLE-1, the aux layers' inputs in config order for EAGLE-3, the
+head's own state fed to its next position). A head that computes the target's layer one position
+later has most drafts accepted (the head reads the next token and keeps its KV right). Heads that
+cannot serve the target are refused at startup."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from engine_outputs import assert_same_outputs, collect_outputs
+from test_spec_decode import generate
+from test_spec_decode_draft import SETUPS, make_runner
+
+from services.engine.core import EngineCore
+from shared.config import EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from shared.sampling_params import SamplingParams
+from shared.speculative import SpeculativeConfig
+
+METHODS = ("eagle", "eagle3")
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def target(model_dirs) -> str:
+    return str(model_dirs("llama", attention_scale=0.005, config_overrides={"num_hidden_layers": 4}))
+
+
+@pytest.fixture(scope="module")
+def heads(target, tmp_path_factory):
+    """heads(method, kind) -> a head's directory, written once."""
+    from pagedserve.test_eagle import make_eagle_head
+
+    made: dict = {}
+
+    def get(method: str, kind: str = "random", target_dir: str = target) -> str:
+        if (method, kind, target_dir) not in made:
+            out = tmp_path_factory.mktemp(f"{method}-{kind}")
+            made[method, kind, target_dir] = str(make_eagle_head(target_dir, out, method, kind))
+        return made[method, kind, target_dir]
+
+    return get
+
+
+def eagle_spec(model: str, method: str = "eagle", k: int = 3) -> SpeculativeConfig:
+    """draft_cost 0: the adaptive rule drafts whenever proposals hold, however few are accepted."""
+    return SpeculativeConfig(method=method, model=model, num_speculative_tokens=k, draft_cost=0.0)
+
+
+@pytest.fixture(scope="module")
+def plain(target):
+    runner = make_runner(target, None)
+    return {name: generate(runner, None, *setup)[0] for name, setup in SETUPS.items()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_eagle_speculation_gives_the_same_outputs(target, heads, plain, method, setup):
+    spec = eagle_spec(heads(method), method)
+    runner = make_runner(target, spec)
+    out, engine = generate(runner, spec, *SETUPS[setup])  # every block back (run_requests)
+    assert_same_outputs(out, plain[setup])
+    assert engine.scheduler.spec.num_draft_tokens > 0 and runner.draft.num_forwards > 0
+    if setup == "preempting":
+        assert engine.scheduler.num_preemptions > 0
+
+
+def _checked_drafts(runner, spec: SpeculativeConfig, expect) -> int:
+    """Greedy requests run to the end; after each step every request's drafts must equal
+    expect(its tokens). Returns how many drafts were checked."""
+    runner.reset()
+    config = dataclasses.replace(runner.config, scheduler=SchedulerConfig(max_num_batched_tokens=32), speculative=spec)
+    engine = EngineCore(config, runner, 64)
+    for i in range(3):
+        engine.add_request(engine.make_request(f"r{i}", [(k * 7 + 31 * i) % 300 + 3 for k in range(5 + 11 * i)], GREEDY))
+    checked = 0
+
+    def check(engine: EngineCore) -> None:
+        nonlocal checked
+        for request in engine.scheduler.running:
+            if request.draft_token_ids:
+                want = expect(request.token_ids)
+                assert request.draft_token_ids == [want] * len(request.draft_token_ids), request.req_id
+                checked += len(request.draft_token_ids)
+
+    collect_outputs(engine, check)
+    return checked
+
+
+def test_eagle_drafts_from_the_targets_last_hidden_state(target, heads):
+    """Probe EAGLE-1 head: its logits are the target's at the latest position, so greedy drafts
+    repeat the latest token."""
+    spec = eagle_spec(heads("eagle", "probe"))
+    assert _checked_drafts(make_runner(target, spec), spec, lambda tokens: tokens[-1]) >= 10
+
+
+def test_eagle3_drafts_from_the_targets_aux_hidden_states(target, heads):
+    """Probe EAGLE-3 head: fc selects the second aux state (layer 0's input, the token
+    embedding, at the position before the latest token); its LM head is the embedding."""
+    from safetensors.torch import load_file
+
+    embedding = load_file(f"{target}/model.safetensors")["model.embed_tokens.weight"]
+    best = (embedding @ embedding.T).argmax(dim=-1).tolist()  # the draft after each token
+    spec = eagle_spec(heads("eagle3", "probe"), "eagle3")
+    assert _checked_drafts(make_runner(target, spec), spec, lambda tokens: best[tokens[-2]]) >= 10
+
+
+def test_a_head_that_computes_the_targets_layer_gets_accepted(model_dirs, heads, tmp_path_factory):
+    from pagedserve.test_eagle import with_unit_final_norm
+
+    one_layer = model_dirs("llama", config_overrides={"num_hidden_layers": 1})
+    target = str(with_unit_final_norm(one_layer, tmp_path_factory.mktemp("unit-norm")))
+    spec = eagle_spec(heads("eagle", "mimic", target))
+    runner = make_runner(target, spec)
+    _, engine = generate(runner, spec, *SETUPS["roomy"])
+    counts = engine.scheduler.spec
+    assert counts.num_accepted_tokens > 0.5 * counts.num_draft_tokens > 0
+
+
+def _config(target: str, spec: dict, **kwargs) -> EngineConfig:
+    model = ModelConfig.from_pretrained(target, max_model_len=160)
+    return EngineConfig(model, speculative=SpeculativeConfig.parse(spec), **kwargs)
+
+
+def test_heads_that_cannot_serve_the_target_are_refused(target, heads, tmp_path):
+    from pagedserve.test_eagle import make_eagle_head
+
+    wide = make_eagle_head(target, tmp_path / "wide", "eagle", config_overrides={"hidden_size": 128})
+    with pytest.raises(ValueError, match="hidden_size 128, the target 64"):
+        _config(target, {"method": "eagle", "model": str(wide)})
+    aux = make_eagle_head(target, tmp_path / "aux", "eagle3", config_overrides={"eagle_aux_hidden_state_layer_ids": [0, 9, 1]})
+    with pytest.raises(ValueError, match="three of the target's 4 layers"):
+        _config(target, {"method": "eagle3", "model": str(aux)})
+    with pytest.raises(ValueError, match="tensor or pipeline parallelism"):
+        _config(target, {"method": "eagle", "model": heads("eagle")}, parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="async scheduling"):
+        _config(target, {"method": "eagle", "model": heads("eagle")}, scheduler=SchedulerConfig(async_scheduling=True))
+    with pytest.raises(ValueError, match='needs a "model"'):
+        SpeculativeConfig.parse({"method": "eagle3"})
+
+
+def test_a_checkpoint_without_fc_is_refused_offline(target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pagedserve import LLM
+    from pagedserve.test_eagle import make_eagle_head
+
+    head = make_eagle_head(target, tmp_path / "nofc", "eagle")
+    weights = load_file(str(head / "model.safetensors"))
+    del weights["fc.weight"]
+    save_file(weights, str(head / "model.safetensors"))
+    with pytest.raises(ValueError, match="no fc.weight: not an EAGLE checkpoint"):
+        LLM(target, max_model_len=128, kv_cache_memory=8 << 20,
+            speculative_config={"method": "eagle", "model": str(head), "num_speculative_tokens": 2})
+
+
+def test_eagle3_aux_layers_default_as_vllm():
+    from shared.eagle import aux_layer_ids
+
+    assert aux_layer_ids({}, 32) == (2, 16, 29)
+    assert aux_layer_ids({"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 5, 9]}}, 32) == (1, 5, 9)
