@@ -10,7 +10,9 @@ for each concurrency C, 2*C prompts per run (at least 4). Plain and speculative 
 (plain, then each method), repeated, so machine noise hits all alike; each figure is the best of
 the repeats.
 draft_model drafts with the checkpoint's first --draft-layers (2) layers: its own copy of them,
-with its own KV cache, run by a second model runner (plain decoding runs on the first).
+with its own KV cache, run by a second model runner (plain decoding runs on the first). eagle and
+eagle3 draft with a random-weight head: its proposals are almost never accepted, so their rows
+measure what the head costs while the adaptive rule tries it and then turns it off, not a gain.
 --async-scheduling: every run (plain and each method) is made with async scheduling off and on,
 interleaved; with it on the workers propose (a model runner of their own per method). Offline the
 step planned ahead runs after the current one (no overlap, as no worker process computes
@@ -145,15 +147,23 @@ def measure(runners, specs: dict[str, SpeculativeConfig], workload: str, c: int,
 
 def spec_config(method: str, args, model_dir: Path) -> SpeculativeConfig:
     """draft_model drafts with the checkpoint's first --draft-layers layers (built once, cached
-    beside it): random-weight models of different seeds would agree on nothing."""
+    beside it): random-weight models of different seeds would agree on nothing. eagle and eagle3
+    draft with a random-weight head (pagedserve/test_eagle.py), cached beside it too."""
     k = args.num_speculative_tokens
-    if method != "draft_model":
-        return SpeculativeConfig(method=method, num_speculative_tokens=k)
-    from pagedserve.test_draft_model import make_draft_model
+    if method in ("eagle", "eagle3"):
+        from pagedserve.test_eagle import make_eagle_head
 
-    draft = args.cache_dir / f"{model_dir.name}-draft-{args.draft_layers}-layers"
-    if not (draft / "config.json").is_file():
-        make_draft_model(model_dir, draft, args.draft_layers)
+        draft = args.cache_dir / f"{model_dir.name}-{method}-random-head"
+        if not (draft / "config.json").is_file():
+            make_eagle_head(model_dir, draft, method)
+    elif method == "draft_model":
+        from pagedserve.test_draft_model import make_draft_model
+
+        draft = args.cache_dir / f"{model_dir.name}-draft-{args.draft_layers}-layers"
+        if not (draft / "config.json").is_file():
+            make_draft_model(model_dir, draft, args.draft_layers)
+    else:
+        return SpeculativeConfig(method=method, num_speculative_tokens=k)
     return SpeculativeConfig(method=method, num_speculative_tokens=k, model=str(draft), draft_cost=args.draft_cost)
 
 
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--draft-layers", type=int, default=2, help="draft_model: the checkpoint's first N layers")
     p.add_argument("--draft-cost", type=float, default=None,
-                   help="draft_model: speculative_config's draft_cost (default: estimated; 0 drafts whenever it pays off "
+                   help="draft_model, eagle, eagle3: speculative_config's draft_cost (default: estimated; 0 drafts whenever it pays off "
                         "to verify, which measures what drafting costs)")
     p.add_argument("--model", default=None, help="a checkpoint directory (default: the smol135 demo checkpoint)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -188,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--async-scheduling", action="store_true",
                    help="also run plain and every method with async scheduling, interleaved with the runs without")
     args = p.parse_args(argv)
+    if args.async_scheduling and {"eagle", "eagle3"} & set(args.methods):
+        p.error("eagle and eagle3 do not combine with async scheduling yet")
     import torch
 
     from services.worker.model_runner import ModelRunner
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     def runners(method: str | None, async_scheduling: bool) -> ModelRunner:
         """Plain decoding and the engine's proposals run on the plain runner; a draft model, or
         proposals on the workers (async scheduling), on a runner of their own."""
-        if method is None or (method != "draft_model" and not async_scheduling):
+        if method is None or (not specs[method].model_drafts and not async_scheduling):
             return plain
         if (method, async_scheduling) not in made:
             scheduler = SchedulerConfig(async_scheduling=async_scheduling)
