@@ -5,14 +5,17 @@ and a pool small enough to preempt, and every block returns. Probe heads, whose 
 from the target's hidden states: each draft is the token the wiring predicts (the last layer's
 state after the final norm for EAGLE-1, the aux layers' inputs in config order for EAGLE-3, the
 head's own state fed to its next position). A head that computes the target's layer one position
-later has most drafts accepted (the head reads the next token and keeps its KV right). Heads that
-cannot serve the target are refused at startup."""
+later has most drafts accepted (the head reads the next token and keeps its KV right). `LLM`
+speculates with a head as the engine does. Heads that cannot serve the target (another hidden
+size, aux layers it lacks, no fc, a d2t out of range) and setups the runner does not cover (tensor
+parallelism, async scheduling) are refused at startup."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 from engine_outputs import assert_same_outputs, collect_outputs
 from test_spec_decode import generate
 from test_spec_decode_draft import SETUPS, make_runner
@@ -144,19 +147,40 @@ def test_heads_that_cannot_serve_the_target_are_refused(target, heads, tmp_path)
         SpeculativeConfig.parse({"method": "eagle3"})
 
 
-def test_a_checkpoint_without_fc_is_refused_offline(target, tmp_path):
+def test_offline_llm_speculates_with_eagle3_and_refuses_a_head_without_fc(target, heads, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from pagedserve import LLM
     from pagedserve.test_eagle import make_eagle_head
 
+    prompts = [{"prompt_token_ids": [(k * 13 + 5 * i) % 300 + 3 for k in range(6 + 9 * i)]} for i in range(3)]
+    kwargs = {"max_model_len": 128, "kv_cache_memory": 8 << 20}
+    want = [o.outputs[0].token_ids for o in LLM(target, **kwargs).generate(prompts, GREEDY, use_tqdm=False)]
+    spec = {"method": "eagle3", "model": heads("eagle3"), "num_speculative_tokens": 3, "draft_cost": 0}
+    llm = LLM(target, speculative_config=spec, **kwargs)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
     head = make_eagle_head(target, tmp_path / "nofc", "eagle")
     weights = load_file(str(head / "model.safetensors"))
     del weights["fc.weight"]
     save_file(weights, str(head / "model.safetensors"))
     with pytest.raises(ValueError, match="no fc.weight: not an EAGLE checkpoint"):
-        LLM(target, max_model_len=128, kv_cache_memory=8 << 20,
-            speculative_config={"method": "eagle", "model": str(head), "num_speculative_tokens": 2})
+        LLM(target, speculative_config={"method": "eagle", "model": str(head), "num_speculative_tokens": 2}, **kwargs)
+    bad = make_eagle_head(target, tmp_path / "d2t", "eagle3")
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["d2t"] += 10_000
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="d2t must map each draft token"):
+        LLM(target, speculative_config={"method": "eagle3", "model": str(bad)}, **kwargs)
+
+
+def test_eagle3_targets_decode_without_cuda_graphs(target, heads):
+    from types import SimpleNamespace
+
+    from services.worker.cuda_graphs import graphs_unsupported
+
+    cuda, triton = torch.device("cuda"), SimpleNamespace(name="triton")
+    assert graphs_unsupported(_config(target, {"method": "eagle", "model": heads("eagle")}), cuda, triton) is None
+    assert "EAGLE-3" in graphs_unsupported(_config(target, {"method": "eagle3", "model": heads("eagle3")}), cuda, triton)
 
 
 def test_eagle3_aux_layers_default_as_vllm():
