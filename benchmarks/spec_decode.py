@@ -198,8 +198,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--async-scheduling", action="store_true",
                    help="also run plain and every method with async scheduling, interleaved with the runs without")
     args = p.parse_args(argv)
-    if args.async_scheduling and {"eagle", "eagle3"} & set(args.methods):
-        p.error("eagle and eagle3 do not combine with async scheduling yet")
     import torch
 
     from services.worker.model_runner import ModelRunner

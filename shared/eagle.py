@@ -4,7 +4,7 @@ Nothing here imports torch; the heads are services/worker/models/eagle.py, their
 services/worker/eagle_runner.py.
 
 Supported: a Llama-family target (LLAMA_FAMILY) on one worker (no tensor or pipeline parallelism),
-without async scheduling, a head checkpoint in safetensors with the target's vocabulary:
+with or without async scheduling, a head checkpoint in safetensors with the target's vocabulary:
 - "eagle" (EAGLE-1/2): config.json of a Llama with the target's hidden_size; `fc.weight` [h, 2h]
   (`fc.bias` optional) over concat(token embedding, the target's last hidden state after its final
   norm); decoder layers `layers.N.*` (layer 0's input_layernorm may be absent); no final norm;
@@ -72,8 +72,6 @@ def _check_setup(config: EngineConfig) -> None:
     if p.tensor_parallel_size > 1 or p.pipeline_parallel_size > 1:
         raise ValueError(f"speculative_config method {method!r} does not run under tensor or pipeline parallelism "
                          "yet: use tensor_parallel_size and pipeline_parallel_size 1, or method draft_model")
-    if config.scheduler.async_scheduling:
-        raise ValueError(f"speculative_config method {method!r} does not combine with async scheduling yet")
     if config.speculative.draft_tensor_parallel_size not in (None, 1):
         raise ValueError(f"speculative_config draft_tensor_parallel_size must be 1 for method {method!r}")
 

@@ -8,7 +8,7 @@ head's own state fed to its next position). A head that computes the target's la
 later has most drafts accepted (the head reads the next token and keeps its KV right). `LLM`
 speculates with a head as the engine does. Heads that cannot serve the target (another hidden
 size, aux layers it lacks, no fc, a d2t out of range) and setups the runner does not cover (tensor
-parallelism, async scheduling) are refused at startup."""
+parallelism) are refused at startup. With async scheduling the worker proposes from the head too."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 from engine_outputs import assert_same_outputs, collect_outputs
 from test_spec_decode import generate
+from test_spec_decode_async import generate_async
 from test_spec_decode_draft import SETUPS, make_runner
 
 from services.engine.core import EngineCore
@@ -113,14 +114,23 @@ def test_eagle3_drafts_from_the_targets_aux_hidden_states(target, heads):
     assert _checked_drafts(make_runner(target, spec), spec, lambda tokens: best[tokens[-2]]) >= 10
 
 
-def test_a_head_that_computes_the_targets_layer_gets_accepted(model_dirs, heads, tmp_path_factory):
+@pytest.fixture(scope="module")
+def unit_norm(model_dirs, tmp_path_factory) -> tuple[str, dict]:
+    """A one-layer target whose final norm weight is one, and its plain outputs."""
     from pagedserve.test_eagle import with_unit_final_norm
 
     one_layer = model_dirs("llama", config_overrides={"num_hidden_layers": 1})
     target = str(with_unit_final_norm(one_layer, tmp_path_factory.mktemp("unit-norm")))
+    return target, generate(make_runner(target, None), None, *SETUPS["roomy"])[0]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_head_that_computes_the_targets_layer_gets_accepted(unit_norm, heads, async_scheduling):
+    target, want = unit_norm
     spec = eagle_spec(heads("eagle", "mimic", target))
-    runner = make_runner(target, spec)
-    _, engine = generate(runner, spec, *SETUPS["roomy"])
+    runner = make_runner(target, spec, scheduler=SchedulerConfig(async_scheduling=async_scheduling))
+    out, engine = generate_async(runner, *SETUPS["roomy"]) if async_scheduling else generate(runner, spec, *SETUPS["roomy"])
+    assert_same_outputs(out, want)
     counts = engine.scheduler.spec
     assert counts.num_accepted_tokens > 0.5 * counts.num_draft_tokens > 0
 
@@ -141,8 +151,6 @@ def test_heads_that_cannot_serve_the_target_are_refused(target, heads, tmp_path)
         _config(target, {"method": "eagle3", "model": str(aux)})
     with pytest.raises(ValueError, match="tensor or pipeline parallelism"):
         _config(target, {"method": "eagle", "model": heads("eagle")}, parallel=ParallelConfig(tensor_parallel_size=2))
-    with pytest.raises(ValueError, match="async scheduling"):
-        _config(target, {"method": "eagle", "model": heads("eagle")}, scheduler=SchedulerConfig(async_scheduling=True))
     with pytest.raises(ValueError, match='needs a "model"'):
         SpeculativeConfig.parse({"method": "eagle3"})
 

@@ -1,8 +1,9 @@
 """An EAGLE draft head (speculative_config method "eagle" or "eagle3") run by the worker after each
 step, on the draft model's machinery (draft_runner.py): its own paged KV cache under the target's
 block ids plus scratch blocks, drafting with each request's sampling parameters, the drafts'
-q kept for rejection sampling. What it can run on is in shared/eagle.py (one worker rank, a
-Llama-family target, no async scheduling; an EAGLE-3 target's decode steps run without CUDA graphs).
+q kept for rejection sampling, with async scheduling too (proposals.py). What it can run on is in
+shared/eagle.py (one worker rank, a Llama-family target; an EAGLE-3 target's decode steps run
+without CUDA graphs, and on CPU without the one-call C decode step, as neither keeps the aux states).
 
 A head's position p reads token p + 1 and the target's hidden state of position p (EAGLE-1: the
 last layer's after the final norm; EAGLE-3: the three aux layers' inputs, through fc). The target's
