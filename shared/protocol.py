@@ -135,7 +135,7 @@ class StepResult(msgspec.Struct, tag=True, **_STRUCT):
     # speculative decoding with a draft model, proposals on the engine: the tokens the workers' draft
     # proposes to follow each sampling request's tokens, for the engine to schedule with its next step
     draft_token_ids: dict[ReqId, TokenIds] = {}
-    num_proposed: dict[ReqId, Positive] = {}  # proposals made on the workers (async scheduling) it verified
+    num_proposed: dict[ReqId, Positive] = {}  # proposals it verified (a grammar cuts those it forbids)
 
     def __post_init__(self) -> None:
         for req_id, ids in self.draft_token_ids.items():

@@ -150,7 +150,7 @@ def test_verification_results_end_at_a_stop_and_roll_back_rejected_tokens(params
     plan = scheduler.schedule()
     assert plan.spec_token_ids["r"].tolist() == proposed  # what followed the latest [..., 8, 5]
     assert plan.num_scheduled_tokens["r"] == 1 + len(proposed)
-    (delta,) = scheduler.update(plan, StepResult(plan.step_id, ["r"] * len(got), got))
+    (delta,) = scheduler.update(plan, StepResult(plan.step_id, ["r"] * len(got), got, num_proposed={"r": len(proposed)}))
     assert delta.new_token_ids == kept and delta.finish_reason == finish
     if finish is not None:
         assert scheduler.kv.pool.num_free_blocks == 16
@@ -256,6 +256,42 @@ def test_over_pipeline_stages_the_adaptive_rule_counts_one_steps_share():
         plan = s.schedule()
         assert len(s.running) == COMPUTE_BOUND_BATCH and len(plan.cached_requests) == len(ids)
         assert [len(plan.spec_token_ids.get(r, ())) for r in ids] == [proposals] * len(ids)
+
+
+class GrammarBreaker:
+    """An engine proposer whose proposals are the plain run's next token, then two tokens the
+    grammar forbids."""
+
+    def __init__(self, plain: list[int], forbidden: int):
+        self.plain, self.forbidden = plain, forbidden
+
+    def propose_for(self, request: Request, k: int) -> list[int]:
+        n = request.num_output_tokens
+        return [self.plain[n], self.forbidden, self.forbidden][:k] if n + 1 < len(self.plain) else []
+
+    def release(self, request: Request) -> None:
+        """Nothing kept."""
+
+
+def test_proposals_a_grammar_forbids_are_not_verified(runner):
+    """The worker cuts the engine's proposals at the first token the request's grammar forbids:
+    one verified (and accepted) per step instead of three, the same tokens as without speculation."""
+    from shared.processor.tokenizer import load_tokenizer
+
+    params = SamplingParams(temperature=0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(choice=["yes yes yes yes yes yes yes"]))
+    forbidden = load_tokenizer(runner.config.model.path).encode("x", add_special_tokens=False)[0]
+    outputs = []
+    for spec in (None, SPEC):
+        runner.reset()
+        engine = EngineCore(dataclasses.replace(runner.config, speculative=spec), runner, 128)
+        if spec is not None:
+            engine.scheduler.spec.proposer = GrammarBreaker(outputs[0]["c"]["tokens"], forbidden)
+        engine.add_request(engine.make_request("c", [7, 8, 9, 10], params))
+        outputs.append(collect_outputs(engine))
+    assert_same_outputs(outputs[1], outputs[0])
+    counts = engine.scheduler.spec
+    assert counts.num_drafts > 3 and counts.num_draft_tokens == counts.num_accepted_tokens == counts.num_drafts
 
 
 def test_bad_proposals_in_a_plan_fail_their_request_alone():

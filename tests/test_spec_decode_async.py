@@ -237,9 +237,9 @@ def test_async_speculation_over_tensor_parallel_ranks_gives_one_ranks_outputs(mo
         got = run_requests(llm.engine, llm.runner.num_blocks, copies=1)
         counts = llm.engine.scheduler.spec
     assert_same_outputs(got, {r: o for r, o in plain["roomy"].items() if r.endswith("-0")})
-    assert counts.on_workers and 0 < counts.num_accepted_tokens <= counts.num_draft_tokens
-    if method == "suffix":  # (a twin draft's proposals hold, except where a grammar forbids them)
-        assert counts.num_accepted_tokens < counts.num_draft_tokens
+    assert counts.on_workers and counts.num_accepted_tokens > 0
+    # a twin draft's proposals hold (cut where a grammar forbids them); suffix's both hold and fail
+    assert (counts.num_accepted_tokens == counts.num_draft_tokens) == (method == "draft_model")
 
 
 def test_over_pipeline_stages_the_engine_proposes():

@@ -145,7 +145,7 @@ def test_state_is_freed_on_finish_and_abort_and_the_global_tree_stays_bounded():
             scheduler.abort([req_id])
             outputs.append([5])
         else:
-            scheduler.update(plan, StepResult(plan.step_id, [req_id] * 2, [6, 9]))
+            scheduler.update(plan, StepResult(plan.step_id, [req_id] * 2, [6, 9], num_proposed={req_id: 1}))
             outputs.append([5, 6, 9])
         assert scheduler.kv.pool.num_free_blocks == 64
     assert proposer.trees == {} and list(proposer.cached) == [36, 37, 38, 39]

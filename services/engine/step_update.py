@@ -41,8 +41,9 @@ class StepUpdate:
                 continue  # finished, aborted or preempted since the step was planned
             num_slots = planned[req_id][2]
             self._fill_placeholder(req_id, 1 + num_slots)
-            # the engine's proposals, or as many as the worker says it made in the slots
-            num_proposed = min(num_slots, len(request.spec_token_ids) or result.num_proposed.get(req_id, 0))
+            # as many as the worker verified in the slots: its own, or the engine's up to the first
+            # the request's grammar forbids
+            num_proposed = min(num_slots, result.num_proposed.get(req_id, 0))
             deltas.append(self._append(request, sampled, req_id in stopped))
             drafted = result.draft_token_ids.get(req_id)
             request.draft_token_ids = [] if drafted is None else drafted.tolist()

@@ -16,7 +16,9 @@ go back to it (StepResult.draft_token_ids) to be scheduled. A worker started wit
 proposals in the slots, and none of prompt lookup's or suffix decoding's). Suffix decoding's tree
 of recent outputs lives here with async scheduling: the outputs of the requests this worker
 dropped (finished, failed, or resent after preemption). Every rank proposes the same: the same
-plans over the same tokens, and the same random draws.
+plans over the same tokens, and the same random draws. A request with a grammar has its
+proposals cut at the first token the grammar forbids (cut_by_grammar): here as they are made,
+and in the table for the engine's, so no verification slot goes to a token that cannot be kept.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from services.engine.spec_decode import NgramProposer
 from services.engine.suffix_decode import SuffixProposer
 from services.worker.draft_runner import DraftRunner
 from services.worker.input_batch import StepInputs
+from services.worker.rejection_sampler import rejection_sampled
 from services.worker.request_table import RequestState, RequestTable
+from services.worker.structured_output import StructuredOutputs
 from shared.config import EngineConfig
 from shared.protocol import StepPlan
 from shared.speculative import proposals_on_workers
@@ -79,9 +83,22 @@ class WorkerProposer:
                 tokens = self.lookup.propose_for(state, min(n, self.k, self.max_model_len - state.num_tokens))
                 if tokens:
                     proposals[req_id] = np.asarray(tokens, dtype=np.int32)
+        kept = {}
         for req_id, tokens in proposals.items():
-            table.states[req_id].draft_token_ids = tokens.tolist()
-        return proposals if self.returns else {}
+            state = table.states[req_id]
+            state.draft_token_ids = self.cut_by_grammar(state, tokens.tolist(), table.structured)
+            if state.draft_token_ids:
+                kept[req_id] = tokens[: len(state.draft_token_ids)]
+        return kept if self.returns else {}
+
+    def cut_by_grammar(self, state: RequestState, tokens: list[int], structured: StructuredOutputs | None) -> list[int]:
+        """A request's proposals up to the first its grammar forbids (StructuredOutputs.allowed_prefix;
+        call where its matcher has seen every sampled token). Not a draft's rejection-sampled
+        proposals: cut there, the position's token would be sampled from p where rejection
+        sampling takes it from what is left of p after the draft's q, which changes its distribution."""
+        if structured is None or (self.draft is not None and rejection_sampled(state.sampling.params)):
+            return tokens
+        return structured.allowed_prefix(state.req_id, tokens)
 
     @staticmethod
     def verified(states: list[RequestState]) -> dict[str, int]:

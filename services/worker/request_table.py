@@ -169,7 +169,7 @@ class RequestTable:
         if proposed is None and state.num_computed_tokens == state.num_tokens - 1:
             state.spec_token_ids = state.draft_token_ids[: n - 1]  # its own, in the slots the engine reserved
             n = min(n, 1 + len(state.spec_token_ids))
-        state.draft_token_ids, state.num_scheduled = [], n
+        state.draft_token_ids = []
         num_tokens = len(state.token_ids) + len(state.spec_token_ids)
         try:
             check_proposals(proposed, len(state.token_ids), state.num_computed_tokens, self.limits)
@@ -177,6 +177,12 @@ class RequestTable:
         except ValueError as exc:
             self.fail(req_id, str(exc))
             return None
+        # the engine's proposals, cut by the grammar where every rank's matcher is current (one stage)
+        if proposed is not None and self.proposer is not None and self.proposer.one_stage:
+            kept = self.proposer.cut_by_grammar(state, state.spec_token_ids, self.structured)
+            n -= len(state.spec_token_ids) - len(kept)
+            state.spec_token_ids = kept
+        state.num_scheduled = n
         return state
 
     def take_failed(self) -> dict[str, str]:

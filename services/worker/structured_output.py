@@ -7,7 +7,8 @@ tokens through a fresh matcher (grammars are compiled, cached and bounded in tim
 grammar_compiler.py). The model's EOS ids are the grammar's stop tokens: once the output is
 complete only they remain allowed, and the sampled stop token terminates the matcher. A
 terminated matcher is never masked or advanced again: its request is reported as stopped (as
-vLLM finishes it), even under ignore_eos. json_object is the schema {"type": "object"}, so the
+vLLM finishes it), even under ignore_eos. Speculative proposals are cut at the first token the
+grammar forbids (allowed_prefix), so none is verified that cannot be kept. json_object is the schema {"type": "object"}, so the
 output is an object, never another value. An error in one request's matcher fails that request
 alone.
 """
@@ -44,6 +45,24 @@ class StructuredOutputs:
             if not matcher.accept_token(token):
                 raise ValueError(f"token {token} does not fit the request's structured_outputs")
         self.matchers[req_id] = matcher
+
+    def allowed_prefix(self, req_id: str, tokens: list[int]) -> list[int]:
+        """Proposed `tokens` (to follow the request's tokens so far) up to the first its grammar
+        forbids: that one cannot be sampled there, so verifying it and those after it is wasted.
+        All of them for a request without an active matcher; the matcher ends as it was
+        (xgrammar rolls back what it accepted)."""
+        grammar = self.matchers.get(req_id)
+        if not tokens or not _active(grammar):
+            return tokens
+        n = 0
+        try:
+            while n < len(tokens) and grammar.accept_token(tokens[n]):
+                n += 1
+        except RuntimeError as exc:  # a broken matcher: the step's sampling fails its request
+            _grammar_error("cannot check the proposals", exc)
+        if n:
+            grammar.rollback(n)
+        return tokens[:n]
 
     def drop(self, req_id: str) -> None:
         self.matchers.pop(req_id, None)
