@@ -59,50 +59,89 @@ static inline float elem(const void *cache, int64_t offset, int fmt) {
     return f * FP8_REBIAS(fmt);
 }
 
-/* One kind of scores and values loops: scores[s] = q . k_s * scale, and out = sum_s p[s] * v_s,
- * for the S keys / values of one request and KV head; D is the head dim (ignored where fixed). */
-typedef void scores_fn(const float *q, const void *cache, const int64_t *table, int64_t S, int64_t bs, int64_t row,
-                       int64_t head, int64_t D, float scale, float *scores);
-typedef void values_fn(const float *p, const void *cache, const int64_t *table, int64_t S, int64_t bs, int64_t row,
-                       int64_t head, int64_t D, float *out);
+/* The sums of a[0..7]'s lanes, lane i holding a[i]'s: three rounds of pairwise adds (vhaddps), so
+ * eight keys' dot products cost about one instruction each to finish. */
+static inline v8 hadd8(v8 a, v8 b) {
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static inline v8 reduce8(const v8 *a) {
+    const v8 u0 = hadd8(hadd8(a[0], a[1]), hadd8(a[2], a[3])), u1 = hadd8(hadd8(a[4], a[5]), hadd8(a[6], a[7]));
+    return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
 
-/* Head dims of 64 and 128: a query head (or an output head) held in registers across the keys. */
-static inline __attribute__((always_inline)) void scores_fixed(const float *q, const void *cache,
-                                                               const int64_t *table, int64_t S, int64_t bs,
-                                                               int64_t row, int64_t head, float scale,
-                                                               float *scores, const int DIM, const int FMT) {
-    v8 qv[16];
-    for (int j = 0; j < DIM / 8; j++) qv[j] = load8(q + 8 * j);
+/* n rows of `width` floats (KV heads side by side) in one block as float32 rows `*stride` floats
+ * apart: the cache itself for float32, else widened from fp8 into buf [n, width]. */
+static inline __attribute__((always_inline)) const float *block_rows(const void *cache, int64_t base, int64_t n,
+                                                                     int64_t row, int64_t width, float *buf,
+                                                                     int64_t *stride, const int FMT) {
+    if (FMT == F32) {
+        *stride = row;
+        return (const float *)cache + base;
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < width; j += 8) store8(buf + i * width + j, row8(cache, base + i * row + j, FMT));
+    *stride = width;
+    return buf;
+}
+
+/* Head dims of 64 and 128, for KV heads [head, head + nkv) and the G query heads each serves, q
+ * [nkv * G, DIM]: scores [nkv * G, S] = q . k * scale. A block's rows are read once, in order, for
+ * all of them (eight keys at a time per query head, the rows in L1 across the heads). */
+static inline __attribute__((always_inline)) void scores_fixed(const float *q, int64_t nkv, int64_t G,
+                                                               const void *cache, const int64_t *table, int64_t S,
+                                                               int64_t bs, int64_t row, int64_t head, float scale,
+                                                               float *scores, float *buf, const int DIM,
+                                                               const int FMT) {
     for (int64_t s0 = 0; s0 < S; s0 += bs) {
-        const int64_t n = S - s0 < bs ? S - s0 : bs, base = table[s0 / bs] * bs * row + head;
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t k = base + i * row;
-            v8 a0 = qv[0] * row8(cache, k, FMT), a1 = qv[1] * row8(cache, k + 8, FMT);
-            for (int j = 2; j < DIM / 8; j += 2) {
-                a0 += qv[j] * row8(cache, k + 8 * j, FMT);
-                a1 += qv[j + 1] * row8(cache, k + 8 * j + 8, FMT);
+        const int64_t n = S - s0 < bs ? S - s0 : bs;
+        int64_t stride;
+        const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
+        for (int64_t h = 0; h < nkv * G; h++) {
+            const float *k = rows + h / G * DIM, *qh = q + h * DIM;
+            float *sc = scores + h * S + s0;
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                v8 acc[8] = {0};
+                for (int j = 0; j < DIM; j += 8) {
+                    const v8 qj = load8(qh + j);
+                    for (int u = 0; u < 8; u++) acc[u] += qj * load8(k + (i + u) * stride + j);
+                }
+                store8(sc + i, reduce8(acc) * scale);
             }
-            scores[s0 + i] = hsum8(a0 + a1) * scale;
+            for (; i < n; i++) {
+                v8 acc = {0};
+                for (int j = 0; j < DIM; j += 8) acc += load8(qh + j) * load8(k + i * stride + j);
+                sc[i] = hsum8(acc) * scale;
+            }
         }
     }
 }
 
-static inline __attribute__((always_inline)) void values_fixed(const float *p, const void *cache,
-                                                               const int64_t *table, int64_t S, int64_t bs,
-                                                               int64_t row, int64_t head, float *out,
-                                                               const int DIM, const int FMT) {
-    v8 o[16] = {0};
+/* out [nkv * G, DIM] = p [nkv * G, S] times the values, block by block: each head's output, 64
+ * floats at a time, in registers across a block's rows, which stay in L1 across the heads. */
+static inline __attribute__((always_inline)) void values_fixed(const float *p, int64_t nkv, int64_t G,
+                                                               const void *cache, const int64_t *table, int64_t S,
+                                                               int64_t bs, int64_t row, int64_t head, float *out,
+                                                               float *buf, const int DIM, const int FMT) {
+    memset(out, 0, (size_t)(nkv * G * DIM) * sizeof(float));
     for (int64_t s0 = 0; s0 < S; s0 += bs) {
-        const int64_t n = S - s0 < bs ? S - s0 : bs, base = table[s0 / bs] * bs * row + head;
-        for (int64_t i = 0; i < n; i++) {
-            const float w = p[s0 + i];
-            for (int j = 0; j < DIM / 8; j++) o[j] += w * row8(cache, base + i * row + 8 * j, FMT);
-        }
+        const int64_t n = S - s0 < bs ? S - s0 : bs;
+        int64_t stride;
+        const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
+        for (int64_t h = 0; h < nkv * G; h++)
+            for (int c = 0; c < DIM; c += 64) {
+                const float *v = rows + h / G * DIM + c, *ph = p + h * S + s0;
+                float *oh = out + h * DIM + c;
+                v8 o[8];
+                for (int j = 0; j < 8; j++) o[j] = load8(oh + 8 * j);
+                for (int64_t i = 0; i < n; i++)
+                    for (int j = 0; j < 8; j++) o[j] += ph[i] * load8(v + i * stride + 8 * j);
+                for (int j = 0; j < 8; j++) store8(oh + 8 * j, o[j]);
+            }
     }
-    for (int j = 0; j < DIM / 8; j++) store8(out + 8 * j, o[j]);
 }
 
-/* Any head dim, one element at a time. */
+/* Any head dim, one query head and one element at a time. */
 static void scores_any(const float *q, const void *cache, const int64_t *table, int64_t S, int64_t bs, int64_t row,
                        int64_t head, int64_t D, float scale, float *scores, int fmt) {
     for (int64_t s = 0; s < S; s++) {
@@ -122,18 +161,31 @@ static void values_any(const float *p, const void *cache, const int64_t *table, 
     }
 }
 
+/* One kind of scores and values loops, for KV heads [head / D, head / D + nkv) of one request's S
+ * keys and the G query heads each serves, q [nkv * G, D]: scores [nkv * G, S] = q . k * scale, and
+ * out [nkv * G, D] = p [nkv * G, S] times the values. buf: room for a block's rows as float32. */
+typedef void scores_fn(const float *q, int64_t nkv, int64_t G, const void *cache, const int64_t *table, int64_t S,
+                       int64_t bs, int64_t row, int64_t head, int64_t D, float scale, float *scores, float *buf);
+typedef void values_fn(const float *p, int64_t nkv, int64_t G, const void *cache, const int64_t *table, int64_t S,
+                       int64_t bs, int64_t row, int64_t head, int64_t D, float *out, float *buf);
+
 /* The loops of one head dim (64, 128 or 0: any) and cache format, compiled for them. */
-#define LOOPS(DIM, FMT)                                                                                        \
-    static void scores_##DIM##_##FMT(const float *q, const void *cache, const int64_t *table, int64_t S,        \
-                                     int64_t bs, int64_t row, int64_t head, int64_t D, float scale,             \
-                                     float *scores) {                                                           \
-        if (DIM) scores_fixed(q, cache, table, S, bs, row, head, scale, scores, DIM, FMT);                     \
-        else scores_any(q, cache, table, S, bs, row, head, D, scale, scores, FMT);                             \
-    }                                                                                                           \
-    static void values_##DIM##_##FMT(const float *p, const void *cache, const int64_t *table, int64_t S,        \
-                                     int64_t bs, int64_t row, int64_t head, int64_t D, float *out) {           \
-        if (DIM) values_fixed(p, cache, table, S, bs, row, head, out, DIM, FMT);                               \
-        else values_any(p, cache, table, S, bs, row, head, D, out, FMT);                                       \
+#define LOOPS(DIM, FMT)                                                                                         \
+    static void scores_##DIM##_##FMT(const float *q, int64_t nkv, int64_t G, const void *cache,                 \
+                                     const int64_t *table, int64_t S, int64_t bs, int64_t row, int64_t head,     \
+                                     int64_t D, float scale, float *scores, float *buf) {                        \
+        if (DIM) scores_fixed(q, nkv, G, cache, table, S, bs, row, head, scale, scores, buf, DIM, FMT);         \
+        else                                                                                                     \
+            for (int64_t h = 0; h < nkv * G; h++)                                                                \
+                scores_any(q + h * D, cache, table, S, bs, row, head + h / G * D, D, scale, scores + h * S, FMT); \
+    }                                                                                                            \
+    static void values_##DIM##_##FMT(const float *p, int64_t nkv, int64_t G, const void *cache,                 \
+                                     const int64_t *table, int64_t S, int64_t bs, int64_t row, int64_t head,     \
+                                     int64_t D, float *out, float *buf) {                                        \
+        if (DIM) values_fixed(p, nkv, G, cache, table, S, bs, row, head, out, buf, DIM, FMT);                   \
+        else                                                                                                     \
+            for (int64_t h = 0; h < nkv * G; h++)                                                                \
+                values_any(p + h * S, cache, table, S, bs, row, head + h / G * D, D, out + h * D, FMT);          \
     }
 #define FORMATS(DIM) LOOPS(DIM, F32) LOOPS(DIM, E4M3) LOOPS(DIM, E5M2)
 FORMATS(64)
@@ -146,10 +198,25 @@ static values_fn *const VALUES[3][3] = {KINDS(values, 64), KINDS(values, 128), K
 /* In place: sc[s] <- softmax(sc)[s] * v_scale. */
 static void softmax(float *sc, int64_t S, float v_scale) {
     float top = -INFINITY, sum = 0.0f;
-    for (int64_t s = 0; s < S; s++) top = sc[s] > top ? sc[s] : top;
-    for (int64_t s = 0; s < S; s++) sum += (sc[s] = expf(sc[s] - top));
-    const float norm = v_scale / sum;
-    for (int64_t s = 0; s < S; s++) sc[s] *= norm;
+    int64_t s = 0;
+    v8 top8 = {0}, sum8 = {0};
+    if (S >= 8) {
+        top8 = load8(sc);
+        for (s = 8; s + 8 <= S; s += 8) {
+            const v8 x = load8(sc + s);
+            top8 = (v8)(((vi8)top8 & (vi8)(top8 >= x)) | ((vi8)x & (vi8)(top8 < x)));
+        }
+        for (int i = 0; i < 8; i++) top = top8[i] > top ? top8[i] : top;
+    }
+    for (; s < S; s++) top = sc[s] > top ? sc[s] : top;
+    for (s = 0; s + 8 <= S; s += 8) {
+        const v8 e = exp8(load8(sc + s) - top);
+        store8(sc + s, e);
+        sum8 += e;
+    }
+    for (; s < S; s++) sum += (sc[s] = expf(sc[s] - top));
+    const float norm = v_scale / (sum + hsum8(sum8));
+    for (s = 0; s < S; s++) sc[s] *= norm;
 }
 
 struct decode_args {
@@ -157,30 +224,28 @@ struct decode_args {
     const void *k_cache, *v_cache;
     const int64_t *tables, *seq_lens;
     float *out;
-    int64_t W, H, Hkv, D, bs;
+    int64_t W, H, Hkv, D, bs, nkv; /* nkv: the KV heads of one work item */
     float scale, v_scale;
     scores_fn *scores;
     values_fn *values;
 };
 
-/* Work items [lo, hi): item i is request i / Hkv and its KV head i % Hkv, with the G query heads
- * that read it in turn (the head's rows stay in cache for the next). */
+/* Work items [lo, hi): item i is request i / per and its KV heads [i % per * nkv, + nkv), where
+ * per = Hkv / nkv items share a request, with the G query heads each KV head serves. */
 static void decode_items(void *ctx, int64_t lo, int64_t hi) {
     const struct decode_args *a = ctx;
-    const int64_t D = a->D, G = a->H / a->Hkv, row = a->Hkv * D, bs = a->bs;
-    int64_t longest = 0;
-    for (int64_t i = lo; i < hi; i++) longest = a->seq_lens[i / a->Hkv] > longest ? a->seq_lens[i / a->Hkv] : longest;
-    float *scores = malloc((size_t)(longest > 0 ? longest : 1) * sizeof(float));
+    const int64_t D = a->D, G = a->H / a->Hkv, row = a->Hkv * D, bs = a->bs, nkv = a->nkv, per = a->Hkv / nkv;
+    int64_t longest = 1;
+    for (int64_t i = lo; i < hi; i++) longest = a->seq_lens[i / per] > longest ? a->seq_lens[i / per] : longest;
+    float *scores = malloc((size_t)(nkv * G * longest + bs * nkv * D) * sizeof(float)), *buf = scores + nkv * G * longest;
     if (!scores) abort();
     for (int64_t i = lo; i < hi; i++) {
-        const int64_t b = i / a->Hkv, head = (i % a->Hkv) * D, S = a->seq_lens[b];
+        const int64_t b = i / per, kv = i % per * nkv, S = a->seq_lens[b];
         const int64_t *table = a->tables + b * a->W;
-        for (int64_t h = (i % a->Hkv) * G; h < (i % a->Hkv + 1) * G; h++) {
-            const float *qh = a->q + (b * a->H + h) * D;
-            a->scores(qh, a->k_cache, table, S, bs, row, head, D, a->scale, scores);
-            softmax(scores, S, a->v_scale);
-            a->values(scores, a->v_cache, table, S, bs, row, head, D, a->out + (b * a->H + h) * D);
-        }
+        const float *q = a->q + (b * a->H + kv * G) * D;
+        a->scores(q, nkv, G, a->k_cache, table, S, bs, row, kv * D, D, a->scale, scores, buf);
+        for (int64_t h = 0; h < nkv * G; h++) softmax(scores + h * S, S, a->v_scale);
+        a->values(scores, nkv, G, a->v_cache, table, S, bs, row, kv * D, D, a->out + (b * a->H + kv * G) * D, buf);
     }
     free(scores);
 }
@@ -189,7 +254,10 @@ void paged_decode(const float *q, const void *k_cache, const void *v_cache, cons
                   const int64_t *seq_lens, float *out, int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
                   int64_t bs, float scale, int64_t fmt, float k_scale, float v_scale, int64_t threads) {
     const int dims = D == 64 ? 0 : D == 128 ? 1 : 2;
-    struct decode_args a = {q,  k_cache, v_cache, tables, seq_lens, out, W, H, Hkv, D, bs, scale * k_scale, v_scale,
-                            SCORES[dims][fmt], VALUES[dims][fmt]};
-    parallel_for(B * Hkv, pool_chunk(B * Hkv, threads, 1), threads, decode_items, &a);
+    /* whole requests when there are enough to share out (each block's rows then read in order, once),
+     * else a request's KV heads apart */
+    const int64_t nkv = B >= 8 * threads ? Hkv : 1, items = B * (Hkv / nkv);
+    struct decode_args a = {q,  k_cache, v_cache, tables, seq_lens, out, W, H, Hkv, D, bs, nkv, scale * k_scale,
+                            v_scale, SCORES[dims][fmt], VALUES[dims][fmt]};
+    parallel_for(items, pool_chunk(items, threads, 1), threads, decode_items, &a);
 }

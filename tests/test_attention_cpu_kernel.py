@@ -34,15 +34,21 @@ def reference(q, kv_cache, table, seq_lens, scale):
     return out
 
 
+# 5 requests split over their KV heads; 40 taken whole, a block's rows for all heads at once
+BATCHES = pytest.mark.parametrize("copies", [1, 8])
+
+
+@BATCHES
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
-def test_kernel_matches_the_reference(heads, kv_heads, dim):
+def test_kernel_matches_the_reference(heads, kv_heads, dim, copies):
     gen = torch.Generator().manual_seed(heads * dim)
-    block, blocks = 16, 40
-    seq_lens = torch.tensor([1, 17, 33, 100, 5])  # one token, block edges, several blocks
+    block = 16
+    seq_lens = torch.tensor([1, 17, 33, 100, 5] * copies)  # one token, block edges, several blocks
     width = -(-int(seq_lens.max()) // block)
-    table = torch.randperm(blocks, generator=gen)[: 5 * width].view(5, width)
+    blocks = len(seq_lens) * width
+    table = torch.randperm(blocks, generator=gen).view(len(seq_lens), width)
     kv_cache = torch.randn(2, blocks, block, kv_heads, dim, generator=gen)
-    q = torch.randn(5, heads, dim, generator=gen)
+    q = torch.randn(len(seq_lens), heads, dim, generator=gen)
     got = paged_decode_cpu.paged_decode(q, kv_cache, table, seq_lens, dim**-0.5)
     torch.testing.assert_close(got, reference(q, kv_cache, table, seq_lens, dim**-0.5), atol=1e-5, rtol=1e-5)
 
@@ -122,13 +128,15 @@ DIMS = pytest.mark.parametrize("dim", [64, 128, 40])  # the fixed-size loops and
 
 @FP8
 @DIMS
-def test_kernel_reads_an_fp8_cache_times_its_scales(dtype, dim):
+@BATCHES
+def test_kernel_reads_an_fp8_cache_times_its_scales(dtype, dim, copies):
     gen = torch.Generator().manual_seed(7 + dim)
-    block, blocks, heads, kv_heads = 16, 30, 9, 3
-    seq_lens = torch.tensor([1, 40, 100])
-    table = torch.randperm(blocks, generator=gen)[:21].view(3, 7)
+    block, heads, kv_heads = 16, 9, 3
+    seq_lens = torch.tensor([1, 40, 100] * copies)
+    blocks = 7 * len(seq_lens)
+    table = torch.randperm(blocks, generator=gen).view(len(seq_lens), 7)
     kv_cache = torch.randn(2, blocks, block, kv_heads, dim, generator=gen).to(dtype)
-    q = torch.randn(3, heads, dim, generator=gen)
+    q = torch.randn(len(seq_lens), heads, dim, generator=gen)
     got = paged_decode_cpu.paged_decode(q, kv_cache, table, seq_lens, dim**-0.5, 0.5, 2.0)
     widened = torch.stack([kv_cache[0].float() * 0.5, kv_cache[1].float() * 2.0])
     torch.testing.assert_close(got, reference(q, widened, table, seq_lens, dim**-0.5), atol=1e-5, rtol=1e-5)
