@@ -34,11 +34,13 @@ from kernels import cpu_build, paged_decode_cpu
 
 
 def library_at(rev: str, folder: Path):
-    """The kernel at `rev`, and whether the caller splits the batch (its C function takes b_lo, b_hi)."""
+    """The kernel at `rev`, whether the caller splits the batch (its C function takes b_lo, b_hi),
+    and whether it takes table_rows."""
     source = folder / "paged_decode_cpu.c"
     source.write_bytes(subprocess.run(["git", "show", f"{rev}:kernels/paged_decode_cpu.c"], cwd=REPO_ROOT,
                                       check=True, capture_output=True).stdout)
-    return cpu_build.load(source, f"paged decode kernel at {rev}"), "b_lo" in source.read_text()
+    text = source.read_text()
+    return cpu_build.load(source, f"paged decode kernel at {rev}"), "b_lo" in text, "table_rows" in text
 
 
 def main() -> None:
@@ -64,14 +66,16 @@ def main() -> None:
     split_argtypes = [ptr] * 6 + [i64] * 7 + [f32, ptr, ptr, f32, f32]
 
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"current": (paged_decode_cpu._library(), False), "baseline": library_at(args.baseline_rev, Path(tmp))}
-        for lib, split in libs.values():
-            lib.paged_decode.argtypes = split_argtypes if split else paged_decode_cpu._library().paged_decode.argtypes
+        libs = {"current": (paged_decode_cpu._library(), False, True),
+                "baseline": library_at(args.baseline_rev, Path(tmp))}
+        for lib, split, rows in libs.values():
+            lib.paged_decode.argtypes = (split_argtypes if split else [ptr] * (7 if rows else 6) + [i64] * 6
+                                         + [f32, i64, f32, f32, i64])
 
         def layer(name: str, cache: torch.Tensor, out: torch.Tensor) -> None:
-            lib, split = libs[name]
-            head = (q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(), seq_lens.data_ptr(),
-                    out.data_ptr())
+            lib, split, rows = libs[name]
+            head = (q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(),
+                    *((None,) if rows else ()), seq_lens.data_ptr(), out.data_ptr())
             if not split:
                 lib.paged_decode(*head, args.batch, table.shape[1], heads, kv_heads, dim, block, dim**-0.5, 0, 1.0,
                                  1.0, threads)

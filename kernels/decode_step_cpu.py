@@ -35,7 +35,7 @@ class _Shape(ctypes.Structure):
 @cache
 def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    argtypes = [ptr, i64, ptr, ptr, i64] + [ptr] * 7 + [i64]
+    argtypes = [ptr, i64, ptr, ptr, i64] + [ptr] * 8 + [i64]
     return cpu_build.load_function(SOURCE, "CPU decode step kernel", "decode_layers", argtypes)
 
 
@@ -95,12 +95,13 @@ class DecodeLayers:
             self.kv_scales = list(kv_scales)
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-            seq_lens: torch.Tensor, kv_caches: list[torch.Tensor], kv_scales: list[tuple[float, float]],
-            threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer. kv_caches: all
+            table_rows: torch.Tensor | None, seq_lens: torch.Tensor, kv_caches: list[torch.Tensor],
+            kv_scales: list[tuple[float, float]], threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer. Token t attends
+        to seq_lens[t] tokens of table row table_rows[t] (t without table_rows). kv_caches: all
         float32 or all one fp8 dtype, with each layer's (k_scale, v_scale) (1 for float32). The
         caller has checked the inputs against the caches (llama_decode_cpu.py): positions inside
-        cos_sin, slots and block ids inside the cache, seq_lens within the table."""
+        cos_sin, slots and block ids inside the cache, table rows inside the table, seq_lens within it."""
         self._bind(kv_caches, kv_scales)
         tokens = hidden.shape[0]
         block_size = kv_caches[0].shape[2]
@@ -111,6 +112,7 @@ class DecodeLayers:
         hidden = hidden.contiguous().clone()
         residual = torch.empty_like(hidden)
         _library().decode_layers(self.table, len(self.params), ctypes.byref(shape), self.cos_sin.data_ptr(), tokens,
-                                 positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), seq_lens.data_ptr(),
+                                 positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
+                                 None if table_rows is None else table_rows.data_ptr(), seq_lens.data_ptr(),
                                  hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(), threads)
         return hidden, residual

@@ -70,22 +70,29 @@ def test_the_backend_decodes_through_the_kernel_as_the_gather_path_did():
     torch.testing.assert_close(out, reference(q, kv_cache, table, torch.tensor(seq_lens), 0.25), atol=1e-5, rtol=1e-5)
 
 
-def test_several_query_tokens_per_request_match_the_masked_sdpa_path():
-    """Speculative verification and short chunks: a decode, a request verifying 4 tokens and a
-    fresh 3-token prompt in one step take the kernel (one row per query token, each seeing the
-    context up to itself), and each token's output is attention over its keys so far."""
+@pytest.mark.parametrize(
+    ("q_lens", "seq_lens", "dim"), [([1, 4, 3], [30, 21, 3], 16), ([1, 40, 70], [30, 65, 70], 64)]
+)
+def test_several_query_tokens_per_request_match_the_masked_sdpa_path(q_lens, seq_lens, dim):
+    """Speculative verification and prompt chunks: a decode, a request verifying tokens or
+    prefilling a chunk after its context, and a fresh prompt in one step take the kernel (one row
+    per query token, each seeing the context up to itself), and each token's output is attention
+    over its keys so far."""
     gen = torch.Generator().manual_seed(2)
-    block, q_lens, seq_lens = 8, [1, 4, 3], [30, 21, 3]
-    tables = [[1, 2, 3, 4], [5, 6, 7], [8]]
-    starts = [0, 1, 5, 8]
+    block = 8
+    sizes = [-(-n // block) for n in seq_lens]
+    tables = [list(range(1 + sum(sizes[:r]), 1 + sum(sizes[: r + 1]))) for r in range(len(sizes))]
+    starts = [sum(q_lens[:r]) for r in range(len(q_lens) + 1)]
     slots = torch.tensor([tables[r][p // block] * block + p % block for r, (n, q) in enumerate(zip(seq_lens, q_lens))
                           for p in range(n - q, n)])
     common = CommonAttentionMetadata(starts, seq_lens, tables, slots, 1, block, torch.device("cpu"))
-    q, k, v = torch.randn(8, 6, 16, generator=gen), torch.randn(8, 2, 16, generator=gen), torch.randn(8, 2, 16, generator=gen)
-    kv_cache = torch.randn(2, 9, block, 2, 16, generator=gen)
+    t, blocks = starts[-1], 1 + sum(sizes)
+    q, k, v = (torch.randn(t, heads, dim, generator=gen) for heads in (6, 2, 2))
+    kv_cache = torch.randn(2, blocks, block, 2, dim, generator=gen)
     kernel = TorchAttentionBackend()
     meta = kernel.build(common)
-    assert len(meta.groups) == 1 and meta.groups[0].seq_lens.tolist() == [30, 18, 19, 20, 21, 1, 2, 3]
+    rows = [n - ql + i + 1 for n, ql in zip(seq_lens, q_lens) for i in range(ql)]
+    assert len(meta.groups) == 1 and meta.groups[0].seq_lens.tolist() == rows
     got = kernel.forward(q, k, v, kv_cache.clone(), meta, 0.25)
     want = []
     for r, (n, ql) in enumerate(zip(seq_lens, q_lens)):  # each token against keys up to its own position

@@ -96,13 +96,18 @@ def test_which_models_take_the_c_step(model_dirs, arch, qualifies):
 def test_indices_outside_the_cache_are_refused():
     cache = torch.zeros(2, 4, 8, 1, 8)  # 4 blocks of 8 slots
     table, seq_lens = torch.tensor([[1, 2]]), torch.tensor([9])
-    ok = (torch.tensor([8]), torch.tensor([17]), table, seq_lens, cache, 64)
+    ok = (torch.tensor([8]), torch.tensor([17]), table, None, seq_lens, cache, 64)
     llama_decode_cpu._check(*ok)
+    llama_decode_cpu._check(*ok[:3], torch.tensor([0]), *ok[4:])
     with pytest.raises(IndexError, match="positions"):
         llama_decode_cpu._check(torch.tensor([64]), *ok[1:])
     with pytest.raises(IndexError, match="KV cache"):
         llama_decode_cpu._check(ok[0], torch.tensor([32]), *ok[2:])
     with pytest.raises(IndexError, match="KV cache"):
-        llama_decode_cpu._check(ok[0], ok[1], torch.tensor([[1, 4]]), *ok[3:])
+        llama_decode_cpu._check(*ok[:2], torch.tensor([[1, 4]]), *ok[3:])
+    with pytest.raises(IndexError, match="table row"):
+        llama_decode_cpu._check(*ok[:3], torch.tensor([1]), *ok[4:])
+    with pytest.raises(IndexError, match="one block table row per token"):
+        llama_decode_cpu._check(*ok[:4], torch.tensor([9, 9]), *ok[5:])
     with pytest.raises(IndexError, match="block table"):
-        llama_decode_cpu._check(ok[0], ok[1], table, torch.tensor([17]), *ok[4:])
+        llama_decode_cpu._check(*ok[:4], torch.tensor([17]), *ok[5:])

@@ -1,10 +1,11 @@
 """Vectorized torch attention over the paged KV cache (the CPU backend).
 
 All index tensors and masks are built once per step in build() (on the host, then copied to the
-device, from pinned memory on CUDA); a layer's forward is a cache write, one block-granular
-gather and one scaled_dot_product_attention call per group (decodes, prefill chunks): no Python
-loop over requests.
-"""
+device, from pinned memory on CUDA). On CPU with float32 queries, a layer's forward is a cache
+write and one call of the C kernel (kernels/paged_decode_cpu.py) over every query token of the
+step, each attending to its context up to itself. Elsewhere it is a cache write, one
+block-granular gather and one scaled_dot_product_attention call per group (decodes, prefill
+chunks): no Python loop over requests."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class _Group:
     query_index: torch.Tensor | None  # [T_group] row in the padded [B * Q] query layout
     max_q: int
     seq_lens: torch.Tensor | None = None  # [T] int64: each query row's context, where the CPU kernel runs
+    table_rows: torch.Tensor | None = None  # [T] int64: each query row's request (None: one row each)
 
 
 @dataclass
@@ -50,11 +52,13 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
     seq = torch.tensor(seq_lens)
     q_len = torch.tensor(q_lens)
     key_pos = torch.arange(max_s)
-    if kernel:  # reads the cache in place, one row per query token (see _KERNEL_MAX_QUERY)
+    if kernel:  # reads the cache in place, one row per query token, each seeing the context up to itself
+        rows = None
         if max_q > 1:
-            table = table.repeat_interleave(q_len, dim=0)
-            seq = torch.tensor([s - q + i + 1 for s, q in zip(seq_lens, q_lens) for i in range(q)])
-        return _Group(token_slice, table.contiguous(), None, None, max_q, seq)
+            rows = torch.repeat_interleave(torch.arange(hi - lo), q_len)
+            first = torch.repeat_interleave(torch.cumsum(q_len, 0) - q_len, q_len)  # each row's chunk start
+            seq = torch.repeat_interleave(seq - q_len, q_len) + (torch.arange(len(rows)) - first) + 1
+        return _Group(token_slice, table.contiguous(), None, None, max_q, seq, rows)
     if max_q == 1:  # decodes: each query sees its whole context
         allowed = (key_pos[None, :] < seq[:, None])[:, None, None, :]
         return _Group(token_slice, to_device(table, device), to_device(_additive(allowed, dtype), device), None, 1)
@@ -80,10 +84,6 @@ def _decode_kernel(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dty
 
 
 _MAX_PADDING = 0.25  # share of padding a group may carry
-# The C kernel takes a request's query tokens as rows of their own, each with the context up to
-# itself (the step's keys are written first): right for speculative verification and short chunks,
-# which it reads the context for once per token; longer chunks go to SDPA over the gathered context.
-_KERNEL_MAX_QUERY = 16
 
 
 def _similar_runs(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -110,13 +110,10 @@ class TorchAttentionBackend:
         qsl, nd, n = common.query_start_loc, common.num_decodes, common.num_reqs
         q_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
         # decodes grouped by context length (what SDPA reads padded), prefill chunks by query length
-        kernel = _decode_kernel(common.device, self.dtype, self.kv_dtype)
-        if kernel and n and max(q_lens) <= _KERNEL_MAX_QUERY:  # one kernel call for the whole batch
+        if n and _decode_kernel(common.device, self.dtype, self.kv_dtype):  # one kernel call for the batch
             return TorchAttentionMetadata(common.slot_mapping, [_build_group(common, 0, n, self.dtype, True)])
-        # the C kernel reads each request's own length in place: padding costs it nothing
-        decodes = [(0, nd)] if kernel and nd else _similar_runs(common.seq_lens, 0, nd)
-        ranges = decodes + _similar_runs(q_lens, nd, n)
-        groups = [_build_group(common, lo, hi, self.dtype, kernel and hi <= nd) for lo, hi in ranges]
+        ranges = _similar_runs(common.seq_lens, 0, nd) + _similar_runs(q_lens, nd, n)
+        groups = [_build_group(common, lo, hi, self.dtype, False) for lo, hi in ranges]
         return TorchAttentionMetadata(common.slot_mapping, groups)
 
     def forward(
@@ -144,7 +141,7 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float, kv_scales: tuple[float, float]) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     if g.seq_lens is not None:
-        return paged_decode_cpu.paged_decode(q, kv_cache, g.block_table, g.seq_lens, scale, *kv_scales)
+        return paged_decode_cpu.paged_decode(q, kv_cache, g.block_table, g.seq_lens, scale, *kv_scales, g.table_rows)
     if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
         k, v = k_new[g.token_slice], v_new[g.token_slice]
         if is_fp8(kv_cache.dtype):  # as the cache holds them, so batching never changes a result

@@ -99,14 +99,15 @@ def run(model: LlamaModel, positions: torch.Tensor, hidden: torch.Tensor) -> tup
     attns = [layer.self_attn.attn for layer in model.layers]
     kv_scales = [(a.k_scale, a.v_scale) if fp8 else (1.0, 1.0) for a in attns]  # measured after load
     group, slots = groups[0], meta.slot_mapping
-    table = group.block_table.contiguous()
-    _check(positions, slots, table, group.seq_lens, caches[0], len(layers.cos_sin))
-    return layers.run(hidden, positions.contiguous(), slots.contiguous(), table, group.seq_lens.contiguous(), caches,
-                      kv_scales, cpu_build.threads())
+    table, rows = group.block_table.contiguous(), group.table_rows
+    rows = None if rows is None else rows.contiguous()
+    _check(positions, slots, table, rows, group.seq_lens, caches[0], len(layers.cos_sin))
+    return layers.run(hidden, positions.contiguous(), slots.contiguous(), table, rows, group.seq_lens.contiguous(),
+                      caches, kv_scales, cpu_build.threads())
 
 
-def _check(positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, seq_lens: torch.Tensor,
-           cache: torch.Tensor, max_position: int) -> None:
+def _check(positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, rows: torch.Tensor | None,
+           seq_lens: torch.Tensor, cache: torch.Tensor, max_position: int) -> None:
     """What the C step reads and writes unchecked, checked once per step: a bad index would reach
     outside the caches or the rotary table."""
     num_blocks, block_size = cache.shape[1], cache.shape[2]
@@ -116,5 +117,9 @@ def _check(positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, se
         raise IndexError(f"positions outside [0, {max_position})")
     if int(slots.max()) >= num_blocks * block_size or int(table.min()) < 0 or int(table.max()) >= num_blocks:
         raise IndexError("a slot or block id lies outside the KV cache")
+    if rows is None and table.shape[0] != len(seq_lens):
+        raise IndexError("one block table row per token is needed")
+    if rows is not None and (rows.dtype != torch.int64 or int(rows.min()) < 0 or int(rows.max()) >= table.shape[0]):
+        raise IndexError("a token's table row lies outside the block table")
     if int(seq_lens.max()) > table.shape[1] * block_size:
         raise IndexError("a context is longer than its block table")
