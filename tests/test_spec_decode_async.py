@@ -179,6 +179,7 @@ def test_a_verification_reserves_slots_and_is_settled_one_step_late():
     s.update(p1, StepResult(p1.step_id, ["r"], [5]))
     p3 = s.schedule()  # planned before p2's result, as if all 4 were accepted
     assert p3.num_scheduled_tokens == {"r": 1} and p3.cached_requests[0].num_computed_tokens == 17
+    assert p3.num_draft_tokens == {}  # its first proposals are still in flight: not probed a second time
     request = s.requests["r"]
     assert len(s.kv.block_ids("r")) == 5  # positions up to 17 may be written
     s.update(p2, StepResult(p2.step_id, ["r"] * 3, [6, 7, 9], num_proposed={"r": 4}))  # 2 of 4 accepted
@@ -189,6 +190,7 @@ def test_a_verification_reserves_slots_and_is_settled_one_step_late():
     s.update(p3, StepResult(p3.step_id, ["r"], [3]))
     p4 = s.schedule()  # the worker is told to keep 4 blocks
     assert p4.cached_requests[0].num_kept_blocks == 4 and p4.cached_requests[0].num_computed_tokens == 16
+    assert p4.num_draft_tokens == {"r": 4}  # 2 of 4 held: it proposes again
 
 
 @pytest.mark.parametrize(("max_tokens", "stop", "proposed", "got", "kept", "finish"), [

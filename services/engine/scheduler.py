@@ -282,7 +282,7 @@ class Scheduler(StepUpdate):
             # it samples a token (after any proposals it verifies, counted as accepted until its result)
             if request.num_computed_tokens - num_slots == request.num_tokens + pending:
                 self.placeholders[req_id] = pending + 1 + num_slots
-                if self.spec is not None and self.spec.num_to_draft(request, len(self.running), pending, num_slots):
+                if self.spec is not None and self._num_to_draft(request, pending):
                     drafts[req_id] = request.num_drafting
         plan = StepPlan(self._step_id, new_reqs, cached, scheduled, self._finished_ids, spec, drafts)
         self._finished_ids = []

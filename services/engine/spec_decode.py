@@ -139,8 +139,10 @@ class SpecDecoder:
     def num_to_draft(self, request: Request, num_running: int, pending: int = 0, num_slots: int = 0) -> int:
         """How many tokens the workers should propose after this step for a request that samples
         in it (method draft_model, or any method on the workers). pending: its tokens in steps in
-        flight before this one; num_slots: the proposals this step verifies. Drafting is paid now
-        whether or not the proposals are verified, so its cost joins the verification's; the
+        flight before this one; num_slots: the proposals this step and the steps in flight verify
+        (a request whose first proposals are among them waits for how they fare, rather than
+        probing twice). Drafting is paid now whether or not the proposals are verified, so its
+        cost joins the verification's; the
         engine's proposals then drafted are trimmed again by `propose` with the acceptance
         measured meanwhile. Sets Request.num_drafting to it."""
         request.num_drafting = self._num_to_draft(request, num_running, pending, num_slots)
@@ -151,7 +153,7 @@ class SpecDecoder:
         if not (self.on_workers or self.config.model_drafts) or (limit is not None and num_running >= limit):
             return 0
         if num_slots and request.spec_acceptance == (0.0, 0.0):
-            return 0  # its first proposals are verified in this step: wait for how they fare
+            return 0  # its first proposals are being verified: wait for how they fare
         # after this step's token, the next step's sampled token must still fit after the drafts
         k = min(self.config.num_speculative_tokens, request.max_tokens - request.num_output_tokens - pending - 2)
         return self._worth(request, k, num_running, self.draft_cost)

@@ -9,7 +9,7 @@ from shared.protocol import RequestDelta, StepPlan, StepResult, TokenLogprobs
 
 
 class StepUpdate:
-    """Mixed into Scheduler (scheduler.py), whose state it reads and changes: requests,
+    """Mixed into Scheduler (scheduler.py), whose state it reads and changes: requests, running,
     placeholders, _in_flight, kv, spec, _kept_blocks, the pooling counters, _finish and abort."""
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:
@@ -50,6 +50,14 @@ class StepUpdate:
             if num_slots:
                 self._settle_proposals(request, num_slots, num_proposed, min(len(sampled) - 1, num_proposed))
         return deltas
+
+    def _num_to_draft(self, request: Request, pending: int) -> int:
+        """SpecDecoder.num_to_draft for a request that samples in the step being planned: the
+        proposals it verifies in this step and in the steps in flight count as not settled, so
+        a new request waits for the outcome of its first proposals before it is asked for more
+        (with async scheduling they are verified a step after they are made, and settled later)."""
+        unsettled = sum(step[request.req_id][2] for step in self._in_flight.values() if request.req_id in step)
+        return self.spec.num_to_draft(request, len(self.running), pending, unsettled)
 
     def _settle_proposals(self, request: Request, num_slots: int, num_proposed: int, num_accepted: int) -> None:
         """After a verification in num_slots slots: the KV of the slots past the accepted
