@@ -25,7 +25,7 @@ class SpeculativeConfig:
     (proposals_on_workers below). disable_by_batch_size: no proposals while at least this many
     requests run (the step is compute-bound; None: never off by batch size).
 
-    method "suffix": suffix decoding (services/engine/suffix_decode.py) over a suffix tree of
+    method "suffix": suffix decoding (shared/proposers/suffix.py) over a suffix tree of
     the request's tokens and one of the latest suffix_decoding_max_cached_requests outputs (0:
     none), at most suffix_decoding_max_tree_depth tokens deep (matched and proposed together),
     at most suffix_decoding_max_spec_factor proposed tokens per matched one, each only while the

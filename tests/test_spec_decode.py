@@ -20,8 +20,9 @@ from engine_outputs import assert_same_outputs, collect_outputs
 from services.engine.core import EngineCore
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
-from services.engine.spec_decode import COMPUTE_BOUND_BATCH, NgramProposer, SpecDecoder
+from services.engine.spec_decode import COMPUTE_BOUND_BATCH, SpecDecoder
 from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from shared.proposers.ngram import NgramProposer
 from shared.protocol import StepResult
 from shared.sampling_params import SamplingParams, StructuredOutputsParams
 from shared.speculative import SpeculativeConfig

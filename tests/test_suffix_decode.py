@@ -12,9 +12,9 @@ import pytest
 
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
-from services.engine.suffix_decode import SuffixProposer
-from services.engine.suffix_tree import SuffixTree
 from shared.config import CacheConfig, SchedulerConfig
+from shared.proposers.suffix import SuffixProposer
+from shared.proposers.suffix_tree import SuffixTree
 from shared.protocol import StepResult
 from shared.sampling_params import SamplingParams
 from shared.speculative import SpeculativeConfig

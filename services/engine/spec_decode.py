@@ -5,8 +5,8 @@ them after the request's last token, the workers compute all of them in one forw
 every position, and the result holds the proposed tokens that matched what was sampled, then
 one sampled token. Sampling each position from the target's own distribution and keeping a
 proposal only where it equals the sample is rejection sampling for a point-mass proposal, so
-every sampling parameter keeps its distribution. No torch here: the ngram proposer is numpy, the
-suffix one (suffix_decode.py) plain Python.
+every sampling parameter keeps its distribution. No torch here: the proposers of prompt lookup
+and suffix decoding (shared/proposers/, which the workers run too) are numpy and plain Python.
 With method draft_model (or eagle, eagle3) the proposals come from the workers' draft model instead, returned with
 the previous step's result (Request.draft_token_ids); each plan tells the workers how many to
 draft per request (`num_to_draft`: the adaptive k with the draft's cost added, so a request
@@ -19,41 +19,10 @@ plan says how many to propose (`num_to_draft`), the request's next step reserves
 
 from __future__ import annotations
 
-import numpy as np
-
 from services.engine.request import Request
-from services.engine.suffix_decode import SuffixProposer
+from shared.proposers.ngram import NgramProposer
+from shared.proposers.suffix import SuffixProposer
 from shared.speculative import SpeculativeConfig
-
-
-class NgramProposer:
-    """Prompt lookup: find the latest earlier occurrence of the history's last n tokens (n from
-    max_n down to min_n) and propose the tokens that followed it. A match close to the end is a
-    loop: its continuation runs into the proposals themselves, so it repeats with that period."""
-
-    def __init__(self, min_n: int, max_n: int):
-        self.min_n, self.max_n = min_n, max_n
-
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
-        if k <= 0 or len(token_ids) <= self.min_n:
-            return []
-        arr = np.asarray(token_ids)
-        ends = np.flatnonzero(arr[:-1] == arr[-1])  # where an earlier n-gram could end
-        for n in range(min(self.max_n, len(arr) - 1), self.min_n - 1, -1):
-            ok = ends[ends >= n - 1]
-            for back in range(1, n):
-                if not ok.size:
-                    break
-                ok = ok[arr[ok - back] == arr[-1 - back]]
-            if ok.size:
-                return _continue(arr, int(ok[-1]) + 1, k)
-        return []
-
-    def propose_for(self, request: Request, k: int) -> list[int]:
-        return self.propose(request.token_ids, k)
-
-    def release(self, request: Request) -> None:
-        """Nothing is kept per request."""
 
 
 class DraftModelProposer:
@@ -65,12 +34,6 @@ class DraftModelProposer:
 
     def release(self, request: Request) -> None:
         """Nothing is kept here: the proposals live on the request."""
-
-
-def _continue(arr: np.ndarray, start: int, k: int) -> list[int]:
-    """k tokens from arr[start:], wrapping around with period len(arr) - start."""
-    follow = arr[start:].tolist()
-    return [follow[i % len(follow)] for i in range(k)]
 
 
 # Running requests at which a step is taken to be compute-bound: past it, every proposed token

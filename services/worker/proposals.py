@@ -26,14 +26,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.engine.spec_decode import NgramProposer
-from services.engine.suffix_decode import SuffixProposer
 from services.worker.draft_runner import DraftRunner
 from services.worker.input_batch import StepInputs
 from services.worker.rejection_sampler import rejection_sampled
 from services.worker.request_table import RequestState, RequestTable
 from services.worker.structured_output import StructuredOutputs
 from shared.config import EngineConfig
+from shared.proposers.ngram import NgramProposer
+from shared.proposers.suffix import SuffixProposer
 from shared.protocol import StepPlan
 from shared.speculative import proposals_on_workers
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from collections import deque
 
-from services.engine.request import Request
-from services.engine.suffix_tree import SuffixTree
+from shared.proposers.history import TokenHistory
+from shared.proposers.suffix_tree import SuffixTree
 from shared.speculative import SpeculativeConfig
 
 # The global tree's node budget: past it the oldest outputs go even below max_cached_requests, so
-# long outputs cannot grow the engine's memory without bound (~150 bytes a node).
+# long outputs cannot grow the engine's (or worker's) memory without bound (~150 bytes a node).
 MAX_GLOBAL_NODES = 1 << 20
 
 
@@ -35,7 +35,7 @@ class SuffixProposer:
         self.cached: deque[int] = deque()  # the global tree's sequences, oldest first
         self._next_seq = 0
 
-    def propose_for(self, request: Request, k: int) -> list[int]:
+    def propose_for(self, request: TokenHistory, k: int) -> list[int]:
         """Up to k tokens to follow the request's tokens."""
         if k <= 0:
             return []
@@ -43,7 +43,7 @@ class SuffixProposer:
         other, other_score = self._from_global(request.token_ids, k)
         return other if other_score > own_score else own
 
-    def release(self, request: Request) -> None:
+    def release(self, request: TokenHistory) -> None:
         """The request finished (or was aborted): drop its tree; its output joins the global one."""
         self.trees.pop(request.req_id, None)
         output = request.output_token_ids
@@ -61,7 +61,7 @@ class SuffixProposer:
     def _limit(self, k: int, match_len: int) -> int:
         return min(k, int(match_len * self.spec_factor))
 
-    def _from_own(self, request: Request, k: int) -> tuple[list[int], float]:
+    def _from_own(self, request: TokenHistory, k: int) -> tuple[list[int], float]:
         """From the longest suffix that occurred earlier in the request itself."""
         tree = self.trees.get(request.req_id)
         if tree is None or tree.seqs[0] is not request.token_ids:  # new, or resumed as a new request
