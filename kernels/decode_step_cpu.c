@@ -38,6 +38,7 @@ struct layer {
     void *k_cache, *v_cache;
     const float *qkv_s, *o_s, *gate_up_s, *down_s;
     float k_scale, v_scale; /* an fp8 cache's (1 for float32) */
+    float *aux; /* when set: receives the residual stream entering this layer, [T, H] (an EAGLE-3 head's input) */
 };
 
 /* Row t's keys or values (row floats) into slot `slot` of a float32 or fp8 (kv_fmt) cache. */
@@ -119,6 +120,7 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
     for (int64_t l = 0; l < num_layers; l++) {
         const struct layer *L = layers + l;
         add_norm(hidden, l ? residual : NULL, L->input_norm, T, H, s->eps, x);
+        if (L->aux) memcpy(L->aux, residual, (size_t)(T * H) * sizeof(float)); /* residual: what enters layer l */
         project(x, L->qkv_w, L->qkv_s, L->qkv_b, qkv, T, H, qkv_n, threads);
         rotate(qkv, qkv_n, Hq, D, positions, cos_sin, T);
         rotate(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T);

@@ -23,7 +23,7 @@ class _Layer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "input_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gate_up_w", "gate_up_b", "down_w", "down_b",
         "k_cache", "v_cache", "qkv_s", "o_s", "gate_up_s", "down_s")] + [
-        ("k_scale", ctypes.c_float), ("v_scale", ctypes.c_float)]
+        ("k_scale", ctypes.c_float), ("v_scale", ctypes.c_float), ("aux", ctypes.c_void_p)]
 
 
 class _Shape(ctypes.Structure):
@@ -82,6 +82,7 @@ class DecodeLayers:
                 setattr(entry, name, _ptr(getattr(p, name)))
         self.caches: list[torch.Tensor] | None = None
         self.kv_scales: list[tuple[float, float]] | None = None
+        self.aux_bound = False  # some layer's aux pointer is set
 
     def _bind(self, kv_caches: list[torch.Tensor], kv_scales: list[tuple[float, float]]) -> None:
         """Point each layer at its cache and its scales (again when either changed)."""
@@ -96,13 +97,19 @@ class DecodeLayers:
 
     def run(self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
             table_rows: torch.Tensor | None, seq_lens: torch.Tensor, kv_caches: list[torch.Tensor],
-            kv_scales: list[tuple[float, float]], threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+            kv_scales: list[tuple[float, float]], threads: int,
+            aux: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer. Token t attends
         to seq_lens[t] tokens of table row table_rows[t] (t without table_rows). kv_caches: all
         float32 or all one fp8 dtype, with each layer's (k_scale, v_scale) (1 for float32). The
         caller has checked the inputs against the caches (llama_decode_cpu.py): positions inside
-        cos_sin, slots and block ids inside the cache, table rows inside the table, seq_lens within it."""
+        cos_sin, slots and block ids inside the cache, table rows inside the table, seq_lens within it.
+        aux: layer -> a [T, H] float32 tensor that receives the residual stream entering that layer."""
         self._bind(kv_caches, kv_scales)
+        if aux or self.aux_bound:  # the layers asked for point at their outputs, the others at none
+            for i, entry in enumerate(self.table):
+                entry.aux = _ptr(aux.get(i)) if aux else None
+            self.aux_bound = bool(aux)
         tokens = hidden.shape[0]
         block_size = kv_caches[0].shape[2]
         shape = _Shape(self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, block_size, tables.shape[1],

@@ -74,26 +74,28 @@ def test_eagle_speculation_gives_the_same_outputs(target, heads, plain, method, 
         assert engine.scheduler.num_preemptions > 0
 
 
-def _checked_drafts(runner, spec: SpeculativeConfig, expect) -> int:
-    """Greedy requests run to the end; after each step every request's drafts must equal
-    expect(its tokens). Returns how many drafts were checked."""
+def _drafts(runner, spec: SpeculativeConfig) -> list[tuple[list[int], list[int]]]:
+    """Greedy requests run to the end: after each step, each request's tokens and drafts."""
     runner.reset()
     config = dataclasses.replace(runner.config, scheduler=SchedulerConfig(max_num_batched_tokens=32), speculative=spec)
     engine = EngineCore(config, runner, 64)
     for i in range(3):
         engine.add_request(engine.make_request(f"r{i}", [(k * 7 + 31 * i) % 300 + 3 for k in range(5 + 11 * i)], GREEDY))
-    checked = 0
+    seen = []
 
-    def check(engine: EngineCore) -> None:
-        nonlocal checked
-        for request in engine.scheduler.running:
-            if request.draft_token_ids:
-                want = expect(request.token_ids)
-                assert request.draft_token_ids == [want] * len(request.draft_token_ids), request.req_id
-                checked += len(request.draft_token_ids)
+    def record(engine: EngineCore) -> None:
+        seen.extend((list(r.token_ids), r.draft_token_ids) for r in engine.scheduler.running if r.draft_token_ids)
 
-    collect_outputs(engine, check)
-    return checked
+    collect_outputs(engine, record)
+    return seen
+
+
+def _checked_drafts(runner, spec: SpeculativeConfig, expect) -> int:
+    """How many drafts were made, each equal to expect(its request's tokens)."""
+    seen = _drafts(runner, spec)
+    for tokens, drafts in seen:
+        assert drafts == [expect(tokens)] * len(drafts)
+    return sum(len(drafts) for _, drafts in seen)
 
 
 def test_eagle_drafts_from_the_targets_last_hidden_state(target, heads):
@@ -112,6 +114,26 @@ def test_eagle3_drafts_from_the_targets_aux_hidden_states(target, heads):
     best = (embedding @ embedding.T).argmax(dim=-1).tolist()  # the draft after each token
     spec = eagle_spec(heads("eagle3", "probe"), "eagle3")
     assert _checked_drafts(make_runner(target, spec), spec, lambda tokens: best[tokens[-2]]) >= 10
+
+
+def test_eagle3_drafts_alike_from_the_one_call_cpu_decode_step(target, heads, monkeypatch):
+    """The C decode step keeps the aux states as the layers do: a random head (whose drafts
+    follow every aux state) drafts the same tokens with and without it."""
+    from services.worker.models import llama_decode_cpu
+
+    spec = eagle_spec(heads("eagle3"), "eagle3")
+    runner, run, c_steps = make_runner(target, spec), llama_decode_cpu.run, {"on": True, "ran": 0}
+
+    def switched(model, positions, hidden):
+        out = run(model, positions, hidden) if c_steps["on"] else None
+        c_steps["ran"] += out is not None
+        return out
+
+    monkeypatch.setattr(llama_decode_cpu, "run", switched)
+    with_c = _drafts(runner, spec)
+    ran, c_steps["on"] = c_steps["ran"], False
+    assert _drafts(runner, spec) == with_c and len(with_c) >= 5
+    assert ran > 0 or not llama_decode_cpu.decode_step_cpu.available()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ step, on the draft model's machinery (draft_runner.py): its own paged KV cache u
 block ids plus scratch blocks, drafting with each request's sampling parameters, the drafts'
 q kept for rejection sampling, with async scheduling too (proposals.py). What it can run on is in
 shared/eagle.py (one worker rank, a Llama-family target; an EAGLE-3 target's decode steps run
-without CUDA graphs, and on CPU without the one-call C decode step, as neither keeps the aux states).
+without CUDA graphs, which do not keep the aux states; the one-call CPU decode step keeps them).
 
 A head's position p reads token p + 1 and the target's hidden state of position p (EAGLE-1: the
 last layer's after the final norm; EAGLE-3: the three aux layers' inputs, through fc). The target's

@@ -131,8 +131,8 @@ class LlamaModel(nn.Module):
                 hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         else:
             hidden, residual = intermediate
-        fused = llama_decode_cpu.run(self, positions, hidden) if residual is None and not self.aux_layers else None
-        if fused is not None:  # a float32 CPU decode step: every layer in one C call
+        fused = llama_decode_cpu.run(self, positions, hidden) if residual is None else None
+        if fused is not None:  # a float32 CPU decode step: every layer in one C call (aux_hidden too)
             hidden, residual = fused
         else:
             aux = {}
@@ -210,7 +210,7 @@ class LlamaForCausalLM(nn.Module):
 
     def set_aux_hidden_layers(self, layers: tuple[int, ...]) -> None:
         """Keep, after each forward, the hidden states entering these layers (model.aux_hidden,
-        for an EAGLE-3 head); the fused CPU decode step, which keeps none, is then not used."""
+        for an EAGLE-3 head)."""
         self.model.aux_layers = tuple(layers)
 
 

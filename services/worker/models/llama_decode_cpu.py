@@ -80,7 +80,7 @@ def _layers(model: LlamaModel) -> decode_step_cpu.DecodeLayers | None:
 
 def run(model: LlamaModel, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(hidden, residual) after every layer through the C step, or None when this model or step
-    does not qualify (the caller then runs the layers)."""
+    does not qualify (the caller then runs the layers); model.aux_hidden as the layers set it."""
     layers = getattr(model, "_decode_layers", False)
     if layers is False:
         layers = model._decode_layers = _layers(model)
@@ -102,8 +102,11 @@ def run(model: LlamaModel, positions: torch.Tensor, hidden: torch.Tensor) -> tup
     table, rows = group.block_table.contiguous(), group.table_rows
     rows = None if rows is None else rows.contiguous()
     _check(positions, slots, table, rows, group.seq_lens, caches[0], len(layers.cos_sin))
-    return layers.run(hidden, positions.contiguous(), slots.contiguous(), table, rows, group.seq_lens.contiguous(),
-                      caches, kv_scales, cpu_build.threads())
+    aux = {i: torch.empty_like(hidden) for i in model.aux_layers}  # the states an EAGLE-3 head reads
+    out = layers.run(hidden, positions.contiguous(), slots.contiguous(), table, rows, group.seq_lens.contiguous(),
+                     caches, kv_scales, cpu_build.threads(), aux)
+    model.aux_hidden = [aux[i] for i in model.aux_layers]
+    return out
 
 
 def _check(positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, rows: torch.Tensor | None,
