@@ -179,10 +179,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(fmt.format(*line) for line in [list(head), *lines])
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=["ngram", "suffix"], choices=SPEC_METHODS)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+def add_workload_args(p: argparse.ArgumentParser, methods: tuple[str, ...], default_methods: list[str],
+                      default_concurrency: list[int]) -> None:
+    """The flags this benchmark and benchmarks/spec_parallel.py share: methods, concurrencies,
+    workloads and their lengths, repeats, k, the draft's layers and cost, the checkpoint."""
+    p.add_argument("--methods", nargs="+", default=default_methods, choices=methods)
+    p.add_argument("--concurrency", type=int, nargs="+", default=default_concurrency)
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=32)
@@ -190,10 +192,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--draft-layers", type=int, default=2, help="draft_model: the checkpoint's first N layers")
     p.add_argument("--draft-cost", type=float, default=None,
-                   help="draft_model, eagle, eagle3: speculative_config's draft_cost (default: estimated; 0 drafts whenever it pays off "
-                        "to verify, which measures what drafting costs)")
-    p.add_argument("--model", default=None, help="a checkpoint directory (default: the smol135 demo checkpoint)")
+                   help="draft_model, eagle, eagle3: speculative_config's draft_cost (default: estimated; 0 drafts "
+                        "whenever it pays off to verify, which measures what drafting costs)")
+    p.add_argument("--model", default=None, help="a checkpoint directory (default: the demo checkpoint)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(p, SPEC_METHODS, ["ngram", "suffix"], [1, 4, 16, 64])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="also run plain and every method with async scheduling, interleaved with the runs without")

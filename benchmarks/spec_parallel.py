@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.spec_decode import WORKLOADS, prompts, repeat_rate, sampling, spec_config, table
-from benchmarks.throughput import DEFAULT_CACHE, resolve_model
+from benchmarks.spec_decode import add_workload_args, prompts, repeat_rate, sampling, spec_config, table
+from benchmarks.throughput import resolve_model
 
 METHODS = ("ngram", "suffix", "draft_model", "draft_model-whole")
 
@@ -79,19 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=2)
-    p.add_argument("--methods", nargs="+", default=["ngram", "draft_model"], choices=METHODS)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
-    p.add_argument("--draft-layers", type=int, default=2, help="draft_model: the checkpoint's first N layers")
-    p.add_argument("--draft-cost", type=float, default=None, help="draft_model: speculative_config's draft_cost")
-    p.add_argument("--model", default=None, help="a checkpoint directory (default: the demo checkpoint)")
+    add_workload_args(p, METHODS, ["ngram", "draft_model"], [1, 4])
     p.add_argument("--demo-size", default="smol135", help="the demo checkpoint's size (smol135's 9 heads do not "
                    "split over 2 tensor-parallel ranks: use small, or --model)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     args = p.parse_args(argv)
     from pagedserve import LLM
 

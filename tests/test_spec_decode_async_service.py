@@ -15,28 +15,17 @@ import time
 import numpy as np
 import pytest
 from service_helpers import scrape
+from spec_service import GREEDY, PROMPTS, module_fixtures
 from test_engine_service import Client, engine_stack
+from test_spec_decode_service import (  # noqa: F401 -- the same test, on this module's stack
+    test_a_killed_worker_is_replaced_and_the_request_resumes_token_for_token,
+)
 
 from shared.protocol import AbortRequests, AddRequest, Outputs, Ping
 from shared.sampling_params import SamplingParams
 
 FLAGS = ("--speculative-config", json.dumps({"method": "suffix", "num_speculative_tokens": 4}), "--async-scheduling")
-PROMPTS = [[11, 12, 13], list(range(20, 60)), [99] * 17]
-GREEDY = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model(model_dirs) -> str:
-    return str(model_dirs("llama", attention_scale=0.005))  # greedy output loops: proposals get accepted
-
-
-@pytest.fixture(scope="module")
-def expected(model) -> list[list[int]]:
-    from pagedserve import LLM
-
-    llm = LLM(model, max_model_len=128, kv_cache_memory=8 << 20)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outputs]
+model, expected = module_fixtures()
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +76,6 @@ def test_served_output_equals_non_speculative_and_every_block_returns(stack, exp
     accepted = engine["pagedserve_engine_spec_decode_num_accepted_tokens_total"]
     assert 0 < engine["pagedserve_engine_spec_decode_num_drafts_total"] <= proposed and 0 < accepted < proposed
     assert engine["pagedserve_engine_kv_cache_usage_ratio"] == 0.0  # every block back
-
-
-def test_a_killed_worker_is_replaced_and_the_request_resumes_token_for_token(stack, expected):
-    _, inp, out, procs, _ = stack
-    req_id, tokens, finish, replaced = "resumed", [], None, False
-    with Client(inp, out) as client:
-        client.hello()
-        send(client, req_id, PROMPTS[1], GREEDY)
-        deadline = time.monotonic() + 180
-        while finish is None and time.monotonic() < deadline:
-            client.beat()
-            msg = client.rx.recv(timeout_ms=1000)
-            for d in msg.deltas if isinstance(msg, Outputs) else []:
-                tokens += d.new_token_ids
-                finish = d.finish_reason
-            if 10 <= len(tokens) < 60 and not replaced:  # mid-run: a new worker process takes over
-                procs[1].kill()
-                procs[1].wait(10)
-                procs[1] = subprocess.Popen(procs[1].args, env=dict(os.environ, PAGEDSERVE_LOG_LEVEL="WARNING"))
-                replaced = True
-    assert replaced and finish == "length"
-    assert tokens == expected[1]
 
 
 def test_a_restarted_engine_continues_a_resubmitted_request_token_for_token(stack, expected):

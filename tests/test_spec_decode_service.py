@@ -12,28 +12,13 @@ import time
 import numpy as np
 import pytest
 from service_helpers import scrape
+from spec_service import GREEDY, PROMPTS, module_fixtures
 from test_engine_service import Client, engine_stack
 
 from shared.protocol import AddRequest, Outputs
-from shared.sampling_params import SamplingParams
 
 SPEC = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3})
-PROMPTS = [[11, 12, 13], list(range(20, 60)), [99] * 17]
-GREEDY = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model(model_dirs) -> str:
-    return str(model_dirs("llama", attention_scale=0.005))  # greedy output loops: proposals get accepted
-
-
-@pytest.fixture(scope="module")
-def expected(model) -> list[list[int]]:
-    from pagedserve import LLM
-
-    llm = LLM(model, max_model_len=128, kv_cache_memory=8 << 20)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outputs]
+model, expected = module_fixtures()
 
 
 @pytest.fixture(scope="module")
