@@ -77,12 +77,15 @@ def sampling(workload: str, output_len: int, index: int) -> SamplingParams:
 
 
 def run(runner, spec: SpeculativeConfig | None, workload: str, batch: list[list[int]], concurrency: int,
-        output_len: int, async_scheduling: bool = False) -> dict:
-    """One run to the end: output tokens/s, the speculation counts and the outputs."""
+        output_len: int, async_scheduling: bool = False, compute_bound_batch: int | None = None) -> dict:
+    """One run to the end: output tokens/s, the speculation counts and the outputs.
+    compute_bound_batch: the adaptive rule's (services/engine/spec_decode.py), if not its own."""
     runner.reset()
     scheduler = SchedulerConfig(max_num_seqs=concurrency, async_scheduling=async_scheduling)
     config = dataclasses.replace(runner.config, scheduler=scheduler, speculative=spec)
     engine = EngineCore(config, runner, runner.num_blocks)
+    if compute_bound_batch is not None:
+        engine.scheduler.spec.compute_bound_batch = compute_bound_batch
     for i, p in enumerate(batch):
         engine.add_request(engine.make_request(str(i), p, sampling(workload, output_len, i)))
     outputs: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
@@ -128,7 +131,8 @@ def measure(runners, specs: dict[str, SpeculativeConfig], workload: str, c: int,
         for a in modes:
             plain[a].append(run(runners(None, a), None, workload, batch, c, args.output_len, a))
             for method, spec in specs.items():
-                by_method[method, a].append(run(runners(method, a), spec, workload, batch, c, args.output_len, a))
+                bound = int(method.partition("@")[2] or 0) or None  # METHOD@N: --compute-bound-batch N
+                by_method[method, a].append(run(runners(method, a), spec, workload, batch, c, args.output_len, a, bound))
     rows = []
     for (method, a), results in by_method.items():
         best_plain = max(r["tokens_per_s"] for r in plain[a])
@@ -204,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--async-scheduling", action="store_true",
                    help="also run plain and every method with async scheduling, interleaved with the runs without")
+    p.add_argument("--compute-bound-batch", type=int, nargs="+", default=None,
+                   help="run each method with the adaptive rule's compute-bound batch at each N (rows METHOD@N) "
+                        "instead of its own (services/engine/spec_decode.py COMPUTE_BOUND_BATCH)")
     args = p.parse_args(argv)
     import torch
 
@@ -215,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     model = ModelConfig.from_pretrained(str(model_dir), max_model_len=max_len)
     plain = ModelRunner(EngineConfig(model, CacheConfig(kv_cache_memory=1 << 30)), device)
     specs = {m: spec_config(m, args, model_dir) for m in args.methods}
+    if args.compute_bound_batch:
+        specs = {f"{m}@{n}": spec for m, spec in specs.items() for n in args.compute_bound_batch}
     made: dict = {}
 
     def runners(method: str | None, async_scheduling: bool) -> ModelRunner:

@@ -68,6 +68,7 @@ class SpecDecoder:
         self.draft_cost = draft_cost
         self.on_workers = on_workers
         self.micro_batches = micro_batches
+        self.compute_bound_batch = COMPUTE_BOUND_BATCH  # benchmarks/spec_decode.py --compute-bound-batch tries others
         self.proposer = (None if on_workers else SuffixProposer(config) if config.method == "suffix"
                          else DraftModelProposer() if config.model_drafts
                          else NgramProposer(*config.lookup_range))
@@ -130,7 +131,7 @@ class SpecDecoder:
         """How many of up to k proposals are worth verifying (see the class docstring), each
         costing extra_cost more (drafting it)."""
         step_batch = -(-num_running // self.micro_batches)
-        cost = min(1.0, step_batch / COMPUTE_BOUND_BATCH) + extra_cost
+        cost = min(1.0, step_batch / self.compute_bound_batch) + extra_cost
         tested, accepted = request.spec_acceptance
         alpha = (accepted + 1) / (tested + 2)
         n = 0
