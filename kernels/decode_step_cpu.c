@@ -3,9 +3,9 @@
  * At a few rows a decode step's time beyond reading the weights is dispatch: each layer runs about
  * thirty torch ops and five kernel calls from Python, tens of microseconds each. Here the whole
  * stack of layers is one C call that runs the same kernels (f32_linear_cpu.c for the projections,
- * int8_linear_cpu.c for int8 ones, paged_decode_cpu.c for attention, on the cpu_pool.h threads)
- * with the small ops between them inline: RMSNorm with the residual add, rotary, the KV cache write
- * (float32, or fp8 quantized as kv_write_cpu.c does) and SiLU-and-mul. Built and called by
+ * int8_linear_cpu.c for int8 ones, paged_decode_cpu.c for attention, rows_cpu.c for RMSNorm with
+ * the residual add, rotary and SiLU-and-mul, on the cpu_pool.h threads), with the KV cache write
+ * (float32, or fp8 quantized as kv_write_cpu.c does) inline. Built and called by
  * decode_step_cpu.py; its reference is the model's own forward (services/worker/models/llama.py),
  * which every other step runs.
  *
@@ -22,6 +22,7 @@
 #include "int8_linear_cpu.c"
 #include "kv_write_cpu.c"
 #include "paged_decode_cpu.c"
+#include "rows_cpu.c"
 
 /* One layer's parameters (biases may be NULL) and its KV cache [num_blocks, block_size, Hkv, D].
  * A projection's weight is float32, or int8 with per-row scales (its _s; NULL for float32). */
@@ -54,56 +55,11 @@ static void project(const float *x, const void *w, const float *w_scale, const f
     else f32_linear(x, w, b, y, M, K, N, threads);
 }
 
-/* a[i] = silu(g[i]) * g[I + i] for i < I: one row of the gated MLP's activation. */
-static void silu_and_mul(const float *g, float *a, int64_t I) {
-    const float *u = g + I;
-    int64_t i = 0;
-    for (; i + 8 <= I; i += 8) {
-        const v8 x = load8(g + i);
-        store8(a + i, x / (1.0f + exp8(-x)) * load8(u + i));
-    }
-    for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-}
-
 struct shape {
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, table_width;
     float eps, scale;
     int64_t kv_fmt; /* the caches' format, as paged_decode's fmt */
 };
-
-/* x <- norm(x (+ residual)) * w row by row; with residual, residual <- x + residual first (the
- * sum is what the next layer adds to). */
-static void add_norm(float *x, float *residual, const float *w, int64_t T, int64_t H, float eps, float *out) {
-    for (int64_t t = 0; t < T; t++) {
-        float *xr = x + t * H, *o = out + t * H, *r = residual + t * H;
-        if (residual) {
-            for (int64_t d = 0; d < H; d++) r[d] += xr[d];
-            xr = r;
-        }
-        float sq = 0.0f;
-        for (int64_t d = 0; d < H; d++) sq += xr[d] * xr[d];
-        const float inv = 1.0f / sqrtf(sq / (float)H + eps);
-        for (int64_t d = 0; d < H; d++) o[d] = xr[d] * inv * w[d];
-    }
-}
-
-/* Heads of D in row t of x (stride floats apart), rotated neox style in place at positions[t];
- * cos_sin rows hold D / 2 cosines then D / 2 sines. */
-static void rotate(float *x, int64_t stride, int64_t heads, int64_t D, const int64_t *positions,
-                   const float *cos_sin, int64_t T) {
-    const int64_t half = D / 2;
-    for (int64_t t = 0; t < T; t++) {
-        const float *cos = cos_sin + positions[t] * D, *sin = cos + half;
-        for (int64_t h = 0; h < heads; h++) {
-            float *a = x + t * stride + h * D, *b = a + half;
-            for (int64_t i = 0; i < half; i++) {
-                const float x1 = a[i], x2 = b[i];
-                a[i] = x1 * cos[i] - x2 * sin[i];
-                b[i] = x2 * cos[i] + x1 * sin[i];
-            }
-        }
-    }
-}
 
 /* hidden [T, H] (in: the embeddings; out: the last layer's output) and residual [T, H] (out: the
  * residual stream to add before the final norm); positions, slots, seq_lens [T]; tables [B, W], row t
@@ -119,11 +75,11 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
     memcpy(residual, hidden, (size_t)(T * H) * sizeof(float));
     for (int64_t l = 0; l < num_layers; l++) {
         const struct layer *L = layers + l;
-        add_norm(hidden, l ? residual : NULL, L->input_norm, T, H, s->eps, x);
+        rms_norm(hidden, l ? residual : NULL, residual, L->input_norm, x, T, H, s->eps, threads);
         if (L->aux) memcpy(L->aux, residual, (size_t)(T * H) * sizeof(float)); /* residual: what enters layer l */
         project(x, L->qkv_w, L->qkv_s, L->qkv_b, qkv, T, H, qkv_n, threads);
-        rotate(qkv, qkv_n, Hq, D, positions, cos_sin, T);
-        rotate(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T);
+        rotary(qkv, qkv_n, Hq, D, positions, cos_sin, T, threads);
+        rotary(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T, threads);
         for (int64_t t = 0; t < T; t++) {
             if (slots[t] < 0) continue; /* a padding token has no slot */
             write_kv(L->k_cache, slots[t], qkv + t * qkv_n + Hq * D, row, L->k_scale, s->kv_fmt);
@@ -134,9 +90,9 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
         paged_decode(q, L->k_cache, L->v_cache, tables, table_rows, seq_lens, attn, T, s->table_width, Hq, Hkv, D, s->block_size,
                      s->scale, s->kv_fmt, L->k_scale, L->v_scale, threads);
         project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads);
-        add_norm(hidden, residual, L->post_norm, T, H, s->eps, x);
+        rms_norm(hidden, residual, residual, L->post_norm, x, T, H, s->eps, threads);
         project(x, L->gate_up_w, L->gate_up_s, L->gate_up_b, gate_up, T, H, 2 * I, threads);
-        for (int64_t t = 0; t < T; t++) silu_and_mul(gate_up + t * 2 * I, act + t * I, I);
+        silu_and_mul(gate_up, act, T, I, threads);
         project(act, L->down_w, L->down_s, L->down_b, hidden, T, I, H, threads);
     }
 }

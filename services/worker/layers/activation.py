@@ -6,18 +6,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import rows_cpu
 from services.worker.forward_context import use_triton_kernels
 
 
 class SiluAndMul(nn.Module):
     """Gated SiLU of a merged gate/up projection: [T, 2I] -> silu(gate) * up, [T, I] (one
-    kernel with the Triton backend)."""
+    kernel with the Triton backend, one C op for float32 on the CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton_kernels():
             from kernels.activation import silu_and_mul
 
             return silu_and_mul(x)
+        if rows_cpu.usable(x):
+            return rows_cpu.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import rows_cpu
 from services.worker.forward_context import use_triton_kernels
 
 
@@ -29,6 +30,8 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.has_kernel and use_triton_kernels():
             return self._triton(x, residual)
+        if self.has_kernel and rows_cpu.usable(x, self.weight, *(() if residual is None else (residual,))):
+            return rows_cpu.rms_norm(x, self.weight, self.eps, residual)  # one pass in C, threaded
         if residual is None:
             return self._norm(x)
         x = x + residual
