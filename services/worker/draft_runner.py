@@ -249,7 +249,7 @@ class DraftRunner:
         if not meta.all_greedy:
             probs = random_probs(logits, meta)
             keep = [i for i, r in enumerate(rows) if rejection_sampled(r.sampling.params)]
-            q = probs[keep].clone() if keep else None  # random_sample divides probs in place
+            q = probs[keep] if keep else None  # a copy: indexed by a list
             drawn = random_sample(probs, meta.seeds)
             tokens = drawn if meta.all_random else torch.where(meta.greedy_mask, tokens, drawn)
             for i, qi in zip(keep, q if q is not None else []):
