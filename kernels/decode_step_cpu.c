@@ -67,7 +67,8 @@ struct shape {
  * scratch: T * (H + (Hq + 2 Hkv) D + 2 Hq D + 3 I) floats. */
 void decode_layers(const struct layer *layers, int64_t num_layers, const struct shape *s, const float *cos_sin,
                    int64_t T, const int64_t *positions, const int64_t *slots, const int64_t *tables,
-                   const int64_t *table_rows, const int64_t *seq_lens, float *hidden, float *residual, float *scratch, int64_t threads) {
+                   const int64_t *table_rows, const int64_t *seq_lens, float *hidden, float *residual, float *scratch,
+                   int64_t threads) {
     const int64_t H = s->hidden, D = s->head_dim, Hq = s->heads, Hkv = s->kv_heads, I = s->inter;
     const int64_t qkv_n = (Hq + 2 * Hkv) * D, row = Hkv * D;
     float *x = scratch, *qkv = x + T * H, *q = qkv + T * qkv_n, *attn = q + T * Hq * D;
@@ -87,7 +88,8 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
         }
         /* queries at qkv row starts, qkv_n floats apart: copied to [T, Hq, D] for the kernel */
         for (int64_t t = 0; t < T; t++) memcpy(q + t * Hq * D, qkv + t * qkv_n, (size_t)(Hq * D) * sizeof(float));
-        paged_decode(q, L->k_cache, L->v_cache, tables, table_rows, seq_lens, attn, T, s->table_width, Hq, Hkv, D, s->block_size,
+        paged_decode(q, L->k_cache, L->v_cache, tables, table_rows, seq_lens, attn, T, s->table_width, Hq, Hkv, D,
+                     s->block_size,
                      s->scale, s->kv_fmt, L->k_scale, L->v_scale, threads);
         project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads);
         rms_norm(hidden, residual, residual, L->post_norm, x, T, H, s->eps, threads);

@@ -65,11 +65,13 @@ static inline float elem(const void *cache, int64_t offset, int fmt) {
 /* The sums of a[0..7]'s lanes, lane i holding a[i]'s: three rounds of pairwise adds (vhaddps), so
  * eight keys' dot products cost about one instruction each to finish. */
 static inline v8 hadd8(v8 a, v8 b) {
-    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+           __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 static inline v8 reduce8(const v8 *a) {
     const v8 u0 = hadd8(hadd8(a[0], a[1]), hadd8(a[2], a[3])), u1 = hadd8(hadd8(a[4], a[5]), hadd8(a[6], a[7]));
-    return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+    return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 /* n rows of `width` floats (KV heads side by side) in one block as float32 rows `*stride` floats
@@ -254,7 +256,8 @@ static void decode_items(void *ctx, int64_t lo, int64_t hi) {
     const int64_t D = a->D, G = a->H / a->Hkv, row = a->Hkv * D, bs = a->bs, nkv = a->nkv, per = a->Hkv / nkv;
     int64_t longest = 1;
     for (int64_t i = lo; i < hi; i++) longest = a->seq_lens[i / per] > longest ? a->seq_lens[i / per] : longest;
-    float *scores = malloc((size_t)(nkv * G * longest + bs * nkv * D) * sizeof(float)), *buf = scores + nkv * G * longest;
+    float *scores = malloc((size_t)(nkv * G * longest + bs * nkv * D) * sizeof(float));
+    float *buf = scores + nkv * G * longest;
     if (!scores) abort();
     for (int64_t i = lo; i < hi; i++) {
         const int64_t b = i / per, kv = i % per * nkv, S = a->seq_lens[b];
@@ -268,13 +271,14 @@ static void decode_items(void *ctx, int64_t lo, int64_t hi) {
 }
 
 void paged_decode(const float *q, const void *k_cache, const void *v_cache, const int64_t *tables,
-                  const int64_t *table_rows, const int64_t *seq_lens, float *out, int64_t B, int64_t W, int64_t H, int64_t Hkv, int64_t D,
-                  int64_t bs, float scale, int64_t fmt, float k_scale, float v_scale, int64_t threads) {
+                  const int64_t *table_rows, const int64_t *seq_lens, float *out, int64_t B, int64_t W, int64_t H,
+                  int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t fmt, float k_scale, float v_scale,
+                  int64_t threads) {
     const int dims = D == 64 ? 0 : D == 128 ? 1 : 2;
     /* whole requests when there are enough to share out (each block's rows then read in order, once),
      * else a request's KV heads apart */
     const int64_t nkv = B >= 8 * threads ? Hkv : 1, items = B * (Hkv / nkv);
-    struct decode_args a = {q,  k_cache, v_cache, tables, table_rows, seq_lens, out, W, H, Hkv, D, bs, nkv, scale * k_scale,
-                            v_scale, SCORES[dims][fmt], VALUES[dims][fmt]};
+    struct decode_args a = {q, k_cache, v_cache, tables, table_rows, seq_lens, out, W, H, Hkv, D, bs, nkv,
+                            scale * k_scale, v_scale, SCORES[dims][fmt], VALUES[dims][fmt]};
     parallel_for(items, pool_chunk(items, threads, 1), threads, decode_items, &a);
 }
