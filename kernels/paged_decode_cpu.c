@@ -13,8 +13,10 @@
  * Speed: decode attention is bound by reading the cache. With enough rows to share out, a row's
  * blocks are read in order, each once for all its KV heads; eight keys' dot products finish in one
  * reduction, the softmax's exp is vectorized, and the output heads stay in registers across a
- * block's rows. A prompt chunk's rows read the same blocks one after another, from L2: causal
- * attention with no padding and no mask, several times faster than SDPA's masked batch on CPU.
+ * block's rows. Consecutive rows reading one table row (a prompt chunk's tokens) go in tiles of
+ * TILE_ROWS, each block read once per tile: causal attention with no padding and no mask, 2-4x
+ * SDPA's masked batch on CPU for short contexts (attention_torch.py sends chunks of long ones,
+ * whose scores outgrow the caches here, to SDPA).
  * Head dims of 64 and 128 get fixed-size copies of the loops, one per cache format.
  */
 #ifdef __AVX2__
@@ -101,62 +103,76 @@ static inline void prefetch_next_block(const void *cache, const int64_t *table, 
         for (int64_t j = 0; j < width; j += 16) __builtin_prefetch(next + i * row + j);
 }
 
-/* Head dims of 64 and 128, for KV heads [head, head + nkv) and the G query heads each serves, q
- * [nkv * G, DIM]: scores [nkv * G, S] = q . k * scale. A block's rows are read once, in order, for
- * all of them (eight keys at a time per query head, the rows in L1 across the heads). */
-static inline __attribute__((always_inline)) void scores_fixed(const float *q, int64_t nkv, int64_t G,
-                                                               const void *cache, const int64_t *table, int64_t S,
-                                                               int64_t bs, int64_t row, int64_t head, float scale,
+/* A tile: R query rows that read the same block table (one decoding row, or consecutive tokens of
+ * one request's chunk), row r seeing its first S[r] keys; Smax is the largest S[r]. Row r's query
+ * heads for KV heads [head / D, head / D + nkv) are q + r * qstride, [nkv * G, D]; its scores are
+ * scores + r * nkv * G * Smax, [nkv * G, Smax]. Each block's rows are read from memory once per tile.
+ *
+ * Head dims of 64 and 128: scores = q . k * scale, eight keys at a time per query head, the block's
+ * rows in L1 across the tile's rows and heads. */
+static inline __attribute__((always_inline)) void scores_fixed(const float *q, int64_t qstride, const int64_t *S,
+                                                               int64_t R, int64_t Smax, int64_t nkv, int64_t G,
+                                                               const void *cache, const int64_t *table, int64_t bs,
+                                                               int64_t row, int64_t head, float scale,
                                                                float *scores, float *buf, const int DIM,
                                                                const int FMT) {
-    for (int64_t s0 = 0; s0 < S; s0 += bs) {
-        const int64_t n = S - s0 < bs ? S - s0 : bs;
+    for (int64_t s0 = 0; s0 < Smax; s0 += bs) {
+        const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        if (FMT == F32) prefetch_next_block(cache, table, s0, S, bs, row, head, nkv * DIM);
-        for (int64_t h = 0; h < nkv * G; h++) {
-            const float *k = rows + h / G * DIM, *qh = q + h * DIM;
-            float *sc = scores + h * S + s0;
-            int64_t i = 0;
-            for (; i + 8 <= n; i += 8) {
-                v8 acc[8] = {0};
-                for (int j = 0; j < DIM; j += 8) {
-                    const v8 qj = load8(qh + j);
-                    for (int u = 0; u < 8; u++) acc[u] += qj * load8(k + (i + u) * stride + j);
+        if (FMT == F32) prefetch_next_block(cache, table, s0, Smax, bs, row, head, nkv * DIM);
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
+            for (int64_t h = 0; h < nkv * G && nr > 0; h++) {
+                const float *k = rows + h / G * DIM, *qh = q + r * qstride + h * DIM;
+                float *sc = scores + (r * nkv * G + h) * Smax + s0;
+                int64_t i = 0;
+                for (; i + 8 <= nr; i += 8) {
+                    v8 acc[8] = {0};
+                    for (int j = 0; j < DIM; j += 8) {
+                        const v8 qj = load8(qh + j);
+                        for (int u = 0; u < 8; u++) acc[u] += qj * load8(k + (i + u) * stride + j);
+                    }
+                    store8(sc + i, reduce8(acc) * scale);
                 }
-                store8(sc + i, reduce8(acc) * scale);
-            }
-            for (; i < n; i++) {
-                v8 acc = {0};
-                for (int j = 0; j < DIM; j += 8) acc += load8(qh + j) * load8(k + i * stride + j);
-                sc[i] = hsum8(acc) * scale;
+                for (; i < nr; i++) {
+                    v8 acc = {0};
+                    for (int j = 0; j < DIM; j += 8) acc += load8(qh + j) * load8(k + i * stride + j);
+                    sc[i] = hsum8(acc) * scale;
+                }
             }
         }
     }
 }
 
-/* out [nkv * G, DIM] = p [nkv * G, S] times the values, block by block: each head's output, 64
- * floats at a time, in registers across a block's rows, which stay in L1 across the heads. */
-static inline __attribute__((always_inline)) void values_fixed(const float *p, int64_t nkv, int64_t G,
-                                                               const void *cache, const int64_t *table, int64_t S,
-                                                               int64_t bs, int64_t row, int64_t head, float *out,
-                                                               float *buf, const int DIM, const int FMT) {
-    memset(out, 0, (size_t)(nkv * G * DIM) * sizeof(float));
-    for (int64_t s0 = 0; s0 < S; s0 += bs) {
-        const int64_t n = S - s0 < bs ? S - s0 : bs;
+/* A tile's outputs, row r's at out + r * ostride, [nkv * G, DIM] = p (laid out as the scores) times
+ * the values, block by block: each head's output, 64 floats at a time, in registers across a
+ * block's rows, which stay in L1 across the tile's rows and heads. */
+static inline __attribute__((always_inline)) void values_fixed(const float *p, const int64_t *S, int64_t R,
+                                                               int64_t Smax, int64_t nkv, int64_t G,
+                                                               const void *cache, const int64_t *table, int64_t bs,
+                                                               int64_t row, int64_t head, float *out,
+                                                               int64_t ostride, float *buf, const int DIM,
+                                                               const int FMT) {
+    for (int64_t r = 0; r < R; r++) memset(out + r * ostride, 0, (size_t)(nkv * G * DIM) * sizeof(float));
+    for (int64_t s0 = 0; s0 < Smax; s0 += bs) {
+        const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        if (FMT == F32) prefetch_next_block(cache, table, s0, S, bs, row, head, nkv * DIM);
-        for (int64_t h = 0; h < nkv * G; h++)
-            for (int c = 0; c < DIM; c += 64) {
-                const float *v = rows + h / G * DIM + c, *ph = p + h * S + s0;
-                float *oh = out + h * DIM + c;
-                v8 o[8];
-                for (int j = 0; j < 8; j++) o[j] = load8(oh + 8 * j);
-                for (int64_t i = 0; i < n; i++)
-                    for (int j = 0; j < 8; j++) o[j] += ph[i] * load8(v + i * stride + 8 * j);
-                for (int j = 0; j < 8; j++) store8(oh + 8 * j, o[j]);
-            }
+        if (FMT == F32) prefetch_next_block(cache, table, s0, Smax, bs, row, head, nkv * DIM);
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
+            for (int64_t h = 0; h < nkv * G && nr > 0; h++)
+                for (int c = 0; c < DIM; c += 64) {
+                    const float *v = rows + h / G * DIM + c, *ph = p + (r * nkv * G + h) * Smax + s0;
+                    float *oh = out + r * ostride + h * DIM + c;
+                    v8 o[8];
+                    for (int j = 0; j < 8; j++) o[j] = load8(oh + 8 * j);
+                    for (int64_t i = 0; i < nr; i++)
+                        for (int j = 0; j < 8; j++) o[j] += ph[i] * load8(v + i * stride + 8 * j);
+                    for (int j = 0; j < 8; j++) store8(oh + 8 * j, o[j]);
+                }
+        }
     }
 }
 
@@ -180,31 +196,42 @@ static void values_any(const float *p, const void *cache, const int64_t *table, 
     }
 }
 
-/* One kind of scores and values loops, for KV heads [head / D, head / D + nkv) of one request's S
- * keys and the G query heads each serves, q [nkv * G, D]: scores [nkv * G, S] = q . k * scale, and
- * out [nkv * G, D] = p [nkv * G, S] times the values. buf: room for a block's rows as float32. */
-typedef void scores_fn(const float *q, int64_t nkv, int64_t G, const void *cache, const int64_t *table, int64_t S,
-                       int64_t bs, int64_t row, int64_t head, int64_t D, float scale, float *scores, float *buf);
-typedef void values_fn(const float *p, int64_t nkv, int64_t G, const void *cache, const int64_t *table, int64_t S,
-                       int64_t bs, int64_t row, int64_t head, int64_t D, float *out, float *buf);
+/* One kind of scores and values loops over a tile (see scores_fixed): scores = q . k * scale, and
+ * out = p times the values. buf: room for a block's rows as float32. */
+typedef void scores_fn(const float *q, int64_t qstride, const int64_t *S, int64_t R, int64_t Smax, int64_t nkv,
+                       int64_t G, const void *cache, const int64_t *table, int64_t bs, int64_t row, int64_t head,
+                       int64_t D, float scale, float *scores, float *buf);
+typedef void values_fn(const float *p, const int64_t *S, int64_t R, int64_t Smax, int64_t nkv, int64_t G,
+                       const void *cache, const int64_t *table, int64_t bs, int64_t row, int64_t head, int64_t D,
+                       float *out, int64_t ostride, float *buf);
 
-/* The loops of one head dim (64, 128 or 0: any) and cache format, compiled for them. */
+/* The loops of one head dim (64, 128 or 0: any, row by row and head by head) and cache format. */
 #define LOOPS(DIM, FMT)                                                                                         \
-    static void scores_##DIM##_##FMT(const float *q, int64_t nkv, int64_t G, const void *cache,                 \
-                                     const int64_t *table, int64_t S, int64_t bs, int64_t row, int64_t head,     \
-                                     int64_t D, float scale, float *scores, float *buf) {                        \
-        if (DIM) scores_fixed(q, nkv, G, cache, table, S, bs, row, head, scale, scores, buf, DIM, FMT);         \
-        else                                                                                                     \
+    static void scores_##DIM##_##FMT(const float *q, int64_t qstride, const int64_t *S, int64_t R, int64_t Smax, \
+                                     int64_t nkv, int64_t G, const void *cache, const int64_t *table, int64_t bs, \
+                                     int64_t row, int64_t head, int64_t D, float scale, float *scores,           \
+                                     float *buf) {                                                               \
+        if (DIM) {                                                                                               \
+            scores_fixed(q, qstride, S, R, Smax, nkv, G, cache, table, bs, row, head, scale, scores, buf, DIM,   \
+                         FMT);                                                                                   \
+            return;                                                                                              \
+        }                                                                                                        \
+        for (int64_t r = 0; r < R; r++)                                                                          \
             for (int64_t h = 0; h < nkv * G; h++)                                                                \
-                scores_any(q + h * D, cache, table, S, bs, row, head + h / G * D, D, scale, scores + h * S, FMT); \
+                scores_any(q + r * qstride + h * D, cache, table, S[r], bs, row, head + h / G * D, D, scale,     \
+                           scores + (r * nkv * G + h) * Smax, FMT);                                              \
     }                                                                                                            \
-    static void values_##DIM##_##FMT(const float *p, int64_t nkv, int64_t G, const void *cache,                 \
-                                     const int64_t *table, int64_t S, int64_t bs, int64_t row, int64_t head,     \
-                                     int64_t D, float *out, float *buf) {                                        \
-        if (DIM) values_fixed(p, nkv, G, cache, table, S, bs, row, head, out, buf, DIM, FMT);                   \
-        else                                                                                                     \
+    static void values_##DIM##_##FMT(const float *p, const int64_t *S, int64_t R, int64_t Smax, int64_t nkv,     \
+                                     int64_t G, const void *cache, const int64_t *table, int64_t bs, int64_t row, \
+                                     int64_t head, int64_t D, float *out, int64_t ostride, float *buf) {         \
+        if (DIM) {                                                                                               \
+            values_fixed(p, S, R, Smax, nkv, G, cache, table, bs, row, head, out, ostride, buf, DIM, FMT);       \
+            return;                                                                                              \
+        }                                                                                                        \
+        for (int64_t r = 0; r < R; r++)                                                                          \
             for (int64_t h = 0; h < nkv * G; h++)                                                                \
-                values_any(p + h * S, cache, table, S, bs, row, head + h / G * D, D, out + h * D, FMT);          \
+                values_any(p + (r * nkv * G + h) * Smax, cache, table, S[r], bs, row, head + h / G * D, D,       \
+                           out + r * ostride + h * D, FMT);                                                      \
     }
 #define FORMATS(DIM) LOOPS(DIM, F32) LOOPS(DIM, E4M3) LOOPS(DIM, E5M2)
 FORMATS(64)
@@ -242,6 +269,7 @@ struct decode_args {
     const float *q;
     const void *k_cache, *v_cache;
     const int64_t *tables, *table_rows, *seq_lens;
+    const int64_t *tiles; /* tile t is rows [tiles[t], tiles[t + 1]) */
     float *out;
     int64_t W, H, Hkv, D, bs, nkv; /* nkv: the KV heads of one work item */
     float scale, v_scale;
@@ -249,36 +277,53 @@ struct decode_args {
     values_fn *values;
 };
 
-/* Work items [lo, hi): item i is request i / per and its KV heads [i % per * nkv, + nkv), where
- * per = Hkv / nkv items share a request, with the G query heads each KV head serves. */
+/* Work items [lo, hi): item i is tile i / per and its KV heads [i % per * nkv, + nkv), where
+ * per = Hkv / nkv items share a tile, with the G query heads each KV head serves. */
 static void decode_items(void *ctx, int64_t lo, int64_t hi) {
     const struct decode_args *a = ctx;
     const int64_t D = a->D, G = a->H / a->Hkv, row = a->Hkv * D, bs = a->bs, nkv = a->nkv, per = a->Hkv / nkv;
-    int64_t longest = 1;
-    for (int64_t i = lo; i < hi; i++) longest = a->seq_lens[i / per] > longest ? a->seq_lens[i / per] : longest;
-    float *scores = malloc((size_t)(nkv * G * longest + bs * nkv * D) * sizeof(float));
-    float *buf = scores + nkv * G * longest;
-    if (!scores) abort();
+    int64_t room = 1; /* the largest tile's scores: rows x longest context */
     for (int64_t i = lo; i < hi; i++) {
-        const int64_t b = i / per, kv = i % per * nkv, S = a->seq_lens[b];
-        const int64_t *table = a->tables + (a->table_rows ? a->table_rows[b] : b) * a->W;
-        const float *q = a->q + (b * a->H + kv * G) * D;
-        a->scores(q, nkv, G, a->k_cache, table, S, bs, row, kv * D, D, a->scale, scores, buf);
-        for (int64_t h = 0; h < nkv * G; h++) softmax(scores + h * S, S, a->v_scale);
-        a->values(scores, nkv, G, a->v_cache, table, S, bs, row, kv * D, D, a->out + (b * a->H + kv * G) * D, buf);
+        const int64_t t = i / per, r0 = a->tiles[t], R = a->tiles[t + 1] - r0;
+        for (int64_t r = r0; r < r0 + R; r++) room = R * a->seq_lens[r] > room ? R * a->seq_lens[r] : room;
+    }
+    float *scores = malloc((size_t)(nkv * G * room + bs * nkv * D) * sizeof(float));
+    if (!scores) abort();
+    float *buf = scores + nkv * G * room;
+    for (int64_t i = lo; i < hi; i++) {
+        const int64_t t = i / per, kv = i % per * nkv, r0 = a->tiles[t], R = a->tiles[t + 1] - r0;
+        const int64_t *S = a->seq_lens + r0, *table = a->tables + (a->table_rows ? a->table_rows[r0] : r0) * a->W;
+        int64_t Smax = 0;
+        for (int64_t r = 0; r < R; r++) Smax = S[r] > Smax ? S[r] : Smax;
+        const float *q = a->q + (r0 * a->H + kv * G) * D;
+        a->scores(q, a->H * D, S, R, Smax, nkv, G, a->k_cache, table, bs, row, kv * D, D, a->scale, scores, buf);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t h = 0; h < nkv * G; h++) softmax(scores + (r * nkv * G + h) * Smax, S[r], a->v_scale);
+        a->values(scores, S, R, Smax, nkv, G, a->v_cache, table, bs, row, kv * D, D, a->out + (r0 * a->H + kv * G) * D,
+                  a->H * D, buf);
     }
     free(scores);
 }
+
+#define TILE_ROWS 16 /* consecutive rows of one request taken together */
 
 void paged_decode(const float *q, const void *k_cache, const void *v_cache, const int64_t *tables,
                   const int64_t *table_rows, const int64_t *seq_lens, float *out, int64_t B, int64_t W, int64_t H,
                   int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t fmt, float k_scale, float v_scale,
                   int64_t threads) {
     const int dims = D == 64 ? 0 : D == 128 ? 1 : 2;
-    /* whole requests when there are enough to share out (each block's rows then read in order, once),
-     * else a request's KV heads apart */
-    const int64_t nkv = B >= 8 * threads ? Hkv : 1, items = B * (Hkv / nkv);
-    struct decode_args a = {q, k_cache, v_cache, tables, table_rows, seq_lens, out, W, H, Hkv, D, bs, nkv,
+    /* tiles: runs of up to TILE_ROWS rows reading the same table row */
+    int64_t *tiles = malloc((size_t)(B + 1) * sizeof(int64_t)), count = 0;
+    if (!tiles) abort();
+    for (int64_t b = 0; b < B; b++)
+        if (!count || !table_rows || table_rows[b] != table_rows[b - 1] || b - tiles[count - 1] == TILE_ROWS)
+            tiles[count++] = b;
+    tiles[count] = B;
+    /* whole tiles when there are enough to share out (each block's rows then read in order, once),
+     * else a tile's KV heads apart */
+    const int64_t nkv = count >= 8 * threads ? Hkv : 1, items = count * (Hkv / nkv);
+    struct decode_args a = {q, k_cache, v_cache, tables, table_rows, seq_lens, tiles, out, W, H, Hkv, D, bs, nkv,
                             scale * k_scale, v_scale, SCORES[dims][fmt], VALUES[dims][fmt]};
     parallel_for(items, pool_chunk(items, threads, 1), threads, decode_items, &a);
+    free(tiles);
 }

@@ -3,7 +3,8 @@
 All index tensors and masks are built once per step in build() (on the host, then copied to the
 device, from pinned memory on CUDA). On CPU with float32 queries, a layer's forward is a cache
 write and one call of the C kernel (kernels/paged_decode_cpu.py) over every query token of the
-step, each attending to its context up to itself. Elsewhere it is a cache write, one
+step, each attending to its context up to itself (chunks of long contexts excepted, see
+_KERNEL_MAX_CHUNK_CONTEXT). Elsewhere it is a cache write, one
 block-granular gather and one scaled_dot_product_attention call per group (decodes, prefill
 chunks): no Python loop over requests."""
 
@@ -84,6 +85,14 @@ def _decode_kernel(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dty
 
 
 _MAX_PADDING = 0.25  # share of padding a group may carry
+# The C kernel takes every query token as a row of its own, reading its request's context once per
+# tile of 16 tokens and keeping each row's scores whole: right for decodes, speculative
+# verification and chunks of short contexts (2-4x SDPA's masked batch on prompts of 256 tokens
+# and of mixed lengths). A
+# chunk's scores outgrow the caches on long contexts, where SDPA over the gathered context is
+# faster (2.4x at a 2048-token chunk after 8192 tokens): chunks past this context take SDPA.
+_KERNEL_MAX_QUERY = 16
+_KERNEL_MAX_CHUNK_CONTEXT = 2048
 
 
 def _similar_runs(sizes: list[int], lo: int, hi: int) -> list[tuple[int, int]]:
@@ -110,10 +119,14 @@ class TorchAttentionBackend:
         qsl, nd, n = common.query_start_loc, common.num_decodes, common.num_reqs
         q_lens = [qsl[i + 1] - qsl[i] for i in range(n)]
         # decodes grouped by context length (what SDPA reads padded), prefill chunks by query length
-        if n and _decode_kernel(common.device, self.dtype, self.kv_dtype):  # one kernel call for the batch
+        kernel = _decode_kernel(common.device, self.dtype, self.kv_dtype)
+        short = all(q <= _KERNEL_MAX_QUERY or s <= _KERNEL_MAX_CHUNK_CONTEXT for q, s in zip(q_lens, common.seq_lens))
+        if kernel and n and short:  # one kernel call for the whole batch
             return TorchAttentionMetadata(common.slot_mapping, [_build_group(common, 0, n, self.dtype, True)])
-        ranges = _similar_runs(common.seq_lens, 0, nd) + _similar_runs(q_lens, nd, n)
-        groups = [_build_group(common, lo, hi, self.dtype, False) for lo, hi in ranges]
+        # the C kernel reads each request's own length in place: padding costs it nothing
+        decodes = [(0, nd)] if kernel and nd else _similar_runs(common.seq_lens, 0, nd)
+        ranges = decodes + _similar_runs(q_lens, nd, n)
+        groups = [_build_group(common, lo, hi, self.dtype, kernel and hi <= nd) for lo, hi in ranges]
         return TorchAttentionMetadata(common.slot_mapping, groups)
 
     def forward(
