@@ -7,8 +7,9 @@ state after the final norm for EAGLE-1, the aux layers' inputs in config order f
 head's own state fed to its next position). A head that computes the target's layer one position
 later has most drafts accepted (the head reads the next token and keeps its KV right). `LLM`
 speculates with a head as the engine does. Heads that cannot serve the target (another hidden
-size, aux layers it lacks, no fc, a d2t out of range) and setups the runner does not cover (tensor
-parallelism) are refused at startup. With async scheduling the worker proposes from the head too."""
+size, aux layers it lacks, no fc, a d2t out of range) and setups the runner does not cover (pipeline
+stages) are refused at startup. With async scheduling the worker proposes from the head too, and
+over tensor-parallel ranks each runs the head whole."""
 
 from __future__ import annotations
 
@@ -157,6 +158,22 @@ def test_a_head_that_computes_the_targets_layer_gets_accepted(unit_norm, heads, 
     assert counts.num_accepted_tokens > 0.5 * counts.num_draft_tokens > 0
 
 
+def test_a_head_whole_on_each_tensor_parallel_rank_gets_accepted(unit_norm, heads):
+    """Over two tensor-parallel ranks the head runs whole on each, borrowing the target's sharded
+    embedding and LM head: one rank's tokens, most drafts accepted."""
+    from pagedserve import LLM
+
+    target, _ = unit_norm
+    prompts = [{"prompt_token_ids": [(k * 13 + 5 * i) % 300 + 3 for k in range(6 + 9 * i)]} for i in range(3)]
+    kwargs = {"max_model_len": 128, "kv_cache_memory": 8 << 20}
+    want = [o.outputs[0].token_ids for o in LLM(target, **kwargs).generate(prompts, GREEDY, use_tqdm=False)]
+    spec = {"method": "eagle", "model": heads("eagle", "mimic", target), "num_speculative_tokens": 3, "draft_cost": 0}
+    with LLM(target, tensor_parallel_size=2, speculative_config=spec, **kwargs) as llm:
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == want
+        counts = llm.engine.scheduler.spec
+    assert counts.num_accepted_tokens > 0.5 * counts.num_draft_tokens > 0
+
+
 def _config(target: str, spec: dict, **kwargs) -> EngineConfig:
     model = ModelConfig.from_pretrained(target, max_model_len=160)
     return EngineConfig(model, speculative=SpeculativeConfig.parse(spec), **kwargs)
@@ -171,8 +188,8 @@ def test_heads_that_cannot_serve_the_target_are_refused(target, heads, tmp_path)
     aux = make_eagle_head(target, tmp_path / "aux", "eagle3", config_overrides={"eagle_aux_hidden_state_layer_ids": [0, 9, 1]})
     with pytest.raises(ValueError, match="three of the target's 4 layers"):
         _config(target, {"method": "eagle3", "model": str(aux)})
-    with pytest.raises(ValueError, match="tensor or pipeline parallelism"):
-        _config(target, {"method": "eagle", "model": heads("eagle")}, parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="does not run over pipeline stages"):
+        _config(target, {"method": "eagle", "model": heads("eagle")}, parallel=ParallelConfig(pipeline_parallel_size=2))
     with pytest.raises(ValueError, match='needs a "model"'):
         SpeculativeConfig.parse({"method": "eagle3"})
 

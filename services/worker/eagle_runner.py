@@ -2,8 +2,11 @@
 step, on the draft model's machinery (draft_runner.py): its own paged KV cache under the target's
 block ids plus scratch blocks, drafting with each request's sampling parameters, the drafts'
 q kept for rejection sampling, with async scheduling too (proposals.py). What it can run on is in
-shared/eagle.py (one worker rank, a Llama-family target; an EAGLE-3 target's decode steps run
+shared/eagle.py (a Llama-family target on one pipeline stage; an EAGLE-3 target's decode steps run
 without CUDA graphs, which do not keep the aux states; the one-call CPU decode step keeps them).
+Under tensor parallelism the head runs whole on each rank (its KV too), borrowing the target's
+sharded embedding and LM head (whose collectives every rank calls alike, as every rank drafts
+alike from the same tokens; see draft_runner.py on ranks drawing the same drafts).
 
 A head's position p reads token p + 1 and the target's hidden state of position p (EAGLE-1: the
 last layer's after the final norm; EAGLE-3: the three aux layers' inputs, through fc). The target's
@@ -22,6 +25,7 @@ the next token may differ), which costs acceptance, never correctness.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -29,6 +33,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from services.worker.distributed import whole_model
 from services.worker.draft_runner import DraftRunner, _drafting, _Row
 from services.worker.input_batch import StepInputs
 from services.worker.layers.attention_backend import AttentionBackend
@@ -61,9 +66,12 @@ class EagleRunner(DraftRunner):
     def __init__(self, config: EngineConfig, dtype: torch.dtype, device: torch.device, backend: AttentionBackend,
                  target: nn.Module):
         head_config = draft_model_config(config)
-        self._setup(config, head_config, config.parallel, dtype, device, backend)
+        # whole on every tensor-parallel rank (its KV too): the ranks compute the same drafts
+        parallel = dataclasses.replace(config.parallel, tensor_parallel_size=1, rank=0)
+        self._setup(config, head_config, parallel, dtype, device, backend)
         self.target = target
-        self.model = build_head(head_config, config.speculative.method, target, dtype, device)
+        with whole_model(sharded=False):
+            self.model = build_head(head_config, config.speculative.method, target, dtype, device)
         if isinstance(self.model, Eagle3Head):
             target.set_aux_hidden_layers(aux_layer_ids(head_config.hf_config, config.model.num_layers))
         log.info("%s head %s: %d tokens drafted per step", config.speculative.method, head_config.path, self.k)
