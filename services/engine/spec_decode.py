@@ -40,7 +40,11 @@ class DraftModelProposer:
 # costs about as much as a decoded one. Measured when a CPU decode step of up to 16 tokens ran in
 # one C call (kernels/decode_step_cpu.c) and a larger one through the layers: at 16 streams, ngram
 # verifying ~4.7 tokens a request (99% accepted) ran 0.93x plain decoding (benchmarks/spec_decode.py).
-# The one-call step now takes up to 64 tokens, which makes verification cheaper; not re-measured.
+# Re-measured once the one-call step took up to 64 tokens (benchmarks/spec_decode.py --workloads
+# repetitive --concurrency 16 32 --methods ngram --compute-bound-batch 16 64, on a loaded machine):
+# with 64, ngram verifying 4.3 and 3.7 tokens a request (99% accepted) ran 0.22x plain decoding at
+# 16 streams and 0.66x at 32 (a step of more than 64 tokens leaves the C step), so 16 stays. With
+# alpha's prior of 1/2 a request starts proposing only in steps of at most 8 requests.
 COMPUTE_BOUND_BATCH = 16
 DECAY = 0.8  # weight of a request's earlier verifications in its acceptance estimate
 
