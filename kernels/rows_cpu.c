@@ -3,8 +3,9 @@
  *
  * The one-call decode step (decode_step_cpu.c) runs them between its kernels; rows_cpu.py hands
  * them the torch layers' tensors in every other float32 step. There torch's broadcasting ops
- * allocated and re-read their operands op by op: on a 2048-token prefill step of smol135 the
- * rotary, the norms and the activation took about half as long as the layer's GEMMs.
+ * allocated and re-read their operands op by op: on a 2048-token prefill step of smol135, quiet,
+ * the rotary, the norms and the activation took 0.40 s against the GEMMs' 3.6 s, and 0.20 s here
+ * (benchmarks/rows_cpu.py); on a loaded machine torch's took 5.6 s and these 0.6 s.
  */
 #include <math.h>
 #include <stdint.h>
