@@ -134,3 +134,20 @@ def test_cpu_kernel_benchmarks_agree_with_their_references(script: list[str]) ->
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     diffs = [r["max_abs_diff"] for r in info["results"].values()] if "results" in info else [info["max_abs_diff"]]
     assert max(diffs) < 1e-4, info
+
+
+@pytest.mark.parametrize("script", [
+    ["rows_cpu.py", "--tokens", "32", "--rounds", "1"],
+    ["sampler_cpu.py", "--rows", "4", "--vocab", "1000", "--rounds", "1"],
+])
+def test_cpu_op_benchmarks_report_a_ratio_per_op(script: list[str]) -> None:
+    from kernels import rows_cpu
+
+    if rows_cpu._library() is None:
+        pytest.skip("no C compiler")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:]], check=False,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratios = [op["ratio"] for op in info["ops"].values()] if "ops" in info else [info["ratio"]]
+    assert len(ratios) == (3 if "ops" in info else 1) and all(r > 0 for r in ratios), info
