@@ -84,8 +84,8 @@ static void norm_rows(void *ctx, int64_t lo, int64_t hi) {
     const struct rows_args *a = ctx;
     const int64_t H = a->width;
     for (int64_t t = lo; t < hi; t++)
-        norm_row(a->x + t * H, a->residual_in ? a->residual_in + t * H : NULL, a->residual_out + t * H, a->w,
-                 a->out + t * H, H, a->eps);
+        norm_row(a->x + t * H, a->residual_in ? a->residual_in + t * H : NULL,
+                 a->residual_in ? a->residual_out + t * H : NULL, a->w, a->out + t * H, H, a->eps);
 }
 
 static void rotate_rows(void *ctx, int64_t lo, int64_t hi) {

@@ -165,10 +165,9 @@ def _apply_top_k_only(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor
 def random_sample(probs: torch.Tensor, seeds: dict[int, int]) -> torch.Tensor:
     """One token per row, each drawn with its probability: one uniform draw per row placed on the
     row's cumulative distribution (inverse CDF). Rows in ``seeds`` draw from a generator seeded
-    with that value, the rest from the global RNG. One draw per row, not one per token: for an
-    exponential race, torch's CPU exponential_ over a 64 x 49k batch took 93-111 ms on a quiet
-    2-core machine, against 2.3 ms for the cumulative sums (about 60% of a 64-token decode step's
-    GEMMs, saved)."""
+    with that value, the rest from the global RNG. One draw per row, not one per token: on a quiet
+    2-core CPU an exponential race over a 64 x 49k batch took 102 ms (torch's exponential_, about
+    60% of a 64-token decode step's GEMMs), this 3.2 ms (benchmarks/sampler_cpu.py)."""
     u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=torch.float64)
     if seeds:
         generator = torch.Generator(device=probs.device)  # re-seeded per row: no state between rows or steps
