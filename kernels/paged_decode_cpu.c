@@ -14,8 +14,8 @@
  * blocks are read in order, each once for all its KV heads; eight keys' dot products finish in one
  * reduction, the softmax's exp is vectorized, and the output heads stay in registers across a
  * block's rows. Consecutive rows reading one table row (a prompt chunk's tokens) go in tiles of
- * TILE_ROWS, each block read once per tile: causal attention with no padding and no mask, 2-4x
- * SDPA's masked batch on CPU for short contexts (attention_torch.py sends chunks of long ones,
+ * TILE_ROWS, each block read once per tile: causal attention with no padding and no mask, faster
+ * than SDPA's masked batch on CPU for short contexts (attention_torch.py sends chunks of long ones,
  * whose scores outgrow the caches here, to SDPA).
  * Head dims of 64 and 128 get fixed-size copies of the loops, one per cache format.
  */

@@ -4,9 +4,9 @@ All index tensors and masks are built once per step in build() (on the host, the
 device, from pinned memory on CUDA). On CPU with float32 queries, a layer's forward is a cache
 write and one call of the C kernel (kernels/paged_decode_cpu.py) over every query token of the
 step, each attending to its context up to itself (chunks of long contexts excepted, see
-_KERNEL_MAX_CHUNK_CONTEXT). Elsewhere it is a cache write, one
-block-granular gather and one scaled_dot_product_attention call per group (decodes, prefill
-chunks): no Python loop over requests."""
+_KERNEL_MAX_CHUNK_CONTEXT). Elsewhere it is a cache write, one block-granular gather and one
+scaled_dot_product_attention call per group (decodes, prefill chunks): no Python loop over
+requests."""
 
 from __future__ import annotations
 
@@ -87,10 +87,10 @@ def _decode_kernel(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dty
 _MAX_PADDING = 0.25  # share of padding a group may carry
 # The C kernel takes every query token as a row of its own, reading its request's context once per
 # tile of 16 tokens and keeping each row's scores whole: right for decodes, speculative
-# verification and chunks of short contexts (2-4x SDPA's masked batch on prompts of 256 tokens
-# and of mixed lengths). A
-# chunk's scores outgrow the caches on long contexts, where SDPA over the gathered context is
-# faster (2.4x at a 2048-token chunk after 8192 tokens): chunks past this context take SDPA.
+# verification and chunks of short contexts (1.4x SDPA's masked batch on eight 256-token prompts,
+# quiet; 4x on prompts of mixed lengths, loaded). A chunk's scores outgrow the caches on long
+# contexts, where SDPA over the gathered context is faster (2.4x at a 2048-token chunk after 8192
+# tokens): chunks past this context take SDPA.
 _KERNEL_MAX_QUERY = 16
 _KERNEL_MAX_CHUNK_CONTEXT = 2048
 
