@@ -20,7 +20,6 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     rank computes the same logits either way, so they all draft and accept the same tokens); it
     runs on the last pipeline stage, where the sampled tokens it drafts from are. Beside an fp8
     KV cache the draft keeps its own in the model's dtype."""
-    from shared.config import ModelConfig
     from shared.eagle import eagle_head_config
 
     spec = config.speculative
@@ -36,11 +35,7 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
     if config.model.pooler is not None:
         raise ValueError("speculative decoding needs a generating model, not a pooling one")
     target = config.model
-    try:
-        draft = ModelConfig.from_pretrained(spec.model, dtype=target.dtype, revision=spec.revision, weights=weights,
-                                            runner="generate")
-    except ValueError as exc:
-        raise ValueError(f"speculative_config model {spec.model!r}: {exc}") from None
+    draft = speculative_model_config(config, weights)
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"the draft model {spec.model!r} has a vocabulary of {draft.vocab_size} tokens, the target "
                          f"{target.vocab_size}: a draft model must share the target's tokenizer")
@@ -58,6 +53,19 @@ def draft_model_config(config: EngineConfig, weights: bool = True) -> ModelConfi
 # ratio 0.26), drafting one token a step on random prompts: the draft took 0.29 of a plain decode
 # step at one stream and 0.31 at four (a timer around DraftRunner.propose, benchmarks/spec_decode.py's runs).
 DRAFT_STEP_OVERHEAD = 0.05
+
+
+def speculative_model_config(config: EngineConfig, weights: bool) -> ModelConfig:
+    """The ModelConfig of speculative_config's model (a draft or an EAGLE head), generating, in
+    the target's dtype; a ValueError naming the model when it cannot be read."""
+    from shared.config import ModelConfig
+
+    spec = config.speculative
+    try:
+        return ModelConfig.from_pretrained(spec.model, dtype=config.model.dtype, revision=spec.revision,
+                                           weights=weights, runner="generate")
+    except ValueError as exc:
+        raise ValueError(f"speculative_config model {spec.model!r}: {exc}") from None
 
 
 def draft_cost(config: EngineConfig) -> float:

@@ -31,18 +31,14 @@ LLAMA_FAMILY = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Q
 def eagle_head_config(config: EngineConfig, weights: bool = True) -> ModelConfig | None:
     """The head's ModelConfig (None unless the method is eagle or eagle3), with the target's dtype
     and max_model_len; ValueError when it cannot run here (see the module)."""
-    from shared.config import ModelConfig
+    from shared.draft_model import speculative_model_config
 
     spec = config.speculative
     if spec is None or spec.method not in EAGLE_METHODS:
         return None
     _check_setup(config)
     target = config.model
-    try:
-        head = ModelConfig.from_pretrained(spec.model, dtype=target.dtype, revision=spec.revision, weights=weights,
-                                           runner="generate")
-    except ValueError as exc:
-        raise ValueError(f"speculative_config model {spec.model!r}: {exc}") from None
+    head = speculative_model_config(config, weights)
     where = f"the {spec.method} head {spec.model!r}"
     if head.vocab_size != target.vocab_size:
         raise ValueError(f"{where} has a vocabulary of {head.vocab_size} tokens, the target {target.vocab_size}")

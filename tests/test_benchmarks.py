@@ -117,6 +117,14 @@ def test_spec_decode_script_reports_every_workload_and_concurrency(model_dirs, c
     assert out[-1 - len(rows) - 1].split()[:3] == ["workload", "C", "method"]  # the table, one line per row
 
 
+def _last_json(script: list[str]) -> dict:
+    """Run benchmarks/<script[0]> with the rest as its arguments; the JSON object it prints last."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:]], check=False,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("script", [
     ["linear_cpu.py", "--rows", "1", "5", "--rounds", "1", "--layers", "1", "--int8"],
     ["decode_attention_cpu.py", "--baseline-rev", "HEAD", "--batch", "3", "--context", "40", "--layers", "2",
@@ -128,10 +136,7 @@ def test_cpu_kernel_benchmarks_agree_with_their_references(script: list[str]) ->
 
     if not f32_linear_cpu.available():
         pytest.skip("no C compiler")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:]], check=False,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = _last_json(script)
     diffs = [r["max_abs_diff"] for r in info["results"].values()] if "results" in info else [info["max_abs_diff"]]
     assert max(diffs) < 1e-4, info
 
@@ -145,9 +150,6 @@ def test_cpu_op_benchmarks_report_a_ratio_per_op(script: list[str]) -> None:
 
     if rows_cpu._library() is None:
         pytest.skip("no C compiler")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script[0]), *script[1:]], check=False,
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = _last_json(script)
     ratios = [op["ratio"] for op in info["ops"].values()] if "ops" in info else [info["ratio"]]
     assert len(ratios) == (3 if "ops" in info else 1) and all(r > 0 for r in ratios), info
