@@ -36,9 +36,13 @@ from kernels import cpu_build, paged_decode_cpu
 def library_at(rev: str, folder: Path):
     """The kernel at `rev`, whether the caller splits the batch (its C function takes b_lo, b_hi),
     and whether it takes table_rows."""
+    def git(*args: str) -> bytes:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, check=True, capture_output=True).stdout
+
+    for name in git("ls-tree", "--name-only", rev, "kernels/").decode().split():
+        if name.endswith((".c", ".h")):  # its headers beside it, found before the current tree's
+            (folder / Path(name).name).write_bytes(git("show", f"{rev}:{name}"))
     source = folder / "paged_decode_cpu.c"
-    source.write_bytes(subprocess.run(["git", "show", f"{rev}:kernels/paged_decode_cpu.c"], cwd=REPO_ROOT,
-                                      check=True, capture_output=True).stdout)
     text = source.read_text()
     return cpu_build.load(source, f"paged decode kernel at {rev}"), "b_lo" in text, "table_rows" in text
 

@@ -1,11 +1,13 @@
-/* Every decoder layer of a Llama-family model for one float32 decode step on the CPU, in one call.
+/* Every decoder layer of a Llama-family model for one decode step on the CPU, in one call: float32
+ * activations over float32, bfloat16 or int8 weights.
  *
  * At a few rows a decode step's time beyond reading the weights is dispatch: each layer runs about
  * thirty torch ops and five kernel calls from Python, tens of microseconds each. Here the whole
- * stack of layers is one C call that runs the same kernels (f32_linear_cpu.c for the projections,
- * int8_linear_cpu.c for int8 ones, paged_decode_cpu.c for attention, rows_cpu.c for RMSNorm with
- * the residual add, rotary and SiLU-and-mul, on the cpu_pool.h threads), with the KV cache write
- * (float32, or fp8 quantized as kv_write_cpu.c does) inline. Built and called by
+ * stack of layers is one C call that runs the same kernels (f32_linear_cpu.c for the float32 and
+ * bfloat16 projections, int8_linear_cpu.c for int8 ones, paged_decode_cpu.c for attention,
+ * rows_cpu.c for RMSNorm with the residual add, rotary and SiLU-and-mul, on the cpu_pool.h
+ * threads), with the KV cache write (float32, bfloat16 rounded as torch rounds, or fp8 quantized
+ * as kv_write_cpu.c does) inline. Built and called by
  * decode_step_cpu.py; its reference is the model's own forward (services/worker/models/llama.py),
  * which every other step runs.
  *
@@ -42,24 +44,27 @@ struct layer {
     float *aux; /* when set: receives the residual stream entering this layer, [T, H] (an EAGLE-3 head's input) */
 };
 
-/* Row t's keys or values (row floats) into slot `slot` of a float32 or fp8 (kv_fmt) cache. */
+/* Row t's keys or values (row floats) into slot `slot` of a float32, bfloat16 or fp8 (kv_fmt) cache. */
 static void write_kv(void *cache, int64_t slot, const float *src, int64_t row, float scale, int64_t kv_fmt) {
     if (kv_fmt == F32) memcpy((float *)cache + slot * row, src, (size_t)row * sizeof(float));
+    else if (kv_fmt == BF16)
+        for (int64_t i = 0; i < row; i++) ((uint16_t *)cache)[slot * row + i] = to_bf16(src[i]);
     else quantize_row(src, (uint8_t *)cache + slot * row, row, scale, (int)kv_fmt);
-}
-
-/* y = x w^T (+ b) through the float32 or the int8 kernel. */
-static void project(const float *x, const void *w, const float *w_scale, const float *b, float *y, int64_t M,
-                    int64_t K, int64_t N, int64_t threads) {
-    if (w_scale) int8_linear(x, w, w_scale, b, y, M, K, N, threads);
-    else f32_linear(x, w, b, y, M, K, N, threads);
 }
 
 struct shape {
     int64_t hidden, heads, kv_heads, head_dim, inter, block_size, table_width;
     float eps, scale;
     int64_t kv_fmt; /* the caches' format, as paged_decode's fmt */
+    int64_t w_fmt;  /* the weights' that are not int8: F32 or BF16 */
 };
+
+/* y = x w^T (+ b) through the int8 kernel (w_scale set) or the float32 one over w_fmt weights. */
+static void project(const float *x, const void *w, const float *w_scale, const float *b, float *y, int64_t M,
+                    int64_t K, int64_t N, int64_t threads, int64_t w_fmt) {
+    if (w_scale) int8_linear(x, w, w_scale, b, y, M, K, N, threads);
+    else linear_any(x, w, b, y, M, K, N, threads, (int)w_fmt);
+}
 
 /* hidden [T, H] (in: the embeddings; out: the last layer's output) and residual [T, H] (out: the
  * residual stream to add before the final norm); positions, slots, seq_lens [T]; tables [B, W], row t
@@ -78,7 +83,7 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
         const struct layer *L = layers + l;
         rms_norm(hidden, l ? residual : NULL, residual, L->input_norm, x, T, H, s->eps, threads);
         if (L->aux) memcpy(L->aux, residual, (size_t)(T * H) * sizeof(float)); /* residual: what enters layer l */
-        project(x, L->qkv_w, L->qkv_s, L->qkv_b, qkv, T, H, qkv_n, threads);
+        project(x, L->qkv_w, L->qkv_s, L->qkv_b, qkv, T, H, qkv_n, threads, s->w_fmt);
         rotary(qkv, qkv_n, Hq, D, positions, cos_sin, T, threads);
         rotary(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T, threads);
         for (int64_t t = 0; t < T; t++) {
@@ -91,10 +96,10 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
         paged_decode(q, L->k_cache, L->v_cache, tables, table_rows, seq_lens, attn, T, s->table_width, Hq, Hkv, D,
                      s->block_size,
                      s->scale, s->kv_fmt, L->k_scale, L->v_scale, threads);
-        project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads);
+        project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads, s->w_fmt);
         rms_norm(hidden, residual, residual, L->post_norm, x, T, H, s->eps, threads);
-        project(x, L->gate_up_w, L->gate_up_s, L->gate_up_b, gate_up, T, H, 2 * I, threads);
+        project(x, L->gate_up_w, L->gate_up_s, L->gate_up_b, gate_up, T, H, 2 * I, threads, s->w_fmt);
         silu_and_mul(gate_up, act, T, I, threads);
-        project(act, L->down_w, L->down_s, L->down_b, hidden, T, I, H, threads);
+        project(act, L->down_w, L->down_s, L->down_b, hidden, T, I, H, threads, s->w_fmt);
     }
 }

@@ -29,7 +29,7 @@ class _Layer(ctypes.Structure):
 class _Shape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
         "hidden", "heads", "kv_heads", "head_dim", "inter", "block_size", "table_width")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("kv_fmt", ctypes.c_int64)]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("kv_fmt", ctypes.c_int64), ("w_fmt", ctypes.c_int64)]
 
 
 @cache
@@ -45,8 +45,9 @@ def available() -> bool:
 
 @dataclass
 class LayerParams:
-    """One decoder layer's CPU tensors, contiguous: float32, except int8 projection weights with
-    their float32 per-row scales (_s; None for a float32 weight). Biases may be None."""
+    """One decoder layer's CPU tensors, contiguous: float32, except projection weights, which are
+    float32 or bfloat16 (all of one dtype), or int8 with their float32 per-row scales (_s; None for
+    the others). Biases may be None."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -74,6 +75,9 @@ class DecodeLayers:
     def __init__(self, layers: list[LayerParams], heads: int, kv_heads: int, head_dim: int, eps: float,
                  scale: float, cos_sin: torch.Tensor):
         self.params, self.cos_sin = layers, cos_sin
+        weights = {w.dtype for p in layers for w in (p.qkv_w, p.o_w, p.gate_up_w, p.down_w)} - {torch.int8}
+        assert len(weights) <= 1 and weights <= {torch.float32, torch.bfloat16}
+        self.w_fmt = paged_decode_cpu.FORMATS[weights.pop() if weights else torch.float32]  # widen.h's codes
         self.hidden, self.inter = layers[0].qkv_w.shape[1], layers[0].down_w.shape[1]
         self.heads, self.kv_heads, self.head_dim, self.eps, self.scale = heads, kv_heads, head_dim, eps, scale
         self.table = (_Layer * len(layers))()
@@ -99,9 +103,10 @@ class DecodeLayers:
             table_rows: torch.Tensor | None, seq_lens: torch.Tensor, kv_caches: list[torch.Tensor],
             kv_scales: list[tuple[float, float]], threads: int,
             aux: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer. Token t attends
+        """hidden [T, H] (the embeddings) -> (hidden, residual) after the last layer, computed in
+        float32 and returned in hidden's dtype (float32 or bfloat16). Token t attends
         to seq_lens[t] tokens of table row table_rows[t] (t without table_rows). kv_caches: all
-        float32 or all one fp8 dtype, with each layer's (k_scale, v_scale) (1 for float32). The
+        float32, all bfloat16 or all one fp8 dtype, with each layer's (k_scale, v_scale) (fp8's). The
         caller has checked the inputs against the caches (llama_decode_cpu.py): positions inside
         cos_sin, slots and block ids inside the cache, table rows inside the table, seq_lens within it.
         aux: layer -> a [T, H] float32 tensor that receives the residual stream entering that layer."""
@@ -113,13 +118,14 @@ class DecodeLayers:
         tokens = hidden.shape[0]
         block_size = kv_caches[0].shape[2]
         shape = _Shape(self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter, block_size, tables.shape[1],
-                       self.eps, self.scale, paged_decode_cpu.FORMATS[kv_caches[0].dtype])
+                       self.eps, self.scale, paged_decode_cpu.FORMATS[kv_caches[0].dtype], self.w_fmt)
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
         scratch = torch.empty(tokens * (self.hidden + qkv + 2 * self.heads * self.head_dim + 3 * self.inter))
-        hidden = hidden.contiguous().clone()
+        dtype = hidden.dtype
+        hidden = hidden.to(torch.float32, copy=True).contiguous()
         residual = torch.empty_like(hidden)
         _library().decode_layers(self.table, len(self.params), ctypes.byref(shape), self.cos_sin.data_ptr(), tokens,
                                  positions.data_ptr(), slots.data_ptr(), tables.data_ptr(),
                                  None if table_rows is None else table_rows.data_ptr(), seq_lens.data_ptr(),
                                  hidden.data_ptr(), residual.data_ptr(), scratch.data_ptr(), threads)
-        return hidden, residual
+        return hidden.to(dtype), residual.to(dtype)

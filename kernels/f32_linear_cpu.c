@@ -13,13 +13,19 @@
  *   shapes, the packed path ran 1.2x the dot products at 32 rows and 1.8x at 128.
  * Built and called by f32_linear_cpu.py; its torch reference is F.linear.
  *
- * x [M, K]; w [N, K]; bias [N] or NULL; y [M, N]; K a multiple of 8. The output columns are split
- * over `threads` threads (cpu_pool.h).
+ * x [M, K] float32; w [N, K] float32 (f32_linear) or bfloat16 (bf16_linear: half the bytes to
+ * stream, widened to float32 as it is read; on the packed path with AVX512-BF16 and K a multiple
+ * of 16, x is rounded to bfloat16 for the CPU's bfloat16 dot products instead, bf16_panels.h; the
+ * sums are float32 either way); bias [N] or NULL; y [M, N]; K a multiple of 8. The output columns
+ * are split over `threads` threads (cpu_pool.h).
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "cpu_pool.h"
 #include "simd.h"
+#include "widen.h"
+#include "bf16_panels.h"
 
 #define PACK_ROWS 16 /* from this many rows of x on, the packed path */
 #define PANEL 16     /* weight rows in a packed panel: two vectors wide */
@@ -27,19 +33,21 @@
 
 /* y[m0 : m0 + MR, n0 : n0 + NR] by dot products; inlined with constant MR <= 4, NR <= 3, so the
  * MR x NR accumulators stay in registers. `prefetch`: fetch the block after next meanwhile (the
- * first tile of a block; the later ones find its weights in L1). */
-static inline __attribute__((always_inline)) void tile(const float *x, const float *w, const float *bias, float *y,
+ * first tile of a block; the later ones find its weights in L1). wf: the weights' format, F32 or
+ * BF16 (widen.h). */
+static inline __attribute__((always_inline)) void tile(const float *x, const void *w, const float *bias, float *y,
                                                        int64_t K, int64_t N, int64_t m0, int64_t n0, int MR, int NR,
-                                                       int prefetch) {
+                                                       int prefetch, const int wf) {
     v8 acc[4][3];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = (v8){0};
-    const float *xr = x + m0 * K, *wr = w + n0 * K;
+    const float *xr = x + m0 * K;
+    const char *wb = (const char *)w;
     for (int64_t k = 0; k < K; k += 8) {
         v8 wv[3], xv[4];
-        for (int j = 0; j < NR; j++) wv[j] = load8(wr + j * K + k);
+        for (int j = 0; j < NR; j++) wv[j] = row8(w, (n0 + j) * K + k, wf);
         if (prefetch)
-            for (int j = 0; j < NR; j++) __builtin_prefetch(wr + (2 * NR + j) * K + k, 0, 1);
+            for (int j = 0; j < NR; j++) __builtin_prefetch(wb + ((n0 + 2 * NR + j) * K + k) * ESIZE(wf), 0, 1);
         for (int i = 0; i < MR; i++) xv[i] = load8(xr + i * K + k);
         for (int i = 0; i < MR; i++)
             for (int j = 0; j < NR; j++) acc[i][j] += xv[i] * wv[j];
@@ -52,10 +60,10 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
 #define ALL_ROWS(NR)                                                                         \
     do {                                                                                     \
         int64_t m = 0;                                                                       \
-        for (; m + 4 <= M; m += 4) tile(x, w, bias, y, K, N, m, n, 4, NR, m == 0);           \
-        if (M - m == 3) tile(x, w, bias, y, K, N, m, n, 3, NR, m == 0);                      \
-        else if (M - m == 2) tile(x, w, bias, y, K, N, m, n, 2, NR, m == 0);                 \
-        else if (M - m == 1) tile(x, w, bias, y, K, N, m, n, 1, NR, m == 0);                 \
+        for (; m + 4 <= M; m += 4) tile(x, w, bias, y, K, N, m, n, 4, NR, m == 0, wf);       \
+        if (M - m == 3) tile(x, w, bias, y, K, N, m, n, 3, NR, m == 0, wf);                  \
+        else if (M - m == 2) tile(x, w, bias, y, K, N, m, n, 2, NR, m == 0, wf);             \
+        else if (M - m == 1) tile(x, w, bias, y, K, N, m, n, 1, NR, m == 0, wf);             \
     } while (0)
 
 /* The 8 x 8 block r (8 rows of 8) transposed into c. */
@@ -77,11 +85,12 @@ static inline void transpose8(const v8 r[8], v8 c[8]) {
 }
 
 /* p[kk][j] = w[n0 + j, k0 + kk] for j < PANEL, kk < kc. */
-static inline void pack(const float *w, int64_t K, int64_t n0, int64_t k0, int64_t kc, float *p) {
+static inline __attribute__((always_inline)) void pack(const void *w, int64_t K, int64_t n0, int64_t k0, int64_t kc,
+                                                       float *p, const int wf) {
     for (int64_t kk = 0; kk < kc; kk += 8)
         for (int h = 0; h < PANEL; h += 8) {
             v8 r[8], c[8];
-            for (int i = 0; i < 8; i++) r[i] = load8(w + (n0 + h + i) * K + k0 + kk);
+            for (int i = 0; i < 8; i++) r[i] = row8(w, (n0 + h + i) * K + k0 + kk, wf);
             transpose8(r, c);
             for (int t = 0; t < 8; t++) store8(p + (kk + t) * PANEL + h, c[t]);
         }
@@ -109,48 +118,94 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, con
         for (int h = 0; h < 2; h++) store8(y + (m0 + i) * N + n0 + 8 * h, acc[i][h]);
 }
 
-/* Every row of x against weight rows [n0, n0 + PANEL), one packed panel of K at a time. */
-static void panel_rows(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
-                       int64_t n0) {
+/* y[m0 : m0 + MR, n0 : n0 + PANEL] += rows of x times the panel p over its kc columns: float32
+ * multiply-adds, or with xb (x as bfloat16 pairs) AVX512-BF16 dot products over a panel of weight
+ * pairs (bf16_panels.h), k0 and kc then counting pairs. */
+static inline __attribute__((always_inline)) void any_tile(const float *x, const uint32_t *xb, const float *p,
+                                                           const float *bias, float *y, int64_t K, int64_t N,
+                                                           int64_t m0, int64_t n0, int64_t k0, int64_t kc, int MR,
+                                                           int first) {
+#if BF16_PANELS
+    if (xb) {
+        bf16_panel_tile(xb, (const uint32_t *)p, bias, y, K / 2, N, m0, n0, k0, kc, MR, first);
+        return;
+    }
+#endif
+    panel_tile(x, p, bias, y, K, N, m0, n0, k0, kc, MR, first);
+}
+
+/* Every row of x against weight rows [n0, n0 + PANEL), one packed panel of KC columns (or, with
+ * xb, KC pairs of bfloat16 weights, a pair packed as one 32-bit element) at a time. */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, const uint32_t *xb, const void *w,
+                                                             const float *bias, float *y, int64_t M, int64_t K,
+                                                             int64_t N, int64_t n0, const int wf) {
     float p[KC * PANEL] __attribute__((aligned(64)));
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = K - k0 < KC ? K - k0 : KC;
+    const int64_t depth = xb ? K / 2 : K;
+    for (int64_t k0 = 0; k0 < depth; k0 += KC) {
+        const int64_t kc = depth - k0 < KC ? depth - k0 : KC;
         const int first = k0 == 0;
-        pack(w, K, n0, k0, kc, p);
+        pack(w, depth, n0, k0, kc, p, xb ? F32 : wf);
         int64_t m = 0;
-        for (; m + 6 <= M; m += 6) panel_tile(x, p, bias, y, K, N, m, n0, k0, kc, 6, first);
+        for (; m + 6 <= M; m += 6) any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 6, first);
         switch (M - m) {
-            case 5: panel_tile(x, p, bias, y, K, N, m, n0, k0, kc, 5, first); break;
-            case 4: panel_tile(x, p, bias, y, K, N, m, n0, k0, kc, 4, first); break;
-            case 3: panel_tile(x, p, bias, y, K, N, m, n0, k0, kc, 3, first); break;
-            case 2: panel_tile(x, p, bias, y, K, N, m, n0, k0, kc, 2, first); break;
-            case 1: panel_tile(x, p, bias, y, K, N, m, n0, k0, kc, 1, first); break;
+            case 5: any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 5, first); break;
+            case 4: any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 4, first); break;
+            case 3: any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 3, first); break;
+            case 2: any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 2, first); break;
+            case 1: any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 1, first); break;
         }
     }
 }
 
 struct linear_args {
-    const float *x, *w, *bias;
+    const float *x, *bias;
+    const void *w;
     float *y;
     int64_t M, K, N;
+    const uint32_t *xb; /* x as bfloat16 pairs where bfloat16 weights take the AVX512-BF16 panels, else NULL */
 };
 
 /* Output columns [lo, hi): packed panels of 16 weight rows (from PACK_ROWS rows of x on), then
  * blocks of 3, then single rows. */
-static void linear_columns(void *ctx, int64_t lo, int64_t hi) {
-    const struct linear_args *a = ctx;
-    const float *x = a->x, *w = a->w, *bias = a->bias;
+static inline __attribute__((always_inline)) void columns(const struct linear_args *a, int64_t lo, int64_t hi,
+                                                          const int wf) {
+    const float *x = a->x, *bias = a->bias;
+    const void *w = a->w;
     float *y = a->y;
     const int64_t M = a->M, K = a->K, N = a->N;
     int64_t n = lo;
     if (M >= PACK_ROWS)
-        for (; n + PANEL <= hi; n += PANEL) panel_rows(x, w, bias, y, M, K, N, n);
+        for (; n + PANEL <= hi; n += PANEL) panel_rows(x, a->xb, w, bias, y, M, K, N, n, wf);
     for (; n + 3 <= hi; n += 3) ALL_ROWS(3);
     for (; n < hi; n++) ALL_ROWS(1);
+}
+static void columns_f32(void *ctx, int64_t lo, int64_t hi) { columns(ctx, lo, hi, F32); }
+static void columns_bf16(void *ctx, int64_t lo, int64_t hi) { columns(ctx, lo, hi, BF16); }
+
+/* y = x w^T (+ bias) for weights of format wf (F32 or BF16). */
+static void linear_any(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                       int64_t threads, int wf) {
+    struct linear_args a = {x, bias, w, y, M, K, N, NULL};
+    uint32_t *xb = NULL;
+    if (BF16_PANELS && wf == BF16 && M >= PACK_ROWS && K % 16 == 0) { /* pack's 8 x 8 blocks of pairs */
+        xb = malloc((size_t)(M * K / 2) * sizeof(uint32_t));
+        if (!xb) abort();
+#if BF16_PANELS
+        bf16_pairs(x, xb, M * K);
+#endif
+        a.xb = xb;
+    }
+    parallel_for(N, pool_chunk(N, threads, M >= PACK_ROWS ? PANEL : 3), threads, wf == BF16 ? columns_bf16 : columns_f32,
+                 &a);
+    free(xb);
 }
 
 void f32_linear(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
                 int64_t threads) {
-    struct linear_args a = {x, w, bias, y, M, K, N};
-    parallel_for(N, pool_chunk(N, threads, M >= PACK_ROWS ? PANEL : 3), threads, linear_columns, &a);
+    linear_any(x, w, bias, y, M, K, N, threads, F32);
+}
+
+void bf16_linear(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                 int64_t threads) {
+    linear_any(x, w, bias, y, M, K, N, threads, BF16);
 }

@@ -30,31 +30,40 @@ MAX_ROWS = 64
 @cache
 def _library() -> ctypes.CDLL | None:
     argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-    return cpu_build.load_function(SOURCE, "CPU float32 linear kernel", "f32_linear", argtypes)
+    lib = cpu_build.load_function(SOURCE, "CPU float32 linear kernel", "f32_linear", argtypes)
+    if lib is not None:
+        lib.bf16_linear.argtypes, lib.bf16_linear.restype = argtypes, None
+    return lib
 
 
 def available() -> bool:
     return _library() is not None
 
 
+DTYPES = (torch.float32, torch.bfloat16)  # the weights the kernel reads; the arithmetic is float32
+
+
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel takes this call: float32 on the CPU, few rows, whole vectors of K."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and weight.dim() == 2
+    """Whether the kernel takes this call: float32 or bfloat16 x and weight of one dtype on the CPU,
+    few rows, whole vectors of K."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and weight.dtype in DTYPES and weight.dim() == 2
             and weight.shape[1] % 8 == 0 and weight.is_contiguous() and x.numel() // weight.shape[1] <= MAX_ROWS
             and not torch.is_grad_enabled() and available())
 
 
 def f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] times weight [N, K] (+ bias [N]) through the C kernel; see usable()."""
+    """x [..., K] times weight [N, K] (+ bias [N]) through the C kernel, in float32 (a bfloat16
+    weight widened as it is read), returned in x's dtype; see usable()."""
     lib = _library()
     n, k = weight.shape
-    rows = x.reshape(-1, k).contiguous()
+    rows = x.reshape(-1, k).float().contiguous()
     out = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    bias = None if bias is None else bias.contiguous()
+    bias = None if bias is None else bias.float().contiguous()
     bias_ptr = None if bias is None else bias.data_ptr()
     threads = max(1, min(cpu_build.threads(), n // 3))
-    lib.f32_linear(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows.shape[0], k, n, threads)
-    return out.view(*x.shape[:-1], n)
+    kernel = lib.bf16_linear if weight.dtype == torch.bfloat16 else lib.f32_linear
+    kernel(rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows.shape[0], k, n, threads)
+    return out.view(*x.shape[:-1], n).to(x.dtype)
 
 
 @cache

@@ -18,7 +18,7 @@ import torch
 from kernels import cpu_build, paged_decode_cpu
 
 SOURCE = Path(__file__).with_name("kv_write_cpu.c")
-FORMATS = {dtype: code for dtype, code in paged_decode_cpu.FORMATS.items() if code}  # the fp8 `fmt` codes
+FORMATS = {dtype: paged_decode_cpu.FORMATS[dtype] for dtype in paged_decode_cpu.FP8_DTYPES}  # the fp8 `fmt` codes
 
 
 @cache

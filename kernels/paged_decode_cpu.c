@@ -7,8 +7,9 @@
  * q [T, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; tables [B, W] block ids; row t
  * reads table row table_rows[t] (t where table_rows is NULL) up to seq_lens[t] tokens; out
  * [T, H, D]. The rows, whole or by KV head, are split over `threads` threads (cpu_pool.h).
- * The cache holds float32 (fmt 0), or fp8 bytes (fmt 1: e4m3fn, 2: e5m2) widened to float32 as
- * they are read, with keys and values scaled by k_scale and v_scale (1 for float32).
+ * The cache holds float32 (fmt 0), or fp8 bytes (fmt 1: e4m3fn, 2: e5m2) or bfloat16 (fmt 3)
+ * widened to float32 as they are read, fp8 keys and values scaled by k_scale and v_scale (1 for
+ * the others).
  *
  * Speed: decode attention is bound by reading the cache. With enough rows to share out, a row's
  * blocks are read in order, each once for all its KV heads; eight keys' dot products finish in one
@@ -25,7 +26,7 @@
 #include <string.h>
 
 #include "cpu_pool.h"
-#include "fp8_read.h"
+#include "widen.h"
 #include "simd.h"
 
 /* The sums of a[0..7]'s lanes, lane i holding a[i]'s: three rounds of pairwise adds (vhaddps), so
@@ -41,7 +42,7 @@ static inline v8 reduce8(const v8 *a) {
 }
 
 /* n rows of `width` floats (KV heads side by side) in one block as float32 rows `*stride` floats
- * apart: the cache itself for float32, else widened from fp8 into buf [n, width]. */
+ * apart: the cache itself for float32, else widened into buf [n, width]. */
 static inline __attribute__((always_inline)) const float *block_rows(const void *cache, int64_t base, int64_t n,
                                                                      int64_t row, int64_t width, float *buf,
                                                                      int64_t *stride, const int FMT) {
@@ -55,16 +56,17 @@ static inline __attribute__((always_inline)) const float *block_rows(const void 
     return buf;
 }
 
-/* The rows of the block after the one at s0 (`width` floats of each), fetched into cache while this
- * one is computed: a block's rows sit at a page of their own, where the hardware prefetcher starts
- * over (measured single-threaded, 64 requests x 320 tokens: 10-15% faster). */
+/* The rows of the block after the one at s0 (`width` elements of each, `esize` bytes apiece),
+ * fetched into cache while this one is computed: a block's rows sit at a page of their own, where
+ * the hardware prefetcher starts over (measured single-threaded, 64 requests x 320 tokens of
+ * float32: 10-15% faster). */
 static inline void prefetch_next_block(const void *cache, const int64_t *table, int64_t s0, int64_t S, int64_t bs,
-                                       int64_t row, int64_t head, int64_t width) {
+                                       int64_t row, int64_t head, int64_t width, int64_t esize) {
     if (s0 + bs >= S) return;
-    const float *next = (const float *)cache + table[s0 / bs + 1] * bs * row + head;
+    const char *next = (const char *)cache + (table[s0 / bs + 1] * bs * row + head) * esize;
     const int64_t n = S - s0 - bs < bs ? S - s0 - bs : bs;
     for (int64_t i = 0; i < n; i++)
-        for (int64_t j = 0; j < width; j += 16) __builtin_prefetch(next + i * row + j);
+        for (int64_t j = 0; j < width * esize; j += 64) __builtin_prefetch(next + i * row * esize + j);
 }
 
 /* A tile: R query rows that read the same block table (one decoding row, or consecutive tokens of
@@ -84,7 +86,7 @@ static inline __attribute__((always_inline)) void scores_fixed(const float *q, i
         const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        if (FMT == F32) prefetch_next_block(cache, table, s0, Smax, bs, row, head, nkv * DIM);
+        prefetch_next_block(cache, table, s0, Smax, bs, row, head, nkv * DIM, ESIZE(FMT));
         for (int64_t r = 0; r < R; r++) {
             const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
             for (int64_t h = 0; h < nkv * G && nr > 0; h++) {
@@ -123,7 +125,7 @@ static inline __attribute__((always_inline)) void values_fixed(const float *p, c
         const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        if (FMT == F32) prefetch_next_block(cache, table, s0, Smax, bs, row, head, nkv * DIM);
+        prefetch_next_block(cache, table, s0, Smax, bs, row, head, nkv * DIM, ESIZE(FMT));
         for (int64_t r = 0; r < R; r++) {
             const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
             for (int64_t h = 0; h < nkv * G && nr > 0; h++)
@@ -197,13 +199,13 @@ typedef void values_fn(const float *p, const int64_t *S, int64_t R, int64_t Smax
                 values_any(p + (r * nkv * G + h) * Smax, cache, table, S[r], bs, row, head + h / G * D, D,       \
                            out + r * ostride + h * D, FMT);                                                      \
     }
-#define FORMATS(DIM) LOOPS(DIM, F32) LOOPS(DIM, E4M3) LOOPS(DIM, E5M2)
+#define FORMATS(DIM) LOOPS(DIM, F32) LOOPS(DIM, E4M3) LOOPS(DIM, E5M2) LOOPS(DIM, BF16)
 FORMATS(64)
 FORMATS(128)
 FORMATS(0)
-#define KINDS(KIND, DIM) {KIND##_##DIM##_F32, KIND##_##DIM##_E4M3, KIND##_##DIM##_E5M2}
-static scores_fn *const SCORES[3][3] = {KINDS(scores, 64), KINDS(scores, 128), KINDS(scores, 0)};
-static values_fn *const VALUES[3][3] = {KINDS(values, 64), KINDS(values, 128), KINDS(values, 0)};
+#define KINDS(KIND, DIM) {KIND##_##DIM##_F32, KIND##_##DIM##_E4M3, KIND##_##DIM##_E5M2, KIND##_##DIM##_BF16}
+static scores_fn *const SCORES[3][4] = {KINDS(scores, 64), KINDS(scores, 128), KINDS(scores, 0)};
+static values_fn *const VALUES[3][4] = {KINDS(values, 64), KINDS(values, 128), KINDS(values, 0)};
 
 /* In place: sc[s] <- softmax(sc)[s] * v_scale. */
 static void softmax(float *sc, int64_t S, float v_scale) {

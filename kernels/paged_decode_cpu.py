@@ -1,4 +1,4 @@
-"""Paged decode attention on the CPU (float32 queries over a float32 or fp8 cache), a small C kernel
+"""Paged decode attention on the CPU (float32 queries over a float32, bfloat16 or fp8 cache), a small C kernel
 beside its torch reference.
 
 The torch backend's decode path copies every request's K/V blocks out of the paged cache
@@ -35,7 +35,7 @@ def available() -> bool:
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-FORMATS = {torch.float32: 0, torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}  # the kernel's `fmt` codes
+FORMATS = {torch.float32: 0, torch.float8_e4m3fn: 1, torch.float8_e5m2: 2, torch.bfloat16: 3}  # the kernel's `fmt` codes
 
 
 def paged_decode(
@@ -46,13 +46,13 @@ def paged_decode(
     attends to the first seq_lens[t] tokens (int64) of table row table_rows[t] (int64; t without
     table_rows) of table [B, W] (int64 block ids) -> [T, H, D]. A prompt's tokens are rows of their
     own, each seeing the context up to itself. An fp8 cache holds k / k_scale and v / v_scale; a
-    float32 one ignores the scales."""
+    float32 or bfloat16 one ignores the scales."""
     lib = _library()
     batch, heads, dim = q.shape
     _, _, block, kv_heads, _ = kv_cache.shape
     fp8 = kv_cache.dtype in FP8_DTYPES
     assert lib is not None and q.dtype == torch.float32 and q.device.type == "cpu"
-    assert kv_cache.dtype == torch.float32 or fp8
+    assert kv_cache.dtype in FORMATS
     assert kv_cache.shape[-1] == dim and heads % kv_heads == 0 and kv_cache.is_contiguous()
     assert table.dtype == seq_lens.dtype == torch.int64 and seq_lens.shape[0] == batch
     assert int(seq_lens.max()) <= table.shape[1] * block

@@ -134,13 +134,15 @@ def test_loading_the_kernel_leaves_subnormal_floats_alone():
 
 
 FP8 = pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+NARROW = pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16],
+                                 ids=["e4m3", "e5m2", "bf16"])
 DIMS = pytest.mark.parametrize("dim", [64, 128, 40])  # the fixed-size loops and the any-dim loop
 
 
-@FP8
+@NARROW
 @DIMS
 @BATCHES
-def test_kernel_reads_an_fp8_cache_times_its_scales(dtype, dim, copies):
+def test_kernel_reads_a_narrow_cache_widened_and_fp8_times_its_scales(dtype, dim, copies):
     gen = torch.Generator().manual_seed(7 + dim)
     block, heads, kv_heads = 16, 9, 3
     seq_lens = torch.tensor([1, 40, 100] * copies)
@@ -149,7 +151,8 @@ def test_kernel_reads_an_fp8_cache_times_its_scales(dtype, dim, copies):
     kv_cache = torch.randn(2, blocks, block, kv_heads, dim, generator=gen).to(dtype)
     q = torch.randn(len(seq_lens), heads, dim, generator=gen)
     got = paged_decode_cpu.paged_decode(q, kv_cache, table, seq_lens, dim**-0.5, 0.5, 2.0)
-    widened = torch.stack([kv_cache[0].float() * 0.5, kv_cache[1].float() * 2.0])
+    k_scale, v_scale = (0.5, 2.0) if dtype in paged_decode_cpu.FP8_DTYPES else (1.0, 1.0)
+    widened = torch.stack([kv_cache[0].float() * k_scale, kv_cache[1].float() * v_scale])
     torch.testing.assert_close(got, reference(q, widened, table, seq_lens, dim**-0.5), atol=1e-5, rtol=1e-5)
 
 
@@ -169,3 +172,43 @@ def test_every_fp8_byte_widens_exactly_as_torch_does(dtype, dim):
     finite = want.isfinite()
     assert finite.sum() >= 248  # e5m2: 2 infinities and 6 NaNs of 256 bytes
     assert torch.equal(got[0][finite], want[finite])
+
+
+@DIMS
+def test_bfloat16_values_widen_exactly(dim):
+    """One cached token gets all the attention: each output head is its bfloat16 value row as
+    float32 exactly (random values, zeros and subnormals among them)."""
+    gen = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 1 << 16, (4, dim), generator=gen, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16)
+    values[values.float().isnan() | values.float().isinf()] = 1.5
+    values[0, :4] = torch.tensor([0.0, -0.0, 1e-40, -1e-39]).to(torch.bfloat16)
+    kv_cache = torch.zeros(2, 1, 16, 4, dim, dtype=torch.bfloat16)
+    kv_cache[1, 0, 0] = values
+    q = torch.randn(1, 4, dim)
+    got = paged_decode_cpu.paged_decode(q, kv_cache, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), 0.1)
+    assert torch.equal(got[0], values.float())
+
+
+def test_a_bfloat16_model_attends_through_the_kernel():
+    """bfloat16 queries, keys and values: the backend writes the bfloat16 cache and the kernel reads
+    it, within bfloat16's rounding of the float32 reference."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens, block = [40, 9], 8  # one decode, one 9-token prompt
+    tables = [list(range(1, 6)), [6, 7]]
+    pos = [[39], list(range(9))]
+    slots = [tables[i][p // block] * block + p % block for i in range(2) for p in pos[i]]
+    common = CommonAttentionMetadata([0, 1, 10], seq_lens, tables, torch.tensor(slots), 1, block, torch.device("cpu"))
+    q, k, v = (torch.randn(10, h, 64, generator=gen).bfloat16() for h in (6, 2, 2))
+    kv_cache = torch.randn(2, 8, block, 2, 64, generator=gen).bfloat16()
+    backend = TorchAttentionBackend(torch.bfloat16)
+    meta = backend.build(common)
+    assert [g.seq_lens is not None for g in meta.groups] == [True]
+    out = backend.forward(q, k, v, kv_cache, meta, 0.125)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(kv_cache[1].flatten(0, 1)[slots], v)
+    table = torch.tensor([t + [0] * (5 - len(t)) for t in tables])
+    rows = [(0, 40)] + [(1, n) for n in range(1, 10)]  # each prompt token sees the context up to itself
+    want = torch.cat([reference(q[i:i + 1].float(), kv_cache.float(), table[[b]], torch.tensor([n]), 0.125)
+                      for i, (b, n) in enumerate(rows)])
+    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=1e-2)

@@ -1,4 +1,4 @@
-"""The float32 CPU decode step as one C call (kernels/decode_step_cpu.c, chosen by
+"""The CPU decode step as one C call (kernels/decode_step_cpu.c, chosen by
 services/worker/models/llama_decode_cpu.py) against the layers' own torch forward: the same
 tokens and logprobs, which models and steps take it, and indices it refuses."""
 
@@ -16,9 +16,10 @@ from shared.config import ModelConfig
 pytestmark = pytest.mark.skipif(not decode_step_cpu.available(), reason="no C compiler")
 
 PROMPTS = [[5, 9, 31, 2, 77], [8] * 21, list(range(40, 73))]
+MANY = [[3 + i, 7 * i % 50 + 1, 11] for i in range(40)]  # steps of 40 tokens: the packed panels
 
 
-def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, max_num_seqs=4,
+def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, max_num_seqs=4, dtype="float32",
               **kwargs) -> tuple[list, list[int]]:
     """The completions, and the tokens of each step the C path ran."""
     steps = []
@@ -31,7 +32,7 @@ def _generate(path, monkeypatch, fused: bool, prompts=PROMPTS, max_tokens=12, ma
         return out
 
     monkeypatch.setattr(llama_decode_cpu, "run", counted)
-    llm = LLM(str(path), dtype="float32", max_num_seqs=max_num_seqs, block_size=8, **kwargs)
+    llm = LLM(str(path), dtype=dtype, max_num_seqs=max_num_seqs, block_size=8, **kwargs)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=3, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     del llm
@@ -57,7 +58,7 @@ def test_c_step_on_packed_panels_matches_the_layers(model_dirs, monkeypatch):
     """40 requests decoding together: steps of more than 16 tokens, where the linear kernel runs
     its packed panels (kernels/f32_linear_cpu.c), still in one C call and with the layers'
     tokens and logprobs."""
-    path, prompts = model_dirs("llama"), [[3 + i, 7 * i % 50 + 1, 11] for i in range(40)]
+    path, prompts = model_dirs("llama"), MANY
     fused, fused_steps = _generate(path, monkeypatch, True, prompts, 6, max_num_seqs=40)
     plain, _ = _generate(path, monkeypatch, False, prompts, 6, max_num_seqs=40)
     assert max(fused_steps) == 40
@@ -73,6 +74,27 @@ def test_speculative_verification_takes_the_c_step(model_dirs, monkeypatch):
     plain, _ = _generate(path, monkeypatch, False, prompts, 48)
     assert max(fused_steps) > 1  # a verify step: one request, several tokens
     _same(fused, plain)
+
+
+@pytest.mark.parametrize(("prompts", "seqs"), [(PROMPTS, 4), (MANY, 40)], ids=["3-requests", "40-requests"])
+def test_a_bfloat16_model_steps_in_c_within_bfloat16s_rounding(model_dirs, monkeypatch, prompts, seqs):
+    """A bfloat16 model decodes in the C step (float32 sums over its bfloat16 weights and cache;
+    from 16 rows on, with AVX512-BF16, rows rounded to bfloat16 for its dot products). Scored
+    teacher-forced by the float32 model over the same tokens, each token it chose is within 0.1
+    nats of float32's best there, and its logprob within 0.15 of float32's for it: the rounding of
+    bfloat16 (the bfloat16 layers' own logprobs were up to 0.13 off, the C step's 0.07 and 0.10
+    here), where misread weights or cache entries would give unrelated logits."""
+    path = model_dirs("llama")
+    fused, steps = _generate(path, monkeypatch, True, prompts, 12 if seqs < 40 else 6, seqs, dtype="bfloat16")
+    assert len(steps) >= 5 and max(steps) >= len(prompts)
+    llm = LLM(str(path), dtype="float32", block_size=8)
+    score = SamplingParams(max_tokens=1, prompt_logprobs=1)
+    for prompt, out in zip(prompts, fused, strict=True):
+        [ref] = llm.generate([{"prompt_token_ids": prompt + out.token_ids}], score, use_tqdm=False)
+        for i, token in enumerate(out.token_ids):
+            there = ref.prompt_logprobs[len(prompt) + i]
+            assert there[token].logprob >= max(lp.logprob for lp in there.values()) - 0.1
+            assert out.logprobs[i][token].logprob == pytest.approx(there[token].logprob, abs=0.15)
 
 
 def _same(fused: list, plain: list) -> None:

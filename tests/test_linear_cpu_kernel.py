@@ -25,16 +25,19 @@ pytestmark = pytest.mark.skipif(not f32_linear_cpu.available(), reason="no C com
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 23, 64])
 @pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 64), (13, 576), (1030, 96), (37, 520)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_kernel_matches_f_linear(rows, n, k, bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_kernel_matches_f_linear(rows, n, k, bias, dtype):
     """Every tile shape of both paths: dot products (4 to 1 rows by 3 or 1 weight rows) and packed
     panels (6 to 1 rows by 16 weight rows, K in panels of 256 and a shorter last one), split over
-    the threads."""
+    the threads. bfloat16 weights are widened exactly, so the float32 sums match F.linear over the
+    widened weights; the result comes back in x's dtype."""
     torch.manual_seed(rows * 1000 + n + k)
-    x, w = torch.randn(rows, k), torch.randn(n, k)
+    x, w = torch.randn(rows, k, dtype=dtype), torch.randn(n, k).to(dtype)
     b = torch.randn(n) if bias else None
     out = f32_linear_cpu.f32_linear(x, w, b)
-    assert out.shape == (rows, n)
-    torch.testing.assert_close(out, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    want = F.linear(x.float(), w.float(), b).to(dtype)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5 if dtype == torch.float32 else 8e-3)
 
 
 def _float32_call(w: torch.Tensor):
@@ -80,7 +83,10 @@ def test_layers_take_the_kernel_for_few_rows_only():
             torch.testing.assert_close(layer(x[0]), F.linear(x[0], layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
         x = torch.randn(3, 60)
         assert not f32_linear_cpu.usable(x, torch.randn(5, 60))  # K not a multiple of 8
-        assert not f32_linear_cpu.usable(x.to(torch.bfloat16), torch.randn(5, 60, dtype=torch.bfloat16))
+        x, w = torch.randn(3, 64), torch.randn(5, 64)
+        assert f32_linear_cpu.usable(x.bfloat16(), w.bfloat16())
+        assert not f32_linear_cpu.usable(x.bfloat16(), w)  # dtypes differ
+        assert not f32_linear_cpu.usable(x.half(), w.half())
 
 
 def test_without_a_compiler_f_linear_runs(tmp_path):
@@ -97,10 +103,11 @@ def test_without_a_compiler_f_linear_runs(tmp_path):
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread only")
 def test_decode_sized_steps_run_torch_on_one_thread_and_restore_it():
     cpu, before = torch.device("cpu"), torch.get_num_threads()
-    with step_threads.for_step(cpu, torch.float32, f32_linear_cpu.MAX_ROWS):
-        assert torch.get_num_threads() == 1
-        assert cpu_build.threads() == before  # the kernels keep every thread
-    assert torch.get_num_threads() == before and cpu_build.threads() == before
-    for tokens, dtype in ((f32_linear_cpu.MAX_ROWS + 1, torch.float32), (1, torch.bfloat16)):
+    for dtype in (torch.float32, torch.bfloat16):
+        with step_threads.for_step(cpu, dtype, f32_linear_cpu.MAX_ROWS):
+            assert torch.get_num_threads() == 1
+            assert cpu_build.threads() == before  # the kernels keep every thread
+        assert torch.get_num_threads() == before and cpu_build.threads() == before
+    for tokens, dtype in ((f32_linear_cpu.MAX_ROWS + 1, torch.float32), (1, torch.float16)):
         with step_threads.for_step(cpu, dtype, tokens):
             assert torch.get_num_threads() == before

@@ -1,8 +1,8 @@
 """torch's thread count per step on the CPU.
 
-A decode-sized float32 step (at most f32_linear_cpu.MAX_ROWS tokens) runs its matmuls (float32 or
-int8 weights: int8_linear_cpu.MAX_ROWS is no smaller) and its attention in the C kernels
-(kernels/), which split their work over their own threads. What is left
+A decode-sized float32 or bfloat16 step (at most f32_linear_cpu.MAX_ROWS tokens) runs its matmuls
+(float32, bfloat16 or int8 weights: int8_linear_cpu.MAX_ROWS is no smaller) and its attention in
+the C kernels (kernels/), which split their work over their own threads. What is left
 to torch is hundreds of tiny ops per step (norms, rotary, residual adds, views, sampling), for
 each of which waking and joining OpenMP threads costs more than the op itself, and whose spinning
 threads take cycles from the kernels' threads and from the frontend and engine processes. So such
@@ -21,11 +21,11 @@ from kernels import cpu_build, f32_linear_cpu
 
 @contextmanager
 def for_step(device: torch.device, dtype: torch.dtype, num_tokens: int) -> Iterator[None]:
-    """torch's thread count for a step of num_tokens tokens (CPU, float32 only), restored after
+    """torch's thread count for a step of num_tokens tokens (CPU, float32 or bfloat16), restored after
     it, so that the caller's own torch work (an offline user's) keeps its threads."""
     before = torch.get_num_threads()
     wanted = 1 if num_tokens <= f32_linear_cpu.MAX_ROWS else before
-    if device.type != "cpu" or dtype != torch.float32 or wanted == before or not f32_linear_cpu.available():
+    if device.type != "cpu" or dtype not in f32_linear_cpu.DTYPES or wanted == before or not f32_linear_cpu.available():
         yield
         return
     cpu_build.set_threads(before)  # the kernels keep every thread

@@ -1,7 +1,7 @@
 """Vectorized torch attention over the paged KV cache (the CPU backend).
 
 All index tensors and masks are built once per step in build() (on the host, then copied to the
-device, from pinned memory on CUDA). On CPU with float32 queries, a layer's forward is a cache
+device, from pinned memory on CUDA). On CPU with float32 or bfloat16 queries, a layer's forward is a cache
 write and one call of the C kernel (kernels/paged_decode_cpu.py) over every query token of the
 step, each attending to its context up to itself (chunks of long contexts excepted, see
 _KERNEL_MAX_CHUNK_CONTEXT). Elsewhere it is a cache write, one block-granular gather and one
@@ -79,9 +79,11 @@ def _build_group(common: CommonAttentionMetadata, lo: int, hi: int, dtype: torch
 
 
 def _decode_kernel(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
-    """The C decode kernel: float32 queries over a float32 or fp8 cache."""
-    cache_ok = kv_dtype == torch.float32 or kv_dtype in paged_decode_cpu.FP8_DTYPES
-    return device.type == "cpu" and dtype == torch.float32 and cache_ok and paged_decode_cpu.available()
+    """The C decode kernel: float32 or bfloat16 queries (widened to float32) over a cache of the
+    model's dtype or fp8."""
+    cache_ok = kv_dtype == dtype or kv_dtype in paged_decode_cpu.FP8_DTYPES
+    return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cache_ok
+            and paged_decode_cpu.available())
 
 
 _MAX_PADDING = 0.25  # share of padding a group may carry
@@ -154,7 +156,9 @@ def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 def _attend(q, k_new, v_new, kv_cache, g: _Group, scale: float, kv_scales: tuple[float, float]) -> torch.Tensor:
     num_heads, head_dim = q.shape[1], q.shape[2]
     if g.seq_lens is not None:
-        return paged_decode_cpu.paged_decode(q, kv_cache, g.block_table, g.seq_lens, scale, *kv_scales, g.table_rows)
+        out = paged_decode_cpu.paged_decode(q.float(), kv_cache, g.block_table, g.seq_lens, scale, *kv_scales,
+                                            g.table_rows)
+        return out.to(q.dtype)
     if g.mask is None:  # a single fresh prompt: its keys are exactly this step's k/v
         k, v = k_new[g.token_slice], v_new[g.token_slice]
         if is_fp8(kv_cache.dtype):  # as the cache holds them, so batching never changes a result
