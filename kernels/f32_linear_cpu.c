@@ -91,6 +91,9 @@ static inline __attribute__((always_inline)) void pack(const void *w, int64_t K,
         for (int h = 0; h < PANEL; h += 8) {
             v8 r[8], c[8];
             for (int i = 0; i < 8; i++) r[i] = row8(w, (n0 + h + i) * K + k0 + kk, wf);
+            if (kk * ESIZE(wf) % 64 == 0) /* the next panel's rows, one line each (it may not exist: harmless) */
+                for (int i = 0; i < 8; i++)
+                    __builtin_prefetch((const char *)w + ((n0 + PANEL + h + i) * K + k0 + kk) * ESIZE(wf), 0, 1);
             transpose8(r, c);
             for (int t = 0; t < 8; t++) store8(p + (kk + t) * PANEL + h, c[t]);
         }
