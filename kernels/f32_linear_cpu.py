@@ -7,8 +7,12 @@ AMD EPYC where torch's sgemm is MKL's), the kernel's dot products ran 1.1-2.2x f
 at 4 to 16 rows, and its packed panels (from 16 rows) 1.0-1.5x oneDNN's matmul at 32 to 128 rows in
 most runs (once 0.75x at 64: the machine's run-to-run noise); the one-call decode step built on them
 ran 1.5x the layers through oneDNN at 48 rows. oneDNN's blocking wins from a few hundred rows.
-MAX_ROWS is int8_linear_cpu's, so that a decode step of either kind of weights runs whole in the C
-kernels. It keeps its own threads when torch runs one (services/worker/step_threads.py). Without a
+MAX_ROWS 128: on a quiet 2-core AMD EPYC with AVX512-BF16, 112 requests decoding together (smol135,
+32-token prompts, 48 tokens each, one `LLM.generate`, twice each) took 11.7-12.4 s with it against
+13.7-16.6 s with 64 in float32, and 6.9-7.0 s against 8.7-9.1 s in bfloat16 (whose weights take
+torch's AVX512-BF16 matmuls past it: 1.5x this kernel's packed panels at 128 rows alone, but not
+the whole step). int8_linear_cpu's MAX_ROWS is this one, so that a decode step of any of these
+weights runs whole in the C kernels. It keeps its own threads when torch runs one (services/worker/step_threads.py). Without a
 C compiler, F.linear runs everywhere.
 """
 
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from kernels import cpu_build
 
 SOURCE = Path(__file__).with_name("f32_linear_cpu.c")
-MAX_ROWS = 64
+MAX_ROWS = 128
 
 
 @cache

@@ -8,7 +8,10 @@ machine). Over smol135's weight shapes streamed from memory, on a 2-core AMD EPY
 other work (load ~9, so noisy): `benchmarks/linear_cpu.py --int8 --rows 1 2 4 8 16 --rounds 7`
 measured the kernel 1.3-2.3x faster than the float32 kernel at 1 to 16 rows, and with
 OMP_NUM_THREADS=1 `--rows 16 32 64 128 --rounds 3` 2.2x, 2.3x, 1.2x and 0.94x as fast as the
-dequantized F.linear: past about 100 rows BLAS's blocking wins, hence MAX_ROWS 64. Torch's
+dequantized F.linear per call: past about 100 rows BLAS's blocking wins there. Whole steps still
+gain up to 128 rows: on a quiet 2-core AMD EPYC with AVX512, 112 requests decoding together (smol135
+int8, 48 tokens each, one `LLM.generate`) took 12.9 s with MAX_ROWS 128 (every decode step one C
+call, kernels/decode_step_cpu.py) against 16.0 s with 64, twice each. Torch's
 _weight_int8pack_mm measured 10-40x slower than float32. Like the float32 kernel it keeps its
 threads in decode-sized steps (services/worker/step_threads.py).
 """
@@ -24,7 +27,7 @@ import torch
 from kernels import cpu_build, f32_linear_cpu
 
 SOURCE = Path(__file__).with_name("int8_linear_cpu.c")
-MAX_ROWS = 64  # past this many rows of x the dequantize + F.linear path is as fast
+MAX_ROWS = f32_linear_cpu.MAX_ROWS  # a decode step's limit, as the float32 kernel's
 
 
 @cache

@@ -61,7 +61,7 @@ def test_c_step_on_packed_panels_matches_the_layers(model_dirs, monkeypatch):
     path, prompts = model_dirs("llama"), MANY
     fused, fused_steps = _generate(path, monkeypatch, True, prompts, 6, max_num_seqs=40)
     plain, _ = _generate(path, monkeypatch, False, prompts, 6, max_num_seqs=40)
-    assert max(fused_steps) == 40
+    assert fused_steps.count(40) == 5  # every decode step (the prompts, 120 tokens, too)
     _same(fused, plain)
 
 

@@ -20,7 +20,7 @@ from engine_outputs import assert_same_outputs, collect_outputs
 from services.engine.core import EngineCore
 from services.engine.request import Request
 from services.engine.scheduler import Scheduler
-from services.engine.spec_decode import COMPUTE_BOUND_BATCH, SpecDecoder
+from services.engine.spec_decode import COMPUTE_BOUND_BATCH, STEP_TOKENS, SpecDecoder
 from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shared.proposers.ngram import NgramProposer
 from shared.protocol import StepResult
@@ -229,26 +229,28 @@ def generate_one(runner, prompt: list[int], params: SamplingParams) -> tuple[lis
 def test_proposals_adapt_to_acceptance_and_turn_off_in_a_large_batch():
     decoder = SpecDecoder(SpeculativeConfig(num_speculative_tokens=5))
     looping = Request("r", [7, 8] * 20, SamplingParams(max_tokens=100), (0,), 512)
-    # no measurement yet (alpha 1/2): at batch 1 a proposal costs 1/16 of a step, 1/2 ** 4 of one holds
-    assert len(decoder.propose(looping, 64, num_running=1)) == 4
+    # no measurement yet (alpha 1/2): at a sixteenth of the compute-bound batch a proposal costs
+    # 1/16 of a step, and 1/2 ** 4 of one holds
+    assert len(decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH // 16)) == 4
     # half the proposals expected to hold, against a quarter of a step's cost each
     assert len(decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH // 4)) == 2
     assert decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH) == []
     for _ in range(6):
         decoder.record(looping, 5, 5)
-    assert len(decoder.propose(looping, 64, num_running=8)) == 5  # they keep being accepted
+    assert len(decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH // 2)) == 5  # they keep being accepted
     for _ in range(20):
         decoder.record(looping, 5, 0)
-    assert decoder.propose(looping, 64, num_running=8) == []  # they keep failing
-    assert len(decoder.propose(looping, 64, num_running=1)) == 1  # at batch 1 one is still tried
+    # they keep failing (alpha ~0.17): none at a quarter of the batch, one at a sixteenth
+    assert decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH // 4) == []
+    assert len(decoder.propose(looping, 64, num_running=COMPUTE_BOUND_BATCH // 16)) == 1
 
 
 def test_over_pipeline_stages_the_adaptive_rule_counts_one_steps_share():
-    """With two micro batches in flight a step computes half the running requests: 16 running
-    are a step of 8, where a proposal still pays (1/2 ** 1 >= 8/16); without, a step of 16 is
-    compute-bound and none is made."""
+    """With two micro batches in flight a step computes half the running requests: as many as the
+    compute-bound batch are a step of half of it, where a proposal still pays (1/2 ** 1 >= 1/2);
+    without, the step is compute-bound and none is made."""
     for micro_batches, proposals in ((1, 0), (2, 1)):
-        s = Scheduler(SchedulerConfig(), CacheConfig(block_size=4), 256, speculative=SPEC, micro_batches=micro_batches)
+        s = Scheduler(SchedulerConfig(), CacheConfig(block_size=4), 1024, speculative=SPEC, micro_batches=micro_batches)
         for i in range(COMPUTE_BOUND_BATCH):
             s.add_request(Request(f"r{i}", [5, 6, 7, 8] * 3, SamplingParams(temperature=0, max_tokens=50), (0,), 64))
         first, *_ = (s.schedule() for _ in range(micro_batches))  # the prompts, a micro batch's share per step
@@ -257,6 +259,24 @@ def test_over_pipeline_stages_the_adaptive_rule_counts_one_steps_share():
         plan = s.schedule()
         assert len(s.running) == COMPUTE_BOUND_BATCH and len(plan.cached_requests) == len(ids)
         assert [len(plan.spec_token_ids.get(r, ())) for r in ids] == [proposals] * len(ids)
+
+
+def test_proposals_leave_a_step_within_the_one_call_cpu_steps_size():
+    """Requests whose proposals keep being accepted propose until the step holds STEP_TOKENS
+    tokens (decodes first): past it a CPU step would leave its one C call."""
+    n = COMPUTE_BOUND_BATCH // 2
+    s = Scheduler(SchedulerConfig(max_num_seqs=n), CacheConfig(block_size=4), 2048, speculative=SPEC)
+    for i in range(n):
+        s.add_request(Request(f"r{i}", [5, 6, 7, 8] * 3, SamplingParams(temperature=0, max_tokens=50), (0,), 64))
+    first = s.schedule()
+    ids = list(first.num_scheduled_tokens)
+    s.update(first, StepResult(first.step_id, ids, [5] * n))
+    for r in s.running:
+        r.spec_acceptance = (50.0, 50.0)  # every earlier proposal accepted
+    plan = s.schedule()
+    proposed = [len(plan.spec_token_ids.get(r, ())) for r in ids]
+    assert sum(plan.num_scheduled_tokens.values()) == n + sum(proposed) == STEP_TOKENS
+    assert proposed[0] == SPEC.num_speculative_tokens and proposed[-1] == 0  # the first scheduled took the room
 
 
 class GrammarBreaker:

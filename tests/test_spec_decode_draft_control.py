@@ -15,6 +15,7 @@ import torch
 from engine_outputs import collect_outputs
 
 from services.engine.core import EngineCore
+from services.engine.spec_decode import COMPUTE_BOUND_BATCH
 from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shared.sampling_params import SamplingParams
 from shared.speculative import SpeculativeConfig
@@ -75,11 +76,11 @@ def test_failing_proposals_stop_drafting_and_the_draft_stops_running(target, mod
 
 def test_drafting_resumes_after_a_gap_with_the_draft_kv_caught_up(target):
     """A draft equal to the target accepts every proposal only while its KV is right. The
-    request drafts alone, stops while 16 more requests run (the step is compute-bound), then
-    resumes: the draft catches up the tokens it skipped, and every proposal still holds."""
+    request drafts alone, stops while COMPUTE_BOUND_BATCH more requests run (the step is
+    compute-bound), then resumes: the draft catches up the tokens it skipped, and every proposal still holds."""
     runner = make_runner(target, draft_spec(target))
     runner.reset()
-    config = dataclasses.replace(runner.config, scheduler=SchedulerConfig(max_num_seqs=32))
+    config = dataclasses.replace(runner.config, scheduler=SchedulerConfig(max_num_seqs=2 * COMPUTE_BOUND_BATCH))
     engine = EngineCore(config, runner, 128)
     spec = engine.scheduler.spec
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
@@ -88,7 +89,7 @@ def test_drafting_resumes_after_a_gap_with_the_draft_kv_caught_up(target):
     while spec.num_accepted_tokens < 8:
         engine.step()
     short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    for i in range(16):
+    for i in range(COMPUTE_BOUND_BATCH):
         engine.add_request(engine.make_request(f"short-{i}", [i + 3, 40, 7 * i + 9], short))
     engine.step()
     before_gap, drafted = state().num_draft_computed, spec.num_draft_tokens
@@ -147,12 +148,13 @@ def test_a_new_request_drafts_once_until_its_first_proposals_are_verified():
 
     decoder = SpecDecoder(draft_spec("draft", cost=0.25), draft_cost=0.25)
     request = Request("r", [7, 8] * 10, SamplingParams(max_tokens=50), (0,), 512)
-    assert decoder.num_to_draft(request, num_running=1) == 1  # 1/2 >= 1/16 + 1/4 > 1/4
-    assert decoder.num_to_draft(request, num_running=1, num_slots=1) == 0  # one verified in the step planned
+    batch = COMPUTE_BOUND_BATCH // 16  # a step's share: 1/16
+    assert decoder.num_to_draft(request, num_running=batch) == 1  # 1/2 >= 1/16 + 1/4 > 1/4
+    assert decoder.num_to_draft(request, num_running=batch, num_slots=1) == 0  # one verified in the step planned
     decoder.record(request, 1, 1)
-    assert decoder.num_to_draft(request, num_running=1) == 2  # 2/3 accepted now: 4/9 > 5/16 too
+    assert decoder.num_to_draft(request, num_running=batch) == 2  # 2/3 accepted now: 4/9 > 5/16 too
     request.max_tokens = request.num_output_tokens + 2  # room for this step's token and the next one
-    assert decoder.num_to_draft(request, num_running=1) == 0
+    assert decoder.num_to_draft(request, num_running=batch) == 0
 
 
 def test_num_draft_tokens_and_draft_cost_are_checked(target, draft):

@@ -31,7 +31,7 @@ import numpy as np
 from services.engine.adapter_slots import AdapterSlots
 from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
-from services.engine.spec_decode import SpecDecoder
+from services.engine.spec_decode import STEP_TOKENS, SpecDecoder
 from services.engine.step_update import StepUpdate
 from shared.config import CacheConfig, SchedulerConfig
 from shared.protocol import (
@@ -164,6 +164,7 @@ class Scheduler(StepUpdate):
         todo = {r.req_id: self._num_to_compute(r) for r in self.running if r.req_id not in busy}
         decodes = [r for r in self.running if todo.get(r.req_id) == 1]
         prefills = [r for r in self.running if todo.get(r.req_id, 0) > 1]
+        spec_room = STEP_TOKENS - min(len(decodes), most)  # proposals' share of a step (spec_decode.py)
         for request in decodes + prefills:
             if budget == 0 or len(scheduled) >= most:
                 break
@@ -171,8 +172,10 @@ class Scheduler(StepUpdate):
                 continue  # preempted earlier in this loop
             num_new = min(todo[request.req_id], budget)
             if self.spec is not None and todo[request.req_id] == 1:
-                verifies[request.req_id] = self.spec.verify(request, budget - 1, len(self.running), self.placeholders)
+                room = max(0, min(budget - 1, spec_room))
+                verifies[request.req_id] = self.spec.verify(request, room, len(self.running), self.placeholders)
                 num_new += verifies[request.req_id]
+                spec_room -= verifies[request.req_id]
             while (blocks := self.kv.allocate_slots(request, num_new)) is None:
                 victim = max(self.running, key=_priority_key) if self.priority else self.running[-1]
                 budget += scheduled.pop(victim.req_id, 0)

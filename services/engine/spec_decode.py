@@ -37,15 +37,19 @@ class DraftModelProposer:
 
 
 # Running requests at which a step is taken to be compute-bound: past it, every proposed token
-# costs about as much as a decoded one. Measured when a CPU decode step of up to 16 tokens ran in
-# one C call (kernels/decode_step_cpu.c) and a larger one through the layers: at 16 streams, ngram
-# verifying ~4.7 tokens a request (99% accepted) ran 0.93x plain decoding (benchmarks/spec_decode.py).
-# Re-measured once the one-call step took up to 64 tokens (benchmarks/spec_decode.py --workloads
-# repetitive --concurrency 16 32 --methods ngram --compute-bound-batch 16 64, on a loaded machine):
-# with 64, ngram verifying 4.3 and 3.7 tokens a request (99% accepted) ran 0.22x plain decoding at
-# 16 streams and 0.66x at 32 (a step of more than 64 tokens leaves the C step), so 16 stays. With
-# alpha's prior of 1/2 a request starts proposing only in steps of at most 8 requests.
-COMPUTE_BOUND_BATCH = 16
+# costs about as much as a decoded one. Measured on CPU, where a decode step runs in one C call
+# (kernels/decode_step_cpu.c) up to STEP_TOKENS tokens: on a quiet 2-core AMD EPYC,
+# `benchmarks/spec_decode.py --workloads repetitive random --concurrency 16 32 --methods ngram
+# --compute-bound-batch 16 32 64` ran ngram at 1.00x, 1.22x and 1.20x plain decoding at 16 streams
+# and 1.04x, 1.04x and 1.10x at 32 on the repetitive workload (99% accepted; with 16 nothing is
+# proposed there), and 0.99-1.04x on random prompts, where ngram finds nothing to propose. (When
+# the C step took at most 64 tokens, 64 had run 0.22x at 16 streams: its verify steps left it.)
+# With alpha's prior of 1/2 a request starts proposing in steps of up to 32 requests.
+COMPUTE_BOUND_BATCH = 64
+# The most tokens a step verifying proposals may compute: the CPU's one-call decode step's limit
+# (kernels/f32_linear_cpu.py MAX_ROWS), past which a step runs layer by layer, several times slower.
+# Requests scheduled first take the room.
+STEP_TOKENS = 128
 DECAY = 0.8  # weight of a request's earlier verifications in its acceptance estimate
 
 
