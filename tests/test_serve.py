@@ -115,7 +115,8 @@ def test_sigterm_lets_open_streams_finish(model_dirs):
 
 
 def test_sigterm_past_the_shutdown_timeout_ends_streams_with_an_error(model_dirs):
-    events = sigterm_mid_stream(str(model_dirs("llama")), "0.5")
+    # 1000 tokens cannot stream in 50 ms; in 0.5 s they did, on a fast machine
+    events = sigterm_mid_stream(str(model_dirs("llama")), "0.05")
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["message"].startswith("The frontend is shutting down") and error["type"] == "service_unavailable_error"
