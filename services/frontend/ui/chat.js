@@ -27,17 +27,25 @@ async function errorText(resp) {
   try { return (await resp.json()).error.message; } catch (e) { return "HTTP " + resp.status; }
 }
 
+let modelLoads = 0;  // loadModels calls so far: only the latest one's answer is shown
+
+// Fills the model list from /v1/models, in one step (a request sent meanwhile never sees it
+// empty), keeping the chosen model where it is still served.
 async function loadModels() {
+  const call = ++modelLoads;
   localStorage.setItem("pagedserve_api_key", $("api_key").value);
   const resp = await fetch("/v1/models", { headers: headers() });
-  if (!resp.ok) { setStatus("models: " + await errorText(resp)); return; }
-  const select = $("model");
-  select.innerHTML = "";
-  for (const card of (await resp.json()).data) {
+  const cards = resp.ok ? (await resp.json()).data : null;
+  const failure = resp.ok ? "" : "models: " + await errorText(resp);
+  if (call !== modelLoads) return;  // a later call (another key) answers instead
+  if (!cards) { setStatus(failure); return; }
+  const select = $("model"), chosen = select.value;
+  select.replaceChildren(...cards.map((card) => {
     const opt = document.createElement("option");
     opt.value = opt.textContent = card.id;
-    select.appendChild(opt);
-  }
+    return opt;
+  }));
+  if (cards.some((card) => card.id === chosen)) select.value = chosen;
   setStatus("");
 }
 
