@@ -1,7 +1,8 @@
-"""float32 linear on the CPU for decode-sized batches, a C kernel beside torch's F.linear.
+"""float32 or bfloat16 linear on the CPU for decode-sized batches, a C kernel beside torch's F.linear.
 
 `linear` is what the model's linear layers and LM head call: it runs the kernel (f32_linear_cpu.c)
-for float32 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for more, and F.linear otherwise.
+for float32 or bfloat16 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for more float32
+rows, and F.linear otherwise.
 Measured over smol135's weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core
 AMD EPYC where torch's sgemm is MKL's), the kernel's dot products ran 1.1-2.2x faster than F.linear
 at 4 to 16 rows, and its packed panels (from 16 rows) 1.0-1.5x oneDNN's matmul at 32 to 128 rows in
@@ -12,8 +13,8 @@ MAX_ROWS 128: on a quiet 2-core AMD EPYC with AVX512-BF16, 112 requests decoding
 13.7-16.6 s with 64 in float32, and 6.9-7.0 s against 8.7-9.1 s in bfloat16 (whose weights take
 torch's AVX512-BF16 matmuls past it: 1.5x this kernel's packed panels at 128 rows alone, but not
 the whole step). int8_linear_cpu's MAX_ROWS is this one, so that a decode step of any of these
-weights runs whole in the C kernels. It keeps its own threads when torch runs one (services/worker/step_threads.py). Without a
-C compiler, F.linear runs everywhere.
+weights runs whole in the C kernels. It keeps its own threads when torch runs one
+(services/worker/step_threads.py). Without a C compiler, F.linear runs everywhere.
 """
 
 from __future__ import annotations
