@@ -94,11 +94,16 @@ def test_a_rank_that_cannot_load_its_weights_is_named_with_its_error(llama, tmp_
     assert "safetensors" in str(info.value).lower() or "header" in str(info.value).lower(), info.value
 
 
-def test_ranks_that_do_not_report_in_time_fail_the_start_and_are_stopped(llama, monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_RANK_START_TIMEOUT", "0.05")
+def test_ranks_that_do_not_report_in_time_fail_the_start_and_are_stopped(llama, monkeypatch, tmp_path):
+    # the weights are a FIFO no one writes: each rank blocks opening it, however fast the machine
+    slow = shutil.copytree(llama, tmp_path / "slow")
+    for weights in slow.glob("*.safetensors"):
+        weights.unlink()
+        os.mkfifo(weights)
+    monkeypatch.setenv("PAGEDSERVE_RANK_START_TIMEOUT", "0.5")
     before = _ranks()
-    with pytest.raises(RuntimeError, match=r"worker rank\(s\) \[0, 1\] did not start within 0.05s"):
-        LLM(llama, tensor_parallel_size=2, **SMALL)
+    with pytest.raises(RuntimeError, match=r"worker rank\(s\) \[0, 1\] did not start within 0.5s"):
+        LLM(str(slow), tensor_parallel_size=2, **SMALL)
     assert _gone_within(sorted(_ranks() - before), 10) == []
 
 
