@@ -1,5 +1,5 @@
-"""The worker's GPU execution path on a real CUDA device (skipped without one): decode steps
-replaying CUDA graphs give the eager tokens, the KV cache sized from gpu_memory_utilization after
+"""The worker's GPU execution path on a real CUDA device (skipped without one): decode and verify
+steps replaying CUDA graphs give the eager tokens, the KV cache sized from gpu_memory_utilization after
 the profiling step leaves the expected headroom, and pinned host copies arrive intact.
 
 tests/test_cuda_graphs.py and tests/test_memory_profiler.py check the same logic on CPU."""
@@ -72,6 +72,24 @@ def test_graph_replay_in_bfloat16_with_sampling(model_dirs):
     assert replays == 11
     for c in outs:
         assert len(c.token_ids) == 12 and math.isfinite(c.cumulative_logprob)
+
+
+def test_verify_steps_replay_their_graphs_with_the_eager_tokens(model_dirs):
+    """Speculative decoding: prompt lookup's proposals verified through the verify graphs give the
+    eager tokens, for prompts that end in a loop of their model's greedy output."""
+    path = model_dirs("llama", attention_scale=0.005)
+    starts = [[(5 * i + 3 * j) % 1000 + 10 for j in range(4 + 2 * i)] for i in range(3)]
+    looped, _ = _generate(path, [{"prompt_token_ids": p} for p in starts],
+                          SamplingParams(temperature=0.0, max_tokens=40), enforce_eager=True)
+    prompts = [{"prompt_token_ids": p + list(c.token_ids)} for p, c in zip(starts, looped)]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    eager, _ = _generate(path, prompts, params, enforce_eager=True, speculative_config=spec)
+    graphed, replays = _generate(path, prompts, params, speculative_config=spec)
+    assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
+    assert 0 < replays < 15  # verify steps take up to 4 tokens per request
+    for got, want in zip(graphed, eager):
+        assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-3)
 
 
 def test_kv_cache_fills_the_utilized_share_after_the_profiled_peak(model_dirs):

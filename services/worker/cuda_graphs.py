@@ -1,22 +1,28 @@
-"""CUDA graphs for decode-only steps: one per batch-size bucket, captured once at startup.
+"""CUDA graphs for decode and verify steps: one per (batch-size bucket, query length), captured
+once at startup.
 
 A decode step launches a handful of kernels per layer for one token per request, so at small
 batches the GPU waits on the host's launches. A step whose every request has exactly one new
-token, with B requests, instead replays the graph captured for the smallest bucket >= B. The
-graph reads fixed addresses, so the step's inputs are first copied into static buffers; rows
-B.. of the bucket are padding: slot -1 (the cache write skips it) and seq_len 0 (decode
-attention reads nothing and writes zeros), and only the first B rows of the output are used.
-Prefill, mixed steps and batches above the largest bucket run eagerly.
+token, with B requests, instead replays the graph captured for the smallest bucket >= B. With
+speculative decoding, a step whose requests have up to q = 1 + num_speculative_tokens new tokens
+each (verifying their proposals) replays the graph of its bucket captured for q tokens per request.
+The graph reads fixed addresses, so the step's inputs are first copied into static buffers: its
+tokens into the first rows, then padding tokens (slot -1: the cache write skips them); requests
+B.. of the bucket are padding (seq_len 0: attention reads nothing and writes zeros), and only the
+step's rows of the output are used. Prefill, mixed steps with longer chunks and batches above the
+largest bucket run eagerly.
 
-Graph safety: attention runs on TritonAttentionBackend.graph_decode_metadata over the static
-buffers with max_seq_len = max_model_len and a split count fixed per bucket (each request spreads
-its own context over the splits), so no kernel grid or argument depends on the step, and nothing
-in the forward syncs with the host or builds metadata.
+Graph safety: attention runs on TritonAttentionBackend.graph_decode_metadata (q = 1: the decode
+kernel with max_seq_len = max_model_len and a split count fixed per bucket, each request spreading
+its own context over the splits) or graph_query_metadata (q > 1: the prefill kernel, its grid fixed
+by the bucket and q) over the static buffers, so no kernel grid or argument depends on the step,
+and nothing in the forward syncs with the host or builds metadata.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -90,54 +96,82 @@ def graphs_unsupported(config: EngineConfig, device: torch.device, backend: Atte
 
 
 class DecodeBuffers:
-    """The static inputs a captured decode graph reads, for batches of up to max_batch requests."""
+    """The static inputs a captured graph reads, for up to max_batch requests and max_tokens tokens."""
 
-    def __init__(self, max_batch: int, max_model_len: int, block_size: int, device: torch.device):
+    def __init__(self, max_batch: int, max_model_len: int, block_size: int, device: torch.device,
+                 max_tokens: int | None = None):
         self.max_model_len = max_model_len
         self.width = -(-max_model_len // block_size)  # blocks of the longest possible request
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.int64, device=device)
+        tokens = max_tokens or max_batch
+        self.input_ids = torch.zeros(tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(tokens, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((tokens,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_batch, self.width, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.zeros(max_batch + 1, dtype=torch.int32, device=device)
 
-    def load(self, inputs: StepInputs, size: int) -> None:
-        """Copy a decode step of B <= size requests into rows :B and make rows B:size padding."""
-        attn, batch = inputs.attn, inputs.attn.num_reqs
-        self.input_ids[:batch].copy_(inputs.input_ids)
-        self.positions[:batch].copy_(inputs.positions)
-        self.slot_mapping[:batch].copy_(attn.slot_mapping)
-        self.slot_mapping[batch:size].fill_(-1)  # stale slots would overwrite other requests' KV
-        # Padding rows keep stale ids and positions: earlier real values (or zeros), always in range.
+    def load(self, inputs: StepInputs, size: int, q: int = 1) -> None:
+        """Copy a step of B <= size requests of up to q tokens each into the first rows; the rest
+        of the size requests and size * q tokens become padding."""
+        attn, batch, tokens = inputs.attn, inputs.attn.num_reqs, len(inputs.input_ids)
+        self.input_ids[:tokens].copy_(inputs.input_ids)
+        self.positions[:tokens].copy_(inputs.positions)
+        self.slot_mapping[:tokens].copy_(attn.slot_mapping)
+        self.slot_mapping[tokens : size * q].fill_(-1)  # stale slots would overwrite other requests' KV
+        # Padding tokens keep stale ids and positions: earlier real values (or zeros), always in range.
         copy_from_host(self.seq_lens[:size], torch.from_numpy(padded_seq_lens(attn.seq_lens, size)))
         rows = attn.block_table[:, : self.width]
         copy_from_host(self.block_tables[:batch, : rows.shape[1]], torch.from_numpy(rows))
+        if q > 1:
+            qsl = np.full(size + 1, tokens, dtype=np.int32)  # padding requests own no tokens
+            qsl[: batch + 1] = attn.query_start_loc
+            copy_from_host(self.query_start_loc[: size + 1], torch.from_numpy(qsl))
 
     def forward(
         self, model: nn.Module, backend: TritonAttentionBackend, kv_caches: list[torch.Tensor], size: int,
-        num_splits: int,
+        num_splits: int, q: int = 1,
     ) -> torch.Tensor:
-        """The model over rows :size of the buffers ([size, hidden]): what a graph captures."""
-        meta = backend.graph_decode_metadata(
-            self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size], self.max_model_len, num_splits
-        )
+        """The model over the buffers' size requests of q tokens ([size * q, hidden]): what a graph captures."""
+        tokens = size * q
+        if q == 1:
+            meta = backend.graph_decode_metadata(
+                self.slot_mapping[:size], self.block_tables[:size], self.seq_lens[:size], self.max_model_len,
+                num_splits,
+            )
+        else:
+            meta = backend.graph_query_metadata(
+                self.slot_mapping[:tokens], self.block_tables[:size], self.seq_lens[:size],
+                self.query_start_loc[: size + 1], q,
+            )
         with set_forward_context(ForwardContext(backend, meta, kv_caches)):
-            return model(self.input_ids[:size], self.positions[:size])
+            return model(self.input_ids[:tokens], self.positions[:tokens])
+
+
+def query_lengths(config: EngineConfig) -> list[int]:
+    """The tokens per request graphs are captured for: 1, and 1 + num_speculative_tokens with
+    speculative decoding (a verify step)."""
+    spec = config.speculative
+    return [1] if spec is None or not spec.num_speculative_tokens else [1, 1 + spec.num_speculative_tokens]
 
 
 class DecodeGraphs:
-    """One captured decode forward per bucket, sharing a memory pool and the static buffers.
-    run() replays the right one for a decode-only step, or returns None for an eager step."""
+    """One captured forward per (bucket, query length), sharing a memory pool and the static
+    buffers. run() replays the right one for a decode or verify step, or returns None for an
+    eager step."""
 
     def __init__(self, config: EngineConfig, backend: TritonAttentionBackend, device: torch.device):
         s, m = config.scheduler, config.model
-        self.sizes = capture_sizes(min(s.max_num_seqs, s.max_num_batched_tokens), config.compilation.max_capture_size)
+        limit = config.compilation.max_capture_size
+        self.sizes = {q: capture_sizes(min(s.max_num_seqs, s.max_num_batched_tokens // q), limit)
+                      for q in query_lengths(config) if s.max_num_batched_tokens >= q}
         self.backend, self.device = backend, device
         self.num_kv_heads = max(1, m.num_kv_heads // config.parallel.tensor_parallel_size)
         self.max_model_len = m.max_model_len
-        self.buffers = DecodeBuffers(self.sizes[-1], m.max_model_len, config.cache.block_size, device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}  # each graph's output rows, alive for its lifetime
+        max_batch = max(sizes[-1] for sizes in self.sizes.values())
+        max_tokens = max(q * sizes[-1] for q, sizes in self.sizes.items())
+        self.buffers = DecodeBuffers(max_batch, m.max_model_len, config.cache.block_size, device, max_tokens)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}  # each graph's output rows, alive for its lifetime
         self.replays = 0
         self._pool, self._stream = None, None  # created at the first capture
 
@@ -149,18 +183,21 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self, model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
-        """Capture every bucket, largest first so the smaller graphs reuse its pool memory. The
-        buffers hold only padding rows meanwhile, so neither warmup nor capture writes the cache."""
+        """Capture every bucket, most tokens first so the smaller graphs reuse its pool memory. The
+        buffers hold only padding meanwhile, so neither warmup nor capture writes the cache."""
         start, free_before = time.perf_counter(), _free_bytes(self.device)
-        for size in progress(self.sizes[::-1], "Capturing CUDA graphs (decode)", "graph"):
-            self.graphs[size], self.outputs[size] = self._capture_one(model, kv_caches, size)
+        shapes = sorted(((size, q) for q, sizes in self.sizes.items() for size in sizes),
+                        key=lambda shape: -shape[0] * shape[1])
+        for shape in progress(shapes, "Capturing CUDA graphs (decode and verify)", "graph"):
+            self.graphs[shape], self.outputs[shape] = self._capture_one(model, kv_caches, *shape)
         log.info(
-            "captured %d decode CUDA graphs (batch %d..%d) in %.1f s, %.2f GiB", len(self.sizes), self.sizes[0],
-            self.sizes[-1], time.perf_counter() - start, (free_before - _free_bytes(self.device)) / 2**30,
+            "captured %d CUDA graphs (batch %s, tokens per request %s) in %.1f s, %.2f GiB", len(shapes),
+            "/".join(f"{sizes[0]}..{sizes[-1]}" for sizes in self.sizes.values()), list(self.sizes),
+            time.perf_counter() - start, (free_before - _free_bytes(self.device)) / 2**30,
         )
 
     def _capture_one(
-        self, model: nn.Module, kv_caches: list[torch.Tensor], size: int
+        self, model: nn.Module, kv_caches: list[torch.Tensor], size: int, q: int
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         splits = self.num_splits(size)
         if self._pool is None:
@@ -169,32 +206,39 @@ class DecodeGraphs:
         # cuBLAS sets up its workspace for the stream; neither may happen while capturing.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            self.buffers.forward(model, self.backend, kv_caches, size, splits)
+            self.buffers.forward(model, self.backend, kv_caches, size, splits, q)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-            out = self.buffers.forward(model, self.backend, kv_caches, size, splits)
+            out = self.buffers.forward(model, self.backend, kv_caches, size, splits, q)
         torch.cuda.synchronize(self.device)
         return graph, out
 
-    def bucket(self, attn: CommonAttentionMetadata) -> int | None:
-        """The bucket a step replays: decode-only steps within the largest bucket, else None."""
-        if attn.num_reqs == 0 or attn.num_decodes != attn.num_reqs:
+    def bucket(self, attn: CommonAttentionMetadata) -> tuple[int, int] | None:
+        """The (bucket, tokens per request) a step replays: steps whose requests have one token
+        each, or up to a verify step's q, within the largest bucket; else None."""
+        if attn.num_reqs == 0 or max(attn.seq_lens) > self.max_model_len:  # the table width assumes it
             return None
-        if max(attn.seq_lens) > self.max_model_len:  # never scheduled; the table width assumes it
+        if attn.num_decodes == attn.num_reqs:
+            q = 1
+        else:
+            longest = max(b - a for a, b in itertools.pairwise(attn.query_start_loc))
+            q = next((q for q in self.sizes if q >= longest and q > 1), None)
+        if q not in self.sizes:
             return None
-        return bucket_for(self.sizes, attn.num_reqs)
+        size = bucket_for(self.sizes[q], attn.num_reqs)
+        return None if size is None else (size, q)
 
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Hidden states [B, hidden] of a decode-only step through its bucket's graph; None when
-        the step must run eagerly. Valid until the next run()."""
-        size = self.bucket(inputs.attn)
-        if size is None:
+        """Hidden states [T, hidden] of a decode or verify step through its graph; None when the
+        step must run eagerly. Valid until the next run()."""
+        shape = self.bucket(inputs.attn)
+        if shape is None:
             return None
-        self.buffers.load(inputs, size)
-        self.graphs[size].replay()
+        self.buffers.load(inputs, *shape)
+        self.graphs[shape].replay()
         self.replays += 1
-        return self.outputs[size][: inputs.attn.num_reqs]
+        return self.outputs[shape][: len(inputs.input_ids)]
 
 
 def capture_decode_graphs(

@@ -123,3 +123,36 @@ def test_graph_decode_metadata_with_padding_rows(num_splits):
     with pytest.raises(ValueError, match="rows everywhere"):
         backend.graph_decode_metadata(static_slots, static_tables[:3], static_lens, max_model_len, num_splits)
 
+
+
+def test_graph_query_metadata_pads_requests_and_tokens():
+    """The CUDA-graph form of a verify step: the step's tokens first, then padding tokens (slot -1)
+    up to size x q, padding requests with no tokens and seq_len 0. Real rows match the eager build;
+    padding writes no cache and comes out as zeros."""
+    size, q = 8, 6
+    common = _metadata(VERIFY_REQUESTS, 2)
+    batch, tokens = len(VERIFY_REQUESTS), common.query_start_loc[-1]
+    width = 5
+    static_slots = torch.full((size * q,), -1, dtype=torch.int64, device=DEVICE)
+    static_slots[:tokens] = common.slot_mapping
+    static_lens = torch.zeros(size, dtype=torch.int32, device=DEVICE)
+    static_lens[:batch] = torch.tensor(common.seq_lens, dtype=torch.int32)
+    static_tables = torch.full((size, width), 7, dtype=torch.int32, device=DEVICE)  # stale entries
+    static_tables[:batch, : common.block_table.shape[1]] = torch.from_numpy(common.block_table)
+    qsl = torch.full((size + 1,), tokens, dtype=torch.int32, device=DEVICE)
+    qsl[: batch + 1] = torch.tensor(common.query_start_loc, dtype=torch.int32)
+    cache = torch.randn(2, 20, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)
+    q_all = torch.randn(size * q, NUM_HEADS, HEAD_DIM, device=DEVICE)
+    k_all = torch.randn(size * q, NUM_KV_HEADS, HEAD_DIM, device=DEVICE)
+    backend = TritonAttentionBackend(DEVICE)
+    eager_cache, graph_cache = cache.clone(), cache.clone()
+    eager = backend.forward(q_all[:tokens], k_all[:tokens], k_all[:tokens], eager_cache, backend.build(common), 0.2)
+    meta = backend.graph_query_metadata(static_slots, static_tables, static_lens, qsl, q)
+    out = backend.forward(q_all, k_all, k_all, graph_cache, meta, 0.2)
+    assert torch.equal(graph_cache, eager_cache)
+    torch.testing.assert_close(out[:tokens], eager, **TOLERANCES[torch.float32])
+    assert torch.equal(out[tokens:], torch.zeros_like(out[tokens:]))
+    with pytest.raises(ValueError, match="requests everywhere"):
+        backend.graph_query_metadata(static_slots, static_tables[:3], static_lens, qsl, q)
+    with pytest.raises(ValueError, match="8 x 6 slots"):
+        backend.graph_query_metadata(static_slots[:10], static_tables, static_lens, qsl, q)

@@ -9,6 +9,9 @@ kernel over the first num_decodes requests and the prefill kernel over the rest.
 graph_decode_metadata() is the CUDA-graph variant for decode-only batches: it wraps static
 tensors the caller refills before each replay, with a grid fixed by the padded batch size,
 max_model_len and a fixed split count, so nothing in it depends on the step.
+graph_query_metadata() is the variant for steps of up to q query tokens per request (verifying
+speculative proposals): every request through the prefill kernel, its grid fixed by the padded
+batch size and q.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class TritonAttentionMetadata:
     # None: the decode kernel's heuristic for this step. Set (CUDA graphs): that many splits per
     # request, each request's context spread evenly over them.
     decode_num_splits: int | None = None
+    # a CUDA graph's metadata: the output starts zeroed, so padding rows come out as zeros
+    graph: bool = False
 
 
 def _interpreting() -> bool:
@@ -116,6 +121,41 @@ class TritonAttentionBackend:
             prefill_token_start=batch,
             prefill_max_query_len=0,
             decode_num_splits=num_splits,
+            graph=True,
+        )
+
+    def graph_query_metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        max_query_len: int,
+    ) -> TritonAttentionMetadata:
+        """Metadata of a batch of B requests with up to max_query_len query tokens each over
+        caller-owned static tensors (a CUDA graph's inputs): slot_mapping [B * max_query_len] int64
+        (-1: a padding token, not written), block_tables [B, W] int32, seq_lens [B] int32 and
+        query_start_loc [B + 1] int32 (a padding request: no tokens and seq_len 0). Tokens past
+        query_start_loc[B] belong to no request and come out as zeros."""
+        batch = seq_lens.shape[0]
+        if block_tables.shape[0] != batch or query_start_loc.shape[0] != batch + 1:
+            raise ValueError(
+                f"graph query metadata needs {batch} requests everywhere, got block_tables "
+                f"{tuple(block_tables.shape)} and query_start_loc {tuple(query_start_loc.shape)}"
+            )
+        if slot_mapping.shape[0] != batch * max_query_len:
+            raise ValueError(f"graph query metadata needs {batch} x {max_query_len} slots, got "
+                             f"{slot_mapping.shape[0]}")
+        return TritonAttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            seq_lens=seq_lens,
+            num_decodes=0,
+            decode_max_seq_len=0,
+            prefill_query_start_loc=query_start_loc,
+            prefill_token_start=0,
+            prefill_max_query_len=max_query_len,
+            graph=True,
         )
 
     def forward(
@@ -132,7 +172,7 @@ class TritonAttentionBackend:
         """Write k/v ([T, Hkv, D]) into kv_cache, then attend q ([T, H, D]); returns [T, H, D].
         An fp8 kv_cache stores k / k_scale and v / v_scale."""
         self._write(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q) if meta.graph else torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             self._decode(
