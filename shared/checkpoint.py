@@ -33,6 +33,7 @@ def checkpoint_quantization(hf: dict[str, Any], requested: str | None) -> str | 
 
 
 _CONFIG_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+_PT_FILES = ["pytorch_model*.bin"]  # with its index, a *.json
 
 
 def resolve_model_path(model: str, revision: str | None = None, weights: bool = True) -> Path:
@@ -45,9 +46,12 @@ def resolve_model_path(model: str, revision: str | None = None, weights: bool = 
         raise ValueError(f"model path {model!r} is not a directory")
     from huggingface_hub import snapshot_download
 
-    patterns = _CONFIG_FILES + (["*.safetensors"] if weights else [])
     try:
-        return Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
+        path = Path(snapshot_download(model, revision=revision,
+                                      allow_patterns=_CONFIG_FILES + (["*.safetensors"] if weights else [])))
+        if weights and not any(path.glob("*.safetensors")):  # PyTorch's format only (some EAGLE heads)
+            path = Path(snapshot_download(model, revision=revision, allow_patterns=_CONFIG_FILES + _PT_FILES))
+        return path
     except Exception as exc:  # network down, unknown repo, gated model
         raise ValueError(f"could not load model {model!r}: not a local directory and the hub said: {exc}") from exc
 

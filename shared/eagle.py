@@ -4,7 +4,7 @@ Nothing here imports torch; the heads are services/worker/models/eagle.py, their
 services/worker/eagle_runner.py.
 
 Supported: a Llama-family target (LLAMA_FAMILY) on one pipeline stage (the head whole on each of its
-tensor-parallel ranks), with or without async scheduling, a head checkpoint in safetensors with the
+tensor-parallel ranks), with or without async scheduling, a head checkpoint (safetensors or pytorch_model.bin) with the
 target's vocabulary:
 - "eagle" (EAGLE-1/2): config.json of a Llama with the target's hidden_size; `fc.weight` [h, 2h]
   (`fc.bias` optional) over concat(token embedding, the target's last hidden state after its final

@@ -212,7 +212,7 @@ def test_bad_checkpoint_raises_a_clear_error(model_dirs, tmp_path, change):
     save_file(weights, tmp_path / "model.safetensors")
     message = {"missing": r"lacks .*qkv_proj\.weight \(shards \['k'\]\)", "unexpected": "mlp.extra.weight",
                "wrong_shape": "k_proj.weight.*shape mismatch", "integer": "k_proj.weight.*dtype torch.int8",
-               "bad_index": "not a safetensors index", "outside_index": "outside the checkpoint"}[change]
+               "bad_index": "not a weights index", "outside_index": "outside the checkpoint"}[change]
     with pytest.raises(ValueError, match=message):
         build_model(ModelConfig.from_pretrained(str(tmp_path)), torch.float32, "cpu")
 

@@ -2,7 +2,7 @@
 real checkpoint formats) over the real model runner, in one process. Random heads: every kind of
 request ends with the outputs of non-speculative decoding, with chunked prefill, prefix caching
 and a pool small enough to preempt, and every block returns. Probe heads, whose drafts follow
-from the target's hidden states: each draft is the token the wiring predicts (the last layer's
+from the target's hidden states (in safetensors or pytorch_model.bin): each draft is the token the wiring predicts (the last layer's
 state after the final norm for EAGLE-1, the aux layers' inputs in config order for EAGLE-3, the
 head's own state fed to its next position). A head that computes the target's layer one position
 later has most drafts accepted (the head reads the next token and keeps its KV right). `LLM`
@@ -14,6 +14,7 @@ over tensor-parallel ranks each runs the head whole."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,10 +100,16 @@ def _checked_drafts(runner, spec: SpeculativeConfig, expect) -> int:
     return sum(len(drafts) for _, drafts in seen)
 
 
-def test_eagle_drafts_from_the_targets_last_hidden_state(target, heads):
+@pytest.mark.parametrize("weights", ["safetensors", "pytorch_model.bin"])
+def test_eagle_drafts_from_the_targets_last_hidden_state(target, heads, tmp_path, weights):
     """Probe EAGLE-1 head: its logits are the target's at the latest position, so greedy drafts
-    repeat the latest token."""
-    spec = eagle_spec(heads("eagle", "probe"))
+    repeat the latest token. Alike from the head saved as pytorch_model.bin (as EAGLE's own heads are)."""
+    from test_checkpoint_formats import as_pytorch_bin
+
+    head = heads("eagle", "probe")
+    if weights != "safetensors":
+        head = str(as_pytorch_bin(Path(head), tmp_path / "pt"))
+    spec = eagle_spec(head)
     assert _checked_drafts(make_runner(target, spec), spec, lambda tokens: tokens[-1]) >= 10
 
 

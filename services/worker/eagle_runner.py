@@ -30,14 +30,13 @@ import logging
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from services.worker.distributed import whole_model
 from services.worker.draft_runner import DraftRunner, _drafting, _Row
 from services.worker.input_batch import StepInputs
 from services.worker.layers.attention_backend import AttentionBackend
-from services.worker.loader import building, checkpoint_files, load_weights
+from services.worker.loader import building, checkpoint_tensor_names, load_weights
 from services.worker.models.eagle import Eagle3Head, EagleHead
 from services.worker.request_table import RequestTable
 from shared.config import EngineConfig, ModelConfig
@@ -127,10 +126,7 @@ class EagleRunner(DraftRunner):
 def build_head(config: ModelConfig, method: str, target: nn.Module, dtype: torch.dtype,
                device: torch.device) -> EagleHead | Eagle3Head:
     """The head at config.path, its weights loaded; ValueError for a checkpoint that is not one."""
-    names = set()
-    for file in checkpoint_files(config.path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            names.update(f.keys())
+    names = checkpoint_tensor_names(config.path)
     if "fc.weight" not in names:
         raise ValueError(f"the {method} head {config.path} has no fc.weight: not an EAGLE checkpoint")
     own_embedding = "embed_tokens.weight" in names

@@ -1,4 +1,6 @@
-"""Build a model and stream its safetensors weights into it.
+"""Build a model and stream its checkpoint's weights into it: safetensors, or where a checkpoint
+has none, PyTorch's pytorch_model*.bin (read with torch.load(weights_only=True): tensors only, no
+code runs).
 
 Checkpoint names map to parameters by name: through the model's renamed_modules (Mixtral's
 block_sparse_moe -> mlp), its packed_modules_mapping for fused projections (q_proj -> qkv_proj
@@ -91,28 +93,66 @@ def building(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+# (index, single file, shard pattern) of each weight format, in order of preference
+_FORMATS = (
+    ("model.safetensors.index.json", "model.safetensors", "*.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin", "pytorch_model*.bin"),
+)
+
+
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory: the index's shards, or the single file."""
+    """The weight files of a checkpoint directory: its safetensors (the index's shards, the single
+    file, or every *.safetensors), else its pytorch_model*.bin the same way."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{index} is not a safetensors index (a weight_map of file names): {exc!r}") from None
-        if any(not isinstance(s, str) or Path(s).name != s for s in shards):
-            raise ValueError(f"{index} names shards outside the checkpoint directory")
-        return [path / shard for shard in shards]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {path}")
-    return files
+    for index_name, single, pattern in _FORMATS:
+        index = path / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{index} is not a weights index (a weight_map of file names): {exc!r}") from None
+            if any(not isinstance(s, str) or Path(s).name != s for s in shards):
+                raise ValueError(f"{index} names shards outside the checkpoint directory")
+            return [path / shard for shard in shards]
+        if (path / single).is_file():
+            return [path / single]
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(f"no safetensors or pytorch_model.bin weights in {path}")
+
+
+def _read_pt(file: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model*.bin's tensors by name; ValueError for a file that is not one, or that
+    would need to run code to load."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
+        raise ValueError(f"{file} is not a PyTorch weights file that loads without running code: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{file} does not hold a dict of named tensors")
+    return state
+
+
+def checkpoint_tensor_names(path: str | Path) -> set[str]:
+    """The names of every tensor in the checkpoint at path."""
+    names: set[str] = set()
+    for file in checkpoint_files(path):
+        if file.suffix == ".bin":
+            names.update(_read_pt(file))
+        else:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names.update(f.keys())
+    return names
 
 
 def _iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in shard_progress(checkpoint_files(path)):
+        if file.suffix == ".bin":
+            yield from _read_pt(file).items()
+            continue
         with safe_open(str(file), framework="pt", device="cpu") as f:
             names = f.keys()
             for name in names:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -30,5 +31,6 @@ def progress(items: Sequence[T], desc: str, unit: str) -> Iterator[T]:
     yield from tqdm(items, desc=desc, unit=unit, dynamic_ncols=True)
 
 
-def shard_progress(files: Sequence[T]) -> Iterator[T]:
-    return progress(files, "Loading safetensors checkpoint shards", "shard")
+def shard_progress(files: Sequence[Path]) -> Iterator[Path]:
+    kind = "pt" if files and files[0].suffix == ".bin" else "safetensors"
+    return progress(files, f"Loading {kind} checkpoint shards", "shard")
