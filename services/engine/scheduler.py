@@ -291,21 +291,6 @@ class Scheduler(StepUpdate):
         self._finished_ids = []
         return plan
 
-    def restart_workers(self, num_blocks: int) -> None:
-        """The workers' KV cache and request state are gone (a worker was lost or re-joined):
-        preempt every running request for recompute, keeping arrival order and its tokens so far,
-        and start over with an empty pool of num_blocks (no prefix cache entry points at valid KV)."""
-        for request in reversed(self.running):
-            self._preempt(request)
-        old = self.kv
-        self.kv = KVCacheManager(num_blocks, old.block_size, old.enable_caching)
-        self.kv.prefix_queried_tokens, self.kv.prefix_hit_tokens = old.prefix_queried_tokens, old.prefix_hit_tokens
-        self.kv.pool.num_evictions = old.pool.num_evictions
-        self._known_to_worker.clear()
-        self._finished_ids = []
-        self._in_flight.clear()  # those steps' results never come
-        self.placeholders.clear()
-
 
 def _adapters(requests) -> list[str]:
     return sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None})

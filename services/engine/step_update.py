@@ -1,16 +1,19 @@
-"""The scheduler's half that applies a step's result: sampled tokens (one, or a verification's
-several) appended up to the first stop, pooled vectors, failures and prompt logprobs, each only to
-the request and run the step was planned for."""
+"""The scheduler's half that applies what the workers report: a step's result (sampled tokens, one
+or a verification's several, appended up to the first stop; pooled vectors, failures and prompt
+logprobs), each only to the request and run the step was planned for; and their loss (every
+running request recomputed on restarted workers)."""
 
 from __future__ import annotations
 
+from services.engine.kv_cache_manager import KVCacheManager
 from services.engine.request import Request, RequestStatus
 from shared.protocol import RequestDelta, StepPlan, StepResult, TokenLogprobs
 
 
 class StepUpdate:
     """Mixed into Scheduler (scheduler.py), whose state it reads and changes: requests, running,
-    placeholders, _in_flight, kv, spec, _kept_blocks, the pooling counters, _finish and abort."""
+    placeholders, _in_flight, kv, spec, _kept_blocks, _known_to_worker, _finished_ids, the pooling
+    counters, _preempt, _finish and abort."""
 
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestDelta]:
         """Fill in the sampled tokens and finish requests that hit a stop condition. Only the
@@ -50,6 +53,21 @@ class StepUpdate:
             if num_slots:
                 self._settle_proposals(request, num_slots, num_proposed, min(len(sampled) - 1, num_proposed))
         return deltas
+
+    def restart_workers(self, num_blocks: int) -> None:
+        """The workers' KV cache and request state are gone (a worker was lost or re-joined):
+        preempt every running request for recompute, keeping arrival order and its tokens so far,
+        and start over with an empty pool of num_blocks (no prefix cache entry points at valid KV)."""
+        for request in reversed(self.running):
+            self._preempt(request)
+        old = self.kv
+        self.kv = KVCacheManager(num_blocks, old.block_size, old.enable_caching)
+        self.kv.prefix_queried_tokens, self.kv.prefix_hit_tokens = old.prefix_queried_tokens, old.prefix_hit_tokens
+        self.kv.pool.num_evictions = old.pool.num_evictions
+        self._known_to_worker.clear()
+        self._finished_ids = []
+        self._in_flight.clear()  # those steps' results never come
+        self.placeholders.clear()
 
     def _num_to_draft(self, request: Request, pending: int) -> int:
         """SpecDecoder.num_to_draft for a request that samples in the step being planned: the
