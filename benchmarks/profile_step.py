@@ -104,7 +104,7 @@ def instrument(llm: Any, prof: StepProfiler) -> None:
         if category is not None:
             prof.hook(module, category)
     prof.hook(runner.model, "forward")
-    runner.sampler = prof.timed(runner.sampler, "sampling")
+    runner.outputs.sampler = prof.timed(runner.outputs.sampler, "sampling")
     execute = runner.execute
 
     def step(plan):

@@ -1,13 +1,13 @@
-"""The model runner: weights, paged KV cache tensors, one batched forward and sampling per step.
+"""The model runner: weights, paged KV cache tensors, one batched forward per step, then sampling
+(step_outputs.py) and proposals (proposals.py).
 
-On CUDA the KV cache is sized by a profiling step (memory_profiler.py) and decode-only steps
+On CUDA the KV cache is sized by a profiling step (memory_profiler.py) and decode and verify steps
 replay CUDA graphs (cuda_graphs.py) unless enforce_eager is set; every other step, and every
 step on CPU, runs the model eagerly.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -23,7 +23,6 @@ from services.worker.input_batch import StepInputs, flatten
 from services.worker.kv_cache import allocate_kv_cache, kv_block_bytes
 from services.worker.layers.attention import select_backend
 from services.worker.layers.encoder_attention import EncoderMetadata
-from services.worker.layers.sampler import NO_TOKEN, Sampler, SamplingMetadata
 from services.worker.loader import build_model, resolve_dtype
 from services.worker.lora.layer import LoRAMapping
 from services.worker.lora.manager import LoRAManager, prepare_adapters
@@ -34,19 +33,14 @@ from services.worker.proposals import WorkerProposer
 from services.worker.quant.kv_fp8 import check_kv_cache_dtype, kv_cache_torch_dtype
 from services.worker.quant.kv_scales import prepare_kv_scales
 from services.worker.request_checks import WorkerLimits
-from services.worker.request_table import RequestState, RequestTable
+from services.worker.request_table import RequestTable
 from services.worker.stats_log import startup_phase
+from services.worker.step_outputs import StepOutputs
 from services.worker.structured_output import StructuredOutputs
 from shared.config import EngineConfig
-from shared.protocol import StepPlan, StepResult, TokenLogprobs
+from shared.protocol import StepPlan, StepResult
 
 log = logging.getLogger(__name__)
-
-NO_TOKEN_MESSAGE = (
-    "no token can be sampled: every token is masked or a logit is not a finite number "
-    "(check logit_bias, the penalties, min_tokens and structured_outputs)"
-)
-
 
 @dataclass
 class StepStats:
@@ -76,7 +70,6 @@ class ModelRunner:
         self.backend = select_backend(self.device, self.dtype, config.compilation.attention_backend, self.kv_dtype)
         check_kv_cache_dtype(config.cache.kv_cache_dtype, self.backend.name, self.device)
         prepare_kv_scales(self.model, self.backend, config, self.dtype, self.device, self.kv_dtype)
-        self.sampler = Sampler()
         self.memory_profile: MemoryProfile | None = None  # set on CUDA by the profiling step
         self.draft = create_drafter(config, self.dtype, self.device, self.backend, self.model)  # a draft model or head
         with startup_phase("sizing and allocating the KV cache"):
@@ -95,6 +88,7 @@ class ModelRunner:
                               pooling=self.pooler is not None)
         self.proposer = WorkerProposer(config, self.draft)  # speculative proposals made here
         self.table = RequestTable(limits, self.structured, self.proposer)
+        self.outputs = StepOutputs(self.model, self.table, self.structured, self.draft, self.device)
         p = config.parallel
         self.stage = StageLink(p, self.device) if p.pipeline_parallel_size > 1 else None
         self.answers = p.rank == p.result_rank  # this rank's results go to the engine
@@ -168,8 +162,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
         self._sync()
         forward_done = time.perf_counter()
-        tokens, logprobs, stopped = self._sample(logits, states) if states else ([], [], [])
-        prompt_logprobs = self._prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
+        tokens, logprobs, stopped = self.outputs.sample(logits, states) if states else ([], [], [])
+        prompt_logprobs = self.outputs.prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
         pooled = self.pooler.pool(hidden, inputs.pooling_rows) if inputs.pooling_rows else {}
         failed = self.table.take_failed()
         kept = [i for i, s in enumerate(states) if s.req_id not in failed]
@@ -231,80 +225,6 @@ class ModelRunner:
                 if req_id not in self.table.failed:
                     self.table.fail(req_id, message)
 
-    def _sample(
-        self, logits: torch.Tensor, states: list[RequestState]
-    ) -> tuple[list[list[int]], list[list[TokenLogprobs | None]], list[str]]:
-        """Each request's tokens and logprobs, appended to its state, and the requests whose
-        grammar ended. Position by position: a request verifying proposed tokens samples its row
-        j after the tokens before it were appended (penalties, min_tokens, seeds and its grammar
-        see them), and goes on to row j + 1 only while its sampled tokens equal the proposals.
-        For a point-mass proposal that is rejection sampling: every token keeps the target's
-        distribution. Failed requests (grammar, nothing to sample) are failed in the table."""
-        first_rows = list(itertools.accumulate((1 + len(s.spec_token_ids) for s in states), initial=0))
-        tokens: list[list[int]] = [[] for _ in states]
-        logprobs: list[list[TokenLogprobs | None]] = [[] for _ in states]
-        stopped: list[str] = []
-        live, j = list(range(len(states))), 0
-        while live:
-            rows = logits if len(live) == logits.shape[0] else logits[[first_rows[i] + j for i in live]]
-            sampled, lps, ended = self._sample_rows(rows, [states[i] for i in live], j)
-            stopped += ended
-            verifying = []
-            for i, token, lp in zip(live, sampled, lps):
-                state = states[i]
-                if state.req_id in self.table.failed:
-                    continue
-                state.sampling.append(token)
-                tokens[i].append(token)
-                logprobs[i].append(lp)
-                if j < len(state.spec_token_ids) and token == state.spec_token_ids[j] and state.req_id not in ended:
-                    verifying.append(i)
-            live, j = verifying, j + 1
-        return tokens, logprobs, stopped
-
-    def _sample_rows(
-        self, logits: torch.Tensor, states: list[RequestState], j: int = 0
-    ) -> tuple[list[int], list[TokenLogprobs | None], list[str]]:
-        """Tokens and logprobs of every row (at verification position j), and the requests whose
-        grammar ended with their token. Rows that fail (their grammar, or nothing left to sample)
-        are failed in the table. A draft model's proposals are rejection-sampled (rejection_sampler.py)."""
-        for req_id, message in self.structured.apply(logits, [s.req_id for s in states]).items():
-            self.table.fail(req_id, message)
-        meta = SamplingMetadata.build([s.sampling for s in states], logits.shape[-1], self.device)
-        chosen = self.draft.distributions.choose(logits, meta, states, j) if self.draft else None
-        out = self.sampler(logits, meta, chosen)
-        tokens = out.sampled_token_ids.tolist()
-        for state, token in zip(states, tokens):
-            if token == NO_TOKEN:
-                self.table.fail(state.req_id, NO_TOKEN_MESSAGE)
-        live = [i for i, s in enumerate(states) if s.req_id not in self.table.failed]
-        stopped, rejected = self.structured.accept([states[i].req_id for i in live], [tokens[i] for i in live])
-        for req_id, message in rejected.items():
-            self.table.fail(req_id, message)
-        return tokens, _logprob_lists(out, states), stopped
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> dict[str, list[TokenLogprobs]]:
-        """Log-softmax of the raw logits at each scored prompt position: the next prompt token's
-        logprob and rank, then the top prompt_logprobs tokens."""
-        result = {}
-        for state, row, pos, count in inputs.prompt_rows:
-            try:
-                result[state.req_id] = self._score_prompt(hidden[row : row + count], state, pos, count)
-            except Exception as exc:  # this request's alone
-                log.exception("prompt logprobs of request %s failed", state.req_id)
-                self.table.fail(state.req_id, f"prompt_logprobs failed: {type(exc).__name__}: {exc}")
-        return result
-
-    def _score_prompt(self, hidden: torch.Tensor, state: RequestState, pos: int, count: int) -> list[TokenLogprobs]:
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden).float(), dim=-1)
-        targets = torch.tensor(state.token_ids[pos + 1 : pos + 1 + count], device=logprobs.device)
-        target_lp = logprobs.gather(1, targets[:, None])
-        ranks = (logprobs > target_lp).sum(dim=-1) + 1
-        top_lp, top_ids = logprobs.topk(state.sampling.params.prompt_logprobs, dim=-1)
-        ids = torch.cat([targets[:, None], top_ids], dim=1).tolist()
-        vals = torch.cat([target_lp, top_lp], dim=1).tolist()
-        return [TokenLogprobs(i, v, r) for i, v, r in zip(ids, vals, ranks.tolist())]
-
     def _forward(self, inputs: StepInputs, lora: LoRAMapping | None = None) -> torch.Tensor:
         """Hidden states of the step's tokens: a decode graph's replay when one covers the step
         (graphs run the base model only: a step with adapters runs eagerly)."""
@@ -332,14 +252,3 @@ class ModelRunner:
 
 def _phase(num_decodes: int, num_reqs: int) -> str:
     return "decode" if num_decodes == num_reqs else "prefill" if num_decodes == 0 else "mixed"
-
-
-def _logprob_lists(out, states) -> list[TokenLogprobs | None]:
-    if out.logprobs is None:
-        return [None] * len(states)
-    ids, vals, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist()
-    result: list[TokenLogprobs | None] = []
-    for i, state in enumerate(states):
-        k = state.sampling.params.logprobs
-        result.append(None if k is None else TokenLogprobs(ids[i][: k + 1], vals[i][: k + 1], ranks[i]))
-    return result
