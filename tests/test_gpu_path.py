@@ -84,8 +84,8 @@ def test_verify_steps_replay_their_graphs_with_the_eager_tokens(model_dirs):
     prompts = [{"prompt_token_ids": p + list(c.token_ids)} for p, c in zip(starts, looped)]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
     spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
-    eager, _ = _generate(path, prompts, params, enforce_eager=True, speculative_config=spec)
-    graphed, replays = _generate(path, prompts, params, speculative_config=spec)
+    eager, _ = _generate(path, prompts, params, enforce_eager=True, speculative_config=spec, max_num_seqs=8)
+    graphed, replays = _generate(path, prompts, params, speculative_config=spec, max_num_seqs=8)
     assert [c.token_ids for c in graphed] == [c.token_ids for c in eager]
     assert 0 < replays < 15  # verify steps take up to 4 tokens per request
     for got, want in zip(graphed, eager):
