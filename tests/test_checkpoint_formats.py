@@ -1,5 +1,5 @@
-"""Checkpoints in PyTorch's format (pytorch_model.bin, sharded with pytorch_model.bin.index.json)
-load the same weights as safetensors and generate the same tokens; safetensors win where a
+"""Checkpoints in PyTorch's format (pytorch_model.bin, sharded with pytorch_model.bin.index.json,
+or in torch's pre-1.6 format) load the same weights as safetensors and generate the same tokens; safetensors win where a
 checkpoint has both; a .bin that would run code to load, or holds anything but named tensors, is
 refused with a clear error before anything runs; a hub checkpoint without safetensors fetches
 its .bin files."""
@@ -61,6 +61,15 @@ def test_pytorch_bin_checkpoints_load_the_same_weights_and_tokens(qwen2, tmp_pat
     want = LLM(str(qwen2), **kwargs).generate(PROMPTS, GREEDY, use_tqdm=False)
     got = LLM(str(pt), **kwargs).generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_a_pytorch_bin_in_torchs_legacy_format_loads(qwen2, tmp_path):
+    """Files saved before torch 1.6's zip format are read rather than mapped."""
+    legacy = as_pytorch_bin(qwen2, tmp_path / "legacy")
+    torch.save(load_file(qwen2 / "model.safetensors"), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    ours = dict(build_model(ModelConfig.from_pretrained(str(legacy)), torch.float32, "cpu").named_parameters())
+    for name, param in build_model(ModelConfig.from_pretrained(str(qwen2)), torch.float32, "cpu").named_parameters():
+        assert torch.equal(ours[name], param), name
 
 
 def test_safetensors_win_over_pytorch_bin(qwen2, tmp_path):

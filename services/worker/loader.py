@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,7 +127,8 @@ def _read_pt(file: Path) -> dict[str, torch.Tensor]:
     """A pytorch_model*.bin's tensors by name; ValueError for a file that is not one, or that
     would need to run code to load."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        # mapped, not read, where the file is torch's zip format (since torch 1.6); read otherwise
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as exc:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
         raise ValueError(f"{file} is not a PyTorch weights file that loads without running code: "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
