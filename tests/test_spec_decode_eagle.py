@@ -181,6 +181,51 @@ def test_a_head_whole_on_each_tensor_parallel_rank_gets_accepted(unit_norm, head
     assert counts.num_accepted_tokens > 0.5 * counts.num_draft_tokens > 0
 
 
+def _llm_drafts(llm, prompts: list[dict]) -> tuple[list[list[int]], dict[str, list[list[int]]]]:
+    """The greedy tokens of prompts, and each request's drafts in the order the engine got them."""
+    scheduler, drafts = llm.engine.scheduler, {}
+    update = scheduler.update
+
+    def recording(plan, result):
+        for req_id, tokens in result.draft_token_ids.items():
+            drafts.setdefault(req_id.split("-")[-1], []).append(tokens.tolist())
+        return update(plan, result)
+
+    scheduler.update = recording
+    try:
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    finally:
+        scheduler.update = update
+    return tokens, drafts
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_an_eagle_head_drafts_alike_on_the_last_pipeline_stage(model_dirs, heads, tied):
+    """Over two pipeline stages the head runs on the last, embedding with a whole copy of the
+    target's embedding (untied) or with its LM head (tied): the same tokens as without speculation,
+    and the same drafts as on one stage (a wrong embedding would change nearly all of them)."""
+    from pagedserve import LLM
+
+    target = str(model_dirs("llama", attention_scale=0.005,
+                            config_overrides={"num_hidden_layers": 4, "tie_word_embeddings": tied}))
+    prompts = [{"prompt_token_ids": [(k * 13 + 5 * i) % 300 + 3 for k in range(6 + 9 * i)]} for i in range(3)]
+    kwargs = {"max_model_len": 128, "kv_cache_memory": 8 << 20}
+    want = [o.outputs[0].token_ids for o in LLM(target, **kwargs).generate(prompts, GREEDY, use_tqdm=False)]
+    spec = {"method": "eagle", "model": heads("eagle", "random", target), "num_speculative_tokens": 3,
+            "draft_cost": 0}
+    one_stage = _llm_drafts(LLM(target, speculative_config=spec, **kwargs), prompts)
+    with LLM(target, pipeline_parallel_size=2, speculative_config=spec, **kwargs) as llm:
+        tokens, drafts = _llm_drafts(llm, prompts)
+    assert tokens == one_stage[0] == want
+    # the same drafts at the same tokens (the stages may start drafting a step apart, or draft
+    # fewer tokens in a step: a draft agrees with one of the other's that it is a prefix of, or it of it)
+    def agrees(req: str, d: list[int]) -> bool:
+        return any(d[: len(e)] == e[: len(d)] for e in one_stage[1].get(req, []))
+
+    made = [(req, d) for req, ds in drafts.items() for d in ds]
+    assert len(made) >= 10 and sum(agrees(req, d) for req, d in made) >= 0.95 * len(made)
+
+
 def _config(target: str, spec: dict, **kwargs) -> EngineConfig:
     model = ModelConfig.from_pretrained(target, max_model_len=160)
     return EngineConfig(model, speculative=SpeculativeConfig.parse(spec), **kwargs)
@@ -195,8 +240,8 @@ def test_heads_that_cannot_serve_the_target_are_refused(target, heads, tmp_path)
     aux = make_eagle_head(target, tmp_path / "aux", "eagle3", config_overrides={"eagle_aux_hidden_state_layer_ids": [0, 9, 1]})
     with pytest.raises(ValueError, match="three of the target's 4 layers"):
         _config(target, {"method": "eagle3", "model": str(aux)})
-    with pytest.raises(ValueError, match="does not run over pipeline stages"):
-        _config(target, {"method": "eagle", "model": heads("eagle")}, parallel=ParallelConfig(pipeline_parallel_size=2))
+    with pytest.raises(ValueError, match="'eagle3' does not run over pipeline stages"):
+        _config(target, {"method": "eagle3", "model": heads("eagle3")}, parallel=ParallelConfig(pipeline_parallel_size=2))
     with pytest.raises(ValueError, match='needs a "model"'):
         SpeculativeConfig.parse({"method": "eagle3"})
 

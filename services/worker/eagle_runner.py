@@ -2,11 +2,15 @@
 step, on the draft model's machinery (draft_runner.py): its own paged KV cache under the target's
 block ids plus scratch blocks, drafting with each request's sampling parameters, the drafts'
 q kept for rejection sampling, with async scheduling too (proposals.py). What it can run on is in
-shared/eagle.py (a Llama-family target on one pipeline stage; an EAGLE-3 target's decode steps run
-without CUDA graphs, which do not keep the aux states; the one-call CPU decode step keeps them).
-Under tensor parallelism the head runs whole on each rank (its KV too), borrowing the target's
-sharded embedding and LM head (whose collectives every rank calls alike, as every rank drafts
-alike from the same tokens; see draft_runner.py on ranks drawing the same drafts).
+shared/eagle.py (a Llama-family target; EAGLE-3 on one pipeline stage; an EAGLE-3 target's decode
+steps run without CUDA graphs, which do not keep the aux states; the one-call CPU decode step
+keeps them). Under tensor parallelism the head runs whole on each rank (its KV too), borrowing the
+target's sharded embedding and LM head (whose collectives every rank calls alike, as every rank
+drafts alike from the same tokens; see draft_runner.py on ranks drawing the same drafts). Under
+pipeline parallelism an EAGLE-1 head runs on the last stage, which samples and holds the final
+hidden states, and its drafts go back to the engine as a draft model's do; the token embedding
+lives on the first stage, so the last stage embeds with a tied target's LM head or loads a whole
+copy of the target's embedding (stage_embedding).
 
 A head's position p reads token p + 1 and the target's hidden state of position p (EAGLE-1: the
 last layer's after the final norm; EAGLE-3: the three aux layers' inputs, through fc). The target's
@@ -26,7 +30,9 @@ the next token may differ), which costs acceptance, never correctness.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,8 +42,10 @@ from services.worker.distributed import whole_model
 from services.worker.draft_runner import DraftRunner, _drafting, _Row
 from services.worker.input_batch import StepInputs
 from services.worker.layers.attention_backend import AttentionBackend
-from services.worker.loader import building, checkpoint_tensor_names, load_weights
+from services.worker.layers.embedding import VocabParallelEmbedding
+from services.worker.loader import building, checkpoint_tensor, checkpoint_tensor_names, load_weights
 from services.worker.models.eagle import Eagle3Head, EagleHead
+from services.worker.pipeline import MissingLayer
 from services.worker.request_table import RequestTable
 from shared.config import EngineConfig, ModelConfig
 from shared.draft_model import draft_model_config
@@ -51,9 +59,9 @@ def create_drafter(config: EngineConfig, dtype: torch.dtype, device: torch.devic
                    target: nn.Module) -> DraftRunner | None:
     """The runner of the model that drafts on this rank: an EAGLE head's, a draft model's
     (DraftRunner.create), or None."""
-    spec = config.speculative
-    if spec is not None and spec.method in EAGLE_METHODS:
-        return EagleRunner(config, dtype, device, backend, target)
+    spec, p = config.speculative, config.parallel
+    if spec is not None and spec.method in EAGLE_METHODS:  # on the last pipeline stage, which samples
+        return EagleRunner(config, dtype, device, backend, target) if p.pp_rank == p.pipeline_parallel_size - 1 else None
     return DraftRunner.create(config, dtype, device, backend)
 
 
@@ -66,11 +74,13 @@ class EagleRunner(DraftRunner):
                  target: nn.Module):
         head_config = draft_model_config(config)
         # whole on every tensor-parallel rank (its KV too): the ranks compute the same drafts
-        parallel = dataclasses.replace(config.parallel, tensor_parallel_size=1, rank=0)
+        parallel = dataclasses.replace(config.parallel, tensor_parallel_size=1, rank=0, pipeline_parallel_size=1)
         self._setup(config, head_config, parallel, dtype, device, backend)
         self.target = target
         with whole_model(sharded=False):
             self.model = build_head(head_config, config.speculative.method, target, dtype, device)
+            if "embed_tokens" not in self.model._modules and isinstance(target.model.embed_tokens, MissingLayer):
+                self.model.__dict__["stage_embedding"] = stage_embedding(config, target, dtype, device)
         if isinstance(self.model, Eagle3Head):
             target.set_aux_hidden_layers(aux_layer_ids(head_config.hf_config, config.model.num_layers))
         log.info("%s head %s: %d tokens drafted per step", config.speculative.method, head_config.path, self.k)
@@ -121,6 +131,19 @@ class EagleRunner(DraftRunner):
             rows.append(_Row(state, start, end, state.block_ids + self._scratch(len(rows)), sampling, max(room, 0)))
             index.extend(range(first[i], first[i] + end - start))
         return rows, torch.as_tensor(index, dtype=torch.long, device=self.device)
+
+
+def stage_embedding(config: EngineConfig, target: nn.Module, dtype: torch.dtype,
+                    device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The target's token embedding on a last pipeline stage that does not hold it (the first
+    does): a tied target's LM head (the same weight), else a whole copy of the checkpoint's."""
+    if getattr(target, "tie_word_embeddings", False):
+        return functools.partial(VocabParallelEmbedding.forward, target.lm_head)
+    m = config.model
+    with building(dtype, device):
+        embedding = VocabParallelEmbedding(m.vocab_size, m.hidden_size)
+    embedding.weight_loader(embedding.weight, checkpoint_tensor(m.path, "model.embed_tokens.weight"))
+    return embedding.requires_grad_(False)
 
 
 def build_head(config: ModelConfig, method: str, target: nn.Module, dtype: torch.dtype,

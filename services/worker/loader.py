@@ -150,6 +150,21 @@ def checkpoint_tensor_names(path: str | Path) -> set[str]:
     return names
 
 
+def checkpoint_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """One tensor of the checkpoint at path; ValueError when it has none of that name."""
+    for file in checkpoint_files(path):
+        if file.suffix == ".bin":
+            tensors = _read_pt(file)
+            if name in tensors:
+                return tensors[name]
+            continue
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names = f.keys()
+            if name in names:
+                return f.get_tensor(name)
+    raise ValueError(f"checkpoint {path} has no {name}")
+
+
 def _iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in shard_progress(checkpoint_files(path)):
         if file.suffix == ".bin":

@@ -37,8 +37,10 @@ class _Head(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, rope_parameters(config.hf_config))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embedding = self.embed_tokens if "embed_tokens" in self._modules else self.target.model.embed_tokens
-        return embedding(input_ids)
+        if "embed_tokens" in self._modules:
+            return self.embed_tokens(input_ids)
+        # the target's embedding; on a last pipeline stage without it, the copy the runner set
+        return self.__dict__.get("stage_embedding", self.target.model.embed_tokens)(input_ids)
 
 
 class EagleHead(_Head):
