@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from services.frontend.openai_requests import ChatMessage, ClientTemplate
+from services.frontend.chat_messages import ChatMessage, ClientTemplate
 from services.frontend.request_body import RequestBody
 
 

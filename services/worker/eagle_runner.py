@@ -79,8 +79,8 @@ class EagleRunner(DraftRunner):
         self.target = target
         with whole_model(sharded=False):
             self.model = build_head(head_config, config.speculative.method, target, dtype, device)
-            if "embed_tokens" not in self.model._modules and isinstance(target.model.embed_tokens, MissingLayer):
-                self.model.__dict__["stage_embedding"] = stage_embedding(config, target, dtype, device)
+            if self.model.borrows_embedding() and isinstance(target.model.embed_tokens, MissingLayer):
+                self.model.embed_with(stage_embedding(config, target, dtype, device))
         if isinstance(self.model, Eagle3Head):
             target.set_aux_hidden_layers(aux_layer_ids(head_config.hf_config, config.model.num_layers))
         log.info("%s head %s: %d tokens drafted per step", config.speculative.method, head_config.path, self.k)

@@ -11,11 +11,12 @@ tensor-parallel rank. A missing or unexpected weight is an error, not a silent d
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,42 +139,36 @@ def _read_pt(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _shard_tensors(file: Path) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """Each tensor's name in a weight file, with what reads it (safetensors: only when called)."""
+    if file.suffix == ".bin":
+        for name, tensor in _read_pt(file).items():
+            yield name, functools.partial(lambda t: t, tensor)
+        return
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        names = f.keys()
+        for name in names:
+            yield name, functools.partial(f.get_tensor, name)
+
+
 def checkpoint_tensor_names(path: str | Path) -> set[str]:
     """The names of every tensor in the checkpoint at path."""
-    names: set[str] = set()
-    for file in checkpoint_files(path):
-        if file.suffix == ".bin":
-            names.update(_read_pt(file))
-        else:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                names.update(f.keys())
-    return names
+    return {name for file in checkpoint_files(path) for name, _ in _shard_tensors(file)}
 
 
 def checkpoint_tensor(path: str | Path, name: str) -> torch.Tensor:
     """One tensor of the checkpoint at path; ValueError when it has none of that name."""
     for file in checkpoint_files(path):
-        if file.suffix == ".bin":
-            tensors = _read_pt(file)
-            if name in tensors:
-                return tensors[name]
-            continue
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            names = f.keys()
-            if name in names:
-                return f.get_tensor(name)
+        for found, read in _shard_tensors(file):
+            if found == name:
+                return read()
     raise ValueError(f"checkpoint {path} has no {name}")
 
 
 def _iter_weights(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in shard_progress(checkpoint_files(path)):
-        if file.suffix == ".bin":
-            yield from _read_pt(file).items()
-            continue
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            names = f.keys()
-            for name in names:
-                yield name, f.get_tensor(name)
+        for name, read in _shard_tensors(file):
+            yield name, read()
 
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.([^.]+)\.weight$")

@@ -38,8 +38,8 @@ class TritonAttentionMetadata:
     # None: the decode kernel's heuristic for this step. Set (CUDA graphs): that many splits per
     # request, each request's context spread evenly over them.
     decode_num_splits: int | None = None
-    # a CUDA graph's metadata: the output starts zeroed, so padding rows come out as zeros
-    graph: bool = False
+    # the output starts zeroed: tokens no request owns (a verify graph's padding) come out as zeros
+    zeroed_out: bool = False
 
 
 def _interpreting() -> bool:
@@ -121,7 +121,6 @@ class TritonAttentionBackend:
             prefill_token_start=batch,
             prefill_max_query_len=0,
             decode_num_splits=num_splits,
-            graph=True,
         )
 
     def graph_query_metadata(
@@ -155,7 +154,7 @@ class TritonAttentionBackend:
             prefill_query_start_loc=query_start_loc,
             prefill_token_start=0,
             prefill_max_query_len=max_query_len,
-            graph=True,
+            zeroed_out=True,
         )
 
     def forward(
@@ -172,7 +171,7 @@ class TritonAttentionBackend:
         """Write k/v ([T, Hkv, D]) into kv_cache, then attend q ([T, H, D]); returns [T, H, D].
         An fp8 kv_cache stores k / k_scale and v / v_scale."""
         self._write(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
-        out = torch.zeros_like(q) if meta.graph else torch.empty_like(q)
+        out = torch.zeros_like(q) if meta.zeroed_out else torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
             self._decode(

@@ -10,6 +10,7 @@ Module names mirror the checkpoints' (`fc`, `layers.N` / `midlayer`, `norm`, `lm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -36,10 +37,18 @@ class _Head(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_model_len, rope_parameters(config.hf_config))
 
+    def borrows_embedding(self) -> bool:
+        """Whether the head embeds with the target's embedding (its checkpoint has none)."""
+        return "embed_tokens" not in self._modules
+
+    def embed_with(self, embedding: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Embed with `embedding` instead of the target's: on a last pipeline stage, which does
+        not hold the target's, a copy of it (eagle_runner.stage_embedding)."""
+        self.__dict__["stage_embedding"] = embedding  # borrowed like the target: not the head's weights
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if "embed_tokens" in self._modules:
+        if not self.borrows_embedding():
             return self.embed_tokens(input_ids)
-        # the target's embedding; on a last pipeline stage without it, the copy the runner set
         return self.__dict__.get("stage_embedding", self.target.model.embed_tokens)(input_ids)
 
 
