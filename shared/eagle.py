@@ -3,9 +3,10 @@ against the target's at startup so a head that cannot serve this target fails be
 Nothing here imports torch; the heads are services/worker/models/eagle.py, their runner
 services/worker/eagle_runner.py.
 
-Supported: a Llama-family target (LLAMA_FAMILY), the head whole on each tensor-parallel rank (of the
-last pipeline stage, for "eagle": "eagle3" runs on one stage only), with or without async
-scheduling, a head checkpoint (safetensors or pytorch_model.bin) with the target's vocabulary:
+Supported: a Llama-family target (LLAMA_FAMILY), the head whole on each tensor-parallel rank of the
+last pipeline stage (an EAGLE-3 head's aux layers may lie on any stage: their states travel with
+the stages' activations), with or without async scheduling, a head checkpoint (safetensors or
+pytorch_model.bin) with the target's vocabulary:
 - "eagle" (EAGLE-1/2): config.json of a Llama with the target's hidden_size; `fc.weight` [h, 2h]
   (`fc.bias` optional) over concat(token embedding, the target's last hidden state after its final
   norm); decoder layers `layers.N.*` (layer 0's input_layernorm may be absent); no final norm;
@@ -60,16 +61,12 @@ def eagle_head_config(config: EngineConfig, weights: bool = True) -> ModelConfig
 
 def _check_setup(config: EngineConfig) -> None:
     """What the EAGLE runner does not do yet, refused at startup."""
-    method, p = config.speculative.method, config.parallel
+    method = config.speculative.method
     if config.model.architecture not in LLAMA_FAMILY:
         raise ValueError(f"speculative_config method {method!r} needs a Llama-family target ({', '.join(LLAMA_FAMILY)}),"
                          f" got {config.model.architecture}")
     if config.model.pooler is not None:
         raise ValueError("speculative decoding needs a generating model, not a pooling one")
-    if p.pipeline_parallel_size > 1 and method == "eagle3":
-        raise ValueError("speculative_config method 'eagle3' does not run over pipeline stages yet (its head reads "
-                         "hidden states of layers on several stages): use pipeline_parallel_size 1, or method "
-                         "eagle or draft_model")
     if config.speculative.draft_tensor_parallel_size not in (None, 1):
         raise ValueError(f"speculative_config draft_tensor_parallel_size must be 1 for method {method!r}")
 

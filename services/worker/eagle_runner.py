@@ -2,15 +2,16 @@
 step, on the draft model's machinery (draft_runner.py): its own paged KV cache under the target's
 block ids plus scratch blocks, drafting with each request's sampling parameters, the drafts'
 q kept for rejection sampling, with async scheduling too (proposals.py). What it can run on is in
-shared/eagle.py (a Llama-family target; EAGLE-3 on one pipeline stage; an EAGLE-3 target's decode
-steps run without CUDA graphs, which do not keep the aux states; the one-call CPU decode step
-keeps them). Under tensor parallelism the head runs whole on each rank (its KV too), borrowing the
-target's sharded embedding and LM head (whose collectives every rank calls alike, as every rank
-drafts alike from the same tokens; see draft_runner.py on ranks drawing the same drafts). Under
-pipeline parallelism an EAGLE-1 head runs on the last stage, which samples and holds the final
-hidden states, and its drafts go back to the engine as a draft model's do; the token embedding
-lives on the first stage, so the last stage embeds with a tied target's LM head or loads a whole
-copy of the target's embedding (stage_embedding).
+shared/eagle.py (a Llama-family target; an EAGLE-3 target's decode steps run without CUDA graphs,
+which do not keep the aux states; the one-call CPU decode step keeps them). Under tensor
+parallelism the head runs whole on each rank (its KV too), borrowing the target's sharded embedding
+and LM head (whose collectives every rank calls alike, as every rank drafts alike from the same
+tokens; see draft_runner.py on ranks drawing the same drafts). Under pipeline parallelism the head
+runs on the last stage, which samples and holds the final hidden states, and its drafts go back to
+the engine as a draft model's do; the token embedding lives on the first stage, so the last stage
+embeds with a tied target's LM head or loads a whole copy of the target's embedding
+(stage_embedding). An EAGLE-3 head's aux layers may lie on any stage: each stage keeps the states
+entering its own and sends them on with its activations (pipeline.py), so the last stage has all.
 
 A head's position p reads token p + 1 and the target's hidden state of position p (EAGLE-1: the
 last layer's after the final norm; EAGLE-3: the three aux layers' inputs, through fc). The target's
@@ -60,6 +61,8 @@ def create_drafter(config: EngineConfig, dtype: torch.dtype, device: torch.devic
     """The runner of the model that drafts on this rank: an EAGLE head's, a draft model's
     (DraftRunner.create), or None."""
     spec, p = config.speculative, config.parallel
+    if spec is not None and spec.method == "eagle3":  # every stage keeps the states entering its aux layers
+        target.set_aux_hidden_layers(aux_layer_ids(draft_model_config(config).hf_config, config.model.num_layers))
     if spec is not None and spec.method in EAGLE_METHODS:  # on the last pipeline stage, which samples
         return EagleRunner(config, dtype, device, backend, target) if p.pp_rank == p.pipeline_parallel_size - 1 else None
     return DraftRunner.create(config, dtype, device, backend)
@@ -81,8 +84,6 @@ class EagleRunner(DraftRunner):
             self.model = build_head(head_config, config.speculative.method, target, dtype, device)
             if self.model.borrows_embedding() and isinstance(target.model.embed_tokens, MissingLayer):
                 self.model.embed_with(stage_embedding(config, target, dtype, device))
-        if isinstance(self.model, Eagle3Head):
-            target.set_aux_hidden_layers(aux_layer_ids(head_config.hf_config, config.model.num_layers))
         log.info("%s head %s: %d tokens drafted per step", config.speculative.method, head_config.path, self.k)
 
     def _propose(self, plan: StepPlan, table: RequestTable, samplers: set[str], inputs: StepInputs,
@@ -90,7 +91,7 @@ class EagleRunner(DraftRunner):
         rows, index = self._step_rows(plan, table, samplers, inputs)
         if not rows:
             return {}
-        if isinstance(self.model, Eagle3Head):
+        if isinstance(self.model, Eagle3Head):  # the aux layers' states, in aux_layer_ids' order (create_drafter)
             hidden = torch.cat(self.target.model.aux_hidden, dim=-1)
         out, fed = self._forward(rows, [(r.start, r.end) for r in rows], self.model.combine(hidden[index]))
         last = np.cumsum([r.end - r.start for r in rows]) - 1

@@ -28,6 +28,7 @@ from services.worker.forward_context import ForwardContext, set_forward_context
 from services.worker.kv_cache import allocate_kv_cache, cache_bytes
 from services.worker.layers.attention_backend import AttentionBackend, CommonAttentionMetadata
 from services.worker.layers.sampler import Sampler, SamplingMetadata, SamplingState
+from services.worker.pipeline import Intermediate
 from shared.config import EngineConfig
 from shared.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -119,7 +120,8 @@ def profile_step(
             hidden = model(input_ids, positions)
         else:  # a later pipeline stage starts from the previous one's activations
             zeros = torch.zeros(num_tokens, config.model.hidden_size, dtype=dtype, device=device)
-            hidden = model(input_ids, positions, (zeros, zeros))
+            aux = dict.fromkeys(model.aux_layers_received(), zeros)  # an EAGLE-3 head's states of earlier stages
+            hidden = model(input_ids, positions, Intermediate(zeros, zeros, aux))
     if pp_rank() != pp_size() - 1:  # only the last stage computes logits and samples
         return cache_bytes(kv_caches)
     rows = min(s.max_num_seqs, num_tokens)

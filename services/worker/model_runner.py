@@ -27,7 +27,7 @@ from services.worker.loader import build_model, resolve_dtype
 from services.worker.lora.layer import LoRAMapping
 from services.worker.lora.manager import LoRAManager, prepare_adapters
 from services.worker.memory_profiler import MemoryProfile, profile_cuda_memory
-from services.worker.pipeline import Outcome, StageLink
+from services.worker.pipeline import Activations, Intermediate, Outcome, StageLink
 from services.worker.pooler import Pooler
 from services.worker.proposals import WorkerProposer
 from services.worker.quant.kv_fp8 import check_kv_cache_dtype, kv_cache_torch_dtype
@@ -147,10 +147,9 @@ class ModelRunner:
         """The step's forward, and on the last pipeline stage its sampling and result."""
         if self.stage is not None and not self.stage.last:
             return self._pass_on(plan, inputs, lora)
-        hidden = self._forward(inputs, lora)
         states = inputs.sampling_requests
         try:
-            return self._finish(plan, inputs, hidden, start)
+            return self._finish(plan, inputs, self._forward(plan.step_id, inputs, lora), start)
         except Exception:  # the earlier stages still wait for this step's outcome
             if self.stage is not None and states:
                 self.stage.send_outcome(Outcome(plan.step_id, [], [], {s.req_id: "the step failed" for s in states}))
@@ -192,13 +191,11 @@ class ModelRunner:
         """An earlier pipeline stage: send the activations on; the sampled tokens come later."""
         self.stage.expect(plan.step_id, [s.req_id for s in inputs.sampling_requests])
         try:
-            hidden, residual = self._forward(inputs, lora)
-        except Exception:  # the next stage waits for this step: NaNs make the last stage fail its samplers
-            nan = torch.full((len(inputs.input_ids), self.config.model.hidden_size), float("nan"), dtype=self.dtype,
-                             device=self.device)
-            self.stage.send_activations(nan, nan)
+            out = self._forward(plan.step_id, inputs, lora)
+        except Exception:  # the next stage waits for this step: it fails the step too
+            self.stage.send_failure(plan.step_id)
             raise
-        self.stage.send_activations(hidden, residual)
+        self.stage.send_activations(plan.step_id, out)
         self.table.advance(plan)
         return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
 
@@ -225,9 +222,10 @@ class ModelRunner:
                 if req_id not in self.table.failed:
                     self.table.fail(req_id, message)
 
-    def _forward(self, inputs: StepInputs, lora: LoRAMapping | None = None) -> torch.Tensor:
-        """Hidden states of the step's tokens: a decode graph's replay when one covers the step
-        (graphs run the base model only: a step with adapters runs eagerly)."""
+    def _forward(self, step_id: int, inputs: StepInputs, lora: LoRAMapping | None = None) -> torch.Tensor | Intermediate:
+        """Hidden states of the step's tokens (an earlier pipeline stage's: what it hands the next):
+        a decode graph's replay when one covers the step (graphs run the base model only: a step
+        with adapters runs eagerly)."""
         if self.decode_graphs is not None and lora is None:
             hidden = self.decode_graphs.run(inputs)
             if hidden is not None:
@@ -241,8 +239,8 @@ class ModelRunner:
         with set_forward_context(ctx):
             if self.stage is None or self.stage.first:
                 return self.model(inputs.input_ids, inputs.positions)
-            hidden_size = self.config.model.hidden_size
-            intermediate = self.stage.recv_activations(len(inputs.input_ids), hidden_size, self.dtype)
+            expected = Activations(step_id, len(inputs.input_ids), self.model.aux_layers_received())
+            intermediate = self.stage.recv_activations(expected, self.config.model.hidden_size, self.dtype)
             return self.model(inputs.input_ids, inputs.positions, intermediate)
 
     def _sync(self) -> None:

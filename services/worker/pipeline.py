@@ -1,10 +1,12 @@
 """Pipeline parallelism: which layers a stage holds, and what travels between stages.
 
 Each stage holds a contiguous share of the decoder layers (the first also the embedding, the last
-also the final norm and LM head) and only their KV cache. A step's activations (hidden states and
-the residual stream) go from each rank to the same tensor-parallel rank of the next stage; the
-last stage samples, answers the engine and sends each step's outcome (the sampled tokens and the
-requests that failed) back to the earlier stages, which need the tokens as the next inputs.
+also the final norm and LM head) and only their KV cache. A step's activations (hidden states,
+the residual stream, and the hidden states entering the aux layers run so far, which an EAGLE-3
+head on the last stage reads) go from each rank to the same tensor-parallel rank of the next stage,
+after a header (Activations) that the receiver checks against the step it runs; the last stage
+samples, answers the engine and sends each step's outcome (the sampled tokens and the requests that
+failed) back to the earlier stages, which need the tokens as the next inputs.
 
 The sends are asynchronous, so an earlier stage goes on to the engine's next plan while later
 stages still compute; an earlier stage reads a step's outcome only when a plan touches one of the
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 import torch
@@ -25,8 +28,8 @@ from torch import nn
 from shared.config import ParallelConfig
 from shared.protocol import StepPlan
 
-Intermediate = tuple[torch.Tensor, torch.Tensor]  # (hidden, residual) between stages
 _ACTIVATIONS, _OUTCOME = 1, 2  # message tags: the two directions between a pair of ranks
+_Message = TypeVar("_Message", bound=msgspec.Struct)
 
 
 def stage_layers(num_layers: int, stage: int, stages: int) -> range:
@@ -55,6 +58,25 @@ def on_another_stage(model: nn.Module, name: str) -> bool:
         if isinstance(module, MissingLayer):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Intermediate:
+    """What a stage hands the next for a step's T tokens, each tensor [T, hidden_size]."""
+
+    hidden: torch.Tensor
+    residual: torch.Tensor
+    aux: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> the hidden states entering it
+
+
+class Activations(msgspec.Struct, array_like=True):
+    """The header of a step's activations: 2 + len(aux_layers) tensors [num_tokens, hidden_size]
+    follow (hidden, residual, then the states entering each aux layer, ascending), none if failed."""
+
+    step_id: int
+    num_tokens: int
+    aux_layers: list[int]
+    failed: bool = False  # the sending stage failed the step
 
 
 class Outcome(msgspec.Struct, array_like=True):
@@ -96,29 +118,47 @@ class StageLink:
         self.sends = [(w, t) for w, t in self.sends if not w.is_completed()]
         self.sends.append((dist.isend(tensor.contiguous(), dst, tag=tag), tensor))
 
-    def send_activations(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        for tensor in (hidden, residual):
+    def send_activations(self, step_id: int, out: Intermediate) -> None:
+        layers = sorted(out.aux)
+        self._send_message(Activations(step_id, len(out.hidden), layers), [self.next], _ACTIVATIONS)
+        for tensor in (out.hidden, out.residual, *(out.aux[i] for i in layers)):
             self._isend(tensor, self.next, _ACTIVATIONS)
 
-    def recv_activations(self, num_tokens: int, hidden_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        out = tuple(torch.empty(num_tokens, hidden_size, dtype=dtype, device=self.device) for _ in range(2))
+    def send_failure(self, step_id: int) -> None:
+        """This stage failed the step: the next one fails it too, instead of waiting for activations."""
+        self._send_message(Activations(step_id, 0, [], failed=True), [self.next], _ACTIVATIONS)
+
+    def recv_activations(self, expected: Activations, hidden_size: int, dtype: torch.dtype) -> Intermediate:
+        """The previous stage's activations for the step that ``expected`` describes; RuntimeError
+        when that stage failed the step or sent another step, token count or set of aux layers."""
+        header = self._recv_message(self.prev, _ACTIVATIONS, Activations)
+        if header.failed:
+            raise RuntimeError(f"the previous pipeline stage failed step {header.step_id}")
+        if header != expected:
+            raise RuntimeError(f"pipeline out of step: activations {header}, expected {expected}")
+        out = [torch.empty(expected.num_tokens, hidden_size, dtype=dtype, device=self.device)
+               for _ in range(2 + len(expected.aux_layers))]
         for tensor in out:
             self._recv(tensor, self.prev, _ACTIVATIONS)
-        return out
+        return Intermediate(out[0], out[1], dict(zip(expected.aux_layers, out[2:])))
 
     def send_outcome(self, outcome: Outcome) -> None:
-        payload = torch.frombuffer(bytearray(msgspec.msgpack.encode(outcome)), dtype=torch.uint8).to(self.device)
-        size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
-        for rank in self.earlier:
-            self._isend(size, rank, _OUTCOME)
-            self._isend(payload, rank, _OUTCOME)
+        self._send_message(outcome, self.earlier, _OUTCOME)
 
-    def _recv_outcome(self) -> Outcome:
+    def _send_message(self, message: msgspec.Struct, ranks: list[int], tag: int) -> None:
+        payload = torch.frombuffer(bytearray(msgspec.msgpack.encode(message)), dtype=torch.uint8).to(self.device)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        for rank in ranks:
+            self._isend(size, rank, tag)
+            self._isend(payload, rank, tag)
+
+    def _recv_message(self, src: int, tag: int, kind: type[_Message]) -> _Message:
+        """One message of ``kind`` (msgspec checks its fields' types on decode)."""
         size = torch.empty(1, dtype=torch.int64, device=self.device)
-        self._recv(size, self.source, _OUTCOME)
+        self._recv(size, src, tag)
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        self._recv(payload, self.source, _OUTCOME)
-        return msgspec.msgpack.decode(payload.cpu().numpy().tobytes(), type=Outcome)
+        self._recv(payload, src, tag)
+        return msgspec.msgpack.decode(payload.cpu().numpy().tobytes(), type=kind)
 
     def expect(self, step_id: int, req_ids: list[str]) -> None:
         """An earlier stage ran a step in which these requests sample: its outcome will come."""
@@ -135,7 +175,7 @@ class StageLink:
     def take(self) -> Outcome:
         """The oldest pending step's outcome (waits for it)."""
         expected = self.pending.popleft()
-        outcome = self._recv_outcome()
+        outcome = self._recv_message(self.source, _OUTCOME, Outcome)
         if outcome.step_id != expected.step_id:
             raise RuntimeError(f"pipeline out of step: outcome of step {outcome.step_id}, "
                                f"expected {expected.step_id}")

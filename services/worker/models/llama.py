@@ -101,8 +101,9 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm: input ids [T] -> hidden states [T, hidden_size].
-    A pipeline stage holds only its share of the layers (pipeline.py): an earlier stage returns
-    (hidden, residual) for the next, a later one starts from those."""
+    A pipeline stage holds only its share of the layers (pipeline.py): an earlier stage returns an
+    Intermediate for the next (hidden, residual, and the states entering the aux layers so far), a
+    later one starts from it; the last stage's aux_hidden then holds every aux layer's."""
 
     def __init__(self, config: ModelConfig, arch: type[LlamaForCausalLM]):
         super().__init__()
@@ -130,19 +131,19 @@ class LlamaModel(nn.Module):
             if self.embed_scale is not None:
                 hidden = hidden * torch.tensor(self.embed_scale, dtype=hidden.dtype)
         else:
-            hidden, residual = intermediate
+            hidden, residual = intermediate.hidden, intermediate.residual
         fused = llama_decode_cpu.run(self, positions, hidden) if residual is None else None
-        if fused is not None:  # a float32 CPU decode step: every layer in one C call (aux_hidden too)
+        if fused is not None:  # a float32 CPU decode step, one stage: every layer in one C call (aux_hidden too)
             hidden, residual = fused
         else:
-            aux = {}
+            aux = {} if intermediate is None else dict(intermediate.aux)  # those of earlier stages' layers
             for i in self.stage_layers:
                 if i in self.aux_layers:  # the residual stream entering layer i
                     aux[i] = hidden if residual is None else hidden + residual
                 hidden, residual = self.layers[i](positions, hidden, residual)
+            if not self.last:
+                return Intermediate(hidden, residual, aux)
             self.aux_hidden = [aux[i] for i in self.aux_layers]
-        if not self.last:
-            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -201,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Intermediate | None = None
     ) -> torch.Tensor | Intermediate:
         """input_ids, positions [T] -> hidden states [T, hidden_size]; with pipeline stages, an
-        earlier stage's (hidden, residual) -> this stage's (the last stage's: hidden states)."""
+        earlier stage's Intermediate -> this stage's (the last stage's: hidden states)."""
         return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -212,6 +213,11 @@ class LlamaForCausalLM(nn.Module):
         """Keep, after each forward, the hidden states entering these layers (model.aux_hidden,
         for an EAGLE-3 head)."""
         self.model.aux_layers = tuple(layers)
+
+    def aux_layers_received(self) -> list[int]:
+        """The aux layers of earlier pipeline stages, ascending and each once: the states entering
+        them come with the previous stage's activations (pipeline.py)."""
+        return sorted({i for i in self.model.aux_layers if i < self.model.stage_layers.start})
 
 
 class MistralForCausalLM(LlamaForCausalLM):
