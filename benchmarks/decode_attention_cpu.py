@@ -1,14 +1,15 @@
 """The CPU paged decode attention kernel (kernels/paged_decode_cpu.c) against its version at a git
 revision, on one decode step of a smol135-shaped model.
 
-    python benchmarks/decode_attention_cpu.py --baseline-rev HEAD~1 [--batch 16] [--context 256]
+    python benchmarks/decode_attention_cpu.py --baseline-rev HEAD~1 [--batch 16] [--context 256] [--query-len 1]
 
 Both sources are compiled the same way (kernels/cpu_build.py) and called as their revision's
 paged_decode_cpu.py called them: one call that threads itself, or (before kernels/cpu_pool.h)
 the batch split over a Python thread pool, one ctypes call per slice. They alternate round by round;
 every layer has its own cache, as in a real step, so the keys and values come from memory. Prints the median time
-of each for all layers, their ratio, the bytes of cache read per second, and the largest difference
-between their outputs, then one JSON object.
+of each for all layers, their ratio, the bytes of cache read per second (with --query-len Q > 1, each
+request's last Q tokens as query rows, a prompt chunk's: the GFLOP/s of its causal attention), and
+the largest difference between their outputs, then one JSON object.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--baseline-rev", required=True)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=256, help="tokens of context per request")
+    parser.add_argument("--query-len", type=int, default=1, help="query rows per request (its last tokens)")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
@@ -60,8 +62,9 @@ def main() -> None:
     blocks_per_seq = -(-args.context // block)
     caches = [torch.randn(2, args.batch * blocks_per_seq + 1, block, kv_heads, dim) for _ in range(args.layers)]
     table = (torch.randperm(args.batch * blocks_per_seq) + 1).view(args.batch, blocks_per_seq).long()
-    seq_lens = torch.full((args.batch,), args.context, dtype=torch.long)
-    q = torch.randn(args.batch, heads, dim)
+    table_rows = torch.arange(args.batch).repeat_interleave(args.query_len)
+    seq_lens = (args.context - args.query_len + 1 + torch.arange(args.query_len)).repeat(args.batch)
+    q = torch.randn(args.batch * args.query_len, heads, dim)
     threads = cpu_build.threads()
     pool = ThreadPoolExecutor(threads)
     # the scratch of a version whose caller split the batch, per slice (older ones kept every head's scores)
@@ -78,10 +81,11 @@ def main() -> None:
 
         def layer(name: str, cache: torch.Tensor, out: torch.Tensor) -> None:
             lib, split, rows = libs[name]
+            assert rows or args.query_len == 1, "query rows need a kernel that takes table_rows"
             head = (q.data_ptr(), cache[0].data_ptr(), cache[1].data_ptr(), table.data_ptr(),
-                    *((None,) if rows else ()), seq_lens.data_ptr(), out.data_ptr())
+                    *((table_rows.data_ptr(),) if rows else ()), seq_lens.data_ptr(), out.data_ptr())
             if not split:
-                lib.paged_decode(*head, args.batch, table.shape[1], heads, kv_heads, dim, block, dim**-0.5, 0, 1.0,
+                lib.paged_decode(*head, q.shape[0], table.shape[1], heads, kv_heads, dim, block, dim**-0.5, 0, 1.0,
                                  1.0, threads)
                 return
             parts = max(1, min(threads, args.batch))
@@ -106,10 +110,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     diff = max((a - b).abs().max().item() for a, b in zip(outs["current"], outs["baseline"]))
     cur, base = statistics.median(times["current"]), statistics.median(times["baseline"])
-    nbytes = 2 * args.layers * args.batch * args.context * kv_heads * dim * 4
-    print(f"{args.layers} layers, {args.batch} requests x {args.context} tokens: current {cur * 1e3:.1f} ms "
-          f"({nbytes / cur / 1e9:.1f} GB/s), {args.baseline_rev} {base * 1e3:.1f} ms ({nbytes / base / 1e9:.1f} GB/s), "
-          f"ratio {base / cur:.2f}, max abs diff {diff:.1e}")
+    if args.query_len == 1:
+        amount, unit = 2 * args.layers * args.batch * args.context * kv_heads * dim * 4, "GB/s"
+    else:
+        amount, unit = 4 * args.layers * int(seq_lens.sum()) * heads * dim, "GFLOP/s"
+    print(f"{args.layers} layers, {args.batch} requests x {args.context} tokens, {args.query_len} query rows each: "
+          f"current {cur * 1e3:.1f} ms ({amount / cur / 1e9:.1f} {unit}), {args.baseline_rev} {base * 1e3:.1f} ms "
+          f"({amount / base / 1e9:.1f} {unit}), ratio {base / cur:.2f}, max abs diff {diff:.1e}")
     print(json.dumps({"benchmark": "decode_attention_cpu", "baseline_rev": args.baseline_rev, "current_ms": cur * 1e3,
                       "baseline_ms": base * 1e3, "ratio": base / cur, "max_abs_diff": diff}))
 

@@ -58,18 +58,24 @@ static inline __attribute__((always_inline)) const float *block_rows(const void 
 
 /* Reading ahead: the blocks a call of decode_items reads, in order (each work item's key blocks,
  * then its value blocks), with a cursor AHEAD_BYTES in front of the block being computed. Each
- * block computed moves the cursor on by as many bytes, prefetching the rows it passes into L2. A
- * block's rows sit at pages of their own, where the hardware prefetcher starts over, so without
- * this each block waits for memory. Into L2, not L1: prefetches into L1 stall on L1's few
- * outstanding misses. Measured on a 2-core AMD EPYC, float32, every layer's cache from memory
- * (benchmarks/decode_attention_cpu.py), against the next block prefetched into L1: 1.19x at 64
- * requests x 320 tokens, 1.15x at 128 x 256, 1.30x at 16 x 1024, 1.58x at 4 x 2048; 32 KB and
- * 128 KB ahead did no better than 64. */
+ * block computed moves the cursor on by as many bytes, a share at a time as its rows (or one row's
+ * heads) are computed, prefetching the lines it passes into L2, one line per 64 bytes. A block's
+ * rows sit at pages of their own, where the hardware prefetcher starts over, so without this each
+ * block waits for memory. Into L2, not L1: prefetches into L1 stall on L1's few outstanding
+ * misses. In shares, not a block at a time: a block's 192 prefetches in a row stalled the same way
+ * until memory answered, so the block's compute and the reads ahead ran one after the other.
+ * Measured on a 2-core AMD EPYC, float32, every layer's cache from memory
+ * (benchmarks/decode_attention_cpu.py): a block at a time, against the next block into L1, 1.19x
+ * at 64 requests x 320 tokens, 1.15x at 128 x 256, 1.30x at 16 x 1024, 1.58x at 4 x 2048; in
+ * shares, against a block at a time, 1.6x at 64 x 320 and 128 x 256, 1.6x at 16 x 1024, 1.2x at
+ * 4 x 2048 (about 24 GB/s, a plain read of the same blocks' rate). 16 KB to 128 KB ahead did
+ * about as well as 64. */
 #define AHEAD_BYTES (64 * 1024)
 struct decode_args;
 struct ahead {
     const struct decode_args *a;
     int64_t item, hi, pass, blk, nblk, head; /* at block blk of pass (0 keys, 1 values) of item */
+    int64_t line; /* the next line of block blk to prefetch: row line / per_row, line % per_row within it */
     const int64_t *table;
     int64_t owed; /* bytes the cursor still has to move on */
 };
@@ -93,10 +99,14 @@ static inline __attribute__((always_inline)) void scores_fixed(const float *q, i
         const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        ahead_move(c, n * nkv * DIM * ESIZE(FMT));
+        /* the block's share of reading ahead, spread over its rows (one row: its heads) */
+        const int64_t share = n * nkv * DIM * ESIZE(FMT) / (R > 1 ? R : nkv * G) + 1;
         for (int64_t r = 0; r < R; r++) {
             const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
-            for (int64_t h = 0; h < nkv * G && nr > 0; h++) {
+            if (R > 1) ahead_move(c, share);
+            for (int64_t h = 0; h < nkv * G; h++) {
+                if (R == 1) ahead_move(c, share);
+                if (nr <= 0) continue;
                 const float *k = rows + h / G * DIM, *qh = q + r * qstride + h * DIM;
                 float *sc = scores + (r * nkv * G + h) * Smax + s0;
                 int64_t i = 0;
@@ -132,10 +142,14 @@ static inline __attribute__((always_inline)) void values_fixed(const float *p, c
         const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        ahead_move(ahead, n * nkv * DIM * ESIZE(FMT));
+        /* the block's share of reading ahead, spread over its rows (one row: its heads) */
+        const int64_t share = n * nkv * DIM * ESIZE(FMT) / (R > 1 ? R : nkv * G) + 1;
         for (int64_t r = 0; r < R; r++) {
             const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
-            for (int64_t h = 0; h < nkv * G && nr > 0; h++)
+            if (R > 1) ahead_move(ahead, share);
+            for (int64_t h = 0; h < nkv * G; h++) {
+                if (R == 1) ahead_move(ahead, share);
+                if (nr <= 0) continue;
                 for (int c = 0; c < DIM; c += 64) {
                     const float *v = rows + h / G * DIM + c, *ph = p + (r * nkv * G + h) * Smax + s0;
                     float *oh = out + r * ostride + h * DIM + c;
@@ -145,6 +159,7 @@ static inline __attribute__((always_inline)) void values_fixed(const float *p, c
                         for (int j = 0; j < 8; j++) o[j] += ph[i] * load8(v + i * stride + 8 * j);
                     for (int j = 0; j < 8; j++) store8(oh + 8 * j, o[j]);
                 }
+            }
         }
     }
 }
@@ -268,13 +283,14 @@ static void ahead_enter(struct ahead *c) {
     c->nblk = (tile_len(a, t) + a->bs - 1) / a->bs;
     c->head = c->item % per * a->nkv * a->D;
     c->blk = 0;
+    c->line = 0;
 }
 
-/* Move the cursor on by `bytes` (whole blocks' rows, as it reaches them), prefetching each
- * block's rows of the item's KV heads into L2. */
+/* Move the cursor on by `bytes`, prefetching into L2 a line of the item's KV heads' rows for each
+ * 64 bytes. */
 static void ahead_move(struct ahead *c, int64_t bytes) {
     const struct decode_args *a = c->a;
-    const int64_t row = a->Hkv * a->D, esize = a->esize, width = a->nkv * a->D * esize;
+    const int64_t row = a->Hkv * a->D, esize = a->esize, width = a->nkv * a->D * esize, per_row = (width + 63) / 64;
     for (c->owed += bytes; c->owed > 0 && c->item < c->hi;) {
         if (c->blk == c->nblk) { /* the item's pass is done: its values next, or the next item */
             c->pass ^= 1;
@@ -284,10 +300,13 @@ static void ahead_move(struct ahead *c, int64_t bytes) {
         }
         const char *cache = c->pass ? a->v_cache : a->k_cache;
         const char *block = cache + (c->table[c->blk] * a->bs * row + c->head) * esize;
-        for (int64_t i = 0; i < a->bs; i++)
-            for (int64_t j = 0; j < width; j += 64) __builtin_prefetch(block + i * row * esize + j, 0, 1);
-        c->owed -= a->bs * width;
-        c->blk++;
+        const int64_t i = c->line / per_row, j = c->line % per_row;
+        __builtin_prefetch(block + i * row * esize + j * 64, 0, 1);
+        c->owed -= 64;
+        if (++c->line == a->bs * per_row) {
+            c->line = 0;
+            c->blk++;
+        }
     }
 }
 
