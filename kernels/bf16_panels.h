@@ -2,7 +2,7 @@
  *
  * vdpbf16ps multiplies 16 pairs of bfloat16s and adds each pair's two products into one float32
  * lane: 32 multiply-adds per instruction, twice what float32 FMAs do in the same time. So, from
- * PACK_ROWS rows on, x is rounded to bfloat16 (to nearest even, as torch's bfloat16 layers have
+ * BF16_PACK_ROWS rows on, x is rounded to bfloat16 (to nearest even, as torch's bfloat16 layers have
  * it already) and multiplied against packed panels of weight pairs; the sums stay float32.
  * A panel holds 16 weight rows by KC pairs of K: p[kk][j] = (w[n0 + j, 2 kk], w[n0 + j, 2 kk + 1]),
  * one 32-bit pair per lane, built by f32_linear_cpu.c's pack over 32-bit elements (panel_rows).

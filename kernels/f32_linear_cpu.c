@@ -3,14 +3,18 @@
  * A decode step multiplies tens of rows by every weight, once. BLAS sgemm, tuned for large
  * matrices, loses time at these shapes; here the weights are read from memory once per call, in
  * one of two ways:
- * - Up to PACK_ROWS rows, dot products: each block of 3 weight rows is read once and used for
+ * - Below PACK_ROWS rows, dot products: each block of 3 weight rows is read once and used for
  *   every row of x, 4 rows at a time. 4 x 3 accumulators, 3 weight vectors and one x vector fill
  *   AVX2's 16 registers exactly; the block after next is prefetched while the first rows use it.
  * - From PACK_ROWS rows on, outer products: 16 weight rows by KC columns are transposed into a
  *   packed panel (16 KB, held in L1), and each 6-row tile of x runs 6 x 16 multiply-adds per
  *   column of the panel, accumulating into y panel by panel. The dot products' x rows outgrow L1
- *   there and every tile re-reads them from L2; measured single-threaded with smol135's weight
- *   shapes, the packed path ran 1.2x the dot products at 32 rows and 1.8x at 128.
+ *   there and every tile re-reads them from L2. Where they cross over depends on the registers:
+ *   over smol135's weight shapes from memory on a 2-core AMD EPYC (benchmarks/linear_cpu.py's
+ *   shapes, both threads), built for AVX512 the dot products ran 1.30x the panels at 16 rows,
+ *   1.06x at 32 and 1.02x at 36, the panels 1.10x them at 40 and 1.06x at 64; built for AVX2 on
+ *   the same CPU, the dot products 1.20x at 16 and 1.03x at 24, the panels 1.06x at 32. bfloat16
+ *   weights with AVX512-BF16 take the panels from BF16_PACK_ROWS (1.4x the dot products at 16).
  * Built and called by f32_linear_cpu.py; its torch reference is F.linear.
  *
  * x [M, K] float32; w [N, K] float32 (f32_linear) or bfloat16 (bf16_linear: half the bytes to
@@ -27,7 +31,12 @@
 #include "widen.h"
 #include "bf16_panels.h"
 
-#define PACK_ROWS 16 /* from this many rows of x on, the packed path */
+#if defined(__AVX512F__) /* from this many rows of x on, the packed path (see above) */
+#define PACK_ROWS 36
+#else
+#define PACK_ROWS 24
+#endif
+#define BF16_PACK_ROWS 16 /* the same, for bfloat16 weights on AVX512-BF16 panels */
 #define PANEL 16     /* weight rows in a packed panel: two vectors wide */
 #define KC 256       /* columns of K in a packed panel */
 
@@ -166,10 +175,11 @@ struct linear_args {
     float *y;
     int64_t M, K, N;
     const uint32_t *xb; /* x as bfloat16 pairs where bfloat16 weights take the AVX512-BF16 panels, else NULL */
+    int panels;         /* packed panels (else dot products) */
 };
 
-/* Output columns [lo, hi): packed panels of 16 weight rows (from PACK_ROWS rows of x on), then
- * blocks of 3, then single rows. */
+/* Output columns [lo, hi): packed panels of 16 weight rows (a->panels), then blocks of 3, then
+ * single rows. */
 static inline __attribute__((always_inline)) void columns(const struct linear_args *a, int64_t lo, int64_t hi,
                                                           const int wf) {
     const float *x = a->x, *bias = a->bias;
@@ -177,7 +187,7 @@ static inline __attribute__((always_inline)) void columns(const struct linear_ar
     float *y = a->y;
     const int64_t M = a->M, K = a->K, N = a->N;
     int64_t n = lo;
-    if (M >= PACK_ROWS)
+    if (a->panels)
         for (; n + PANEL <= hi; n += PANEL) panel_rows(x, a->xb, w, bias, y, M, K, N, n, wf);
     for (; n + 3 <= hi; n += 3) ALL_ROWS(3);
     for (; n < hi; n++) ALL_ROWS(1);
@@ -188,9 +198,10 @@ static void columns_bf16(void *ctx, int64_t lo, int64_t hi) { columns(ctx, lo, h
 /* y = x w^T (+ bias) for weights of format wf (F32 or BF16). */
 static void linear_any(const float *x, const void *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
                        int64_t threads, int wf) {
-    struct linear_args a = {x, bias, w, y, M, K, N, NULL};
+    const int bf16_dots = BF16_PANELS && wf == BF16 && K % 16 == 0; /* pack's 8 x 8 blocks of pairs */
+    struct linear_args a = {x, bias, w, y, M, K, N, NULL, M >= (bf16_dots ? BF16_PACK_ROWS : PACK_ROWS)};
     uint32_t *xb = NULL;
-    if (BF16_PANELS && wf == BF16 && M >= PACK_ROWS && K % 16 == 0) { /* pack's 8 x 8 blocks of pairs */
+    if (bf16_dots && a.panels) {
         xb = malloc((size_t)(M * K / 2) * sizeof(uint32_t));
         if (!xb) abort();
 #if BF16_PANELS
@@ -198,7 +209,7 @@ static void linear_any(const float *x, const void *w, const float *bias, float *
 #endif
         a.xb = xb;
     }
-    parallel_for(N, pool_chunk(N, threads, M >= PACK_ROWS ? PANEL : 3), threads, wf == BF16 ? columns_bf16 : columns_f32,
+    parallel_for(N, pool_chunk(N, threads, a.panels ? PANEL : 3), threads, wf == BF16 ? columns_bf16 : columns_f32,
                  &a);
     free(xb);
 }

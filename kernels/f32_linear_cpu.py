@@ -5,7 +5,8 @@ for float32 or bfloat16 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for
 rows, and F.linear otherwise.
 Measured over smol135's weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core
 AMD EPYC where torch's sgemm is MKL's), the kernel's dot products ran 1.1-2.2x faster than F.linear
-at 4 to 16 rows, and its packed panels (from 16 rows) 1.0-1.5x oneDNN's matmul at 32 to 128 rows in
+at 4 to 16 rows, and its packed panels (from 36 rows built for AVX512, 24 for AVX2: where they
+overtake the dot products, f32_linear_cpu.c) 1.0-1.5x oneDNN's matmul at 32 to 128 rows in
 most runs (once 0.75x at 64: the machine's run-to-run noise); the one-call decode step built on them
 ran 1.5x the layers through oneDNN at 48 rows. oneDNN's blocking wins from a few hundred rows.
 MAX_ROWS 128: on a quiet 2-core AMD EPYC with AVX512-BF16, 112 requests decoding together (smol135,

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not f32_linear_cpu.available(), reason="no C compiler")
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 23, 64])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 23, 24, 35, 36, 40, 64])
 @pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 64), (13, 576), (1030, 96), (37, 520)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
