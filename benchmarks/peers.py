@@ -44,11 +44,11 @@ def requirements(dist: str, skip: list[str]) -> list[str]:
 
 
 def checkpoint(cache_dir: str | None) -> Path:
-    """The project's benchmark checkpoint (llama arch, smol135 shapes), built by throughput.py's
-    own code path (and kept in its cache by default) so every benchmark measures the same weights
-    and tokenizer."""
+    """The project's benchmark checkpoint (llama arch, smol135 shapes), built by checkpoints.py as
+    every benchmark's (and kept in its cache by default), so every benchmark measures the same
+    weights and tokenizer."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import DEFAULT_CACHE, resolve_model
+    from checkpoints import DEFAULT_CACHE, resolve_model
 
     cache = Path(cache_dir) if cache_dir else DEFAULT_CACHE
     ns = argparse.Namespace(model=None, arch="llama", demo_size="smol135", cache_dir=cache)

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import throughput
+from benchmarks import checkpoints, throughput
 from benchmarks.mfu import measure_gemm_peak
 
 CATEGORIES = ("gemm", "attention", "norm", "rotary", "activation", "embedding", "lm_head", "sampling")
@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model")
     p.add_argument("--demo-size", default="smol135")
     p.add_argument("--arch", default="llama")
-    p.add_argument("--cache-dir", type=Path, default=throughput.DEFAULT_CACHE)
+    p.add_argument("--cache-dir", type=Path, default=checkpoints.DEFAULT_CACHE)
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-len", type=int, nargs=2, default=(32, 512))
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_dir = throughput.resolve_model(args)
+    model_dir = checkpoints.resolve_model(args)
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     peak = measure_gemm_peak(args.gemm_size, 5)
     reqs = throughput.make_workload(args, vocab, args.num_prompts, args.seed)

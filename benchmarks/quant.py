@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.throughput import DEFAULT_CACHE, resolve_model
+from benchmarks.checkpoints import DEFAULT_CACHE, resolve_model
 from pagedserve import LLM, SamplingParams
 from pagedserve.bench.quality import quality
 

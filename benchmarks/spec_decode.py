@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.throughput import DEFAULT_CACHE, resolve_model
+from benchmarks.checkpoints import DEFAULT_CACHE, resolve_model
 from services.engine.core import EngineCore
 from shared.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from shared.sampling_params import SamplingParams

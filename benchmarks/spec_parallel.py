@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.checkpoints import resolve_model
 from benchmarks.spec_decode import add_workload_args, prompts, repeat_rate, sampling, spec_config, table
-from benchmarks.throughput import resolve_model
 
 METHODS = ("ngram", "suffix", "draft_model", "draft_model-whole")
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +24,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.checkpoints import DEFAULT_CACHE, resolve_model
 from benchmarks.hf_baseline import run_hf
 from benchmarks.mfu import count_parameters, measure_gemm_peak, mfu
 from pagedserve.bench.datasets import SampleRequest, uniform_requests
 from pagedserve.bench.offline import Timing, generate
-
-DEFAULT_CACHE = Path.home() / ".cache" / "pagedserve" / "models"
 
 
 @dataclass(frozen=True)
@@ -126,29 +123,6 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 # ----- model and workload -----------------------------------------------------------------------
-
-
-def resolve_model(args: argparse.Namespace) -> Path:
-    """The --model directory, or a cached random-weight demo checkpoint built on first use."""
-    if args.model:
-        from shared.checkpoint import resolve_model_path
-
-        return resolve_model_path(args.model)
-    target = args.cache_dir / f"{args.arch}-{args.demo_size}"
-    if (target / "config.json").is_file():
-        return target
-    from pagedserve.test_model import make_test_model
-
-    print(f"building {args.arch}-{args.demo_size} checkpoint in {target} ...", file=sys.stderr)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so an interrupted build never looks like a cached one.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        built = Path(make_test_model(staging / "model", args.arch, args.demo_size, seed=0))
-        built.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def make_workload(args: argparse.Namespace, vocab_size: int, num: int, seed: int) -> list[SampleRequest]:
