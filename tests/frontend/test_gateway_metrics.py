@@ -93,9 +93,15 @@ def _load(page: str, names: dict[str, str]) -> tuple[float, float, float]:
     return tuple(metric_value(page, names[k]) for k in ("waiting", "running", "kv"))
 
 
+def _idle(page: str) -> bool:
+    """The engine's gauges are on the page (a frontend exports none before its first Pong, which
+    comes an interval after it is ready) and show an idle engine."""
+    return f"{OURS['cache']}{{" in page and _load(page, OURS) == (0, 0, 0)
+
+
 def test_idle_engine_and_cache_info(gw):
     info = _model_info(gw)
-    _wait(lambda: all(_load(gw.metrics(f), OURS) == (0, 0, 0) for f in FRONTENDS), 10, "idle load never shown")
+    _wait(lambda: all(_idle(gw.metrics(f)) for f in FRONTENDS), 10, "idle load never shown")
     for fid in FRONTENDS:
         page = gw.metrics(fid)
         cache = metric_labels(page, OURS["cache"])
