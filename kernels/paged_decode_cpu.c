@@ -14,8 +14,9 @@
  * Speed: decode attention is bound by reading the cache. With enough rows to share out, a row's
  * blocks are read in order, each once for all its KV heads, and prefetched 64 KB ahead (reading
  * ahead, below); eight keys' dot products finish in one reduction, the softmax's exp is
- * vectorized, and the output heads stay in registers across a block's rows. Consecutive rows reading one table row (a prompt chunk's tokens) go in tiles of
- * TILE_ROWS, each block read once per tile: causal attention with no padding and no mask, faster
+ * vectorized, and the output heads stay in registers across a block's rows. Consecutive rows
+ * reading one table row (a prompt chunk's tokens) go in tiles of TILE_ROWS, each block read once
+ * per tile: causal attention with no padding and no mask, faster
  * than SDPA's masked batch on CPU for short contexts (attention_torch.py sends chunks of long ones,
  * whose scores outgrow the caches here, to SDPA).
  * Head dims of 64 and 128 get fixed-size copies of the loops, one per cache format.
@@ -67,9 +68,8 @@ static inline __attribute__((always_inline)) const float *block_rows(const void 
  * Measured on a 2-core AMD EPYC, float32, every layer's cache from memory
  * (benchmarks/decode_attention_cpu.py): a block at a time, against the next block into L1, 1.19x
  * at 64 requests x 320 tokens, 1.15x at 128 x 256, 1.30x at 16 x 1024, 1.58x at 4 x 2048; in
- * shares, against a block at a time, 1.6x at 64 x 320 and 128 x 256, 1.6x at 16 x 1024, 1.2x at
- * 4 x 2048 (about 24 GB/s, a plain read of the same blocks' rate). 16 KB to 128 KB ahead did
- * about as well as 64. */
+ * shares, against a block at a time, 1.45x at 64 x 320 and 1.41x at 16 x 1024 (about 21 GB/s,
+ * near a plain read of the same random blocks). 16 KB to 128 KB ahead did about as well as 64. */
 #define AHEAD_BYTES (64 * 1024)
 struct decode_args;
 struct ahead {
@@ -81,6 +81,10 @@ struct ahead {
 };
 static void ahead_enter(struct ahead *c);
 static void ahead_move(struct ahead *c, int64_t bytes);
+/* A block's share of reading ahead per call: its bytes spread over its R rows (one row: its heads). */
+static inline int64_t ahead_share(int64_t bytes, int64_t R, int64_t heads) {
+    return bytes / (R > 1 ? R : heads) + 1;
+}
 
 /* A tile: R query rows that read the same block table (one decoding row, or consecutive tokens of
  * one request's chunk), row r seeing its first S[r] keys; Smax is the largest S[r]. Row r's query
@@ -99,8 +103,7 @@ static inline __attribute__((always_inline)) void scores_fixed(const float *q, i
         const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        /* the block's share of reading ahead, spread over its rows (one row: its heads) */
-        const int64_t share = n * nkv * DIM * ESIZE(FMT) / (R > 1 ? R : nkv * G) + 1;
+        const int64_t share = ahead_share(n * nkv * DIM * ESIZE(FMT), R, nkv * G);
         for (int64_t r = 0; r < R; r++) {
             const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
             if (R > 1) ahead_move(c, share);
@@ -142,8 +145,7 @@ static inline __attribute__((always_inline)) void values_fixed(const float *p, c
         const int64_t n = Smax - s0 < bs ? Smax - s0 : bs;
         int64_t stride;
         const float *rows = block_rows(cache, table[s0 / bs] * bs * row + head, n, row, nkv * DIM, buf, &stride, FMT);
-        /* the block's share of reading ahead, spread over its rows (one row: its heads) */
-        const int64_t share = n * nkv * DIM * ESIZE(FMT) / (R > 1 ? R : nkv * G) + 1;
+        const int64_t share = ahead_share(n * nkv * DIM * ESIZE(FMT), R, nkv * G);
         for (int64_t r = 0; r < R; r++) {
             const int64_t nr = S[r] - s0 < n ? S[r] - s0 : n;
             if (R > 1) ahead_move(ahead, share);

@@ -121,7 +121,7 @@ def test_a_step_the_first_stage_fails_fails_on_the_last_and_later_steps_run(mode
 
 
 def _link_rank(rank: int, world: int, tmp: str) -> None:
-    """Rank 0 (the first stage) sends five steps' activations; rank 1 receives each expecting the
+    """Rank 0 (the first stage) sends five steps' activations and a forged size; rank 1 receives each expecting the
     step with the aux layers [1, 3] and writes down what it got."""
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
     try:
@@ -133,10 +133,11 @@ def _link_rank(rank: int, world: int, tmp: str) -> None:
             link.send_failure(1)  # the first stage failed step 1
             link.send_activations(2, Intermediate(x, x + 1, both))
             link._send_message(Outcome(3, ["a"], [1], {}), [1], 1)  # a message that is not activations
-            link.send_activations(4, Intermediate(x, x + 1, {1: x}))  # a stage that lost layer 3's states
+            link._isend(torch.tensor([1 << 62]), 1, 1)  # a size no message has
+            link.send_activations(5, Intermediate(x, x + 1, {1: x}))  # a stage that lost layer 3's states
         else:
             got = []
-            for step in range(5):
+            for step in range(6):
                 try:
                     out = link.recv_activations(Activations(step, 3, [1, 3]), 4, torch.float32)
                     aux = {i: t.tolist() for i, t in out.aux.items()}
@@ -152,8 +153,8 @@ def _link_rank(rank: int, world: int, tmp: str) -> None:
 
 def test_a_stage_takes_the_activations_of_its_step_and_refuses_others(tmp_path):
     """The hidden states, residual and aux layers' states arrive as sent; a step the previous stage
-    failed, a message that is not activations, and activations without a layer the step expects
-    fail that step alone with an error that says so."""
+    failed, a message that is not activations, activations without a layer the step expects, and
+    a message size past the bound fail that step alone with an error that says so."""
     run_ranks(_link_rank, 2, str(tmp_path))
     got = json.loads((tmp_path / "got.json").read_text())
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -161,4 +162,5 @@ def test_a_stage_takes_the_activations_of_its_step_and_refuses_others(tmp_path):
     assert got[0] == got[2] == sent
     assert got[1] == "RuntimeError: the previous pipeline stage failed step 1"
     assert got[3].startswith("ValidationError: ")
-    assert got[4].startswith("RuntimeError: pipeline out of step: activations Activations(step_id=4")
+    assert got[4] == f"RuntimeError: pipeline message of {1 << 62} bytes (at most {16 << 20})"
+    assert got[5].startswith("RuntimeError: pipeline out of step: activations Activations(step_id=5")

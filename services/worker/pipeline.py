@@ -30,6 +30,9 @@ from shared.protocol import StepPlan
 
 _ACTIVATIONS, _OUTCOME = 1, 2  # message tags: the two directions between a pair of ranks
 _Message = TypeVar("_Message", bound=msgspec.Struct)
+# A header or outcome is at most this long (an outcome: a step's sampled tokens and failures), so a
+# size from a broken peer fails its step instead of allocating without bound.
+MAX_MESSAGE_BYTES = 16 << 20
 
 
 def stage_layers(num_layers: int, stage: int, stages: int) -> range:
@@ -156,6 +159,8 @@ class StageLink:
         """One message of ``kind`` (msgspec checks its fields' types on decode)."""
         size = torch.empty(1, dtype=torch.int64, device=self.device)
         self._recv(size, src, tag)
+        if not 0 < int(size.item()) <= MAX_MESSAGE_BYTES:
+            raise RuntimeError(f"pipeline message of {int(size.item())} bytes (at most {MAX_MESSAGE_BYTES})")
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
         self._recv(payload, src, tag)
         return msgspec.msgpack.decode(payload.cpu().numpy().tobytes(), type=kind)
