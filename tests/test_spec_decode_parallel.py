@@ -15,11 +15,13 @@ import json
 import shutil
 
 import pytest
-from engine_outputs import assert_same_outputs
-from test_spec_decode import PARAMS, run_requests
+from engine_outputs import assert_same_outputs, collect_outputs
+from test_spec_decode import PARAMS, GrammarBreaker, run_requests
 
 from pagedserve import LLM
 from shared.config import EngineConfig, ModelConfig, ParallelConfig
+from shared.processor.tokenizer import load_tokenizer
+from shared.sampling_params import SamplingParams, StructuredOutputsParams
 from shared.speculative import SpeculativeConfig
 
 K = 4
@@ -84,6 +86,27 @@ def test_speculation_over_ranks_gives_one_ranks_outputs(target, one_rank, tp, pp
         assert num_blocks == expected_num_blocks(target, tp, pp, draft_tp or tp)
     else:
         assert 0 < counts.num_accepted_tokens < counts.num_draft_tokens  # some accepted, some rejected
+
+
+def test_proposals_a_grammar_forbids_are_cut_on_every_stage(target, one_rank):
+    """Over two pipeline stages the earlier stage's grammar matchers follow each step's outcome, so
+    every stage cuts the engine's proposals where the request's grammar forbids them, as one rank
+    does: one proposal verified (and accepted) per step instead of three, the tokens of a run
+    without speculation. Uncut, the earlier stage would run a step of other token counts."""
+    params = SamplingParams(temperature=0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(choice=["yes yes yes yes yes yes yes"]))
+    forbidden = load_tokenizer(target).encode("x", add_special_tokens=False)[0]
+    outputs = []
+    for pp in (1, 2):
+        spec = None if pp == 1 else spec_config("ngram", target)
+        with LLM(target, pipeline_parallel_size=pp, speculative_config=spec, **SETUP) as llm:
+            if spec is not None:
+                llm.engine.scheduler.spec.proposer = GrammarBreaker(outputs[0]["c"]["tokens"], forbidden)
+            llm.engine.add_request(llm.engine.make_request("c", [7, 8, 9, 10], params))
+            outputs.append(collect_outputs(llm.engine))
+            counts = llm.engine.scheduler.spec
+    assert_same_outputs(outputs[1], outputs[0])
+    assert counts.num_drafts > 3 and counts.num_draft_tokens == counts.num_accepted_tokens == counts.num_drafts
 
 
 def expected_num_blocks(target: str, tp: int, pp: int, draft_tp: int) -> int:

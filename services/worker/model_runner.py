@@ -200,11 +200,16 @@ class ModelRunner:
         return StepResult(plan.step_id, [], [], failed=self.table.take_failed())
 
     def _take_outcomes(self, plan: StepPlan) -> None:
-        """An earlier stage: the tokens (and failures) of the steps whose requests ``plan`` touches."""
+        """An earlier stage: the tokens (and failures) of the steps whose requests ``plan`` touches.
+        Its grammar matchers accept them as the last stage's did when it sampled them, so every
+        stage cuts the engine's proposals alike (RequestTable._schedulable)."""
         for outcome in self.stage.outcomes_for(plan):
-            for req_id, token in zip(outcome.req_ids, outcome.tokens):
-                if req_id in self.table.states:
-                    self.table.states[req_id].sampling.append(token)
+            known = [(r, t) for r, t in zip(outcome.req_ids, outcome.tokens) if r in self.table.states]
+            for req_id, token in known:
+                self.table.states[req_id].sampling.append(token)
+            _, rejected = self.structured.accept([r for r, _ in known], [t for _, t in known])
+            for req_id, message in rejected.items():  # the last stage accepted them: a broken matcher
+                self.table.fail(req_id, message)
             for req_id in outcome.failed:
                 self.table.drop(req_id)
 

@@ -177,8 +177,9 @@ class RequestTable:
         except ValueError as exc:
             self.fail(req_id, str(exc))
             return None
-        # the engine's proposals, cut by the grammar where every rank's matcher is current (one stage)
-        if proposed is not None and self.proposer is not None and self.proposer.one_stage:
+        # the engine's proposals, cut by the grammar: every rank's matcher has seen every sampled
+        # token (an earlier pipeline stage's, from the outcomes before this plan), so all cut alike
+        if proposed is not None and self.proposer is not None:
             kept = self.proposer.cut_by_grammar(state, state.spec_token_ids, self.structured)
             n -= len(state.spec_token_ids) - len(kept)
             state.spec_token_ids = kept

@@ -2,7 +2,8 @@
 
 Before sampling, every row whose request carries StructuredOutputsParams gets the grammar's
 bitmask of allowed next tokens applied to its logits (the others are untouched); after sampling,
-each matcher accepts the sampled token. A request resumed after preemption replays its output
+each matcher accepts the sampled token (on an earlier pipeline stage, which samples nothing, the
+tokens of each step's outcome). A request resumed after preemption replays its output
 tokens through a fresh matcher (grammars are compiled, cached and bounded in time by
 grammar_compiler.py). The model's EOS ids are the grammar's stop tokens: once the output is
 complete only they remain allowed, and the sampled stop token terminates the matcher. A
