@@ -8,7 +8,8 @@ Builds (or reuses) the random-weight smol135 checkpoint of benchmarks/throughput
 offline engine core (the scheduler and model runner `LLM` uses) with at most C requests running,
 for each concurrency C, 2*C prompts per run (at least 4). Plain and speculative runs alternate
 (plain, then each method), repeated, so machine noise hits all alike; each figure is the best of
-the repeats.
+the repeats, and "paired" is the median over the repeats of each run's ratio to the plain run just
+before it (what drifts over minutes on a shared machine hits both of a pair alike).
 draft_model drafts with the checkpoint's first --draft-layers (2) layers: its own copy of them,
 with its own KV cache, run by a second model runner (plain decoding runs on the first). eagle and
 eagle3 draft with a random-weight head: its proposals are almost never accepted, so their rows
@@ -43,6 +44,7 @@ import dataclasses
 import itertools
 import json
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -140,6 +142,8 @@ def measure(runners, specs: dict[str, SpeculativeConfig], workload: str, c: int,
         row = {"workload": workload, "concurrency": c, "method": method, "async_scheduling": a,
                "plain_tokens_per_s": round(best_plain, 1), "spec_tokens_per_s": round(best["tokens_per_s"], 1),
                "ratio": round(best["tokens_per_s"] / best_plain, 3),
+               "paired_ratio": round(statistics.median(
+                   r["tokens_per_s"] / p["tokens_per_s"] for r, p in zip(results, plain[a])), 3),
                "acceptance_rate": round(best["acceptance_rate"], 3),
                "mean_acceptance_length": round(best["mean_acceptance_length"], 2), "drafts": best["drafts"],
                "output_repeat_rate": round(repeat_rate(batch, plain[False][0]["outputs"]), 3)}
@@ -172,10 +176,10 @@ def spec_config(method: str, args, model_dir: Path) -> SpeculativeConfig:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("workload", "C", "method", "async", "plain tok/s", "spec tok/s", "ratio", "accept", "mean len", "drafts",
-            "repeats", "vs sync")
+    head = ("workload", "C", "method", "async", "plain tok/s", "spec tok/s", "ratio", "paired", "accept", "mean len",
+            "drafts", "repeats", "vs sync")
     keys = ("workload", "concurrency", "method", "async_scheduling", "plain_tokens_per_s", "spec_tokens_per_s", "ratio",
-            "acceptance_rate", "mean_acceptance_length", "drafts", "output_repeat_rate", "vs_sync")
+            "paired_ratio", "acceptance_rate", "mean_acceptance_length", "drafts", "output_repeat_rate", "vs_sync")
     head, keys = zip(*[(h, k) for h, k in zip(head, keys) if any(k in r for r in rows)])  # the columns rows have
     lines = [[str(r.get(k, "")) for k in keys] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]

@@ -107,6 +107,7 @@ def test_spec_decode_script_reports_every_workload_and_concurrency(model_dirs, c
     for (*_, a), row in rows.items():
         assert row["plain_tokens_per_s"] > 0 and row["spec_tokens_per_s"] > 0 and 0 <= row["acceptance_rate"] <= 1
         assert ("vs_sync" in row) == a
+        assert row["paired_ratio"] == row["ratio"]  # one repeat: one pair, the best of each
     for m in ("ngram", "suffix"):
         for a in (False, True):
             assert any(r["drafts"] > 0 and r["mean_acceptance_length"] > 1 for k, r in rows.items() if k[2:] == (m, a))
