@@ -22,6 +22,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# first: torch's OpenMP threads then sleep between ops, as in the engine (spinning, they took the
+# cores from the kernel timed next)
+import pagedserve  # noqa: F401
+
+# isort: split
 import torch
 import torch.nn.functional as F
 
