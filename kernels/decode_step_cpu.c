@@ -81,11 +81,11 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
     memcpy(residual, hidden, (size_t)(T * H) * sizeof(float));
     for (int64_t l = 0; l < num_layers; l++) {
         const struct layer *L = layers + l;
-        rms_norm(hidden, l ? residual : NULL, residual, L->input_norm, x, T, H, s->eps, threads);
+        rms_norm(hidden, l ? residual : NULL, residual, L->input_norm, x, T, H, s->eps, F32, threads);
         if (L->aux) memcpy(L->aux, residual, (size_t)(T * H) * sizeof(float)); /* residual: what enters layer l */
         project(x, L->qkv_w, L->qkv_s, L->qkv_b, qkv, T, H, qkv_n, threads, s->w_fmt);
-        rotary(qkv, qkv_n, Hq, D, positions, cos_sin, T, threads);
-        rotary(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T, threads);
+        rotary(qkv, qkv_n, Hq, D, positions, cos_sin, T, F32, threads);
+        rotary(qkv + Hq * D, qkv_n, Hkv, D, positions, cos_sin, T, F32, threads);
         for (int64_t t = 0; t < T; t++) {
             if (slots[t] < 0) continue; /* a padding token has no slot */
             write_kv(L->k_cache, slots[t], qkv + t * qkv_n + Hq * D, row, L->k_scale, s->kv_fmt);
@@ -97,9 +97,9 @@ void decode_layers(const struct layer *layers, int64_t num_layers, const struct 
                      s->block_size,
                      s->scale, s->kv_fmt, L->k_scale, L->v_scale, threads);
         project(attn, L->o_w, L->o_s, L->o_b, hidden, T, Hq * D, H, threads, s->w_fmt);
-        rms_norm(hidden, residual, residual, L->post_norm, x, T, H, s->eps, threads);
+        rms_norm(hidden, residual, residual, L->post_norm, x, T, H, s->eps, F32, threads);
         project(x, L->gate_up_w, L->gate_up_s, L->gate_up_b, gate_up, T, H, 2 * I, threads, s->w_fmt);
-        silu_and_mul(gate_up, act, T, I, threads);
+        silu_and_mul(gate_up, act, T, I, F32, threads);
         project(act, L->down_w, L->down_s, L->down_b, hidden, T, I, H, threads, s->w_fmt);
     }
 }

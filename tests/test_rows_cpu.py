@@ -58,3 +58,52 @@ def test_silu_and_mul_and_the_layers_take_the_c_ops():
         assert rows_cpu.usable(x) and not rows_cpu.usable(x.double())
         torch.testing.assert_close(rows_cpu.silu_and_mul(x), F.silu(gate) * up)
     assert not rows_cpu.usable(x)  # autograd keeps torch's ops
+
+
+def _torch_layers(fn):
+    """fn run with the C ops unavailable: the layers' own torch code."""
+    rows_cpu._library.cache_clear()
+    real = rows_cpu.cpu_build.load_function
+    rows_cpu.cpu_build.load_function = lambda *args: None
+    try:
+        return fn()
+    finally:
+        rows_cpu.cpu_build.load_function = real
+        rows_cpu._library.cache_clear()
+
+
+def _bf16_mismatch(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The share of elements that differ (both bfloat16), none by more than one bfloat16 step."""
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    step = want.float().abs().clamp(min=1e-30) * 2**-7
+    assert bool(((got.float() - want.float()).abs() <= step).all())
+    return float((got != want).float().mean())
+
+
+@pytest.mark.parametrize(("tokens", "width"), [(37, 1540), (5, 20)])  # a tail past whole vectors, and only a tail
+def test_bfloat16_rows_round_as_the_layers_torch_code(tokens, width):
+    """bfloat16 rows computed in float32 and rounded where torch's bfloat16 ops round: the residual
+    add, the rotary's products and sums and the SiLU-and-mul's product exactly; the normed rows and
+    SiLU, whose float32 parts differ from torch's in the last bits, within one bfloat16 step of it
+    and equal almost everywhere."""
+    gen = torch.Generator().manual_seed(width)
+    x, residual, gate_up = (torch.randn(tokens, n, generator=gen).bfloat16() * 3 for n in (width, width, 2 * width))
+    norm = RMSNorm(width).to(torch.bfloat16)
+    norm.weight.copy_(torch.randn(width, generator=gen))
+    rope = RotaryEmbedding(width // 2, 512, {"rope_theta": 10000.0, "rope_type": "default"})
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+
+    def layers():
+        with torch.inference_mode():
+            q, k = x.clone(), residual.clone()
+            return norm(x), norm(x, residual), rope(positions, q, k), SiluAndMul()(gate_up)
+
+    with torch.inference_mode():
+        assert rows_cpu.usable(x, norm.weight, residual)
+    got, want = layers(), _torch_layers(layers)
+    with torch.inference_mode():
+        assert rows_cpu.usable(x)  # the C ops back
+    assert torch.equal(got[1][1], want[1][1])  # x + residual, rounded
+    assert torch.equal(got[2][0], want[2][0]) and torch.equal(got[2][1], want[2][1])  # rotary: every rounding
+    for g, w in ((got[0], want[0]), (got[1][0], want[1][0]), (got[3], want[3])):
+        assert _bf16_mismatch(g, w) < 0.01

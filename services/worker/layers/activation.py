@@ -12,7 +12,7 @@ from services.worker.forward_context import use_triton_kernels
 
 class SiluAndMul(nn.Module):
     """Gated SiLU of a merged gate/up projection: [T, 2I] -> silu(gate) * up, [T, I] (one
-    kernel with the Triton backend, one C op for float32 on the CPU)."""
+    kernel with the Triton backend, one C op for float32 or bfloat16 on the CPU)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton_kernels():

@@ -53,8 +53,8 @@ def _llama3_scaling(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Ten
 
 class RotaryEmbedding(nn.Module):
     """Rotates q and k by their positions; one instance can be shared by every layer. With the
-    Triton backend the rotation is one in-place kernel for q and k (kernels/rotary.py); float32 on
-    the CPU, the C op of kernels/rows_cpu.py, in place too."""
+    Triton backend the rotation is one in-place kernel for q and k (kernels/rotary.py); float32 or
+    bfloat16 on the CPU, the C op of kernels/rows_cpu.py, in place too."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict[str, Any]):
         super().__init__()
@@ -72,7 +72,8 @@ class RotaryEmbedding(nn.Module):
             from kernels.rotary import rotary_embedding
 
             return rotary_embedding(positions, q, k, self.cos_sin_cache)
-        if rows_cpu.usable(q, k, self.cos_sin_cache) and all(t.dim() == 2 and t.stride(-1) == 1 for t in (q, k)):
+        if (rows_cpu.usable(q, k) and rows_cpu.usable(self.cos_sin_cache)
+                and all(t.dim() == 2 and t.stride(-1) == 1 for t in (q, k))):
             # in place, as the Triton kernel: q and k are fresh (views of this layer's projection)
             table = self.cos_sin_cache
             return rows_cpu.rotary(positions, q, self.head_dim, table), rows_cpu.rotary(positions, k, self.head_dim, table)
