@@ -2,10 +2,11 @@
 through the C ops of rows_cpu.c, threaded over rows (bfloat16 computed in float32 and rounded as
 the layers' torch ops round).
 
-The layers (services/worker/layers/) call them for float32 CPU inputs, where torch ran each as a
-chain of broadcasting ops (on a 2048-token prefill step of smol135, 2.0x faster here on a quiet
-machine and 9x on a loaded one: see rows_cpu.c). The same C code runs between the projections of the one-call decode step
-(decode_step_cpu.c). Without a C compiler the layers keep their torch code.
+The layers (services/worker/layers/) call them for float32 and bfloat16 CPU inputs, where torch
+ran each as a chain of broadcasting ops (on a 2048-token prefill step of smol135, 2.0x faster here
+on a quiet machine and 9x on a loaded one: see rows_cpu.c). The same C code runs between the
+projections of the one-call decode step (decode_step_cpu.c). Without a C compiler the layers keep
+their torch code.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class RotaryEmbedding(nn.Module):
             from kernels.rotary import rotary_embedding
 
             return rotary_embedding(positions, q, k, self.cos_sin_cache)
-        if (rows_cpu.usable(q, k) and rows_cpu.usable(self.cos_sin_cache)
+        if (rows_cpu.usable(q, k) and self.cos_sin_cache.dtype == torch.float32
                 and all(t.dim() == 2 and t.stride(-1) == 1 for t in (q, k))):
             # in place, as the Triton kernel: q and k are fresh (views of this layer's projection)
             table = self.cos_sin_cache
