@@ -3,14 +3,13 @@
 `linear` is what the model's linear layers and LM head call: it runs the kernel (f32_linear_cpu.c)
 for float32 or bfloat16 CPU inputs of at most MAX_ROWS rows, oneDNN's matmul for more float32
 rows, and F.linear otherwise.
-Measured over smol135's weight shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core
-AMD EPYC where torch's sgemm is MKL's), the kernel's dot products ran 1.1-2.2x faster than F.linear
-at 4 to 16 rows, and its packed panels (from 36 rows built for AVX512, 24 for AVX2: where they
-overtake the dot products, f32_linear_cpu.c) 1.1-1.3x oneDNN's matmul at 32 to 128 rows (2.2x
-at 8), with torch's OpenMP threads sleeping between ops as in the engine (before linear_cpu.py ran
-that way, their spinning after each torch op took the cores from the kernel timed next, and it
-showed 0.75-1.5x); the one-call decode step built on them
-ran 1.5x the layers through oneDNN at 48 rows. oneDNN's blocking wins from a few hundred rows.
+The kernel takes dot products below PACK_ROWS rows and packed panels from there (36 rows built for
+AVX512, 24 for AVX2: where the panels overtake, f32_linear_cpu.c). Measured over smol135's weight
+shapes streamed from memory (benchmarks/linear_cpu.py, on a 2-core AMD EPYC where torch's sgemm is
+MKL's, torch's OpenMP threads sleeping between ops as in the engine), it ran 1.6-3.2x F.linear and
+1.1-2.2x oneDNN's matmul at 8 to 128 rows (before linear_cpu.py ran torch that way, the threads'
+spinning after each torch op took the cores from the kernel timed next, and it showed 0.75-1.5x
+oneDNN's); the one-call decode step built on them ran 1.5x the layers through oneDNN at 48 rows. oneDNN's blocking wins from a few hundred rows.
 MAX_ROWS 128: on a quiet 2-core AMD EPYC with AVX512-BF16, 112 requests decoding together (smol135,
 32-token prompts, 48 tokens each, one `LLM.generate`, twice each) took 11.7-12.4 s with it against
 13.7-16.6 s with 64 in float32, and 6.9-7.0 s against 8.7-9.1 s in bfloat16 (whose weights take

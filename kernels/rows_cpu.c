@@ -48,34 +48,35 @@ static inline float round1(float v, const int FMT) {
 }
 
 /* out[t] = x'[t] / rms(x'[t]) * w, where x' = x + residual_in, also written to residual_out (which
- * may be residual_in), or x' = x without residual_in. Rows of H elements, contiguous. In bfloat16
- * as RMSNorm's torch code: x' rounded, the normed row rounded before the weight, the product
- * rounded. */
+ * may be residual_in), or x' = x without residual_in: the rows of H elements at element offset off.
+ * In bfloat16 as RMSNorm's torch code: x' rounded, the normed row rounded before the weight, the
+ * product rounded. */
 static inline __attribute__((always_inline)) void norm_row(const void *x, const void *residual_in, void *residual_out,
-                                                           const void *w, void *out, int64_t H, float eps,
+                                                           const void *w, void *out, int64_t off, int64_t H, float eps,
                                                            const int FMT) {
     v8 sq8 = {0};
     float sq = 0.0f;
     int64_t d = 0;
     if (residual_in) {
         for (; d + 8 <= H; d += 8) {
-            const v8 s = round8(row8(x, d, FMT) + row8(residual_in, d, FMT), FMT);
-            put8(residual_out, d, s, FMT);
+            const v8 s = round8(row8(x, off + d, FMT) + row8(residual_in, off + d, FMT), FMT);
+            put8(residual_out, off + d, s, FMT);
             sq8 += s * s;
         }
         for (; d < H; d++) {
-            const float s = round1(elem(x, d, FMT) + elem(residual_in, d, FMT), FMT);
-            put1(residual_out, d, s, FMT);
+            const float s = round1(elem(x, off + d, FMT) + elem(residual_in, off + d, FMT), FMT);
+            put1(residual_out, off + d, s, FMT);
             sq += s * s;
         }
         x = residual_out;
     } else {
-        for (; d + 8 <= H; d += 8) sq8 += row8(x, d, FMT) * row8(x, d, FMT);
-        for (; d < H; d++) sq += elem(x, d, FMT) * elem(x, d, FMT);
+        for (; d + 8 <= H; d += 8) sq8 += row8(x, off + d, FMT) * row8(x, off + d, FMT);
+        for (; d < H; d++) sq += elem(x, off + d, FMT) * elem(x, off + d, FMT);
     }
     const float inv = 1.0f / sqrtf((sq + hsum8(sq8)) / (float)H + eps);
-    for (d = 0; d + 8 <= H; d += 8) put8(out, d, round8(row8(x, d, FMT) * inv, FMT) * row8(w, d, FMT), FMT);
-    for (; d < H; d++) put1(out, d, round1(elem(x, d, FMT) * inv, FMT) * elem(w, d, FMT), FMT);
+    for (d = 0; d + 8 <= H; d += 8)
+        put8(out, off + d, round8(row8(x, off + d, FMT) * inv, FMT) * row8(w, d, FMT), FMT);
+    for (; d < H; d++) put1(out, off + d, round1(elem(x, off + d, FMT) * inv, FMT) * elem(w, d, FMT), FMT);
 }
 
 /* `heads` heads of D elements at x (element offset), rotated at one position: its cos_sin row
@@ -133,12 +134,8 @@ struct rows_args {
 
 static inline __attribute__((always_inline)) void norm_rows(void *ctx, int64_t lo, int64_t hi, const int FMT) {
     const struct rows_args *a = ctx;
-    const int64_t H = a->width, e = ESIZE(FMT);
-    const char *x = a->x, *ri = a->residual_in;
-    char *ro = a->residual_out, *out = a->out;
     for (int64_t t = lo; t < hi; t++)
-        norm_row(x + t * H * e, ri ? ri + t * H * e : NULL, ri ? ro + t * H * e : NULL, a->w, out + t * H * e, H,
-                 a->eps, FMT);
+        norm_row(a->x, a->residual_in, a->residual_out, a->w, a->out, t * a->width, a->width, a->eps, FMT);
 }
 
 static inline __attribute__((always_inline)) void rotate_rows(void *ctx, int64_t lo, int64_t hi, const int FMT) {

@@ -16,7 +16,7 @@ def _keep_freed_memory() -> bool:
     """glibc's malloc keeps freed blocks of up to 32 MiB for reuse, and up to 1 GiB free at the
     heap's top, instead of handing them back to the OS: a step's activations (tens of MB each) were
     mapped, faulted in and zeroed afresh step after step (`pagedserve bench throughput`, smol135,
-    float32, a 2-core EPYC: 1.026-1.067x output tokens/s over 4 alternating pairs). Not where the
+    float32, a 2-core EPYC: 1.021-1.067x output tokens/s over 6 alternating pairs). Not where the
     user tunes malloc (GLIBC_TUNABLES), nor without glibc. Returns whether it applied."""
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False

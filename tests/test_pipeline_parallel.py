@@ -121,8 +121,8 @@ def test_a_step_the_first_stage_fails_fails_on_the_last_and_later_steps_run(mode
 
 
 def _link_rank(rank: int, world: int, tmp: str) -> None:
-    """Rank 0 (the first stage) sends five steps' activations and a forged size; rank 1 receives each expecting the
-    step with the aux layers [1, 3] and writes down what it got."""
+    """Rank 0 (the first stage) sends six steps' messages, one of them only a forged size; rank 1
+    receives each expecting the step with the aux layers [1, 3] and writes down what it got."""
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world)
     try:
         link = StageLink(ParallelConfig(1, rank, 2), torch.device("cpu"))

@@ -159,9 +159,10 @@ class StageLink:
         """One message of ``kind`` (msgspec checks its fields' types on decode)."""
         size = torch.empty(1, dtype=torch.int64, device=self.device)
         self._recv(size, src, tag)
-        if not 0 < int(size.item()) <= MAX_MESSAGE_BYTES:
-            raise RuntimeError(f"pipeline message of {int(size.item())} bytes (at most {MAX_MESSAGE_BYTES})")
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        n = int(size.item())
+        if not 0 < n <= MAX_MESSAGE_BYTES:
+            raise RuntimeError(f"pipeline message of {n} bytes (at most {MAX_MESSAGE_BYTES})")
+        payload = torch.empty(n, dtype=torch.uint8, device=self.device)
         self._recv(payload, src, tag)
         return msgspec.msgpack.decode(payload.cpu().numpy().tobytes(), type=kind)
 
