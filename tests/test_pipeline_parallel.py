@@ -164,3 +164,14 @@ def test_a_stage_takes_the_activations_of_its_step_and_refuses_others(tmp_path):
     assert got[3].startswith("ValidationError: ")
     assert got[4] == f"RuntimeError: pipeline message of {1 << 62} bytes (at most {16 << 20})"
     assert got[5].startswith("RuntimeError: pipeline out of step: activations Activations(step_id=5")
+
+
+@pytest.mark.parametrize("token", [-1, 2**31, 2**64 - 1])
+def test_an_outcome_with_a_token_id_no_vocabulary_has_does_not_decode(token):
+    """A broken or forged stage's outcome: its token ids are checked as the message decodes, so the
+    earlier stage fails that step with a clear error instead of handing the id to its grammar
+    matchers or its inputs."""
+    good = msgspec.msgpack.encode(Outcome(3, ["a"], [5], {}))
+    assert msgspec.msgpack.decode(good, type=Outcome) == Outcome(3, ["a"], [5], {})
+    with pytest.raises(msgspec.ValidationError, match=r"at `\$\[2\]\[0\]`"):
+        msgspec.msgpack.decode(msgspec.msgpack.encode([3, ["a"], [token], {}]), type=Outcome)

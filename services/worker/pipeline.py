@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shared.config import ParallelConfig
-from shared.protocol import StepPlan
+from shared.protocol import ReqId, StepPlan, TokenId
 
 _ACTIVATIONS, _OUTCOME = 1, 2  # message tags: the two directions between a pair of ranks
 _Message = TypeVar("_Message", bound=msgspec.Struct)
@@ -86,9 +86,9 @@ class Outcome(msgspec.Struct, array_like=True):
     """What the last stage tells the earlier ones after a step."""
 
     step_id: int
-    req_ids: list[str]  # requests that sampled a token, in row order
-    tokens: list[int]
-    failed: dict[str, str]
+    req_ids: list[ReqId]  # requests that sampled a token, in row order
+    tokens: list[TokenId]  # an id past 2**31 - 1 or below 0 fails the decode
+    failed: dict[ReqId, str]
 
 
 @dataclass
