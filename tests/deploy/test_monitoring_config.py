@@ -1,8 +1,8 @@
 """monitoring/: the Prometheus config and alert rules pass `promtool check`, every PromQL
 expression of every Grafana panel parses (promtool, as recording rules), the alerts fire on the
 data they are meant for (`promtool test rules`), and the dashboards are well-formed and cover
-every metric the services export. tests/deploy/test_deploy_stack.py evaluates the same expressions
-against a live stack."""
+every metric the services export. tests/deploy/test_deploy_monitoring.py evaluates the same
+expressions against a live stack."""
 
 from __future__ import annotations
 
