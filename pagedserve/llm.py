@@ -83,7 +83,9 @@ class LLM(PoolingAPI, LLMLifecycle):
         "pooling" (embed() and score(); a decoder pools its last token), or "auto" (encoders pool).
         enable_lora: serve PEFT LoRA adapters (generate's and chat's lora_request), up to
         max_lora_rank, at most max_loras different ones in a batch and max_cpu_loras kept loaded.
-        async_scheduling: plan each step before the previous one's tokens are read (vLLM's flag)."""
+        async_scheduling: plan each step before the previous one's tokens are read (vLLM's flag). Off
+        here, on in the service stack: in one process a step runs only when its result is read, so
+        planning ahead overlaps nothing and only computes a token past each finish."""
         model_config = ModelConfig.from_pretrained(
             model, dtype=dtype, max_model_len=max_model_len, revision=revision, quantization=quantization,
             runner=runner,

@@ -139,7 +139,8 @@ def add_model_args(parser: argparse.ArgumentParser, model_positional: bool = Fal
     add_flag(parser, "--scheduling-policy", "fcfs", "fcfs, or priority: lower priority values run first")
     add_flag(parser, "--max-num-queued-requests", 1024, "most requests waiting; past it the engine answers 503")
     add_flag(parser, "--max-queued-tokens", 1 << 20, "most tokens waiting; past it the engine answers 503")
-    add_flag(parser, "--async-scheduling", False, "plan each step while the workers compute the previous one")
+    add_flag(parser, "--async-scheduling", True, "plan each step while the workers compute the previous one "
+             "(on by default, as in vLLM; --no-async-scheduling plans each step after the last one's result)")
     add_flag(parser, "--tensor-parallel-size", 1, "worker ranks per pipeline stage", aliases=("-tp",))
     add_flag(parser, "--pipeline-parallel-size", 1, "pipeline stages, each holding a share of the layers",
              aliases=("-pp",))

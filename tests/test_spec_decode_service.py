@@ -23,7 +23,9 @@ model, expected = module_fixtures()
 
 @pytest.fixture(scope="module")
 def stack(model):
-    with engine_stack(model, "--speculative-config", SPEC, "--worker-timeout", "2") as started:
+    # the engine proposes (synchronous scheduling; test_spec_decode_async_service.py: the workers)
+    with engine_stack(model, "--speculative-config", SPEC, "--no-async-scheduling", "--worker-timeout", "2",
+                      worker_flags=("--no-async-scheduling",)) as started:
         yield started
 
 

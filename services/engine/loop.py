@@ -141,6 +141,8 @@ class EngineService:
             )
             if self.stats is not None:
                 self.stats.record(deltas, self.core.last_num_tokens)
+        else:  # a plan made ahead, nothing read yet: its requests' queue times go out now
+            self.metrics.update(self.core.scheduler)
         self.frontends.route(deltas)
 
     def _pong(self, ping: Ping, ready: bool) -> Pong:

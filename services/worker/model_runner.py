@@ -211,7 +211,7 @@ class ModelRunner:
             for req_id, message in rejected.items():  # the last stage accepted them: a broken matcher
                 self.table.fail(req_id, message)
             for req_id in outcome.failed:
-                self.table.drop(req_id)
+                self.table.dropped_as_failed(req_id)
 
     def _agree_on_refusals(self, plan: StepPlan) -> None:
         """Parallel ranks must run the same batch. Refusing a new request is the same decision

@@ -27,6 +27,7 @@ from shared.protocol import CachedRequestData, NewRequestData, StepPlan
 log = logging.getLogger(__name__)
 
 NO_STATE = "the worker holds no state for this request"
+MAX_REFUSED = 4096  # failed requests remembered until the engine lists them as finished
 MAX_MESSAGE_CHARS = 1000  # a reason goes back to the client; it may quote the client's input
 
 
@@ -76,19 +77,33 @@ class RequestTable:
         self.proposer = proposer
         self.states: dict[str, RequestState] = {}
         self.failed: dict[str, str] = {}  # requests refused since the last take_failed()
+        # requests failed here (or on the last stage) that the engine has not yet listed as finished:
+        # a plan made before it heard (async scheduling, pipeline stages) skips them, unreported again
+        self.refused: dict[str, None] = {}
 
     def apply(self, plan: StepPlan) -> None:
         for req_id in plan.finished_req_ids:
             self.drop(req_id)
+            self.refused.pop(req_id, None)
         for new in plan.new_requests:
+            self.refused.pop(new.req_id, None)
             self._guarded(new.req_id, self._add, new)
         for cached in plan.cached_requests:
             self._guarded(cached.req_id, self._update, cached)
 
     def fail(self, req_id: str, message: str) -> None:
-        """Drop a request's state; the engine learns why from the step's result."""
+        """Drop a request's state; the engine learns why from the step's result (once: a plan
+        made before the engine heard of the failure does not report it again)."""
+        if req_id not in self.refused:
+            self.failed[req_id] = message[:MAX_MESSAGE_CHARS]
+        self.dropped_as_failed(req_id)
+
+    def dropped_as_failed(self, req_id: str) -> None:
+        """Drop a request that failed, reported here or by the last pipeline stage."""
         self.drop(req_id)
-        self.failed[req_id] = message[:MAX_MESSAGE_CHARS]
+        self.refused[req_id] = None
+        if len(self.refused) > MAX_REFUSED:  # ids the engine never lists again (finished meanwhile)
+            del self.refused[next(iter(self.refused))]
 
     def drop(self, req_id: str) -> None:
         """Forget a request's state (no failure to report)."""
@@ -102,6 +117,7 @@ class RequestTable:
         """Forget every request (and the failures not yet reported)."""
         self.states.clear()
         self.failed.clear()
+        self.refused.clear()
         if self.structured is not None:
             self.structured.clear()
 
