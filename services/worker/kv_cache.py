@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from services.worker import huge_pages
 from services.worker.pipeline import stage_layers
 from shared.config import EngineConfig
 
@@ -33,6 +34,9 @@ def allocate_kv_cache(
     m, held = config.model, _layers(config)
     shape = (2, num_blocks, config.cache.block_size, _kv_heads(config), m.head_dim)
     # zeros, not empty: padded key positions are masked, but 0 * NaN garbage would still leak
+    if torch.device(device).type == "cpu":  # attention reads blocks all over the cache: huge pages
+        caches = iter(huge_pages.zeros_like_each([shape] * len(held), dtype))
+        return [next(caches) if i in held else torch.zeros(0, dtype=dtype) for i in range(m.num_layers)]
     return [torch.zeros(shape if i in held else (0,), dtype=dtype, device=device) for i in range(m.num_layers)]
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from services.worker import huge_pages
 from services.worker.layers.linear import default_weight_loader
 from services.worker.models import get_model_class
 from services.worker.pipeline import on_another_stage
@@ -77,6 +78,7 @@ def build_model(model_config: ModelConfig, dtype: torch.dtype, device: torch.dev
     with building(dtype, device):
         model = cls(model_config)
     quant.before_loading(model, model_config, torch.device(device))
+    huge_pages.move_weights(model)
     load_weights(model, model_config.path)
     quant.after_loading(model, model_config)
     return model.requires_grad_(False).eval()
