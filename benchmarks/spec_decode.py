@@ -13,7 +13,8 @@ before it (what drifts over minutes on a shared machine hits both of a pair alik
 draft_model drafts with the checkpoint's first --draft-layers (2) layers: its own copy of them,
 with its own KV cache, run by a second model runner (plain decoding runs on the first). eagle and
 eagle3 draft with a random-weight head: its proposals are almost never accepted, so their rows
-measure what the head costs while the adaptive rule tries it and then turns it off, not a gain.
+measure what the head costs while the adaptive rule tries it and then turns it off, not a gain;
+--eagle-head DIR: eagle drafts with a trained head instead (benchmarks/train_eagle.py).
 --async-scheduling: every run (plain and each method) is made with async scheduling off and on,
 interleaved; with it on the workers propose (a model runner of their own per method). Offline the
 step planned ahead runs after the current one (no overlap, as no worker process computes
@@ -156,9 +157,12 @@ def measure(runners, specs: dict[str, SpeculativeConfig], workload: str, c: int,
 def spec_config(method: str, args, model_dir: Path) -> SpeculativeConfig:
     """draft_model drafts with the checkpoint's first --draft-layers layers (built once, cached
     beside it): random-weight models of different seeds would agree on nothing. eagle and eagle3
-    draft with a random-weight head (pagedserve/test_eagle.py), cached beside it too."""
+    draft with a random-weight head (pagedserve/test_eagle.py), cached beside it too; eagle with
+    --eagle-head's instead, when given."""
     k = args.num_speculative_tokens
-    if method in ("eagle", "eagle3"):
+    if method == "eagle" and args.eagle_head is not None:
+        draft = args.eagle_head
+    elif method in ("eagle", "eagle3"):
         from pagedserve.test_eagle import make_eagle_head
 
         draft = args.cache_dir / f"{model_dir.name}-{method}-random-head"
@@ -202,6 +206,9 @@ def add_workload_args(p: argparse.ArgumentParser, methods: tuple[str, ...], defa
     p.add_argument("--draft-cost", type=float, default=None,
                    help="draft_model, eagle, eagle3: speculative_config's draft_cost (default: estimated; 0 drafts "
                         "whenever it pays off to verify, which measures what drafting costs)")
+    p.add_argument("--eagle-head", type=Path, default=None,
+                   help="eagle: draft with this EAGLE-1 head (e.g. one benchmarks/train_eagle.py trained for the "
+                        "checkpoint) instead of a random-weight one")
     p.add_argument("--model", default=None, help="a checkpoint directory (default: the demo checkpoint)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
 

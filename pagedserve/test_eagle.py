@@ -12,6 +12,7 @@ token whose embedding best matches that of the token before the latest.
 kind "mimic" (EAGLE-1, a one-layer target whose final norm weight is one): fc passes the token
 embedding and the layer is the target's own, so the head computes what the target computes one
 position later (but for the first token, which its attention cannot see): most drafts match.
+eagle_config and write_head_checkpoint write a head of given weights (benchmarks/train_eagle.py's).
 """
 
 from __future__ import annotations
@@ -29,14 +30,27 @@ def make_eagle_head(target_dir: str | Path, out_dir: str | Path, method: str = "
     """Write into out_dir (created) an EAGLE (method "eagle") or EAGLE-3 ("eagle3") head for the
     checkpoint at target_dir; config_overrides: extra config.json fields (for bad heads)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if method not in ("eagle", "eagle3") or kind not in KINDS or (kind == "mimic" and method != "eagle"):
         raise ValueError(f"method must be eagle or eagle3 and kind one of {KINDS} (mimic: eagle), got {method}, {kind}")
-    target, out = Path(target_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((target / "config.json").read_text())
+    target = Path(target_dir)
+    config = eagle_config(target, method, kind, config_overrides)
     weights = load_file(str(target / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    head = (_eagle(config, gen) if method == "eagle" else _eagle3(config, gen))
+    if kind == "probe":
+        _probe(head, config, weights, method)
+    elif kind == "mimic":
+        _mimic(head, config, weights)
+    return write_head_checkpoint(target, out_dir, config, head)
+
+
+def eagle_config(target_dir: str | Path, method: str = "eagle", kind: str = "random",
+                 config_overrides: dict | None = None) -> dict:
+    """A head's config.json for the checkpoint at target_dir: the target's, with one layer (and
+    EAGLE-3's draft vocabulary and aux layers), then config_overrides."""
+    config = json.loads((Path(target_dir) / "config.json").read_text())
     config["num_hidden_layers"] = 1
     if method == "eagle3":
         config["architectures"] = ["LlamaForCausalLMEagle3"]
@@ -44,14 +58,18 @@ def make_eagle_head(target_dir: str | Path, out_dir: str | Path, method: str = "
         if kind == "probe":
             config["eagle_aux_hidden_state_layer_ids"] = PROBE_AUX_LAYERS
     config.update(config_overrides or {})
+    return config
+
+
+def write_head_checkpoint(target_dir: str | Path, out_dir: str | Path, config: dict, tensors: dict) -> Path:
+    """Write into out_dir (created) a head: config.json, model.safetensors of `tensors`, and the
+    target's tokenizer files."""
+    from safetensors.torch import save_file
+
+    target, out = Path(target_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = torch.Generator().manual_seed(seed)
-    head = (_eagle(config, gen) if method == "eagle" else _eagle3(config, gen))
-    if kind == "probe":
-        _probe(head, config, weights, method)
-    elif kind == "mimic":
-        _mimic(head, config, weights)
-    save_file({k: v.contiguous() for k, v in head.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (target / name).is_file():
             shutil.copy(target / name, out / name)
