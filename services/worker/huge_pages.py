@@ -11,6 +11,7 @@ huge pages but speed.
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -43,19 +44,12 @@ def _aligned(nbytes: int) -> int:
 def zeros_like_each(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
     """Zero-filled CPU tensors of the given shapes and dtype, in one huge-page arena."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = [_aligned(itemsize * _numel(shape)) for shape in shapes]
+    sizes = [_aligned(itemsize * math.prod(shape)) for shape in shapes]
     arena, out, offset = zeros(sum(sizes)), [], 0
     for shape, size in zip(shapes, sizes):
-        out.append(arena[offset:offset + itemsize * _numel(shape)].view(dtype).view(shape))
+        out.append(arena[offset:offset + itemsize * math.prod(shape)].view(dtype).view(shape))
         offset += size
     return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def move_weights(model: nn.Module) -> None:
