@@ -229,7 +229,7 @@ def _stream_events(url: str, body: dict, started: threading.Event, events: list[
                 started.set()
 
 
-def test_sigterm_past_the_shutdown_timeout_ends_requests_with_an_error(stack):
+def test_sigterm_past_the_shutdown_timeout_ends_requests_with_an_error(stack, backend):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = stack.start_frontend("fe-short", "--shutdown-timeout", "0.5", port=port)
@@ -242,9 +242,14 @@ def test_sigterm_past_the_shutdown_timeout_ends_requests_with_an_error(stack):
     whole.start()
     assert started.wait(30)
     wait_for_in_flight(stack, "fe-short", 2)  # both admitted before the SIGTERM
-    assert proc.terminate() == 0, proc.log()
-    streaming.join(30)
-    whole.join(30)
+    worker = next(p for p in backend.procs if p.log_path.stem == "worker").popen.pid
+    os.kill(worker, signal.SIGSTOP)  # no token comes, so neither can finish within the timeout
+    try:
+        assert proc.terminate() == 0, proc.log()
+        streaming.join(30)
+        whole.join(30)
+    finally:
+        os.kill(worker, signal.SIGCONT)
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["message"].startswith("The frontend is shutting down") and error["type"] == "service_unavailable_error"
