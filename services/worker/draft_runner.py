@@ -119,6 +119,12 @@ class DraftRunner:
             return None
         return cls(config, dtype, device, backend)
 
+    def release(self, req_id: str) -> None:
+        """A request left the worker's table (a draft model keeps nothing per request)."""
+
+    def reset(self) -> None:
+        """Every request left the worker's table."""
+
     def allocate(self, num_blocks: int) -> None:
         """The draft's KV: the target's num_blocks block ids, then the scratch blocks."""
         self.num_blocks = num_blocks

@@ -60,6 +60,8 @@ class WorkerProposer:
     def reset(self) -> None:
         """Forget what was learnt from earlier requests (a new engine starts from scratch)."""
         spec = self.spec
+        if self.draft is not None:
+            self.draft.reset()
         self.lookup = None if not self.proposes else (
             SuffixProposer(spec) if spec.method == "suffix" else NgramProposer(*spec.lookup_range))
 
@@ -107,7 +109,9 @@ class WorkerProposer:
 
     def release(self, req_id: str, state: RequestState | None) -> None:
         """A request's state left the table: suffix decoding drops its tree, its output joins
-        the tree of recent outputs."""
+        the tree of recent outputs; an EAGLE head drops the target states it kept for it."""
+        if self.draft is not None:
+            self.draft.release(req_id)
         if isinstance(self.lookup, SuffixProposer):
             if state is not None:
                 self.lookup.release(state)
