@@ -101,13 +101,18 @@ def test_without_a_compiler_f_linear_runs(tmp_path):
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread only")
-def test_decode_sized_steps_run_torch_on_one_thread_and_restore_it():
+def test_decode_sized_steps_run_torch_on_one_thread_but_sample_on_all_and_restore_it():
     cpu, before = torch.device("cpu"), torch.get_num_threads()
     for dtype in (torch.float32, torch.bfloat16):
         with step_threads.for_step(cpu, dtype, f32_linear_cpu.MAX_ROWS):
             assert torch.get_num_threads() == 1
             assert cpu_build.threads() == before  # the kernels keep every thread
+            with step_threads.for_sampling(1):
+                assert torch.get_num_threads() == 1
+            with step_threads.for_sampling(2):  # rows of the whole vocabulary: every thread
+                assert torch.get_num_threads() == before
+            assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == before and cpu_build.threads() == before
     for tokens, dtype in ((f32_linear_cpu.MAX_ROWS + 1, torch.float32), (1, torch.float16)):
-        with step_threads.for_step(cpu, dtype, tokens):
+        with step_threads.for_step(cpu, dtype, tokens), step_threads.for_sampling(8):
             assert torch.get_num_threads() == before

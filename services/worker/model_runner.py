@@ -161,7 +161,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if states else None
         self._sync()
         forward_done = time.perf_counter()
-        tokens, logprobs, stopped = self.outputs.sample(logits, states) if states else ([], [], [])
+        with step_threads.for_sampling(len(logits) if states else 0):
+            tokens, logprobs, stopped = self.outputs.sample(logits, states) if states else ([], [], [])
         prompt_logprobs = self.outputs.prompt_logprobs(hidden, inputs) if inputs.prompt_rows else {}
         pooled = self.pooler.pool(hidden, inputs.pooling_rows) if inputs.pooling_rows else {}
         failed = self.table.take_failed()
