@@ -8,6 +8,7 @@ standard library at the top:
     python peers.py gguf CONVERT_PY CHECKPOINT OUT.gguf    # llama.cpp's converter, f32
     python peers.py report RESULTS_DIR [--json OUT]        # one table from `vllm bench serve` result files
     python peers.py offline RESULTS_DIR [--json OUT]       # the offline table from SERVER-offline.json files
+    python peers.py repeats RESULTS_DIR [--json OUT]       # each repeat-N/peers.json's ratios, and their medians
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -246,6 +248,28 @@ def offline(results_dir: str, json_out: str | None) -> None:
         print(f"\nwrote {json_out}")
 
 
+def repeats(results_dir: str, json_out: str | None) -> None:
+    """--repeats: each repeat's pagedserve / best peer ratios (its repeat-N/peers.json) and, per
+    concurrency and figure, their median."""
+    runs = sorted(Path(results_dir).glob("repeat-*/peers.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not runs:
+        raise SystemExit(f"no repeat-N/peers.json in {results_dir}")
+    per_run = [json.loads(p.read_text())["pagedserve_over_best_peer"] for p in runs]
+    medians: dict[str, dict[str, float]] = {}
+    for conc in sorted({c for r in per_run for c in r}, key=int, reverse=True):
+        for key in ("output_tok_s", "mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms"):
+            values = [r[conc][key] for r in per_run if key in r.get(conc, {})]
+            if values:
+                medians.setdefault(conc, {})[key] = statistics.median(values)
+                print(f"concurrency {conc} {key}: " + " ".join(f"{v:.2f}" for v in values)
+                      + f"  median {medians[conc][key]:.2f}")
+    if json_out:
+        doc = {"benchmark": "peers-repeats", "repeats": [str(p.parent) for p in runs],
+               "pagedserve_over_best_peer": per_run, "median": medians}
+        Path(json_out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {json_out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -258,7 +282,7 @@ def main() -> None:
     p.add_argument("convert_py")
     p.add_argument("model_dir")
     p.add_argument("out")
-    for name in ("report", "offline"):
+    for name in ("report", "offline", "repeats"):
         p = sub.add_parser(name)
         p.add_argument("results_dir")
         p.add_argument("--json", default=None)
@@ -270,7 +294,7 @@ def main() -> None:
     elif args.cmd == "gguf":
         gguf(args.convert_py, args.model_dir, args.out)
     else:
-        (report if args.cmd == "report" else offline)(args.results_dir, args.json)
+        {"report": report, "offline": offline, "repeats": repeats}[args.cmd](args.results_dir, args.json)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@
 #   benchmarks/peers.sh --smoke                # few prompts: checks everything works end to end
 #   benchmarks/peers.sh --install-only         # installs and builds, no benchmark
 #   benchmarks/peers.sh --servers pagedserve,llamacpp --num-prompts 64 --num-prompts-c1 8
+#   benchmarks/peers.sh --servers pagedserve,llamacpp --concurrency 1 --repeats 4   # alternating runs
 #   benchmarks/peers.sh --offline              # offline instead: `bench throughput` of pagedserve and vllm
 #   benchmarks/peers.sh --offline --servers pagedserve,vllm --dtype bfloat16   # both in bfloat16
 #
@@ -24,6 +25,11 @@
 # tokens, EOS ignored, --dtype) in its own process, and reports generated tokens/s and the ratio;
 # llama.cpp has no offline engine of that kind and is left out. --dtype bfloat16 runs pagedserve and
 # vllm in bfloat16 (llama.cpp serves its f32 GGUF only, so it is refused there).
+#
+# --repeats N serves the servers N times, the order reversed every other time (each repeat in its
+# own folder of the run, with its table), then prints each repeat's pagedserve / best peer ratios
+# and their medians: on a machine whose speed drifts by 10% within minutes, one run's ratio is only
+# good to about that.
 #
 # vllm runs as installed: on x86 it keeps one core for its scheduler process, so on 2 cores its model
 # runs on one thread (its log says so); VLLM_CPU_NUM_OF_RESERVED_CPU=0 in the environment changes that.
@@ -40,6 +46,7 @@ NUM_PROMPTS_C1=16      # at concurrency 1
 NUM_WARMUPS=""         # warm-up requests before each measurement (default: the concurrency)
 NUM_PROMPTS_OFFLINE=64
 OFFLINE=0
+REPEATS=1
 INSTALL_ONLY=0
 PORT=8765
 JOBS=2
@@ -64,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     --num-warmups) NUM_WARMUPS="$2"; shift 2 ;;
     --num-prompts-offline) NUM_PROMPTS_OFFLINE="$2"; shift 2 ;;
     --offline) OFFLINE=1; shift ;;
+    --repeats) REPEATS="$2"; shift 2 ;;
     --dtype) DTYPE="$2"; shift 2 ;;
     --smoke) NUM_PROMPTS=8; NUM_PROMPTS_C1=2; NUM_WARMUPS=1; NUM_PROMPTS_OFFLINE=4; shift ;;
     --install-only) INSTALL_ONLY=1; shift ;;
@@ -78,6 +86,7 @@ done
 for name in ${SERVERS//,/ }; do
   [[ "$name" =~ ^(pagedserve|vllm|llamacpp)$ ]] || { echo "peers.sh: unknown server $name (pagedserve, vllm, llamacpp)" >&2; exit 2; }
 done
+[[ "$REPEATS" =~ ^[1-9][0-9]*$ ]] || { echo "peers.sh: --repeats takes a positive count, got $REPEATS" >&2; exit 2; }
 [[ "$DTYPE" =~ ^(float32|bfloat16)$ ]] || { echo "peers.sh: --dtype is float32 or bfloat16, got $DTYPE" >&2; exit 2; }
 if [[ "$DTYPE" != float32 && ",$SERVERS," == *,llamacpp,* ]]; then
   echo "peers.sh: llama.cpp serves the f32 GGUF only: leave it out of --servers with --dtype $DTYPE" >&2; exit 2
@@ -303,14 +312,36 @@ main() {
   if has_server llamacpp; then make_gguf; fi
   if (( INSTALL_ONLY )); then log "installed; nothing benchmarked (--install-only)"; return; fi
   write_meta
-  local name conc n
+  local name
   if (( OFFLINE )); then
     for name in ${SERVERS//,/ }; do offline_bench "$name"; done
     "$PROJECT_PY" "$HELPER" offline "$RUN_DIR" --json "${OUT_JSON%.json}-offline.json"
     log "results and logs in $RUN_DIR"
     return
   fi
-  for name in ${SERVERS//,/ }; do
+  if (( REPEATS == 1 )); then
+    serve_all "$SERVERS"
+    "$PROJECT_PY" "$HELPER" report "$RUN_DIR" --json "$OUT_JSON"
+  else
+    local top="$RUN_DIR" order="$SERVERS" r
+    for (( r = 1; r <= REPEATS; r++ )); do
+      RUN_DIR="$top/repeat-$r"
+      mkdir -p "$RUN_DIR"
+      write_meta
+      log "repeat $r of $REPEATS: $order"
+      serve_all "$order"
+      "$PROJECT_PY" "$HELPER" report "$RUN_DIR" --json "$RUN_DIR/peers.json"
+      order="$(tr ',' '\n' <<<"$order" | tac | paste -sd,)"
+    done
+    RUN_DIR="$top"
+    "$PROJECT_PY" "$HELPER" repeats "$RUN_DIR" --json "$OUT_JSON"
+  fi
+  log "results and server logs in $RUN_DIR"
+}
+
+serve_all() {  # servers (comma-separated), one after another, each at every concurrency
+  local name conc n
+  for name in ${1//,/ }; do
     launch "$name"
     for conc in $CONCURRENCIES; do
       n=$NUM_PROMPTS; [[ "$conc" == 1 ]] && n=$NUM_PROMPTS_C1
@@ -318,8 +349,6 @@ main() {
     done
     stop_server
   done
-  "$PROJECT_PY" "$HELPER" report "$RUN_DIR" --json "$OUT_JSON"
-  log "results and server logs in $RUN_DIR"
 }
 
 main
