@@ -8,7 +8,10 @@
  *   AVX2's 16 registers exactly; the block after next is prefetched while the first rows use it.
  * - From PACK_ROWS rows on, outer products: 16 weight rows by KC columns are transposed into a
  *   packed panel (16 KB, held in L1), and each 6-row tile of x runs 6 x 16 multiply-adds per
- *   column of the panel, accumulating into y panel by panel. The dot products' x rows outgrow L1
+ *   column of the panel, accumulating into y panel by panel. With AVX512's 32 vector registers
+ *   float32 tiles take 8 rows (16 accumulators): smol135's weight shapes from memory, both threads,
+ *   2-core AMD EPYC, two alternating rounds against 6-row tiles: 1.07x and 1.07x at 40 rows, 1.03x
+ *   and 1.04x at 64, about 1.01x at 48 and 96 (benchmarks/linear_cpu.py). The dot products' x rows outgrow L1
  *   there and every tile re-reads them from L2. Where they cross over depends on the registers:
  *   over smol135's weight shapes from memory on a 2-core AMD EPYC (benchmarks/linear_cpu.py's
  *   shapes, both threads), built for AVX512 the dot products ran 1.30x the panels at 16 rows,
@@ -37,6 +40,11 @@
 #define PACK_ROWS 24
 #endif
 #define BF16_PACK_ROWS 16 /* the same, for bfloat16 weights on AVX512-BF16 panels */
+#if defined(__AVX512F__) /* rows of a float32 panel tile: 8 x 2 accumulators fit 32 registers, 6 x 2 fit 16 */
+#define F32_TILE_ROWS 8
+#else
+#define F32_TILE_ROWS 6
+#endif
 #define PANEL 16     /* weight rows in a packed panel: two vectors wide */
 #define KC 256       /* columns of K in a packed panel */
 
@@ -109,11 +117,11 @@ static inline __attribute__((always_inline)) void pack(const void *w, int64_t K,
 }
 
 /* y[m0 : m0 + MR, n0 : n0 + PANEL] += x[m0 : m0 + MR, k0 : k0 + kc] p; `first` starts from the
- * bias (or zero) instead of y. Inlined with constant MR <= 6: 12 accumulators. */
+ * bias (or zero) instead of y. Inlined with constant MR <= F32_TILE_ROWS: up to 16 accumulators. */
 static inline __attribute__((always_inline)) void panel_tile(const float *x, const float *p, const float *bias,
                                                              float *y, int64_t K, int64_t N, int64_t m0, int64_t n0,
                                                              int64_t k0, int64_t kc, int MR, int first) {
-    v8 acc[6][2];
+    v8 acc[F32_TILE_ROWS][2];
     for (int i = 0; i < MR; i++)
         for (int h = 0; h < 2; h++)
             acc[i][h] = !first ? load8(y + (m0 + i) * N + n0 + 8 * h) : bias ? load8(bias + n0 + 8 * h) : (v8){0};
@@ -158,6 +166,9 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, con
         const int first = k0 == 0;
         pack(w, depth, n0, k0, kc, p, xb ? F32 : wf);
         int64_t m = 0;
+        if (!xb)
+            for (; m + F32_TILE_ROWS <= M; m += F32_TILE_ROWS)
+                panel_tile(x, p, bias, y, K, N, m, n0, k0, kc, F32_TILE_ROWS, first);
         for (; m + 6 <= M; m += 6) any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 6, first);
         switch (M - m) {
             case 5: any_tile(x, xb, p, bias, y, K, N, m, n0, k0, kc, 5, first); break;

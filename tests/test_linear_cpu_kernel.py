@@ -22,13 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not f32_linear_cpu.available(), reason="no C compiler")
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 23, 24, 35, 36, 40, 64])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 23, 24, 35, 36, 40, 47, 64])
 @pytest.mark.parametrize(("n", "k"), [(1, 8), (7, 64), (13, 576), (1030, 96), (37, 520)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_kernel_matches_f_linear(rows, n, k, bias, dtype):
     """Every tile shape of both paths: dot products (4 to 1 rows by 3 or 1 weight rows) and packed
-    panels (6 to 1 rows by 16 weight rows, K in panels of 256 and a shorter last one), split over
+    panels (8 with AVX512, 6 to 1 rows by 16 weight rows, K in panels of 256 and a shorter last one), split over
     the threads. bfloat16 weights are widened exactly, so the float32 sums match F.linear over the
     widened weights; the result comes back in x's dtype."""
     torch.manual_seed(rows * 1000 + n + k)
