@@ -11,6 +11,7 @@ huge pages but speed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 
@@ -43,13 +44,15 @@ def _aligned(nbytes: int) -> int:
 
 def zeros_like_each(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
     """Zero-filled CPU tensors of the given shapes and dtype, in one huge-page arena."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = [_aligned(itemsize * math.prod(shape)) for shape in shapes]
-    arena, out, offset = zeros(sum(sizes)), [], 0
-    for shape, size in zip(shapes, sizes):
-        out.append(arena[offset:offset + itemsize * math.prod(shape)].view(dtype).view(shape))
-        offset += size
-    return out
+    return _arena([(shape, dtype) for shape in shapes])
+
+
+def _arena(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Zero-filled CPU tensors of the given (shape, dtype)s, each from a cache line of one arena."""
+    nbytes = [torch.empty((), dtype=dtype).element_size() * math.prod(shape) for shape, dtype in specs]
+    offsets = [0, *itertools.accumulate(_aligned(n) for n in nbytes)]
+    arena = zeros(offsets[-1])
+    return [arena[at:at + n].view(dtype).view(shape) for (shape, dtype), n, at in zip(specs, nbytes, offsets)]
 
 
 def move_weights(model: nn.Module) -> None:
@@ -65,12 +68,7 @@ def move_weights(model: nn.Module) -> None:
                 tensors.setdefault((t.data_ptr(), t.shape, t.dtype), []).append(t)
     if not tensors:
         return
-    sizes = [_aligned(uses[0].numel() * uses[0].element_size()) for uses in tensors.values()]
-    arena, offset = zeros(sum(sizes)), 0
-    for size, uses in zip(sizes, tensors.values()):
-        first = uses[0]
-        moved = arena[offset:offset + first.numel() * first.element_size()].view(first.dtype).view(first.shape)
-        moved.copy_(first)
-        offset += size
+    for uses, moved in zip(tensors.values(), _arena([(uses[0].shape, uses[0].dtype) for uses in tensors.values()])):
+        moved.copy_(uses[0])
         for t in uses:
             t.data = moved  # the same Parameter (or buffer) object: its attributes and holders stay
