@@ -1,6 +1,6 @@
-"""An EAGLE-1 head in plain torch, for training (benchmarks/train_eagle.py): the module structure
-and parameter names pagedserve loads for speculative_config method "eagle" (shared/eagle.py,
-services/worker/models/eagle.py), with autograd.
+"""An EAGLE-1 head for training (benchmarks/train_eagle.py), in torch with transformers' Llama
+decoder layer: the module structure and parameter names pagedserve loads for speculative_config
+method "eagle" (shared/eagle.py, services/worker/models/eagle.py), with autograd.
 
 Over one sequence, position p reads token p + 1 and the target's last hidden state of position p
 (after its final norm), at rotary position p, and attends causally to positions <= p:
@@ -42,63 +42,17 @@ class Frozen:
         return F.linear(hidden, self.lm_head)
 
 
-class Attention(nn.Module):
-    def __init__(self, config: dict):
-        super().__init__()
-        h, self.heads = config["hidden_size"], config["num_attention_heads"]
-        self.kv_heads = config.get("num_key_value_heads") or self.heads
-        self.head_dim = config.get("head_dim") or h // self.heads
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
+def decoder_layer(config: dict) -> nn.Module:
+    """transformers' Llama decoder layer without its input norm (as published EAGLE-1 heads), its
+    attention causal through SDPA."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-
-        def split(t: torch.Tensor, n: int) -> torch.Tensor:
-            return t.view(b, s, n, self.head_dim).transpose(1, 2)  # [B, heads, S, D]
-
-        q = _rotate(split(self.q_proj(x), self.heads), cos, sin)
-        k = _rotate(split(self.k_proj(x), self.kv_heads), cos, sin)
-        v = split(self.v_proj(x), self.kv_heads)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: dict):
-        super().__init__()
-        h, inter = config["hidden_size"], config["intermediate_size"]
-        self.gate_proj = nn.Linear(h, inter, bias=False)
-        self.up_proj = nn.Linear(h, inter, bias=False)
-        self.down_proj = nn.Linear(inter, h, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(hidden_size)), eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class DecoderLayer(nn.Module):
-    """A Llama decoder layer without its input norm (as published EAGLE-1 heads)."""
-
-    def __init__(self, config: dict):
-        super().__init__()
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
-        self.post_attention_layernorm = RMSNorm(config["hidden_size"], float(config.get("rms_norm_eps", 1e-6)))
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(x, cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    llama = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    llama._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(llama, layer_idx=0)
+    layer.input_layernorm = nn.Identity()
+    return layer
 
 
 class TorchEagleHead(nn.Module):
@@ -110,17 +64,17 @@ class TorchEagleHead(nn.Module):
         h = config["hidden_size"]
         self.config, self.frozen = config, frozen
         self.fc = nn.Linear(2 * h, h, bias=False)
-        self.layers = nn.ModuleList([DecoderLayer(config)])
+        self.layers = nn.ModuleList([decoder_layer(config)])
         head_dim = config.get("head_dim") or h // config["num_attention_heads"]
         inv_freq = inverse_frequencies(head_dim, rope_parameters(config))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         freqs = torch.outer(torch.arange(tokens.shape[1], dtype=torch.float32), self.inv_freq)
-        cos, sin = freqs.cos(), freqs.sin()
+        angles = torch.cat([freqs, freqs], dim=-1)[None]  # both halves of each head rotate alike
         x = self.fc(torch.cat([F.embedding(tokens, self.frozen.embedding), features], dim=-1))
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, position_embeddings=(angles.cos(), angles.sin()))
         return x
 
     def logits(self, predicted: torch.Tensor) -> torch.Tensor:
@@ -150,9 +104,3 @@ class TorchEagleHead(nn.Module):
         head = cls(json.loads((Path(head_dir) / "config.json").read_text()), frozen)
         head.load_state_dict(load_file(str(Path(head_dir) / "model.safetensors")))
         return head
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style rotary (the two halves of each head rotate together), as pagedserve and HF Llama."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
