@@ -87,9 +87,15 @@ def test_a_dead_replica_restarts_alone_and_a_dead_frontend_stops_serve(model_dir
         home: list[int] = []
 
         def kill_its_engine() -> None:
-            _wait_for(lambda: home.append(next(r for r in range(2) if scrape(ports[r])
-                                               ["pagedserve_engine_requests_running"] == 1)) is None, 30, "no home")
-            engines[home[0]].kill()
+            for w in workers:  # no token can come while its home is found, so the stream cannot end first
+                w.send_signal(signal.SIGSTOP)
+            try:
+                _wait_for(lambda: home.append(next(r for r in range(2) if scrape(ports[r])
+                                                   ["pagedserve_engine_requests_running"] == 1)) is None, 30, "no home")
+                engines[home[0]].kill()
+            finally:
+                for w in workers:
+                    w.send_signal(signal.SIGCONT)
             for _ in range(3):  # the other replica serves meanwhile (a request sent to the dead one waits)
                 assert _greedy(port, 4)["usage"]["completion_tokens"] == 4
 
