@@ -101,6 +101,17 @@ def stack_commands(model: str, *engine_flags: str) -> StackCommands:
     )
 
 
+def kill_paused(engine: subprocess.Popen, worker: subprocess.Popen) -> None:
+    """Kill the engine with its worker stopped meanwhile, so the requests in flight cannot finish
+    between the test seeing tokens and the kill (on a fast machine they might)."""
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        engine.kill()
+        engine.wait(10)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+
+
 @pytest.fixture
 def processes():
     procs: list[subprocess.Popen] = []
@@ -131,8 +142,7 @@ def test_requests_resume_on_a_restarted_engine(model_dirs, processes):
         streamed = pool.submit(stream, base, "tiny", 400, started)
         whole = pool.submit(complete, base, "tiny", 400)
         assert started.wait(60)  # tokens are flowing
-        engine.kill()
-        engine.wait(10)
+        kill_paused(engine, processes[0])
         wait_status(base, 503)
         assert not streamed.done() and not whole.done()
         late = pool.submit(complete, base, "tiny", 20)
@@ -176,8 +186,7 @@ def test_a_seeded_stream_resumes_on_a_restarted_engine_token_for_token(model_dir
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(seeded_stream, cmd.base, 300, started)
         assert started.wait(60)  # tokens are flowing
-        engine.send_signal(signal.SIGKILL)
-        engine.wait(10)
+        kill_paused(engine, processes[0])
         wait_status(cmd.base, 503)
         assert not pending.done()
         processes.append(spawn(*cmd.engine))
