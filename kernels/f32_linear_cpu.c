@@ -8,10 +8,11 @@
  *   AVX2's 16 registers exactly; the block after next is prefetched while the first rows use it.
  * - From PACK_ROWS rows on, outer products: 16 weight rows by KC columns are transposed into a
  *   packed panel (16 KB, held in L1), and each 6-row tile of x runs 6 x 16 multiply-adds per
- *   column of the panel, accumulating into y panel by panel. With AVX512's 32 vector registers
- *   float32 tiles take 8 rows (16 accumulators): smol135's weight shapes from memory, both threads,
- *   2-core AMD EPYC, two alternating rounds against 6-row tiles: 1.07x and 1.07x at 40 rows, 1.03x
- *   and 1.04x at 64, about 1.01x at 48 and 96 (benchmarks/linear_cpu.py). The dot products' x rows outgrow L1
+ *   column of the panel, accumulating into y panel by panel. With AVX512 float32 tiles take 8 rows
+ *   of one 16-float vector each (panel_tile): smol135's weight shapes from memory, both threads,
+ *   2-core AMD EPYC, two alternating rounds, 8 rows of two 8-float halves against 6-row tiles: 1.07x
+ *   and 1.07x at 40 rows, 1.03x and 1.04x at 64, about 1.01x at 48 and 96 (benchmarks/linear_cpu.py);
+ *   one 16-float vector per row gained 1-4% more. The dot products' x rows outgrow L1
  *   there and every tile re-reads them from L2. Where they cross over depends on the registers:
  *   over smol135's weight shapes from memory on a 2-core AMD EPYC (benchmarks/linear_cpu.py's
  *   shapes, both threads), built for AVX512 the dot products ran 1.30x the panels at 16 rows,
@@ -28,6 +29,9 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_pool.h"
 #include "simd.h"
@@ -40,7 +44,7 @@
 #define PACK_ROWS 24
 #endif
 #define BF16_PACK_ROWS 16 /* the same, for bfloat16 weights on AVX512-BF16 panels */
-#if defined(__AVX512F__) /* rows of a float32 panel tile: 8 x 2 accumulators fit 32 registers, 6 x 2 fit 16 */
+#if defined(__AVX512F__) /* rows of a float32 panel tile: 8 x 1 16-float accumulators (32 registers), 6 x 2 8-float (16) */
 #define F32_TILE_ROWS 8
 #else
 #define F32_TILE_ROWS 6
@@ -117,15 +121,31 @@ static inline __attribute__((always_inline)) void pack(const void *w, int64_t K,
 }
 
 /* y[m0 : m0 + MR, n0 : n0 + PANEL] += x[m0 : m0 + MR, k0 : k0 + kc] p; `first` starts from the
- * bias (or zero) instead of y. Inlined with constant MR <= F32_TILE_ROWS: up to 16 accumulators. */
+ * bias (or zero) instead of y. Inlined with constant MR <= F32_TILE_ROWS. With AVX512 a panel row is
+ * one 16-float vector: 8 rows take 8 accumulators and 17 instructions per column of the panel,
+ * against 26 for two 8-float halves (on AVX512 CPUs with two 512-bit FMA units, twice the
+ * multiply-adds per instruction). smol135's weight shapes from memory, both threads, 2-core AMD
+ * EPYC (whose 512-bit FMAs take two cycles), three alternating rounds against 8 x 2 halves: 1.01-1.04x
+ * at 40 rows, 1.01-1.06x at 64 and 96 (benchmarks/linear_cpu.py); 16 rows of one vector ran 0.93x
+ * (their x rows and the panel outgrow L1). */
 static inline __attribute__((always_inline)) void panel_tile(const float *x, const float *p, const float *bias,
                                                              float *y, int64_t K, int64_t N, int64_t m0, int64_t n0,
                                                              int64_t k0, int64_t kc, int MR, int first) {
+    const float *xr = x + m0 * K + k0;
+#if defined(__AVX512F__)
+    __m512 acc[F32_TILE_ROWS];
+    for (int i = 0; i < MR; i++)
+        acc[i] = !first ? _mm512_loadu_ps(y + (m0 + i) * N + n0) : bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+    for (int64_t kk = 0; kk < kc; kk++) {
+        const __m512 w = _mm512_loadu_ps(p + kk * PANEL);
+        for (int i = 0; i < MR; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(xr[i * K + kk]), w, acc[i]);
+    }
+    for (int i = 0; i < MR; i++) _mm512_storeu_ps(y + (m0 + i) * N + n0, acc[i]);
+#else
     v8 acc[F32_TILE_ROWS][2];
     for (int i = 0; i < MR; i++)
         for (int h = 0; h < 2; h++)
             acc[i][h] = !first ? load8(y + (m0 + i) * N + n0 + 8 * h) : bias ? load8(bias + n0 + 8 * h) : (v8){0};
-    const float *xr = x + m0 * K + k0;
     for (int64_t kk = 0; kk < kc; kk++) {
         const v8 w0 = load8(p + kk * PANEL), w1 = load8(p + kk * PANEL + 8);
         for (int i = 0; i < MR; i++) {
@@ -136,6 +156,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, con
     }
     for (int i = 0; i < MR; i++)
         for (int h = 0; h < 2; h++) store8(y + (m0 + i) * N + n0 + 8 * h, acc[i][h]);
+#endif
 }
 
 /* y[m0 : m0 + MR, n0 : n0 + PANEL] += rows of x times the panel p over its kc columns: float32
