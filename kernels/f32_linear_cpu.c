@@ -125,9 +125,9 @@ static inline __attribute__((always_inline)) void pack(const void *w, int64_t K,
  * one 16-float vector: 8 rows take 8 accumulators and 17 instructions per column of the panel,
  * against 26 for two 8-float halves (on AVX512 CPUs with two 512-bit FMA units, twice the
  * multiply-adds per instruction). smol135's weight shapes from memory, both threads, 2-core AMD
- * EPYC (whose 512-bit FMAs take two cycles), three alternating rounds against 8 x 2 halves: 1.01-1.04x
- * at 40 rows, 1.01-1.06x at 64 and 96 (benchmarks/linear_cpu.py); 16 rows of one vector ran 0.93x
- * (their x rows and the panel outgrow L1). */
+ * EPYC (whose 512-bit FMAs take two cycles), three alternating rounds against 8 x 2 halves: 1.05x at
+ * 36 rows, 1.01-1.02x at 40, 1.01x at 64 to 128; 16 rows of one vector ran 0.94x at 40 (their x
+ * rows and the panel outgrow L1). */
 static inline __attribute__((always_inline)) void panel_tile(const float *x, const float *p, const float *bias,
                                                              float *y, int64_t K, int64_t N, int64_t m0, int64_t n0,
                                                              int64_t k0, int64_t kc, int MR, int first) {
