@@ -17,6 +17,7 @@ from msgspec import UNSET, UnsetType
 from msgspec.structs import force_setattr, replace
 
 MAX_LOGPROBS = 20
+MAX_N = 1 << 16  # samples of one prompt: far past it, building the samples alone would exhaust memory
 _PENALTY_RANGE = (-2.0, 2.0)
 _GREEDY_EPS = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator accepts
@@ -33,6 +34,10 @@ def _require(ok: bool, field: str, rule: str, value: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False):
@@ -130,7 +135,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
         if self.logit_bias is not None:
             try:  # JSON clients send token ids as string keys
                 bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except (TypeError, ValueError):
+            except (AttributeError, TypeError, ValueError):
                 msg = f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"
                 raise ValueError(msg) from None
             force_setattr(self, "logit_bias", bias)
@@ -138,10 +143,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
     def _validate_sampling(self) -> None:
         floats = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
         for field in floats:  # inf or nan would turn a whole batch's logits into nan in the worker
-            _require(math.isfinite(getattr(self, field)), field, "must be a finite number", getattr(self, field))
+            _require(_is_finite(getattr(self, field)), field, "must be a finite number", getattr(self, field))
         lo, hi = _PENALTY_RANGE
         checks = [
-            ("n", _is_int(self.n) and self.n >= 1, "must be at least 1"),
+            ("n", _is_int(self.n) and 1 <= self.n <= MAX_N, f"must be in [1, {MAX_N}]"),
             ("temperature", self.temperature >= 0, "must be non-negative"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", _is_int(self.top_k) and self.top_k >= 0, "must be -1, 0 (disabled) or positive"),
@@ -158,6 +163,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
                 checks.append((field, ok, f"must be in [0, {MAX_LOGPROBS}]"))
         for field, ok, rule in checks:
             _require(ok, field, rule, getattr(self, field))
+        ok = self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams)
+        _require(ok, "structured_outputs", "must be a StructuredOutputsParams (or None)", self.structured_outputs)
 
     def _validate_lengths(self) -> None:
         if self.max_tokens is not None:

@@ -98,3 +98,13 @@ def test_bad_tool_input_raises_value_error(llm, kwargs, field):
         llm.chat(ASK, SamplingParams(max_tokens=2), use_tqdm=False, **kwargs)
     assert not llm.engine.has_unfinished()
     assert llm.chat(ASK, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": 5}],  # the template iterates over a content that is no list or text
+    [{"content": "no role"}],
+])
+def test_messages_the_template_cannot_render_raise_value_error(llm, messages):
+    with pytest.raises(ValueError, match="The chat template could not render these messages"):
+        llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.chat(ASK, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].finish_reason == "length"

@@ -43,6 +43,12 @@ def test_defaults_match_vllm() -> None:
         ("stop", ["ok", ""]),
         ("logit_bias", {"x": 1.0}),
         ("logit_bias", {-3: 1.0}),
+        ("logit_bias", [1, 2]),
+        ("n", 2**16 + 1),  # a fan-out that would exhaust memory before any step
+        ("temperature", "1"),
+        ("top_p", None),
+        ("presence_penalty", True),
+        ("structured_outputs", {"regex": "a"}),  # a dict, not StructuredOutputsParams
     ],
 )
 def test_invalid_value_names_the_field(field: str, value: object) -> None:

@@ -12,8 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-from jinja2 import TemplateError
-
 from services.frontend.errors import bad_request
 from services.frontend.limits import check_text_fits
 from services.frontend.template_sandbox import TemplateRejected, TemplateSandbox
@@ -84,8 +82,8 @@ class Tokenization:
         try:
             return await self.run(size, render_chat, self.tokenizer, messages,
                                   add_generation_prompt=add_generation_prompt, **variables)
-        except (ValueError, TypeError, KeyError, TemplateError) as exc:  # e.g. raise_exception in the template
-            raise bad_request(f"The chat template could not render these messages: {exc}", param="messages") from None
+        except ValueError as exc:  # no template, or it cannot render these messages (render_chat)
+            raise bad_request(str(exc), param="messages") from None
 
     async def _render_client(self, template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
                              variables: dict[str, Any]) -> str:

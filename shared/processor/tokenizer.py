@@ -53,12 +53,19 @@ def template_variables(tokenizer, kwargs: dict[str, Any] | None) -> dict[str, An
 
 def render_chat(tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                 chat_template: str | None = None, **kwargs: Any) -> str:
-    """A conversation rendered with the model's template (or ``chat_template``), as text."""
+    """A conversation rendered with the model's template (or ``chat_template``), as text.
+    Raises ValueError when there is no template or the template cannot render these messages (a
+    message of the wrong shape, or the template's own raise_exception)."""
+    from jinja2 import TemplateError
+
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model has no chat template; pass chat_template or use completions")
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs
-    )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **kwargs
+        )
+    except (TypeError, KeyError, AttributeError, IndexError, TemplateError) as exc:
+        raise ValueError(f"The chat template could not render these messages: {exc}") from None
 
 
 def apply_chat_template(tokenizer, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
