@@ -109,7 +109,8 @@ class LLM(PoolingAPI, LLMLifecycle):
             lora=LoRAConfig.if_enabled(enable_lora, max_lora_rank, max_loras, max_cpu_loras),
         )
         self.tokenizer = load_tokenizer(model_config.path)
-        facts = ModelFacts(model_config.vocab_size, model_config.max_model_len, model_config.generation_defaults)
+        facts = ModelFacts(model_config.vocab_size, model_config.max_model_len, model_config.generation_defaults,
+                           tuple(model_config.eos_token_ids))
         self.processor = RequestProcessor(self.tokenizer, facts)
         self.runner = make_executor(self.config, device)  # with several ranks, their processes
         self.engine = EngineCore(self.config, self.runner, self.runner.num_blocks)

@@ -131,7 +131,8 @@ class FrontendState:
             log.error("%s", self.setup_error)
             return
         defaults = {k: v for k, v in info.generation_defaults.items() if k in _SAMPLING_FIELDS}
-        self.processor = RequestProcessor(tokenizer, ModelFacts(info.vocab_size, info.max_model_len, defaults))
+        facts = ModelFacts(info.vocab_size, info.max_model_len, defaults, tuple(info.eos_token_ids))
+        self.processor = RequestProcessor(tokenizer, facts)
         self.tokenizer = tokenizer
         self.metrics.set_ready()
         if self.config.ready_file:

@@ -34,6 +34,7 @@ class ModelFacts:
     vocab_size: int
     max_model_len: int
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    eos_token_ids: tuple[int, ...] = ()  # a final EOS stays out of the text, as a stop token id does
 
 
 class RequestProcessor:
@@ -78,7 +79,8 @@ class RequestProcessor:
         """One Sequence per choice, in choice order: prompt p, sample j -> index p * n + j, engine
         request id ``{base_id}-{index}``, its own seed when the request is seeded."""
         return [
-            Sequence(f"{base_id}-{p * params.n + j}", p * params.n + j, self.tokenizer, ids, params.for_child(j), p)
+            Sequence(f"{base_id}-{p * params.n + j}", p * params.n + j, self.tokenizer, ids, params.for_child(j), p,
+                     self.model.eos_token_ids)
             for p, ids in enumerate(prompts)
             for j in range(params.n)
         ]

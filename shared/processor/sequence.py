@@ -13,12 +13,13 @@ from shared.sampling_params import SamplingParams
 
 class Sequence:
     def __init__(self, req_id: str, index: int, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
-                 prompt_index: int = 0):
+                 prompt_index: int = 0, eos_token_ids: tuple[int, ...] = ()):
         self.req_id = req_id
         self.index = index  # the choice index: prompt p, sample j of n -> p * n + j
         self.prompt_index = prompt_index
         self.prompt_token_ids = prompt_token_ids
         self.params = params
+        self.eos_token_ids = eos_token_ids
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
@@ -47,13 +48,23 @@ class Sequence:
             self.prompt_logprobs = delta.prompt_logprobs
         self.token_ids.extend(delta.new_token_ids)
         self.logprobs.extend(delta.new_logprobs)
-        stop = self.detok.add(delta.new_token_ids)
+        stop = self.detok.add(self._text_token_ids(delta))
         if stop is not None:
             self.finish_reason, self.stop_reason = "stop", stop
             return delta.finish_reason is None
         if delta.finish_reason is not None:
             self.finish_reason, self.stop_reason, self.error = delta.finish_reason, delta.stop_reason, delta.error
         return False
+
+    def _text_token_ids(self, delta: RequestDelta) -> list[int]:
+        """The delta's tokens that become text: all but an EOS or stop token id that finished the
+        sequence, whose text shows only with include_stop_str_in_output (vLLM's rule; otherwise
+        skip_special_tokens=False, which tool parsers set, would put "<|im_end|>" in the text)."""
+        ids = delta.new_token_ids
+        stopped_by_token = delta.stop_reason is not None or (bool(ids) and ids[-1] in self.eos_token_ids)
+        if delta.finish_reason == "stop" and stopped_by_token and not self.params.include_stop_str_in_output:
+            return ids[:-1]
+        return ids
 
     def fail(self, message: str) -> None:
         """The engine refused or lost this sequence."""
