@@ -127,6 +127,16 @@ def test_bad_input_raises_clear_errors(model_dirs):
     assert len(llm.generate("ok", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
+@pytest.mark.parametrize(("device", "message"), [
+    ("foo", "device must be 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+    ("mps", "device must be 'cpu', 'cuda' or 'cuda:N', got 'mps'"),
+    ("cuda:64", "device 'cuda:64' is not there"),
+])
+def test_a_device_this_machine_lacks_raises_value_error(model_dirs, device, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LLM(str(model_dirs("llama")), device=device)
+
+
 def test_generation_config_supplies_defaults(model_dirs, tmp_path):
     import json
     import shutil
