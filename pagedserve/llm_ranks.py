@@ -50,29 +50,12 @@ def make_executor(config: EngineConfig, device: str | None) -> Any:
     ``num_blocks``; the engine core drives both."""
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = _device_kind(device)
+    from services.worker.model_runner import ModelRunner, parse_device
+
+    parsed = parse_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if config.parallel.world_size == 1:
-        from services.worker.model_runner import ModelRunner
-
-        return ModelRunner(config, device)
-    return RankProcesses(config, kind)
-
-
-def _device_kind(device: str) -> str:
-    """"cpu" or "cuda" for a device this machine has; else ValueError."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        parsed = None
-    if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} is not there: this machine's torch sees "
-                         f"{torch.cuda.device_count()} CUDA device(s)")
-    return parsed.type
+        return ModelRunner(config, parsed)
+    return RankProcesses(config, parsed.type)
 
 
 class LLMLifecycle:

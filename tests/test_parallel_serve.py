@@ -113,3 +113,15 @@ def test_a_rank_that_never_joins_fails_with_a_clear_error_within_the_timeout(mod
             proc.kill()
     assert proc.returncode == 1
     assert "rank 0 of 2: the ranks did not all join" in err and "within 3s (--dist-timeout)" in err, err[-2000:]
+
+
+def test_a_worker_given_a_device_this_machine_lacks_exits_with_a_clear_error(model_dirs):
+    proc = spawn("worker", "--model", str(model_dirs("llama")), "--device", "cuda:64", "--metrics-port", "0",
+                 stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2
+    assert "pagedserve: error: device 'cuda:64' is not there" in err, err[-2000:]

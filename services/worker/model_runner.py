@@ -42,6 +42,21 @@ from shared.protocol import StepPlan, StepResult
 
 log = logging.getLogger(__name__)
 
+def parse_device(device: str) -> torch.device:
+    """The torch device of a --device or LLM(device=...) value: cpu, cuda or cuda:N this machine
+    has (ValueError otherwise)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} is not there: this machine's torch sees "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
 @dataclass
 class StepStats:
     phase: str  # "prefill", "decode" or "mixed"

@@ -17,7 +17,7 @@ from services.worker.distributed import init_parallel_groups
 from services.worker.heartbeat import start_heartbeat
 from services.worker.link import EngineLink, serve
 from services.worker.metrics import WorkerMetrics
-from services.worker.model_runner import ModelRunner
+from services.worker.model_runner import ModelRunner, parse_device
 from services.worker.rendezvous import Rendezvous, RendezvousError, add_rendezvous_args, join, resolve
 from shared.auth import CurveClient, add_auth_args, client_security
 from shared.config import EngineConfig
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     rdzv = resolve(args, args.tensor_parallel_size * args.pipeline_parallel_size)
     config = engine_config_from_args(args, rank=rdzv.rank)
     security = client_security(args, "worker")  # before the weights load: a bad key fails at once
-    device = torch.device(args.device or (f"cuda:{rdzv.local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device or (f"cuda:{rdzv.local_rank}" if torch.cuda.is_available() else "cpu"))
     metrics_port = 8002 + rdzv.local_rank if args.metrics_port is None else args.metrics_port
     return run_rank(config, rdzv, device, args.worker_addr, security, metrics_port, args.metrics_host)
 
