@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from pagedserve.llm_pooling import PoolingAPI
 from pagedserve.llm_ranks import LLMLifecycle, make_executor
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedserve.prompts import PromptType, prompt_list, prompt_of
 from services.engine.core import EngineCore
 from shared.config import (
     CacheConfig,
@@ -42,7 +43,6 @@ from shared.protocol import TokenLogprobs
 from shared.sampling_params import SamplingParams
 from shared.speculative import SpeculativeConfig
 
-PromptType = str | dict[str, Any]
 LoRAType = LoRARequest | Seq[LoRARequest | None] | None
 
 
@@ -136,8 +136,7 @@ class LLM(PoolingAPI, LLMLifecycle):
         lora_request: the adapter every prompt runs with, or one (or None) per prompt.
         Fields a SamplingParams leaves unset take the model's generation_config defaults;
         max_tokens unset in both is 16."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
+        prompts = prompt_list(prompts)
         token_lists = [self._tokenize(p) for p in prompts]
         texts = [p if isinstance(p, str) else p.get("prompt") for p in prompts]
         return self._run(texts, token_lists, sampling_params, use_tqdm, priority, DEFAULT_MAX_TOKENS,
@@ -179,13 +178,8 @@ class LLM(PoolingAPI, LLMLifecycle):
     # ----- internals ----------------------------------------------------------------------------
 
     def _tokenize(self, prompt: PromptType) -> list[int]:
-        if isinstance(prompt, str):
-            return self.processor.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
-        if isinstance(prompt, dict) and "prompt" in prompt:
-            return self.processor.encode(prompt["prompt"])
-        raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")
+        given = prompt_of(prompt)
+        return self.processor.encode(given) if isinstance(given, str) else given
 
     def _run(self, texts, token_lists, sampling_params, use_tqdm, priority, default_max_tokens,
              plans: list[ChatPlan] | None = None, lora_request: LoRAType = None) -> list[RequestOutput]:

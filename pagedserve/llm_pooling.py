@@ -6,15 +6,13 @@ the cosine of their embeddings."""
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from typing import Any
 
 from tqdm.auto import tqdm
 
 from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, ScoringOutput, ScoringRequestOutput
+from pagedserve.prompts import PromptType, prompt_list, prompt_of, texts_of
 from shared.pooling import PoolingParams
 from shared.processor.pooling import POOLING_SAMPLING, PoolingInputs, cosine, pair_up, resolve_truncation
-
-PoolingPrompt = str | dict[str, Any]
 
 
 class PoolingAPI:
@@ -26,7 +24,7 @@ class PoolingAPI:
 
     def embed(
         self,
-        prompts: PoolingPrompt | Seq[PoolingPrompt],
+        prompts: PromptType | Seq[PromptType],
         *,
         truncate_prompt_tokens: int | None = None,
         pooling_params: PoolingParams | None = None,
@@ -35,11 +33,12 @@ class PoolingAPI:
         """One embedding per prompt (a str, or a dict with 'prompt' or 'prompt_token_ids');
         pooling_params.dimensions cuts a matryoshka embedding."""
         self._require_task("embed", "embed")
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
+        prompts = prompt_list(prompts)
         truncate = resolve_truncation(truncate_prompt_tokens, self.config.model.max_model_len)
         inputs = self._pooling_inputs()
-        token_lists = [inputs.encode(_prompt_of(p), truncate, "prompt") for p in prompts]
+        token_lists = [inputs.encode(prompt_of(p), truncate, "prompt") for p in prompts]
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise ValueError(f"pooling_params must be a PoolingParams (or None), got {pooling_params!r}")
         params = pooling_params or PoolingParams()
         vectors = self._pool([(ids, params) for ids in token_lists], use_tqdm)
         return [
@@ -60,8 +59,7 @@ class PoolingAPI:
         task = self.config.model.task
         if task == "generate":
             raise ValueError("score needs a pooling model (an embedding model or a cross-encoder)")
-        queries = [data_1] if isinstance(data_1, str) else list(data_1)
-        documents = [data_2] if isinstance(data_2, str) else list(data_2)
+        queries, documents = texts_of(data_1, "data_1"), texts_of(data_2, "data_2")
         pairs = pair_up(queries, documents)
         truncate = resolve_truncation(truncate_prompt_tokens, self.config.model.max_model_len)
         inputs = self._pooling_inputs()
@@ -107,15 +105,3 @@ class PoolingAPI:
         finally:
             bar.close()
         return [(rid, results[rid]) for rid in ids]
-
-
-
-
-def _prompt_of(prompt: PoolingPrompt) -> str | list[int]:
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-        return list(prompt["prompt_token_ids"])
-    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-        return prompt["prompt"]
-    raise ValueError(f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', got {prompt!r}")

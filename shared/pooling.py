@@ -35,6 +35,15 @@ class PoolingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     dimensions: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
     segment_start: Annotated[int, Meta(ge=0)] = 0
 
+    def __post_init__(self) -> None:  # the bounds above hold on decoding; here for a constructor call too
+        def whole(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if self.dimensions is not None and not (whole(self.dimensions) and 1 <= self.dimensions <= 1 << 20):
+            raise ValueError(f"dimensions must be a positive integer (or None), got {self.dimensions!r}")
+        if not (whole(self.segment_start) and self.segment_start >= 0):
+            raise ValueError(f"segment_start must be a non-negative integer, got {self.segment_start!r}")
+
 
 @dataclass(frozen=True)
 class PoolerConfig:

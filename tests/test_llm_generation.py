@@ -122,6 +122,10 @@ def test_bad_input_raises_clear_errors(model_dirs):
         llm.generate({"prompt_token_ids": [11] * 10}, SamplingParams(max_tokens=60), use_tqdm=False)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="prompts must be a prompt or a list of prompts"):
+        llm.generate(5, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt_token_ids must be a list of token ids"):
+        llm.generate({"prompt_token_ids": "11 12"}, use_tqdm=False)
     # the engine is untouched and keeps serving
     assert not llm.engine.has_unfinished()
     assert len(llm.generate("ok", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids) == 3

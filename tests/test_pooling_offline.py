@@ -92,6 +92,23 @@ def test_huge_text_refused_or_cut_before_tokenizing(minilm):
     assert_all_blocks_free(minilm)
 
 
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda llm: llm.embed(5), "prompts must be a prompt or a list of prompts"),
+    (lambda llm: llm.embed([{"prompt_token_ids": ["a"]}]), "prompt_token_ids must be a list of token ids"),
+    (lambda llm: llm.embed([{"prompt": 3}]), "a prompt must be a str or a dict"),
+    (lambda llm: llm.embed(["x"], pooling_params={"dimensions": 3}), "pooling_params must be a PoolingParams"),
+    (lambda llm: llm.embed(["x"], pooling_params=PoolingParams(dimensions=0)), "dimensions must be a positive"),
+    (lambda llm: llm.embed(["x"], pooling_params=PoolingParams(dimensions="3")), "dimensions must be a positive"),
+    (lambda llm: llm.score(None, ["x"]), "data_1 must be a str or a list of str"),
+    (lambda llm: llm.score("q", [1, 2]), "data_2 must be a str or a list of str"),
+])
+def test_input_of_the_wrong_shape_raises_value_error(minilm, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(minilm)
+    assert len(minilm.embed("still here", use_tqdm=False)[0].outputs.embedding) == 384
+    assert_all_blocks_free(minilm)
+
+
 @pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
 def test_random_encoders_match_transformers(encoders, arch):
     from transformers import AutoModel, AutoTokenizer

@@ -1,0 +1,42 @@
+"""The prompts the offline API takes, vLLM's: a text, or a dict with 'prompt' (a text) or
+'prompt_token_ids' (a list of token ids); one, or a list of them. Anything else is a ValueError."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+PromptType = str | dict[str, Any]
+
+_SHAPE = "a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids'"
+
+
+def prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
+    """One prompt as a list of one; a list or tuple of prompts as a list."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        return list(prompts)
+    raise ValueError(f"prompts must be a prompt or a list of prompts ({_SHAPE}), got {prompts!r}")
+
+
+def prompt_of(prompt: PromptType) -> str | list[int]:
+    """A prompt's text, or its token ids (their range is the processor's to check)."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt_token_ids must be a list of token ids, got {ids!r}")
+        return list(ids)
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    raise ValueError(f"{_SHAPE}, got {prompt!r}")
+
+
+def texts_of(data: str | Seq[str], name: str) -> list[str]:
+    """score()'s queries or documents: one text, or a list of texts."""
+    texts = [data] if isinstance(data, str) else list(data) if isinstance(data, (list, tuple)) else None
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{name} must be a str or a list of str, got {data!r}")
+    return texts
