@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pagedserve.llm_pooling import PoolingAPI
 from pagedserve.llm_ranks import LLMLifecycle, make_executor
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedserve.prompts import PromptType, prompt_list, prompt_of
+from pagedserve.prompts import PromptType, per_prompt, prompt_list, prompt_of
 from services.engine.core import EngineCore
 from shared.config import (
     CacheConfig,
@@ -183,16 +183,10 @@ class LLM(PoolingAPI, LLMLifecycle):
 
     def _run(self, texts, token_lists, sampling_params, use_tqdm, priority, default_max_tokens,
              plans: list[ChatPlan] | None = None, lora_request: LoRAType = None) -> list[RequestOutput]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params_list = (
-            [sampling_params] * len(token_lists) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        )
-        priorities = [0] * len(token_lists) if priority is None else list(priority)
-        loras = self._loras(lora_request, len(token_lists))
-        for name, given in (("sampling_params", params_list), ("priority", priorities)):
-            if len(given) != len(token_lists):
-                raise ValueError(f"got {len(given)} {name} for {len(token_lists)} prompts")
+        count = len(token_lists)
+        params_list = [p or SamplingParams() for p in per_prompt(sampling_params, SamplingParams, "sampling_params", count)]
+        priorities = [p or 0 for p in per_prompt(priority, int, "priority", count)]
+        loras = self._loras(lora_request, count)
         if any(priorities) and self.config.scheduler.policy != "priority":
             raise ValueError('priority needs LLM(..., scheduling_policy="priority")')
         # Validate every request before admitting any, so a bad prompt leaves the engine untouched.
@@ -225,13 +219,8 @@ class LLM(PoolingAPI, LLMLifecycle):
     def _loras(self, lora_request: LoRAType, count: int) -> list[LoRARequest | None]:
         """One adapter (or None) per prompt, each checked against the model before any request is
         admitted (ValueError: LoRA not enabled, too high a rank, modules the model lacks, bad files)."""
-        loras = [lora_request] * count if lora_request is None or isinstance(lora_request, LoRARequest) \
-            else list(lora_request)
-        if len(loras) != count:
-            raise ValueError(f"got {len(loras)} lora_request for {count} prompts")
+        loras = per_prompt(lora_request, LoRARequest, "lora_request", count)
         for lora in dict.fromkeys(x for x in loras if x is not None):
-            if not isinstance(lora, LoRARequest):
-                raise ValueError(f"lora_request must be a LoRARequest, got {type(lora).__name__}")  # noqa: TRY004 (the API's ValueError)
             if self.config.lora is None:
                 raise ValueError("lora_request needs LLM(..., enable_lora=True)")
             check_adapter(lora.lora_path, self.config.model.hf_config, self.config.lora.max_lora_rank)

@@ -40,3 +40,16 @@ def texts_of(data: str | Seq[str], name: str) -> list[str]:
     if texts is None or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"{name} must be a str or a list of str, got {data!r}")
     return texts
+
+
+def per_prompt(value: Any, kind: type, name: str, count: int) -> list[Any]:
+    """An argument given for every prompt at once (one `kind`, or None) or prompt by prompt (a
+    list or tuple of `kind` or None, one per prompt), as one entry per prompt."""
+    given = [value] * count if value is None or isinstance(value, kind) else \
+        list(value) if isinstance(value, (list, tuple)) else [value]
+    wrong = next((v for v in given if v is not None and not isinstance(v, kind)), None)
+    if wrong is not None:
+        raise ValueError(f"{name} must be a {kind.__name__}, a list of them (one per prompt) or None, got {wrong!r}")
+    if len(given) != count:
+        raise ValueError(f"got {len(given)} {name} for {count} prompts")
+    return given

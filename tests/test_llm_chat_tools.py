@@ -92,6 +92,7 @@ def test_reasoning_then_tool_call(llm):
     ({"tools": TOOLS}, "tool_choice"),  # auto without a tool parser
     ({"tool_parser": "nope"}, "hermes"),  # the message lists the parsers
     ({"reasoning_parser": "nope"}, "deepseek_r1"),
+    ({"chat_template_kwargs": 5}, "chat_template_kwargs"),
 ])
 def test_bad_tool_input_raises_value_error(llm, kwargs, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):

@@ -126,6 +126,10 @@ def test_bad_input_raises_clear_errors(model_dirs):
         llm.generate(5, use_tqdm=False)
     with pytest.raises(ValueError, match="prompt_token_ids must be a list of token ids"):
         llm.generate({"prompt_token_ids": "11 12"}, use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams, a list of them"):
+        llm.generate("ok", {"max_tokens": 2}, use_tqdm=False)
+    with pytest.raises(ValueError, match="lora_request must be a LoRARequest, a list of them"):
+        llm.generate("ok", lora_request="adapter", use_tqdm=False)
     # the engine is untouched and keeps serving
     assert not llm.engine.has_unfinished()
     assert len(llm.generate("ok", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids) == 3

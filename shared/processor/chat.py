@@ -63,6 +63,9 @@ class ChatPlan:
 
     def template_variables(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """chat_template_kwargs plus the request's tools, as apply_chat_template takes them."""
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise InvalidRequest(f"chat_template_kwargs must be a dict of template variables, got {kwargs!r}",
+                                 "chat_template_kwargs")
         variables = dict(kwargs or {})
         if self.tools:
             variables["tools"] = [tool.to_openai() for tool in self.tools]
