@@ -57,6 +57,10 @@ def test_documented_formats(name, text, expected):
     ("hermes", '<tool_call>{"arguments": {}}</tool_call>'),  # no name
     ("hermes", '<tool_call>{"name": "f", "arguments": [1]}</tool_call>'),  # arguments not an object
     ("hermes", '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'),  # not strict JSON
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"x": 1e999}}</tool_call>'),  # inf: no JSON can say it
+    ("llama3_json", '{"name": "f", "parameters": {"x": -1e400}}'),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"x": 1e999}}]'),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"x": 1e999}'),
     ("llama3_json", '{"name": "f", "parameters": {"x": 1}'),
     ("llama3_json", '{"name": "f", "parameters": {}, "extra": 1}'),
     ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"x": 1}'),

@@ -93,6 +93,13 @@ def test_random_walks_yield_valid_calls(grammar_compiler, choice, parallel):
     assert names == ({"lookup"} if isinstance(choice, dict) else {"get_weather", "lookup", "now"})
 
 
+def test_a_number_past_a_floats_range_is_content_not_an_error():
+    text = '[{"name":"now","parameters":{}},{"name":"get_weather","parameters":{"t":1e999}}]'
+    message = ForcedCallsParser.extract(text)  # xgrammar's JSON grammar lets a random model write it
+    assert [c.name for c in message.tool_calls] == ["now"]
+    assert message.content == ',{"name":"get_weather","parameters":{"t":1e999}}]'
+
+
 def test_a_cut_short_output_keeps_its_complete_calls():
     text = '[{"name":"now","parameters":{}},{"name":"get_weather","parameters":{"ci'
     message = ForcedCallsParser.extract(text)

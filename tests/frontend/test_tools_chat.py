@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -105,6 +106,22 @@ def test_auto_text_without_a_call_stays_content(tc, name):
                                      extra_body={"structured_outputs": {"choice": [bad]}}, **GREEDY)
     assert out.choices[0].message.content == bad and not out.choices[0].message.tool_calls
     assert out.choices[0].finish_reason == "stop"
+
+
+def test_a_call_with_a_number_past_a_floats_range_stays_content(tools_base, name):
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": 1e999}}\n</tool_call>'
+    body = {"model": name, "messages": ASK, "tools": TOOLS, "structured_outputs": {"choice": [bad]}, **GREEDY}
+    whole = httpx.post(f"{tools_base}/v1/chat/completions", json=body, timeout=120)
+    assert whole.status_code == 200, whole.text  # was a 500: Python reads 1e999 as inf, which JSON cannot write
+    message = whole.json()["choices"][0]["message"]
+    assert (message["content"], message["tool_calls"]) == (bad, None)
+    content, calls, finish = _streamed(_client(tools_base).chat.completions.create(
+        model=name, messages=ASK, tools=TOOLS, extra_body={"structured_outputs": {"choice": [bad]}}, stream=True,
+        **GREEDY))
+    assert (content, calls, finish) == (bad, [], "stop")
+    after = httpx.post(f"{tools_base}/v1/chat/completions", json={"model": name, "messages": ASK, "max_tokens": 2},
+                       timeout=120)
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_none_renders_tools_but_makes_no_calls(tc, name, model_tokenizer):

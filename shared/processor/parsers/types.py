@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,8 +82,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: Python reads infinity, which dumps cannot write back
+        raise ValueError(f"{text} is out of a float's range")
+    return value
+
+
 def loads(text: str) -> Any:
-    """JSON without NaN and Infinity (which Python's json accepts), with raw control characters
-    allowed inside strings (models write raw newlines in code arguments, and xgrammar's JSON
-    grammar lets them through); dumps escapes them again."""
-    return json.loads(text, parse_constant=_reject_constant, strict=False)
+    """JSON without NaN and Infinity (which Python's json accepts, also for a number as large as
+    1e999), with raw control characters allowed inside strings (models write raw newlines in
+    code arguments, and xgrammar's JSON grammar lets them through); dumps escapes them again."""
+    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, strict=False)
