@@ -1,5 +1,7 @@
 """The prompts the offline API takes, vLLM's: a text, or a dict with 'prompt' (a text) or
-'prompt_token_ids' (a list of token ids); one, or a list of them. Anything else is a ValueError."""
+'prompt_token_ids' (a list of token ids); one, or a list of them. And the arguments given for
+all prompts at once or prompt by prompt (sampling_params, lora_request, priority). Anything else
+is a ValueError."""
 
 from __future__ import annotations
 
