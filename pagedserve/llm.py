@@ -154,6 +154,7 @@ class LLM(PoolingAPI, LLMLifecycle):
         tool_choice: str | dict[str, Any] | None = None,
         parallel_tool_calls: bool | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        continue_final_message: bool = False,
         tool_parser: str | None = None,
         reasoning_parser: str | None = None,
         lora_request: LoRAType = None,
@@ -163,6 +164,8 @@ class LLM(PoolingAPI, LLMLifecycle):
 
         tools, tool_choice and parallel_tool_calls as in OpenAI's API (tool_choice "auto" needs
         tool_parser, e.g. "hermes"); chat_template_kwargs become template variables;
+        continue_final_message (with add_generation_prompt=False) leaves the last message open for
+        the model to continue, as vLLM's;
         reasoning_parser ("qwen3", "deepseek_r1") splits off the reasoning. With either parser or
         a forced tool_choice, each output also has content, reasoning_content and tool_calls, as
         the server's message."""
@@ -170,7 +173,8 @@ class LLM(PoolingAPI, LLMLifecycle):
         parsers = ChatParsers(tool_parser, reasoning_parser, enable_auto_tool_choice=tool_parser is not None)
         plans = [ChatPlan(parsers, conv, tools, tool_choice, parallel_tool_calls) for conv in conversations]
         token_lists = [self.processor.encode_chat(conv, add_generation_prompt, chat_template,
-                                                  **plan.template_variables(chat_template_kwargs))
+                                                  **plan.template_variables(chat_template_kwargs,
+                                                                            continue_final_message))
                        for conv, plan in zip(conversations, plans)]
         texts = [self.tokenizer.decode(ids) for ids in token_lists]
         return self._run(texts, token_lists, sampling_params, use_tqdm, None, REST_OF_CONTEXT, plans, lora_request)

@@ -236,6 +236,7 @@ class ChatCompletionRequest(SamplingRequest, ClientTemplate):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's extra: the last (assistant) message is continued
     # tool calling: checked (with the tool messages) by shared.processor.chat.ChatPlan
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None

@@ -91,6 +91,9 @@ class Tokenization:
             msg = ("Chat template is passed with request, but --trust-request-chat-template is not set. "
                    "Refused request with untrusted chat template.")
             raise bad_request(msg, param="chat_template")
+        if variables.get("continue_final_message"):  # apply_chat_template's cut, which the sandbox does not make
+            raise bad_request("continue_final_message cannot be combined with a chat_template sent in the request.",
+                              param="continue_final_message")
         if self._sandbox is None:
             self._sandbox = TemplateSandbox(self.limits.chat_template_timeout, self.limits.max_request_body_bytes)
         context = {**self.tokenizer.special_tokens_map, **variables, "messages": messages,

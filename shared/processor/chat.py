@@ -61,12 +61,16 @@ class ChatPlan:
                                  "--tool-call-parser NAME on the server (LLM.chat's tool_parser offline)",
                                  "tool_choice")
 
-    def template_variables(self, kwargs: dict[str, Any] | None) -> dict[str, Any]:
-        """chat_template_kwargs plus the request's tools, as apply_chat_template takes them."""
+    def template_variables(self, kwargs: dict[str, Any] | None, continue_final_message: bool = False) -> dict[str, Any]:
+        """chat_template_kwargs plus the request's tools, as apply_chat_template takes them;
+        continue_final_message (vLLM's): the last message stays open for the model to continue
+        (apply_chat_template refuses it with add_generation_prompt)."""
         if kwargs is not None and not isinstance(kwargs, dict):
             raise InvalidRequest(f"chat_template_kwargs must be a dict of template variables, got {kwargs!r}",
                                  "chat_template_kwargs")
         variables = dict(kwargs or {})
+        if continue_final_message:
+            variables["continue_final_message"] = True
         if self.tools:
             variables["tools"] = [tool.to_openai() for tool in self.tools]
         return variables

@@ -155,6 +155,11 @@ def test_trusted_client_template_renders(trusting, model_tokenizer):
                                                  "ignore_eos": True})
     assert chat.status_code == 200 and chat.json()["usage"]["prompt_tokens"] == len(want)
     assert chat.json()["choices"][0]["message"]["content"] == plain.json()["choices"][0]["text"]
+    # the sandbox renders the template alone: apply_chat_template's open last message is not there
+    open_last = _post(f"{trusting}/v1/chat/completions", {"messages": MESSAGES, "chat_template": template,
+                                                            "continue_final_message": True,
+                                                            "add_generation_prompt": False, "max_tokens": 3})
+    assert open_last.status_code == 400 and open_last.json()["error"]["param"] == "continue_final_message"
 
 
 @pytest.mark.parametrize("template", [

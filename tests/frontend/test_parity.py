@@ -138,6 +138,28 @@ def test_chat_parity_runs_to_the_model_default(stack, llm):
     assert resp.json()["usage"]["completion_tokens"] == len(offline.token_ids) == MODEL_DEFAULTS["max_new_tokens"]
 
 
+def test_continue_final_message_continues_the_last_message_both_ways(stack, llm):
+    """vLLM's continue_final_message: the assistant's last message stays open (no end of turn) and
+    the model writes on from it; with add_generation_prompt left on, the same 400 / ValueError."""
+    messages = [{"role": "user", "content": "Say something"}, {"role": "assistant", "content": "Here it is:"}]
+    fields = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
+    (offline,) = llm.chat(messages, SamplingParams(**fields), use_tqdm=False, add_generation_prompt=False,
+                          continue_final_message=True)
+    closed = llm.chat(messages, SamplingParams(**fields), use_tqdm=False, add_generation_prompt=False)[0]
+    assert offline.prompt.endswith("Here it is:") and not closed.prompt.endswith("Here it is:")
+    body = {"messages": messages, **fields, "add_generation_prompt": False, "continue_final_message": True}
+    resp = _served(stack, "chat/completions", body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"] == offline.outputs[0].text
+    assert resp.json()["usage"]["prompt_tokens"] == len(offline.prompt_token_ids)
+    resp = _served(stack, "chat/completions", {**body, "add_generation_prompt": True})
+    assert resp.status_code == 400, resp.text
+    with pytest.raises(ValueError) as refused:
+        llm.chat(messages, SamplingParams(**fields), use_tqdm=False, continue_final_message=True)
+    assert resp.json()["error"]["message"] == str(refused.value)
+    assert "continue_final_message and add_generation_prompt are not compatible" in str(refused.value)
+
+
 BAD = [
     ("oov_stop_token_ids", {"stop_token_ids": [10**6]}),
     ("oov_logit_bias", {"logit_bias": {str(10**6): 1.0}}),
