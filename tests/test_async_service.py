@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from service_helpers import scrape
+from service_helpers import scrape, scrape_until
 from test_engine_service import Client, engine_stack
 
 from shared.protocol import AbortRequests, AddRequest, Outputs, Ping
@@ -76,7 +76,7 @@ def test_an_abort_mid_stream_frees_every_block(async_stack):
             msg = client.rx.recv(timeout_ms=1000)
             if getattr(msg, "ping_id", None) == 7 and msg.num_running == 0:
                 break
-        time.sleep(0.5)  # the idle loop refreshes the gauges
-        engine = scrape(ports[0])
+        engine = scrape_until(ports[0], lambda m: m["pagedserve_engine_kv_cache_usage_ratio"] == 0
+                              and m["pagedserve_engine_requests_running"] == 0)
     assert engine["pagedserve_engine_kv_cache_usage_ratio"] == 0
     assert engine["pagedserve_engine_requests_running"] == 0

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from service_helpers import scrape
+from service_helpers import scrape, scrape_until
 from spec_service import GREEDY, PROMPTS, module_fixtures
 from test_engine_service import Client, engine_stack
 from test_spec_decode_service import (  # noqa: F401 -- the same test, on this module's stack
@@ -70,8 +70,7 @@ def test_served_output_equals_non_speculative_and_every_block_returns(stack, exp
         assert got[rid] == ("length", tokens)
     assert got["stop"] == ("stop", expected[1][: expected[1].index(stop_id) + 1])
     assert got["short"] == ("length", expected[1][:7])
-    time.sleep(0.5)  # the idle loop refreshes the gauges
-    engine = scrape(ports[0])
+    engine = scrape_until(ports[0], lambda m: m["pagedserve_engine_kv_cache_usage_ratio"] == 0.0)
     proposed = engine["pagedserve_engine_spec_decode_num_draft_tokens_total"]
     accepted = engine["pagedserve_engine_spec_decode_num_accepted_tokens_total"]
     assert 0 < engine["pagedserve_engine_spec_decode_num_drafts_total"] <= proposed and 0 < accepted < proposed
