@@ -101,27 +101,26 @@ def test_ranks_started_apart_rendezvous_by_flags_and_torchrun_variables(model_di
         stop_processes(procs)
 
 
-def test_a_rank_that_never_joins_fails_with_a_clear_error_within_the_timeout(model_dirs):
-    # rank 0 of 2 waits at its address; rank 1 never comes (a hang would trip communicate's timeout)
-    proc = spawn("worker", "--model", str(model_dirs("llama")), *FLAGS, "--metrics-port", "0", "--rank", "0",
-                 "--dist-init-addr", f"127.0.0.1:{free_port()}", "--dist-timeout", "3",
-                 stderr=subprocess.PIPE, text=True)
+def _worker_exit(*flags: str) -> tuple[int, str]:
+    """A worker run with these flags until it exits (within 120 s): its status and stderr."""
+    proc = spawn("worker", *flags, "--metrics-port", "0", stderr=subprocess.PIPE, text=True)
     try:
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1
+    return proc.returncode, err
+
+
+def test_a_rank_that_never_joins_fails_with_a_clear_error_within_the_timeout(model_dirs):
+    # rank 0 of 2 waits at its address; rank 1 never comes (a hang would trip communicate's timeout)
+    status, err = _worker_exit("--model", str(model_dirs("llama")), *FLAGS, "--rank", "0",
+                               "--dist-init-addr", f"127.0.0.1:{free_port()}", "--dist-timeout", "3")
+    assert status == 1
     assert "rank 0 of 2: the ranks did not all join" in err and "within 3s (--dist-timeout)" in err, err[-2000:]
 
 
 def test_a_worker_given_a_device_this_machine_lacks_exits_with_a_clear_error(model_dirs):
-    proc = spawn("worker", "--model", str(model_dirs("llama")), "--device", "cuda:64", "--metrics-port", "0",
-                 stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 2
+    status, err = _worker_exit("--model", str(model_dirs("llama")), "--device", "cuda:64")
+    assert status == 2
     assert "pagedserve: error: device 'cuda:64' is not there" in err, err[-2000:]
