@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from shared.sampling_params import is_int
+
 PromptType = str | dict[str, Any]
 
 _SHAPE = "a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids'"
@@ -28,7 +30,7 @@ def prompt_of(prompt: PromptType) -> str | list[int]:
         return prompt
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not isinstance(ids, (list, tuple)) or not all(map(is_int, ids)):
             raise ValueError(f"prompt_token_ids must be a list of token ids, got {ids!r}")
         return list(ids)
     if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from shared.sampling_params import is_int
+
 RUNNERS = ("auto", "generate", "pooling")
 TASKS = ("generate", "embed", "classify")  # what a served model does (ModelInfo.task)
 POOLING_TYPES = ("MEAN", "CLS", "LAST")
@@ -36,12 +38,9 @@ class PoolingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fals
     segment_start: Annotated[int, Meta(ge=0)] = 0
 
     def __post_init__(self) -> None:  # the bounds above hold on decoding; here for a constructor call too
-        def whole(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if self.dimensions is not None and not (whole(self.dimensions) and 1 <= self.dimensions <= 1 << 20):
+        if self.dimensions is not None and not (is_int(self.dimensions) and 1 <= self.dimensions <= 1 << 20):
             raise ValueError(f"dimensions must be a positive integer (or None), got {self.dimensions!r}")
-        if not (whole(self.segment_start) and self.segment_start >= 0):
+        if not (is_int(self.segment_start) and self.segment_start >= 0):
             raise ValueError(f"segment_start must be a non-negative integer, got {self.segment_start!r}")
 
 

@@ -32,7 +32,8 @@ def _require(ok: bool, field: str, rule: str, value: Any) -> None:
         raise ValueError(f"{field} {rule}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -146,20 +147,20 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
             _require(_is_finite(getattr(self, field)), field, "must be a finite number", getattr(self, field))
         lo, hi = _PENALTY_RANGE
         checks = [
-            ("n", _is_int(self.n) and 1 <= self.n <= MAX_N, f"must be in [1, {MAX_N}]"),
+            ("n", is_int(self.n) and 1 <= self.n <= MAX_N, f"must be in [1, {MAX_N}]"),
             ("temperature", self.temperature >= 0, "must be non-negative"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "must be -1, 0 (disabled) or positive"),
+            ("top_k", is_int(self.top_k) and self.top_k >= 0, "must be -1, 0 (disabled) or positive"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be positive"),
             ("presence_penalty", lo <= self.presence_penalty <= hi, "must be in [-2, 2]"),
             ("frequency_penalty", lo <= self.frequency_penalty <= hi, "must be in [-2, 2]"),
-            ("seed", self.seed is None or (_is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX),
+            ("seed", self.seed is None or (is_int(self.seed) and _SEED_MIN <= self.seed <= _SEED_MAX),
              "must be a 64-bit integer or None"),
         ]
         for field in ("logprobs", "prompt_logprobs"):
             if getattr(self, field) is not None:
-                ok = _is_int(getattr(self, field)) and 0 <= getattr(self, field) <= MAX_LOGPROBS
+                ok = is_int(getattr(self, field)) and 0 <= getattr(self, field) <= MAX_LOGPROBS
                 checks.append((field, ok, f"must be in [0, {MAX_LOGPROBS}]"))
         for field, ok, rule in checks:
             _require(ok, field, rule, getattr(self, field))
@@ -168,9 +169,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
 
     def _validate_lengths(self) -> None:
         if self.max_tokens is not None:
-            ok = _is_int(self.max_tokens) and self.max_tokens >= 1
+            ok = is_int(self.max_tokens) and self.max_tokens >= 1
             _require(ok, "max_tokens", "must be at least 1 (or None)", self.max_tokens)
-        ok = _is_int(self.min_tokens) and self.min_tokens >= 0
+        ok = is_int(self.min_tokens) and self.min_tokens >= 0
         _require(ok, "min_tokens", "must be non-negative", self.min_tokens)
         if self.max_tokens is not None:
             _require(
@@ -183,7 +184,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
     def _validate_stops(self) -> None:
         _require(set(self.unset_fields) <= MODEL_DEFAULTABLE.keys(), "unset_fields", "must name defaultable fields",
                  sorted(self.unset_fields))
-        ok = all(_is_int(t) and t >= 0 for t in self.stop_token_ids)
+        ok = all(is_int(t) and t >= 0 for t in self.stop_token_ids)
         _require(ok, "stop_token_ids", "must be non-negative token ids", self.stop_token_ids)
         ok = all(isinstance(s, str) and s for s in self.stop)
         _require(ok, "stop", "must be non-empty strings", self.stop)
