@@ -30,11 +30,19 @@ def _header(scope: Scope, wanted: bytes) -> bytes | None:
 
 
 def _bearer_token(scope: Scope) -> bytes | None:
-    value = _header(scope, b"authorization")
-    if value is None:
+    """The token of the one Authorization header (two are ambiguous: no token)."""
+    values = [value for name, value in scope.get("headers", ()) if name == b"authorization"]
+    if len(values) != 1:
         return None
-    scheme, _, token = value.partition(b" ")
+    scheme, _, token = values[0].partition(b" ")
     return token.strip() if scheme.lower() == b"bearer" else None
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the routes see: under ``--root-path`` uvicorn puts the prefix in front of the
+    client's path (ASGI's rule) and the router takes it off again."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -69,7 +77,7 @@ class FrontendMiddleware:
         self.max_request_body_bytes = max_request_body_bytes
 
     def _authorized(self, scope: Scope) -> bool:
-        if self.api_key is None or not scope["path"].startswith(PROTECTED_PREFIXES):
+        if self.api_key is None or not _route_path(scope).startswith(PROTECTED_PREFIXES):
             return True
         token = _bearer_token(scope)
         return token is not None and hmac.compare_digest(token, self.api_key)
@@ -98,7 +106,7 @@ class FrontendMiddleware:
             else:
                 await self.app(scope, _limited(receive, self.max_request_body_bytes), send_with_headers)
         finally:
-            self.metrics.count_response(scope["path"], status)
+            self.metrics.count_response(_route_path(scope), status)
 
     @staticmethod
     async def _reject(error: APIError, send: Send, headers: dict[str, str]) -> None:
