@@ -121,7 +121,11 @@ def _render(env: Any, request: dict[str, Any]) -> dict[str, str]:
         return {"error": "the chat template exhausted the renderer's memory"}
     except Exception as exc:  # noqa: BLE001 (any failure of the client's template is the client's error)
         return {"error": f"the chat template could not render these messages: {type(exc).__name__}: {exc}"}
-    if len(text.encode("utf-8", "surrogatepass")) > request["max_bytes"]:
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate ('\ud800' in the template): no tokenizer takes it
+        return {"error": "the chat template rendered text that is not valid Unicode (a lone surrogate)"}
+    if size > request["max_bytes"]:
         return {"error": f"the chat template rendered more than {request['max_bytes']} bytes"}
     return {"text": text}
 

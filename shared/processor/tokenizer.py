@@ -9,6 +9,8 @@ from typing import Any
 # apply_chat_template's own parameters that stay template variables when a client sends them in
 # chat_template_kwargs; the others (tokenize, padding, return_dict, ...) are the server's to set.
 _TEMPLATE_PARAMS = frozenset({"tools", "documents", "continue_final_message"})
+# names the renderers set themselves (transformers renders its `conversations` argument as `messages`)
+_RENDERER_NAMES = frozenset({"chat_template", "kwargs", "messages", "conversations"})
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False):
@@ -45,13 +47,13 @@ def max_token_bytes(tokenizer) -> int | None:
 
 
 def template_variables(tokenizer, kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """A client's chat_template_kwargs, less the parameters of apply_chat_template itself and
-    the template (the caller decides both)."""
+    """A client's chat_template_kwargs, less the parameters of apply_chat_template itself, the
+    template and the conversation (the caller decides them all)."""
     reserved = set(inspect.signature(type(tokenizer).apply_chat_template).parameters) - _TEMPLATE_PARAMS
-    return {k: v for k, v in (kwargs or {}).items() if k not in reserved and k not in ("chat_template", "kwargs")}
+    return {k: v for k, v in (kwargs or {}).items() if k not in reserved and k not in _RENDERER_NAMES}
 
 
-def render_chat(tokenizer, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+def render_chat(tokenizer, messages: list[dict[str, Any]], /, *, add_generation_prompt: bool = True,
                 chat_template: str | None = None, **kwargs: Any) -> str:
     """A conversation rendered with the model's template (or ``chat_template``), as text.
     Raises ValueError when there is no template or the template cannot render these messages (a

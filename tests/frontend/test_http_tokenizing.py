@@ -136,12 +136,15 @@ def test_client_templates_are_refused_unless_trusted(frontend):
 
 
 def test_template_kwargs_cannot_steer_the_server(frontend):
-    """chat_template_kwargs are template variables; apply_chat_template's own options stay ours."""
+    """chat_template_kwargs are template variables; apply_chat_template's own options, and the
+    conversation itself (a `messages` kwarg had been a 500), stay ours."""
     plain = _post(f"{frontend}/tokenize", {"messages": MESSAGES}).json()
     odd = {"tokenize": True, "return_dict": True, "return_tensors": "np", "padding": "max_length", "max_length": 3,
-           "truncation": True}
-    steered = _post(f"{frontend}/tokenize", {"messages": MESSAGES, "chat_template_kwargs": odd})
-    assert steered.status_code == 200 and steered.json() == plain
+           "truncation": True, "messages": 5, "conversations": 5, "tokenizer": 5}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        steered = _post(f"{frontend}{path}", {"messages": MESSAGES, "chat_template_kwargs": odd, "max_tokens": 1})
+        assert steered.status_code == 200, steered.text
+    assert _post(f"{frontend}/tokenize", {"messages": MESSAGES, "chat_template_kwargs": odd}).json() == plain
 
 
 def test_trusted_client_template_renders(trusting, model_tokenizer):
@@ -169,6 +172,7 @@ def test_trusted_client_template_renders(trusting, model_tokenizer):
     "{{ 2 ** 99999999 }}",
     "{{ ''.__class__.__mro__[1].__subclasses__() }}",
     "{% for m in messages %}",
+    "{{ '\\ud800' }}",  # a lone surrogate, which no tokenizer takes (had been a 500)
 ])
 def test_hostile_client_templates_get_400_while_others_are_served(trusting, template):
     thread, bad = _in_background(lambda: _post(f"{trusting}/v1/chat/completions",
