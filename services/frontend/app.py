@@ -19,9 +19,7 @@ from services.frontend.openai_requests import ChatCompletionRequest, CompletionR
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
 from services.frontend.pooling import create_embedding, create_rerank, create_score
 from services.frontend.pooling_requests import EmbeddingRequest, RerankRequest, ScoreRequest
-from services.frontend.response_store import ResponseStore
-from services.frontend.responses import create_response, not_found
-from services.frontend.responses_requests import ResponsesRequest
+from services.frontend.response_routes import add_response_routes
 from services.frontend.state import FrontendConfig, FrontendState
 from services.frontend.tokenize_requests import DetokenizeRequest, TokenizeRequest
 from services.frontend.ui_routes import add_ui_routes
@@ -76,25 +74,7 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
     async def rerank(body: RerankRequest, request: Request) -> Response:
         return await create_rerank(state, body, request)
 
-    store = ResponseStore(state.config.response_store_max_entries, state.config.response_store_ttl,
-                          registry=state.metrics.registry, model=lambda: state.metrics.model)
-
-    @app.post("/v1/responses")
-    async def responses(body: ResponsesRequest, request: Request) -> Response:
-        return await create_response(state, store, body, request)
-
-    @app.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str) -> JSONResponse:
-        stored = store.get(response_id)
-        if stored is None:
-            raise not_found(response_id)
-        return JSONResponse(stored.response)
-
-    @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str) -> JSONResponse:
-        if not store.delete(response_id):
-            raise not_found(response_id)
-        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+    add_response_routes(app, state)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -85,7 +85,7 @@ def from_value_error(exc: ValueError, known_params: set[str]) -> APIError:
 
 def _format_loc(loc: tuple[Any, ...]) -> tuple[str | None, str]:
     """(top-level parameter, readable path) from a pydantic error location."""
-    parts = [p for p in loc if p != "body"]
+    parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)  # where FastAPI found it
     if not parts:
         return None, ""
     path = ""

@@ -19,6 +19,7 @@ class StoredResponse:
     response: dict[str, Any]  # the Response object as returned
     messages: list[dict[str, Any]]  # the chat conversation including this response's output
     stored_at: float
+    input_items: list[dict[str, Any]]  # this response's own input, as items with ids (input_items)
 
 
 class ResponseStore:
@@ -37,9 +38,10 @@ class ResponseStore:
                                  "Responses dropped from the store, by reason", ["model_name", "reason"],
                                  registry=registry)
 
-    def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+    def put(self, response_id: str, response: dict[str, Any], messages: list[dict[str, Any]],
+            input_items: list[dict[str, Any]] | None = None) -> None:
         self._expire()
-        self._items[response_id] = StoredResponse(response, messages, self.clock())
+        self._items[response_id] = StoredResponse(response, messages, self.clock(), input_items or [])
         self._items.move_to_end(response_id)
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
@@ -57,6 +59,11 @@ class ResponseStore:
         self._expire()
         found = self._items.pop(response_id, None) is not None
         return found
+
+    def __contains__(self, response_id: str) -> bool:
+        """Held (and not expired), without counting as a use."""
+        item = self._items.get(response_id)
+        return item is not None and self.clock() - item.stored_at < self.ttl
 
     def _expire(self) -> None:
         """Drop the responses older than the TTL (a scan: the store is bounded)."""

@@ -1,17 +1,24 @@
 """POST /v1/responses bodies, turned into the chat request the chat machinery already serves:
 instructions become a system message, input items become messages (function calls an
 assistant's tool_calls, function call outputs tool messages), function tools and tool_choice
-take chat's shape, text.format becomes response_format."""
+take chat's shape, text.format becomes response_format, reasoning.effort the template's
+reasoning_effort."""
 
 from __future__ import annotations
 
-from typing import Any
+import uuid
+from typing import Any, Literal
 
 from pydantic import Field
 
 from services.frontend.errors import bad_request
 from services.frontend.openai_requests import ChatCompletionRequest
 from services.frontend.request_body import RequestBody
+
+
+class Reasoning(RequestBody):
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
 
 
 class ResponsesRequest(RequestBody):
@@ -27,10 +34,24 @@ class ResponsesRequest(RequestBody):
     text: dict[str, Any] | None = None
     stream: bool = False
     store: bool = True
+    background: bool = False  # run on after the answer; polled with GET, stopped with /cancel
+    reasoning: Reasoning | None = None
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     seed: int | None = None  # vLLM's extras, as in chat
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def input_items(self) -> list[dict[str, Any]]:
+        """The input as the items GET /v1/responses/{id}/input_items lists, each with an id."""
+        items = [{"type": "message", "role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        out = []
+        for item in items:
+            item = {"type": "message", **item}
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": "input_text", "text": item["content"]}]
+            prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(item["type"], "item")
+            out.append({"id": f"{prefix}_{uuid.uuid4().hex}", **item})
+        return out
 
     def input_messages(self) -> list[dict[str, Any]]:
         """The input as chat messages (400 naming the item for one of an unknown shape)."""
@@ -60,9 +81,14 @@ class ResponsesRequest(RequestBody):
     def chat_request(self, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
         """The chat completion this response runs (its checks and defaults are chat's)."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1}
-        for name in ("temperature", "top_p", "seed", "parallel_tool_calls", "chat_template_kwargs"):
+        for name in ("temperature", "top_p", "seed", "parallel_tool_calls"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
+        effort = self.reasoning.effort if self.reasoning is not None else None
+        if effort is not None:  # a template variable, as vLLM passes it; the client's own kwargs win
+            body["chat_template_kwargs"] = {"reasoning_effort": effort, **(self.chat_template_kwargs or {})}
+        elif self.chat_template_kwargs is not None:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
         if self.max_output_tokens is not None:
             body["max_tokens"] = self.max_output_tokens
         if self.tools is not None:

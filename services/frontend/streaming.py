@@ -65,6 +65,11 @@ class _GenerationStream(StreamingResponse):
             self.gen.close()
 
 
+def sse(events: AsyncIterator[bytes]) -> StreamingResponse:
+    """An SSE response of ``events`` (a background response's: its client leaving stops nothing)."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
 async def stream(gen: Generation, request: Request, write_chunks: ChunkWriter) -> Response:
     """An SSE response whose events ``write_chunks`` makes from the sequence updates."""
     updates = gen.updates()

@@ -3,6 +3,7 @@ own log, plus a raw engine probe (a Ping whose Pong counts the requests the engi
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -141,6 +142,17 @@ class Stack:
     def close(self) -> None:
         for proc in reversed(self.procs):  # frontends first (Goodbye), then engine, then worker
             proc.close()
+
+
+@contextmanager
+def paused(proc: Proc) -> Iterator[None]:
+    """``proc`` stopped (SIGSTOP) for the block: a worker so stopped makes no token meanwhile, so
+    a test can act on a request in flight however fast the machine is."""
+    proc.popen.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.popen.send_signal(signal.SIGCONT)
 
 
 @contextmanager

@@ -8,12 +8,11 @@ import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import httpx
 import pytest
-from e2e_stack import Stack
+from e2e_stack import Stack, paused
 from frontend_helpers import wait_until
 
 from pagedserve.serve import free_port
@@ -91,13 +90,9 @@ def test_a_browser_chats_streams_and_stops(keyed: Stack, backend: Stack, tmp_pat
         # so a fast machine cannot finish the 900 tokens first (expect's polls are up to 1 s apart)
         page.wait_for_function("() => document.querySelectorAll('.msg.assistant')[1]?.textContent.length >= 20",
                                polling=10, timeout=60_000)
-        worker = backend.procs[0].popen
-        worker.send_signal(signal.SIGSTOP)
-        try:
+        with paused(backend.procs[0]):  # the worker
             page.click("#stop")
             expect(page.locator("#stop")).to_be_disabled(timeout=10_000)
-        finally:
-            worker.send_signal(signal.SIGCONT)
         stopped = last.text_content()
         page.wait_for_timeout(1500)
         assert last.text_content() == stopped  # nothing arrives after the stop

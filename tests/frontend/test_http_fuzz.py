@@ -22,7 +22,8 @@ ENGINE_FLAGS = ("--max-model-len", "48", "--kv-cache-memory", str(16 << 20))
 ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/health"), ("GET", "/version"),
              ("GET", "/metrics"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
-             ("DELETE", "/v1/responses/{response_id}"), ("POST", "/v1/embeddings"), ("POST", "/v1/score"),
+             ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/responses/{response_id}/input_items"),
+             ("POST", "/v1/responses/{response_id}/cancel"), ("POST", "/v1/embeddings"), ("POST", "/v1/score"),
              ("POST", "/v1/rerank")]
 FRONTEND_FLAGS = ("--max-n", "2", "--max-prompts-per-request", "2", "--max-request-body-bytes", str(1 << 20))
 
@@ -50,9 +51,10 @@ def test_the_schema_lists_every_endpoint(api_schema):
     assert listed == set(ENDPOINTS)
 
 
-# invalid bodies for the endpoints that take one (a bare GET has no invalid form to generate)
+# invalid bodies or query strings for the endpoints that take one (a bare path has no invalid form)
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in ENDPOINTS] + [
-    (m, p, GenerationMode.NEGATIVE) for m, p in ENDPOINTS if m == "POST"]
+    (m, p, GenerationMode.NEGATIVE) for m, p in ENDPOINTS
+    if (m == "POST" and not p.endswith("/cancel")) or p.endswith(("/input_items", "{response_id}")) and m == "GET"]
 
 
 @pytest.mark.parametrize(("method", "path", "mode"), CASES, ids=lambda v: getattr(v, "value", v))

@@ -1,16 +1,19 @@
 """The Responses API against the real stack with the official SDK: create, retrieve, delete,
 previous_response_id (404 when unknown), function tools with tool_choice required and their
-outputs fed back, text.format json_schema, and the typed stream events in order; the store's
-LRU and TTL bounds and their metrics on the real ResponseStore class."""
+outputs fed back, text.format json_schema, the typed stream events in order, background
+responses (polled, streamed again, cancelled), input_items and reasoning; the store's LRU and
+TTL bounds and their metrics on the real ResponseStore class."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from e2e_stack import Stack, paused
 from frontend_helpers import metric_value
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -98,6 +101,99 @@ def test_bad_input_is_a_400(client, model):
     with pytest.raises(openai.BadRequestError) as err:  # named in the Responses shape, not chat's
         client.responses.create(model=model, input="x", tools=[bad_schema], max_output_tokens=2)
     assert err.value.body["param"] == "tools[0].parameters" and ".function" not in err.value.body["message"]
+
+
+def _settled(client, response_id: str, timeout: float = 60):
+    """The background response once it has left queued / in_progress."""
+    deadline = time.monotonic() + timeout
+    while (resp := client.responses.retrieve(response_id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, f"{response_id} still {resp.status}"
+        time.sleep(0.05)
+    return resp
+
+
+def test_background_response_is_polled_to_the_same_output(client, model):
+    args = {"model": model, "input": "Tell me about the sea", "max_output_tokens": 8, "temperature": 0}
+    plain = client.responses.create(**args)
+    queued = client.responses.create(**args, background=True)
+    assert queued.status == "queued" and queued.background is True and queued.output == []
+    done = _settled(client, queued.id)
+    assert done.status == "incomplete" and done.output_text == plain.output_text and done.usage.output_tokens == 8
+    # a finished background response: cancel changes nothing
+    assert client.responses.cancel(queued.id).status == "incomplete"
+    follow = client.responses.create(model=model, input="More", previous_response_id=queued.id, max_output_tokens=2)
+    assert follow.usage.input_tokens > done.usage.input_tokens
+
+
+def test_background_stream_and_its_replay(client, model):
+    stream = client.responses.create(model=model, input="Sing", max_output_tokens=6, temperature=0, background=True,
+                                     stream=True)
+    events = list(stream)
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    response_id = events[-1].response.id
+    replay = list(client.responses.retrieve(response_id, stream=True, starting_after=2))
+    assert [e.sequence_number for e in replay] == list(range(3, len(events)))
+    assert replay[-1].response.output_text == events[-1].response.output_text
+    assert _settled(client, response_id).output_text == events[-1].response.output_text
+    plain = client.responses.create(model=model, input="Sing", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as err:  # only a background response's events are kept
+        list(client.responses.retrieve(plain.id, stream=True))
+    assert err.value.body["param"] == "stream"
+
+
+def test_cancel_stops_a_background_response_and_its_engine_requests(client, model, backend: Stack):
+    with paused(backend.procs[0]):  # the worker: the response cannot finish before the cancel
+        queued = client.responses.create(model=model, input="A long story", max_output_tokens=500, background=True)
+        with pytest.raises(openai.BadRequestError) as err:  # a conversation cannot go on from it yet
+            client.responses.create(model=model, input="and", previous_response_id=queued.id, max_output_tokens=2)
+        assert err.value.body["code"] == "response_not_ready"
+        cancelled = client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and cancelled.id == queued.id
+    backend.wait_engine_idle(30)  # aborted, not left running
+    assert client.responses.retrieve(queued.id).status == "cancelled"
+    assert client.responses.cancel(queued.id).status == "cancelled"  # again: the same
+    plain = client.responses.create(model=model, input="hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(plain.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_missing")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=model, input="x", background=True, store=False, max_output_tokens=2)
+    assert err.value.body["param"] == "background"
+
+
+def test_delete_stops_a_running_background_response(client, model, backend: Stack):
+    with paused(backend.procs[0]):
+        queued = client.responses.create(model=model, input="A long story", max_output_tokens=500, background=True)
+        client.responses.delete(queued.id)
+    backend.wait_engine_idle(30)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(queued.id)
+
+
+def test_input_items_are_listed_in_pages(client, model, frontend):
+    items = [{"role": "user", "content": f"message {i}"} for i in range(5)]
+    resp = client.responses.create(model=model, input=items, max_output_tokens=1)
+    listed = client.responses.input_items.list(resp.id, order="asc", limit=2)
+    assert [item.content[0].text for item in listed.data] == ["message 0", "message 1"] and listed.has_more
+    rest = client.responses.input_items.list(resp.id, order="asc", after=listed.last_id)
+    assert [item.content[0].text for item in rest.data] == ["message 2", "message 3", "message 4"]
+    assert not rest.has_more
+    newest = client.responses.input_items.list(resp.id)  # desc by default
+    assert newest.data[0].content[0].text == "message 4" and newest.data[0].id.startswith("msg_")
+    for query, param in (({"limit": 0}, "limit"), ({"order": "up"}, "order"), ({"after": "msg_nope"}, "after")):
+        answer = httpx.get(f"{frontend}/v1/responses/{resp.id}/input_items", params=query, timeout=10)
+        assert answer.status_code == 400 and param in str(answer.json()["error"]["param"]), answer.text
+    assert httpx.get(f"{frontend}/v1/responses/resp_nope/input_items", timeout=10).status_code == 404
+
+
+def test_reasoning_is_echoed_and_checked(client, model):
+    resp = client.responses.create(model=model, input="hi", max_output_tokens=1, reasoning={"effort": "low"})
+    assert resp.reasoning.effort == "low"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=model, input="hi", max_output_tokens=1, reasoning={"effort": "lots"})
+    assert err.value.body["param"].startswith("reasoning")
 
 
 def test_store_is_bounded_by_count_and_age():
