@@ -8,13 +8,20 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from services.frontend.chat import create_chat_completion
 from services.frontend.completions import create_completion
-from services.frontend.errors import APIError, bad_request, engine_unavailable, install_error_handlers
+from services.frontend.errors import (
+    APIError,
+    bad_request,
+    engine_unavailable,
+    install_error_handlers,
+    model_not_found,
+)
 from services.frontend.lora_routes import add_lora_routes, runtime_updating_allowed
 from services.frontend.metrics import CONTENT_TYPE
-from services.frontend.middleware import FrontendMiddleware
+from services.frontend.middleware import ROUTE_ALIASES, FrontendMiddleware
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
 from services.frontend.pooling import create_embedding, create_rerank, create_score
@@ -46,6 +53,9 @@ def build_app(config: FrontendConfig) -> FastAPI:
     _add_openai_routes(app, state)
     _add_tokenizer_routes(app, state)
     _add_ops_routes(app, state)
+    for alias, endpoint in ROUTE_ALIASES.items():  # vLLM's other paths
+        route = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == endpoint)
+        app.add_api_route(alias, route.endpoint, methods=list(route.methods), include_in_schema=False)
     if runtime_updating_allowed():
         add_lora_routes(app, state)
     if config.enable_ui:
@@ -86,6 +96,14 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
                             max_model_len=info.max_model_len, task=info.task)
                   for name, lora in state.loras.adapters.items()]
         return ModelList(data=cards)
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str) -> ModelCard:
+        """One of /v1/models' cards (the SDK's models.retrieve); 404 for a name not served."""
+        card = next((c for c in (await models()).data if c.id == model), None)
+        if card is None:
+            raise model_not_found(model)
+        return card
 
 
 def _add_tokenizer_routes(app: FastAPI, state: FrontendState) -> None:

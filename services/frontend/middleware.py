@@ -38,11 +38,16 @@ def _bearer_token(scope: Scope) -> bytes | None:
     return token.strip() if scheme.lower() == b"bearer" else None
 
 
+# vLLM's other paths for the same endpoints: keyed and counted as the endpoint itself
+ROUTE_ALIASES = {"/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank", "/ping": "/health"}
+
+
 def _route_path(scope: Scope) -> str:
-    """The path the routes see: under ``--root-path`` uvicorn puts the prefix in front of the
-    client's path (ASGI's rule) and the router takes it off again."""
+    """The endpoint the routes serve: under ``--root-path`` uvicorn puts the prefix in front of
+    the client's path (ASGI's rule) and the router takes it off again; an alias is its endpoint."""
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    path = path[len(root):] if root and path.startswith(root) else path
+    return ROUTE_ALIASES.get(path, path)
 
 
 def _content_length(scope: Scope) -> int | None:
