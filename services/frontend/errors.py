@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.frontend.request_body import WIRE_ERROR
+from services.frontend.request_body import NESTED_ERROR, WIRE_ERROR
 from shared.processor.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
         return bad_request(f"Invalid JSON in the request body: {detail}", code="invalid_json")
     param, path = _format_loc(tuple(err.get("loc", ())))
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == NESTED_ERROR:  # names the very place: 'messages[0].content[1].type'
+        path += (err.get("ctx") or {}).get("below", "")
+        return bad_request(f"Invalid value for '{path}': {msg}.", param=path)
     if param is None and err.get("type") == "value_error":  # a check across fields names its field first
         first = msg.split(" ", 1)[0]
         return bad_request(msg, param=first if first.isidentifier() else None)

@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 STRICT = ConfigDict(strict=True, extra="ignore")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 WIRE_ERROR = "wire_value"  # the pydantic error type of a value that no wire format can carry
+NESTED_ERROR = "nested_value"  # a check that names a place below its field (ctx 'below': "[0].type")
 
 
 def _safe(text: str) -> str:

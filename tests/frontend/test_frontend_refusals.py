@@ -135,3 +135,50 @@ def test_api_key(stack, model):
     assert ok.completions.create(**body).model == "alias"
     with pytest.raises(openai.NotFoundError):
         ok.completions.create(model=model, prompt="x", max_tokens=2)
+
+
+NOT_TEXT_PARTS = [
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, ".type", "image content"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, ".type", "audio content"),
+    ({"type": "file", "file": {"file_id": "file-1"}}, ".type", "file content"),
+    ({"type": "video_url", "video_url": {"url": "http://x/v.mp4"}}, ".type", "video content"),
+    ({"type": "hologram"}, ".type", "unknown content part type 'hologram'"),
+    ({"type": "text"}, ".text", "needs 'text' as a string"),
+    ({"text": "hi"}, "", "must be an object with a 'type'"),
+]
+
+
+@pytest.mark.parametrize(("part", "below", "says"), NOT_TEXT_PARTS)
+def test_non_text_content_parts_get_a_400_naming_the_part(frontend, part, below, says):
+    """A text-only model: an image, audio or file part is a 400 that says so and names the part
+    (it had been "'messages[0].content.str': Input should be a valid string")."""
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    for path in ("/v1/chat/completions", "/tokenize"):
+        resp = httpx.post(f"{frontend}{path}", json={"messages": messages, "max_tokens": 1} if "chat" in path
+                          else {"messages": messages})
+        assert resp.status_code == 400, resp.text
+        err = resp.json()["error"]
+        assert err["param"] == f"messages[1].content[1]{below}" and err["code"] == "invalid_value", err
+        assert says in err["message"] and err["type"] == "invalid_request_error", err
+        if err["message"].startswith("image"):
+            assert "text only" in err["message"]
+
+
+def test_text_and_refusal_parts_are_the_text_they_hold(frontend):
+    def tokens(content) -> list[int]:
+        resp = httpx.post(f"{frontend}/tokenize", json={"messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": content}]})
+        assert resp.status_code == 200, resp.text
+        return resp.json()["tokens"]
+
+    assert tokens([{"type": "text", "text": "No"}, {"type": "refusal", "refusal": "thanks"}]) == tokens("No\nthanks")
+    for content in (5, {"type": "text", "text": "No"}):
+        resp = httpx.post(f"{frontend}/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["param"] == "messages[0].content", err
+        assert "a string or a list of content parts" in err["message"]
+    answers = [httpx.post(f"{frontend}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+    }).json()["choices"][0]["message"]["content"] for content in ("Hi", [{"type": "text", "text": "Hi"}])]
+    assert answers[0] == answers[1] and answers[0]
