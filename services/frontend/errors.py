@@ -126,10 +126,21 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     same = [e for e in errors if _format_loc(tuple(e.get("loc", ())))[0] == param]
     tags = [_union_tag(tuple(e.get("loc", ()))) for e in same]
     if len(same) > 1 and all(tags) and len(set(tags)) > 1:  # a union: no alternative matched
-        kinds = ", ".join(dict.fromkeys(str(t) for t in tags))
-        return bad_request(f"Invalid type for '{param}': expected one of {kinds}.", param=param, code="invalid_type")
+        return _union_error(param, same, tags)
     code = "invalid_type" if str(err.get("type", "")).endswith("_type") else "invalid_value"
     return bad_request(f"Invalid value for '{path}': {msg}", param=param, code=code)
+
+
+def _union_error(param: str, errors: list[dict[str, Any]], tags: list[str | None]) -> APIError:
+    """A union no alternative matched: the value's problem when one alternative has the value's
+    type ('input[0]': a negative token id), else the types it may have."""
+    fits = [e for e in errors if not str(e.get("type", "")).endswith("_type")]
+    if fits and len({_union_tag(tuple(e["loc"])) for e in fits}) == 1:
+        loc = tuple(fits[0]["loc"])
+        _, path = _format_loc(loc[:2] + loc[3:])  # the alternative's name is no place in the body
+        return bad_request(f"Invalid value for '{path}': {fits[0].get('msg', 'invalid value')}", param=param)
+    kinds = ", ".join(dict.fromkeys(str(t).replace("constrained-", "") for t in tags))
+    return bad_request(f"Invalid type for '{param}': expected one of {kinds}.", param=param, code="invalid_type")
 
 
 def install_error_handlers(app: FastAPI) -> None:
