@@ -1,7 +1,7 @@
-"""The offline pooling API, vLLM's: LLM(model, runner="pooling").embed(prompts) and
-.score(query, documents). Pooling requests go through the same engine core as generation, each
-computed whole in one step; a cross-encoder scores (query, document) pairs, an embedding model
-the cosine of their embeddings."""
+"""The offline pooling API, vLLM's: LLM(model, runner="pooling").embed(prompts),
+.score(query, documents) and, for a sequence classifier, .classify(prompts). Pooling requests go
+through the same engine core as generation, each computed whole in one step; a cross-encoder
+scores (query, document) pairs, an embedding model the cosine of their embeddings."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from pagedserve.outputs import EmbeddingOutput, EmbeddingRequestOutput, ScoringOutput, ScoringRequestOutput
+from pagedserve.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from pagedserve.prompts import PromptType, prompt_list, prompt_of, texts_of
 from shared.pooling import PoolingParams
 from shared.processor.pooling import POOLING_SAMPLING, PoolingInputs, cosine, pair_up, resolve_truncation
@@ -33,18 +40,33 @@ class PoolingAPI:
         """One embedding per prompt (a str, or a dict with 'prompt' or 'prompt_token_ids');
         pooling_params.dimensions cuts a matryoshka embedding."""
         self._require_task("embed", "embed")
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise ValueError(f"pooling_params must be a PoolingParams (or None), got {pooling_params!r}")
+        results = self._pool_prompts(prompts, truncate_prompt_tokens, pooling_params or PoolingParams(), use_tqdm)
+        return [EmbeddingRequestOutput(rid, ids, EmbeddingOutput(vec)) for rid, ids, vec in results]
+
+    def classify(
+        self,
+        prompts: PromptType | Seq[PromptType],
+        *,
+        truncate_prompt_tokens: int | None = None,
+        use_tqdm: bool = True,
+    ) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt from a sequence classifier (outputs.probs, in the
+        order of the checkpoint's id2label)."""
+        self._require_task("classify", "classify")
+        results = self._pool_prompts(prompts, truncate_prompt_tokens, PoolingParams(), use_tqdm)
+        return [ClassificationRequestOutput(rid, ids, ClassificationOutput(vec)) for rid, ids, vec in results]
+
+    def _pool_prompts(self, prompts: PromptType | Seq[PromptType], truncate_prompt_tokens: int | None,
+                      params: PoolingParams, use_tqdm: bool) -> list[tuple[str, list[int], list[float]]]:
+        """(request id, token ids, pooled vector) of each prompt."""
         prompts = prompt_list(prompts)
         truncate = resolve_truncation(truncate_prompt_tokens, self.config.model.max_model_len)
         inputs = self._pooling_inputs()
         token_lists = [inputs.encode(prompt_of(p), truncate, "prompt") for p in prompts]
-        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
-            raise ValueError(f"pooling_params must be a PoolingParams (or None), got {pooling_params!r}")
-        params = pooling_params or PoolingParams()
         vectors = self._pool([(ids, params) for ids in token_lists], use_tqdm)
-        return [
-            EmbeddingRequestOutput(rid, ids, EmbeddingOutput(vec))
-            for (rid, vec), ids in zip(vectors, token_lists)
-        ]
+        return [(rid, ids, vec) for (rid, vec), ids in zip(vectors, token_lists)]
 
     def score(
         self,
@@ -78,8 +100,10 @@ class PoolingAPI:
     def _require_task(self, task: str, method: str) -> None:
         if self.config.model.task != task:
             what = "generates text" if self.config.model.task == "generate" else f"is a {self.config.model.task} model"
-            raise ValueError(f"{method}() needs an embedding model; this model {what} "
-                             "(LLM(model, runner='pooling') makes a decoder an embedding model)")
+            if task == "embed":
+                raise ValueError(f"{method}() needs an embedding model; this model {what} "
+                                 "(LLM(model, runner='pooling') makes a decoder an embedding model)")
+            raise ValueError(f"{method}() needs a sequence classification model; this model {what}")
 
     def _pool(self, requests: list[tuple[list[int], PoolingParams]], use_tqdm: bool) -> list[tuple[str, list[float]]]:
         """Run pooling requests through the engine: (request id, pooled vector) in input order.

@@ -1,5 +1,6 @@
-"""Seeded random-weight encoder checkpoints (BERT, XLM-RoBERTa, a BERT cross-encoder), for tests
-without downloads: config.json and safetensors saved by transformers itself, and a WordPiece
+"""Seeded random-weight encoder checkpoints (BERT, XLM-RoBERTa, a BERT cross-encoder, a BERT
+three-label classifier), for tests without downloads: config.json and safetensors saved by
+transformers itself, and a WordPiece
 tokenizer trained on local text (the standard library's source) whose post-processor adds
 [CLS]/[SEP] and token types for pairs, as BERT's does."""
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from pagedserve.test_model import _corpus, _save_quietly
 
-ENCODER_ARCHS = ("bert", "xlm-roberta", "bert-cross-encoder")
+ENCODER_ARCHS = ("bert", "xlm-roberta", "bert-cross-encoder", "bert-classifier")
+CLASSIFIER_LABELS = ("negative", "neutral", "positive")
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _VOCAB = 1024
 
@@ -38,16 +40,18 @@ def make_encoder_model(out_dir: str | Path, arch: str = "bert", seed: int = 0, m
         config = XLMRobertaConfig(**shape, max_position_embeddings=max_position + 1, pad_token_id=0, type_vocab_size=1)
         cls = XLMRobertaModel
     else:
-        config = BertConfig(**shape, max_position_embeddings=max_position, pad_token_id=0, num_labels=1)
-        cls = BertForSequenceClassification if arch == "bert-cross-encoder" else BertModel
+        labels = {"id2label": dict(enumerate(CLASSIFIER_LABELS))} if arch == "bert-classifier" else {"num_labels": 1}
+        config = BertConfig(**shape, max_position_embeddings=max_position, pad_token_id=0, **labels)
+        cls = BertModel if arch == "bert" else BertForSequenceClassification
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(config).eval()
         for name, param in model.named_parameters():  # LayerNorms and biases away from 1 and 0
             if param.ndim == 1:
                 param.data.add_(torch.randn_like(param) * 0.1)
-        if arch == "bert-cross-encoder":  # the init's 0.02 head gives every pair the same score to ~1e-5
-            model.bert.pooler.dense.weight.data.normal_(0.0, 0.5)
+        if cls is BertForSequenceClassification:  # the init's 0.02 head gives every input the same scores to ~1e-5
+            # the classifier's pooler kept out of tanh's saturation: its probabilities stay well inside (0, 1)
+            model.bert.pooler.dense.weight.data.normal_(0.0, 0.5 if arch == "bert-cross-encoder" else 0.05)
             model.classifier.weight.data.normal_(0.0, 1.0)
     _save_quietly(model, out, None)
     return out

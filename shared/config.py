@@ -52,6 +52,15 @@ class ModelConfig:
         """What the model does: "generate", "embed" or "classify" (shared.pooling.TASKS)."""
         return "generate" if self.pooler is None else self.pooler.task
 
+    @property
+    def class_labels(self) -> list[str]:
+        """A sequence classifier's label names in class order: config.json's id2label (its keys
+        are the class indices, as strings), else transformers' LABEL_i for its two default classes."""
+        hf = self.hf_config
+        id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+        count = int(hf.get("num_labels") or len(id2label) or 2)
+        return [id2label.get(i, f"LABEL_{i}") for i in range(count)]
+
     @classmethod
     def from_pretrained(
         cls,

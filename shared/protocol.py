@@ -248,6 +248,7 @@ class ModelInfo(msgspec.Struct, tag=True, **_STRUCT):
     task: str = "generate"  # "generate", "embed" or "classify" (shared.pooling.TASKS)
     max_lora_rank: Count = 0  # the engine's --max-lora-rank; 0: LoRA adapters are not enabled
     max_loras: Count = 0  # the engine's --max-loras: the most adapters in one batch
+    labels: list[str] = []  # a classifier's label names, in class order (/classify)
 
 
 EngineMessage = Outputs | RequestFailed | Pong | ModelInfo

@@ -73,6 +73,7 @@ class EngineService:
             self.config.scheduler.max_num_queued_requests, m.task,
             self.config.lora.max_lora_rank if self.config.lora is not None else 0,
             self.config.lora.max_loras if self.config.lora is not None else 0,
+            m.class_labels if m.task == "classify" else [],
         )
         self.frontends = FrontendHandler(self.core, self.metrics, self.outbox, model_info, self.frontend_table)
         log.info("engine ready: %d KV blocks of %d tokens", num_blocks, self.config.cache.block_size)

@@ -24,8 +24,13 @@ from services.frontend.metrics import CONTENT_TYPE
 from services.frontend.middleware import ROUTE_ALIASES, FrontendMiddleware
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
 from services.frontend.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, now
-from services.frontend.pooling import create_embedding, create_rerank, create_score
-from services.frontend.pooling_requests import EmbeddingRequest, RerankRequest, ScoreRequest
+from services.frontend.pooling import create_classify, create_embedding, create_rerank, create_score
+from services.frontend.pooling_requests import (
+    ClassificationRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+)
 from services.frontend.response_routes import add_response_routes
 from services.frontend.state import FrontendConfig, FrontendState
 from services.frontend.tokenize_requests import DetokenizeRequest, TokenizeRequest
@@ -75,6 +80,10 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         return await create_embedding(state, body, request)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassificationRequest, request: Request) -> Response:
+        return await create_classify(state, body, request)
 
     @app.post("/v1/score")
     async def score(body: ScoreRequest, request: Request) -> Response:

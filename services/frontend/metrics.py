@@ -76,6 +76,7 @@ ENDPOINTS = frozenset(
         "/v1/embeddings",
         "/v1/score",
         "/v1/rerank",
+        "/v1/classify",
         "/tokenize",
         "/detokenize",
         "/health",

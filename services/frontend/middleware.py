@@ -39,7 +39,8 @@ def _bearer_token(scope: Scope) -> bytes | None:
 
 
 # vLLM's other paths for the same endpoints: keyed and counted as the endpoint itself
-ROUTE_ALIASES = {"/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank", "/ping": "/health"}
+ROUTE_ALIASES = {"/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank", "/ping": "/health",
+                 "/classify": "/v1/classify"}
 
 
 def _route_path(scope: Scope) -> str:

@@ -1,5 +1,5 @@
-"""POST /v1/embeddings, /v1/score and /v1/rerank: pooling requests through the same engine
-client as generation (one engine request per input, finished with its pooled vector).
+"""POST /v1/embeddings, /v1/score, /v1/rerank and /classify: pooling requests through the same
+engine client as generation (one engine request per input, finished with its pooled vector).
 
 A cross-encoder scores each (query, document) pair together; an embedding model scores by the
 cosine of the two embeddings. The wrong endpoint for the model is a 400 naming the ones that fit.
@@ -18,6 +18,9 @@ from fastapi.responses import Response
 from services.frontend.errors import bad_request, from_value_error
 from services.frontend.openai_responses import now, random_id
 from services.frontend.pooling_requests import (
+    ClassificationData,
+    ClassificationRequest,
+    ClassificationResponse,
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -89,10 +92,14 @@ def _json(model) -> Response:
     return Response(model.model_dump_json(exclude_none=True), media_type="application/json")
 
 
-async def create_embedding(state: FrontendState, body: EmbeddingRequest, request: Request) -> Response:
+def _inputs(body: EmbeddingRequest | ClassificationRequest) -> list:
+    """The request's inputs, one per pooled vector: texts or token id lists."""
     items = body.input
-    if isinstance(items, str) or (items and isinstance(items[0], int)):
-        items = [items]
+    return [items] if isinstance(items, str) or (items and isinstance(items[0], int)) else items
+
+
+async def create_embedding(state: FrontendState, body: EmbeddingRequest, request: Request) -> Response:
+    items = _inputs(body)
     call = _Pooling(state, body, "/v1/embeddings", len(items))
     ids = await call.encode(lambda x: call.inputs.encode(x, call.truncate), items)
 
@@ -101,6 +108,24 @@ async def create_embedding(state: FrontendState, body: EmbeddingRequest, request
         return _json(EmbeddingResponse(model=call.model, data=data, usage=usage))
 
     return await call.run(request, ids, [PoolingParams(dimensions=body.dimensions)] * len(ids), build)
+
+
+async def create_classify(state: FrontendState, body: ClassificationRequest, request: Request) -> Response:
+    items = _inputs(body)
+    call = _Pooling(state, body, "/v1/classify", len(items))
+    ids = await call.encode(lambda x: call.inputs.encode(x, call.truncate), items)
+    labels = state.require_ready().labels
+
+    def build(seqs: list[Sequence], usage: PoolingUsage) -> Response:
+        data = []
+        for i, seq in enumerate(seqs):
+            best = int(np.argmax(seq.pooled))
+            label = labels[best] if best < len(labels) else f"LABEL_{best}"
+            data.append(ClassificationData(index=i, label=label, probs=seq.pooled, num_classes=len(seq.pooled)))
+        return _json(ClassificationResponse(id=random_id("classify"), created=now(), model=call.model, data=data,
+                                            usage=usage))
+
+    return await call.run(request, ids, [PoolingParams()] * len(ids), build)
 
 
 def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:

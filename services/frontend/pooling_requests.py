@@ -1,5 +1,5 @@
 """Request and response bodies of the pooling endpoints: OpenAI's /v1/embeddings, vLLM's
-/v1/score and the Jina/Cohere-shaped /v1/rerank vLLM serves. Strict: a wrong type is a 400
+/v1/score and /classify, and the Jina/Cohere-shaped /v1/rerank vLLM serves. Strict: a wrong type is a 400
 naming the field."""
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ Text = Annotated[str, Field(min_length=1)]
 _SERVES = {
     "generate": "/v1/completions or /v1/chat/completions",
     "embed": "/v1/embeddings, /v1/score or /v1/rerank",
-    "classify": "/v1/score or /v1/rerank",
+    "classify": "/v1/score, /v1/rerank or /classify",
 }
+# the endpoints only one pooling task serves
+_TASK_OF = {"/v1/embeddings": "embed", "/v1/classify": "classify"}
 def check_task(task: str, endpoint: str, pooling: bool) -> None:
     """400 when the model does not serve this kind of endpoint, naming the ones it does."""
-    if (task != "generate") != pooling or (endpoint == "/v1/embeddings" and task != "embed"):
+    if (task != "generate") != pooling or _TASK_OF.get(endpoint, task) != task:
         kind = {"generate": "a text generation model", "embed": "an embedding model",
-                "classify": "a cross-encoder (scoring) model"}.get(task, task)
+                "classify": "a classification (cross-encoder) model"}.get(task, task)
         raise bad_request(f"This model is {kind}: it does not serve {endpoint}. Use {_SERVES.get(task, '')}.",
                           code="unsupported_endpoint")
 
@@ -40,6 +42,10 @@ class EmbeddingRequest(PoolingRequest):
     input: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(min_length=1)
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=1 << 20)
+
+
+class ClassificationRequest(PoolingRequest):
+    input: Text | list[Text] | list[TokenId] | list[list[TokenId]] = Field(min_length=1)
 
 
 class ScoreRequest(PoolingRequest):
@@ -69,6 +75,22 @@ class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
     model: str
     data: list[EmbeddingData]
+    usage: PoolingUsage
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[ClassificationData]
     usage: PoolingUsage
 
 

@@ -109,4 +109,4 @@ def test_wrong_endpoint_names_the_ones_that_fit(base, path):
     resp = post(base, path, body)
     assert resp.status_code == 400, resp.text
     msg = resp.json()["error"]["message"]
-    assert "cross-encoder" in msg and "/v1/score or /v1/rerank" in msg
+    assert "cross-encoder" in msg and "/v1/score, /v1/rerank or /classify" in msg

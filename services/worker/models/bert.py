@@ -167,7 +167,7 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.bert = BertModel(config)
-        self.num_labels = int(config.hf_config.get("num_labels") or len(config.hf_config.get("id2label", {})) or 2)
+        self.num_labels = len(config.class_labels)
         self.classifier = ReplicatedLinear(config.hidden_size, self.num_labels, bias=True)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
