@@ -44,7 +44,9 @@ from shared.processor.sequence import Sequence
 class _Pooling:
     """One pooling endpoint call: checks, tokenization off the event loop, and the engine run."""
 
-    def __init__(self, state: FrontendState, body: PoolingRequest, endpoint: str, num_inputs: int):
+    def __init__(self, state: FrontendState, body: PoolingRequest, endpoint: str, num_inputs: int,
+                 inputs_param: str = "input"):
+        """inputs_param: the field that holds the inputs (named by the 400 for too many)."""
         self.arrival = time.monotonic()
         self.state, self.endpoint = state, endpoint
         self.model = state.check_model(body.model)
@@ -53,7 +55,8 @@ class _Pooling:
         self.task = info.task
         limit = state.config.limits.max_prompts_per_request
         if num_inputs > limit:
-            raise bad_request(f"A request may hold at most {limit} inputs on this server, got {num_inputs}.")
+            raise bad_request(f"A request may hold at most {limit} inputs on this server, got {num_inputs}.",
+                              inputs_param)
         try:
             self.truncate = resolve_truncation(body.truncate_prompt_tokens, info.max_model_len)
         except ValueError as exc:
@@ -137,7 +140,7 @@ def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:
 async def create_score(state: FrontendState, body: ScoreRequest, request: Request) -> Response:
     queries = [body.text_1] if isinstance(body.text_1, str) else body.text_1
     documents = [body.text_2] if isinstance(body.text_2, str) else body.text_2
-    call = _Pooling(state, body, "/v1/score", len(queries) + len(documents))
+    call = _Pooling(state, body, "/v1/score", len(queries) + len(documents), "text_2")
     try:
         pairs = pair_up(queries, documents)
     except ValueError as exc:
@@ -151,7 +154,7 @@ async def create_score(state: FrontendState, body: ScoreRequest, request: Reques
 
 
 async def create_rerank(state: FrontendState, body: RerankRequest, request: Request) -> Response:
-    call = _Pooling(state, body, "/v1/rerank", len(body.documents) + 1)
+    call = _Pooling(state, body, "/v1/rerank", len(body.documents) + 1, "documents")
 
     def build(scores: list[float], usage: PoolingUsage) -> Response:
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n]

@@ -21,7 +21,8 @@ EXAMPLES_PER_ENDPOINT = 25
 ENGINE_FLAGS = ("--max-model-len", "48", "--kv-cache-memory", str(16 << 20))
 ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/health"), ("GET", "/version"),
-             ("GET", "/metrics"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
+             ("GET", "/metrics"), ("GET", "/v1/models/{model}"), ("POST", "/v1/responses"),
+             ("GET", "/v1/responses/{response_id}"),
              ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/responses/{response_id}/input_items"),
              ("POST", "/v1/responses/{response_id}/cancel"), ("POST", "/v1/embeddings"), ("POST", "/v1/score"),
              ("POST", "/v1/classify"),
