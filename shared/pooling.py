@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from shared.processor.errors import InvalidRequest
 from shared.sampling_params import is_int
 
 RUNNERS = ("auto", "generate", "pooling")
@@ -118,8 +119,8 @@ def check_pooling(config: Any, num_tokens: int, pooling: PoolingParams | None) -
         if model.pooler.task != "embed":
             raise ValueError("dimensions applies to embeddings only")
         if pooling.dimensions > model.hidden_size:
-            raise ValueError(f"dimensions must be at most this model's embedding size, {model.hidden_size}; "
-                             f"got {pooling.dimensions}")
+            raise InvalidRequest(f"dimensions must be at most this model's embedding size, {model.hidden_size}; "
+                                 f"got {pooling.dimensions}", "dimensions")
     budget = config.scheduler.max_num_batched_tokens
     if num_tokens > budget:
         raise ValueError(f"input is {num_tokens} tokens long; a pooling model computes each input in one step, "

@@ -220,6 +220,7 @@ class RequestFailed(msgspec.Struct, tag=True, **_STRUCT):
     req_id: ReqId
     message: str
     status: Annotated[int, Meta(ge=400, le=599)] = 400  # HTTP status the frontend should answer with
+    param: str | None = None  # the request field at fault, when the engine knows it
 
 
 class Pong(msgspec.Struct, tag=True, **_STRUCT):

@@ -149,18 +149,18 @@ class FrontendHandler:
                 self.fail([msg.req_id], message, 503)
                 return
             self.core.add_request(request)
-        except ValueError as exc:
-            self.fail([msg.req_id], str(exc), 400)
+        except ValueError as exc:  # an InvalidRequest names its field
+            self.fail([msg.req_id], str(exc), 400, getattr(exc, "param", None))
         except Exception:
             self.fail([msg.req_id], "the engine could not take this request", 500)
             raise
 
-    def fail(self, req_ids: list[str], message: str, status: int) -> None:
+    def fail(self, req_ids: list[str], message: str, status: int, param: str | None = None) -> None:
         """Tell each request's owner it failed; the requests must already be out of the core."""
         for req_id in req_ids:
             owner = self.table.owners.pop(req_id, None)
             if owner is not None:
-                self.outbox.put((owner, RequestFailed(req_id, message, status)))
+                self.outbox.put((owner, RequestFailed(req_id, message, status, param)))
 
     def route(self, deltas: list[RequestDelta]) -> None:
         by_owner: dict[bytes, list[RequestDelta]] = {}

@@ -153,7 +153,8 @@ class Generation:
             if item is _CANCELLED:
                 raise ClientDisconnected()
             if isinstance(item, RequestFailed):
-                raise APIError(item.status, item.message, code="engine_rejected" if item.status < 500 else None)
+                raise APIError(item.status, item.message, param=item.param,
+                               code="engine_rejected" if item.status < 500 else None)
             seq = self.sequences[item.req_id]
             if seq.finished:
                 continue  # e.g. the engine's abort notice after a stop string

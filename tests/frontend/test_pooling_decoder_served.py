@@ -15,7 +15,7 @@ from e2e_stack import ENGINE_FLAGS, running_stack
 
 pytestmark = pytest.mark.timeout(300)
 
-VOCAB_SIZE = 1024  # the tiny llama checkpoint's
+VOCAB_SIZE, HIDDEN_SIZE = 1024, 64  # the tiny llama checkpoint's
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,8 @@ def test_texts_token_ids_dimensions_and_base64_agree(base, model_tokenizer):
     ("/v1/embeddings", {"input": [1, "a"]}, "input", "expected one of str, list[str], list[int], list[list[int]]"),
     ("/v1/embeddings", {"input": ["a"] * 65}, "input", "at most 64 inputs"),
     ("/v1/embeddings", {"input": "x", "dimensions": 0}, "dimensions", "greater than or equal to 1"),
+    ("/v1/embeddings", {"input": "x", "dimensions": HIDDEN_SIZE + 1}, "dimensions",  # the engine's check
+     f"at most this model's embedding size, {HIDDEN_SIZE}"),
     ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format", "'float' or 'base64'"),
     ("/v1/embeddings", {"input": [5] * 1025}, "input", "maximum context length is 1024 tokens"),
     ("/v1/score", {"text_1": "", "text_2": "b"}, "text_1", "'text_1': String should have at least 1 character"),
