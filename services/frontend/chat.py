@@ -40,7 +40,7 @@ async def create_chat_completion(state: FrontendState, body: ChatCompletionReque
     messages = body.template_messages()
     plan = state.chat_plan(messages, body.tools, body.tool_choice, body.parallel_tool_calls)
     ids = await state.encode_chat(messages, body.add_generation_prompt, chat_template=body.client_template,
-                                  template_kwargs=plan.template_variables(body.chat_template_kwargs,
+                                  template_kwargs=plan.template_variables(body.template_kwargs(),
                                                                           body.continue_final_message))
     state.check_prompt(ids, "messages")
     params = state.sampling_params(body, None, [ids], "messages", plan)  # chat: up to the context length unless asked

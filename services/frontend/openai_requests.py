@@ -237,6 +237,8 @@ class ChatCompletionRequest(SamplingRequest, ClientTemplate):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM's extra: the last (assistant) message is continued
+    # OpenAI's field; a template variable (gpt-oss-style templates read it), chat_template_kwargs' own wins
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     # tool calling: checked (with the tool messages) by shared.processor.chat.ChatPlan
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -250,6 +252,12 @@ class ChatCompletionRequest(SamplingRequest, ClientTemplate):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """chat_template_kwargs, with reasoning_effort among them when given."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
     @property
     def max_tokens_param(self) -> str:

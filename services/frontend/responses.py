@@ -68,7 +68,8 @@ async def create_response(state: FrontendState, store: ResponseStore, background
         exc.param = _FUNCTION_PATH.sub(r"\1", exc.param) if exc.param else exc.param
         exc.message = _FUNCTION_PATH.sub(r"\1", exc.message)
         raise
-    ids = await state.encode_chat(messages, True, template_kwargs=plan.template_variables(chat.chat_template_kwargs))
+    ids = await state.encode_chat(messages, True, chat_template=chat.client_template,
+                                  template_kwargs=plan.template_variables(chat.template_kwargs()))
     state.check_prompt(ids, "input")
     params = state.sampling_params(chat, None, [ids], "input", plan)
     gen = state.generation([ids], params, ENDPOINT, arrival, model=model)

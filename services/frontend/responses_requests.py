@@ -81,14 +81,11 @@ class ResponsesRequest(RequestBody):
     def chat_request(self, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
         """The chat completion this response runs (its checks and defaults are chat's)."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1}
-        for name in ("temperature", "top_p", "seed", "parallel_tool_calls"):
+        for name in ("temperature", "top_p", "seed", "parallel_tool_calls", "chat_template_kwargs"):
             if getattr(self, name) is not None:
                 body[name] = getattr(self, name)
-        effort = self.reasoning.effort if self.reasoning is not None else None
-        if effort is not None:  # a template variable, as vLLM passes it; the client's own kwargs win
-            body["chat_template_kwargs"] = {"reasoning_effort": effort, **(self.chat_template_kwargs or {})}
-        elif self.chat_template_kwargs is not None:
-            body["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.reasoning is not None and self.reasoning.effort is not None:
+            body["reasoning_effort"] = self.reasoning.effort
         if self.max_output_tokens is not None:
             body["max_tokens"] = self.max_output_tokens
         if self.tools is not None:

@@ -133,6 +133,8 @@ def test_client_templates_are_refused_unless_trusted(frontend):
             assert resp.status_code == 400, resp.text
             err = resp.json()["error"]
             assert err["param"] == "chat_template" and "--trust-request-chat-template" in err["message"]
+    refused = _post(f"{frontend}/v1/responses", {"input": "hi", "chat_template_kwargs": {"chat_template": "{{ 'x' }}"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template"
 
 
 def test_template_kwargs_cannot_steer_the_server(frontend):
@@ -163,6 +165,31 @@ def test_trusted_client_template_renders(trusting, model_tokenizer):
                                                             "continue_final_message": True,
                                                             "add_generation_prompt": False, "max_tokens": 3})
     assert open_last.status_code == 400 and open_last.json()["error"]["param"] == "continue_final_message"
+
+
+def test_reasoning_effort_reaches_the_template(trusting, model_tokenizer):
+    """Chat's reasoning_effort (and a response's reasoning.effort) is a template variable;
+    chat_template_kwargs' own reasoning_effort wins."""
+    template = "{{ messages[0]['content'] }}|{{ reasoning_effort }}"
+
+    def prompt_tokens(path: str, body: dict) -> int:
+        resp = _post(f"{trusting}{path}", {"chat_template": template, "max_tokens": 1, "max_output_tokens": 1} | body)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["usage"]["prompt_tokens" if path.endswith("completions") else "input_tokens"]
+
+    def count(text: str) -> int:
+        return len(model_tokenizer.encode(text, add_special_tokens=False))
+
+    chat = "/v1/chat/completions"
+    assert prompt_tokens(chat, {"messages": MESSAGES, "reasoning_effort": "high"}) == count("hi|high")
+    assert prompt_tokens(chat, {"messages": MESSAGES}) == count("hi|")
+    assert prompt_tokens(chat, {"messages": MESSAGES, "reasoning_effort": "high",
+                                "chat_template_kwargs": {"reasoning_effort": "minimal"}}) == count("hi|minimal")
+    in_kwargs = {"chat_template_kwargs": {"chat_template": template}}  # the Responses API's way to send one
+    assert prompt_tokens("/v1/responses", {"input": "hi", "reasoning": {"effort": "medium"}, **in_kwargs}) == count(
+        "hi|medium")
+    bad = _post(f"{trusting}{chat}", {"messages": MESSAGES, "reasoning_effort": "extreme"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reasoning_effort"
 
 
 @pytest.mark.parametrize("template", [
