@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from services.frontend.errors import APIError
 from services.frontend.generation import ClientDisconnected
-from services.frontend.response_store import ResponseStore
+from services.frontend.response_store import UNFINISHED, ResponseStore
 
 if TYPE_CHECKING:
     from services.frontend.responses import ResponseRun
 
+__all__ = ["UNFINISHED", "BackgroundResponses"]
 log = logging.getLogger(__name__)
-UNFINISHED = ("queued", "in_progress")
 
 
 class _Task:

@@ -1,6 +1,11 @@
 """The Responses API's store: stored responses (and the conversation that led to each, for
 previous_response_id), bounded by count (least recently used goes first) and by age (TTL), with
-metrics for its size and evictions. An unbounded store is a memory leak under agent traffic."""
+metrics for its size and evictions. An unbounded store is a memory leak under agent traffic.
+
+A background response still running is never evicted: evicted, it could be neither polled nor
+cancelled while it kept its engine requests, and would come back when done, evicting another.
+Its number is bounded by what the engine queues; it counts towards the size, so the least
+recently used finished responses go first."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
+
+UNFINISHED = ("queued", "in_progress")  # a background response's statuses while it runs
 
 
 @dataclass(frozen=True)
@@ -43,9 +50,12 @@ class ResponseStore:
         self._expire()
         self._items[response_id] = StoredResponse(response, messages, self.clock(), input_items or [])
         self._items.move_to_end(response_id)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
-            self._evicted("capacity")
+        excess = len(self._items) - self.max_entries
+        if excess > 0:  # the least recently used finished ones, never the one just stored
+            finished = [rid for rid, item in self._items.items() if rid != response_id and not _running(item)]
+            for rid in finished[:excess]:
+                del self._items[rid]
+                self._evicted("capacity")
 
     def get(self, response_id: str) -> StoredResponse | None:
         """The stored response (now the most recently used), or None when unknown or expired."""
@@ -63,12 +73,12 @@ class ResponseStore:
     def __contains__(self, response_id: str) -> bool:
         """Held (and not expired), without counting as a use."""
         item = self._items.get(response_id)
-        return item is not None and self.clock() - item.stored_at < self.ttl
+        return item is not None and (_running(item) or self.clock() - item.stored_at < self.ttl)
 
     def _expire(self) -> None:
         """Drop the responses older than the TTL (a scan: the store is bounded)."""
         now = self.clock()
-        expired = [rid for rid, item in self._items.items() if now - item.stored_at >= self.ttl]
+        expired = [rid for rid, item in self._items.items() if now - item.stored_at >= self.ttl and not _running(item)]
         for rid in expired:
             del self._items[rid]
             self._evicted("ttl")
@@ -81,3 +91,7 @@ class ResponseStore:
 
     def _evicted(self, reason: str) -> None:
         self.evictions.labels(self.model(), reason).inc()
+
+
+def _running(item: StoredResponse) -> bool:
+    return item.response.get("status") in UNFINISHED

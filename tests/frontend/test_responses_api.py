@@ -14,9 +14,10 @@ import jsonschema
 import openai
 import pytest
 from e2e_stack import Stack, paused
-from frontend_helpers import metric_value
+from frontend_helpers import metric_value, wait_until
 from prometheus_client import CollectorRegistry, generate_latest
 
+from pagedserve.serve import free_port
 from services.frontend.response_store import ResponseStore
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
@@ -172,6 +173,33 @@ def test_delete_stops_a_running_background_response(client, model, backend: Stac
         client.responses.retrieve(queued.id)
 
 
+def test_a_running_background_response_is_not_evicted_from_a_full_store(stack: Stack, backend: Stack, model):
+    """It had been: a 404 for GET and cancel while it ran on in the engine, back once done."""
+    port = free_port()
+    wait_until(f"http://127.0.0.1:{port}/health",
+               stack.start_frontend("fe-small-store", "--response-store-max-entries", "2", port=port), timeout=120)
+    small = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    with paused(backend.procs[0]):
+        running = small.responses.create(model=model, input="A long story", max_output_tokens=500, background=True)
+        others = [small.responses.create(model=model, input=f"x{i}", max_output_tokens=2, background=True)
+                  for i in range(2)]
+        # three running in a store of two: all held
+        assert {small.responses.retrieve(r.id).status for r in (running, *others)} <= {"queued", "in_progress"}
+        assert small.responses.cancel(running.id).status == "cancelled"
+    assert all(_settled(small, r.id).status == "incomplete" for r in others)
+    backend.wait_engine_idle(30)
+    small.responses.create(model=model, input="y", max_output_tokens=1)  # a finished one goes now
+    assert len([r for r in (running, *others) if _stored(small, r.id)]) == 1
+
+
+def _stored(client, response_id: str) -> bool:
+    try:
+        client.responses.retrieve(response_id)
+        return True
+    except openai.NotFoundError:
+        return False
+
+
 def test_input_items_are_listed_in_pages(client, model, frontend):
     items = [{"role": "user", "content": f"message {i}"} for i in range(5)]
     resp = client.responses.create(model=model, input=items, max_output_tokens=1)
@@ -211,3 +239,9 @@ def test_store_is_bounded_by_count_and_age():
     assert metric_value(page, "pagedserve_frontend_response_store_evictions_total", reason="capacity") == 1
     assert metric_value(page, "pagedserve_frontend_response_store_evictions_total", reason="ttl") == 2
     assert metric_value(page, "pagedserve_frontend_response_store_entries") == 0
+    # a background response still running stays past both bounds
+    store.put("run", {"id": "run", "status": "in_progress"}, [])
+    for rid in ("d", "e", "f"):
+        store.put(rid, {"id": rid}, [])
+    now[0] = 100.0
+    assert store.get("run") is not None and "run" in store and store.get("d") is None
