@@ -19,7 +19,14 @@ from pagedserve.outputs import (
 )
 from pagedserve.prompts import PromptType, prompt_list, prompt_of, texts_of
 from shared.pooling import PoolingParams
-from shared.processor.pooling import POOLING_SAMPLING, PoolingInputs, cosine, pair_up, resolve_truncation
+from shared.processor.pooling import (
+    POOLING_SAMPLING,
+    PoolingInputs,
+    check_cross_encoder,
+    cosine,
+    pair_up,
+    resolve_truncation,
+)
 
 
 class PoolingAPI:
@@ -86,6 +93,7 @@ class PoolingAPI:
         truncate = resolve_truncation(truncate_prompt_tokens, self.config.model.max_model_len)
         inputs = self._pooling_inputs()
         if task == "classify":
+            check_cross_encoder(self.config.model.class_labels)
             encoded = [inputs.encode_pair(q, d, truncate) for q, d in pairs]
             results = self._pool([(ids, PoolingParams(segment_start=s)) for ids, s in encoded], use_tqdm)
             return [ScoringRequestOutput(rid, ids, ScoringOutput(vec[0]))

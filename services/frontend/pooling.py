@@ -37,7 +37,14 @@ from services.frontend.pooling_requests import (
 from services.frontend.state import FrontendState
 from services.frontend.streaming import respond_whole
 from shared.pooling import PoolingParams
-from shared.processor.pooling import POOLING_SAMPLING, PoolingInputs, cosine, pair_up, resolve_truncation
+from shared.processor.pooling import (
+    POOLING_SAMPLING,
+    PoolingInputs,
+    check_cross_encoder,
+    cosine,
+    pair_up,
+    resolve_truncation,
+)
 from shared.processor.sequence import Sequence
 
 
@@ -52,7 +59,7 @@ class _Pooling:
         self.model = state.check_model(body.model)
         state.check_endpoint(endpoint, pooling=True)
         info = state.require_ready()
-        self.task = info.task
+        self.task, self.labels = info.task, info.labels
         limit = state.config.limits.max_prompts_per_request
         if num_inputs > limit:
             raise bad_request(f"A request may hold at most {limit} inputs on this server, got {num_inputs}.",
@@ -77,6 +84,10 @@ class _Pooling:
     async def score(self, request: Request, pairs: list[tuple[str, str]], build) -> Response:
         """Score each pair; build(scores, usage) makes the response."""
         if self.task == "classify":
+            try:
+                check_cross_encoder(self.labels)
+            except ValueError as exc:
+                raise from_value_error(exc, set()) from None
             encoded = await self.encode(lambda p: self.inputs.encode_pair(p[0], p[1], self.truncate), pairs)
             pooling = [PoolingParams(segment_start=start) for _, start in encoded]
             return await self.run(request, [ids for ids, _ in encoded], pooling,

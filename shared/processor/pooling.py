@@ -91,6 +91,15 @@ def cosine(a: list[float], b: list[float]) -> float:
     return dot / norm if norm else 0.0
 
 
+def check_cross_encoder(labels: list[str]) -> None:
+    """A classifier scores (query, document) pairs only as a cross-encoder: one label, whose
+    probability is the score. One with more labels gives class probabilities, not a score."""
+    if len(labels) != 1:
+        raise InvalidRequest(f"This model is a sequence classifier with {len(labels)} labels: it classifies "
+                             "(classify), and cannot score pairs; score and rerank need a cross-encoder (one label) "
+                             "or an embedding model.", code="unsupported_endpoint")
+
+
 def pair_up(queries: list, documents: list) -> list[tuple]:
     """vLLM's pairing for score: one query against every document, or the i-th with the i-th."""
     if not queries or not documents:

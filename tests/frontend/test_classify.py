@@ -52,6 +52,8 @@ def test_offline_classify_matches_transformers(model, reference, model_path):
         llm.embed("x", use_tqdm=False)
     with pytest.raises(ValueError, match="prompt"):
         llm.classify([3.5], use_tqdm=False)
+    with pytest.raises(ValueError, match="3 labels"):  # not label 0's probability as a score
+        llm.score("a query", ["a document"], use_tqdm=False)
     with pytest.raises(ValueError, match="sequence classification model; this model generates text"):
         LLM(str(model_path)).classify("x", use_tqdm=False)
 
@@ -87,3 +89,16 @@ def test_classify_on_an_embedding_or_generating_route_is_named(base, model, fron
     assert wrong.status_code == 400 and "/classify" in wrong.json()["error"]["message"]
     generating = httpx.post(f"{frontend}/classify", json={"input": "x"}, timeout=30)
     assert generating.status_code == 400 and generating.json()["error"]["code"] == "unsupported_endpoint"
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/score", {"text_1": "a query", "text_2": ["a document", "another"]}),
+    ("/v1/rerank", {"query": "a query", "documents": ["a document"]}),
+])
+def test_a_classifier_of_three_labels_does_not_score_pairs(base, model, path, body):
+    """It had answered label 0's probability as each pair's score."""
+    answer = httpx.post(f"{base}{path}", json={"model": model, **body}, timeout=30)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "unsupported_endpoint" and "3 labels" in error["message"]
+    assert "classify" in error["message"] and "cross-encoder" in error["message"]
