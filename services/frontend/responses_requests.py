@@ -80,6 +80,9 @@ class ResponsesRequest(RequestBody):
 
     def chat_request(self, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
         """The chat completion this response runs (its checks and defaults are chat's)."""
+        if not messages:  # named as this API names it, not as chat's 'messages'
+            raise bad_request("Invalid value for 'input': there is nothing to respond to (no message, no "
+                              "instructions and no previous_response_id).", "input")
         body: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1}
         for name in ("temperature", "top_p", "seed", "parallel_tool_calls", "chat_template_kwargs"):
             if getattr(self, name) is not None:

@@ -98,6 +98,10 @@ def test_bad_input_is_a_400(client, model):
     with pytest.raises(openai.BadRequestError) as err:
         client.responses.create(model=model, input=[{"type": "file_search_call"}], max_output_tokens=2)
     assert err.value.body["param"] == "input[0]"
+    for empty in ([], [{"type": "reasoning", "summary": []}]):  # had been named 'messages', chat's field
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(model=model, input=empty, max_output_tokens=2)
+        assert err.value.body["param"] == "input" and "messages" not in err.value.body["message"]
     bad_schema = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 3}}}}
     with pytest.raises(openai.BadRequestError) as err:  # named in the Responses shape, not chat's
         client.responses.create(model=model, input="x", tools=[bad_schema], max_output_tokens=2)
