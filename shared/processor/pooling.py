@@ -6,6 +6,7 @@ model. Raises InvalidRequest (400 served, ValueError offline)."""
 from __future__ import annotations
 
 import math
+import numbers
 
 from shared.processor.errors import InvalidRequest
 from shared.sampling_params import SamplingParams
@@ -25,6 +26,10 @@ def resolve_truncation(truncate_prompt_tokens: int | None, max_model_len: int) -
     """The number of tokens to keep (-1: max_model_len), or None to refuse longer inputs."""
     if truncate_prompt_tokens is None:
         return None
+    if isinstance(truncate_prompt_tokens, bool) or not isinstance(truncate_prompt_tokens, numbers.Integral):
+        raise InvalidRequest(f"truncate_prompt_tokens must be an integer, got {truncate_prompt_tokens!r}",
+                             "truncate_prompt_tokens")
+    truncate_prompt_tokens = int(truncate_prompt_tokens)
     if truncate_prompt_tokens == -1:
         return max_model_len
     if not 1 <= truncate_prompt_tokens <= max_model_len:

@@ -52,6 +52,9 @@ def test_offline_classify_matches_transformers(model, reference, model_path):
         llm.embed("x", use_tqdm=False)
     with pytest.raises(ValueError, match="prompt"):
         llm.classify([3.5], use_tqdm=False)
+    for bad in (2.5, "3", True):  # had been a TypeError from the tokenizer, or a cut to one token (True)
+        with pytest.raises(ValueError, match="truncate_prompt_tokens must be an integer"):
+            llm.classify("x", truncate_prompt_tokens=bad, use_tqdm=False)
     with pytest.raises(ValueError, match="3 labels"):  # not label 0's probability as a score
         llm.score("a query", ["a document"], use_tqdm=False)
     with pytest.raises(ValueError, match="sequence classification model; this model generates text"):
