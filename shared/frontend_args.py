@@ -84,6 +84,12 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--chat-template", None, "the server's chat template: a file, or the template inline", kind=str)
     add_flag(p, "--response-role", "assistant", "the role of chat answers (when add_generation_prompt is true)")
     add_flag(p, "--return-tokens-as-token-ids", False, "logprob tokens as 'token_id:N' strings")
+    add_flag(p, "--enable-force-include-usage", False, "every stream ends with a usage chunk, as if "
+             "stream_options.include_usage were set")
+    add_flag(p, "--exclude-tools-when-tool-choice-none", False, "with tool_choice none, the chat template is "
+             "not shown the request's tools")
+    add_flag(p, "--enable-request-id-headers", False, "answer with an X-Request-Id header: the request's own, or a "
+             "fresh id")
     add_flag(p, "--enable-log-requests", False, "log each request as it arrives (prompt ids and parameters)")
     p.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_false",
                    help="do not log requests (the default)")

@@ -25,6 +25,8 @@ def serve(*args: str, module: str = "pagedserve.cli", **env: str) -> subprocess.
 @pytest.mark.parametrize("flags", [
     ["--enable-sleep-mode"],
     ["--no-enable-chunked-prefill"],
+    ["--logprobs-mode", "processed_logprobs"],
+    ["--skip-tokenizer-init"],
 ])
 def test_unsupported_vllm_flags_fail_saying_so(flags, model_dirs):
     out = serve(str(model_dirs("llama")), *flags, *_FAST)
@@ -98,7 +100,8 @@ def test_noop_values_of_unsupported_flags_are_accepted(model_dirs):
     """`--kv-cache-dtype auto` and `--load-format safetensors` ask for what pagedserve does: the stack
     starts (and, with --ready-timeout 0, stops at once with the timeout's message)."""
     out = serve("--enable-chunked-prefill", str(model_dirs("llama")), "--pipeline-parallel-size", "1",
-                "--kv-cache-dtype", "auto", "--load-format", "safetensors", "--disable-uvicorn-access-log", *_FAST,
+                "--kv-cache-dtype", "auto", "--load-format", "safetensors", "--disable-uvicorn-access-log",
+                "--logprobs-mode", "raw_logprobs", "--disable-cascade-attn", "--max-num-partial-prefills", "1", *_FAST,
                 module="pagedserve.entrypoints.openai.api_server")
     assert "does not support" not in out.stderr
     assert "did not become healthy within 0s" in out.stderr, out.stderr[-2000:]

@@ -29,6 +29,30 @@ UNSUPPORTED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("--otlp-traces-endpoint",): (),
     ("--task",): ("generate",),
     ("--ssl-cert-reqs",): ("0",),
+    ("--convert",): ("auto", "none"),
+    ("--model-impl",): ("auto", "vllm"),  # pagedserve's own model code
+    ("--worker-cls",): ("auto",),
+    ("--long-prefill-token-threshold",): ("0",),
+    ("--max-num-partial-prefills",): ("1",),
+    ("--logprobs-mode",): ("raw_logprobs",),  # logprobs of the model's logits, before any processing
+    ("--structured-outputs-config",): (),
+    ("--max-parallel-loading-workers",): (),
+    ("--data-parallel-address",): (),
+    ("--data-parallel-size-local",): (),
+    ("--data-parallel-start-rank",): (),
+    ("--data-parallel-rpc-port",): (),
+    ("--data-parallel-backend",): ("mp",),
+    ("--prefix-caching-hash-algo",): (),
+    ("--tool-parser-plugin",): (),
+    ("--reasoning-parser-plugin",): (),
+    ("--log-config-file",): (),
+    ("--h11-max-incomplete-event-size",): (),
+    ("--allowed-local-media-path",): (),
+    ("--mm-processor-cache-gb",): (),
+    ("--default-mm-loras",): (),
+    ("--show-hidden-metrics-for-version",): (),
+    ("--collect-detailed-traces",): (),
+    ("--disable-access-log-for-endpoints",): (),
 }
 
 # on/off switches -> whether giving it asks for what pagedserve does anyway
@@ -43,6 +67,18 @@ UNSUPPORTED_SWITCHES: dict[str, bool] = {
     "--no-enable-chunked-prefill": False,
     "--enable-chunked-prefill": True,  # pagedserve always chunks long prompts
     "--disable-custom-all-reduce": True,  # pagedserve has no custom all-reduce
+    "--disable-cascade-attn": True,  # pagedserve has no cascade attention
+    "--skip-tokenizer-init": False,
+    "--enable-tokenizer-info-endpoint": False,
+    "--enable-server-load-tracking": False,
+    "--disable-frontend-multiprocessing": False,
+    "--enable-eplb": False,
+    "--fully-sharded-loras": False,
+    "--enable-lora-bias": False,
+    "--calculate-kv-scales": False,
+    "--log-error-stack": False,
+    "--enable-log-deltas": False,
+    "--tokens-only": False,
 }
 
 

@@ -54,7 +54,8 @@ def build_app(config: FrontendConfig) -> FastAPI:
     app.state.frontend = state
     install_error_handlers(app)
     app.add_middleware(FrontendMiddleware, frontend_id=state.frontend_id, metrics=state.metrics, api_key=config.api_key,
-                       max_request_body_bytes=config.limits.max_request_body_bytes)
+                       max_request_body_bytes=config.limits.max_request_body_bytes,
+                       request_id_headers=config.request_id_headers)
     _add_openai_routes(app, state)
     _add_tokenizer_routes(app, state)
     _add_ops_routes(app, state)

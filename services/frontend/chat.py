@@ -86,7 +86,7 @@ async def _chunks(
     outputs: dict[int, ChatOutput],
     updates: AsyncIterator[Sequence],
 ) -> AsyncIterator[bytes]:
-    events = ChunkStream(random_id("chatcmpl"), "chat.completion.chunk", model, body.include_usage)
+    events = ChunkStream(random_id("chatcmpl"), "chat.completion.chunk", model, state.include_usage(body))
     for seq in gen.ordered():
         role = {"role": state.config.response_role, "content": ""}
         yield events.choice({"index": seq.index, "delta": role, "logprobs": None, "finish_reason": None})
@@ -109,6 +109,6 @@ async def _chunks(
             if last:
                 choice["stop_reason"] = seq.stop_reason
             yield events.choice(choice)
-    if body.include_usage:
+    if state.include_usage(body):
         yield events.usage(_usage(gen, outputs, state.chat_parsers.reasoning_parser is not None))
     yield SSE_DONE

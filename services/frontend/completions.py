@@ -121,7 +121,7 @@ async def _chunks(
     echo: list[str] | None,
     updates: AsyncIterator[Sequence],
 ) -> AsyncIterator[bytes]:
-    events = ChunkStream(random_id("cmpl"), "text_completion", model, body.include_usage)
+    events = ChunkStream(random_id("cmpl"), "text_completion", model, state.include_usage(body))
     # The prompt's chunk: at once, or with the first token when it carries prompt logprobs.
     scored_prompt = body.scores_prompt
     offsets: dict[int, int] = {}
@@ -146,6 +146,6 @@ async def _chunks(
         if seq.finished:
             choice["stop_reason"] = seq.stop_reason
         yield events.choice(choice)
-    if body.include_usage:
+    if state.include_usage(body):
         yield events.usage(Usage.of(gen.usage()))
     yield SSE_DONE

@@ -1,11 +1,13 @@
 """A plain ASGI middleware (not BaseHTTPMiddleware, which would get between a streaming response
 and the client's disconnect): API-key check on /v1/* and the tokenizer endpoints, the request
-body size cap, Retry-After on every 503, the answering frontend's id as a response header, and
-the HTTP responses counter by endpoint and status."""
+body size cap, Retry-After on every 503, the answering frontend's id as a response header (and,
+with --enable-request-id-headers, an X-Request-Id), and the HTTP responses counter by endpoint
+and status."""
 
 from __future__ import annotations
 
 import hmac
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +23,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 FRONTEND_HEADER = b"x-pagedserve-frontend"
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID_BYTES = 256  # a client's longer X-Request-Id is not echoed: the answer gets a fresh one
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 RETRY_AFTER_S = b"2"  # what a 503 asks clients to wait (the official SDK honours it)
 
@@ -75,12 +79,24 @@ def _limited(receive: Receive, limit: int) -> Receive:
 
 class FrontendMiddleware:
     def __init__(self, app: ASGIApp, *, frontend_id: str, metrics: FrontendMetrics, api_key: str | None,
-                 max_request_body_bytes: int):
+                 max_request_body_bytes: int, request_id_headers: bool = False):
         self.app = app
         self.frontend_id = frontend_id.encode()
         self.metrics = metrics
         self.api_key = api_key.encode() if api_key else None
         self.max_request_body_bytes = max_request_body_bytes
+        self.request_id_headers = request_id_headers
+
+    def _headers(self, scope: Scope, status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The headers this middleware adds to an answer."""
+        extra = [(FRONTEND_HEADER, self.frontend_id)]
+        if status == 503 and not any(name.lower() == b"retry-after" for name, _ in headers):
+            extra.append((b"retry-after", RETRY_AFTER_S))
+        if self.request_id_headers:
+            given = _header(scope, REQUEST_ID_HEADER)
+            ok = given is not None and 0 < len(given) <= MAX_REQUEST_ID_BYTES and given.isascii()
+            extra.append((REQUEST_ID_HEADER, given if ok else uuid.uuid4().hex.encode()))
+        return extra
 
     def _authorized(self, scope: Scope) -> bool:
         if self.api_key is None or not _route_path(scope).startswith(PROTECTED_PREFIXES):
@@ -98,10 +114,8 @@ class FrontendMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [(FRONTEND_HEADER, self.frontend_id)]
-                if status == 503 and not any(name.lower() == b"retry-after" for name, _ in message.get("headers", ())):
-                    extra.append((b"retry-after", RETRY_AFTER_S))
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                headers = list(message.get("headers", ()))
+                message = {**message, "headers": headers + self._headers(scope, status, headers)}
             await send(message)
 
         try:

@@ -67,6 +67,9 @@ class FrontendConfig:
     chat_template: str | None = None  # the server's template, over the model's (trusted: the operator's)
     response_role: str = "assistant"  # the role of chat answers
     return_tokens_as_token_ids: bool = False  # logprob tokens as 'token_id:N'
+    force_include_usage: bool = False  # every stream ends with its usage chunk
+    exclude_tools_when_tool_choice_none: bool = False  # tool_choice none: the template sees no tools
+    request_id_headers: bool = False  # X-Request-Id on every answer (middleware.py)
     log_requests: bool = False  # log each request as it arrives
     max_log_len: int | None = None  # most prompt ids in a logged request
     vllm_metric_names: bool = False  # also export the engine's load under vLLM's names (engine_gauges.py)
@@ -217,9 +220,16 @@ class FrontendState:
                   parallel_tool_calls: Any) -> ChatPlan:
         """A chat request's tool fields checked with this server's parsers (400 naming the field)."""
         try:
-            return ChatPlan(self.chat_parsers, messages, tools, tool_choice, parallel_tool_calls)
+            plan = ChatPlan(self.chat_parsers, messages, tools, tool_choice, parallel_tool_calls)
         except ValueError as exc:
             raise from_value_error(exc, _PARAM_NAMES) from None
+        if self.config.exclude_tools_when_tool_choice_none and plan.tool_choice == "none":
+            plan.tools = []  # checked, but not shown to the template
+        return plan
+
+    def include_usage(self, request: Any) -> bool:
+        """A stream ends with a usage chunk: asked by stream_options, or forced by the server."""
+        return request.include_usage or self.config.force_include_usage
 
     def _processor(self) -> RequestProcessor:
         self.require_ready()
