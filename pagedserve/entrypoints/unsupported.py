@@ -70,7 +70,7 @@ UNSUPPORTED_SWITCHES: dict[str, bool] = {
     "--disable-cascade-attn": True,  # pagedserve has no cascade attention
     "--skip-tokenizer-init": False,
     "--enable-tokenizer-info-endpoint": False,
-    "--enable-server-load-tracking": False,
+    "--enable-server-load-tracking": True,  # GET /load always counts
     "--disable-frontend-multiprocessing": False,
     "--enable-eplb": False,
     "--fully-sharded-loras": False,

@@ -61,7 +61,8 @@ def build_app(config: FrontendConfig) -> FastAPI:
     _add_ops_routes(app, state)
     for alias, endpoint in ROUTE_ALIASES.items():  # vLLM's other paths
         route = next(r for r in app.routes if isinstance(r, APIRoute) and r.path == endpoint)
-        app.add_api_route(alias, route.endpoint, methods=list(route.methods), include_in_schema=False)
+        methods = {"GET", "POST"} if alias == "/ping" else route.methods  # vLLM's /ping takes both
+        app.add_api_route(alias, route.endpoint, methods=list(methods), include_in_schema=False)
     if runtime_updating_allowed():
         add_lora_routes(app, state)
     if config.enable_ui:
@@ -159,6 +160,11 @@ def _add_ops_routes(app: FastAPI, state: FrontendState) -> None:
         if not pong.workers_ready:
             return engine_unavailable("The engine has lost a worker; requests wait until it is back.").response()
         return Response(status_code=200)
+
+    @app.get("/load")
+    async def load() -> JSONResponse:
+        """vLLM's: the requests this frontend is serving (generation and pooling, sent to the engine)."""
+        return JSONResponse({"server_load": state.metrics.serving})
 
     @app.get("/version")
     async def version() -> JSONResponse:

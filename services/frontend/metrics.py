@@ -168,6 +168,7 @@ class FrontendMetrics:
         )
         self.in_flight = Gauge("pagedserve_frontend_requests_in_flight", "Generation requests being served", m,
                                registry=reg)
+        self.serving = 0  # the same count, whatever the model label (GET /load)
         self.ttft = self._histogram("time_to_first_token_seconds", "Arrival to the first token", _TTFT_BUCKETS)
         self.itl = self._histogram(
             "inter_token_latency_seconds", "Gap between successive tokens of one choice", _TOKEN_GAP_BUCKETS

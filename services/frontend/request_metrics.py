@@ -28,6 +28,7 @@ class RequestMetrics:
         if not self._started:
             self._started = True
             self.metrics.in_flight.labels(self.model).inc()
+            self.metrics.serving += 1
 
     def on_tokens(self, index: int, count: int, now: float | None = None) -> None:
         """``count`` tokens of choice ``index`` arrived from the engine (together) at ``now``."""
@@ -56,6 +57,7 @@ class RequestMetrics:
         m, model = self.metrics, self.model
         generated = sum(choice_tokens)
         m.in_flight.labels(model).dec()
+        m.serving -= 1
         m.requests.labels(model, self.endpoint, reason).inc()
         e2e = now - self.arrival
         m.e2e.labels(model).observe(e2e)

@@ -21,7 +21,7 @@ EXAMPLES_PER_ENDPOINT = 25
 ENGINE_FLAGS = ("--max-model-len", "48", "--kv-cache-memory", str(16 << 20))
 ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/health"), ("GET", "/version"),
-             ("GET", "/metrics"), ("GET", "/v1/models/{model}"), ("POST", "/v1/responses"),
+             ("GET", "/metrics"), ("GET", "/load"), ("GET", "/v1/models/{model}"), ("POST", "/v1/responses"),
              ("GET", "/v1/responses/{response_id}"),
              ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/responses/{response_id}/input_items"),
              ("POST", "/v1/responses/{response_id}/cancel"), ("POST", "/v1/embeddings"), ("POST", "/v1/score"),

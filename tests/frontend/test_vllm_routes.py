@@ -1,16 +1,19 @@
 """vLLM's other paths to the same endpoints, on a real frontend: /ping is /health, /score and
-/rerank, /v2/rerank reach /v1/score and /v1/rerank (keyed and counted as them), and the SDK's
-models.retrieve reads one card of /v1/models; vLLM's server flags --enable-force-include-usage,
+/rerank, /v2/rerank reach /v1/score and /v1/rerank (keyed and counted as them), the SDK's
+models.retrieve reads one card of /v1/models, /load counts the requests being served; vLLM's
+server flags --enable-force-include-usage,
 --enable-request-id-headers and --exclude-tools-when-tool-choice-none."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import openai
 import pytest
-from e2e_stack import Stack
+from e2e_stack import Stack, paused
 from frontend_helpers import metric_value, wait_until
 
 from pagedserve.serve import free_port
@@ -25,8 +28,9 @@ def _responses(base: str, endpoint: str, status: str) -> float:
 
 def test_ping_and_one_model_card(frontend, client, model):
     before = _responses(frontend, "/health", "200")
-    assert httpx.get(f"{frontend}/ping", timeout=10).status_code == 200
-    assert _responses(frontend, "/health", "200") == before + 1
+    for method in ("GET", "POST"):
+        assert httpx.request(method, f"{frontend}/ping", timeout=10).status_code == 200
+    assert _responses(frontend, "/health", "200") == before + 2
     assert client.models.retrieve(model).model_dump() == client.models.list().data[0].model_dump()
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("no-such-model")
@@ -105,3 +109,21 @@ def test_tools_are_kept_from_the_template_when_tool_choice_is_none(flagged, fron
     plain = prompt_tokens(flagged, ask)
     assert prompt_tokens(frontend, ask | {"tools": tools, "tool_choice": "none"}) > plain  # the template shows them
     assert prompt_tokens(flagged, ask | {"tools": tools, "tool_choice": "none"}) == plain
+
+
+def test_load_counts_the_requests_being_served(frontend, model, backend: Stack):
+    def load_becomes(value: int) -> None:
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{frontend}/load", timeout=10).json() != {"server_load": value}:
+            assert time.monotonic() < deadline, f"/load never became {value}"
+            time.sleep(0.02)
+
+    load_becomes(0)
+    body = {"model": model, "prompt": "hi", "max_tokens": 2}
+    with paused(backend.procs[0]):  # the worker: the request cannot finish meanwhile
+        asked = threading.Thread(target=httpx.post, args=(f"{frontend}/v1/completions",), kwargs={"json": body,
+                                                                                                   "timeout": 60})
+        asked.start()
+        load_becomes(1)
+    asked.join(60)
+    load_becomes(0)
