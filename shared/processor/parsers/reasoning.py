@@ -1,13 +1,15 @@
-"""Reasoning parsers: ``<think>reasoning</think>content`` outputs split into reasoning_content and
-content, whole or streamed, and the count of reasoning tokens for usage.
+"""Reasoning parsers: ``<think>reasoning</think>content`` outputs (or another family's markers)
+split into reasoning_content and content, whole or streamed, and the count of reasoning tokens
+for usage. The names are vLLM's (``--reasoning-parser``).
 
 Where reasoning starts differs by family: DeepSeek-R1's templates end the prompt with ``<think>``,
 so its outputs start inside the reasoning (an opening tag the model writes anyway is dropped);
 Qwen3 writes ``<think>`` itself, except when the template opened it in the prompt (the 2507
 Thinking models), and writes none at all with enable_thinking false (its template then closes an
 empty block in the prompt). So a parser is made per output with the prompt's text, when known:
-a prompt that ends in an open ``<think>`` starts the output inside the reasoning. Streaming holds
-back only a tail that may be the start of a tag, so deltas are the same whatever the split.
+a prompt that ends in an open start marker starts the output inside the reasoning. Streaming
+holds back only a tail that may be the start of a marker, so deltas are the same whatever the
+split. Reasoning that never closes (max_tokens reached) is reasoning to the end, in every family.
 """
 
 from __future__ import annotations
@@ -18,23 +20,29 @@ from typing import ClassVar
 from shared.processor.parsers.scan import could_become, held_tail
 from shared.processor.parsers.types import DeltaMessage, ParsedMessage
 
-START, END = "<think>", "</think>"
-
 
 class ReasoningParser:
-    """Splits one output into reasoning and content (``<think>`` tags)."""
+    """Splits one output into reasoning and content (``<think>`` tags unless a family says other
+    markers). A family with several spellings of a marker lists them all; no end marker may
+    contain another."""
 
     name: ClassVar[str]
     always_reasoning: ClassVar[bool]  # outputs start inside the reasoning whatever the prompt
+    starts: ClassVar[tuple[str, ...]] = ("<think>",)
+    ends: ClassVar[tuple[str, ...]] = ("</think>",)
+    model_opens: ClassVar[bool] = True  # a start marker the output begins with opens the reasoning
+    space_before_start: ClassVar[bool] = False  # whitespace before that start marker is dropped with it
 
     def __init__(self, prompt: str | None = None) -> None:
         self.prompt = prompt
-        opened = self.always_reasoning or (prompt is not None and prompt.rstrip().endswith(START))
-        self._phase = "strip" if opened else "detect"  # strip: drop a leading <think>; detect: look for one
+        in_prompt = prompt is not None and prompt.rstrip().endswith(self.starts)
+        opened = self.always_reasoning or in_prompt
+        # strip: drop a leading start marker; detect: look for one; content: the output is all content
+        self._phase = "strip" if opened else "detect" if self.model_opens else "content"
         self._buffer = ""
         self.reasoned = False  # the output had a reasoning part
-        self.start_chars = 0  # length of the <think> the output itself opened with
-        self.closed = False  # the reasoning part ended with </think>
+        self.start_chars = 0  # length of the start marker (and space before it) the output opened with
+        self.closed = False  # the reasoning part ended with an end marker
 
     def feed(self, delta: str) -> list[DeltaMessage]:
         """The reasoning and content deltas the next piece of text resolves."""
@@ -53,27 +61,30 @@ class ReasoningParser:
     def _resolve(self, final: bool) -> list[DeltaMessage]:
         text, out = self._buffer, []
         if self._phase in ("strip", "detect"):
-            if could_become(text, START) and not final:
+            lead = len(text) - len(text.lstrip()) if self.space_before_start else 0
+            rest = text[lead:]
+            if not final and any(could_become(rest, start) for start in self.starts):
                 return []
-            if text.startswith(START):
-                text, self.start_chars = text[len(START):], len(START)
+            start = next((s for s in self.starts if rest.startswith(s)), "")
+            if start:
+                text, self.start_chars = rest[len(start):], lead + len(start)
             self.reasoned = self._phase == "strip" or self.start_chars > 0
             self._phase = "reasoning" if self.reasoned else "content"
         if self._phase == "reasoning":
-            stop = text.find(END)
+            stop, end = min(((text.find(e), e) for e in self.ends if e in text), default=(-1, ""))
             if stop < 0:
-                keep = 0 if final else held_tail(text, END)
+                keep = 0 if final else max(held_tail(text, e) for e in self.ends)
                 self._buffer = text[len(text) - keep:]
                 return [DeltaMessage(reasoning_content=text[:len(text) - keep])] if len(text) > keep else []
             out = [DeltaMessage(reasoning_content=text[:stop])] if stop else []
-            text, self._phase, self.closed = text[stop + len(END):], "content", True
+            text, self._phase, self.closed = text[stop + len(end):], "content", True
         self._buffer = ""
         return out + ([DeltaMessage(content=text)] if text else [])
 
     def count_reasoning_tokens(self, token_ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> int:
         """The output tokens spent reasoning, for usage's completion_tokens_details: those after an
-        opening ``<think>`` and before the token that completes ``</think>`` (all to the end when
-        it never does). decode turns token ids into text (the detokenizer's way); it is called
+        opening start marker and before the token that completes the end marker (all to the end
+        when it never does). decode turns token ids into text (the detokenizer's way); it is called
         O(log n) times, on prefixes of token_ids."""
         whole = type(self)(self.prompt)
         whole.feed(decode(token_ids))
@@ -114,6 +125,68 @@ class Qwen3ReasoningParser(ReasoningParser):
     always_reasoning = False
 
 
+class DeepSeekV3ReasoningParser(ReasoningParser):
+    """DeepSeek-V3.1: its template ends the prompt with ``<think>`` when thinking is on and with
+    ``</think>`` when off (the default). vLLM reads the thinking switch from chat_template_kwargs;
+    here the prompt tells it: reasoning only when the prompt opened the block, all content
+    otherwise (a ``<think>`` the output writes itself is content)."""
+
+    name = "deepseek_v3"
+    always_reasoning = False
+    model_opens = False
+
+
+class Glm45ReasoningParser(ReasoningParser):
+    """GLM-4.5/4.6: the model writes ``<think>`` itself, after the newline its template puts
+    there (``<|assistant|>\n<think>...``); enable_thinking false ends the prompt with an empty
+    ``<think></think>``. Unlike qwen3, whitespace before the opening tag is dropped with it.
+    GLM-4.7's template opens ``<think>`` in the prompt, which starts the output inside."""
+
+    name = "glm45"
+    always_reasoning = False
+    space_before_start = True
+
+
+class MiniMaxM2ReasoningParser(ReasoningParser):
+    """MiniMax-M2: its template always ends the prompt with ``<think>\n``, so the output starts
+    inside the reasoning (as deepseek_r1)."""
+
+    name = "minimax_m2"
+    always_reasoning = True
+
+
+class MistralReasoningParser(ReasoningParser):
+    """Magistral: ``[THINK]...[/THINK]``, written by the model itself (its system prompt asks for
+    them); no ``[THINK]`` means no reasoning. They are special tokens, so the text must be
+    decoded with skip_special_tokens false for them to be seen."""
+
+    name = "mistral"
+    always_reasoning = False
+    starts, ends = ("[THINK]",), ("[/THINK]",)
+
+
+class SeedOssReasoningParser(ReasoningParser):
+    """ByteDance Seed-OSS: ``<seed:think>...</seed:think>``, written by the model itself; with
+    thinking_budget 0 the template closes a short block in the prompt, and the output is content."""
+
+    name = "seed_oss"
+    always_reasoning = False
+    starts, ends = ("<seed:think>",), ("</seed:think>",)
+
+
+class GraniteReasoningParser(ReasoningParser):
+    """IBM Granite 3.2 (thinking on): plain text, "Here is my thought process:" at the start of
+    the output, then "Here is my response:"; each also as "Here's" (seen from quantized models)."""
+
+    name = "granite"
+    always_reasoning = False
+    starts = ("Here is my thought process:", "Here's my thought process:")
+    ends = ("Here is my response:", "Here's my response:")
+
+
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
-    cls.name: cls for cls in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser)
+    cls.name: cls for cls in (
+        DeepSeekR1ReasoningParser, Qwen3ReasoningParser, DeepSeekV3ReasoningParser, Glm45ReasoningParser,
+        GraniteReasoningParser, MiniMaxM2ReasoningParser, MistralReasoningParser, SeedOssReasoningParser,
+    )
 }

@@ -1,0 +1,122 @@
+"""Reasoning parsers of more families (vLLM's names): each documented format split into reasoning
+and content whole, the same streamed at every split point and one character at a time, and
+reasoning tokens counted on a small fake tokenization."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.processor.parsers import REASONING_PARSERS, get_reasoning_parser
+from shared.processor.parsers.types import ParsedMessage
+
+V3_THINK = "<｜User｜>hi<｜Assistant｜><think>"  # DeepSeek-V3.1, thinking true
+V3_OFF = "<｜User｜>hi<｜Assistant｜></think>"  # its default
+GLM_OFF = "<|user|>\nhi<|assistant|>\n<think></think>"  # GLM-4.5, enable_thinking false
+GLM47 = "<|user|>\nhi<|assistant|><think>"  # GLM-4.7 opens the block in the prompt
+M2 = "]~b]user\nhi[e~[\n]~b]ai\n<think>\n"  # MiniMax-M2, always
+SEED_OFF = ("<seed:bos>assistant\n<seed:think>\n<seed:cot_budget_reflect>The current thinking budget is 0, so I "
+            "will directly start answering the question.</seed:cot_budget_reflect>\n</seed:think>")
+SEED_OPEN = "<seed:bos>assistant\n<seed:think>"
+REFLECT = "<seed:cot_budget_reflect>I have used 129 tokens.</seed:cot_budget_reflect>"  # stays in the reasoning
+MAGISTRAL = "[SYSTEM_PROMPT]Think first.[/SYSTEM_PROMPT][INST]hi[/INST]"
+
+CASES = [
+    # mistral (Magistral): the model writes [THINK] itself
+    ("mistral", MAGISTRAL, "[THINK]Let me see.[/THINK]It is 4.", ("Let me see.", "It is 4.")),
+    ("mistral", MAGISTRAL, "It is 4.", (None, "It is 4.")),
+    ("mistral", MAGISTRAL, "[THINK]cut short by max_tokens", ("cut short by max_tokens", None)),
+    ("mistral", MAGISTRAL + "[THINK]", "Let me see.[/THINK]It is 4.", ("Let me see.", "It is 4.")),
+    ("mistral", None, "The tag [/THINK] is literal here.", (None, "The tag [/THINK] is literal here.")),
+    ("mistral", None, "<think>x</think>y", (None, "<think>x</think>y")),
+    # glm45: <think> after the template's newline; an empty block in the prompt turns it off
+    ("glm45", None, "\n<think>Let me see.</think>\nIt is 4.", ("Let me see.", "\nIt is 4.")),
+    ("glm45", None, "<think>Let me see.</think>It is 4.", ("Let me see.", "It is 4.")),
+    ("glm45", GLM_OFF, "\nIt is 4.", (None, "\nIt is 4.")),
+    ("glm45", GLM47, "Let me see.</think>It is 4.", ("Let me see.", "It is 4.")),
+    ("glm45", None, "\n<think>cut short", ("cut short", None)),
+    ("glm45", None, "\n \n", (None, "\n \n")),
+    ("glm45", None, "It <think>x</think>", (None, "It <think>x</think>")),
+    # seed_oss: <seed:think> written by the model; thinking_budget 0 closes a block in the prompt
+    ("seed_oss", None, "<seed:think>\nLet me see.\n</seed:think>\nIt is 4.", ("\nLet me see.\n", "\nIt is 4.")),
+    ("seed_oss", None, f"<seed:think>a{REFLECT}b</seed:think>c", (f"a{REFLECT}b", "c")),
+    ("seed_oss", SEED_OFF, "It is 4.", (None, "It is 4.")),
+    ("seed_oss", SEED_OPEN, "Let me see.</seed:think>It is 4.", ("Let me see.", "It is 4.")),
+    ("seed_oss", None, "<seed:think>cut short", ("cut short", None)),
+    ("seed_oss", None, "<think>x</think>y", (None, "<think>x</think>y")),
+    # granite: plain-text markers, "Here is" or "Here's", at the start of the output
+    ("granite", None, "Here is my thought process:\nTwo and two.\nHere is my response:\nIt is 4.",
+     ("\nTwo and two.\n", "\nIt is 4.")),
+    ("granite", None, "Here's my thought process: a Here's my response: b", (" a ", " b")),
+    ("granite", None, "Here is my thought process: a Here's my response: b", (" a ", " b")),
+    ("granite", None, "Here's my thought process: a Here is my response:", (" a ", None)),
+    ("granite", None, "It is 4.", (None, "It is 4.")),
+    ("granite", None, "Here is my answer: 4.", (None, "Here is my answer: 4.")),
+    ("granite", None, "Here is my thought process: still going", (" still going", None)),
+    ("granite", None, "So. Here is my thought process: x", (None, "So. Here is my thought process: x")),
+    # deepseek_v3 (V3.1): reasoning only when the template opened it
+    ("deepseek_v3", V3_THINK, "Let me see.</think>It is 4.", ("Let me see.", "It is 4.")),
+    ("deepseek_v3", V3_THINK, "<think>Let me see.</think>It is 4.", ("Let me see.", "It is 4.")),
+    ("deepseek_v3", V3_THINK, "cut short", ("cut short", None)),
+    ("deepseek_v3", V3_OFF, "It is 4.", (None, "It is 4.")),
+    ("deepseek_v3", V3_OFF, "<think>x</think>y", (None, "<think>x</think>y")),
+    ("deepseek_v3", None, "<think>x</think>y", (None, "<think>x</think>y")),
+    # minimax_m2: the template always opens <think>, so the output starts inside
+    ("minimax_m2", M2, "Let me see.\n</think>\n\nIt is 4.", ("Let me see.\n", "\n\nIt is 4.")),
+    ("minimax_m2", None, "<think>Let me see.</think>It is 4.", ("Let me see.", "It is 4.")),
+    ("minimax_m2", M2, "cut short", ("cut short", None)),
+    ("minimax_m2", M2, "</think>It is 4.", (None, "It is 4.")),
+]
+
+
+def test_names_are_registered():
+    assert {"deepseek_v3", "glm45", "granite", "minimax_m2", "mistral", "seed_oss"} <= set(REASONING_PARSERS)
+
+
+@pytest.mark.parametrize(("name", "prompt", "text", "expected"), CASES)
+def test_documented_outputs(name, prompt, text, expected):
+    m = get_reasoning_parser(name)(prompt).extract(text)
+    assert (m.reasoning_content, m.content) == expected
+
+
+def _streamed(name: str, prompt: str | None, pieces: list[str]) -> ParsedMessage:
+    parser, deltas = get_reasoning_parser(name)(prompt), []
+    for piece in pieces:
+        deltas += parser.feed(piece)
+    deltas += parser.finish()
+    assert all(d.content or d.reasoning_content for d in deltas)
+    return ParsedMessage.from_deltas(deltas)
+
+
+@pytest.mark.parametrize(("name", "prompt", "text", "expected"), CASES)
+def test_every_split_streams_the_whole_result(name, prompt, text, expected):
+    for cut in range(len(text) + 1):
+        m = _streamed(name, prompt, [text[:cut], text[cut:]])
+        assert (m.reasoning_content, m.content) == expected, cut
+    m = _streamed(name, prompt, list(text))
+    assert (m.reasoning_content, m.content) == expected
+
+
+def _fake(pieces: list[str]) -> tuple[list[int], object]:
+    """Token i is pieces[i]; decoding joins them."""
+    return list(range(len(pieces))), lambda ids: "".join(pieces[i] for i in ids)
+
+
+@pytest.mark.parametrize(("name", "prompt", "pieces", "expected"), [
+    ("mistral", None, ["[THINK]", "Two", " and", " two", "[/THINK]", "Four", "."], 3),
+    ("mistral", None, ["Four", "."], 0),
+    ("seed_oss", None, ["<seed:think>", "a", "b", "</seed:think>", "c"], 2),
+    ("seed_oss", SEED_OFF, ["a", "b"], 0),
+    ("glm45", None, ["\n", "<think>", "a", "b", "</think>", "\n", "c"], 2),
+    ("glm45", GLM47, ["a", "b", "c", "</think>", "d"], 3),
+    ("deepseek_v3", V3_THINK, ["a", "b", "</think>", "c"], 2),
+    ("deepseek_v3", V3_OFF, ["<think>", "a", "</think>", "c"], 0),
+    ("minimax_m2", M2, ["a", "b", "c"], 3),  # never closed: all reasoning
+    # multi-token markers: tokens through the start marker are not counted; the end marker's
+    # leading tokens (" Here", "'s", " my", " response") are, as for a split </think>
+    ("granite", None, ["Here", " is", " my", " thought", " process", ":", " a", " b",
+                       " Here", "'s", " my", " response", ":", " c"], 2 + 4),
+    ("granite", None, ["Here", " is", " my", " answer"], 0),
+])
+def test_reasoning_tokens_counted(name, prompt, pieces, expected):
+    ids, decode = _fake(pieces)
+    assert get_reasoning_parser(name)(prompt).count_reasoning_tokens(ids, decode) == expected
