@@ -99,6 +99,7 @@ class ChatPlan:
             tools = ForcedCallsParser()
         elif self.auto:
             tools = get_tool_parser(self.parsers.tool_call_parser)()
+            tools.tools = tuple(self.tools)  # set, not passed: parsers whose __init__ takes no tools keep it
         parser = OutputParser(reasoning, tools) if reasoning or tools else None
         return ChatOutput(seq, tokenizer, parser)
 

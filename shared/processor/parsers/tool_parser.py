@@ -14,10 +14,12 @@ dropped, so a message of calls alone has content None.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from shared.processor.parsers.scan import Brackets, held_tail
 from shared.processor.parsers.types import DeltaMessage, ParsedMessage, ToolCall
+from shared.processor.parsers.validation import Tool
 
 Segment = str | ToolCall  # resolved content text, or a call
 
@@ -31,7 +33,8 @@ class ToolParser:
     special_markers: ClassVar[tuple[str, ...]] = ()
     quotes: ClassVar[str] = '"'  # string quotes of the format's values
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Sequence[Tool] = ()) -> None:
+        self.tools = tuple(tools)  # the request's tools: formats whose values are typed by schema read them
         self.calls: list[ToolCall] = []
         self._buffer = ""
         self._space = ""  # whitespace-only content since the start or the last call, held
