@@ -120,3 +120,18 @@ def _fake(pieces: list[str]) -> tuple[list[int], object]:
 def test_reasoning_tokens_counted(name, prompt, pieces, expected):
     ids, decode = _fake(pieces)
     assert get_reasoning_parser(name)(prompt).count_reasoning_tokens(ids, decode) == expected
+
+
+@pytest.mark.parametrize(("reasoning", "tool", "keeps_special_tokens"), [
+    ("mistral", None, True),  # [THINK] / [/THINK] are special tokens: decoded only if kept
+    ("qwen3", None, False),
+    ("qwen3", "mistral", True),  # the tool parser's [TOOL_CALLS] needs them kept too
+])
+def test_special_token_markers_are_kept_in_the_text(reasoning, tool, keeps_special_tokens):
+    from shared.processor.chat import ChatParsers, ChatPlan
+    from shared.sampling_params import SamplingParams
+
+    parsers = ChatParsers(tool, reasoning, enable_auto_tool_choice=tool is not None)
+    tools = [{"type": "function", "function": {"name": "f"}}] if tool else None
+    plan = ChatPlan(parsers, [{"role": "user", "content": "hi"}], tools, "auto" if tool else None)
+    assert plan.sampling_params(SamplingParams()).skip_special_tokens is not keeps_special_tokens

@@ -83,16 +83,38 @@ def test_text_around_a_list_call_is_content():
     assert (content, calls) == ("  and then some", [("now", {})])
 
 
+# two calls of the function "a" with no arguments, in each format
+TWO_CALLS = {
+    "hermes": '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "a", "arguments": {}}</tool_call>',
+    "llama3_json": '{"name": "a", "parameters": {}}; {"name": "a", "parameters": {}}',
+    "mistral": '[TOOL_CALLS][{"name": "a", "arguments": {}}, {"name": "a", "arguments": {}}]',
+    "pythonic": "[a(), a()]",
+    "qwen3_coder": "<tool_call>\n<function=a>\n</function>\n</tool_call>" * 2,
+    "glm45": "<tool_call>a\n</tool_call>" * 2,
+    "deepseek_v3": "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>function<｜tool▁sep｜>a\n```json\n{}\n```<｜tool▁call▁end｜>" * 2
+                   + "<｜tool▁calls▁end｜>",
+    "deepseek_v31": "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>a<｜tool▁sep｜>{}<｜tool▁call▁end｜>" * 2
+                    + "<｜tool▁calls▁end｜>",
+    "kimi_k2": "<|tool_calls_section_begin|>" + "".join(
+        f"<|tool_call_begin|>functions.a:{i}<|tool_call_argument_begin|>{{}}<|tool_call_end|>" for i in range(2))
+               + "<|tool_calls_section_end|>",
+    "granite": '<|tool_call|>[{"name": "a", "arguments": {}}, {"name": "a", "arguments": {}}]',
+    "internlm": '<|action_start|><|plugin|>\n{"name": "a", "parameters": {}}<|action_end|>' * 2,
+    "jamba": '<tool_calls>[{"name": "a", "arguments": {}}, {"name": "a", "arguments": {}}]</tool_calls>',
+    "phi4_mini_json": 'functools[{"name": "a", "arguments": {}}, {"name": "a", "arguments": {}}]',
+    "xlam": '[{"name": "a", "arguments": {}}, {"name": "a", "arguments": {}}]',
+}
+
+
 @pytest.mark.parametrize("name", list(TOOL_PARSERS))
 def test_calls_have_distinct_openai_ids(name):
-    text = {"hermes": '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "a", "arguments": {}}'
-                      "</tool_call>",
-            "llama3_json": '{"name": "a", "parameters": {}}; {"name": "a", "parameters": {}}',
-            "mistral": '[TOOL_CALLS][{"name": "a", "arguments": {}}, {"name": "a", "arguments": {}}]',
-            "pythonic": "[a(), a()]"}[name]
-    calls = [c.to_openai() for c in get_tool_parser(name).extract(text).tool_calls]
+    cls = get_tool_parser(name)
+    calls = [c.to_openai() for c in cls.extract(TWO_CALLS[cls.name]).tool_calls]
     assert [c["function"] for c in calls] == [{"name": "a", "arguments": "{}"}] * 2
-    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    assert all(c["type"] == "function" for c in calls) and calls[0]["id"] != calls[1]["id"]
+    # kimi_k2 keeps the model's own ids (its template writes them back); the others make OpenAI's
+    prefix = "functions.a:" if name == "kimi_k2" else "call_"
+    assert all(c["id"].startswith(prefix) for c in calls)
     assert calls[0]["id"] != calls[1]["id"]
 
 

@@ -76,15 +76,17 @@ class ChatPlan:
         return variables
 
     def sampling_params(self, params: SamplingParams) -> SamplingParams:
-        """params with the constraint that forces calls, and the special tokens the tool
-        parser's markers are kept in the text."""
+        """params with the constraint that forces calls, and the special tokens the tool or
+        reasoning parser's markers are kept in the text."""
         if self.forced:
             if params.structured_outputs is not None:
                 raise InvalidRequest("tool_choice 'required' or a named function cannot be combined with "
                                      "response_format or structured outputs", "tool_choice")
             schema = forced_calls_schema(self.tools, self.tool_choice, self.parallel_tool_calls)
             return replace(params, structured_outputs=StructuredOutputsParams(json=schema))
-        if self.auto and get_tool_parser(self.parsers.tool_call_parser).special_markers:
+        reasoning = self.parsers.reasoning_parser
+        if ((self.auto and get_tool_parser(self.parsers.tool_call_parser).special_markers)
+                or (reasoning is not None and get_reasoning_parser(reasoning).special_markers)):
             return replace(params, skip_special_tokens=False)
         return params
 
@@ -98,8 +100,7 @@ class ChatPlan:
         if self.forced:
             tools = ForcedCallsParser()
         elif self.auto:
-            tools = get_tool_parser(self.parsers.tool_call_parser)()
-            tools.tools = tuple(self.tools)  # set, not passed: parsers whose __init__ takes no tools keep it
+            tools = get_tool_parser(self.parsers.tool_call_parser)(self.tools)
         parser = OutputParser(reasoning, tools) if reasoning or tools else None
         return ChatOutput(seq, tokenizer, parser)
 

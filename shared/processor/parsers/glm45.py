@@ -25,7 +25,7 @@ from typing import Any
 
 from shared.processor.parsers.qwen3_coder import read_value, schema_properties
 from shared.processor.parsers.scan import skip_space
-from shared.processor.parsers.tool_parser import MarkedToolParser, Segment
+from shared.processor.parsers.tool_parser import TaggedToolParser
 from shared.processor.parsers.types import ToolCall, dumps, loads
 
 START, END = "<tool_call>", "</tool_call>"
@@ -34,19 +34,11 @@ VALUE, VALUE_END = "<arg_value>", "</arg_value>"
 NAME = re.compile(r"[^\s<>]+")
 
 
-class Glm45ToolParser(MarkedToolParser):
+class Glm45ToolParser(TaggedToolParser):
     name = "glm45"
-    marker = START
+    marker, end = START, END
 
-    def _read(self, text: str, start: int, final: bool) -> tuple[list[Segment], int] | None:
-        body = start + len(START)
-        stop = text.find(END, body)
-        if stop < 0:
-            return None if not final else ([text[start:]], len(text))
-        end = stop + len(END)
-        return [self._function(text[body:stop]) or text[start:end]], end
-
-    def _function(self, body: str) -> ToolCall | None:
+    def _call_of(self, body: str) -> ToolCall | None:
         """The call a block's name and key/value pairs make; None when malformed."""
         cut = min(i for i in (body.find("\n"), body.find(KEY), len(body)) if i >= 0)
         name = body[:cut].strip()

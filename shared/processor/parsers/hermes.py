@@ -11,20 +11,15 @@ output leaves unclosed, stays content, tags and all.
 from __future__ import annotations
 
 from shared.processor.parsers.scan import call_from_object, json_value
-from shared.processor.parsers.tool_parser import MarkedToolParser, Segment
+from shared.processor.parsers.tool_parser import TaggedToolParser
+from shared.processor.parsers.types import ToolCall
 
 START, END = "<tool_call>", "</tool_call>"
 
 
-class HermesToolParser(MarkedToolParser):
+class HermesToolParser(TaggedToolParser):
     name = "hermes"
-    marker = START
+    marker, end = START, END
 
-    def _read(self, text: str, start: int, final: bool) -> tuple[list[Segment], int] | None:
-        body = start + len(START)
-        stop = text.find(END, body)
-        if stop < 0:
-            return None if not final else ([text[start:]], len(text))
-        end = stop + len(END)
-        call = call_from_object(json_value(text[body:stop]), ("arguments",))
-        return [call or text[start:end]], end
+    def _call_of(self, body: str) -> ToolCall | None:
+        return call_from_object(json_value(body), ("arguments",))

@@ -10,8 +10,11 @@ a valid call (so a JSON answer that is not a call stays content).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from shared.processor.parsers.scan import call_from_object, could_become, json_value, skip_space
 from shared.processor.parsers.tool_parser import Segment, ToolParser
+from shared.processor.parsers.validation import Tool
 
 TAG = "<|python_tag|>"
 
@@ -20,8 +23,8 @@ class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     special_markers = (TAG,)
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: Sequence[Tool] = ()) -> None:
+        super().__init__(tools)
         self._prose = False  # the output turned out to be content: everything from here on is
         self._after_call = False
 

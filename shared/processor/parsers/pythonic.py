@@ -10,10 +10,12 @@ An output that does not start with such a list is content; so is the text after 
 from __future__ import annotations
 
 import ast
+from collections.abc import Sequence
 
 from shared.processor.parsers.scan import could_become, skip_space
 from shared.processor.parsers.tool_parser import Segment, ToolParser
 from shared.processor.parsers.types import ToolCall, dumps
+from shared.processor.parsers.validation import Tool
 
 START, END = "<|python_start|>", "<|python_end|>"
 
@@ -23,8 +25,8 @@ class PythonicToolParser(ToolParser):
     special_markers = (START, END)
     quotes = "\"'"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: Sequence[Tool] = ()) -> None:
+        super().__init__(tools)
         self._done = False  # past the list (or past finding there is none): content from here on
 
     def _scan(self, text: str, final: bool) -> tuple[list[Segment], int]:

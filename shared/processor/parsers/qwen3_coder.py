@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shared.processor.parsers.scan import skip_space
-from shared.processor.parsers.tool_parser import MarkedToolParser, Segment
+from shared.processor.parsers.tool_parser import TaggedToolParser
 from shared.processor.parsers.types import ToolCall, dumps, loads
 from shared.processor.parsers.validation import Tool
 
@@ -99,20 +99,13 @@ def typed_value(text: str, schema: Any) -> Any:
     return value if jsonable(value) else text
 
 
-class Qwen3CoderToolParser(MarkedToolParser):
+class Qwen3CoderToolParser(TaggedToolParser):
     name = "qwen3_coder"
-    marker = START
+    marker, end = START, END
 
-    def _read(self, text: str, start: int, final: bool) -> tuple[list[Segment], int] | None:
-        body = start + len(START)
-        stop = text.find(END, body)
-        if stop < 0:
-            return None if not final else ([text[start:]], len(text))
-        end = stop + len(END)
-        return [self._function(text[body:stop].strip()) or text[start:end]], end
-
-    def _function(self, body: str) -> ToolCall | None:
+    def _call_of(self, body: str) -> ToolCall | None:
         """The call a block's ``<function=NAME>...</function>`` makes; None when malformed."""
+        body = body.strip()
         head = body.find(">")
         if not body.startswith(FUNCTION) or head < 0 or not LABEL.fullmatch(body[len(FUNCTION):head]):
             return None

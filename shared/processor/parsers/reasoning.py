@@ -32,6 +32,8 @@ class ReasoningParser:
     ends: ClassVar[tuple[str, ...]] = ("</think>",)
     model_opens: ClassVar[bool] = True  # a start marker the output begins with opens the reasoning
     space_before_start: ClassVar[bool] = False  # whitespace before that start marker is dropped with it
+    # the markers are special tokens in the family's tokenizer: the detokenizer must keep them
+    special_markers: ClassVar[bool] = False
 
     def __init__(self, prompt: str | None = None) -> None:
         self.prompt = prompt
@@ -163,6 +165,7 @@ class MistralReasoningParser(ReasoningParser):
     name = "mistral"
     always_reasoning = False
     starts, ends = ("[THINK]",), ("[/THINK]",)
+    special_markers = True
 
 
 class SeedOssReasoningParser(ReasoningParser):

@@ -12,11 +12,13 @@ ends after a call without the section's end marker keeps its calls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from shared.processor.parsers.scan import could_become, held_tail, json_value, skip_space
 from shared.processor.parsers.tool_parser import Segment, ToolParser
 from shared.processor.parsers.types import ToolCall, dumps
+from shared.processor.parsers.validation import Tool
 
 
 class SectionToolParser(ToolParser):
@@ -25,8 +27,8 @@ class SectionToolParser(ToolParser):
     section: ClassVar[tuple[str, str]]  # the section's begin and end markers
     call: ClassVar[tuple[str, str]]  # one call's begin and end markers
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: Sequence[Tool] = ()) -> None:
+        super().__init__(tools)
         self._inside = False  # in a section, after a call
 
     def _parse(self, body: str) -> ToolCall | None:

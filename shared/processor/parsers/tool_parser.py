@@ -119,3 +119,22 @@ class MarkedToolParser(ToolParser):
                 return segments, start
             segments.extend(step[0])
             pos = step[1]
+
+
+class TaggedToolParser(MarkedToolParser):
+    """A format whose every call is one block between a start tag (the marker) and an end tag:
+    a block whose body makes no call, or one the output leaves unclosed, stays content, tags and all."""
+
+    end: ClassVar[str]
+
+    def _call_of(self, body: str) -> ToolCall | None:
+        """The call a block's body makes; None when it is malformed."""
+        raise NotImplementedError
+
+    def _read(self, text: str, start: int, final: bool) -> tuple[list[Segment], int] | None:
+        body = start + len(self.marker)
+        stop = text.find(self.end, body)
+        if stop < 0:
+            return None if not final else ([text[start:]], len(text))
+        end = stop + len(self.end)
+        return [self._call_of(text[body:stop]) or text[start:end]], end
