@@ -28,8 +28,8 @@ def llm(model_dirs) -> LLM:
 
 def _forced(text: str, **kwargs) -> SamplingParams:
     """Greedy, with the output constrained to exactly ``text``."""
-    return SamplingParams(temperature=0.0, max_tokens=120, structured_outputs=StructuredOutputsParams(choice=[text]),
-                          **kwargs)
+    return SamplingParams(**{"temperature": 0.0, "max_tokens": 120, **kwargs},
+                          structured_outputs=StructuredOutputsParams(choice=[text]))
 
 
 @pytest.mark.parametrize("parallel", [None, False])
@@ -59,6 +59,43 @@ def test_auto_parses_the_text_with_the_tool_parser(llm):
     (out,) = llm.chat(ASK, _forced("Let me see. " + CALL), use_tqdm=False, tools=TOOLS, tool_parser="hermes")
     choice = out.outputs[0]
     assert choice.finish_reason == "tool_calls" and choice.content == "Let me see. "
+    assert [(c.name, json.loads(c.arguments)) for c in choice.tool_calls] == [
+        ("get_weather", {"city": "Paris", "unit": "celsius"})]
+
+
+ARGS = '{"city": "Paris", "unit": "celsius"}'
+# get_weather(city="Paris", unit="celsius") as each family writes it
+FAMILY_CALLS = {
+    "hermes": CALL,
+    "llama3_json": '{"name": "get_weather", "parameters": ' + ARGS + "}",
+    "pythonic": '[get_weather(city="Paris", unit="celsius")]',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + ARGS + "}]",
+    "qwen3_coder": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                    "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>"),
+    "glm45": ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n"
+              "<arg_key>unit</arg_key>\n<arg_value>celsius</arg_value>\n</tool_call>"),
+    "deepseek_v3": ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n" + ARGS
+                    + "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+    "deepseek_v31": ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>" + ARGS
+                     + "<｜tool▁call▁end｜><｜tool▁calls▁end｜>"),
+    "kimi_k2": ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+                + ARGS + "<|tool_call_end|><|tool_calls_section_end|>"),
+    "granite": '<|tool_call|>[{"name": "get_weather", "arguments": ' + ARGS + "}]",
+    "internlm": '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": ' + ARGS + "}<|action_end|>",
+    "jamba": '<tool_calls>[{"name": "get_weather", "arguments": ' + ARGS + "}]</tool_calls>",
+    "phi4_mini_json": 'functools[{"name": "get_weather", "arguments": ' + ARGS + "}]",
+    "xlam": '[{"name": "get_weather", "arguments": ' + ARGS + "}]",
+}
+
+
+@pytest.mark.parametrize("parser", list(FAMILY_CALLS))
+def test_every_tool_parser_reads_its_family_through_chat(llm, parser):
+    """The whole path: the template sees the tools, the model writes the family's markup (forced
+    here), and LLM.chat returns the call, typed by the tool's schema where the format needs it."""
+    (out,) = llm.chat(ASK, _forced(FAMILY_CALLS[parser], max_tokens=400), use_tqdm=False, tools=TOOLS,
+                      tool_parser=parser)
+    choice = out.outputs[0]
+    assert choice.finish_reason == "tool_calls" and choice.content is None, choice.text
     assert [(c.name, json.loads(c.arguments)) for c in choice.tool_calls] == [
         ("get_weather", {"city": "Paris", "unit": "celsius"})]
 
