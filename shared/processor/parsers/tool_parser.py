@@ -127,13 +127,20 @@ class TaggedToolParser(MarkedToolParser):
 
     end: ClassVar[str]
 
+    def __init__(self, tools: Sequence[Tool] = ()) -> None:
+        super().__init__(tools)
+        # how much of the open block (from its start) was searched for its end tag already: a long
+        # block streamed in small deltas is searched once through, not again at every delta
+        self._searched = 0
+
     def _call_of(self, body: str) -> ToolCall | None:
         """The call a block's body makes; None when it is malformed."""
         raise NotImplementedError
 
     def _read(self, text: str, start: int, final: bool) -> tuple[list[Segment], int] | None:
         body = start + len(self.marker)
-        stop = text.find(self.end, body)
+        stop = text.find(self.end, max(body, start + self._searched - len(self.end) + 1))
+        self._searched = 0 if stop >= 0 or final else len(text) - start
         if stop < 0:
             return None if not final else ([text[start:]], len(text))
         end = stop + len(self.end)
