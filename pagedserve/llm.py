@@ -196,7 +196,7 @@ class LLM(PoolingAPI, LLMLifecycle):
         # Validate every request before admitting any, so a bad prompt leaves the engine untouched.
         outputs, sequences, requests = [], {}, []
         for i, (text, ids, params, prio, lora) in enumerate(zip(texts, token_lists, params_list, priorities, loras)):
-            self.processor.check_prompt(ids)
+            ids = self.processor.check_prompt(ids, truncate_prompt_tokens=params.truncate_prompt_tokens)
             params = self.processor.sampling_params(params, [ids], default_max_tokens)
             if plans is not None:
                 params = plans[i].sampling_params(params)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 from typing import Any
 
 import msgspec
@@ -18,6 +19,8 @@ from msgspec.structs import force_setattr, replace
 
 MAX_LOGPROBS = 20
 MAX_N = 1 << 16  # samples of one prompt: far past it, building the samples alone would exhaust memory
+# bad_words: the sampler checks every word's tokens against the output at every step
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 128, 128
 _PENALTY_RANGE = (-2.0, 2.0)
 _GREEDY_EPS = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what a torch generator accepts
@@ -35,6 +38,16 @@ def _require(ok: bool, field: str, rule: str, value: Any) -> None:
 def is_int(value: Any) -> bool:
     """An int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Brief:
+    """A value shown shortened in an error message (a client's list may be huge)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return reprlib.repr(self.value)
 
 
 def _is_finite(value: Any) -> bool:
@@ -113,6 +126,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None
     structured_outputs: StructuredOutputsParams | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words the output never contains (as token sequences)
+    # bad_words tokenized, set by the request processor (what the worker bans)
+    bad_words_token_ids: list[list[int]] = msgspec.field(default_factory=list)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len)
     unset_fields: tuple[str, ...] = ()  # a tuple: an empty one is omitted on the wire
 
     def __post_init__(self) -> None:
@@ -125,6 +143,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
         self._validate_sampling()
         self._validate_lengths()
         self._validate_stops()
+        self._validate_token_lists()
 
     def _normalize(self) -> None:
         if self.stop is None or isinstance(self.stop, str):
@@ -191,6 +210,28 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=Tr
         if self.logit_bias is not None:
             ok = all(k >= 0 and math.isfinite(v) for k, v in self.logit_bias.items())
             _require(ok, "logit_bias", "must map non-negative token ids to finite numbers", self.logit_bias)
+
+    def _validate_token_lists(self) -> None:
+        """allowed_token_ids, bad_words and truncate_prompt_tokens, as vLLM checks them (the
+        request processor checks them against the vocabulary and the context)."""
+        if self.allowed_token_ids is not None:
+            ok = isinstance(self.allowed_token_ids, list) and bool(self.allowed_token_ids) \
+                and all(is_int(t) and t >= 0 for t in self.allowed_token_ids)
+            _require(ok, "allowed_token_ids", "must be a non-empty list of token ids", _Brief(self.allowed_token_ids))
+        if self.bad_words is not None:
+            words = self.bad_words
+            ok = isinstance(words, list) and len(words) <= MAX_BAD_WORDS
+            ok = ok and all(isinstance(w, str) and w.strip() and len(w) <= MAX_BAD_WORD_CHARS for w in words)
+            _require(ok, "bad_words", f"must be a list of at most {MAX_BAD_WORDS} words, each of 1 to "
+                     f"{MAX_BAD_WORD_CHARS} characters and not only spaces", _Brief(words))
+        seqs = self.bad_words_token_ids
+        longest = 4 * MAX_BAD_WORD_CHARS + 1  # a character takes at most 4 byte tokens, and the space
+        ok = len(seqs) <= 2 * MAX_BAD_WORDS and all(
+            isinstance(s, list) and 0 < len(s) <= longest and all(is_int(t) and t >= 0 for t in s) for s in seqs)
+        _require(ok, "bad_words_token_ids", "must be non-empty lists of token ids", _Brief(seqs))
+        t = self.truncate_prompt_tokens
+        ok = t is None or (is_int(t) and (t == -1 or t >= 1))
+        _require(ok, "truncate_prompt_tokens", "must be -1 (max_model_len) or at least 1", t)
 
     @property
     def greedy(self) -> bool:

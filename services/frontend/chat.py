@@ -42,7 +42,7 @@ async def create_chat_completion(state: FrontendState, body: ChatCompletionReque
     ids = await state.encode_chat(messages, body.add_generation_prompt, chat_template=body.client_template,
                                   template_kwargs=plan.template_variables(body.template_kwargs(),
                                                                           body.continue_final_message))
-    state.check_prompt(ids, "messages")
+    ids = state.check_prompt(ids, "messages", body.truncate_prompt_tokens)
     params = state.sampling_params(body, None, [ids], "messages", plan)  # chat: up to the context length unless asked
     gen = state.generation([ids], params, ENDPOINT, arrival, priority=body.priority, model=model)
     outputs = {seq.index: plan.output(seq, state.tokenizer) for seq in gen.ordered()}

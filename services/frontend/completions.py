@@ -52,11 +52,12 @@ async def create_completion(state: FrontendState, body: CompletionRequest, reque
     state.check_endpoint(ENDPOINT)
     state.require_ready()
     state.check_limits(body)
-    prompts = await _prompt_ids(state, body.prompt)
-    for ids in prompts:
-        state.check_prompt(ids, "prompt")
+    prompts = [state.check_prompt(ids, "prompt", body.truncate_prompt_tokens)
+               for ids in await _prompt_ids(state, body.prompt)]
     params = state.sampling_params(body, DEFAULT_MAX_TOKENS, prompts, "prompt")
-    echo = await _prompt_texts(state, body.prompt, prompts) if body.echo else None
+    # a truncated prompt echoes the tokens the model saw
+    given = body.prompt if body.truncate_prompt_tokens is None else prompts
+    echo = await _prompt_texts(state, given, prompts) if body.echo else None
     gen = state.generation(prompts, params, ENDPOINT, arrival, priority=body.priority, model=model)
     if body.stream:
         return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, echo, updates))

@@ -32,6 +32,9 @@ _DIRECT_FIELDS = (
     "stop_token_ids",
     "skip_special_tokens",
     "include_stop_str_in_output",
+    "allowed_token_ids",
+    "bad_words",
+    "truncate_prompt_tokens",
 )
 
 
@@ -84,6 +87,9 @@ class SamplingRequest(RequestBody):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None  # SamplingParams and the processor check these three
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs / guided_* extras
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -188,9 +188,11 @@ class FrontendState:
         model, or the reverse), naming the endpoints it serves."""
         check_task(self.require_ready().task, endpoint, pooling)
 
-    def check_prompt(self, ids: list[int], param: str) -> None:
+    def check_prompt(self, ids: list[int], param: str, truncate_prompt_tokens: int | None = None) -> list[int]:
+        """The prompt, truncated when asked, checked against the vocabulary and context (400 naming
+        the field)."""
         try:
-            self._processor().check_prompt(ids, param)
+            return self._processor().check_prompt(ids, param, truncate_prompt_tokens)
         except ValueError as exc:
             raise from_value_error(exc, _PARAM_NAMES) from None
 

@@ -273,7 +273,7 @@ class DraftRunner:
 def _drafting(s: SamplingState) -> SamplingState:
     """A copy of a request's sampling state for its drafts to be appended to (without logprobs)."""
     params = s.params if s.params.logprobs is None else msgspec.structs.replace(s.params, logprobs=None)
-    return SamplingState(params, list(s.token_ids), s.prompt_len, s.eos_token_ids)
+    return dataclasses.replace(s, params=params, token_ids=list(s.token_ids))  # keeps its allowed_token_ids mask
 
 
 def _reordered(order: list[int], lengths: list[int], device: torch.device) -> torch.Tensor:

@@ -50,6 +50,9 @@ def check_new_request(new: NewRequestData, limits: WorkerLimits) -> None:
     if not 0 <= new.num_computed_tokens < num_tokens:
         raise ValueError(f"num_computed_tokens must be in [0, {num_tokens}), got {new.num_computed_tokens}")
     params = new.sampling_params
+    for name, ids in (("allowed_token_ids", params.allowed_token_ids or []),
+                      ("bad_words_token_ids", [t for seq in params.bad_words_token_ids for t in seq])):
+        check_in_vocab(name, np.asarray(ids, dtype=np.int64), vocab_size)
     for name in ("logprobs", "prompt_logprobs"):
         k = getattr(params, name)
         if k is not None and k >= vocab_size:

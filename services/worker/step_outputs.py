@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 NO_TOKEN_MESSAGE = (
     "no token can be sampled: every token is masked or a logit is not a finite number "
-    "(check logit_bias, the penalties, min_tokens and structured_outputs)"
+    "(check allowed_token_ids, bad_words, logit_bias, the penalties, min_tokens and structured_outputs)"
 )
 
 

@@ -47,8 +47,15 @@ def check_max_tokens(params: SamplingParams, prompt_lens: list[int], max_model_l
 
 
 def check_token_params(params: SamplingParams, vocab_size: int) -> None:
-    """stop_token_ids and logit_bias name tokens of the vocabulary."""
-    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {}))):
+    """stop_token_ids, logit_bias, allowed_token_ids and bad words name tokens of the vocabulary
+    (allowed_token_ids at most once each: no more of them than the vocabulary holds)."""
+    allowed = params.allowed_token_ids or []
+    if len(allowed) > vocab_size:
+        raise InvalidRequest(f"allowed_token_ids: {len(allowed)} token ids given for a vocabulary of {vocab_size}.",
+                             "allowed_token_ids")
+    bad_words = [t for seq in params.bad_words_token_ids for t in seq]
+    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias or {})),
+                      ("allowed_token_ids", allowed), ("bad_words", bad_words)):
         bad = next((t for t in ids if t >= vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"{name}: token id {bad} is out of range for a vocabulary of {vocab_size}.", name)

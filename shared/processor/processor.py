@@ -1,8 +1,10 @@
 """The request processor: everything that happens to a request outside the model, shared by the
 offline LLM and the HTTP frontend so the same request gives the same result in both.
 
-- validation: prompts against the vocabulary and the context, max_tokens against the context,
-  token-id parameters against the vocabulary (shared.processor.checks);
+- validation: prompts against the vocabulary and the context (truncated first when
+  truncate_prompt_tokens asks), max_tokens against the context, token-id parameters against the
+  vocabulary (shared.processor.checks);
+- bad_words to the token id sequences the worker bans (``bad_words_token_ids``);
 - the model's generation_config defaults for the fields the user did not set (defaults);
 - prompts and chat messages to token ids (tokenizer);
 - n fan-out: prompt p, sample j -> one engine request per choice index p * n + j (``sequences``);
@@ -19,8 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from msgspec.structs import replace
+
 from shared.processor import checks
 from shared.processor.defaults import merge_model_defaults
+from shared.processor.errors import InvalidRequest
+from shared.processor.pooling import resolve_truncation
 from shared.processor.sequence import Sequence
 from shared.processor.token_text import TokenText
 from shared.processor.tokenizer import render_chat, template_variables
@@ -57,8 +63,13 @@ class RequestProcessor:
                            chat_template=chat_template, **template_variables(self.tokenizer, variables))
         return self.encode(text, add_special_tokens=False)
 
-    def check_prompt(self, ids: list[int], param: str = "prompt") -> None:
+    def check_prompt(self, ids: list[int], param: str = "prompt", truncate_prompt_tokens: int | None = None) -> list[int]:
+        """The prompt, cut to its last ``truncate_prompt_tokens`` tokens when given (-1:
+        max_model_len, as vLLM's; pooling's rule), and checked against the vocabulary and context."""
+        keep = resolve_truncation(truncate_prompt_tokens, self.model.max_model_len)
+        ids = ids[-keep:] if keep else ids
         checks.check_prompt(ids, self.model.vocab_size, self.model.max_model_len, param)
+        return ids
 
     # ----- parameters ---------------------------------------------------------------------------
 
@@ -70,8 +81,25 @@ class RequestProcessor:
         m = self.model
         checks.check_max_tokens(params, [len(p) for p in prompts], m.max_model_len, prompt_param, max_tokens_param)
         params = merge_model_defaults(params, m.generation_defaults, default_max_tokens)
+        if params.bad_words or params.bad_words_token_ids:
+            params = replace(params, bad_words_token_ids=self.bad_words_token_ids(params.bad_words or []))
         checks.check_token_params(params, m.vocab_size)
         return params
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenizing of bad words: each word (left-stripped) as it is, and with a leading
+        space too when that spells it with a different first token and as many tokens (a word
+        inside the text, for a tokenizer that folds the space into the word)."""
+        seqs = []
+        for word in words:
+            plain = self.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise InvalidRequest(f"bad_words: {word!r} has no tokens.", "bad_words")
+            spaced = self.encode(" " + word.lstrip(), add_special_tokens=False)
+            seqs.append(plain)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                seqs.append(spaced)
+        return seqs
 
     # ----- fan-out ------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Batched token sampling over one step's logits [B, V].
 
-Order of operations (as vLLM's): logprobs from the raw logits; then logit_bias, min_tokens
-masking and penalties; greedy rows take the argmax of those processed logits; other rows are
-divided by their temperature, filtered by min_p, top_k and top_p, and sampled by inverse CDF.
+Order of operations (as vLLM's): logprobs from the raw logits; then allowed_token_ids and
+bad_words masking, logit_bias, min_tokens masking and penalties; greedy rows take the argmax of
+those processed logits; other rows are divided by their temperature, filtered by min_p, top_k and
+top_p, and sampled by inverse CDF.
 Rows with a seed draw their noise from a generator seeded for that row and output position
 (sampling_metadata.noise_seed), so a seeded request gets the same tokens whatever else shares the
 batch and however often it was preempted or recomputed.
@@ -82,11 +83,19 @@ class Sampler:
 
 
 def process_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """logit_bias, then min_tokens masking, then penalties. Returns a new tensor when anything
-    applies (the caller's logits are never modified), else ``logits`` itself."""
-    if meta.logit_bias is None and meta.min_tokens_mask is None and meta.penalties is None:
+    """allowed_token_ids and bad_words masking, logit_bias, then min_tokens masking, then
+    penalties. Returns a new tensor when anything applies (the caller's logits are never
+    modified), else ``logits`` itself."""
+    if meta.disallowed is None and meta.bad_words is None and meta.logit_bias is None \
+            and meta.min_tokens_mask is None and meta.penalties is None:
         return logits
     logits = logits.clone()
+    if meta.disallowed is not None:
+        rows, mask = meta.disallowed
+        logits[rows] = logits[rows].masked_fill(mask, float("-inf"))
+    if meta.bad_words is not None:
+        rows, cols = meta.bad_words
+        logits.index_put_((rows, cols), torch.tensor(float("-inf"), device=logits.device))
     if meta.logit_bias is not None:
         rows, cols, values = meta.logit_bias
         logits.index_put_((rows, cols), values, accumulate=True)

@@ -11,7 +11,7 @@ whether it ran undisturbed, was preempted, or was recomputed by a restarted work
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class SamplingState:
     token_ids: list[int]
     prompt_len: int
     eos_token_ids: tuple[int, ...]
+    # [V] bool, True on the tokens allowed_token_ids leaves out: built on the request's first step
+    disallowed: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -42,6 +44,24 @@ class SamplingState:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def disallowed_mask(self, vocab_size: int, device: torch.device | str) -> torch.Tensor:
+        """[V] bool, True on every token but allowed_token_ids (which must be set), built once."""
+        if self.disallowed is None:
+            mask = torch.ones(vocab_size, dtype=torch.bool)
+            mask[torch.tensor(self.params.allowed_token_ids, dtype=torch.long)] = False
+            self.disallowed = mask.to(device)
+        return self.disallowed
+
+    def banned_by_bad_words(self) -> list[int]:
+        """The last token of each bad word whose other tokens end the output (vLLM's rule: a
+        one-token word is always banned; the prompt does not count)."""
+        banned, n_out = [], self.num_output_tokens
+        for seq in self.params.bad_words_token_ids:
+            k = len(seq) - 1
+            if k == 0 or (k <= n_out and self.token_ids[-k:] == seq[:-1]):
+                banned.append(seq[-1])
+        return banned
 
     @property
     def num_output_tokens(self) -> int:
@@ -100,6 +120,8 @@ class SamplingMetadata:
     min_p: torch.Tensor | None  # [B] float; None when all are 0.0
     seeds: dict[int, int]  # row -> noise_seed of this step's token, seeded random rows only
     max_num_logprobs: int | None  # None when no row asked for logprobs
+    disallowed: tuple[torch.Tensor, torch.Tensor] | None  # rows, [rows, V] bool (allowed_token_ids)
+    bad_words: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid this step
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # rows, token ids, values
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # rows, token ids to forbid
     penalties: PenaltyTensors | None
@@ -124,6 +146,8 @@ class SamplingMetadata:
             min_p=_random_rows_tensor(params, greedy, "min_p", 0.0, device),
             seeds=_noise_seeds(states, random_rows),
             max_num_logprobs=max(asked) if asked else None,
+            disallowed=_disallowed(states, vocab_size, device),
+            bad_words=_bad_words(states, device),
             logit_bias=_logit_bias(params, vocab_size, device),
             min_tokens_mask=_min_tokens_mask(states, vocab_size, device),
             penalties=_penalties(states, vocab_size, device),
@@ -164,6 +188,27 @@ def _top_k_tensor(
     if all(k == vocab_size for k in ks):
         return None
     return _tensor(ks, torch.long, device)
+
+
+def _disallowed(
+    states: list[SamplingState], vocab_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    rows = [i for i, s in enumerate(states) if s.params.allowed_token_ids]
+    if not rows:
+        return None
+    return _tensor(rows, torch.long, device), torch.stack([states[i].disallowed_mask(vocab_size, device) for i in rows])
+
+
+def _bad_words(states: list[SamplingState], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    rows, cols = [], []
+    for i, s in enumerate(states):
+        if s.params.bad_words_token_ids:
+            banned = s.banned_by_bad_words()
+            rows += [i] * len(banned)
+            cols += banned
+    if not rows:
+        return None
+    return _tensor(rows, torch.long, device), _tensor(cols, torch.long, device)
 
 
 def _logit_bias(
