@@ -20,6 +20,7 @@ from services.frontend.errors import (
     model_not_found,
 )
 from services.frontend.lora_routes import add_lora_routes, runtime_updating_allowed
+from services.frontend.message_routes import add_message_routes
 from services.frontend.metrics import CONTENT_TYPE
 from services.frontend.middleware import ROUTE_ALIASES, FrontendMiddleware
 from services.frontend.openai_requests import ChatCompletionRequest, CompletionRequest
@@ -96,6 +97,7 @@ def _add_openai_routes(app: FastAPI, state: FrontendState) -> None:
         return await create_rerank(state, body, request)
 
     add_response_routes(app, state)
+    add_message_routes(app, state)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

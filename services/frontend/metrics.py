@@ -72,6 +72,8 @@ ENDPOINTS = frozenset(
         "/v1/completions",
         "/v1/chat/completions",
         "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/v1/models",
         "/v1/embeddings",
         "/v1/score",
@@ -84,7 +86,7 @@ ENDPOINTS = frozenset(
         "/metrics",
     }
 )
-GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
+GENERATION_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 UNKNOWN_MODEL = "unknown"
 

@@ -101,7 +101,8 @@ class FrontendMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         if self.api_key is None or not _route_path(scope).startswith(PROTECTED_PREFIXES):
             return True
-        token = _bearer_token(scope)
+        keys = [value for name, value in scope.get("headers", ()) if name == b"x-api-key"]  # Anthropic's clients
+        token = _bearer_token(scope) or (keys[0].strip() if len(keys) == 1 else None)
         return token is not None and hmac.compare_digest(token, self.api_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

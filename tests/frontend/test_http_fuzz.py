@@ -26,7 +26,7 @@ ENDPOINTS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GE
              ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/responses/{response_id}/input_items"),
              ("POST", "/v1/responses/{response_id}/cancel"), ("POST", "/v1/embeddings"), ("POST", "/v1/score"),
              ("POST", "/v1/classify"),
-             ("POST", "/v1/rerank")]
+             ("POST", "/v1/rerank"), ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens")]
 FRONTEND_FLAGS = ("--max-n", "2", "--max-prompts-per-request", "2", "--max-request-body-bytes", str(1 << 20))
 
 
