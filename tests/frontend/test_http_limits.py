@@ -195,7 +195,9 @@ ODD_AUTHORIZATIONS = [
     [(b"authorization", "Bearer sékrit".encode())],  # non-ASCII, UTF-8 and Latin-1
     [(b"authorization", "Bearer sékrit".encode("latin-1"))],
     [(b"authorization", b"Bearer " + b"k" * 8000)],
-    [(b"x-api-key", KEY.encode())],
+    [(b"x-api-key", b"wrong")],  # Anthropic's header: the key itself, once
+    [(b"x-api-key", KEY.encode()), (b"x-api-key", KEY.encode())],
+    [(b"authorization", b"Bearer wrong"), (b"x-api-key", KEY.encode())],  # a Bearer token decides
     [(b"authorization", b"Bearer wrong"), (b"authorization", f"Bearer {KEY}".encode())],  # two: ambiguous
     [(b"authorization", f"Bearer {KEY}".encode()), (b"authorization", b"Bearer wrong")],
 ]
@@ -219,6 +221,7 @@ def test_the_key_is_checked_under_the_root_path_and_counted_by_route(tight):
     for scheme in ("Bearer", "bearer", "BEARER"):
         resp = httpx.get(f"{tight}/v1/models", headers={"authorization": f"{scheme}  {KEY}"}, timeout=10)
         assert resp.status_code == 200, resp.text
+    assert httpx.get(f"{tight}/v1/models", headers={"x-api-key": KEY}, timeout=10).status_code == 200
     after = metric_value(httpx.get(f"{tight}/metrics").text, "pagedserve_frontend_http_responses_total",
                          endpoint="/v1/models", status="401")
     assert after - before == 1
