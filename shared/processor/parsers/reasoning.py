@@ -10,6 +10,8 @@ empty block in the prompt). So a parser is made per output with the prompt's tex
 a prompt that ends in an open start marker starts the output inside the reasoning. Streaming
 holds back only a tail that may be the start of a marker, so deltas are the same whatever the
 split. Reasoning that never closes (max_tokens reached) is reasoning to the end, in every family.
+A family whose answer sits inside a tag pair of its own (ERNIE-4.5's ``<response>``, Hunyuan's
+``<answer>``) has those tags dropped from the content, and never streamed.
 """
 
 from __future__ import annotations
@@ -23,8 +25,12 @@ from shared.processor.parsers.types import DeltaMessage, ParsedMessage
 
 class ReasoningParser:
     """Splits one output into reasoning and content (``<think>`` tags unless a family says other
-    markers). A family with several spellings of a marker lists them all; no end marker may
-    contain another."""
+    markers). A family with several spellings of a marker lists them all, the longer first where
+    one starts another; the end marker found first wins (so ``\n</think>`` over the ``</think>``
+    in it). A family may also wrap its answer in a tag pair (answer_starts, answer_ends): a start
+    tag that opens the content, after whitespace, is dropped with that whitespace; the content
+    runs to an end tag, which is dropped (with the whitespace after it when the output ends
+    there); text after it is content as written. Without the start tag the content is as written."""
 
     name: ClassVar[str]
     always_reasoning: ClassVar[bool]  # outputs start inside the reasoning whatever the prompt
@@ -34,13 +40,17 @@ class ReasoningParser:
     space_before_start: ClassVar[bool] = False  # whitespace before that start marker is dropped with it
     # the markers are special tokens in the family's tokenizer: the detokenizer must keep them
     special_markers: ClassVar[bool] = False
+    answer_starts: ClassVar[tuple[str, ...]] = ()
+    answer_ends: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, prompt: str | None = None) -> None:
         self.prompt = prompt
         in_prompt = prompt is not None and prompt.rstrip().endswith(self.starts)
         opened = self.always_reasoning or in_prompt
         # strip: drop a leading start marker; detect: look for one; content: the output is all content
-        self._phase = "strip" if opened else "detect" if self.model_opens else "content"
+        # (opening first where the family has answer tags: look for the start tag)
+        self._content_phase = "opening" if self.answer_starts else "content"
+        self._phase = "strip" if opened else "detect" if self.model_opens else self._content_phase
         self._buffer = ""
         self.reasoned = False  # the output had a reasoning part
         self.start_chars = 0  # length of the start marker (and space before it) the output opened with
@@ -71,7 +81,7 @@ class ReasoningParser:
             if start:
                 text, self.start_chars = rest[len(start):], lead + len(start)
             self.reasoned = self._phase == "strip" or self.start_chars > 0
-            self._phase = "reasoning" if self.reasoned else "content"
+            self._phase = "reasoning" if self.reasoned else self._content_phase
         if self._phase == "reasoning":
             stop, end = min(((text.find(e), e) for e in self.ends if e in text), default=(-1, ""))
             if stop < 0:
@@ -79,8 +89,35 @@ class ReasoningParser:
                 self._buffer = text[len(text) - keep:]
                 return [DeltaMessage(reasoning_content=text[:len(text) - keep])] if len(text) > keep else []
             out = [DeltaMessage(reasoning_content=text[:stop])] if stop else []
-            text, self._phase, self.closed = text[stop + len(end):], "content", True
+            text, self._phase, self.closed = text[stop + len(end):], self._content_phase, True
         self._buffer = ""
+        return out + self._content(text, final)
+
+    def _content(self, text: str, final: bool) -> list[DeltaMessage]:
+        """The content deltas text resolves, answer tags dropped (a tail that may begin a tag is
+        held back in the buffer)."""
+        out: list[DeltaMessage] = []
+        if self._phase == "opening":
+            rest = text.lstrip()
+            if not final and (not rest or any(could_become(rest, start) for start in self.answer_starts)):
+                self._buffer = text
+                return []
+            start = next((s for s in self.answer_starts if rest.startswith(s)), "")
+            text, self._phase = (rest[len(start):], "answer") if start else (text, "content")
+        if self._phase == "answer":
+            stop, end = min(((text.find(e), e) for e in self.answer_ends if e in text), default=(-1, ""))
+            if stop < 0:
+                keep = 0 if final else max(held_tail(text, e) for e in self.answer_ends)
+                self._buffer = text[len(text) - keep:]
+                text = text[:len(text) - keep]
+            else:
+                out = [DeltaMessage(content=text[:stop])] if stop else []
+                text, self._phase = text[stop + len(end):], "closing"
+        if self._phase == "closing":  # whitespace after the end tag is dropped if the output ends there
+            if text.strip():
+                self._phase = "content"
+            else:
+                self._buffer, text = ("" if final else text), ""
         return out + ([DeltaMessage(content=text)] if text else [])
 
     def count_reasoning_tokens(self, token_ids: Sequence[int], decode: Callable[[Sequence[int]], str]) -> int:
@@ -187,9 +224,33 @@ class GraniteReasoningParser(ReasoningParser):
     ends = ("Here is my response:", "Here's my response:")
 
 
+class Ernie45ReasoningParser(ReasoningParser):
+    """ERNIE-4.5 Thinking: ``reasoning\n</think>\n\n<response>\nanswer\n</response>\n``; the
+    template opens the reasoning, so the output starts inside it (as deepseek_r1). The answer is
+    what the response tags hold, newlines kept as vLLM keeps them; a tool call follows
+    ``</think>`` without them and is content as written."""
+
+    name = "ernie45"
+    always_reasoning = True
+    answer_starts, answer_ends = ("<response>",), ("</response>",)
+
+
+class HunyuanA13BReasoningParser(ReasoningParser):
+    """Hunyuan-A13B: ``<think>\nreasoning\n</think>\n<answer>\nanswer\n</answer>``, written by
+    the model itself (an empty block when it does not think, /no_think); its tool calls sit inside
+    the answer. As in vLLM, the newline just inside each tag belongs to the tag; an output without
+    ``<think>`` is content."""
+
+    name = "hunyuan_a13b"
+    always_reasoning = False
+    starts, ends = ("<think>\n", "<think>"), ("\n</think>", "</think>")
+    answer_starts, answer_ends = ("<answer>\n", "<answer>"), ("\n</answer>", "</answer>")
+
+
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     cls.name: cls for cls in (
-        DeepSeekR1ReasoningParser, Qwen3ReasoningParser, DeepSeekV3ReasoningParser, Glm45ReasoningParser,
-        GraniteReasoningParser, MiniMaxM2ReasoningParser, MistralReasoningParser, SeedOssReasoningParser,
+        DeepSeekR1ReasoningParser, Qwen3ReasoningParser, DeepSeekV3ReasoningParser, Ernie45ReasoningParser,
+        Glm45ReasoningParser, GraniteReasoningParser, HunyuanA13BReasoningParser, MiniMaxM2ReasoningParser,
+        MistralReasoningParser, SeedOssReasoningParser,
     )
 }
