@@ -10,6 +10,7 @@ from fastapi.responses import Response
 
 from services.frontend.generation import Generation
 from services.frontend.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs
+from services.frontend.middleware import client_request_id
 from services.frontend.openai_requests import CompletionRequest
 from services.frontend.openai_responses import (
     SSE_DONE,
@@ -18,7 +19,7 @@ from services.frontend.openai_responses import (
     CompletionResponse,
     Usage,
     now,
-    random_id,
+    response_id,
 )
 from services.frontend.state import FrontendState
 from services.frontend.streaming import respond_whole, stream
@@ -28,11 +29,13 @@ ENDPOINT = "/v1/completions"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
-async def _prompt_ids(state: FrontendState, prompt: str | list) -> list[list[int]]:
+async def _prompt_ids(state: FrontendState, prompt: str | list, add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of each prompt: text is tokenized (with BOS etc. unless add_special_tokens is
+    false), token ids are taken as they are."""
     if isinstance(prompt, str):
-        return await state.encode([prompt], fit_param="prompt")
+        return await state.encode([prompt], add_special_tokens, fit_param="prompt")
     if all(isinstance(p, str) for p in prompt):
-        return await state.encode(prompt, fit_param="prompt")
+        return await state.encode(prompt, add_special_tokens, fit_param="prompt")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [list(p) for p in prompt]
@@ -53,24 +56,25 @@ async def create_completion(state: FrontendState, body: CompletionRequest, reque
     state.require_ready()
     state.check_limits(body)
     prompts = [state.check_prompt(ids, "prompt", body.truncate_prompt_tokens)
-               for ids in await _prompt_ids(state, body.prompt)]
+               for ids in await _prompt_ids(state, body.prompt, body.add_special_tokens)]
     params = state.sampling_params(body, DEFAULT_MAX_TOKENS, prompts, "prompt")
     # a truncated prompt echoes the tokens the model saw
     given = body.prompt if body.truncate_prompt_tokens is None else prompts
     echo = await _prompt_texts(state, given, prompts) if body.echo else None
     gen = state.generation(prompts, params, ENDPOINT, arrival, priority=body.priority, model=model)
+    answer_id = response_id("cmpl", client_request_id(request.scope) or body.request_id)
     if body.stream:
-        return await stream(gen, request, lambda updates: _chunks(state, body, gen, model, echo, updates))
-    return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, model, echo, seqs))
+        return await stream(gen, request, lambda updates: _chunks(state, body, gen, answer_id, model, echo, updates))
+    return await respond_whole(gen, request, lambda seqs: _response(state, body, gen, answer_id, model, echo, seqs))
 
 
 def _response(
-    state: FrontendState, body: CompletionRequest, gen: Generation, model: str, echo: list[str] | None,
-    seqs: list[Sequence],
+    state: FrontendState, body: CompletionRequest, gen: Generation, answer_id: str, model: str,
+    echo: list[str] | None, seqs: list[Sequence],
 ) -> Response:
     choices = [_choice(state, body, gen, seq, echo) for seq in seqs]
     usage = Usage.of(gen.usage())
-    resp = CompletionResponse(id=random_id("cmpl"), created=now(), model=model, choices=choices, usage=usage)
+    resp = CompletionResponse(id=answer_id, created=now(), model=model, choices=choices, usage=usage)
     return Response(resp.model_dump_json(), media_type="application/json")
 
 
@@ -94,14 +98,17 @@ def _choice(
         finish_reason=seq.finish_reason,
         stop_reason=seq.stop_reason,
         prompt_logprobs=head.prompt_logprobs,
+        prompt_token_ids=head.prompt_token_ids,
+        token_ids=seq.token_ids if body.return_token_ids else None,
     )
 
 
 def _prompt_part(
     state: FrontendState, body: CompletionRequest, gen: Generation, seq: Sequence, echo: list[str] | None
 ) -> CompletionChoice:
-    """What a choice says about its prompt: the echoed text, its logprobs (echo with logprobs)
-    and vLLM's prompt_logprobs. Prompt logprobs arrive with the sequence's first token."""
+    """What a choice says about its prompt: the echoed text, its logprobs (echo with logprobs),
+    vLLM's prompt_logprobs and (return_token_ids) its token ids. Prompt logprobs arrive with the
+    sequence's first token."""
     texts, scored = state.token_text, seq.prompt_logprobs or []
     text = echo[seq.prompt_index] if echo is not None else ""
     part = CompletionChoice(index=seq.index, text=text, logprobs=None, finish_reason=None)
@@ -111,6 +118,8 @@ def _prompt_part(
     if body.prompt_logprobs is not None:
         assert texts is not None
         part.prompt_logprobs = prompt_logprobs(scored, texts, body.prompt_logprobs)
+    if body.return_token_ids:
+        part.prompt_token_ids = gen.prompts[seq.prompt_index]
     return part
 
 
@@ -118,22 +127,26 @@ async def _chunks(
     state: FrontendState,
     body: CompletionRequest,
     gen: Generation,
+    answer_id: str,
     model: str,
     echo: list[str] | None,
     updates: AsyncIterator[Sequence],
 ) -> AsyncIterator[bytes]:
-    events = ChunkStream(random_id("cmpl"), "text_completion", model, state.include_usage(body))
-    # The prompt's chunk: at once, or with the first token when it carries prompt logprobs.
+    events = ChunkStream(answer_id, "text_completion", model, state.include_usage(body))
+    # The prompt's chunk: at once, or with the first token when it carries prompt logprobs;
+    # without one, the prompt's token ids (return_token_ids) come in the choice's first chunk.
     scored_prompt = body.scores_prompt
     offsets: dict[int, int] = {}
+    prompt_sent: set[int] = set()
     if echo is not None and not scored_prompt:
         for seq in gen.ordered():
-            text = echo[seq.prompt_index]
-            yield events.choice({"index": seq.index, "text": text, "logprobs": None, "finish_reason": None})
+            prompt_sent.add(seq.index)
+            yield events.choice(_prompt_part(state, body, gen, seq, echo))
     async for seq in updates:
         if scored_prompt and seq.index not in offsets and seq.prompt_logprobs is not None:
             head = _prompt_part(state, body, gen, seq, echo)
             offsets[seq.index] = len(head.text)
+            prompt_sent.add(seq.index)
             yield events.choice(head)
         text, new_logprobs = seq.take_stream_delta()
         if not text and not new_logprobs and not seq.finished:
@@ -144,6 +157,11 @@ async def _chunks(
             offset = offsets.get(seq.index, 0)
             logprobs, offsets[seq.index] = completion_logprobs(new_logprobs, state.token_text, body.logprobs, offset)
         choice = {"index": seq.index, "text": text, "logprobs": logprobs, "finish_reason": seq.finish_reason}
+        if body.return_token_ids:
+            choice["token_ids"] = seq.take_stream_token_ids()
+            if seq.index not in prompt_sent:
+                prompt_sent.add(seq.index)
+                choice["prompt_token_ids"] = gen.prompts[seq.prompt_index]
         if seq.finished:
             choice["stop_reason"] = seq.stop_reason
         yield events.choice(choice)

@@ -33,6 +33,14 @@ def _header(scope: Scope, wanted: bytes) -> bytes | None:
     return next((value for name, value in scope.get("headers", ()) if name == wanted), None)
 
 
+def client_request_id(scope: Scope) -> str | None:
+    """The client's X-Request-Id when it is one this server takes (1 to MAX_REQUEST_ID_BYTES of
+    ASCII): echoed with --enable-request-id-headers, and the answer's id as in vLLM."""
+    given = _header(scope, REQUEST_ID_HEADER)
+    ok = given is not None and 0 < len(given) <= MAX_REQUEST_ID_BYTES and given.isascii()
+    return given.decode() if ok else None
+
+
 def _bearer_token(scope: Scope) -> bytes | None:
     """The token of the one Authorization header (two are ambiguous: no token)."""
     values = [value for name, value in scope.get("headers", ()) if name == b"authorization"]
@@ -93,9 +101,8 @@ class FrontendMiddleware:
         if status == 503 and not any(name.lower() == b"retry-after" for name, _ in headers):
             extra.append((b"retry-after", RETRY_AFTER_S))
         if self.request_id_headers:
-            given = _header(scope, REQUEST_ID_HEADER)
-            ok = given is not None and 0 < len(given) <= MAX_REQUEST_ID_BYTES and given.isascii()
-            extra.append((REQUEST_ID_HEADER, given if ok else uuid.uuid4().hex.encode()))
+            given = client_request_id(scope)
+            extra.append((REQUEST_ID_HEADER, given.encode() if given else uuid.uuid4().hex.encode()))
         return extra
 
     def _authorized(self, scope: Scope) -> bool:

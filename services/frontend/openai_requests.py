@@ -16,6 +16,9 @@ from services.frontend.request_body import STRICT as _STRICT
 from services.frontend.request_body import RequestBody
 from shared.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
+MAX_REQUEST_ID_CHARS = 256  # as an X-Request-Id header (middleware.py)
+MAX_DOCUMENTS = 1024  # chat's documents, each a dict of strings for a RAG template
+
 # Request fields that map one to one onto SamplingParams, when the client sets them.
 _DIRECT_FIELDS = (
     "temperature",
@@ -98,6 +101,10 @@ class SamplingRequest(RequestBody):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     priority: int = 0  # vLLM's extra: with the engine's priority policy, lower runs first
+    # vLLM's extras: the answer's id ("cmpl-" or "chatcmpl-" and this, unless an X-Request-Id header
+    # gives one; never the engine's id), and the prompt's and each choice's token ids in the answer
+    request_id: str | None = Field(None, max_length=MAX_REQUEST_ID_CHARS)
+    return_token_ids: bool | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -199,6 +206,7 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's extra
+    add_special_tokens: bool = True  # vLLM's extra: the tokenizer adds BOS etc. to text prompts
 
     @model_validator(mode="after")
     def _check_supported(self) -> CompletionRequest:
@@ -243,6 +251,11 @@ class ChatCompletionRequest(SamplingRequest, ClientTemplate):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM's extra: the last (assistant) message is continued
+    # vLLM's extras: the answer starts with the last message's content when that message has the
+    # answer's role; special tokens on top of the template's; documents for RAG templates
+    echo: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = Field(None, max_length=MAX_DOCUMENTS)
     # OpenAI's field; a template variable (gpt-oss-style templates read it), chat_template_kwargs' own wins
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     # tool calling: checked (with the tool messages) by shared.processor.chat.ChatPlan
@@ -260,10 +273,26 @@ class ChatCompletionRequest(SamplingRequest, ClientTemplate):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def template_kwargs(self) -> dict[str, Any] | None:
-        """chat_template_kwargs, with reasoning_effort among them when given."""
-        if self.reasoning_effort is None:
+        """chat_template_kwargs, with reasoning_effort and documents among them when given (the
+        kwargs' own win, as in vLLM)."""
+        given = {k: v for k, v in (("reasoning_effort", self.reasoning_effort), ("documents", self.documents))
+                 if v is not None}
+        if not given:
             return self.chat_template_kwargs
-        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
+        return {**given, **(self.chat_template_kwargs or {})}
+
+    def reply_role(self, response_role: str) -> str:
+        """The answer's role (vLLM's rule): the server's with a generation prompt, otherwise the
+        last message's, which the model writes on."""
+        return response_role if self.add_generation_prompt else self.messages[-1].role
+
+    def echoed(self, response_role: str) -> str:
+        """With echo, the text the answer starts with: the last message's content when it has
+        the answer's role (vLLM's rule), else nothing."""
+        last = self.messages[-1]
+        if not self.echo or last.role != self.reply_role(response_role):
+            return ""
+        return last.to_template()["content"]
 
     @property
     def max_tokens_param(self) -> str:

@@ -21,6 +21,11 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def response_id(prefix: str, given: str | None) -> str:
+    """An answer's id, vLLM's way: the client's request id after the prefix, or a random one."""
+    return f"{prefix}-{given}" if given else random_id(prefix)
+
+
 def now() -> int:
     return int(time.time())
 
@@ -46,9 +51,12 @@ class ChunkStream:
         # with include_usage every chunk carries "usage": null until the last, which has it
         self._tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
 
-    def choice(self, choice: dict[str, Any] | BaseModel) -> bytes:
-        """A chunk with this one choice."""
-        return self._head + _encode(choice) + self._tail
+    def choice(self, choice: dict[str, Any] | BaseModel, extra: dict[str, Any] | None = None) -> bytes:
+        """A chunk with this one choice (and ``extra`` fields beside the choices, e.g. chat's
+        prompt_token_ids)."""
+        if not extra:
+            return self._head + _encode(choice) + self._tail
+        return self._head + _encode(choice) + b"]," + _encode(extra)[1:-1] + self._tail[1:]
 
     def usage(self, usage: Usage) -> bytes:
         """The last chunk of include_usage: no choices, the request's token counts."""
@@ -102,6 +110,9 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = None  # vLLM's extra: the stop token id or string
     # vLLM's extra, with prompt_logprobs: None for the first prompt token, then token id -> logprob
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    # vLLM's extras, with return_token_ids: the choice's prompt and the tokens it generated
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -154,6 +165,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # vLLM's extra, with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -164,6 +176,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's extra, with return_token_ids
 
 
 # ----- models, tokenizer ------------------------------------------------------------------------

@@ -249,10 +249,11 @@ class FrontendState:
 
     async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, *,
                           chat_template: str | None = None, template_kwargs: dict[str, Any] | None = None,
-                          check_fits: bool = True) -> list[int]:
+                          check_fits: bool = True, add_special_tokens: bool = False) -> list[int]:
         max_len = self.require_ready().max_model_len if check_fits else None
         return await self._tokens().encode_chat(messages, add_generation_prompt, chat_template=chat_template,
-                                                template_kwargs=template_kwargs, max_model_len=max_len)
+                                                template_kwargs=template_kwargs, max_model_len=max_len,
+                                                add_special_tokens=add_special_tokens)
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return await self._tokens().decode(ids, skip_special_tokens=skip_special_tokens)

@@ -65,16 +65,18 @@ class Tokenization:
 
     async def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, *,
                           chat_template: str | None = None, template_kwargs: dict[str, Any] | None = None,
-                          max_model_len: int | None = None) -> list[int]:
+                          max_model_len: int | None = None, add_special_tokens: bool = False) -> list[int]:
         """Messages rendered (the model's template, or the client's ``chat_template`` when this
-        server trusts them) and tokenized; ``max_model_len`` as in ``encode``."""
+        server trusts them) and tokenized, with special tokens on top of the template's only when
+        asked (vLLM's add_special_tokens); ``max_model_len`` as in ``encode``."""
         variables = template_variables(self.tokenizer, template_kwargs)
-        size = sum(len(str(m.get("content") or "")) for m in messages)
+        size = sum(len(str(m.get("content") or "")) for m in messages) + len(str(variables.get("documents") or ""))
         if chat_template is None:
             text = await self._render_own(size, messages, add_generation_prompt, variables)
         else:
             text = await self._render_client(chat_template, messages, add_generation_prompt, variables)
-        (ids,) = await self.encode([text], add_special_tokens=False, max_model_len=max_model_len, param="messages")
+        (ids,) = await self.encode([text], add_special_tokens=add_special_tokens, max_model_len=max_model_len,
+                                   param="messages")
         return ids
 
     async def _render_own(self, size: int, messages: list[dict[str, Any]], add_generation_prompt: bool,

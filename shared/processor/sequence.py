@@ -30,6 +30,7 @@ class Sequence:
         self.error: str | None = None  # finish_reason "error": why (e.g. a grammar that does not compile)
         self.num_cached_tokens = 0
         self._logprobs_sent = 0
+        self._token_ids_sent = 0
 
     @property
     def finished(self) -> bool:
@@ -78,6 +79,12 @@ class Sequence:
         logprobs = self.logprobs[self._logprobs_sent :]
         self._logprobs_sent = len(self.logprobs)
         return text, logprobs
+
+    def take_stream_token_ids(self) -> list[int]:
+        """For streaming: the token ids that arrived since the last call."""
+        ids = self.token_ids[self._token_ids_sent :]
+        self._token_ids_sent = len(self.token_ids)
+        return ids
 
     @property
     def text(self) -> str:
