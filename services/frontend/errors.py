@@ -31,6 +31,14 @@ _TYPES = {
 }
 
 
+# Anthropic's Messages API answers its errors in Anthropic's shape ({"type": "error", "error": {"type",
+# "message"}}): those of its routes, and those answered before a route runs (401, 413, 404, 405)
+ANTHROPIC_PATH = "/v1/messages"
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                    503: "overloaded_error"}
+
+
 # codes for the errors the framework raises itself (a 400 there is a body that could not be read)
 _HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
 
@@ -46,8 +54,22 @@ class APIError(Exception):
         error_type = _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The answer on ``path`` (the app's path, see app_path): Anthropic's shape under
+        /v1/messages, OpenAI's elsewhere."""
+        anthropic = path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/")
+        return JSONResponse(self.anthropic_body() if anthropic else self.body(), status_code=self.status)
+
+
+def app_path(scope: dict[str, Any]) -> str:
+    """The path the routes see: under ``--root-path`` uvicorn puts the prefix in front of the
+    client's path (ASGI's rule) and the router takes it off again."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
@@ -60,7 +82,8 @@ def model_not_found(name: str) -> APIError:
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+    return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' "
+                    "(or Anthropic's 'x-api-key: <key>').", code="invalid_api_key")
 
 
 def body_too_large(limit: int) -> APIError:
@@ -153,11 +176,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return validation_error(list(exc.errors())).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.detail, APIError):  # raised where only an HTTPException gets through
-            return exc.detail.response()
+            return exc.detail.response(app_path(request.scope))
         code = _HTTP_CODES.get(exc.status_code, "invalid_request")
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        return APIError(exc.status_code, str(exc.detail), code=code).response(app_path(request.scope))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -34,9 +34,6 @@ from shared.processor.sequence import Sequence
 log = logging.getLogger(__name__)
 ENDPOINT = "/v1/messages"
 _encode = msgspec.json.Encoder().encode
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
-                503: "overloaded_error"}
 # chat's names for the fields, as this API names them
 _RENAMES = ((re.compile(r"(tools\[\d+\])\.function\.parameters"), r"\1.input_schema"),
             (re.compile(r"(tools\[\d+\])\.function\b"), r"\1"),
@@ -45,12 +42,11 @@ _RENAMES = ((re.compile(r"(tools\[\d+\])\.function\.parameters"), r"\1.input_sch
 
 def error_body(exc: APIError) -> dict[str, Any]:
     """The error in Anthropic's shape."""
-    kind = _ERROR_TYPES.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+    return exc.anthropic_body()
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.status)
+    return exc.response(ENDPOINT)
 
 
 def _event(kind: str, **fields: Any) -> bytes:

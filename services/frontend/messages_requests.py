@@ -196,6 +196,9 @@ class MessageCountRequest(RequestBody):
                 out.append({"role": "assistant", "content": texts, **({"tool_calls": calls} if calls else {})})
             elif texts:
                 out.append({"role": "user", "content": texts})
+        if all(m["role"] == "system" for m in out):
+            raise bad_request("Invalid value for 'messages': no message has a text, tool_use or tool_result block "
+                              "to answer (thinking blocks are not shown to the model).", "messages")
         return out
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from services.frontend.errors import APIError, body_too_large, unauthorized
+from services.frontend.errors import APIError, app_path, body_too_large, unauthorized
 from services.frontend.metrics import FrontendMetrics
 
 Scope = dict[str, Any]
@@ -56,10 +56,8 @@ ROUTE_ALIASES = {"/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "
 
 
 def _route_path(scope: Scope) -> str:
-    """The endpoint the routes serve: under ``--root-path`` uvicorn puts the prefix in front of
-    the client's path (ASGI's rule) and the router takes it off again; an alias is its endpoint."""
-    path, root = scope["path"], scope.get("root_path", "")
-    path = path[len(root):] if root and path.startswith(root) else path
+    """The endpoint the routes serve (an alias is its endpoint)."""
+    path = app_path(scope)
     return ROUTE_ALIASES.get(path, path)
 
 
@@ -128,18 +126,19 @@ class FrontendMiddleware:
 
         try:
             if not self._authorized(scope):
-                await self._reject(unauthorized(), send_with_headers, {"www-authenticate": "Bearer"})
+                await self._reject(unauthorized(), scope, send_with_headers, {"www-authenticate": "Bearer"})
             elif (_content_length(scope) or 0) > self.max_request_body_bytes:
-                await self._reject(body_too_large(self.max_request_body_bytes), send_with_headers, {"connection": "close"})
+                await self._reject(body_too_large(self.max_request_body_bytes), scope, send_with_headers,
+                                   {"connection": "close"})
             else:
                 await self.app(scope, _limited(receive, self.max_request_body_bytes), send_with_headers)
         finally:
             self.metrics.count_response(_route_path(scope), status)
 
     @staticmethod
-    async def _reject(error: APIError, send: Send, headers: dict[str, str]) -> None:
-        """Answer ``error`` without running the app (nor reading the body)."""
-        response = error.response()
+    async def _reject(error: APIError, scope: Scope, send: Send, headers: dict[str, str]) -> None:
+        """Answer ``error`` without running the app (nor reading the body), in its route's shape."""
+        response = error.response(app_path(scope))
         response.headers.update(headers)
         await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})

@@ -247,6 +247,31 @@ def test_body_cap_answers_413_declared_or_streamed(tight):
     assert ok.status_code == 200 and ok.json()["count"] > 0
 
 
+
+def test_messages_api_errors_answered_before_its_routes_keep_anthropics_shape(tight):
+    """A wrong key, a body past the cap, a wrong method or path on /v1/messages (under the root
+    path too) come in Anthropic's shape, as its routes' own errors do; they had been OpenAI's."""
+    def anthropic(resp: httpx.Response, status: int, kind: str) -> str:
+        assert resp.status_code == status, resp.text
+        body = resp.json()
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        assert body["error"]["type"] == kind, body
+        return body["error"]["message"]
+
+    ask = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    key = {"x-api-key": KEY}
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        assert "x-api-key" in anthropic(_post(f"{tight}{path}", ask, {"x-api-key": "wrong"}), 401, "authentication_error")
+        message = anthropic(_post(f"{tight}{path}", {**ask, "system": "x" * BODY_CAP}, key), 413, "request_too_large")
+        assert str(BODY_CAP) in message
+    anthropic(httpx.get(f"{tight}/v1/messages", headers=key, timeout=10), 405, "invalid_request_error")
+    anthropic(_post(f"{tight}/v1/messages/batches", {}, key), 404, "not_found_error")
+    # OpenAI's routes keep OpenAI's shape
+    assert _error(_post(f"{tight}/v1/chat/completions", {}, {"x-api-key": "wrong"}), 401, None)["code"] == \
+        "invalid_api_key"
+    assert _error(httpx.get(f"{tight}/v1/chat/completions", headers=key, timeout=10), 405, None)["code"] == \
+        "method_not_allowed"
+
 @pytest.mark.parametrize(
     ("path", "extra", "param"),
     [

@@ -226,6 +226,10 @@ def _hostile(model: str) -> list[tuple[dict, str]]:
         ({**ok, "tools": TOOLS}, "tool_choice"),  # auto (the default) needs a tool call parser on this server
         ({**ok, "messages": [user, {"role": "assistant", "content": [{"type": "text"}]}]},
          "'messages[1].content[0].text'"),
+        # nothing left to answer: not chat's "'messages': List should have at least 1 item"
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "t"}]}]},
+         "'messages': no message has a text, tool_use or tool_result block"),
+        ({**ok, "system": "s", "messages": [{"role": "user", "content": []}]}, "'messages': no message has a text"),
     ]
 
 
@@ -277,6 +281,8 @@ def test_x_api_key_on_a_keyed_frontend(stack: Stack, tmp_path_factory: pytest.Te
         twice = httpx.post(f"{keyed.base}/v1/messages", json=body, timeout=60,
                            headers=[("x-api-key", KEY), ("x-api-key", "wrong")])
         assert twice.status_code == 401  # two keys are ambiguous
+        assert twice.json() == {"type": "error", "error": {"type": "authentication_error", "message": (
+            "Incorrect or missing API key: send 'Authorization: Bearer <key>' (or Anthropic's 'x-api-key: <key>').")}}
     finally:
         keyed.close()
 
