@@ -103,6 +103,7 @@ async def count_message_tokens(state: FrontendState, body: MessageCountRequest) 
     """The prompt's length in tokens, with no context check (clients count long texts with it;
     the body cap bounds the work)."""
     state.check_model(body.model)
+    state.check_endpoint(f"{ENDPOINT}/count_tokens")  # a pooling model's refusal, not a missing chat template
     _, _, ids = await _prompt(state, body.chat_request, check_fits=False)
     return JSONResponse({"input_tokens": len(ids)})
 

@@ -22,12 +22,16 @@ _SERVES = {
 }
 # the endpoints only one pooling task serves
 _TASK_OF = {"/v1/embeddings": "embed", "/v1/classify": "classify"}
-def check_task(task: str, endpoint: str, pooling: bool) -> None:
-    """400 when the model does not serve this kind of endpoint, naming the ones it does."""
+def check_task(task: str, endpoint: str, pooling: bool, labels: int = 1) -> None:
+    """400 when the model does not serve this kind of endpoint, naming the ones it does (a
+    classifier of more than one label serves only /classify: it scores no pairs)."""
     if (task != "generate") != pooling or _TASK_OF.get(endpoint, task) != task:
         kind = {"generate": "a text generation model", "embed": "an embedding model",
                 "classify": "a classification (cross-encoder) model"}.get(task, task)
-        raise bad_request(f"This model is {kind}: it does not serve {endpoint}. Use {_SERVES.get(task, '')}.",
+        serves = _SERVES.get(task, "")
+        if task == "classify" and labels > 1:
+            kind, serves = f"a sequence classifier with {labels} labels", "/classify"
+        raise bad_request(f"This model is {kind}: it does not serve {endpoint}. Use {serves}.",
                           code="unsupported_endpoint")
 
 

@@ -186,7 +186,8 @@ class FrontendState:
     def check_endpoint(self, endpoint: str, pooling: bool = False) -> None:
         """400 when the model does not serve this endpoint (a generation endpoint of a pooling
         model, or the reverse), naming the endpoints it serves."""
-        check_task(self.require_ready().task, endpoint, pooling)
+        info = self.require_ready()
+        check_task(info.task, endpoint, pooling, len(info.labels))
 
     def check_prompt(self, ids: list[int], param: str, truncate_prompt_tokens: int | None = None) -> list[int]:
         """The prompt, truncated when asked, checked against the vocabulary and context (400 naming

@@ -88,8 +88,18 @@ def test_bad_classify_input_is_a_400(base, model, body, param):
 
 
 def test_classify_on_an_embedding_or_generating_route_is_named(base, model, frontend):
-    wrong = httpx.post(f"{base}/v1/embeddings", json={"model": model, "input": "x"}, timeout=30)
-    assert wrong.status_code == 400 and "/classify" in wrong.json()["error"]["message"]
+    """The refusal sends a classifier of three labels to /classify alone: it had named /v1/score
+    and /v1/rerank too, which refuse it; count_tokens had asked for a chat template."""
+    for path, body in (("/v1/embeddings", {"input": "x"}), ("/v1/completions", {"prompt": "x"})):
+        wrong = httpx.post(f"{base}{path}", json={"model": model, **body}, timeout=30)
+        assert wrong.status_code == 400 and wrong.json()["error"]["message"] == (
+            f"This model is a sequence classifier with 3 labels: it does not serve {path}. Use /classify."), wrong.text
+    ask = {"model": model, "messages": [{"role": "user", "content": "x"}]}
+    for path, body in (("/v1/messages", {**ask, "max_tokens": 2}), ("/v1/messages/count_tokens", ask)):
+        wrong = httpx.post(f"{base}{path}", json=body, timeout=30)
+        assert wrong.status_code == 400 and wrong.json() == {"type": "error", "error": {
+            "type": "invalid_request_error",
+            "message": f"This model is a sequence classifier with 3 labels: it does not serve {path}. Use /classify."}}
     generating = httpx.post(f"{frontend}/classify", json={"input": "x"}, timeout=30)
     assert generating.status_code == 400 and generating.json()["error"]["code"] == "unsupported_endpoint"
 
