@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parser_streams import check_call_deltas, stream
 
 from shared.processor.parsers.deepseek import DeepSeekV3ToolParser, DeepSeekV31ToolParser
 from shared.processor.parsers.kimi_k2 import KimiK2ToolParser
@@ -211,30 +212,11 @@ def test_markers_that_are_special_tokens_are_declared():
 
 # Streaming: every split gives the whole text's result.
 
-def _stream(cls, text: str, cuts: list[int]):
-    parser, deltas, last = cls(), [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        deltas += parser.feed(text[last:cut])
-        last = cut
-    return deltas + parser.finish()
-
-
-def _check_shape(deltas) -> None:
-    seen: set[int] = set()
-    for delta in deltas:
-        assert delta.content or delta.tool_calls, "empty delta"
-        for part in delta.tool_calls:
-            if part["index"] not in seen:
-                assert part["index"] == len(seen) and part["id"] and part["type"] == "function"
-                assert part["function"]["name"] and part["function"]["arguments"] == ""
-                seen.add(part["index"])
-            else:
-                assert set(part) == {"index", "function"} and set(part["function"]) == {"arguments"}
 
 
 def _streamed(cls, text: str, cuts: list[int]) -> tuple:
-    deltas = _stream(cls, text, cuts)
-    _check_shape(deltas)
+    deltas = stream(cls, text, cuts)
+    check_call_deltas(deltas)
     message = ParsedMessage.from_deltas(deltas)
     ids = [c.id for c in message.tool_calls] if cls is KIMI else None
     return (*_plain(message), ids)

@@ -9,6 +9,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parser_streams import check_call_deltas, stream
 
 from shared.processor.parsers.granite import GraniteToolParser
 from shared.processor.parsers.internlm import InternLMToolParser
@@ -130,29 +131,10 @@ def test_malformed_calls_stay_content(name, text):
     assert _calls(name, text) == (text, [])
 
 
-def _stream(cls, text: str, cuts: list[int]):
-    parser, deltas, last = cls(), [], 0
-    for cut in [*cuts, len(text)]:
-        deltas += parser.feed(text[last:cut])
-        last = cut
-    return deltas + parser.finish()
-
 
 def _plain(message: ParsedMessage) -> tuple:
     return message.content, [(c.name, c.arguments) for c in message.tool_calls]
 
-
-def _check_shape(deltas) -> None:
-    seen: set[int] = set()
-    for delta in deltas:
-        assert delta.content or delta.tool_calls, "empty delta"
-        for part in delta.tool_calls:
-            if part["index"] not in seen:
-                assert part["index"] == len(seen)
-                assert part["id"].startswith("call_") and part["type"] == "function" and part["function"]["name"]
-                seen.add(part["index"])
-            else:
-                assert set(part) == {"index", "function"} and set(part["function"]) == {"arguments"}
 
 
 @pytest.mark.parametrize(("name", "text"), [(n, t) for n, t, _ in DOCUMENTED] + MALFORMED)
@@ -160,11 +142,11 @@ def test_every_split_streams_the_whole_result(name, text):
     cls = PARSERS[name]
     whole = _plain(cls.extract(text))
     for cut in range(len(text) + 1):
-        deltas = _stream(cls, text, [cut])
-        _check_shape(deltas)
+        deltas = stream(cls, text, [cut])
+        check_call_deltas(deltas, "call_")
         assert _plain(ParsedMessage.from_deltas(deltas)) == whole, cut
-    deltas = _stream(cls, text, list(range(len(text))))
-    _check_shape(deltas)
+    deltas = stream(cls, text, list(range(len(text))))
+    check_call_deltas(deltas, "call_")
     assert _plain(ParsedMessage.from_deltas(deltas)) == whole
 
 
@@ -221,6 +203,6 @@ def test_any_split_of_mixed_output_streams_the_whole_result(name, data):
     cls = PARSERS[name]
     text = data.draw(outputs(name))
     cuts = sorted(set(data.draw(st.lists(st.integers(0, len(text)), max_size=12))))
-    deltas = _stream(cls, text, cuts)
-    _check_shape(deltas)
+    deltas = stream(cls, text, cuts)
+    check_call_deltas(deltas, "call_")
     assert _plain(ParsedMessage.from_deltas(deltas)) == _plain(cls.extract(text))

@@ -9,6 +9,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parser_streams import check_call_deltas, stream
 
 from shared.processor.parsers import TOOL_PARSERS, get_tool_parser
 from shared.processor.parsers.forced import ForcedCallsParser
@@ -59,30 +60,10 @@ def _parser(name: str):
     return ForcedCallsParser if name == "forced" else get_tool_parser(name)
 
 
-def _stream(cls, text: str, cuts: list[int]):
-    parser, deltas, last = cls(), [], 0
-    for cut in sorted(set(cuts)) + [len(text)]:
-        deltas += parser.feed(text[last:cut])
-        last = cut
-    return deltas + parser.finish()
-
 
 def _plain(message) -> tuple:
     return message.content, message.reasoning_content, [(c.name, c.arguments) for c in message.tool_calls]
 
-
-def _check_shape(deltas, name: str) -> None:
-    seen: set[int] = set()
-    prefix = "functions." if name == "kimi_k2" else "call_"  # kimi_k2 keeps the model's ids
-    for delta in deltas:
-        assert delta.content or delta.tool_calls or delta.reasoning_content, "empty delta"
-        for part in delta.tool_calls:
-            if part["index"] not in seen:
-                assert part["index"] == len(seen)
-                assert part["id"].startswith(prefix) and part["type"] == "function" and part["function"]["name"]
-                seen.add(part["index"])
-            else:
-                assert set(part) == {"index", "function"} and set(part["function"]) == {"arguments"}
 
 
 @pytest.mark.parametrize("name", [*FORMATS, "forced"])
@@ -94,8 +75,8 @@ def test_any_split_streams_the_whole_result(name, data):
     cls = _parser(name)
     text = data.draw(outputs(name))
     cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
-    deltas = _stream(cls, text, cuts)
-    _check_shape(deltas, name)
+    deltas = stream(cls, text, cuts)
+    check_call_deltas(deltas, "functions." if name == "kimi_k2" else "call_")  # kimi_k2 keeps its ids
     assert _plain(ParsedMessage.from_deltas(deltas)) == _plain(cls.extract(text))
 
 
@@ -113,5 +94,5 @@ def test_every_character_boundary(name):
     assert whole[2] == [(fn, json.dumps(a, ensure_ascii=False)) for fn, a in calls]
     assert whole[0] == ("Let me look.\n\nDone." if name in ("hermes", "mistral") else None)
     for cut in range(len(text) + 1):
-        assert _plain(ParsedMessage.from_deltas(_stream(cls, text, [cut]))) == whole
-    assert _plain(ParsedMessage.from_deltas(_stream(cls, text, list(range(len(text)))))) == whole
+        assert _plain(ParsedMessage.from_deltas(stream(cls, text, [cut]))) == whole
+    assert _plain(ParsedMessage.from_deltas(stream(cls, text, list(range(len(text)))))) == whole
